@@ -1,0 +1,151 @@
+/**
+ * The planner: the ordered IOTLB ops that turn what is mapped into what is wanted.
+ *
+ * Rules it keeps (see kernel-iotlb.md):
+ * - an INVALIDATE covers exactly one existing entry, so the plan never relies on partial
+ *   invalidation (which splits nothing in VA mode but drops only touched chunks in PA mode);
+ * - entries identical in both tables are not touched;
+ * - all INVALIDATEs come before all UPDATEs: after them only entries also in the target remain,
+ *   and the target does not overlap itself, so no UPDATE can hit EEXIST.
+ * The op count is minimal under whole-entry semantics: every entry not in the target must go and
+ * every target entry not already there must be written.
+ */
+import type { IovaTable } from './table.ts';
+import { checkRegionShape } from './table.ts';
+import { describeRange, FULL_IOVA_RANGE, type IotlbOp, type IovaRange, type Region } from './types.ts';
+
+export interface Plan {
+  ops: IotlbOp[];
+  /** Entries removed whole (one INVALIDATE each). */
+  invalidated: Region[];
+  /** Entries written (one UPDATE each). */
+  mapped: Region[];
+  /** Entries left as they are. */
+  unchanged: number;
+}
+
+export type PlanErrorCode = 'INVALID_REGION' | 'TARGET_OVERLAP' | 'SPLIT_REFUSED';
+
+export class PlanError extends Error {
+  constructor(
+    readonly code: PlanErrorCode,
+    message: string,
+    /** The request field at fault, e.g. `regions[3].size`. */
+    readonly field: string,
+    /** For INVALID_REGION: the errno the kernel would give (EINVAL). */
+    readonly errno?: string,
+  ) {
+    super(message);
+    this.name = 'PlanError';
+  }
+}
+
+export function sameRegion(a: Region, b: Region): boolean {
+  return (
+    a.iova === b.iova &&
+    a.size === b.size &&
+    a.memory === b.memory &&
+    a.offset === b.offset &&
+    a.perm === b.perm
+  );
+}
+
+const byIova = (a: Region, b: Region): number => (a.iova < b.iova ? -1 : a.iova > b.iova ? 1 : 0);
+
+/**
+ * Diffs two IOVA-sorted, non-overlapping lists of one address space. O(n + m).
+ */
+export function diffSorted(current: readonly Region[], target: readonly Region[], asid: number): Plan {
+  const invalidated: Region[] = [];
+  const mapped: Region[] = [];
+  let unchanged = 0;
+  let i = 0;
+  let j = 0;
+  while (i < current.length || j < target.length) {
+    const cur = current[i];
+    const tgt = target[j];
+    if (cur && (!tgt || cur.iova < tgt.iova)) {
+      invalidated.push(cur);
+      i++;
+    } else if (tgt && (!cur || tgt.iova < cur.iova)) {
+      mapped.push(tgt);
+      j++;
+    } else if (cur && tgt) {
+      if (sameRegion(cur, tgt)) unchanged++;
+      else {
+        invalidated.push(cur);
+        mapped.push(tgt);
+      }
+      i++;
+      j++;
+    }
+  }
+  const ops: IotlbOp[] = [
+    ...invalidated.map((r): IotlbOp => ({ type: 'invalidate', asid, iova: r.iova, size: r.size })),
+    ...mapped.map((r): IotlbOp => ({ type: 'update', asid, ...r })),
+  ];
+  return { ops, invalidated, mapped, unchanged };
+}
+
+/**
+ * Validates a whole target table (shape of each region, no overlap between them) and returns it
+ * sorted by IOVA. Errors name the region by its index in the request.
+ */
+export function validateTarget(target: readonly Region[], range: IovaRange = FULL_IOVA_RANGE): Region[] {
+  target.forEach((r, index) => {
+    const bad = checkRegionShape(r, range);
+    if (bad)
+      throw new PlanError(
+        'INVALID_REGION',
+        `regions[${index}]: ${bad.message}`,
+        `regions[${index}].${bad.field}`,
+        bad.errno,
+      );
+  });
+  const indexed = target.map((region, index) => ({ region, index }));
+  indexed.sort((a, b) => byIova(a.region, b.region));
+  for (let k = 1; k < indexed.length; k++) {
+    const prev = indexed[k - 1]!;
+    const next = indexed[k]!;
+    if (prev.region.iova + prev.region.size > next.region.iova) {
+      throw new PlanError(
+        'TARGET_OVERLAP',
+        `regions[${next.index}] ${describeRange(next.region.iova, next.region.size)} overlaps regions[${prev.index}] ${describeRange(prev.region.iova, prev.region.size)}`,
+        `regions[${next.index}].iova`,
+      );
+    }
+  }
+  return indexed.map((x) => x.region);
+}
+
+/** set-mem-table: the plan that makes `table` equal `target`. O((n + m) log(n + m)). */
+export function planMemTable(table: IovaTable, target: readonly Region[]): Plan {
+  return diffSorted([...table.entries()], validateTarget(target, table.range), table.asid);
+}
+
+/**
+ * Unmap of `[iova, iova + size)`: every entry the range touches is invalidated whole; the parts of
+ * partly covered entries outside the range are re-mapped (same memory, offset moved along), in the
+ * same plan. With `exact`, a partly covered entry is refused instead.
+ */
+export function planUnmap(table: IovaTable, iova: bigint, size: bigint, exact = false): Plan {
+  const shape = checkRegionShape({ iova, size, memory: '', offset: 0n, perm: 'rw' }, FULL_IOVA_RANGE);
+  if (shape) throw new PlanError('INVALID_REGION', shape.message, shape.field, shape.errno);
+  const end = iova + size;
+  const touched = table.overlapping(iova, size);
+  const remainders: Region[] = [];
+  for (const r of touched) {
+    const rEnd = r.iova + r.size;
+    if (r.iova >= iova && rEnd <= end) continue;
+    if (exact) {
+      throw new PlanError(
+        'SPLIT_REFUSED',
+        `${describeRange(iova, size)} covers only part of the mapping ${describeRange(r.iova, r.size)} and exact was requested`,
+        'iova',
+      );
+    }
+    if (r.iova < iova) remainders.push({ ...r, size: iova - r.iova });
+    if (rEnd > end) remainders.push({ ...r, iova: end, size: rEnd - end, offset: r.offset + (end - r.iova) });
+  }
+  return diffSorted(touched, remainders, table.asid);
+}

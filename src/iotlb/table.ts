@@ -1,0 +1,175 @@
+/**
+ * The IOVA table of one address space, with the rules of drivers/vhost/vdpa.c and vhost/iotlb.c:
+ * entries never overlap, UPDATE never replaces, INVALIDATE drops every entry it touches in full.
+ *
+ * Entries are kept in a B+ tree keyed by their first IOVA. Because entries never overlap, the only
+ * entry that can contain an address is the one with the greatest start <= that address, so every
+ * lookup, overlap check and removal is O(log n).
+ */
+import sortedBtree from 'sorted-btree';
+import {
+  describeRange,
+  FULL_IOVA_RANGE,
+  hex,
+  type IotlbViolation,
+  type IotlbViolationReason,
+  type IovaRange,
+  type Mapping,
+  PERMS,
+  type Region,
+  U64_LIMIT,
+  VIOLATION_ERRNO,
+  VIOLATION_FIELD,
+  IotlbError,
+} from './types.ts';
+
+// sorted-btree is CommonJS with `exports.default`; Node's ESM loader hands us module.exports.
+const BTree = sortedBtree.default;
+type BTree<K, V> = InstanceType<typeof BTree<K, V>>;
+
+const U64_MAX = U64_LIMIT - 1n;
+const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
+
+export function violation(reason: IotlbViolationReason, message: string, conflict?: Mapping): IotlbViolation {
+  return {
+    reason,
+    errno: VIOLATION_ERRNO[reason],
+    field: VIOLATION_FIELD[reason],
+    message,
+    ...(conflict ? { conflict } : {}),
+  };
+}
+
+/**
+ * Checks a region on its own (no table): size, overflow, IOVA range, permission. Mirrors the
+ * order of vhost_vdpa_process_iotlb_msg / vhost_vdpa_process_iotlb_update.
+ */
+export function checkRegionShape(r: Region, range: IovaRange = FULL_IOVA_RANGE): IotlbViolation | undefined {
+  if (!PERMS.includes(r.perm)) {
+    return violation('BAD_PERM', `perm must be one of ${PERMS.join(', ')}, got ${String(r.perm)}`);
+  }
+  if (r.size <= 0n) return violation('ZERO_SIZE', `size must be greater than 0, got ${r.size}`);
+  if (r.iova < 0n || r.iova > U64_MAX) return violation('OUT_OF_RANGE', `iova ${r.iova} is not a u64`);
+  if (r.iova + r.size > U64_LIMIT) {
+    return violation('OVERFLOW', `iova ${hex(r.iova)} + size ${hex(r.size)} overflows 2^64`);
+  }
+  const last = r.iova + r.size - 1n;
+  if (r.iova < range.first || last > range.last) {
+    return violation(
+      'OUT_OF_RANGE',
+      `${describeRange(r.iova, r.size)} is outside the device's IOVA range [${hex(range.first)}, ${hex(range.last)}]`,
+    );
+  }
+  return undefined;
+}
+
+export class IovaTable {
+  private readonly tree: BTree<bigint, Region> = new BTree<bigint, Region>(undefined, compareBigint);
+  private mappedBytes = 0n;
+
+  constructor(
+    readonly asid = 0,
+    readonly range: IovaRange = FULL_IOVA_RANGE,
+  ) {}
+
+  get count(): number {
+    return this.tree.size;
+  }
+
+  get bytes(): bigint {
+    return this.mappedBytes;
+  }
+
+  /** What `map(r)` would refuse, or undefined. */
+  checkMap(r: Region): IotlbViolation | undefined {
+    const bad = checkRegionShape(r, this.range);
+    if (bad) return bad;
+    const conflict = this.firstOverlap(r.iova, r.size);
+    if (conflict) {
+      return violation(
+        'OVERLAP',
+        `${describeRange(r.iova, r.size)} overlaps the mapping ${describeRange(conflict.iova, conflict.size)} in asid ${this.asid}`,
+        { ...conflict, asid: this.asid },
+      );
+    }
+    return undefined;
+  }
+
+  /** Adds an entry; throws IotlbError with the kernel's reason when it would refuse it. */
+  map(r: Region): void {
+    const bad = this.checkMap(r);
+    if (bad) throw new IotlbError(bad);
+    this.tree.set(r.iova, { iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm });
+    this.mappedBytes += r.size;
+  }
+
+  /**
+   * Removes every entry overlapping `[iova, iova + size - 1]`, each in full, and returns them in
+   * IOVA order. Mirrors vhost_vdpa_iotlb_unmap: `last` is computed in u64 arithmetic, so
+   * iova 0 / size 0 wraps to "everything" and a range whose last byte wraps matches nothing.
+   */
+  invalidate(iova: bigint, size: bigint): Region[] {
+    const last = (iova + size - 1n) & U64_MAX;
+    if (last < iova) return [];
+    const removed = this.overlappingInclusive(iova, last);
+    for (const r of removed) {
+      this.tree.delete(r.iova);
+      this.mappedBytes -= r.size;
+    }
+    return removed;
+  }
+
+  /** Every entry that shares at least one byte with `[iova, iova + size)`, in IOVA order. */
+  overlapping(iova: bigint, size: bigint): Region[] {
+    if (size <= 0n) return [];
+    return this.overlappingInclusive(iova, iova + size - 1n);
+  }
+
+  /** The first entry (lowest IOVA) sharing a byte with `[iova, iova + size)`. */
+  firstOverlap(iova: bigint, size: bigint): Region | undefined {
+    if (size <= 0n) return undefined;
+    const before = this.tree.getPairOrNextLower(iova)?.[1];
+    if (before && before.iova + before.size > iova) return before;
+    const after = this.tree.nextHigherPair(iova)?.[1];
+    if (after && after.iova < iova + size) return after;
+    return undefined;
+  }
+
+  /** The entry containing `iova`, if any. */
+  lookup(iova: bigint): Region | undefined {
+    const entry = this.tree.getPairOrNextLower(iova)?.[1];
+    return entry && iova < entry.iova + entry.size ? entry : undefined;
+  }
+
+  /** Translates one IOVA: the entry, and the offset into its memory that the IOVA stands for. */
+  translate(iova: bigint): { region: Region; memoryOffset: bigint; bytesToEnd: bigint } | undefined {
+    const region = this.lookup(iova);
+    if (!region) return undefined;
+    const delta = iova - region.iova;
+    return { region, memoryOffset: region.offset + delta, bytesToEnd: region.size - delta };
+  }
+
+  /** Entries in IOVA order (a snapshot-safe generator: do not mutate while iterating). */
+  *entries(): IterableIterator<Region> {
+    for (const [, region] of this.tree.entries()) yield region;
+  }
+
+  /** Removes everything (device close / reset without IOTLB_PERSIST); returns what was there. */
+  clear(): Region[] {
+    const all = [...this.entries()];
+    this.tree.clear();
+    this.mappedBytes = 0n;
+    return all;
+  }
+
+  private overlappingInclusive(first: bigint, last: bigint): Region[] {
+    const found: Region[] = [];
+    const before = this.tree.getPairOrNextLower(first)?.[1];
+    if (before && before.iova + before.size > first) found.push(before);
+    for (const [start, region] of this.tree.entries(first)) {
+      if (start > last) break;
+      if (region !== before) found.push(region);
+    }
+    return found;
+  }
+}
