@@ -76,3 +76,9 @@ export interface DmaCapable {
   dmaRead(asid: number, iova: bigint, length: number): Buffer;
   dmaWrite(asid: number, iova: bigint, data: Uint8Array): void;
 }
+
+/** What devices log through (a pino Logger fits). */
+export interface DeviceLogger {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+}

@@ -1,0 +1,89 @@
+/**
+ * Finds vhost-vdpa devices: the `/dev/vhost-vdpa-N` nodes and the vdpa bus
+ * (`/sys/bus/vdpa/devices/<name>`, whose `vhost-vdpa-N` child is the node vhost_vdpa_probe made
+ * for it). Plain directory reads; a missing directory means none.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+
+export interface DiscoveryRoots {
+  /** default `/dev` */
+  devDir?: string;
+  /** default `/sys/bus/vdpa/devices` */
+  sysDir?: string;
+}
+
+export interface VdpaDeviceInfo {
+  /** The vdpa device's name (`vdpa dev add name <name>`). */
+  name: string;
+  /** Its vhost-vdpa node when bound to vhost_vdpa, else null. */
+  node: string | null;
+  /** The bound driver (vhost_vdpa, virtio_vdpa), or null. */
+  driver: string | null;
+}
+
+export interface DiscoveredNode {
+  node: string;
+  /** The vdpa device's name when sysfs knows it, else the node's basename. */
+  name: string;
+}
+
+const NODE_RE = /^vhost-vdpa-(\d+)$/;
+
+/** `/dev/vhost-vdpa-*`, in numeric order. */
+export function listVhostVdpaNodes(devDir = '/dev'): string[] {
+  return readDir(devDir)
+    .filter((n) => NODE_RE.test(n))
+    .sort((a, b) => nodeIndex(a) - nodeIndex(b))
+    .map((n) => path.join(devDir, n));
+}
+
+/** The devices on the vdpa bus, by name. */
+export function listVdpaDevices(roots: DiscoveryRoots = {}): VdpaDeviceInfo[] {
+  const sysDir = roots.sysDir ?? '/sys/bus/vdpa/devices';
+  const devDir = roots.devDir ?? '/dev';
+  return readDir(sysDir)
+    .sort()
+    .map((name) => {
+      const dir = path.join(sysDir, name);
+      const child = readDir(dir).find((n) => NODE_RE.test(n));
+      return { name, node: child ? path.join(devDir, child) : null, driver: driverOf(dir) };
+    });
+}
+
+/** Every vhost-vdpa node, named after its vdpa device where sysfs says which one it is. */
+export function discoverVhostVdpa(roots: DiscoveryRoots = {}): DiscoveredNode[] {
+  const names = new Map<string, string>();
+  for (const d of listVdpaDevices(roots)) if (d.node) names.set(d.node, d.name);
+  return listVhostVdpaNodes(roots.devDir).map((node) => ({
+    node,
+    name: names.get(node) ?? path.basename(node),
+  }));
+}
+
+function nodeIndex(name: string): number {
+  return Number(NODE_RE.exec(name)?.[1] ?? 0);
+}
+
+function readDir(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir);
+  } catch (e) {
+    if (isAbsent(e)) return [];
+    throw e;
+  }
+}
+
+function driverOf(dir: string): string | null {
+  try {
+    return path.basename(fs.readlinkSync(path.join(dir, 'driver')));
+  } catch (e) {
+    if (isAbsent(e)) return null;
+    throw e;
+  }
+}
+
+function isAbsent(e: unknown): boolean {
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'ENOENT' || code === 'ENOTDIR' || code === 'EINVAL';
+}

@@ -1,0 +1,214 @@
+/**
+ * Device specs (the agent's `--device` flags) and opening them:
+ *   sim:<name>[,iommu=platform|onchip][,asnum=N][,range=FIRST-LAST][,features=A|B|0xMASK]
+ *            [,pushDelayMs=N][,deviceId=N][,vqs=N]
+ *   kernel:auto                         every /dev/vhost-vdpa-* found
+ *   kernel:/dev/vhost-vdpa-N[,name=NAME]
+ * Keys are case-insensitive; numbers are decimal or 0x hex.
+ */
+import path from 'node:path';
+import type { IovaRange } from '../iotlb/types.ts';
+import type { MemoryRegistry } from '../memory/types.ts';
+import { BackendFeature, type BackendFeatureName, backendFeatureMask } from '../uapi/constants.ts';
+import { type DiscoveryRoots, discoverVhostVdpa } from './discovery.ts';
+import { DeviceError } from './errors.ts';
+import { KernelDevice } from './kernel.ts';
+import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
+import type { VhostTransport } from './transport.ts';
+import type { Device, DeviceLogger } from './types.ts';
+
+export type DeviceSpec =
+  | { kind: 'simulated'; options: SimulatedDeviceOptions }
+  /** `node` 'auto': every vhost-vdpa node discovery finds. */
+  | { kind: 'kernel'; node: string; name?: string };
+
+const NAME_RE = /^[A-Za-z0-9._-]{1,64}$/;
+const U64_MAX = (1n << 64n) - 1n;
+const SIM_KEYS = ['iommu', 'asnum', 'range', 'features', 'pushdelayms', 'deviceid', 'vqs'] as const;
+
+export function parseDeviceSpec(spec: string): DeviceSpec {
+  const fail = (message: string, field: string): never => {
+    throw new DeviceError('INVALID_SPEC', `device spec "${spec}": ${message}`, { field });
+  };
+  const colon = spec.indexOf(':');
+  if (colon < 0) fail('expected sim:<name>[,key=value...] or kernel:auto|kernel:<node>', 'kind');
+  const kind = spec.slice(0, colon);
+  const [target = '', ...rest] = spec.slice(colon + 1).split(',');
+  const opts = new Map<string, string>();
+  for (const part of rest) {
+    const eq = part.indexOf('=');
+    if (eq <= 0) fail(`"${part}" is not key=value`, part);
+    const key = part.slice(0, eq).toLowerCase();
+    if (opts.has(key)) fail(`${key} given twice`, key);
+    opts.set(key, part.slice(eq + 1));
+  }
+
+  if (kind === 'kernel') {
+    if (target === 'auto') {
+      if (opts.size > 0) fail('kernel:auto takes no options', [...opts.keys()][0]!);
+      return { kind: 'kernel', node: 'auto' };
+    }
+    if (!target.startsWith('/')) fail(`"${target}" is neither auto nor an absolute device path`, 'node');
+    const { name, ...others } = Object.fromEntries(opts);
+    const unknown = Object.keys(others)[0];
+    if (unknown !== undefined) fail(`unknown key "${unknown}" (kernel devices take name=)`, unknown);
+    if (name !== undefined && !NAME_RE.test(name))
+      fail(`name "${name}" must be 1-64 of [A-Za-z0-9._-]`, 'name');
+    return name === undefined ? { kind: 'kernel', node: target } : { kind: 'kernel', node: target, name };
+  }
+  if (kind !== 'sim') fail(`unknown kind "${kind}" (sim or kernel)`, 'kind');
+
+  if (!NAME_RE.test(target)) fail(`name "${target}" must be 1-64 of [A-Za-z0-9._-]`, 'name');
+  const options: SimulatedDeviceOptions = { name: target };
+  for (const [key, value] of opts) {
+    const field = SIM_KEYS.find((k) => k === key);
+    if (field === undefined) fail(`unknown key "${key}" (one of ${SIM_KEYS.join(', ')})`, key);
+    const bad = (what: string): never => fail(`${key}=${value}: ${what}`, key);
+    switch (field) {
+      case 'iommu':
+        if (value !== 'platform' && value !== 'onchip') bad('must be platform or onchip');
+        options.iommu = value as 'platform' | 'onchip';
+        break;
+      case 'asnum':
+        options.asNum = parseInteger(value, 1, 0xffff) ?? bad('must be an integer in 1..65535');
+        break;
+      case 'range':
+        options.iovaRange = parseRange(value) ?? bad('must be FIRST-LAST, two u64 with FIRST <= LAST');
+        break;
+      case 'features':
+        options.features = parseFeatures(value, bad);
+        break;
+      case 'pushdelayms':
+        options.pushDelayMs = parseInteger(value, 0, 3_600_000) ?? bad('must be an integer number of ms');
+        break;
+      case 'deviceid':
+        options.deviceId = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        break;
+      case 'vqs':
+        options.vqCount = parseInteger(value, 0, 0xffff) ?? bad('must be an integer in 0..65535');
+        break;
+    }
+  }
+  return { kind: 'simulated', options };
+}
+
+export interface OpenDevicesOptions {
+  /** Where kernel:auto looks (default /dev and /sys/bus/vdpa/devices). */
+  discovery?: DiscoveryRoots;
+  /** Opens kernel device nodes (default the real fd; tests inject a recorder). */
+  openTransport?: (node: string) => VhostTransport;
+}
+
+/**
+ * Parses every spec, then opens the devices in order. Names must be unique and a node may be
+ * named only once; if any device fails to open, those already open are closed again.
+ */
+export async function openDevices(
+  specs: readonly string[],
+  registry: MemoryRegistry,
+  logger?: DeviceLogger,
+  opts: OpenDevicesOptions = {},
+): Promise<Device[]> {
+  type Plan = { name: string; open: () => Device };
+  const plans: Plan[] = [];
+  const nodes = new Set<string>();
+  const kernel = (node: string, name: string): Plan => {
+    const real = path.resolve(node);
+    if (nodes.has(real))
+      throw new DeviceError('DUPLICATE_NAME', `device node ${node} is given twice`, { field: node });
+    nodes.add(real);
+    return {
+      name,
+      open: () =>
+        new KernelDevice({
+          node,
+          name,
+          memory: registry,
+          ...(logger ? { logger } : {}),
+          ...(opts.openTransport ? { openTransport: opts.openTransport } : {}),
+        }),
+    };
+  };
+  for (const spec of specs.map(parseDeviceSpec)) {
+    if (spec.kind === 'simulated') {
+      plans.push({
+        name: spec.options.name,
+        open: () => new SimulatedDevice(spec.options, registry, logger),
+      });
+    } else if (spec.node === 'auto') {
+      const found = discoverVhostVdpa(opts.discovery);
+      if (found.length === 0) logger?.warn({}, 'kernel:auto found no /dev/vhost-vdpa-* device');
+      for (const d of found) plans.push(kernel(d.node, d.name));
+    } else {
+      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node)));
+    }
+  }
+  const seen = new Set<string>();
+  for (const p of plans) {
+    if (seen.has(p.name))
+      throw new DeviceError('DUPLICATE_NAME', `two devices are named ${p.name}`, { field: p.name });
+    seen.add(p.name);
+  }
+
+  const devices: Device[] = [];
+  try {
+    for (const p of plans) {
+      const device = p.open();
+      devices.push(device);
+      logger?.info({ device: device.name, ...summary(device) }, 'device opened');
+    }
+  } catch (e) {
+    await Promise.allSettled(devices.map((d) => d.close()));
+    throw e;
+  }
+  return devices;
+}
+
+function summary(device: Device): Record<string, string | number> {
+  const f = device.facts();
+  return {
+    kind: f.kind,
+    deviceId: f.deviceId,
+    negotiatedFeatures: `0x${f.negotiatedFeatures.toString(16)}`,
+    asNum: f.asNum,
+    iommu: f.iommu,
+  };
+}
+
+function parseU64(text: string): bigint | undefined {
+  if (!/^(0[xX][0-9a-fA-F]+|\d+)$/.test(text)) return undefined;
+  const value = BigInt(text);
+  return value <= U64_MAX ? value : undefined;
+}
+
+function parseInteger(text: string, min: number, max: number): number | undefined {
+  const value = parseU64(text);
+  return value !== undefined && value >= BigInt(min) && value <= BigInt(max) ? Number(value) : undefined;
+}
+
+function parseRange(text: string): IovaRange | undefined {
+  const dash = text.indexOf('-');
+  const first = parseU64(text.slice(0, dash));
+  const last = parseU64(text.slice(dash + 1));
+  if (dash < 0 || first === undefined || last === undefined || first > last) return undefined;
+  return { first, last };
+}
+
+/** `A|B|...` (or `+`): feature names with or without IOTLB_, masks, or `none`. */
+function parseFeatures(text: string, bad: (what: string) => never): bigint {
+  if (text.toLowerCase() === 'none') return 0n;
+  let mask = 0n;
+  for (const token of text.split(/[|+]/)) {
+    const number = parseU64(token);
+    if (number !== undefined) {
+      mask |= number;
+      continue;
+    }
+    const upper = token.toUpperCase();
+    const name = [upper, `IOTLB_${upper}`].find((n): n is BackendFeatureName => n in BackendFeature);
+    if (name === undefined)
+      bad(`unknown feature "${token}" (one of ${Object.keys(BackendFeature).join(', ')})`);
+    mask |= backendFeatureMask(name as BackendFeatureName);
+  }
+  return mask;
+}

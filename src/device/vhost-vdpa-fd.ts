@@ -1,0 +1,79 @@
+/**
+ * The real transport: an open `/dev/vhost-vdpa-N`. ioctls go through koffi (src/sys/libc.ts);
+ * each message is one `write()` of exactly 72 bytes (vhost_chr_write_iter reads one message per
+ * call and returns its size).
+ */
+import fs from 'node:fs';
+import { ioctlBuffer, ioctlNoArg, SysError } from '../sys/libc.ts';
+import { VHOST_MSG_SIZE } from '../uapi/message.ts';
+import { TransportError, type VhostTransport } from './transport.ts';
+
+/**
+ * Opens `node` O_RDWR (libuv adds O_CLOEXEC). vhost_vdpa_open allows one opener at a time: a
+ * second open gets EBUSY.
+ */
+export function openVhostVdpaFd(node: string): VhostTransport {
+  let fd: number;
+  try {
+    fd = fs.openSync(node, fs.constants.O_RDWR);
+  } catch (e) {
+    throw asTransportError(e, `open ${node}`);
+  }
+  return new VhostVdpaFd(fd, node);
+}
+
+class VhostVdpaFd implements VhostTransport {
+  private fd: number | undefined;
+
+  constructor(
+    fd: number,
+    private readonly node: string,
+  ) {
+    this.fd = fd;
+  }
+
+  ioctl(request: number, arg?: Uint8Array): void {
+    const fd = this.open();
+    try {
+      if (arg === undefined) ioctlNoArg(fd, request);
+      else ioctlBuffer(fd, request, arg);
+    } catch (e) {
+      throw asTransportError(e, `${this.node}: ioctl 0x${request.toString(16)}`);
+    }
+  }
+
+  write(msg: Uint8Array): void {
+    const fd = this.open();
+    let n: number;
+    try {
+      n = fs.writeSync(fd, msg);
+    } catch (e) {
+      throw asTransportError(e, `${this.node}: write`);
+    }
+    if (n !== VHOST_MSG_SIZE) {
+      throw new TransportError(
+        'EIO',
+        `${this.node}: short write of a vhost message (${n} of ${msg.byteLength})`,
+      );
+    }
+  }
+
+  close(): void {
+    const fd = this.fd;
+    this.fd = undefined;
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+
+  private open(): number {
+    if (this.fd === undefined) throw new TransportError('EBADF', `${this.node} is closed`);
+    return this.fd;
+  }
+}
+
+/** SysError (koffi) has the errno name in `.errno`; Node's fs errors have it in `.code`. */
+function asTransportError(e: unknown, what: string): TransportError {
+  if (e instanceof SysError) return new TransportError(e.errno, `${what}: ${e.message}`);
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  if (typeof code === 'string') return new TransportError(code, `${what}: ${code}`);
+  throw e;
+}

@@ -1,0 +1,384 @@
+/**
+ * The backend both device kinds share: given an open vhost-vdpa transport it becomes the owner,
+ * negotiates backend features, reads the device's facts, and applies IOTLB ops as 72-byte
+ * messages, each checked first by the guard. Only the transport differs between a kernel device
+ * (a real fd) and a simulated one (sim-kernel.ts).
+ */
+import { FULL_IOVA_RANGE, type IotlbOp, type IovaRange, type Mapping, U64_LIMIT } from '../iotlb/types.ts';
+import type { MemoryRegistry } from '../memory/types.ts';
+import {
+  type BackendFeatureName,
+  backendFeatureMask,
+  hasBackendFeature,
+  IotlbMsgType,
+  VHOST_ACCESS_RO,
+  VHOST_ACCESS_RW,
+  VHOST_ACCESS_WO,
+} from '../uapi/constants.ts';
+import { Ioctl } from '../uapi/ioctl.ts';
+import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
+import { DeviceError } from './errors.ts';
+import { IotlbGuard, type OpFailure } from './guard.ts';
+import {
+  ioctlReadIovaRange,
+  ioctlReadU8,
+  ioctlReadU32,
+  ioctlReadU64,
+  ioctlWriteU8,
+  ioctlWriteU64,
+  isErrno,
+  TransportError,
+  type VhostTransport,
+} from './transport.ts';
+import type {
+  Device,
+  DeviceCounters,
+  DeviceFacts,
+  DeviceKind,
+  DeviceLogger,
+  IommuKind,
+  OpResult,
+} from './types.ts';
+
+/** The backend features vdpa-mapd understands; it negotiates those the device offers. */
+export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
+  'IOTLB_MSG_V2',
+  'IOTLB_BATCH',
+  'IOTLB_ASID',
+  'SUSPEND',
+  'RESUME',
+  'IOTLB_PERSIST',
+);
+
+const U64_MAX = U64_LIMIT - 1n;
+const OK: OpResult = { ok: true };
+const PERM_BITS = { ro: VHOST_ACCESS_RO, wo: VHOST_ACCESS_WO, rw: VHOST_ACCESS_RW } as const;
+
+export interface VhostVdpaDeviceInit {
+  name: string;
+  kind: DeviceKind;
+  node: string | null;
+  iommu: IommuKind;
+  pinned: boolean;
+  /** An open transport; the device owns it from here on (and closes it if setup fails). */
+  transport: VhostTransport;
+  memory: MemoryRegistry;
+  logger?: DeviceLogger;
+}
+
+export class VhostVdpaDevice implements Device {
+  readonly name: string;
+  private readonly transport: VhostTransport;
+  private readonly logger: DeviceLogger | undefined;
+  private readonly info: DeviceFacts;
+  private readonly guard: IotlbGuard;
+  private readonly stats = { messagesWritten: 0, batches: 0 };
+  private closed = false;
+  /** Calls run one at a time, in order (a batch must not interleave with another). */
+  private tail: Promise<unknown> = Promise.resolve();
+
+  constructor(init: VhostVdpaDeviceInit) {
+    this.name = init.name;
+    this.transport = init.transport;
+    this.logger = init.logger;
+    try {
+      this.info = this.setUp(init);
+    } catch (e) {
+      init.transport.close();
+      throw toDeviceError(e, `${init.name}: setting up the device`);
+    }
+    this.guard = new IotlbGuard(
+      this.info.asNum,
+      this.info.iovaRange,
+      this.info.negotiatedFeatures,
+      init.memory,
+    );
+  }
+
+  facts(): DeviceFacts {
+    return { ...this.info, iovaRange: { ...this.info.iovaRange } };
+  }
+
+  counters(): DeviceCounters {
+    return { ...this.stats, dmaMapCalls: 0, dmaUnmapCalls: 0, setMapPushes: 0, setMapEntriesPushed: 0 };
+  }
+
+  mappings(): Mapping[] {
+    return this.guard.mappings();
+  }
+
+  /**
+   * Ops on different address spaces are independent, so they are grouped by (effective) asid,
+   * each group keeping its order: the kernel refuses any message whose asid differs from the open
+   * batch's (vhost_vdpa_process_iotlb_msg), so each group gets its own BATCH_BEGIN/BATCH_END, sent
+   * lazily before its first write (none when the guard refuses every op of the group).
+   */
+  apply(ops: readonly IotlbOp[]): Promise<OpResult[]> {
+    return this.serialize(() => this.applyNow(ops));
+  }
+
+  suspend(): Promise<void> {
+    return this.serialize(async () => this.lifecycleIoctl('SUSPEND', Ioctl.VHOST_VDPA_SUSPEND));
+  }
+
+  resume(): Promise<void> {
+    return this.serialize(async () => this.lifecycleIoctl('RESUME', Ioctl.VHOST_VDPA_RESUME));
+  }
+
+  /**
+   * Virtio reset: VHOST_VDPA_SET_STATUS 0. Without IOTLB_PERSIST the parent drops its mappings
+   * while the kernel's tables keep them (a later UPDATE of the same range would get EEXIST), so
+   * every entry is then invalidated: afterwards the kernel, the device and mappings() agree that
+   * nothing is mapped. With IOTLB_PERSIST everything stays.
+   */
+  reset(): Promise<void> {
+    return this.serialize(async () => {
+      this.assertOpen();
+      try {
+        ioctlWriteU8(this.transport, Ioctl.VHOST_VDPA_SET_STATUS, 0);
+        this.info.status = this.optional(
+          () => ioctlReadU8(this.transport, Ioctl.VHOST_VDPA_GET_STATUS),
+          0,
+          'GET_STATUS',
+        );
+      } catch (e) {
+        throw toDeviceError(e, `${this.name}: reset`);
+      }
+      if (this.has('IOTLB_PERSIST')) return;
+      const results = await this.applyNow(this.invalidateEverything());
+      const failed = results.find((r): r is OpFailure => !r.ok);
+      if (failed) {
+        const message = `${this.name}: dropping the mappings after reset failed: ${failed.message}`;
+        throw new DeviceError('KERNEL', message, { errno: failed.errno });
+      }
+    });
+  }
+
+  /** Closing the fd makes the kernel drop (and unpin) every mapping in every address space. */
+  close(): Promise<void> {
+    return this.serialize(async () => {
+      if (this.closed) return;
+      this.closed = true;
+      try {
+        this.transport.close();
+      } finally {
+        this.guard.clear();
+      }
+    });
+  }
+
+  /** SET_OWNER, backend feature negotiation, then the facts (older kernels lack some ioctls). */
+  private setUp(init: VhostVdpaDeviceInit): DeviceFacts {
+    const t = init.transport;
+    t.ioctl(Ioctl.VHOST_SET_OWNER);
+    const offered = this.optional<bigint | undefined>(
+      () => ioctlReadU64(t, Ioctl.VHOST_GET_BACKEND_FEATURES),
+      undefined,
+      'GET_BACKEND_FEATURES',
+    );
+    // Only bits both sides know: VHOST_SET_BACKEND_FEATURES refuses any other with EOPNOTSUPP.
+    const negotiated = (offered ?? 0n) & UNDERSTOOD_BACKEND_FEATURES;
+    if (offered !== undefined) ioctlWriteU64(t, Ioctl.VHOST_SET_BACKEND_FEATURES, negotiated);
+    const deviceId = this.optional(() => ioctlReadU32(t, Ioctl.VHOST_VDPA_GET_DEVICE_ID), 0, 'GET_DEVICE_ID');
+    const range = this.optional(
+      () => ioctlReadIovaRange(t, Ioctl.VHOST_VDPA_GET_IOVA_RANGE),
+      FULL_IOVA_RANGE,
+      'GET_IOVA_RANGE',
+    );
+    checkRange(range);
+    const asNum = this.optional(() => ioctlReadU32(t, Ioctl.VHOST_VDPA_GET_AS_NUM), 1, 'GET_AS_NUM');
+    const groupNum = this.optional(() => ioctlReadU32(t, Ioctl.VHOST_VDPA_GET_GROUP_NUM), 1, 'GET_GROUP_NUM');
+    const vqCount = this.optional(() => ioctlReadU32(t, Ioctl.VHOST_VDPA_GET_VQS_COUNT), 0, 'GET_VQS_COUNT');
+    const configSize = this.optional(
+      () => ioctlReadU32(t, Ioctl.VHOST_VDPA_GET_CONFIG_SIZE),
+      0,
+      'GET_CONFIG_SIZE',
+    );
+    const status = this.optional(() => ioctlReadU8(t, Ioctl.VHOST_VDPA_GET_STATUS), 0, 'GET_STATUS');
+    return {
+      name: init.name,
+      kind: init.kind,
+      node: init.node,
+      deviceId,
+      offeredFeatures: offered ?? 0n,
+      negotiatedFeatures: negotiated,
+      iovaRange: { ...range },
+      asNum: Math.max(1, asNum),
+      groupNum,
+      vqCount,
+      configSize,
+      status,
+      iommu: init.iommu,
+      pinned: init.pinned,
+    };
+  }
+
+  /** An ioctl an older kernel may lack (ENOTTY / EOPNOTSUPP): its default instead. */
+  private optional<T>(read: () => T, fallback: T, what: string): T {
+    try {
+      return read();
+    } catch (e) {
+      if (!isErrno(e, 'ENOTTY', 'EOPNOTSUPP')) throw e;
+      this.logger?.info(
+        { device: this.name, ioctl: what, errno: e.errno },
+        'ioctl not supported: using default',
+      );
+      return fallback;
+    }
+  }
+
+  private async applyNow(ops: readonly IotlbOp[]): Promise<OpResult[]> {
+    this.assertOpen();
+    const results: OpResult[] = new Array(ops.length);
+    const groups = new Map<number, number[]>();
+    ops.forEach((op, i) => {
+      const asid = this.guard.effectiveAsid(op.asid);
+      const group = groups.get(asid);
+      if (group) group.push(i);
+      else groups.set(asid, [i]);
+    });
+    for (const [asid, indexes] of groups) {
+      let batchOpen = false;
+      try {
+        for (const i of indexes) {
+          const op = ops[i]!;
+          const decision = this.guard.admit(op);
+          if (decision.action !== 'write') {
+            results[i] = decision.action === 'refuse' ? decision.result : OK;
+            continue;
+          }
+          if (!batchOpen && this.has('IOTLB_BATCH')) {
+            batchOpen = await this.batchMessage(IotlbMsgType.BATCH_BEGIN, asid);
+          }
+          results[i] = await this.writeOp(op, decision.asid, decision.uaddr);
+        }
+      } finally {
+        if (batchOpen) await this.batchMessage(IotlbMsgType.BATCH_END, asid);
+      }
+    }
+    return results;
+  }
+
+  private async writeOp(op: IotlbOp, asid: number, uaddr: bigint): Promise<OpResult> {
+    const iotlb: IotlbMsg =
+      op.type === 'update'
+        ? { type: IotlbMsgType.UPDATE, iova: op.iova, size: op.size, uaddr, perm: PERM_BITS[op.perm] }
+        : { type: IotlbMsgType.INVALIDATE, iova: op.iova, size: op.size, uaddr: 0n, perm: 0 };
+    // An UPDATE allocates its address space before anything else can fail (vhost_vdpa_find_alloc_as).
+    if (op.type === 'update') this.guard.noteAllocated(asid);
+    try {
+      await this.send(iotlb, asid);
+    } catch (e) {
+      this.guard.abort(op);
+      if (!(e instanceof TransportError)) throw e;
+      return {
+        ok: false,
+        errno: e.errno,
+        code: e.code,
+        message: `the kernel refused the ${op.type === 'update' ? 'UPDATE' : 'INVALIDATE'} after vdpa-mapd's checks passed: ${e.message}`,
+      };
+    }
+    this.guard.commit(op, asid);
+    return OK;
+  }
+
+  /** BATCH_BEGIN / BATCH_END. A refusal only costs the batching, so it is logged, not returned. */
+  private async batchMessage(
+    type: typeof IotlbMsgType.BATCH_BEGIN | typeof IotlbMsgType.BATCH_END,
+    asid: number,
+  ) {
+    try {
+      await this.send({ type, iova: 0n, size: 0n, uaddr: 0n, perm: 0 }, asid);
+    } catch (e) {
+      if (!(e instanceof TransportError)) throw e;
+      this.logger?.warn({ device: this.name, asid, errno: e.errno, err: e.message }, 'batch message refused');
+      return false;
+    }
+    if (type === IotlbMsgType.BATCH_BEGIN) {
+      this.stats.batches++;
+      this.guard.noteAllocated(asid);
+    }
+    return true;
+  }
+
+  /** One message, one write(): v2 (with the asid) once IOTLB_MSG_V2 is negotiated, else v1. */
+  private async send(iotlb: IotlbMsg, asid: number): Promise<void> {
+    const bytes = this.has('IOTLB_MSG_V2') ? encodeMsgV2(asid, iotlb) : encodeMsgV1(iotlb);
+    this.stats.messagesWritten++;
+    await this.transport.write(bytes);
+  }
+
+  /** INVALIDATEs that empty every address space: [0, 2^64-2], then the last byte if mapped. */
+  private invalidateEverything(): IotlbOp[] {
+    const ops: IotlbOp[] = [];
+    const mappings = this.guard.mappings();
+    for (const asid of new Set(mappings.map((m) => m.asid))) {
+      ops.push({ type: 'invalidate', asid, iova: 0n, size: U64_MAX });
+      if (mappings.some((m) => m.asid === asid && m.iova === U64_MAX)) {
+        ops.push({ type: 'invalidate', asid, iova: U64_MAX, size: 1n });
+      }
+    }
+    return ops;
+  }
+
+  private lifecycleIoctl(feature: 'SUSPEND' | 'RESUME', request: number): void {
+    this.assertOpen();
+    if (!this.has(feature)) {
+      throw new DeviceError('UNSUPPORTED', `${this.name}: the device does not offer ${feature}`, {
+        errno: 'EOPNOTSUPP',
+      });
+    }
+    try {
+      this.transport.ioctl(request);
+    } catch (e) {
+      throw toDeviceError(e, `${this.name}: ${feature}`);
+    }
+  }
+
+  private has(name: BackendFeatureName): boolean {
+    return hasBackendFeature(this.info.negotiatedFeatures, name);
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new DeviceError('CLOSED', `${this.name} is closed`);
+  }
+
+  private serialize<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.tail.then(fn, fn);
+    this.tail = run.catch(() => undefined);
+    return run;
+  }
+}
+
+function checkRange(range: IovaRange): void {
+  if (range.first > range.last) {
+    throw new DeviceError(
+      'KERNEL',
+      `the device reports an empty IOVA range [0x${range.first.toString(16)}, 0x${range.last.toString(16)}]`,
+    );
+  }
+}
+
+/** A transport refusal as a DeviceError; anything else passes through unchanged. */
+export function toDeviceError(e: unknown, context: string): unknown {
+  if (!(e instanceof TransportError)) return e;
+  switch (e.errno) {
+    case 'EBUSY':
+      return new DeviceError('BUSY', `${context}: the device is in use by another process (EBUSY)`, {
+        errno: e.errno,
+      });
+    case 'EACCES':
+    case 'EPERM':
+      return new DeviceError('PERMISSION_DENIED', `${context}: permission denied (${e.errno})`, {
+        errno: e.errno,
+      });
+    case 'ENOENT':
+    case 'ENXIO':
+    case 'ENODEV':
+      return new DeviceError('NOT_FOUND', `${context}: no such device (${e.errno})`, { errno: e.errno });
+    case 'EOPNOTSUPP':
+      return new DeviceError('UNSUPPORTED', `${context}: not supported (EOPNOTSUPP)`, { errno: e.errno });
+    default:
+      return new DeviceError('KERNEL', `${context}: ${e.message}`, { errno: e.errno });
+  }
+}
