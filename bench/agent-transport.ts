@@ -1,0 +1,270 @@
+/**
+ * Which transport for the agent protocol: gRPC over the unix socket (what the agent serves) or
+ * length-prefixed protobuf frames over a plain net.Socket (only here, for the comparison).
+ *
+ *   node --import tsx bench/agent-transport.ts        (BENCH_SCALE=0.1 for a smoke run)
+ *
+ * Both servers are child processes with one simulated device and the same handlers
+ * (services/agent/server.ts); both clients do the same bigint <-> wire conversions
+ * (src/agent/wire.ts) and the same protobuf (de)serializers (proto-loader's, from
+ * src/agent/proto.ts). Only the transport differs. The two are
+ * measured in alternating rounds, so drift on a shared machine hits both alike; each figure is the
+ * median over rounds of the mean round trip of sequential calls (one in flight).
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+import { AgentClient } from '../src/agent/client.ts';
+import { agentService } from '../src/agent/proto.ts';
+import { type AgentOpResult, opResultFromWire, opToWire, type WireApplyResponse } from '../src/agent/wire.ts';
+import type { IotlbOp } from '../src/iotlb/types.ts';
+import type { AgentConfig } from '../services/agent/config.ts';
+import { createLogger, openAgentCore, startAgent } from '../services/agent/main.ts';
+import { type AgentHandlers, createHandlers } from '../services/agent/server.ts';
+
+type Transport = 'grpc' | 'framed';
+const SCALE = Number(process.env.BENCH_SCALE ?? '1');
+const ROUNDS = 5;
+/** Even, so the map/unmap pairs of the 1-op loop always complete. */
+const SMALL_CALLS = 2 * Math.max(10, Math.round(500 * SCALE));
+const LARGE_CALLS = Math.max(5, Math.round(100 * SCALE));
+const BATCH = 256;
+const PAGE = 4096n;
+const BASE_IOVA = 0x100000n;
+const DEVICE = 'bench0';
+
+// ---- the framed transport: [u32 length][u32 call id][u8 method | status][protobuf payload] ----
+
+/** The same (de)serializers gRPC uses (proto-loader's), so the encoding work is identical. */
+const METHODS = Object.entries(agentService).map(([name, def]) => ({
+  name: name as keyof AgentHandlers,
+  def,
+}));
+const HEADER = 9;
+
+function frame(id: number, tag: number, payload: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(HEADER + payload.length);
+  out.writeUInt32LE(payload.length + HEADER - 4, 0);
+  out.writeUInt32LE(id, 4);
+  out.writeUInt8(tag, 8);
+  out.set(payload, HEADER);
+  return out;
+}
+
+/** Calls `onFrame(id, tag, payload)` for every complete frame arriving on `socket`. */
+function readFrames(socket: net.Socket, onFrame: (id: number, tag: number, payload: Buffer) => void): void {
+  let pending: Buffer = Buffer.alloc(0);
+  socket.on('data', (chunk: Buffer) => {
+    pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
+    while (pending.length >= 4) {
+      const end = 4 + pending.readUInt32LE(0);
+      if (pending.length < end) break;
+      onFrame(pending.readUInt32LE(4), pending.readUInt8(8), pending.subarray(HEADER, end));
+      pending = pending.subarray(end);
+    }
+  });
+}
+
+function serveFramed(socketPath: string, handlers: AgentHandlers): Promise<net.Server> {
+  const server = net.createServer((socket) => {
+    readFrames(socket, (id, methodIndex, payload) => {
+      const { name, def } = METHODS[methodIndex]!;
+      const handler = handlers[name] as (r: unknown) => Promise<object>;
+      handler(def.requestDeserialize(payload)).then(
+        (res) => socket.write(frame(id, 0, def.responseSerialize(res))),
+        (err: Error) => socket.write(frame(id, 1, Buffer.from(err.message))),
+      );
+    });
+  });
+  return new Promise((resolve) => server.listen(socketPath, () => resolve(server)));
+}
+
+class FramedClient {
+  private nextId = 1;
+  private readonly calls = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+
+  private constructor(private readonly socket: net.Socket) {
+    readFrames(socket, (id, status, payload) => {
+      const call = this.calls.get(id)!;
+      this.calls.delete(id);
+      if (status === 0) call.resolve(payload);
+      else call.reject(new Error(payload.toString()));
+    });
+  }
+
+  static connect(socketPath: string): Promise<FramedClient> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(socketPath, () => resolve(new FramedClient(socket)));
+      socket.once('error', reject);
+    });
+  }
+
+  async call<Res>(name: keyof AgentHandlers, req: object): Promise<Res> {
+    const index = METHODS.findIndex((m) => m.name === name);
+    const { def } = METHODS[index]!;
+    const id = this.nextId++;
+    const payload = await new Promise<Buffer>((resolve, reject) => {
+      this.calls.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.socket.write(frame(id, index, def.requestSerialize(req)));
+    });
+    return def.responseDeserialize(payload) as Res;
+  }
+
+  async apply(device: string, ops: readonly IotlbOp[]): Promise<AgentOpResult[]> {
+    const res = await this.call<WireApplyResponse>('Apply', { device, ops: ops.map((op) => opToWire(op)) });
+    return res.results.map((r) => opResultFromWire(r));
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
+
+// ---- the serving child ----
+
+function childConfig(socketPath: string, stateDir: string): AgentConfig {
+  return {
+    socketPath,
+    stateDir,
+    devices: [`sim:${DEVICE}`],
+    allowedRoots: [],
+    memory: [{ id: 'ram', size: 64n << 20n, kind: 'memfd' }],
+    logLevel: 'silent',
+  };
+}
+
+async function serve(transport: Transport, socketPath: string, stateDir: string): Promise<void> {
+  const config = childConfig(socketPath, stateDir);
+  if (transport === 'grpc') {
+    await startAgent(config);
+  } else {
+    const core = await openAgentCore(config, createLogger('silent'));
+    await serveFramed(socketPath, createHandlers(core));
+  }
+  process.stdout.write('ready\n');
+}
+
+function spawnServer(transport: Transport, socketPath: string, stateDir: string): Promise<ChildProcess> {
+  const self = fileURLToPath(import.meta.url);
+  const child = spawn(
+    process.execPath,
+    ['--import', 'tsx', self, '--serve', transport, socketPath, stateDir],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    },
+  );
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${transport} server did not start in 30 s`)), 30_000);
+    child.stdout!.once('data', () => {
+      clearTimeout(timer);
+      resolve(child);
+    });
+    child.once('exit', (code) => reject(new Error(`${transport} server exited with ${code}`)));
+  });
+}
+
+// ---- the measurement ----
+
+function update(k: bigint): IotlbOp {
+  return {
+    type: 'update',
+    asid: 0,
+    iova: BASE_IOVA + k * PAGE,
+    size: PAGE,
+    memory: 'ram',
+    offset: k * PAGE,
+    perm: 'rw',
+  };
+}
+function invalidate(k: bigint): IotlbOp {
+  return { type: 'invalidate', asid: 0, iova: BASE_IOVA + k * PAGE, size: PAGE };
+}
+
+/** Call i of the 1-op loop maps a page, call i+1 unmaps it: the table ends every pair empty. */
+const SMALL: IotlbOp[][] = [[update(0n)], [invalidate(0n)]];
+/** 128 maps then 128 unmaps of the same pages: the table ends every call empty. */
+const LARGE: IotlbOp[] = [
+  ...Array.from({ length: BATCH / 2 }, (_, k) => update(BigInt(k))),
+  ...Array.from({ length: BATCH / 2 }, (_, k) => invalidate(BigInt(k))),
+];
+
+type Apply = (ops: readonly IotlbOp[]) => Promise<AgentOpResult[]>;
+
+/** Mean round trip, in µs, of `calls` sequential applies. */
+async function meanMicros(apply: Apply, calls: number, batch: (i: number) => IotlbOp[]): Promise<number> {
+  const start = performance.now();
+  for (let i = 0; i < calls; i++) {
+    const results = await apply(batch(i));
+    if (!results.every((r) => r.ok))
+      throw new Error(`apply failed: ${JSON.stringify(results.find((r) => !r.ok))}`);
+  }
+  return ((performance.now() - start) * 1000) / calls;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+async function measure(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-bench-transport-'));
+  const children: ChildProcess[] = [];
+  try {
+    const grpcSocket = path.join(dir, 'grpc', 'agent.sock');
+    const framedSocket = path.join(dir, 'framed.sock');
+    children.push(await spawnServer('grpc', grpcSocket, path.join(dir, 'state-grpc')));
+    children.push(await spawnServer('framed', framedSocket, path.join(dir, 'state-framed')));
+    const grpcClient = new AgentClient({ socketPath: grpcSocket });
+    await grpcClient.connect();
+    const framedClient = await FramedClient.connect(framedSocket);
+    const clients: Record<Transport, Apply> = {
+      grpc: async (ops) => (await grpcClient.apply(DEVICE, ops)).results,
+      framed: (ops) => framedClient.apply(DEVICE, ops),
+    };
+
+    const figures = {
+      grpc: { small: [] as number[], large: [] as number[] },
+      framed: { small: [], large: [] },
+    } as Record<Transport, { small: number[]; large: number[] }>;
+    for (const t of ['grpc', 'framed'] as const) {
+      await meanMicros(clients[t], SMALL_CALLS, (i) => SMALL[i % 2]!); // warm-up
+      await meanMicros(clients[t], LARGE_CALLS / 4, () => LARGE);
+    }
+    for (let round = 0; round < ROUNDS; round++) {
+      for (const t of ['grpc', 'framed'] as const) {
+        figures[t].small.push(await meanMicros(clients[t], SMALL_CALLS, (i) => SMALL[i % 2]!));
+        figures[t].large.push(await meanMicros(clients[t], LARGE_CALLS, () => LARGE));
+      }
+    }
+    grpcClient.close();
+    framedClient.close();
+
+    const rows = [
+      ['Apply, 1 op', median(figures.grpc.small), median(figures.framed.small)],
+      [`Apply, ${BATCH} ops`, median(figures.grpc.large), median(figures.framed.large)],
+    ] as const;
+    console.log(`agent round trip over a unix socket, SimulatedDevice, median of ${ROUNDS} rounds`);
+    console.log(
+      `(1-op: ${SMALL_CALLS} calls/round, ${BATCH}-op: ${LARGE_CALLS} calls/round; one call in flight)\n`,
+    );
+    console.log('| case           | gRPC (µs) | framed (µs) | gRPC / framed |');
+    console.log('|----------------|-----------|-------------|---------------|');
+    for (const [name, g, f] of rows) {
+      console.log(
+        `| ${name.padEnd(14)} | ${g.toFixed(1).padStart(9)} | ${f.toFixed(1).padStart(11)} | ${(g / f).toFixed(2).padStart(12)}x |`,
+      );
+    }
+  } finally {
+    for (const child of children) child.kill('SIGTERM');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const serveAt = process.argv.indexOf('--serve');
+if (serveAt >= 0) {
+  const [transport, socketPath, stateDir] = process.argv.slice(serveAt + 1) as [Transport, string, string];
+  await serve(transport, socketPath, stateDir);
+} else {
+  await measure();
+}

@@ -1,0 +1,210 @@
+/**
+ * The agent: the only privileged process. It opens the devices (becoming their vhost owner), maps
+ * the backing memory, and serves the agent protocol on a unix socket. It keeps no policy and no
+ * durable state: when it stops, the kernel drops every mapping of its devices.
+ *
+ *   node --import tsx services/agent/main.ts --device sim:vdpa0 --state-dir /tmp/vdpa-mapd
+ */
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { Server, ServerCredentials } from '@grpc/grpc-js';
+import { type Logger, pino } from 'pino';
+import { agentService, MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
+import type { AgentInfo, RegisterMemoryRequest } from '../../src/agent/wire.ts';
+import { openDevices } from '../../src/device/factory.ts';
+import type { Device } from '../../src/device/types.ts';
+import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
+import { memoryDir } from '../../src/memory/allowlist.ts';
+import type { MemoryInfo, MemoryRegistry } from '../../src/memory/types.ts';
+import { type AgentConfig, ConfigError, parseAgentConfig, USAGE } from './config.ts';
+import { type AgentState, createHandlers, grpcImplementation } from './server.ts';
+import { prepareSocketPath, restrictSocket } from './socket.ts';
+
+export interface RunningAgent {
+  /** `unix:///path/to/agent.sock` */
+  address: string;
+  bootId: string;
+  /** Stops serving, closes every device, unmaps memory, removes the socket. Idempotent. */
+  stop(): Promise<void>;
+}
+
+/** How long in-flight calls get to finish at shutdown before they are cut. */
+const SHUTDOWN_GRACE_MS = 5_000;
+
+const VERSION: string = JSON.parse(
+  fs.readFileSync(new URL('../../package.json', import.meta.url), 'utf8'),
+).version;
+
+export function createLogger(level: AgentConfig['logLevel']): Logger {
+  return pino({ level, base: { service: 'vdpa-mapd-agent', pid: process.pid } });
+}
+
+function bind(server: Server, address: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(address, ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+function shutdown(server: Server): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      server.forceShutdown();
+      resolve();
+    }, SHUTDOWN_GRACE_MS);
+    server.tryShutdown(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+/** Closes every device, logging what the kernel drops with it; then unmaps all memory. */
+async function release(devices: readonly Device[], registry: MemoryRegistry, logger: Logger): Promise<void> {
+  for (const device of devices) {
+    const mappings = device.mappings();
+    const bytes = mappings.reduce((sum, m) => sum + m.size, 0n);
+    try {
+      await device.close();
+      logger.info(
+        { device: device.name, entries: mappings.length, bytes: bytes.toString() },
+        'closed device: the kernel dropped its mappings',
+      );
+    } catch (err) {
+      logger.error({ device: device.name, err }, 'closing device failed');
+    }
+  }
+  try {
+    registry.closeAll();
+  } catch (err) {
+    logger.error({ err }, 'unmapping backing memory failed');
+  }
+}
+
+/** What one agent run owns, apart from its socket: identity, devices and backing memory. */
+export interface AgentCore extends AgentState {
+  /** Closes every device (the kernel drops their mappings) and unmaps all memory. */
+  close(): Promise<void>;
+}
+
+/**
+ * `--memory` at start. A file created by an earlier run of the agent is opened again, not
+ * recreated: it may hold guest data, and the agent must restart with the same flags.
+ */
+function registerAtStart(registry: MemoryRegistry, req: RegisterMemoryRequest, stateDir: string): MemoryInfo {
+  if ('path' in req) return registry.open(req);
+  const earlier = path.join(memoryDir(stateDir), req.id);
+  if (req.kind !== 'file' || !fs.existsSync(earlier)) return registry.create(req);
+  const m = registry.open({ id: req.id, path: earlier });
+  if (m.size !== req.size) {
+    registry.release(req.id);
+    throw new ConfigError(
+      `--memory ${req.id}: ${earlier}, left by an earlier run, has ${m.size} bytes, not ${req.size}`,
+    );
+  }
+  return m;
+}
+
+/** Opens the configured devices and registers the configured memory. */
+export async function openAgentCore(config: AgentConfig, logger: Logger): Promise<AgentCore> {
+  const info: AgentInfo = { bootId: randomUUID(), version: VERSION, pid: process.pid };
+  const registry = new SharedMemoryRegistry({ allowedRoots: config.allowedRoots, stateDir: config.stateDir });
+  let devices: Device[] = [];
+  try {
+    devices = await openDevices(config.devices, registry, logger);
+    if (devices.length === 0) logger.warn('no devices configured: serving memory calls only');
+    for (const req of config.memory) {
+      const m = registerAtStart(registry, req, config.stateDir);
+      logger.info(
+        { memory: m.id, path: m.path, size: m.size.toString(), created: m.created },
+        'registered memory',
+      );
+    }
+  } catch (err) {
+    await release(devices, registry, logger);
+    throw err;
+  }
+  return { info, devices, registry, close: () => release(devices, registry, logger) };
+}
+
+export async function startAgent(
+  config: AgentConfig,
+  logger = createLogger(config.logLevel),
+): Promise<RunningAgent> {
+  const address = `unix://${config.socketPath}`;
+  await prepareSocketPath(config.socketPath, logger);
+  const core = await openAgentCore(config, logger);
+  const server = new Server({
+    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  });
+  try {
+    server.addService(agentService, grpcImplementation(createHandlers(core), logger));
+    await bind(server, address);
+    restrictSocket(config.socketPath);
+  } catch (err) {
+    server.forceShutdown();
+    fs.rmSync(config.socketPath, { force: true });
+    await core.close();
+    throw err;
+  }
+  const { bootId, version } = core.info;
+  logger.info(
+    { socket: config.socketPath, bootId, version, devices: core.devices.map((d) => d.name) },
+    'agent serving',
+  );
+
+  let stopping: Promise<void> | undefined;
+  const stop = () => {
+    stopping ??= (async () => {
+      logger.info('agent stopping');
+      await shutdown(server);
+      await core.close();
+      fs.rmSync(config.socketPath, { force: true });
+      logger.info('agent stopped');
+    })();
+    return stopping;
+  };
+  return { address, bootId, stop };
+}
+
+async function main(): Promise<void> {
+  let config: AgentConfig | null;
+  try {
+    config = parseAgentConfig(process.argv.slice(2), process.env);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    process.stderr.write(`agent: ${e.message}\n${USAGE}\n`);
+    process.exit(2);
+  }
+  if (config === null) {
+    process.stdout.write(`${USAGE}\n`);
+    return;
+  }
+  const logger = createLogger(config.logLevel);
+  let agent: RunningAgent;
+  try {
+    agent = await startAgent(config, logger);
+  } catch (err) {
+    process.stderr.write(`agent: cannot start: ${(err as Error).message}\n`);
+    logger.fatal({ err }, 'agent failed to start');
+    process.exit(1);
+  }
+  const onSignal = (signal: NodeJS.Signals) => {
+    logger.info({ signal }, 'signal received');
+    agent.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        logger.fatal({ err }, 'agent failed to stop cleanly');
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', onSignal);
+  process.once('SIGINT', onSignal);
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  await main();
+}

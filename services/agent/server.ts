@@ -1,0 +1,173 @@
+/**
+ * The agent protocol's handlers (transport-neutral: wire object in, wire object out, AgentError
+ * thrown) and their binding to a grpc-js server. Devices serialize their own changes (apply,
+ * suspend, resume, reset run one at a time, in call order), so the handlers add no locking.
+ */
+import {
+  type sendUnaryData,
+  type ServerUnaryCall,
+  status,
+  type UntypedServiceImplementation,
+} from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import { AgentError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
+import {
+  countersToWire,
+  factsToWire,
+  type AgentInfo,
+  mappingToWire,
+  memoryToWire,
+  opFromWire,
+  opResultToWire,
+  registerFromWire,
+  u64FromWire,
+  type WireAgentInfo,
+  type WireApplyRequest,
+  type WireApplyResponse,
+  type WireDeviceDescription,
+  type WireDeviceFacts,
+  type WireDeviceRequest,
+  type WireDmaReadRequest,
+  type WireDmaWriteRequest,
+  type WireListMappedResponse,
+  type WireMemoryInfo,
+  type WireRegisterMemoryRequest,
+} from '../../src/agent/wire.ts';
+import type { Device, DmaCapable } from '../../src/device/types.ts';
+import type { MemoryRegistry } from '../../src/memory/types.ts';
+
+/** Largest DmaRead answer (well under MAX_MESSAGE_BYTES). */
+const MAX_DMA_BYTES = 16 << 20;
+
+type Empty = Record<string, never>;
+
+export interface AgentHandlers {
+  GetInfo(req: Empty): Promise<WireAgentInfo>;
+  ListDevices(req: Empty): Promise<{ devices: WireDeviceFacts[] }>;
+  DescribeDevice(req: WireDeviceRequest): Promise<WireDeviceDescription>;
+  Apply(req: WireApplyRequest): Promise<WireApplyResponse>;
+  ListMapped(req: WireDeviceRequest): Promise<WireListMappedResponse>;
+  RegisterMemory(req: WireRegisterMemoryRequest): Promise<WireMemoryInfo>;
+  ReleaseMemory(req: { id: string }): Promise<Empty>;
+  ListMemory(req: Empty): Promise<{ memory: WireMemoryInfo[] }>;
+  DmaRead(req: WireDmaReadRequest): Promise<{ data: Buffer }>;
+  DmaWrite(req: WireDmaWriteRequest): Promise<Empty>;
+  Suspend(req: WireDeviceRequest): Promise<WireDeviceFacts>;
+  Resume(req: WireDeviceRequest): Promise<WireDeviceFacts>;
+  Reset(req: WireDeviceRequest): Promise<WireDeviceFacts>;
+}
+
+export interface AgentState {
+  info: AgentInfo;
+  devices: readonly Device[];
+  registry: MemoryRegistry;
+}
+
+function isDmaCapable(device: Device): device is Device & DmaCapable {
+  const d = device as Partial<DmaCapable>;
+  return typeof d.dmaRead === 'function' && typeof d.dmaWrite === 'function';
+}
+
+export function createHandlers(state: AgentState): AgentHandlers {
+  const { info, registry } = state;
+  const devices = new Map(state.devices.map((d) => [d.name, d]));
+
+  function device(name: string): Device {
+    const found = devices.get(name);
+    if (found === undefined) {
+      const known = [...devices.keys()].join(', ') || 'none';
+      throw new AgentError(
+        status.NOT_FOUND,
+        'DEVICE_NOT_FOUND',
+        `no device ${name} (known: ${known})`,
+        'device',
+      );
+    }
+    return found;
+  }
+
+  function dmaDevice(name: string): Device & DmaCapable {
+    const found = device(name);
+    if (!isDmaCapable(found)) {
+      const why = `device ${name} is ${found.facts().kind}: DMA is only possible on simulated devices`;
+      throw new AgentError(status.FAILED_PRECONDITION, 'NOT_SIMULATED', why, 'device');
+    }
+    return found;
+  }
+
+  function lifecycle(step: 'suspend' | 'resume' | 'reset') {
+    return async (req: WireDeviceRequest) => {
+      const found = device(req.device);
+      await found[step]();
+      return factsToWire(found.facts());
+    };
+  }
+
+  return {
+    GetInfo: async () => ({ ...info }),
+    ListDevices: async () => ({ devices: state.devices.map((d) => factsToWire(d.facts())) }),
+    async DescribeDevice(req) {
+      const d = device(req.device);
+      return { facts: factsToWire(d.facts()), counters: countersToWire(d.counters()) };
+    },
+    async Apply(req) {
+      const d = device(req.device);
+      const ops = req.ops.map((op, i) => opFromWire(op, `ops[${i}]`));
+      const results = await d.apply(ops);
+      return { results: results.map(opResultToWire), bootId: info.bootId };
+    },
+    async ListMapped(req) {
+      const d = device(req.device);
+      return { mappings: d.mappings().map((m) => mappingToWire(m)), bootId: info.bootId };
+    },
+    async RegisterMemory(req) {
+      const r = registerFromWire(req);
+      return memoryToWire('path' in r ? registry.open(r) : registry.create(r));
+    },
+    async ReleaseMemory(req) {
+      registry.release(req.id);
+      return {};
+    },
+    ListMemory: async () => ({ memory: registry.list().map(memoryToWire) }),
+    async DmaRead(req) {
+      const d = dmaDevice(req.device);
+      const iova = u64FromWire(req.iova, 'iova');
+      if (req.length > MAX_DMA_BYTES) {
+        throw new AgentError(
+          status.INVALID_ARGUMENT,
+          'BAD_REQUEST',
+          `length ${req.length} is over the ${MAX_DMA_BYTES}-byte limit`,
+          'length',
+        );
+      }
+      return { data: d.dmaRead(req.asid, iova, req.length) };
+    },
+    async DmaWrite(req) {
+      dmaDevice(req.device).dmaWrite(req.asid, u64FromWire(req.iova, 'iova'), req.data);
+      return {};
+    },
+    Suspend: lifecycle('suspend'),
+    Resume: lifecycle('resume'),
+    Reset: lifecycle('reset'),
+  };
+}
+
+/** The handlers as a grpc-js service implementation: errors become status + metadata. */
+export function grpcImplementation(handlers: AgentHandlers, logger: Logger): UntypedServiceImplementation {
+  const impl: UntypedServiceImplementation = {};
+  for (const [name, handler] of Object.entries(handlers) as [string, (req: unknown) => Promise<unknown>][]) {
+    impl[name] = (call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => {
+      handler(call.request).then(
+        (response) => callback(null, response),
+        (err: unknown) => {
+          const e = toAgentError(err);
+          const log = { rpc: name, code: e.code, status: e.statusName, field: e.field, errno: e.errno };
+          if (e.status === status.INTERNAL) logger.error({ ...log, err }, e.message);
+          else logger.debug(log, e.message);
+          callback(toGrpcStatus(e));
+        },
+      );
+    };
+  }
+  return impl;
+}

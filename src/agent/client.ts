@@ -1,0 +1,320 @@
+/**
+ * The API server's client of the agent: typed calls over the agent's unix socket (bigints in,
+ * bigints out), a deadline on every call, and notice of the agent going away or restarting.
+ *
+ * Events:
+ * - `connected` (info): connect() succeeded, or the connection came back after a loss.
+ * - `disconnected` (error): the connection to the agent was lost; reconnection starts at once,
+ *   with exponential backoff, for a bounded number of attempts.
+ * - `restarted` ({ previousBootId, bootId }): an answer carried a boot id other than the one seen
+ *   before: the agent restarted and every mapping it held is gone. Emitted before `connected`.
+ * - `reconnectFailed` (error): every attempt failed; call connect() to start over.
+ * Calls made while disconnected fail fast with UNAVAILABLE (they do not wait for the agent).
+ */
+import { EventEmitter } from 'node:events';
+import {
+  Client,
+  connectivityState,
+  credentials,
+  Metadata,
+  type MethodDefinition,
+  type ServiceError,
+  status,
+} from '@grpc/grpc-js';
+import type { DeviceFacts } from '../device/types.ts';
+import type { IotlbOp, Mapping } from '../iotlb/types.ts';
+import type { MemoryInfo } from '../memory/types.ts';
+import { AgentError, fromGrpcError } from './errors.ts';
+import { agentService, MAX_MESSAGE_BYTES } from './proto.ts';
+import {
+  type AgentInfo,
+  type AgentOpResult,
+  type DeviceDescription,
+  descriptionFromWire,
+  factsFromWire,
+  mappingFromWire,
+  memoryFromWire,
+  opResultFromWire,
+  opToWire,
+  type RegisterMemoryRequest,
+  registerToWire,
+  u64ToWire,
+  type WireAgentInfo,
+  type WireApplyResponse,
+  type WireDeviceDescription,
+  type WireDeviceFacts,
+  type WireListMappedResponse,
+  type WireMemoryInfo,
+} from './wire.ts';
+
+export interface ReconnectOptions {
+  /** First delay after a loss, ms (default 100); doubled after every failed attempt. */
+  initialDelayMs?: number;
+  /** Cap of the delay, ms (default 5000). */
+  maxDelayMs?: number;
+  /** Attempts before giving up with `reconnectFailed` (default 20: about a minute). */
+  maxAttempts?: number;
+}
+
+export interface AgentClientOptions {
+  /** Path of the agent's unix socket. */
+  socketPath: string;
+  /** Deadline of every call unless given per call, ms (default 10 s). */
+  deadlineMs?: number;
+  /** Deadline of Apply, which may pin gigabytes (default 120 s). */
+  applyDeadlineMs?: number;
+  reconnect?: ReconnectOptions;
+}
+
+export interface CallOptions {
+  deadlineMs?: number;
+}
+
+export interface ApplyResult {
+  /** One per op, in order. */
+  results: AgentOpResult[];
+  /** The boot id of the agent that applied them. */
+  bootId: string;
+}
+
+export interface MappedSnapshot {
+  mappings: Mapping[];
+  bootId: string;
+}
+
+export interface AgentClientEvents {
+  connected: [info: AgentInfo];
+  disconnected: [error: AgentError];
+  restarted: [change: { previousBootId: string; bootId: string }];
+  reconnectFailed: [error: AgentError];
+}
+
+type Phase = 'idle' | 'ready' | 'reconnecting' | 'lost' | 'closed';
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export class AgentClient extends EventEmitter<AgentClientEvents> {
+  private readonly client: Client;
+  private readonly deadlineMs: number;
+  private readonly applyDeadlineMs: number;
+  private readonly backoff: Required<ReconnectOptions>;
+  private phase: Phase = 'idle';
+  private knownBootId: string | undefined;
+
+  constructor(opts: AgentClientOptions) {
+    super();
+    this.deadlineMs = opts.deadlineMs ?? 10_000;
+    this.applyDeadlineMs = opts.applyDeadlineMs ?? 120_000;
+    this.backoff = {
+      initialDelayMs: opts.reconnect?.initialDelayMs ?? 100,
+      maxDelayMs: opts.reconnect?.maxDelayMs ?? 5_000,
+      maxAttempts: opts.reconnect?.maxAttempts ?? 20,
+    };
+    this.client = new Client(`unix://${opts.socketPath}`, credentials.createInsecure(), {
+      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      // The channel's own reconnect pacing, kept in step with ours.
+      'grpc.initial_reconnect_backoff_ms': this.backoff.initialDelayMs,
+      'grpc.max_reconnect_backoff_ms': this.backoff.maxDelayMs,
+    });
+  }
+
+  /** Boot id of the agent last heard from. */
+  get bootId(): string | undefined {
+    return this.knownBootId;
+  }
+
+  /** Whether the connection is up (after connect(), until a loss). */
+  get connected(): boolean {
+    return this.phase === 'ready';
+  }
+
+  /** Waits (up to the deadline) for the agent to answer, then watches the connection. */
+  async connect(opts?: CallOptions): Promise<AgentInfo> {
+    this.assertOpen();
+    const info = await this.fetchInfo(opts, true);
+    this.assertOpen();
+    if (this.phase !== 'ready') this.becomeReady(info);
+    return info;
+  }
+
+  getInfo(opts?: CallOptions): Promise<AgentInfo> {
+    return this.fetchInfo(opts, false);
+  }
+
+  async listDevices(opts?: CallOptions): Promise<DeviceFacts[]> {
+    const res = await this.call<{ devices: WireDeviceFacts[] }>('ListDevices', {}, opts);
+    return res.devices.map((d, i) => factsFromWire(d, `devices[${i}]`));
+  }
+
+  async describeDevice(device: string, opts?: CallOptions): Promise<DeviceDescription> {
+    return descriptionFromWire(await this.call<WireDeviceDescription>('DescribeDevice', { device }, opts));
+  }
+
+  async apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
+    const req = { device, ops: ops.map((op, i) => opToWire(op, `ops[${i}]`)) };
+    const res = await this.call<WireApplyResponse>('Apply', req, {
+      deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs,
+    });
+    this.noteBootId(res.bootId);
+    return { results: res.results.map((r, i) => opResultFromWire(r, `results[${i}]`)), bootId: res.bootId };
+  }
+
+  async listMapped(device: string, opts?: CallOptions): Promise<MappedSnapshot> {
+    const res = await this.call<WireListMappedResponse>('ListMapped', { device }, opts);
+    this.noteBootId(res.bootId);
+    return { mappings: res.mappings.map((m, i) => mappingFromWire(m, `mappings[${i}]`)), bootId: res.bootId };
+  }
+
+  async registerMemory(req: RegisterMemoryRequest, opts?: CallOptions): Promise<MemoryInfo> {
+    return memoryFromWire(await this.call<WireMemoryInfo>('RegisterMemory', registerToWire(req), opts));
+  }
+
+  async releaseMemory(id: string, opts?: CallOptions): Promise<void> {
+    await this.call('ReleaseMemory', { id }, opts);
+  }
+
+  async listMemory(opts?: CallOptions): Promise<MemoryInfo[]> {
+    const res = await this.call<{ memory: WireMemoryInfo[] }>('ListMemory', {}, opts);
+    return res.memory.map((m, i) => memoryFromWire(m, `memory[${i}]`));
+  }
+
+  /** Simulated devices only: reads `length` bytes at `iova` through the device's IOTLB. */
+  async dmaRead(
+    device: string,
+    asid: number,
+    iova: bigint,
+    length: number,
+    opts?: CallOptions,
+  ): Promise<Buffer> {
+    const req = { device, asid, iova: u64ToWire(iova, 'iova'), length };
+    return (await this.call<{ data: Buffer }>('DmaRead', req, opts)).data;
+  }
+
+  /** Simulated devices only: writes `data` at `iova` through the device's IOTLB. */
+  async dmaWrite(
+    device: string,
+    asid: number,
+    iova: bigint,
+    data: Uint8Array,
+    opts?: CallOptions,
+  ): Promise<void> {
+    await this.call('DmaWrite', { device, asid, iova: u64ToWire(iova, 'iova'), data }, opts);
+  }
+
+  suspend(device: string, opts?: CallOptions): Promise<DeviceFacts> {
+    return this.deviceStep('Suspend', device, opts);
+  }
+
+  resume(device: string, opts?: CallOptions): Promise<DeviceFacts> {
+    return this.deviceStep('Resume', device, opts);
+  }
+
+  reset(device: string, opts?: CallOptions): Promise<DeviceFacts> {
+    return this.deviceStep('Reset', device, opts);
+  }
+
+  /** Closes the channel; pending calls fail, no more events. */
+  close(): void {
+    this.phase = 'closed';
+    this.client.close();
+  }
+
+  private async deviceStep(method: string, device: string, opts?: CallOptions): Promise<DeviceFacts> {
+    return factsFromWire(await this.call<WireDeviceFacts>(method, { device }, opts));
+  }
+
+  private async fetchInfo(opts: CallOptions | undefined, waitForReady: boolean): Promise<AgentInfo> {
+    const info = await this.call<WireAgentInfo>('GetInfo', {}, opts, waitForReady);
+    this.noteBootId(info.bootId);
+    return { bootId: info.bootId, version: info.version, pid: info.pid };
+  }
+
+  private call<Res>(method: string, req: object, opts?: CallOptions, waitForReady = false): Promise<Res> {
+    const def = agentService[method] as MethodDefinition<object, Res> | undefined;
+    if (def === undefined) throw new Error(`the agent protocol has no method ${method}`);
+    const deadline = Date.now() + (opts?.deadlineMs ?? this.deadlineMs);
+    const metadata = new Metadata();
+    metadata.setOptions({ waitForReady });
+    return new Promise((resolve, reject) => {
+      this.client.makeUnaryRequest(
+        def.path,
+        def.requestSerialize,
+        def.responseDeserialize,
+        req,
+        metadata,
+        { deadline },
+        (err: ServiceError | null, res?: Res) => {
+          if (err) reject(fromGrpcError(err));
+          else resolve(res as Res);
+        },
+      );
+    });
+  }
+
+  private noteBootId(bootId: string): void {
+    const previousBootId = this.knownBootId;
+    this.knownBootId = bootId;
+    if (previousBootId !== undefined && previousBootId !== bootId) {
+      this.emit('restarted', { previousBootId, bootId });
+    }
+  }
+
+  private becomeReady(info: AgentInfo): void {
+    this.phase = 'ready';
+    this.watchConnection();
+    this.emit('connected', info);
+  }
+
+  /** Fires `lost()` when the channel leaves READY. */
+  private watchConnection(): void {
+    const channel = this.client.getChannel();
+    const state = channel.getConnectivityState(false);
+    if (state !== connectivityState.READY) {
+      this.lost();
+      return;
+    }
+    channel.watchConnectivityState(state, Infinity, () => {
+      if (this.phase === 'ready') this.watchConnection();
+    });
+  }
+
+  private lost(): void {
+    this.phase = 'reconnecting';
+    this.emit(
+      'disconnected',
+      new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', 'lost the connection to the agent'),
+    );
+    void this.reconnect();
+  }
+
+  /** Bounded exponential backoff; each attempt waits for the channel up to its own delay. */
+  private async reconnect(): Promise<void> {
+    const { initialDelayMs, maxDelayMs, maxAttempts } = this.backoff;
+    let last = 'no attempt made';
+    for (let attempt = 0; attempt < maxAttempts; attempt++) {
+      const delay = Math.min(initialDelayMs * 2 ** attempt, maxDelayMs);
+      const started = Date.now();
+      try {
+        const info = await this.fetchInfo({ deadlineMs: delay }, true);
+        if (this.phase !== 'reconnecting') return;
+        this.becomeReady(info);
+        return;
+      } catch (e) {
+        if (this.phase !== 'reconnecting') return;
+        last = e instanceof AgentError ? `${e.code}: ${e.message}` : String(e);
+        // A refused connection fails at once: wait out the rest of this attempt's delay.
+        await sleep(delay - (Date.now() - started));
+      }
+    }
+    if (this.phase !== 'reconnecting') return;
+    this.phase = 'lost';
+    const why = `the agent did not come back after ${maxAttempts} attempts (last: ${last})`;
+    this.emit('reconnectFailed', new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', why));
+  }
+
+  private assertOpen(): void {
+    if (this.phase === 'closed')
+      throw new AgentError(status.CANCELLED, 'CANCELLED', 'the agent client is closed');
+  }
+}

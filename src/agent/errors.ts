@@ -1,0 +1,170 @@
+/**
+ * Errors of the agent protocol. The agent turns whatever a handler throws into an AgentError: a
+ * gRPC status plus our own code (a MemoryErrorCode, DeviceErrorCode, DmaErrorCode,
+ * IotlbViolationReason, or one of the agent codes below), the request field at fault, and the
+ * errno name when there is one. They travel as the status and trailing metadata (the message is
+ * prefixed with the code too); the client rebuilds the same AgentError from them.
+ */
+import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
+import { DeviceError, type DeviceErrorCode, DmaError, type DmaErrorCode } from '../device/errors.ts';
+import { TransportError } from '../device/transport.ts';
+import { IotlbError } from '../iotlb/types.ts';
+import { MemoryError, type MemoryErrorCode } from '../memory/types.ts';
+
+/** Codes the agent itself raises, beside those of the library's errors. */
+export type AgentErrorCode =
+  | 'BAD_REQUEST' // a request field the agent cannot decode (not a u64, unknown enum, missing)
+  | 'DEVICE_NOT_FOUND'
+  | 'NOT_SIMULATED' // DMA asked of a device that cannot do it
+  | 'KERNEL' // an OS call failed; `errno` names it
+  | 'INTERNAL';
+
+export const ERROR_METADATA = {
+  code: 'vdpa-error-code',
+  field: 'vdpa-error-field',
+  errno: 'vdpa-errno',
+} as const;
+
+export class AgentError extends Error {
+  constructor(
+    /** gRPC status code. */
+    readonly status: status,
+    /** AgentErrorCode, MemoryErrorCode, DeviceErrorCode, DmaErrorCode or IotlbViolationReason. */
+    readonly code: string,
+    message: string,
+    readonly field?: string,
+    readonly errno?: string,
+  ) {
+    super(message);
+    this.name = 'AgentError';
+  }
+
+  /** The status name, e.g. `PERMISSION_DENIED`. */
+  get statusName(): string {
+    return status[this.status] ?? String(this.status);
+  }
+}
+
+const MEMORY_STATUS: Record<MemoryErrorCode, status> = {
+  INVALID_ID: status.INVALID_ARGUMENT,
+  ALREADY_EXISTS: status.ALREADY_EXISTS,
+  NOT_FOUND: status.NOT_FOUND,
+  PATH_REFUSED: status.PERMISSION_DENIED,
+  INVALID_SIZE: status.INVALID_ARGUMENT,
+  OUT_OF_BOUNDS: status.INVALID_ARGUMENT,
+  IN_USE: status.FAILED_PRECONDITION,
+  SYSTEM: status.INTERNAL,
+};
+
+const DEVICE_STATUS: Record<DeviceErrorCode, status> = {
+  BUSY: status.FAILED_PRECONDITION,
+  NOT_FOUND: status.NOT_FOUND,
+  PERMISSION_DENIED: status.PERMISSION_DENIED,
+  UNSUPPORTED: status.FAILED_PRECONDITION,
+  CLOSED: status.FAILED_PRECONDITION,
+  KERNEL: status.INTERNAL, // refined by errno below
+  INVALID_SPEC: status.INVALID_ARGUMENT,
+  DUPLICATE_NAME: status.ALREADY_EXISTS,
+};
+
+const DMA_STATUS: Record<DmaErrorCode, [status, string]> = {
+  UNMAPPED: [status.FAILED_PRECONDITION, 'iova'],
+  PERMISSION: [status.PERMISSION_DENIED, 'iova'],
+  BAD_ASID: [status.INVALID_ARGUMENT, 'asid'],
+  BAD_LENGTH: [status.INVALID_ARGUMENT, 'length'],
+};
+
+/** Status for a failed OS call, by errno name. */
+function errnoStatus(errno: string | undefined): status {
+  switch (errno) {
+    case 'ENOENT':
+      return status.NOT_FOUND;
+    case 'EACCES':
+    case 'EPERM':
+      return status.PERMISSION_DENIED;
+    case 'EINVAL':
+      return status.INVALID_ARGUMENT;
+    case 'EBUSY':
+    case 'EOPNOTSUPP':
+    case 'ENOTSUP':
+      return status.FAILED_PRECONDITION;
+    case 'ENOMEM':
+    case 'ENOSPC':
+    case 'EMFILE':
+    case 'ENFILE':
+      return status.RESOURCE_EXHAUSTED;
+    default:
+      return status.INTERNAL;
+  }
+}
+
+/** Agent side: whatever a handler threw, as the AgentError to answer with. */
+export function toAgentError(err: unknown): AgentError {
+  if (err instanceof AgentError) return err;
+  if (err instanceof MemoryError) {
+    const code = err.code === 'SYSTEM' ? errnoStatus(err.errno) : MEMORY_STATUS[err.code];
+    return new AgentError(code, err.code, err.message, err.field, err.errno);
+  }
+  if (err instanceof IotlbError) {
+    const v = err.violation;
+    const code = v.reason === 'OVERLAP' ? status.ALREADY_EXISTS : status.INVALID_ARGUMENT;
+    return new AgentError(code, v.reason, v.message, v.field, v.errno);
+  }
+  if (err instanceof DeviceError) {
+    const code = err.code === 'KERNEL' ? errnoStatus(err.errno) : DEVICE_STATUS[err.code];
+    return new AgentError(code, err.code, err.message, err.field, err.errno);
+  }
+  if (err instanceof DmaError) {
+    const [code, field] = DMA_STATUS[err.code];
+    return new AgentError(code, err.code, err.message, field);
+  }
+  if (err instanceof TransportError) {
+    return new AgentError(errnoStatus(err.errno), err.code, err.message, undefined, err.errno);
+  }
+  if (err instanceof Error) {
+    // SysError (src/sys/libc.ts) carries the errno name in `errno`; Node's own errors in `code`.
+    const { errno, code } = err as { errno?: unknown; code?: unknown };
+    const name =
+      typeof errno === 'string'
+        ? errno
+        : typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)
+          ? code
+          : undefined;
+    if (name !== undefined) return new AgentError(errnoStatus(name), 'KERNEL', err.message, undefined, name);
+    return new AgentError(status.INTERNAL, 'INTERNAL', err.message);
+  }
+  return new AgentError(status.INTERNAL, 'INTERNAL', String(err));
+}
+
+/** Agent side: the status object grpc-js sends for an AgentError. */
+export function toGrpcStatus(err: AgentError): Partial<ServiceError> {
+  const metadata = new Metadata();
+  metadata.set(ERROR_METADATA.code, err.code);
+  if (err.field !== undefined) metadata.set(ERROR_METADATA.field, err.field);
+  if (err.errno !== undefined) metadata.set(ERROR_METADATA.errno, err.errno);
+  return { code: err.status, details: `${err.code}: ${err.message}`, metadata };
+}
+
+function metadataString(metadata: Metadata | undefined, key: string): string | undefined {
+  const value = metadata?.get(key)[0];
+  return typeof value === 'string' && value !== '' ? value : undefined;
+}
+
+/** Client side: a failed call as an AgentError; without our metadata (the agent is unreachable,
+ *  the deadline passed) the code is the status name: UNAVAILABLE, DEADLINE_EXCEEDED, ... */
+export function fromGrpcError(err: ServiceError): AgentError {
+  const code = metadataString(err.metadata, ERROR_METADATA.code);
+  if (code === undefined) {
+    const name = status[err.code] ?? 'UNKNOWN';
+    return new AgentError(err.code, name, err.details || err.message);
+  }
+  const prefix = `${code}: `;
+  const message = err.details.startsWith(prefix) ? err.details.slice(prefix.length) : err.details;
+  return new AgentError(
+    err.code,
+    code,
+    message,
+    metadataString(err.metadata, ERROR_METADATA.field),
+    metadataString(err.metadata, ERROR_METADATA.errno),
+  );
+}

@@ -1,0 +1,425 @@
+/**
+ * The agent protocol's wire shapes and their conversion to and from the library's types, used by
+ * both the agent and its client. Wire objects are what @grpc/proto-loader hands out with
+ * `longs: String, enums: String, defaults: true, oneofs: true`: every uint64 is a decimal string,
+ * converted to bigint here and nowhere else (never through a JS number), enums are their names.
+ */
+import type { DeviceCounters, DeviceFacts, DeviceKind, IommuKind, OpResult } from '../device/types.ts';
+import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
+import type { CreateMemoryRequest, MemoryInfo, MemoryKind, OpenMemoryRequest } from '../memory/types.ts';
+import { status } from '@grpc/grpc-js';
+import { AgentError } from './errors.ts';
+
+/** Options for proto-loader (and protobufjs' toObject) that produce the shapes below. */
+export const WIRE_OBJECT_OPTIONS = {
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+} as const;
+
+const U64_MAX = (1n << 64n) - 1n;
+const DECIMAL = /^[0-9]+$/;
+const HEX = /^0x[0-9a-f]+$/i;
+
+function badRequest(field: string, message: string): AgentError {
+  return new AgentError(status.INVALID_ARGUMENT, 'BAD_REQUEST', `${field}: ${message}`, field);
+}
+
+/** A u64 as it goes on the wire: its decimal string. Throws for anything outside 0..2^64-1. */
+export function u64ToWire(value: bigint, field: string): string {
+  if (value < 0n || value > U64_MAX) throw badRequest(field, `${value} is not a u64`);
+  return value.toString();
+}
+
+/** A u64 from the wire: decimal or 0x hex, 0..2^64-1; anything else is a BAD_REQUEST naming the field. */
+export function u64FromWire(value: unknown, field: string): bigint {
+  if (typeof value !== 'string' || !(DECIMAL.test(value) || HEX.test(value))) {
+    throw badRequest(field, `expected a u64 as a decimal or 0x hex string, got ${JSON.stringify(value)}`);
+  }
+  const n = BigInt(value);
+  if (n > U64_MAX) throw badRequest(field, `${value} does not fit in 64 bits`);
+  return n;
+}
+
+/** Counters are numbers in the library (safe integers) and uint64 on the wire. */
+function countToWire(value: number, field: string): string {
+  if (!Number.isSafeInteger(value) || value < 0) throw badRequest(field, `${value} is not a count`);
+  return String(value);
+}
+
+function countFromWire(value: unknown, field: string): number {
+  const n = u64FromWire(value, field);
+  if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw badRequest(field, `${n} is beyond 2^53`);
+  return Number(n);
+}
+
+/** A proto enum <-> library string literal table, checked both ways. */
+function enumCodec<T extends string, W extends string>(table: Record<T, W>, what: string) {
+  const back = new Map<string, T>(Object.entries(table).map(([k, v]) => [v as string, k as T]));
+  return {
+    toWire: (value: T): W => table[value],
+    fromWire(value: unknown, field: string): T {
+      const found = typeof value === 'string' ? back.get(value) : undefined;
+      if (found === undefined) throw badRequest(field, `${JSON.stringify(value)} is not a valid ${what}`);
+      return found;
+    },
+  };
+}
+
+export type WirePerm = 'PERM_UNSPECIFIED' | 'PERM_RO' | 'PERM_WO' | 'PERM_RW';
+const PERM = enumCodec<Perm, WirePerm>({ ro: 'PERM_RO', wo: 'PERM_WO', rw: 'PERM_RW' }, 'perm');
+const DEVICE_KIND = enumCodec<DeviceKind, string>(
+  { kernel: 'DEVICE_KIND_KERNEL', simulated: 'DEVICE_KIND_SIMULATED' },
+  'device kind',
+);
+const IOMMU_KIND = enumCodec<IommuKind, string>(
+  { platform: 'IOMMU_KIND_PLATFORM', onchip: 'IOMMU_KIND_ONCHIP', unknown: 'IOMMU_KIND_UNKNOWN' },
+  'IOMMU kind',
+);
+const MEMORY_KIND = enumCodec<MemoryKind, string>(
+  { memfd: 'MEMORY_KIND_MEMFD', file: 'MEMORY_KIND_FILE' },
+  'memory kind',
+);
+
+/** Present (non-null) sub-message, or a BAD_REQUEST naming the field. */
+function required<T>(value: T | null | undefined, field: string): T {
+  if (value === null || value === undefined) throw badRequest(field, 'is required');
+  return value;
+}
+
+// ---- wire shapes (proto-loader objects) ----
+
+export interface WireAgentInfo {
+  bootId: string;
+  version: string;
+  pid: number;
+}
+
+export interface WireIovaRange {
+  first: string;
+  last: string;
+}
+
+export interface WireDeviceFacts {
+  name: string;
+  kind: string;
+  node?: string | null;
+  deviceId: number;
+  offeredFeatures: string;
+  negotiatedFeatures: string;
+  iovaRange?: WireIovaRange | null;
+  asNum: number;
+  groupNum: number;
+  vqCount: number;
+  configSize: number;
+  status: number;
+  iommu: string;
+  pinned: boolean;
+}
+
+export interface WireDeviceCounters {
+  messagesWritten: string;
+  batches: string;
+  dmaMapCalls: string;
+  dmaUnmapCalls: string;
+  setMapPushes: string;
+  setMapEntriesPushed: string;
+}
+
+export interface WireDeviceDescription {
+  facts?: WireDeviceFacts | null;
+  counters?: WireDeviceCounters | null;
+}
+
+export interface WireMapping {
+  asid: number;
+  iova: string;
+  size: string;
+  memory: string;
+  offset: string;
+  perm: string;
+}
+
+export interface WireInvalidateOp {
+  asid: number;
+  iova: string;
+  size: string;
+}
+
+export interface WireIotlbOp {
+  update?: WireMapping | null;
+  invalidate?: WireInvalidateOp | null;
+}
+
+export interface WireOpResult {
+  ok: boolean;
+  errno: string;
+  code: string;
+  message: string;
+  field: string;
+  conflict?: WireMapping | null;
+}
+
+export interface WireDeviceRequest {
+  device: string;
+}
+
+export interface WireApplyRequest {
+  device: string;
+  ops: WireIotlbOp[];
+}
+
+export interface WireApplyResponse {
+  results: WireOpResult[];
+  bootId: string;
+}
+
+export interface WireListMappedResponse {
+  mappings: WireMapping[];
+  bootId: string;
+}
+
+export interface WireRegisterMemoryRequest {
+  id: string;
+  path?: string | null;
+  create?: { size: string; kind: string } | null;
+}
+
+export interface WireMemoryInfo {
+  id: string;
+  path: string;
+  kind: string;
+  created: boolean;
+  size: string;
+  uaddr: string;
+  mappedEntries: number;
+}
+
+export interface WireDmaReadRequest {
+  device: string;
+  asid: number;
+  iova: string;
+  length: number;
+}
+
+export interface WireDmaWriteRequest {
+  device: string;
+  asid: number;
+  iova: string;
+  data: Uint8Array;
+}
+
+// ---- library types that exist only on this protocol ----
+
+export interface AgentInfo {
+  /** Random at every agent start: a new one means every mapping of the previous run is gone. */
+  bootId: string;
+  version: string;
+  pid: number;
+}
+
+/** A device's facts and counters, as DescribeDevice returns them. */
+export interface DeviceDescription {
+  facts: DeviceFacts;
+  counters: DeviceCounters;
+}
+
+/** An op result; failures of an overlapping UPDATE name the live entry they collide with. */
+export type AgentOpResult = OpResult & { conflict?: Mapping };
+
+export type RegisterMemoryRequest = OpenMemoryRequest | CreateMemoryRequest;
+
+// ---- conversions ----
+
+export function factsToWire(f: DeviceFacts): WireDeviceFacts {
+  return {
+    name: f.name,
+    kind: DEVICE_KIND.toWire(f.kind),
+    ...(f.node === null ? {} : { node: f.node }),
+    deviceId: f.deviceId,
+    offeredFeatures: u64ToWire(f.offeredFeatures, 'offeredFeatures'),
+    negotiatedFeatures: u64ToWire(f.negotiatedFeatures, 'negotiatedFeatures'),
+    iovaRange: {
+      first: u64ToWire(f.iovaRange.first, 'iovaRange.first'),
+      last: u64ToWire(f.iovaRange.last, 'iovaRange.last'),
+    },
+    asNum: f.asNum,
+    groupNum: f.groupNum,
+    vqCount: f.vqCount,
+    configSize: f.configSize,
+    status: f.status,
+    iommu: IOMMU_KIND.toWire(f.iommu),
+    pinned: f.pinned,
+  };
+}
+
+export function factsFromWire(w: WireDeviceFacts, field = 'facts'): DeviceFacts {
+  const range = required(w.iovaRange, `${field}.iovaRange`);
+  return {
+    name: w.name,
+    kind: DEVICE_KIND.fromWire(w.kind, `${field}.kind`),
+    node: w.node ?? null,
+    deviceId: w.deviceId,
+    offeredFeatures: u64FromWire(w.offeredFeatures, `${field}.offeredFeatures`),
+    negotiatedFeatures: u64FromWire(w.negotiatedFeatures, `${field}.negotiatedFeatures`),
+    iovaRange: {
+      first: u64FromWire(range.first, `${field}.iovaRange.first`),
+      last: u64FromWire(range.last, `${field}.iovaRange.last`),
+    },
+    asNum: w.asNum,
+    groupNum: w.groupNum,
+    vqCount: w.vqCount,
+    configSize: w.configSize,
+    status: w.status,
+    iommu: IOMMU_KIND.fromWire(w.iommu, `${field}.iommu`),
+    pinned: w.pinned,
+  };
+}
+
+const COUNTER_KEYS = [
+  'messagesWritten',
+  'batches',
+  'dmaMapCalls',
+  'dmaUnmapCalls',
+  'setMapPushes',
+  'setMapEntriesPushed',
+] as const satisfies readonly (keyof DeviceCounters & keyof WireDeviceCounters)[];
+
+export function countersToWire(c: DeviceCounters): WireDeviceCounters {
+  return Object.fromEntries(
+    COUNTER_KEYS.map((k) => [k, countToWire(c[k], `counters.${k}`)]),
+  ) as unknown as WireDeviceCounters;
+}
+
+export function countersFromWire(w: WireDeviceCounters): DeviceCounters {
+  return Object.fromEntries(
+    COUNTER_KEYS.map((k) => [k, countFromWire(w[k], `counters.${k}`)]),
+  ) as unknown as DeviceCounters;
+}
+
+export function descriptionFromWire(w: WireDeviceDescription): DeviceDescription {
+  return {
+    facts: factsFromWire(required(w.facts, 'facts')),
+    counters: countersFromWire(required(w.counters, 'counters')),
+  };
+}
+
+export function mappingToWire(m: Mapping, field = 'mapping'): WireMapping {
+  return {
+    asid: m.asid,
+    iova: u64ToWire(m.iova, `${field}.iova`),
+    size: u64ToWire(m.size, `${field}.size`),
+    memory: m.memory,
+    offset: u64ToWire(m.offset, `${field}.offset`),
+    perm: PERM.toWire(m.perm),
+  };
+}
+
+export function mappingFromWire(w: WireMapping, field = 'mapping'): Mapping {
+  return {
+    asid: w.asid,
+    iova: u64FromWire(w.iova, `${field}.iova`),
+    size: u64FromWire(w.size, `${field}.size`),
+    memory: w.memory,
+    offset: u64FromWire(w.offset, `${field}.offset`),
+    perm: PERM.fromWire(w.perm, `${field}.perm`),
+  };
+}
+
+export function opToWire(op: IotlbOp, field = 'op'): WireIotlbOp {
+  if (op.type === 'update') return { update: mappingToWire(op, `${field}.update`) };
+  return {
+    invalidate: {
+      asid: op.asid,
+      iova: u64ToWire(op.iova, `${field}.invalidate.iova`),
+      size: u64ToWire(op.size, `${field}.invalidate.size`),
+    },
+  };
+}
+
+export function opFromWire(w: WireIotlbOp, field = 'op'): IotlbOp {
+  if (w.update) return { type: 'update', ...mappingFromWire(w.update, `${field}.update`) };
+  if (w.invalidate) {
+    const inv = w.invalidate;
+    return {
+      type: 'invalidate',
+      asid: inv.asid,
+      iova: u64FromWire(inv.iova, `${field}.invalidate.iova`),
+      size: u64FromWire(inv.size, `${field}.invalidate.size`),
+    };
+  }
+  throw badRequest(field, 'needs update or invalidate');
+}
+
+export function opResultToWire(r: AgentOpResult): WireOpResult {
+  if (r.ok) return { ok: true, errno: '', code: '', message: '', field: '' };
+  return {
+    ok: false,
+    errno: r.errno,
+    code: r.code,
+    message: r.message,
+    field: r.field ?? '',
+    ...(r.conflict ? { conflict: mappingToWire(r.conflict, 'conflict') } : {}),
+  };
+}
+
+export function opResultFromWire(w: WireOpResult, field = 'result'): AgentOpResult {
+  if (w.ok) return { ok: true };
+  return {
+    ok: false,
+    errno: w.errno,
+    code: w.code,
+    message: w.message,
+    ...(w.field ? { field: w.field } : {}),
+    ...(w.conflict ? { conflict: mappingFromWire(w.conflict, `${field}.conflict`) } : {}),
+  };
+}
+
+export function registerToWire(req: RegisterMemoryRequest): WireRegisterMemoryRequest {
+  if ('path' in req) return { id: req.id, path: req.path };
+  return {
+    id: req.id,
+    create: {
+      size: u64ToWire(req.size, 'create.size'),
+      kind: req.kind === undefined ? 'MEMORY_KIND_UNSPECIFIED' : MEMORY_KIND.toWire(req.kind),
+    },
+  };
+}
+
+export function registerFromWire(w: WireRegisterMemoryRequest): RegisterMemoryRequest {
+  if (typeof w.path === 'string') return { id: w.id, path: w.path };
+  if (w.create) {
+    const { size, kind } = w.create;
+    return {
+      id: w.id,
+      size: u64FromWire(size, 'create.size'),
+      ...(kind === 'MEMORY_KIND_UNSPECIFIED' ? {} : { kind: MEMORY_KIND.fromWire(kind, 'create.kind') }),
+    };
+  }
+  throw badRequest('source', 'needs path or create');
+}
+
+export function memoryToWire(m: MemoryInfo): WireMemoryInfo {
+  return {
+    id: m.id,
+    path: m.path,
+    kind: MEMORY_KIND.toWire(m.kind),
+    created: m.created,
+    size: u64ToWire(m.size, 'size'),
+    uaddr: u64ToWire(m.uaddr, 'uaddr'),
+    mappedEntries: m.mappedEntries,
+  };
+}
+
+export function memoryFromWire(w: WireMemoryInfo, field = 'memory'): MemoryInfo {
+  return {
+    id: w.id,
+    path: w.path,
+    kind: MEMORY_KIND.fromWire(w.kind, `${field}.kind`),
+    created: w.created,
+    size: u64FromWire(w.size, `${field}.size`),
+    uaddr: u64FromWire(w.uaddr, `${field}.uaddr`),
+    mappedEntries: w.mappedEntries,
+  };
+}

@@ -1,0 +1,108 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { status } from '@grpc/grpc-js';
+import { AgentError } from '../../src/agent/errors.ts';
+import type { Device, DeviceFacts } from '../../src/device/types.ts';
+import type { IotlbOp } from '../../src/iotlb/types.ts';
+import type { MemoryRegistry } from '../../src/memory/types.ts';
+import { createHandlers } from '../../services/agent/server.ts';
+
+const FACTS: DeviceFacts = {
+  name: 'vdpa-k',
+  kind: 'kernel',
+  node: '/dev/vhost-vdpa-0',
+  deviceId: 1,
+  offeredFeatures: 0n,
+  negotiatedFeatures: 0n,
+  iovaRange: { first: 0n, last: (1n << 64n) - 1n },
+  asNum: 1,
+  groupNum: 1,
+  vqCount: 2,
+  configSize: 0,
+  status: 0,
+  iommu: 'platform',
+  pinned: true,
+};
+
+/** A kernel-like device (no DMA) that records what it is asked to apply. */
+function fakeKernelDevice(applied: IotlbOp[][]): Device {
+  const unused = async () => undefined;
+  return {
+    name: FACTS.name,
+    facts: () => FACTS,
+    counters: () => ({
+      messagesWritten: 0,
+      batches: 0,
+      dmaMapCalls: 0,
+      dmaUnmapCalls: 0,
+      setMapPushes: 0,
+      setMapEntriesPushed: 0,
+    }),
+    async apply(ops) {
+      applied.push([...ops]);
+      return ops.map(() => ({ ok: true }));
+    },
+    mappings: () => [],
+    suspend: unused,
+    resume: unused,
+    reset: unused,
+    close: unused,
+  };
+}
+
+async function refused(
+  promise: Promise<unknown>,
+  code: string,
+  grpcStatus: status,
+  field: string,
+): Promise<void> {
+  await assert.rejects(promise, (e: unknown) => {
+    assert.ok(e instanceof AgentError);
+    assert.deepEqual([e.code, e.status, e.field], [code, grpcStatus, field], e.message);
+    return true;
+  });
+}
+
+test('handlers refuse bad input naming the field, and leave the device untouched', async () => {
+  const applied: IotlbOp[][] = [];
+  const info = { bootId: 'b', version: '0', pid: 1 };
+  const handlers = createHandlers({
+    info,
+    devices: [fakeKernelDevice(applied)],
+    registry: {} as MemoryRegistry,
+  });
+  const good = { asid: 0, iova: '4096', size: '4096', memory: 'm', offset: '0', perm: 'PERM_RW' };
+
+  await refused(
+    handlers.Apply({ device: 'vdpa-k', ops: [{ update: good }, { update: { ...good, iova: '0x1g' } }] }),
+    'BAD_REQUEST',
+    status.INVALID_ARGUMENT,
+    'ops[1].update.iova',
+  );
+  await refused(handlers.Apply({ device: 'nope', ops: [] }), 'DEVICE_NOT_FOUND', status.NOT_FOUND, 'device');
+  assert.deepEqual(applied, [], 'nothing reached the device');
+
+  const res = await handlers.Apply({ device: 'vdpa-k', ops: [{ update: good }] });
+  assert.deepEqual(res, {
+    results: [{ ok: true, errno: '', code: '', message: '', field: '' }],
+    bootId: 'b',
+  });
+  assert.equal(applied.length, 1);
+});
+
+test('DMA is refused on a device that is not simulated', async () => {
+  const info = { bootId: 'b', version: '0', pid: 1 };
+  const handlers = createHandlers({ info, devices: [fakeKernelDevice([])], registry: {} as MemoryRegistry });
+  await refused(
+    handlers.DmaRead({ device: 'vdpa-k', asid: 0, iova: '0', length: 8 }),
+    'NOT_SIMULATED',
+    status.FAILED_PRECONDITION,
+    'device',
+  );
+  await refused(
+    handlers.DmaWrite({ device: 'vdpa-k', asid: 0, iova: '0', data: new Uint8Array(8) }),
+    'NOT_SIMULATED',
+    status.FAILED_PRECONDITION,
+    'device',
+  );
+});

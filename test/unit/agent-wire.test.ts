@@ -1,0 +1,220 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { type ServiceError, status } from '@grpc/grpc-js';
+import fc from 'fast-check';
+import { AgentError, fromGrpcError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
+import { agentService } from '../../src/agent/proto.ts';
+import {
+  factsFromWire,
+  factsToWire,
+  memoryFromWire,
+  memoryToWire,
+  opFromWire,
+  opResultFromWire,
+  opResultToWire,
+  opToWire,
+  registerFromWire,
+  registerToWire,
+  u64FromWire,
+  u64ToWire,
+  type WireApplyRequest,
+} from '../../src/agent/wire.ts';
+import { DeviceError, DmaError } from '../../src/device/errors.ts';
+import type { DeviceFacts } from '../../src/device/types.ts';
+import type { IotlbOp } from '../../src/iotlb/types.ts';
+import { IotlbError } from '../../src/iotlb/types.ts';
+import { MemoryError } from '../../src/memory/types.ts';
+
+const U64_MAX = (1n << 64n) - 1n;
+const u64 = fc.bigInt({ min: 0n, max: U64_MAX });
+
+/** Through the real protobuf encoding, as the agent and the client see it. */
+function throughProto(ops: IotlbOp[]): IotlbOp[] {
+  const method = agentService.Apply!;
+  const wire: WireApplyRequest = { device: 'd', ops: ops.map((op) => opToWire(op)) };
+  const decoded = method.requestDeserialize(method.requestSerialize(wire)) as WireApplyRequest;
+  return decoded.ops.map((op) => opFromWire(op));
+}
+
+function rejects(fn: () => unknown, field: string): void {
+  assert.throws(fn, (e: unknown) => {
+    assert.ok(e instanceof AgentError);
+    assert.equal(e.status, status.INVALID_ARGUMENT);
+    assert.equal(e.code, 'BAD_REQUEST');
+    assert.equal(e.field, field);
+    return true;
+  });
+}
+
+describe('u64 on the wire', () => {
+  test('2^64-1 round trips as decimal and is read back from decimal and hex', () => {
+    assert.equal(u64ToWire(U64_MAX, 'iova'), '18446744073709551615');
+    assert.equal(u64FromWire('18446744073709551615', 'iova'), U64_MAX);
+    assert.equal(u64FromWire('0xffffffffffffffff', 'iova'), U64_MAX);
+    assert.equal(u64FromWire('0XFFFFFFFFFFFFFFFF', 'iova'), U64_MAX);
+    assert.equal(u64FromWire('0', 'iova'), 0n);
+    assert.equal(u64FromWire('0x0', 'iova'), 0n);
+  });
+
+  test('anything that is not a u64 is refused, naming the field', () => {
+    for (const bad of [
+      '18446744073709551616',
+      '0x10000000000000000',
+      '-1',
+      '1.5',
+      '',
+      ' 1',
+      '0x',
+      '1e3',
+      'abc',
+    ]) {
+      rejects(() => u64FromWire(bad, 'ops[0].update.iova'), 'ops[0].update.iova');
+    }
+    rejects(() => u64FromWire(42, 'size'), 'size');
+    rejects(() => u64ToWire(1n << 64n, 'size'), 'size');
+    rejects(() => u64ToWire(-1n, 'offset'), 'offset');
+  });
+
+  test('every u64 survives the protobuf encoding of an op, bit for bit', () => {
+    fc.assert(
+      fc.property(u64, u64, u64, (iova, size, offset) => {
+        const ops: IotlbOp[] = [
+          { type: 'update', asid: 1, iova, size, memory: 'm', offset, perm: 'wo' },
+          { type: 'invalidate', asid: 0, iova, size },
+        ];
+        assert.deepEqual(throughProto(ops), ops);
+      }),
+    );
+    const edge: IotlbOp = {
+      type: 'update',
+      asid: 0,
+      iova: U64_MAX,
+      size: U64_MAX,
+      memory: 'm',
+      offset: U64_MAX,
+      perm: 'rw',
+    };
+    assert.deepEqual(throughProto([edge]), [edge]);
+  });
+
+  test('an op with neither update nor invalidate, or with an unknown perm, is refused', () => {
+    rejects(() => opFromWire({}, 'ops[3]'), 'ops[3]');
+    const update = { asid: 0, iova: '0', size: '4096', memory: 'm', offset: '0', perm: 'PERM_UNSPECIFIED' };
+    rejects(() => opFromWire({ update }, 'ops[1]'), 'ops[1].update.perm');
+  });
+});
+
+describe('messages round trip', () => {
+  test('device facts keep their feature masks and IOVA range', () => {
+    const facts: DeviceFacts = {
+      name: 'vdpa0',
+      kind: 'simulated',
+      node: null,
+      deviceId: 1,
+      offeredFeatures: U64_MAX,
+      negotiatedFeatures: (1n << 2n) | (1n << 63n),
+      iovaRange: { first: 0x1000n, last: U64_MAX },
+      asNum: 2,
+      groupNum: 2,
+      vqCount: 3,
+      configSize: 12,
+      status: 0,
+      iommu: 'onchip',
+      pinned: false,
+    };
+    const method = agentService.ListDevices!;
+    const decoded = method.responseDeserialize(
+      method.responseSerialize({ devices: [factsToWire(facts)] }),
+    ) as {
+      devices: ReturnType<typeof factsToWire>[];
+    };
+    assert.deepEqual(factsFromWire(decoded.devices[0]!), facts);
+    const kernel = { ...facts, kind: 'kernel' as const, node: '/dev/vhost-vdpa-0' };
+    assert.deepEqual(factsFromWire(factsToWire(kernel)), kernel);
+  });
+
+  test('op results keep errno, code, field and the conflicting entry', () => {
+    const conflict = { asid: 0, iova: 0x1000n, size: 0x2000n, memory: 'm', offset: 0n, perm: 'rw' as const };
+    const failed = {
+      ok: false as const,
+      errno: 'EEXIST',
+      code: 'OVERLAP',
+      message: 'overlaps',
+      field: 'iova',
+      conflict,
+    };
+    assert.deepEqual(opResultFromWire(opResultToWire(failed)), failed);
+    assert.deepEqual(opResultFromWire(opResultToWire({ ok: true })), { ok: true });
+    const bare = { ok: false as const, errno: 'EFAULT', code: 'KERNEL', message: 'no' };
+    assert.deepEqual(opResultFromWire(opResultToWire(bare)), bare);
+  });
+
+  test('memory info and register requests', () => {
+    const info = {
+      id: 'ram0',
+      path: '/dev/shm/x',
+      kind: 'file' as const,
+      created: false,
+      size: 1n << 40n,
+      uaddr: 0x7fff_0000_0000n,
+      mappedEntries: 3,
+    };
+    assert.deepEqual(memoryFromWire(memoryToWire(info)), info);
+    assert.deepEqual(registerFromWire(registerToWire({ id: 'a', path: '/x' })), { id: 'a', path: '/x' });
+    assert.deepEqual(registerFromWire(registerToWire({ id: 'a', size: U64_MAX, kind: 'memfd' })), {
+      id: 'a',
+      size: U64_MAX,
+      kind: 'memfd',
+    });
+    assert.deepEqual(registerFromWire(registerToWire({ id: 'a', size: 4096n })), { id: 'a', size: 4096n });
+    rejects(() => registerFromWire({ id: 'a' }), 'source');
+  });
+});
+
+describe('errors', () => {
+  const roundTrip = (e: AgentError) => fromGrpcError(toGrpcStatus(e) as ServiceError);
+
+  test('library errors map to precise statuses and survive the trip to the client', () => {
+    const cases: [unknown, status, string, string | undefined][] = [
+      [
+        new MemoryError('PATH_REFUSED', 'outside the roots', 'path'),
+        status.PERMISSION_DENIED,
+        'PATH_REFUSED',
+        'path',
+      ],
+      [new MemoryError('IN_USE', 'still mapped', 'id'), status.FAILED_PRECONDITION, 'IN_USE', 'id'],
+      [new MemoryError('NOT_FOUND', 'no memory x', 'id'), status.NOT_FOUND, 'NOT_FOUND', 'id'],
+      [new MemoryError('ALREADY_EXISTS', 'taken', 'id'), status.ALREADY_EXISTS, 'ALREADY_EXISTS', 'id'],
+      [
+        new MemoryError('OUT_OF_BOUNDS', 'past the end', 'size'),
+        status.INVALID_ARGUMENT,
+        'OUT_OF_BOUNDS',
+        'size',
+      ],
+      [new DeviceError('UNSUPPORTED', 'no SUSPEND'), status.FAILED_PRECONDITION, 'UNSUPPORTED', undefined],
+      [new DmaError('UNMAPPED', 'not mapped', 0, 0x1000n), status.FAILED_PRECONDITION, 'UNMAPPED', 'iova'],
+      [new Error('boom'), status.INTERNAL, 'INTERNAL', undefined],
+    ];
+    for (const [err, code, name, field] of cases) {
+      const back = roundTrip(toAgentError(err));
+      assert.equal(back.status, code, name);
+      assert.equal(back.code, name);
+      assert.equal(back.field, field);
+      assert.equal(back.message, (err as Error).message);
+    }
+  });
+
+  test('errno names travel too', () => {
+    const sys = Object.assign(new Error('open: EACCES'), { errno: 'EACCES' });
+    const back = roundTrip(toAgentError(sys));
+    assert.equal(back.status, status.PERMISSION_DENIED);
+    assert.equal(back.errno, 'EACCES');
+    const overlap = new IotlbError({
+      reason: 'OVERLAP',
+      errno: 'EEXIST',
+      field: 'iova',
+      message: 'overlaps',
+    });
+    assert.equal(roundTrip(toAgentError(overlap)).errno, 'EEXIST');
+  });
+});
