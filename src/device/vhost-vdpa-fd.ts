@@ -70,10 +70,15 @@ class VhostVdpaFd implements VhostTransport {
   }
 }
 
-/** SysError (koffi) has the errno name in `.errno`; Node's fs errors have it in `.code`. */
+/**
+ * SysError (koffi) has the errno name in `.errno`; Node's fs errors have it in `.code`. libuv names
+ * errno 95 ENOTSUP; the kernel returns it as EOPNOTSUPP (the same value on Linux), the name the
+ * rest of src/device and the simulator use (seen on Linux 6.12: docs/kernel-notes.md).
+ */
 function asTransportError(e: unknown, what: string): TransportError {
-  if (e instanceof SysError) return new TransportError(e.errno, `${what}: ${e.message}`);
+  const kernelName = (name: string) => (name === 'ENOTSUP' ? 'EOPNOTSUPP' : name);
+  if (e instanceof SysError) return new TransportError(kernelName(e.errno), `${what}: ${e.message}`);
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
-  if (typeof code === 'string') return new TransportError(code, `${what}: ${code}`);
+  if (typeof code === 'string') return new TransportError(kernelName(code), `${what}: ${code}`);
   throw e;
 }

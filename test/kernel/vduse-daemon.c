@@ -14,8 +14,11 @@
  * Socket protocol: one request line per connection, one answer line, then close.
  *   stats               -> ok updates=<n> set_status=<n> get_vq_state=<n> status=0x<s>
  *   map                 -> ok <count> [0x<start>-0x<last>:<perm>:0x<offset> ...]
+ *                          (perm ro|wo|rw, or 0x<byte> for any other value the kernel stored)
  *   read <iova> <len>   -> ok <hex bytes>     (device reads memory: RO/RW entries, len <= 4096)
  *   write <iova> <hex>  -> ok <len>           (device writes memory: WO/RW entries, like DMA)
+ *   poke <iova> <hex>   -> ok <len>           (like write, without the daemon's perm check: shows
+ *                                              what the VDUSE_IOTLB_GET_FD fd itself allows)
  * Errors answer "err <reason>". Numbers accept 0x prefixes (strtoull base 0).
  *
  * Usage: vduse-daemon <device-name> <socket-path>
@@ -162,9 +165,13 @@ static int cmd_map(char *out, size_t cap) {
     if (fd < 0) break;
     close(fd);
     count++;
+    /* The kernel stores any perm byte (nobody validates it): show unknown ones as hex. */
+    char perm[8];
+    snprintf(perm, sizeof(perm), "%s", perm_name(e.perm));
+    if (perm[0] == '?') snprintf(perm, sizeof(perm), "0x%x", e.perm);
     len += snprintf(entries + len, sizeof(entries) - len, " 0x%llx-0x%llx:%s:0x%llx",
-                    (unsigned long long)e.start, (unsigned long long)e.last,
-                    perm_name(e.perm), (unsigned long long)e.offset);
+                    (unsigned long long)e.start, (unsigned long long)e.last, perm,
+                    (unsigned long long)e.offset);
     if (len >= sizeof(entries) || e.last == UINT64_MAX) break;
     cur = e.last + 1;
   }
@@ -217,8 +224,11 @@ static int hex_nibble(char c) {
   return -1;
 }
 
-/* Device-side write into WO/RW entries (pwrite on the backing file, like a DMA write). */
-static int cmd_write(uint64_t iova, const char *hex, char *out, size_t cap) {
+/*
+ * Device-side write into WO/RW entries (pwrite on the backing file, like a DMA write).
+ * With honour_perm 0 (poke) the entry's perm is ignored: whatever the fd allows happens.
+ */
+static int cmd_write(uint64_t iova, const char *hex, int honour_perm, char *out, size_t cap) {
   unsigned char data[MAX_IO];
   size_t n = strlen(hex);
   if (n == 0 || n % 2 || n / 2 > MAX_IO) return snprintf(out, cap, "err bad hex data\n");
@@ -232,7 +242,7 @@ static int cmd_write(uint64_t iova, const char *hex, char *out, size_t cap) {
     struct vduse_iotlb_entry e;
     int fd = iotlb_entry(iova, iova, &e);
     if (fd < 0) return snprintf(out, cap, "err unmapped iova 0x%llx\n", (unsigned long long)iova);
-    if (!(e.perm & VDUSE_ACCESS_WO)) {
+    if (honour_perm && !(e.perm & VDUSE_ACCESS_WO)) {
       close(fd);
       return snprintf(out, cap, "err iova 0x%llx is read-only\n", (unsigned long long)iova);
     }
@@ -278,7 +288,7 @@ static void handle_client(int c) {
                  __atomic_load_n(&dev_status, __ATOMIC_SEQ_CST));
   } else if (!strcmp(cmd, "map")) {
     n = cmd_map(out, sizeof(out));
-  } else if (!strcmp(cmd, "read") || !strcmp(cmd, "write")) {
+  } else if (!strcmp(cmd, "read") || !strcmp(cmd, "write") || !strcmp(cmd, "poke")) {
     char *a = strsep(&args, " "), *b = strsep(&args, " ");
     if (!a || !b) {
       n = snprintf(out, sizeof(out), "err usage: %s <iova> <%s>\n", cmd,
@@ -286,7 +296,7 @@ static void handle_client(int c) {
     } else {
       uint64_t iova = strtoull(a, NULL, 0);
       n = cmd[0] == 'r' ? cmd_read(iova, strtoull(b, NULL, 0), out, sizeof(out))
-                        : cmd_write(iova, b, out, sizeof(out));
+                        : cmd_write(iova, b, cmd[0] == 'w', out, sizeof(out));
     }
   } else {
     n = snprintf(out, sizeof(out), "err unknown command\n");

@@ -21,7 +21,8 @@ export interface DeviceStats {
 export interface DeviceMapEntry {
   start: bigint;
   last: bigint;
-  perm: 'ro' | 'wo' | 'rw';
+  /** `0x<byte>` for a perm other than RO/WO/RW: the kernel stores whatever it is given. */
+  perm: 'ro' | 'wo' | 'rw' | `0x${string}`;
   /** Offset of `start` in the backing file. */
   offset: bigint;
 }
@@ -46,7 +47,7 @@ export class VduseClient {
   async map(): Promise<DeviceMapEntry[]> {
     const [, ...entries] = (await this.ask('map')).split(' ');
     return entries.map((e) => {
-      const m = e.match(/^(0x[0-9a-f]+)-(0x[0-9a-f]+):(ro|wo|rw):(0x[0-9a-f]+)$/);
+      const m = e.match(/^(0x[0-9a-f]+)-(0x[0-9a-f]+):(ro|wo|rw|0x[0-9a-f]+):(0x[0-9a-f]+)$/);
       if (!m) throw new Error(`vduse-daemon: bad map entry ${e}`);
       return {
         start: BigInt(m[1]!),
@@ -65,6 +66,14 @@ export class VduseClient {
   /** The device writes `data` at `iova` (at most 4096 bytes; WO/RW entries only). */
   async write(iova: bigint, data: Uint8Array): Promise<void> {
     await this.ask(`write 0x${iova.toString(16)} ${Buffer.from(data).toString('hex')}`);
+  }
+
+  /**
+   * Like `write` but without the daemon's own perm check: what the fd VDUSE_IOTLB_GET_FD hands
+   * out allows (it is the owner's file, writable whatever the entry's perm).
+   */
+  async poke(iova: bigint, data: Uint8Array): Promise<void> {
+    await this.ask(`poke 0x${iova.toString(16)} ${Buffer.from(data).toString('hex')}`);
   }
 
   /** Sends one request; resolves with the answer after "ok " or rejects with the daemon's error. */
