@@ -1,0 +1,217 @@
+/**
+ * The desired state: what the service has acknowledged and must make true on the devices, and
+ * what it must remember to answer retries. Changed only through `applyChange`, which the store
+ * calls for records it has made durable and again when it replays them, so both paths agree.
+ */
+import type { Mapping } from '../iotlb/types.ts';
+import type { MemoryKind } from '../memory/types.ts';
+import type { ServiceErrorInfo } from '../service/errors.ts';
+import type { BatchOp } from '../service/types.ts';
+
+export interface MemoryRecord {
+  id: string;
+  /** The agent's path of the backing (a file to re-open after an agent restart, or memfd:<id>). */
+  path: string;
+  kind: MemoryKind;
+  created: boolean;
+  size: bigint;
+  /** ISO time of registration. */
+  registeredAt: string;
+}
+
+/** A submitted request that is durably queued but not applied yet. */
+export interface PendingSubmit {
+  sequence: bigint;
+  ops: BatchOp[];
+  atomic: boolean;
+}
+
+export interface SubmitFailure {
+  sequence: bigint;
+  error: ServiceErrorInfo;
+}
+
+export interface IdempotencyRecord {
+  requestId: string;
+  /** Digest of the request (method and body without the id): a reuse with another body is refused. */
+  digest: string;
+  /** The answer given, in its stored form (see service/idempotency.ts). */
+  answer: unknown;
+}
+
+export interface DeviceState {
+  /** The next sequence number to hand out; sequence numbers never repeat. */
+  nextSequence: bigint;
+  /** Keyed by `asid:iova`. */
+  mappings: Map<string, Mapping>;
+  /** In sequence order. */
+  pending: Map<bigint, PendingSubmit>;
+  /** Failures of submitted requests not reported by a flush yet, oldest first. */
+  failures: SubmitFailure[];
+  /** Oldest first (Map insertion order); bounded. */
+  idempotency: Map<string, IdempotencyRecord>;
+}
+
+export interface StateLimits {
+  /** Idempotency records kept per device (the oldest are forgotten). */
+  idempotencyPerDevice: number;
+  /** Unreported submit failures kept per device (the oldest are dropped). */
+  failuresPerDevice: number;
+}
+
+export interface DesiredState {
+  readonly limits: StateLimits;
+  memory: Map<string, MemoryRecord>;
+  devices: Map<string, DeviceState>;
+  /** Desired mappings per memory id, over all devices. */
+  memoryUse: Map<string, number>;
+}
+
+export type Change =
+  | { t: 'memory.put'; memory: MemoryRecord }
+  | { t: 'memory.delete'; id: string }
+  | { t: 'mapping.put'; device: string; mapping: Mapping }
+  | { t: 'mapping.delete'; device: string; asid: number; iova: bigint }
+  | { t: 'sequence'; device: string; next: bigint }
+  | { t: 'pending.put'; device: string; submit: PendingSubmit }
+  | { t: 'pending.delete'; device: string; sequence: bigint }
+  | { t: 'failure.add'; device: string; failure: SubmitFailure }
+  | { t: 'failures.clear'; device: string; through: bigint }
+  | { t: 'idempotency.put'; device: string; record: IdempotencyRecord };
+
+export const mappingKey = (asid: number, iova: bigint): string => `${asid}:${iova}`;
+
+export function emptyState(limits: StateLimits): DesiredState {
+  return { limits, memory: new Map(), devices: new Map(), memoryUse: new Map() };
+}
+
+export function deviceState(state: DesiredState, device: string): DeviceState {
+  let d = state.devices.get(device);
+  if (d === undefined) {
+    d = { nextSequence: 1n, mappings: new Map(), pending: new Map(), failures: [], idempotency: new Map() };
+    state.devices.set(device, d);
+  }
+  return d;
+}
+
+function countUse(state: DesiredState, memory: string, delta: number): void {
+  const n = (state.memoryUse.get(memory) ?? 0) + delta;
+  if (n === 0) state.memoryUse.delete(memory);
+  else state.memoryUse.set(memory, n);
+}
+
+export function applyChange(state: DesiredState, c: Change): void {
+  switch (c.t) {
+    case 'memory.put':
+      state.memory.set(c.memory.id, c.memory);
+      return;
+    case 'memory.delete':
+      state.memory.delete(c.id);
+      return;
+    case 'mapping.put': {
+      const d = deviceState(state, c.device);
+      const key = mappingKey(c.mapping.asid, c.mapping.iova);
+      const old = d.mappings.get(key);
+      if (old) countUse(state, old.memory, -1);
+      d.mappings.set(key, c.mapping);
+      countUse(state, c.mapping.memory, 1);
+      return;
+    }
+    case 'mapping.delete': {
+      const d = deviceState(state, c.device);
+      const key = mappingKey(c.asid, c.iova);
+      const old = d.mappings.get(key);
+      if (old) {
+        countUse(state, old.memory, -1);
+        d.mappings.delete(key);
+      }
+      return;
+    }
+    case 'sequence': {
+      const d = deviceState(state, c.device);
+      if (c.next > d.nextSequence) d.nextSequence = c.next;
+      return;
+    }
+    case 'pending.put': {
+      const d = deviceState(state, c.device);
+      d.pending.set(c.submit.sequence, c.submit);
+      if (c.submit.sequence >= d.nextSequence) d.nextSequence = c.submit.sequence + 1n;
+      return;
+    }
+    case 'pending.delete':
+      deviceState(state, c.device).pending.delete(c.sequence);
+      return;
+    case 'failure.add': {
+      const d = deviceState(state, c.device);
+      d.failures.push(c.failure);
+      if (d.failures.length > state.limits.failuresPerDevice) d.failures.shift();
+      return;
+    }
+    case 'failures.clear': {
+      const d = deviceState(state, c.device);
+      d.failures = d.failures.filter((f) => f.sequence > c.through);
+      return;
+    }
+    case 'idempotency.put': {
+      const d = deviceState(state, c.device);
+      d.idempotency.delete(c.record.requestId);
+      d.idempotency.set(c.record.requestId, c.record);
+      while (d.idempotency.size > state.limits.idempotencyPerDevice) {
+        const oldest = d.idempotency.keys().next().value as string;
+        d.idempotency.delete(oldest);
+      }
+      return;
+    }
+  }
+}
+
+/** Every desired mapping of a device, ordered by asid then iova. */
+export function sortedMappings(d: DeviceState | undefined, asid?: number): Mapping[] {
+  if (d === undefined) return [];
+  const all = [...d.mappings.values()].filter((m) => asid === undefined || m.asid === asid);
+  return all.sort((a, b) => a.asid - b.asid || (a.iova < b.iova ? -1 : a.iova > b.iova ? 1 : 0));
+}
+
+// ---- snapshot form (plain JSON-able values; bigints are kept as bigints for the codec) ----
+
+interface DeviceSnapshot {
+  name: string;
+  nextSequence: bigint;
+  mappings: Mapping[];
+  pending: PendingSubmit[];
+  failures: SubmitFailure[];
+  idempotency: IdempotencyRecord[];
+}
+
+export interface StateSnapshot {
+  memory: MemoryRecord[];
+  devices: DeviceSnapshot[];
+}
+
+export function toSnapshot(state: DesiredState): StateSnapshot {
+  return {
+    memory: [...state.memory.values()],
+    devices: [...state.devices].map(([name, d]) => ({
+      name,
+      nextSequence: d.nextSequence,
+      mappings: [...d.mappings.values()],
+      pending: [...d.pending.values()],
+      failures: d.failures,
+      idempotency: [...d.idempotency.values()],
+    })),
+  };
+}
+
+export function fromSnapshot(snap: StateSnapshot, limits: StateLimits): DesiredState {
+  const state = emptyState(limits);
+  for (const m of snap.memory) applyChange(state, { t: 'memory.put', memory: m });
+  for (const s of snap.devices) {
+    const d = deviceState(state, s.name);
+    d.nextSequence = s.nextSequence;
+    for (const mapping of s.mappings) applyChange(state, { t: 'mapping.put', device: s.name, mapping });
+    for (const submit of s.pending) d.pending.set(submit.sequence, submit);
+    d.failures = [...s.failures];
+    for (const record of s.idempotency) applyChange(state, { t: 'idempotency.put', device: s.name, record });
+  }
+  return state;
+}
