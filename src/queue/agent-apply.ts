@@ -1,0 +1,61 @@
+/** One apply() at the agent, checked (same agent, one result per op) and measured. */
+import type { AgentOpResult } from '../agent/wire.ts';
+import { describeRange, type IotlbOp } from '../iotlb/types.ts';
+import type { Metrics } from '../metrics/metrics.ts';
+import type { AgentPort } from '../service/agent-port.ts';
+import { ServiceError } from '../service/errors.ts';
+
+/** How long callers are told to wait after a change could not be done. */
+export const NOT_DONE_RETRY_AFTER_MS = 1000;
+
+/** The device's state is unknown (agent gone or restarted, ...): nothing may be acknowledged. */
+export class NotDone extends Error {
+  constructor(readonly error: ServiceError) {
+    super(error.message);
+  }
+}
+
+export function notDone(device: string, why: string): NotDone {
+  return new NotDone(
+    new ServiceError('UNAVAILABLE', `device ${device}: ${why}; nothing was changed, retry later`, {
+      retryAfterMs: NOT_DONE_RETRY_AFTER_MS,
+    }),
+  );
+}
+
+export function describeOp(op: IotlbOp): string {
+  const kind = op.type === 'update' ? 'UPDATE' : 'INVALIDATE';
+  return `${kind} asid ${op.asid} ${describeRange(op.iova, op.size)}`;
+}
+
+export interface ApplyContext {
+  device: string;
+  port: Pick<AgentPort, 'apply'>;
+  /** The agent the device was reconciled with: an answer from another one means a restart. */
+  bootId: string;
+  metrics: Metrics;
+}
+
+/** Sends `ops` as one apply(); throws NotDone when the outcome cannot be trusted. */
+export async function applyAtAgent(ctx: ApplyContext, ops: readonly IotlbOp[]): Promise<AgentOpResult[]> {
+  const started = process.hrtime.bigint();
+  let res: Awaited<ReturnType<AgentPort['apply']>>;
+  try {
+    res = await ctx.port.apply(ctx.device, ops);
+  } catch (e) {
+    throw notDone(ctx.device, `the agent did not apply the ops (${(e as Error).message})`);
+  }
+  if (res.bootId !== ctx.bootId) throw notDone(ctx.device, 'the agent restarted');
+  if (res.results.length !== ops.length) {
+    throw notDone(ctx.device, `the agent answered ${res.results.length} results for ${ops.length} ops`);
+  }
+  const perOp = Number(process.hrtime.bigint() - started) / 1e9 / ops.length;
+  const { metrics, device } = ctx;
+  metrics.batchOps.observe({ device }, ops.length);
+  ops.forEach((op, i) => {
+    const r = res.results[i]!;
+    metrics.iotlbMessageWrite.observe({ device }, perOp);
+    metrics.ops.inc({ type: op.type, result: r.ok ? 'ok' : 'device_error', errno: r.ok ? '' : r.errno });
+  });
+  return res.results;
+}

@@ -1,0 +1,173 @@
+/**
+ * The device work of one group: validate every unit in order against the working tables, send the
+ * valid ops of the whole group as ONE apply() (one BATCH_BEGIN/END per address space at the
+ * device), and map the per-op results back to the units.
+ *
+ * A unit is a request, or one op of a non-atomic batch; its ops are all or nothing. When the
+ * device refuses an op, the units before the refusing unit stand; the refusing unit fails with
+ * DEVICE_ERROR; the device is put back to the working tables as they were before that unit (the
+ * planner, from what the agent reports as mapped: this also takes back the units after it, which
+ * the same apply() carried); and the units after it are validated and applied again. Every round
+ * settles at least one unit, so the loop ends.
+ *
+ * Anything that leaves the device's state unknown (the agent unreachable or restarted, a failed
+ * compensation) takes back the whole group from the working tables and returns it as not done:
+ * nothing of it was acknowledged, and reconciliation puts the device back to the desired state.
+ */
+import type { AgentOpResult } from '../agent/wire.ts';
+import type { IotlbOp } from '../iotlb/types.ts';
+import type { Metrics } from '../metrics/metrics.ts';
+import type { AgentPort } from '../service/agent-port.ts';
+import { ServiceError } from '../service/errors.ts';
+import { applyAtAgent, describeOp, NotDone, notDone } from './agent-apply.ts';
+import { planConverge } from './converge.ts';
+import type { WriteEntry } from './types.ts';
+import { applyStep, batchOpAt, type MemoryLookup, type StepPlan, stepCount } from './validate.ts';
+import type { WorkingTables } from './working.ts';
+
+export interface GroupContext {
+  device: string;
+  port: Pick<AgentPort, 'apply' | 'listMapped'>;
+  memory: MemoryLookup;
+  work: WorkingTables;
+  /** The agent the device was reconciled with: an answer from another one means a restart. */
+  bootId: string;
+  metrics: Metrics;
+}
+
+export interface Step {
+  entry: WriteEntry;
+  /** Op index of a non-atomic batch; 0 otherwise. */
+  index: number;
+  /** Working-table marks around this unit's ops. */
+  mark: number;
+  end: number;
+  /** Set when validation passed (kept when the device then refused an op). */
+  plan: StepPlan | undefined;
+  error: ServiceError | undefined;
+  /** Index in `plan.ops` of the op the device refused. */
+  refusedOp: number | undefined;
+}
+
+export type GroupRun = { done: true; base: number; steps: Step[] } | { done: false; error: ServiceError };
+
+/** Puts the device back to the working tables (after it refused an op mid-group). */
+async function compensate(ctx: GroupContext): Promise<void> {
+  let snapshot: Awaited<ReturnType<GroupContext['port']['listMapped']>>;
+  try {
+    snapshot = await ctx.port.listMapped(ctx.device);
+  } catch (e) {
+    throw notDone(ctx.device, `cannot read the mappings back after a refused op (${(e as Error).message})`);
+  }
+  if (snapshot.bootId !== ctx.bootId) throw notDone(ctx.device, 'the agent restarted');
+  const ops = planConverge(snapshot.mappings, ctx.work.spaces.mappings());
+  if (ops.length === 0) return;
+  const refused = (await applyAtAgent(ctx, ops)).find((r) => !r.ok);
+  if (refused && !refused.ok) {
+    throw notDone(ctx.device, `cannot put the device back after a refused op (${refused.message})`);
+  }
+}
+
+/** The batch op a refused op belongs to, or undefined when the request is not a batch. */
+function batchOpOf(step: Step, opIndex: number): number | undefined {
+  const { request } = step.entry;
+  if (request.kind !== 'batch') return undefined;
+  return request.atomic ? batchOpAt(step.plan?.opStarts ?? [], opIndex) : step.index;
+}
+
+function refusal(ctx: GroupContext, step: Step, opIndex: number, r: AgentOpResult): ServiceError {
+  const op = step.plan!.ops[opIndex]!;
+  const batchOp = batchOpOf(step, opIndex);
+  const label = batchOp === undefined ? '' : `ops[${batchOp}]: `;
+  const message = r.ok ? 'refused' : r.message;
+  return new ServiceError(
+    'DEVICE_ERROR',
+    `${label}device ${ctx.device} refused ${describeOp(op)}: ${message}`,
+    {
+      ...(r.ok ? {} : { errno: r.errno }),
+      ...(batchOp === undefined ? {} : { field: `ops[${batchOp}]` }),
+    },
+  );
+}
+
+function validate(ctx: GroupContext, step: Step): void {
+  step.mark = ctx.work.mark();
+  step.plan = undefined;
+  step.error = undefined;
+  step.refusedOp = undefined;
+  try {
+    step.plan = applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
+  } catch (e) {
+    step.error =
+      e instanceof ServiceError
+        ? e
+        : new ServiceError('INTERNAL', `validation failed: ${(e as Error).message}`);
+  }
+  step.end = ctx.work.mark();
+}
+
+function countRefusals(ctx: GroupContext, steps: Step[]): void {
+  for (const s of steps) {
+    if (s.error === undefined || s.refusedOp !== undefined) continue;
+    const { request } = s.entry;
+    const unmap =
+      request.kind === 'unmap' ||
+      (request.kind === 'batch' && !request.atomic && request.ops[s.index]?.op === 'unmap');
+    ctx.metrics.ops.inc({
+      type: unmap ? 'invalidate' : 'update',
+      result: 'refused',
+      errno: s.error.errno ?? '',
+    });
+  }
+}
+
+export async function runGroup(ctx: GroupContext, entries: readonly WriteEntry[]): Promise<GroupRun> {
+  const base = ctx.work.mark();
+  const steps: Step[] = entries.flatMap((entry) =>
+    Array.from({ length: stepCount(entry.request) }, (_, index) => ({
+      entry,
+      index,
+      mark: base,
+      end: base,
+      plan: undefined,
+      error: undefined,
+      refusedOp: undefined,
+    })),
+  );
+  try {
+    let from = 0;
+    while (from < steps.length) {
+      const round = steps.slice(from);
+      const ops: IotlbOp[] = [];
+      const owner: { step: number; op: number }[] = [];
+      round.forEach((step, k) => {
+        validate(ctx, step);
+        step.plan?.ops.forEach((op, i) => {
+          ops.push(op);
+          owner.push({ step: from + k, op: i });
+        });
+      });
+      if (ops.length === 0) break;
+      const results = await applyAtAgent(ctx, ops);
+      const first = results.findIndex((r) => !r.ok);
+      if (first < 0) break;
+      const at = owner[first]!;
+      const failed = steps[at.step]!;
+      ctx.work.rollback(failed.mark);
+      failed.end = failed.mark;
+      failed.refusedOp = at.op;
+      failed.error = refusal(ctx, failed, at.op, results[first]!);
+      await compensate(ctx);
+      from = at.step + 1;
+    }
+  } catch (e) {
+    ctx.work.rollback(base);
+    if (e instanceof NotDone) return { done: false, error: e.error };
+    return {
+      done: false,
+      error: new ServiceError('INTERNAL', `device ${ctx.device}: ${(e as Error).message}`),
+    };
+  }
+  countRefusals(ctx, steps);
+  return { done: true, base, steps };
+}

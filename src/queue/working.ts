@@ -1,0 +1,91 @@
+/**
+ * The working copy of a device's desired tables while a group is validated: ops are applied as
+ * each request is checked (so later requests see what earlier ones did), with an undo log to take
+ * back any suffix of them: a request that fails validation, a step the device refused, or the
+ * whole group when it cannot be committed.
+ */
+import type { AddressSpaces } from '../iotlb/address-spaces.ts';
+import { sameRegion } from '../iotlb/planner.ts';
+import type { IotlbOp, Mapping } from '../iotlb/types.ts';
+import { mappingKey } from '../state/desired.ts';
+
+type LogEntry = { added: Mapping } | { removed: Mapping[] };
+
+export interface TableChange {
+  kind: 'mapped' | 'unmapped';
+  mapping: Mapping;
+}
+
+export class WorkingTables {
+  private log: LogEntry[] = [];
+
+  constructor(readonly spaces: AddressSpaces) {}
+
+  /** A point to roll back to. */
+  mark(): number {
+    return this.log.length;
+  }
+
+  /** Applies a valid op (throws IotlbError if it is not); returns the entries it removed. */
+  apply(op: IotlbOp): Mapping[] {
+    const removed = this.spaces.apply(op).map((r) => ({ ...r, asid: op.asid }));
+    if (op.type === 'update') {
+      const { type: _, ...mapping } = op;
+      this.log.push({ added: mapping });
+    } else if (removed.length > 0) {
+      this.log.push({ removed });
+    }
+    return removed;
+  }
+
+  /** Undoes every op applied since `mark`, newest first. */
+  rollback(mark: number): void {
+    while (this.log.length > mark) {
+      const entry = this.log.pop()!;
+      if ('added' in entry) {
+        this.spaces.table(entry.added.asid).invalidate(entry.added.iova, entry.added.size);
+      } else {
+        for (const m of entry.removed) this.spaces.table(m.asid).map(m);
+      }
+    }
+  }
+
+  /** The changes between two marks, in the order they happened (for watch events). */
+  changes(from: number, to: number): TableChange[] {
+    return this.log
+      .slice(from, to)
+      .flatMap((entry): TableChange[] =>
+        'added' in entry
+          ? [{ kind: 'mapped', mapping: entry.added }]
+          : entry.removed.map((mapping) => ({ kind: 'unmapped', mapping })),
+      );
+  }
+
+  /**
+   * The net effect since `from`: entries to delete (by asid and iova) and entries to put, such that
+   * deleting then putting turns the table at `from` into the current one.
+   */
+  netDelta(from: number): { deleted: Mapping[]; put: Mapping[] } {
+    const put = new Map<string, Mapping>();
+    const deleted = new Map<string, Mapping>();
+    for (const change of this.changes(from, this.log.length)) {
+      const key = mappingKey(change.mapping.asid, change.mapping.iova);
+      if (change.kind === 'mapped') {
+        const gone = deleted.get(key);
+        if (gone && sameRegion(gone, change.mapping)) deleted.delete(key);
+        else put.set(key, change.mapping);
+      } else if (put.has(key)) {
+        // What is removed at `key` is what was last put there.
+        put.delete(key);
+      } else {
+        deleted.set(key, change.mapping);
+      }
+    }
+    return { deleted: [...deleted.values()], put: [...put.values()] };
+  }
+
+  /** Forgets the log: what is applied now is the new base. */
+  settle(): void {
+    this.log = [];
+  }
+}

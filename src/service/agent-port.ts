@@ -1,0 +1,66 @@
+/**
+ * What the core needs of the agent: a narrow view of AgentClient (src/agent/client.ts), which
+ * satisfies it as is; tests give an in-process port over the agent's real handlers.
+ */
+import type { ApplyResult, MappedSnapshot } from '../agent/client.ts';
+import type { AgentError } from '../agent/errors.ts';
+import type { AgentInfo, DeviceDescription, RegisterMemoryRequest } from '../agent/wire.ts';
+import type { DeviceFacts } from '../device/types.ts';
+import type { IotlbOp } from '../iotlb/types.ts';
+import type { MemoryInfo } from '../memory/types.ts';
+import type { Metrics } from '../metrics/metrics.ts';
+
+export interface AgentPortEvents {
+  /** The connection is (again) up. */
+  connected: [info: AgentInfo];
+  /** The connection was lost. */
+  disconnected: [error: AgentError];
+  /** An answer carried a new boot id: every mapping of the old agent is gone. */
+  restarted: [change: { previousBootId: string; bootId: string }];
+  /** The client gave up reconnecting; connect() starts over. */
+  reconnectFailed: [error: AgentError];
+}
+
+export interface AgentPort {
+  /** Waits for the agent and watches the connection from then on. */
+  connect(): Promise<AgentInfo>;
+  listDevices(): Promise<DeviceFacts[]>;
+  describeDevice(device: string): Promise<DeviceDescription>;
+  apply(device: string, ops: readonly IotlbOp[]): Promise<ApplyResult>;
+  listMapped(device: string): Promise<MappedSnapshot>;
+  registerMemory(req: RegisterMemoryRequest): Promise<MemoryInfo>;
+  releaseMemory(id: string): Promise<void>;
+  listMemory(): Promise<MemoryInfo[]>;
+  on<K extends keyof AgentPortEvents>(event: K, listener: (...args: AgentPortEvents[K]) => void): unknown;
+  off<K extends keyof AgentPortEvents>(event: K, listener: (...args: AgentPortEvents[K]) => void): unknown;
+}
+
+function timed<T>(metrics: Metrics, method: string, call: () => Promise<T>): Promise<T> {
+  const stop = metrics.agentRoundTrip.startTimer({ method });
+  return call().then(
+    (value) => {
+      stop({ result: 'ok' });
+      return value;
+    },
+    (err: unknown) => {
+      stop({ result: 'error' });
+      throw err;
+    },
+  );
+}
+
+/** The same port with every call's round trip recorded in `vdpa_mapd_agent_roundtrip_seconds`. */
+export function measuredPort(port: AgentPort, metrics: Metrics): AgentPort {
+  return {
+    connect: () => timed(metrics, 'GetInfo', () => port.connect()),
+    listDevices: () => timed(metrics, 'ListDevices', () => port.listDevices()),
+    describeDevice: (device) => timed(metrics, 'DescribeDevice', () => port.describeDevice(device)),
+    apply: (device, ops) => timed(metrics, 'Apply', () => port.apply(device, ops)),
+    listMapped: (device) => timed(metrics, 'ListMapped', () => port.listMapped(device)),
+    registerMemory: (req) => timed(metrics, 'RegisterMemory', () => port.registerMemory(req)),
+    releaseMemory: (id) => timed(metrics, 'ReleaseMemory', () => port.releaseMemory(id)),
+    listMemory: () => timed(metrics, 'ListMemory', () => port.listMemory()),
+    on: (event, listener) => port.on(event, listener),
+    off: (event, listener) => port.off(event, listener),
+  };
+}

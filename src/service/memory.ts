@@ -1,0 +1,202 @@
+/**
+ * Registered memory as part of the desired state. The agent keeps no state: after it restarts,
+ * every desired memory is registered again before any mapping is re-applied. Memory the agent
+ * created lives in a file under its state directory, so it is re-opened by that path, like memory
+ * that was registered by path (the API creates only file-backed memory: a memfd would not outlive
+ * the agent).
+ *
+ * Registering and unregistering need the agent (UNAVAILABLE while it is down) and run one at a
+ * time. A memory referenced by a queued request is pinned, and one being unregistered is hidden
+ * from validation, so an unregister can never race a map into it.
+ */
+import type { RegisterMemoryRequest as AgentRegisterRequest } from '../agent/wire.ts';
+import type { MemoryInfo } from '../memory/types.ts';
+import type { MemoryLookup } from '../queue/validate.ts';
+import type { MemoryRecord } from '../state/desired.ts';
+import type { StateStore } from '../state/store.ts';
+import type { AgentPort } from './agent-port.ts';
+import { fromAgentError } from './agent-errors.ts';
+import { ServiceError } from './errors.ts';
+import type { CoreLogger } from './logger.ts';
+import type { MemoryView, RegisterMemoryRequest } from './types.ts';
+
+function recordOf(info: MemoryInfo): Omit<MemoryRecord, 'registeredAt'> {
+  return { id: info.id, path: info.path, kind: info.kind, created: info.created, size: info.size };
+}
+
+export class MemoryCatalog implements MemoryLookup {
+  private readonly pins = new Map<string, number>();
+  private readonly removing = new Set<string>();
+  private lock: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    private readonly store: StateStore,
+    private readonly port: AgentPort,
+    private readonly agentUp: () => boolean,
+    private readonly logger: CoreLogger | undefined,
+  ) {}
+
+  sizeOf(id: string): bigint | undefined {
+    return this.removing.has(id) ? undefined : this.store.state.memory.get(id)?.size;
+  }
+
+  /** Marks `ids` as used by a queued request; returns the release. */
+  pin(ids: readonly string[]): () => void {
+    for (const id of ids) this.pins.set(id, (this.pins.get(id) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      for (const id of ids) {
+        const n = (this.pins.get(id) ?? 1) - 1;
+        if (n === 0) this.pins.delete(id);
+        else this.pins.set(id, n);
+      }
+    };
+  }
+
+  list(): MemoryView[] {
+    return [...this.store.state.memory.values()].map((m) => this.view(m));
+  }
+
+  register(req: RegisterMemoryRequest): Promise<MemoryView> {
+    return this.serialized(async () => {
+      if (typeof req.id !== 'string' || req.id === '') {
+        throw new ServiceError('INVALID_ARGUMENT', 'id is required', { field: 'id' });
+      }
+      if ((req.path === undefined) === (req.size === undefined)) {
+        throw new ServiceError(
+          'INVALID_ARGUMENT',
+          'give exactly one of path (open a file) or size (create memory)',
+          {
+            field: req.path === undefined ? 'path' : 'size',
+          },
+        );
+      }
+      if (this.store.state.memory.has(req.id)) {
+        throw new ServiceError('ALREADY_EXISTS', `memory ${req.id} is already registered`, { field: 'id' });
+      }
+      this.requireAgent();
+      const agentReq: AgentRegisterRequest =
+        req.path !== undefined ? { id: req.id, path: req.path } : { id: req.id, size: req.size! };
+      let info: MemoryInfo;
+      try {
+        info = await this.port.registerMemory(agentReq);
+      } catch (e) {
+        throw fromAgentError(e, `registering memory ${req.id}`);
+      }
+      const record: MemoryRecord = { ...recordOf(info), registeredAt: new Date().toISOString() };
+      try {
+        await this.store.commit([{ t: 'memory.put', memory: record }]);
+      } catch (e) {
+        // Not acknowledged: take it back at the agent (if that fails too, the next pass adopts it).
+        await this.port.releaseMemory(req.id).catch(() => undefined);
+        throw e;
+      }
+      return this.view(record);
+    });
+  }
+
+  unregister(id: string): Promise<void> {
+    return this.serialized(async () => {
+      if (!this.store.state.memory.has(id)) {
+        throw new ServiceError('NOT_FOUND', `memory ${JSON.stringify(id)} is not registered`, {
+          field: 'id',
+        });
+      }
+      const mapped = this.store.state.memoryUse.get(id) ?? 0;
+      if (mapped > 0) {
+        throw new ServiceError(
+          'FAILED_PRECONDITION',
+          `memory ${id} is still mapped by ${mapped} mapping(s)`,
+          {
+            field: 'id',
+          },
+        );
+      }
+      const queued = this.pins.get(id) ?? 0;
+      if (queued > 0) {
+        throw new ServiceError('FAILED_PRECONDITION', `memory ${id} is used by ${queued} queued request(s)`, {
+          field: 'id',
+        });
+      }
+      this.requireAgent();
+      // Hidden from validation from now on, so no request can start using it meanwhile.
+      this.removing.add(id);
+      try {
+        // Released at the agent first: if the desired-state commit then fails, the memory is
+        // still desired and reconciliation registers it again (by path), so nothing is lost.
+        await this.port.releaseMemory(id).catch((e: unknown) => {
+          const err = fromAgentError(e, `releasing memory ${id}`);
+          if (err.code !== 'NOT_FOUND') throw err;
+        });
+        await this.store.commit([{ t: 'memory.delete', id }]);
+      } finally {
+        this.removing.delete(id);
+      }
+    });
+  }
+
+  /**
+   * Makes the agent's memory and the desired memory agree: desired memory the agent does not hold
+   * (as ours) is registered again by path; memory the agent holds that is not desired (given to it
+   * at its start, --memory) is adopted into the desired state, so it can be mapped and is restored
+   * after the next agent restart.
+   */
+  syncWithAgent(): Promise<void> {
+    return this.serialized(async () => {
+      const held = new Map((await this.port.listMemory()).map((m) => [m.id, m]));
+      for (const want of this.store.state.memory.values()) {
+        const have = held.get(want.id);
+        if (have && have.path === want.path && have.size === want.size) continue;
+        try {
+          if (have) await this.port.releaseMemory(want.id);
+          const info = await this.port.registerMemory({ id: want.id, path: want.path });
+          if (info.size !== want.size) {
+            this.logger?.warn(
+              { memory: want.id, want: String(want.size), got: String(info.size) },
+              'memory size changed',
+            );
+          }
+        } catch (e) {
+          // The devices mapping it will fail to reconcile and say why; the others go on.
+          this.logger?.warn(
+            { memory: want.id, err: fromAgentError(e, 'register').message },
+            'memory not restored',
+          );
+        }
+      }
+      for (const m of held.values()) {
+        if (this.store.state.memory.has(m.id)) continue;
+        const record: MemoryRecord = { ...recordOf(m), registeredAt: new Date().toISOString() };
+        await this.store.commit([{ t: 'memory.put', memory: record }]).then(
+          () => this.logger?.info({ memory: m.id, path: m.path }, 'adopted memory registered at the agent'),
+          (e: unknown) => this.logger?.warn({ memory: m.id, err: String(e) }, 'memory not adopted'),
+        );
+      }
+    });
+  }
+
+  private requireAgent(): void {
+    if (!this.agentUp()) {
+      throw new ServiceError('UNAVAILABLE', 'the agent is not connected', { retryAfterMs: 1000 });
+    }
+  }
+
+  private view(m: MemoryRecord): MemoryView {
+    return {
+      id: m.id,
+      path: m.path,
+      kind: m.kind,
+      created: m.created,
+      size: m.size,
+      mappedEntries: this.store.state.memoryUse.get(m.id) ?? 0,
+    };
+  }
+
+  private serialized<T>(task: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(task, task);
+    this.lock = run.catch(() => undefined);
+    return run;
+  }
+}

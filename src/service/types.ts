@@ -1,0 +1,148 @@
+/**
+ * Requests and answers of the application core (src/service), shared by the gRPC and REST
+ * transports. Every 64-bit quantity is a bigint here; the transports parse and print them.
+ */
+import type { DeviceCounters, DeviceFacts } from '../device/types.ts';
+import type { IotlbOp, Mapping, Perm, Region } from '../iotlb/types.ts';
+import type { ServiceErrorInfo } from './errors.ts';
+
+export interface MapSpec {
+  asid: number;
+  iova: bigint;
+  size: bigint;
+  memory: string;
+  offset: bigint;
+  perm: Perm;
+}
+
+export interface UnmapSpec {
+  asid: number;
+  iova: bigint;
+  size: bigint;
+  /** Refuse (CONFLICT) instead of splitting a mapping the range covers only in part. */
+  exact?: boolean;
+}
+
+export type BatchOp = ({ op: 'map' } & MapSpec) | ({ op: 'unmap' } & UnmapSpec);
+
+/** Optional idempotency key: a retry with the same key gets the first answer, nothing re-applied. */
+export interface Idempotent {
+  requestId?: string;
+}
+
+export interface MapRequest extends MapSpec, Idempotent {
+  device: string;
+}
+export interface UnmapRequest extends UnmapSpec, Idempotent {
+  device: string;
+}
+export interface SetMemTableRequest extends Idempotent {
+  device: string;
+  asid: number;
+  regions: Region[];
+  dryRun?: boolean;
+}
+export interface BatchRequest extends Idempotent {
+  device: string;
+  ops: BatchOp[];
+  /** All or nothing: on any failure the device is put back as it was before the batch. */
+  atomic?: boolean;
+}
+
+export interface MapResult {
+  mapping: Mapping;
+  /** The IOTLB ops this request cost (here: one UPDATE). */
+  ops: IotlbOp[];
+}
+export interface UnmapResult {
+  removed: Mapping[];
+  /** Remainders of partly covered mappings, mapped again in the same batch. */
+  remapped: Mapping[];
+  ops: IotlbOp[];
+}
+export interface SetMemTableResult {
+  dryRun: boolean;
+  ops: IotlbOp[];
+  invalidated: Mapping[];
+  mapped: Mapping[];
+  unchanged: number;
+}
+export interface BatchOpResult {
+  ok: boolean;
+  error?: ServiceErrorInfo;
+  ops: IotlbOp[];
+}
+export interface BatchResult {
+  atomic: boolean;
+  /** false when an atomic batch failed and was rolled back. */
+  committed: boolean;
+  results: BatchOpResult[];
+}
+
+/** Sequence numbers are per device, start at 1 and never repeat (they survive restarts). */
+export interface SubmitResult {
+  sequence: bigint;
+}
+export interface FlushResult {
+  /** Highest sequence applied when the flush returned. */
+  sequence: bigint;
+  /** Submitted ops (since the last flush) that failed, with why. */
+  failures: { sequence: bigint; error: ServiceErrorInfo }[];
+}
+
+export interface MappingEvent {
+  device: string;
+  kind: 'mapped' | 'unmapped';
+  mapping: Mapping;
+  /** Monotonic per device. */
+  sequence: bigint;
+}
+
+export interface DeviceView extends DeviceFacts {
+  id: string;
+  /** false until reconciliation after a (re)start or an agent restart is done. */
+  ready: boolean;
+  mappedBytes: bigint;
+  mappedEntries: number;
+  queueDepth: number;
+  counters: DeviceCounters;
+}
+
+export interface MemoryView {
+  id: string;
+  path: string;
+  kind: 'memfd' | 'file';
+  created: boolean;
+  size: bigint;
+  mappedEntries: number;
+}
+
+export interface RegisterMemoryRequest {
+  id: string;
+  /** Open an existing file under the allowed roots... */
+  path?: string;
+  /** ...or create one of this size. Exactly one of path / size. */
+  size?: bigint;
+}
+
+/** The application core both transports call. */
+export interface MapdService {
+  listDevices(): Promise<DeviceView[]>;
+  getDevice(id: string): Promise<DeviceView>;
+  map(req: MapRequest): Promise<MapResult>;
+  unmap(req: UnmapRequest): Promise<UnmapResult>;
+  setMemTable(req: SetMemTableRequest): Promise<SetMemTableResult>;
+  batch(req: BatchRequest): Promise<BatchResult>;
+  /** Durably queues the ops and returns at once; their outcome is reported by flush(). */
+  submit(req: BatchRequest): Promise<SubmitResult>;
+  flush(device: string): Promise<FlushResult>;
+  listMappings(device: string, asid?: number): Promise<Mapping[]>;
+  /** Calls `listener` for every applied change; returns the unsubscribe function. */
+  watch(device: string | undefined, listener: (e: MappingEvent) => void): () => void;
+  registerMemory(req: RegisterMemoryRequest): Promise<MemoryView>;
+  listMemory(): Promise<MemoryView[]>;
+  unregisterMemory(id: string): Promise<void>;
+  /** Ready = agent connected and every device reconciled. */
+  isReady(): boolean;
+  close(): Promise<void>;
+}
