@@ -1,0 +1,261 @@
+/**
+ * The gRPC transport: vdpa.mapd.v1 over the MapdService, with the same parsing, formatting and
+ * error table as REST, plus grpc.health.v1 (SERVING once the core is ready) and server reflection.
+ */
+import {
+  Metadata,
+  Server,
+  type handleUnaryCall,
+  type ServerErrorResponse,
+  type ServerWritableStream,
+  type sendUnaryData,
+  type ServerUnaryCall,
+  type UntypedServiceImplementation,
+} from '@grpc/grpc-js';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
+import type { Logger } from 'pino';
+import { grpcStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
+import {
+  formatBatchResult,
+  formatDevice,
+  formatEvent,
+  formatFlushResult,
+  formatMapping,
+  formatMapResult,
+  formatMemory,
+  formatSetMemTableResult,
+  formatSubmitResult,
+  formatUnmapResult,
+} from '../../src/api/format.ts';
+import {
+  type ApiLimits,
+  parseAsidFilter,
+  parseBatch,
+  parseId,
+  parseMap,
+  parseRegisterMemory,
+  parseSetMemTable,
+  parseUnmap,
+} from '../../src/api/parse.ts';
+import { ServiceError } from '../../src/service/errors.ts';
+import type { MapdService } from '../../src/service/types.ts';
+import type { Telemetry } from './observe.ts';
+import {
+  API_SERVICES,
+  DeviceServiceClient,
+  MappingServiceClient,
+  MemoryServiceClient,
+  packageDefinition,
+} from './proto.ts';
+
+export interface GrpcOptions {
+  service: MapdService;
+  limits: ApiLimits;
+  telemetry: Telemetry;
+  logger: Logger;
+}
+
+export interface GrpcServer {
+  server: Server;
+  /** Ends watch streams, refuses new calls, waits for the running ones (at most `graceMs`). */
+  stop(graceMs: number): Promise<void>;
+}
+
+type Message = Record<string, unknown>;
+
+/** How often health watchers are told of readiness changes (Check looks at readiness itself). */
+const HEALTH_POLL_MS = 500;
+/** Events buffered for a watcher that does not read; past this its stream ends. */
+const MAX_PENDING_EVENTS = 10_000;
+const TOO_SLOW = new ServiceError('RESOURCE_EXHAUSTED', `watcher fell ${MAX_PENDING_EVENTS} events behind`);
+
+/**
+ * A decoded message as src/api reads a JSON body. proto3 cannot tell an unset string from an empty
+ * one (many clients never send ''), so '' is absent; `omit` drops fields the caller read already.
+ */
+function body(message: object, omit: readonly string[] = []): Message {
+  const out: Message = {};
+  for (const [key, value] of Object.entries(message)) {
+    if (omit.includes(key) || value === '') continue;
+    out[key] = Array.isArray(value)
+      ? value.map((v: unknown) => (typeof v === 'object' && v !== null ? body(v) : v))
+      : value;
+  }
+  return out;
+}
+
+/** An id field read on its own ('' is unset, as in {@link body}). */
+function id(message: Message, field: string): string {
+  const value = message[field];
+  return parseId(value === '' ? undefined : value, field);
+}
+
+function device(message: Message): string {
+  return id(message, 'device');
+}
+
+/** The status, message and metadata (`error-code`, `field`, `errno`, `retry-after-ms`) of a failure. */
+function grpcError(err: ServiceError): Partial<ServerErrorResponse> {
+  const metadata = new Metadata();
+  metadata.set('error-code', err.code);
+  if (err.field !== undefined) metadata.set('field', err.field);
+  if (err.errno !== undefined) metadata.set('errno', err.errno);
+  const retryAfter = retryAfterSeconds(err);
+  if (retryAfter !== undefined) {
+    metadata.set('retry-after-ms', String(err.details.retryAfterMs ?? retryAfter * 1000));
+  }
+  return { code: grpcStatus(err), details: err.message, metadata };
+}
+
+export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
+  const { service, limits, telemetry, logger } = opts;
+  const server = new Server({
+    'grpc.max_receive_message_length': limits.bodyLimit,
+  });
+  const watches = new Set<ServerWritableStream<Message, Message>>();
+
+  const observe = (method: string, code: string, started: bigint) =>
+    telemetry.observe({
+      transport: 'grpc',
+      method,
+      code,
+      seconds: Number(process.hrtime.bigint() - started) / 1e9,
+    });
+
+  const fail = (method: string, started: bigint, err: unknown) => {
+    const serviceError = toServiceError(err);
+    if (serviceError.code === 'INTERNAL') logger.error({ err, method }, 'request failed');
+    observe(method, serviceError.code, started);
+    return grpcError(serviceError);
+  };
+
+  const unary =
+    (method: string, handle: (req: Message) => Promise<object>) =>
+    (call: ServerUnaryCall<Message, object>, callback: sendUnaryData<object>) => {
+      const started = process.hrtime.bigint();
+      handle(call.request).then(
+        (answer) => {
+          observe(method, 'OK', started);
+          callback(null, answer);
+        },
+        (err: unknown) => callback(fail(method, started, err)),
+      );
+    };
+
+  const watchMappings = (call: ServerWritableStream<Message, Message>) => {
+    const started = process.hrtime.bigint();
+    const subscribe = async () => {
+      const filter = call.request.device ? device(call.request) : undefined;
+      if (filter !== undefined) await service.getDevice(filter);
+      if (call.cancelled) return;
+      watches.add(call);
+      let open = true;
+      const done = (code: string) => {
+        if (!open) return;
+        open = false;
+        unsubscribe();
+        watches.delete(call);
+        observe('WatchMappings', code, started);
+      };
+      const unsubscribe = service.watch(filter, (event) => {
+        if (call.writableLength < MAX_PENDING_EVENTS) {
+          call.write(formatEvent(event));
+          return;
+        }
+        done(TOO_SLOW.code);
+        call.emit('error', grpcError(TOO_SLOW));
+      });
+      for (const event of ['cancelled', 'finish', 'close', 'error']) call.on(event, () => done('OK'));
+    };
+    subscribe().catch((err: unknown) => call.emit('error', fail('WatchMappings', started, err)));
+  };
+
+  const deviceService: UntypedServiceImplementation = {
+    listDevices: unary('ListDevices', async () => ({
+      devices: (await service.listDevices()).map(formatDevice),
+    })),
+    getDevice: unary('GetDevice', async (r) => ({
+      device: formatDevice(await service.getDevice(device(r))),
+    })),
+  };
+
+  const mappingService: UntypedServiceImplementation = {
+    map: unary('Map', async (r) =>
+      formatMapResult(await service.map(parseMap(device(r), body(r, ['device'])))),
+    ),
+    unmap: unary('Unmap', async (r) =>
+      formatUnmapResult(await service.unmap(parseUnmap(device(r), body(r, ['device'])))),
+    ),
+    setMemTable: unary('SetMemTable', async (r) => {
+      const req = parseSetMemTable(device(r), body(r, ['device', 'dryRun']), r.dryRun === true, limits);
+      return formatSetMemTableResult(await service.setMemTable(req));
+    }),
+    batch: unary('Batch', async (r) =>
+      formatBatchResult(await service.batch(parseBatch(device(r), body(r, ['device']), limits))),
+    ),
+    submit: unary('Submit', async (r) =>
+      formatSubmitResult(await service.submit(parseBatch(device(r), body(r, ['device']), limits))),
+    ),
+    flush: unary('Flush', async (r) => formatFlushResult(await service.flush(device(r)))),
+    listMappings: unary('ListMappings', async (r) => {
+      const mappings = await service.listMappings(device(r), parseAsidFilter(r.asid));
+      return { mappings: mappings.map(formatMapping) };
+    }),
+    watchMappings,
+  };
+
+  const memoryService: UntypedServiceImplementation = {
+    registerMemory: unary('RegisterMemory', async (r) => ({
+      memory: formatMemory(await service.registerMemory(parseRegisterMemory(body(r)))),
+    })),
+    listMemory: unary('ListMemory', async () => ({ memory: (await service.listMemory()).map(formatMemory) })),
+    unregisterMemory: unary('UnregisterMemory', async (r) => {
+      await service.unregisterMemory(id(r, 'id'));
+      return {};
+    }),
+  };
+
+  server.addService(DeviceServiceClient.service, deviceService);
+  server.addService(MappingServiceClient.service, mappingService);
+  server.addService(MemoryServiceClient.service, memoryService);
+
+  const health = new HealthImplementation();
+  let serving: ServingStatus | undefined;
+  const followReadiness = (status: ServingStatus) => {
+    if (status === serving) return;
+    serving = status;
+    for (const name of ['', ...API_SERVICES]) health.setStatus(name, status);
+  };
+  const syncHealth = () => followReadiness(service.isReady() ? 'SERVING' : 'NOT_SERVING');
+  syncHealth();
+  const poll = setInterval(syncHealth, HEALTH_POLL_MS);
+  poll.unref();
+  health.addToServer({
+    addService: (definition, implementation) =>
+      server.addService(definition, {
+        ...implementation,
+        check: (call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => {
+          syncHealth();
+          (implementation.check as handleUnaryCall<unknown, unknown>)(call, callback);
+        },
+      }),
+  });
+  new ReflectionService(packageDefinition).addToServer(server);
+
+  return {
+    server,
+    stop: async (graceMs) => {
+      clearInterval(poll);
+      followReadiness('NOT_SERVING');
+      for (const call of watches) call.end();
+      await new Promise<void>((resolve) => {
+        const force = setTimeout(() => server.forceShutdown(), graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(force);
+          resolve();
+        });
+      });
+    },
+  };
+}

@@ -1,0 +1,141 @@
+/**
+ * The API server: the unprivileged process serving the public API (REST and gRPC) over the
+ * application core, which talks to the agent and keeps the desired state.
+ *
+ *   node --import tsx services/api/main.ts --state-dir /tmp/vdpa-mapd --rest-listen 127.0.0.1:8080
+ */
+import { pathToFileURL } from 'node:url';
+import { type Server, ServerCredentials } from '@grpc/grpc-js';
+import { type Logger, pino } from 'pino';
+import { createMetrics } from '../../src/metrics/metrics.ts';
+import { createMapdService } from '../../src/service/index.ts';
+import { type ApiConfig, ConfigError, type Listen, parseApiConfig, USAGE } from './config.ts';
+import { buildGrpcServer } from './grpc.ts';
+import type { Telemetry } from './observe.ts';
+import { buildRestApp } from './rest.ts';
+
+export interface RunningApiServer {
+  /** `http://HOST:PORT` */
+  restAddress: string;
+  /** `HOST:PORT`, a gRPC target. */
+  grpcAddress: string;
+  /** Stops accepting, lets in-flight requests finish (up to the grace period), closes the core. Idempotent. */
+  stop(): Promise<void>;
+}
+
+export function createLogger(level: ApiConfig['logLevel']): Logger {
+  return pino({ level, base: { service: 'vdpa-mapd-api', pid: process.pid } });
+}
+
+function hostPort(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+function bindGrpc(server: Server, listen: Listen): Promise<string> {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(hostPort(listen.host, listen.port), ServerCredentials.createInsecure(), (err, port) =>
+      err ? reject(err) : resolve(hostPort(listen.host, port)),
+    );
+  });
+}
+
+export async function startApiServer(
+  config: ApiConfig,
+  logger = createLogger(config.logLevel),
+): Promise<RunningApiServer> {
+  const metrics = createMetrics();
+  const telemetry: Telemetry = {
+    registry: metrics.registry,
+    observe: ({ transport, method, code, seconds }) =>
+      metrics.requestDuration.observe({ transport, method, code }, seconds),
+  };
+  const service = await createMapdService({
+    ...config.core,
+    agentSocket: config.agentSocket,
+    stateDir: config.stateDir,
+    metrics,
+    logger,
+  });
+  const options = { service, limits: config.limits, telemetry, logger };
+  const rest = await buildRestApp(options);
+  const grpc = buildGrpcServer(options);
+
+  const closeTransports = async () => {
+    const drained = Promise.all([rest.close(), grpc.stop(config.shutdownGraceMs)]);
+    const timer = setTimeout(() => rest.server.closeAllConnections(), config.shutdownGraceMs);
+    await drained.finally(() => clearTimeout(timer));
+  };
+
+  let restAddress: string;
+  let grpcAddress: string;
+  try {
+    await rest.listen({ host: config.restListen.host, port: config.restListen.port });
+    const address = rest.server.address();
+    if (address === null || typeof address === 'string') throw new Error('REST server has no TCP address');
+    restAddress = `http://${hostPort(config.restListen.host, address.port)}`;
+    grpcAddress = await bindGrpc(grpc.server, config.grpcListen);
+  } catch (err) {
+    await closeTransports();
+    await service.close();
+    throw err;
+  }
+  logger.info(
+    { rest: restAddress, grpc: grpcAddress, agentSocket: config.agentSocket },
+    'api server listening',
+  );
+
+  let stopping: Promise<void> | undefined;
+  const stop = () => {
+    stopping ??= (async () => {
+      logger.info('api server stopping');
+      try {
+        await closeTransports();
+      } finally {
+        await service.close();
+      }
+      logger.info('api server stopped');
+    })();
+    return stopping;
+  };
+  return { restAddress, grpcAddress, stop };
+}
+
+async function main(): Promise<void> {
+  let config: ApiConfig | null;
+  try {
+    config = parseApiConfig(process.argv.slice(2), process.env);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    process.stderr.write(`api: ${e.message}\n${USAGE}\n`);
+    process.exit(2);
+  }
+  if (config === null) {
+    process.stdout.write(`${USAGE}\n`);
+    return;
+  }
+  const logger = createLogger(config.logLevel);
+  let server: RunningApiServer;
+  try {
+    server = await startApiServer(config, logger);
+  } catch (err) {
+    process.stderr.write(`api: cannot start: ${(err as Error).message}\n`);
+    logger.fatal({ err }, 'api server failed to start');
+    process.exit(1);
+  }
+  const onSignal = (signal: NodeJS.Signals) => {
+    logger.info({ signal }, 'signal received');
+    server.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        logger.fatal({ err }, 'api server failed to stop cleanly');
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', onSignal);
+  process.once('SIGINT', onSignal);
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  await main();
+}

@@ -1,0 +1,142 @@
+/**
+ * Answers on the wire, shared by REST (as JSON) and gRPC (the same objects, field for field, are
+ * the proto messages): u64 as `0x` hex strings, sequences as decimal strings.
+ */
+import type { IotlbOp, Mapping } from '../iotlb/types.ts';
+import type { ServiceErrorInfo } from '../service/errors.ts';
+import type {
+  BatchResult,
+  DeviceView,
+  FlushResult,
+  MapResult,
+  MappingEvent,
+  MemoryView,
+  SetMemTableResult,
+  SubmitResult,
+  UnmapResult,
+} from '../service/types.ts';
+import { formatU64 as hex } from './u64.ts';
+
+export function formatMapping(m: Mapping) {
+  return {
+    iova: hex(m.iova),
+    size: hex(m.size),
+    memory: m.memory,
+    offset: hex(m.offset),
+    perm: m.perm,
+    asid: m.asid,
+  };
+}
+
+export function formatOp(op: IotlbOp) {
+  if (op.type === 'invalidate') {
+    return { type: op.type, asid: op.asid, iova: hex(op.iova), size: hex(op.size) };
+  }
+  return { type: op.type, ...formatMapping(op) };
+}
+
+export function formatError(e: ServiceErrorInfo) {
+  return {
+    code: e.code,
+    message: e.message,
+    ...(e.field !== undefined ? { field: e.field } : {}),
+    ...(e.errno !== undefined ? { errno: e.errno } : {}),
+  };
+}
+
+export function formatDevice(d: DeviceView) {
+  return {
+    id: d.id,
+    name: d.name,
+    kind: d.kind,
+    node: d.node,
+    deviceId: d.deviceId,
+    offeredFeatures: hex(d.offeredFeatures),
+    negotiatedFeatures: hex(d.negotiatedFeatures),
+    iovaRange: { first: hex(d.iovaRange.first), last: hex(d.iovaRange.last) },
+    asNum: d.asNum,
+    groupNum: d.groupNum,
+    vqCount: d.vqCount,
+    configSize: d.configSize,
+    status: d.status,
+    iommu: d.iommu,
+    pinned: d.pinned,
+    ready: d.ready,
+    mappedBytes: hex(d.mappedBytes),
+    mappedEntries: d.mappedEntries,
+    queueDepth: d.queueDepth,
+    counters: {
+      messagesWritten: d.counters.messagesWritten,
+      batches: d.counters.batches,
+      dmaMapCalls: d.counters.dmaMapCalls,
+      dmaUnmapCalls: d.counters.dmaUnmapCalls,
+      setMapPushes: d.counters.setMapPushes,
+      setMapEntriesPushed: d.counters.setMapEntriesPushed,
+    },
+  };
+}
+
+export function formatMemory(m: MemoryView) {
+  return {
+    id: m.id,
+    path: m.path,
+    kind: m.kind,
+    created: m.created,
+    size: hex(m.size),
+    mappedEntries: m.mappedEntries,
+  };
+}
+
+export function formatMapResult(r: MapResult) {
+  return { mapping: formatMapping(r.mapping), ops: r.ops.map(formatOp) };
+}
+
+export function formatUnmapResult(r: UnmapResult) {
+  return {
+    removed: r.removed.map(formatMapping),
+    remapped: r.remapped.map(formatMapping),
+    ops: r.ops.map(formatOp),
+  };
+}
+
+export function formatSetMemTableResult(r: SetMemTableResult) {
+  return {
+    dryRun: r.dryRun,
+    ops: r.ops.map(formatOp),
+    invalidated: r.invalidated.map(formatMapping),
+    mapped: r.mapped.map(formatMapping),
+    unchanged: r.unchanged,
+  };
+}
+
+export function formatBatchResult(r: BatchResult) {
+  return {
+    atomic: r.atomic,
+    committed: r.committed,
+    results: r.results.map((op) => ({
+      ok: op.ok,
+      ...(op.error !== undefined ? { error: formatError(op.error) } : {}),
+      ops: op.ops.map(formatOp),
+    })),
+  };
+}
+
+export function formatSubmitResult(r: SubmitResult) {
+  return { sequence: r.sequence.toString() };
+}
+
+export function formatFlushResult(r: FlushResult) {
+  return {
+    sequence: r.sequence.toString(),
+    failures: r.failures.map((f) => ({ sequence: f.sequence.toString(), error: formatError(f.error) })),
+  };
+}
+
+export function formatEvent(e: MappingEvent) {
+  return {
+    device: e.device,
+    kind: e.kind,
+    mapping: formatMapping(e.mapping),
+    sequence: e.sequence.toString(),
+  };
+}

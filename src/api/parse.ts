@@ -1,0 +1,215 @@
+/**
+ * Strict parsing of request bodies into the core's requests, shared by REST and gRPC. Every object
+ * is read field by field into a new plain object (user input is never spread or merged), unknown
+ * fields are refused, and each error is an INVALID_ARGUMENT naming the field (`regions[3].size`).
+ */
+import type { Perm, Region } from '../iotlb/types.ts';
+import type {
+  BatchOp,
+  BatchRequest,
+  MapRequest,
+  RegisterMemoryRequest,
+  SetMemTableRequest,
+  UnmapRequest,
+} from '../service/types.ts';
+import { invalid, parseU32, parseU64, typeName, U64_LIMIT } from './u64.ts';
+
+export interface ApiLimits {
+  /** Largest request body (REST) or message (gRPC), in bytes. */
+  bodyLimit: number;
+  /** Most ops in one batch or submit. */
+  maxBatchOps: number;
+  /** Most regions in one memory table. */
+  maxRegions: number;
+}
+
+export const DEFAULT_LIMITS: ApiLimits = { bodyLimit: 1024 * 1024, maxBatchOps: 4096, maxRegions: 65536 };
+
+const ID = /^[A-Za-z0-9._-]{1,64}$/;
+const MAX_REQUEST_ID = 128;
+const PERM_VALUES: readonly Perm[] = ['ro', 'wo', 'rw'];
+
+/** A JSON object's own fields, checked against the fields the message has. */
+class Fields {
+  private constructor(
+    private readonly source: object,
+    private readonly path: string,
+  ) {}
+
+  static of(value: unknown, path: string, allowed: readonly string[]): Fields {
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+      throw invalid(path || 'body', `must be an object, got ${typeName(value)}`);
+    }
+    for (const key of Object.keys(value)) {
+      if (!allowed.includes(key)) throw invalid(join(path, key), 'unknown field');
+    }
+    return new Fields(value, path);
+  }
+
+  field(key: string): string {
+    return join(this.path, key);
+  }
+
+  /** The field's own value; never an inherited one (`constructor`, `__proto__`). */
+  get(key: string): unknown {
+    return Object.hasOwn(this.source, key) ? (this.source as Record<string, unknown>)[key] : undefined;
+  }
+
+  required(key: string): unknown {
+    const value = this.get(key);
+    if (value === undefined) throw invalid(this.field(key), 'is required');
+    return value;
+  }
+
+  u64(key: string, fallback?: bigint): bigint {
+    const value = this.get(key);
+    if (value === undefined && fallback !== undefined) return fallback;
+    return parseU64(this.required(key), this.field(key));
+  }
+
+  asid(): number {
+    const value = this.get('asid');
+    return value === undefined ? 0 : parseU32(value, this.field('asid'));
+  }
+
+  id(key: string): string {
+    return parseId(this.required(key), this.field(key));
+  }
+
+  perm(): Perm {
+    const value = this.get('perm');
+    if (value === undefined) return 'rw';
+    const perm = PERM_VALUES.find((p) => p === value);
+    if (perm === undefined) throw invalid(this.field('perm'), `must be one of ro, wo, rw`);
+    return perm;
+  }
+
+  bool(key: string): boolean {
+    const value = this.get(key);
+    if (value === undefined) return false;
+    if (typeof value !== 'boolean')
+      throw invalid(this.field(key), `must be a boolean, got ${typeName(value)}`);
+    return value;
+  }
+
+  requestId(): { requestId?: string } {
+    const value = this.get('requestId');
+    if (value === undefined) return {};
+    if (typeof value !== 'string' || value.length === 0 || value.length > MAX_REQUEST_ID) {
+      throw invalid(this.field('requestId'), `must be a string of 1 to ${MAX_REQUEST_ID} characters`);
+    }
+    return { requestId: value };
+  }
+
+  array(key: string, max: number): unknown[] {
+    const value = this.required(key);
+    if (!Array.isArray(value)) throw invalid(this.field(key), `must be an array, got ${typeName(value)}`);
+    if (value.length > max)
+      throw invalid(this.field(key), `has ${value.length} entries, at most ${max} allowed`);
+    return value;
+  }
+
+  /** iova and size of a range: size > 0 and iova + size <= 2^64, else an error on `size`. */
+  range(): { iova: bigint; size: bigint } {
+    const iova = this.u64('iova');
+    const size = this.u64('size');
+    if (size === 0n) throw invalid(this.field('size'), 'must be greater than 0');
+    if (iova + size > U64_LIMIT) throw invalid(this.field('size'), 'iova + size exceeds 2^64');
+    return { iova, size };
+  }
+}
+
+function join(path: string, key: string): string {
+  return path === '' ? key : `${path}.${key}`;
+}
+
+/** Device and memory ids: `[A-Za-z0-9._-]{1,64}`. */
+export function parseId(value: unknown, field: string): string {
+  if (typeof value !== 'string' || !ID.test(value)) {
+    throw invalid(field, 'must be 1 to 64 characters of A-Z a-z 0-9 . _ -');
+  }
+  return value;
+}
+
+/** The optional `asid` filter of ListMappings (a query string value or a number). */
+export function parseAsidFilter(value: unknown): number | undefined {
+  return value === undefined ? undefined : parseU32(value, 'asid');
+}
+
+/** `?dryRun=true|false`. */
+export function parseBoolParam(value: unknown, field: string): boolean {
+  if (value === undefined || value === 'false') return false;
+  if (value === 'true') return true;
+  throw invalid(field, 'must be true or false');
+}
+
+const MAP_FIELDS = ['iova', 'size', 'memory', 'offset', 'perm', 'asid'] as const;
+const UNMAP_FIELDS = ['iova', 'size', 'asid', 'exact'] as const;
+const REGION_FIELDS = ['iova', 'size', 'memory', 'offset', 'perm'] as const;
+
+function region(f: Fields): Region {
+  const { iova, size } = f.range();
+  return { iova, size, memory: f.id('memory'), offset: f.u64('offset', 0n), perm: f.perm() };
+}
+
+export function parseMap(device: string, body: unknown): MapRequest {
+  const f = Fields.of(body, '', [...MAP_FIELDS, 'requestId']);
+  return { device, asid: f.asid(), ...region(f), ...f.requestId() };
+}
+
+export function parseUnmap(device: string, body: unknown): UnmapRequest {
+  const f = Fields.of(body, '', [...UNMAP_FIELDS, 'requestId']);
+  return { device, asid: f.asid(), ...f.range(), exact: f.bool('exact'), ...f.requestId() };
+}
+
+export function parseSetMemTable(
+  device: string,
+  body: unknown,
+  dryRun: boolean,
+  limits: ApiLimits,
+): SetMemTableRequest {
+  const f = Fields.of(body, '', ['asid', 'regions', 'requestId']);
+  const regions = f
+    .array('regions', limits.maxRegions)
+    .map((r, i) => region(Fields.of(r, `regions[${i}]`, REGION_FIELDS)));
+  return { device, asid: f.asid(), regions, dryRun, ...f.requestId() };
+}
+
+function batchOp(value: unknown, path: string): BatchOp {
+  const kind = Fields.of(value, path, ['op', ...MAP_FIELDS, 'exact']).get('op');
+  if (kind === 'map') {
+    const f = Fields.of(value, path, ['op', ...MAP_FIELDS]);
+    return { op: 'map', asid: f.asid(), ...region(f) };
+  }
+  if (kind === 'unmap') {
+    const f = Fields.of(value, path, ['op', ...UNMAP_FIELDS]);
+    return { op: 'unmap', asid: f.asid(), ...f.range(), exact: f.bool('exact') };
+  }
+  throw invalid(join(path, 'op'), 'must be map or unmap');
+}
+
+/** Body of Batch and Submit: `{ops: [{op: 'map'|'unmap', ...}], atomic?, requestId?}`. */
+export function parseBatch(device: string, body: unknown, limits: ApiLimits): BatchRequest {
+  const f = Fields.of(body, '', ['ops', 'atomic', 'requestId']);
+  const ops = f.array('ops', limits.maxBatchOps).map((op, i) => batchOp(op, `ops[${i}]`));
+  return { device, ops, atomic: f.bool('atomic'), ...f.requestId() };
+}
+
+/** `{id, path}` to open a file under the allowed roots, or `{id, size}` to create one. */
+export function parseRegisterMemory(body: unknown): RegisterMemoryRequest {
+  const f = Fields.of(body, '', ['id', 'path', 'size']);
+  const id = f.id('id');
+  const path = f.get('path');
+  const hasSize = f.get('size') !== undefined;
+  if (path !== undefined) {
+    if (hasSize) throw invalid('size', 'give either path or size, not both');
+    if (typeof path !== 'string' || path.length === 0 || path.length > 4096 || path.includes('\0')) {
+      throw invalid('path', 'must be a non-empty file path');
+    }
+    return { id, path };
+  }
+  if (!hasSize) throw invalid('path', 'give either path (open a file) or size (create memory)');
+  const size = f.u64('size');
+  if (size === 0n) throw invalid('size', 'must be greater than 0');
+  return { id, size };
+}

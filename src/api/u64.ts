@@ -1,0 +1,58 @@
+/**
+ * 64-bit quantities on the wire: strings in decimal or `0x` hex (JSON numbers only when they are
+ * safe integers), always bigint in code, answered as `0x` hex.
+ */
+import { ServiceError } from '../service/errors.ts';
+
+export const U64_LIMIT = 1n << 64n;
+export const U32_LIMIT = 1n << 32n;
+
+const DECIMAL = /^(0|[1-9][0-9]*)$/;
+const HEX = /^0[xX][0-9a-fA-F]+$/;
+/** Long enough for 2^64-1 in either base with a few leading zeros; refuses huge strings cheaply. */
+const MAX_TEXT = 40;
+
+export function invalid(field: string, message: string): ServiceError {
+  return new ServiceError('INVALID_ARGUMENT', `${field}: ${message}`, { field });
+}
+
+/** Parses one wire u64; throws INVALID_ARGUMENT naming `field` on anything but a value in [0, 2^64). */
+export function parseU64(value: unknown, field: string): bigint {
+  let parsed: bigint;
+  if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value) || value < 0) {
+      throw invalid(field, `must be a non-negative integer (as a number at most 2^53-1; use a string)`);
+    }
+    parsed = BigInt(value);
+  } else if (typeof value === 'string') {
+    if (value.length > MAX_TEXT || !(DECIMAL.test(value) || HEX.test(value))) {
+      throw invalid(field, `must be a u64 as a decimal or 0x hex string, got ${JSON.stringify(clip(value))}`);
+    }
+    parsed = BigInt(value);
+  } else {
+    throw invalid(field, `must be a u64 as a decimal or 0x hex string, got ${typeName(value)}`);
+  }
+  if (parsed >= U64_LIMIT) throw invalid(field, 'exceeds 2^64-1');
+  return parsed;
+}
+
+/** A u32 (asid): a u64 as above that also fits 32 bits. */
+export function parseU32(value: unknown, field: string): number {
+  const parsed = parseU64(value, field);
+  if (parsed >= U32_LIMIT) throw invalid(field, 'exceeds 2^32-1');
+  return Number(parsed);
+}
+
+export function formatU64(value: bigint): string {
+  return `0x${value.toString(16)}`;
+}
+
+export function typeName(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'array';
+  return typeof value;
+}
+
+function clip(text: string): string {
+  return text.length > 24 ? `${text.slice(0, 24)}…` : text;
+}

@@ -1,0 +1,238 @@
+/**
+ * Shared by the api-*.test.ts files: a real agent process with two simulated devices (vdpa0 on
+ * the platform IOMMU, vdpa1 on-chip), the real API server in this process on 127.0.0.1 port 0,
+ * a REST helper over fetch and promisified gRPC clients from the same proto.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import {
+  type Client,
+  type ClientReadableStream,
+  credentials,
+  type Metadata,
+  type ServiceError,
+} from '@grpc/grpc-js';
+import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import type { ApiConfig } from '../../services/api/config.ts';
+import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
+import {
+  DeviceServiceClient,
+  HealthClient,
+  MappingServiceClient,
+  MemoryServiceClient,
+} from '../../services/api/proto.ts';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+export function tempDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `vdpa-mapd-${prefix}-`));
+}
+
+export interface Agent {
+  socket: string;
+  /** A directory the agent accepts memory files from. */
+  sharedDir: string;
+  stop(): Promise<void>;
+}
+
+/** Spawns services/agent/main.ts and waits for its "agent serving" log line. */
+export async function spawnAgent(dir: string): Promise<Agent> {
+  const stateDir = path.join(dir, 'agent');
+  const sharedDir = path.join(dir, 'shared');
+  const socket = path.join(dir, 'agent.sock');
+  fs.mkdirSync(sharedDir, { recursive: true });
+  const child = spawn(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      'services/agent/main.ts',
+      '--device',
+      'sim:vdpa0',
+      '--device',
+      'sim:vdpa1,iommu=onchip',
+      '--state-dir',
+      stateDir,
+      '--socket',
+      socket,
+      '--allowed-root',
+      sharedDir,
+      '--allowed-root',
+      path.join(stateDir, 'memory'),
+      '--log-level',
+      'info',
+    ],
+    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let stderr = '';
+  child.stderr?.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`agent did not start in time: ${stderr}`)), 60_000);
+    const lines = createInterface({ input: child.stdout! });
+    lines.on('line', (line) => {
+      if (line.includes('"agent serving"')) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`agent exited with ${code}: ${stderr}`));
+    });
+  });
+  return { socket, sharedDir, stop: () => stopChild(child) };
+}
+
+function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const kill = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    child.once('exit', () => {
+      clearTimeout(kill);
+      resolve();
+    });
+    child.kill('SIGTERM');
+  });
+}
+
+export function apiConfig(dir: string, socket: string, overrides: Partial<ApiConfig> = {}): ApiConfig {
+  return {
+    restListen: { host: '127.0.0.1', port: 0 },
+    grpcListen: { host: '127.0.0.1', port: 0 },
+    agentSocket: socket,
+    stateDir: path.join(dir, 'api'),
+    limits: DEFAULT_LIMITS,
+    core: {},
+    shutdownGraceMs: 5_000,
+    logLevel: 'silent',
+    ...overrides,
+  };
+}
+
+export interface Http {
+  status: number;
+  headers: Headers;
+  // biome-ignore lint/suspicious/noExplicitAny: JSON answers are asserted field by field
+  body: any;
+}
+
+export function rest(base: string) {
+  return async (method: string, url: string, body?: unknown): Promise<Http> => {
+    const res = await fetch(`${base}${url}`, {
+      method,
+      ...(body === undefined
+        ? {}
+        : {
+            headers: { 'content-type': 'application/json' },
+            body: typeof body === 'string' ? body : JSON.stringify(body),
+          }),
+    });
+    const text = await res.text();
+    const json = res.headers.get('content-type')?.includes('application/json') ? JSON.parse(text) : text;
+    return { status: res.status, headers: res.headers, body: json };
+  };
+}
+
+/** Starts the API server and waits (bounded) until /readyz says ready. */
+export async function startReadyApi(config: ApiConfig): Promise<RunningApiServer> {
+  const server = await startApiServer(config);
+  const http = rest(server.restAddress);
+  for (let i = 0; i < 300; i++) {
+    if ((await http('GET', '/readyz')).status === 200) return server;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await server.stop();
+  throw new Error('API server never became ready');
+}
+
+export interface GrpcFailure {
+  code: number;
+  details: string;
+  metadata: Metadata;
+}
+
+// biome-ignore lint/suspicious/noExplicitAny: answers are asserted field by field
+type Answer = any;
+export type Call = (method: string, request: object) => Promise<Answer>;
+
+function promisify(client: Client): Call {
+  return (method, request) =>
+    new Promise((resolve, reject) => {
+      type Unary = (req: object, cb: (err: ServiceError | null, answer: Answer) => void) => void;
+      const fn = (client as unknown as Record<string, Unary | undefined>)[method];
+      assert.ok(fn, `no method ${method}`);
+      fn.call(client, request, (err, answer) =>
+        err
+          ? reject({ code: err.code, details: err.details, metadata: err.metadata } as GrpcFailure)
+          : resolve(answer),
+      );
+    });
+}
+
+export function grpcClients(target: string) {
+  const creds = credentials.createInsecure();
+  const clients = {
+    devices: new DeviceServiceClient(target, creds),
+    mappings: new MappingServiceClient(target, creds),
+    memory: new MemoryServiceClient(target, creds),
+    health: new HealthClient(target, creds),
+  };
+  return {
+    ...clients,
+    device: promisify(clients.devices),
+    mapping: promisify(clients.mappings),
+    mem: promisify(clients.memory),
+    check: promisify(clients.health),
+    watch: (request: object) =>
+      (
+        clients.mappings as unknown as { watchMappings(r: object): ClientReadableStream<Answer> }
+      ).watchMappings(request),
+    close: () => {
+      for (const c of Object.values(clients)) c.close();
+    },
+  };
+}
+
+/** Awaits a gRPC call that must fail; returns the failure. */
+export async function grpcFails(p: Promise<unknown>): Promise<GrpcFailure> {
+  try {
+    await p;
+  } catch (err) {
+    return err as GrpcFailure;
+  }
+  assert.fail('expected the call to fail');
+}
+
+/** Everything one test file runs against: agent, API server, clients; `stop` ends all of it. */
+export async function startStack(prefix: string) {
+  const dir = tempDir(prefix);
+  const agent = await spawnAgent(dir);
+  let api: RunningApiServer;
+  try {
+    api = await startReadyApi(apiConfig(dir, agent.socket));
+  } catch (err) {
+    await agent.stop();
+    throw err;
+  }
+  const stack = {
+    dir,
+    agent,
+    api,
+    http: rest(api.restAddress),
+    grpc: grpcClients(api.grpcAddress),
+    stop: async () => {
+      stack.grpc.close();
+      await stack.api.stop();
+      await agent.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  return stack;
+}
