@@ -79,7 +79,9 @@ await runChecks(
           l.includes('"agent serving"'),
         );
         agent = started.service;
-        client = new AgentClient({ socketPath: socket, reconnect: { maxAttempts: 1 } });
+        // Under TCG on a busy host the first call (loading grpc-js, resolving the socket) took up to
+        // 10 s: give every call a minute rather than the production default of 10 s.
+        client = new AgentClient({ socketPath: socket, deadlineMs: 60_000, reconnect: { maxAttempts: 1 } });
         const info = await client.connect();
         const opened = agent.logs().find((l) => l.msg === 'device opened');
         assert(opened?.kind === 'kernel', `no kernel "device opened" log:\n${agent.tail()}`);

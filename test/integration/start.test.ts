@@ -1,0 +1,136 @@
+/**
+ * `npm start` (scripts/start.ts) keeps its promise: agent + API server come up with vdpa0, vdpa1 and
+ * ram0, answer over REST, stop cleanly on SIGINT, and a second start keeps what the first acknowledged.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+
+interface Started {
+  child: ChildProcess;
+  rest: string;
+  exited: Promise<number | null>;
+}
+
+async function start(dir: string): Promise<Started> {
+  const child = spawn(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      'scripts/start.ts',
+      '--dir',
+      dir,
+      '--rest-listen',
+      '127.0.0.1:0',
+      '--grpc-listen',
+      '127.0.0.1:0',
+    ],
+    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const rest = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('npm start printed no address in 60 s')), 60_000);
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const m = /^vdpa-mapd is running: REST (http:\/\/[0-9.:]+)/.exec(line);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]!);
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`start exited with ${code}`));
+    });
+  });
+  return { child, rest, exited };
+}
+
+/** Children (agent, API server) of the start script that are still alive. */
+function childrenOf(pid: number): number[] {
+  const alive: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === pid) alive.push(Number(entry));
+    } catch {
+      // the process ended while we looked
+    }
+  }
+  return alive;
+}
+
+test('npm start: both processes serve, stop on Ctrl-C, and keep what they acknowledged', {
+  timeout: 180_000,
+}, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-start-'));
+  const running: Started[] = [];
+  t.after(() => {
+    for (const s of running) if (s.child.exitCode === null) s.child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const first = await start(dir);
+  running.push(first);
+  const devices = (await (await fetch(`${first.rest}/v1/devices`)).json()) as {
+    devices: { id: string; iommu: string }[];
+  };
+  assert.deepEqual(
+    devices.devices.map((d) => [d.id, d.iommu]),
+    [
+      ['vdpa0', 'platform'],
+      ['vdpa1', 'onchip'],
+    ],
+  );
+  const memory = (await (await fetch(`${first.rest}/v1/memory`)).json()) as {
+    memory: { id: string; size: string }[];
+  };
+  assert.deepEqual(
+    memory.memory.map((m) => [m.id, m.size]),
+    [['ram0', '0x40000000']],
+  );
+  const mapped = await fetch(`${first.rest}/v1/devices/vdpa1/mappings`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ iova: '0x100000', size: '0x200000', memory: 'ram0', offset: '0x0', perm: 'rw' }),
+  });
+  assert.equal(mapped.status, 201);
+
+  const pid = first.child.pid!;
+  assert.equal(childrenOf(pid).length, 2, 'agent and API server run as children');
+  first.child.kill('SIGINT');
+  assert.equal(await first.exited, 0);
+  assert.deepEqual(childrenOf(pid), [], 'no child outlives the start script');
+
+  const second = await start(dir);
+  running.push(second);
+  // The new agent starts empty; the API server reconciles it from the desired state on disk.
+  for (let i = 0; i < 100; i++) {
+    if ((await fetch(`${second.rest}/readyz`)).status === 200) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const listing = (await (await fetch(`${second.rest}/v1/devices/vdpa1/mappings`)).json()) as {
+    mappings: { iova: string; size: string; memory: string }[];
+  };
+  assert.deepEqual(
+    listing.mappings.map((m) => [m.iova, m.size, m.memory]),
+    [['0x100000', '0x200000', 'ram0']],
+  );
+  const { device } = (await (await fetch(`${second.rest}/v1/devices/vdpa1`)).json()) as {
+    device: { counters: { setMapPushes: number; setMapEntriesPushed: number } };
+  };
+  // Counters are the new agent's own: it received the mapping in one push.
+  assert.equal(device.counters.setMapPushes, 1);
+  assert.equal(device.counters.setMapEntriesPushed, 1);
+  second.child.kill('SIGINT');
+  assert.equal(await second.exited, 0);
+});
