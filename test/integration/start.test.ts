@@ -53,15 +53,16 @@ async function start(dir: string): Promise<Started> {
   return { child, rest, exited };
 }
 
-/** Children (agent, API server) of the start script that are still alive. */
-function childrenOf(pid: number): number[] {
+/** The agent and API server processes the start script runs (tsx may also run an esbuild child). */
+function servicesOf(pid: number): number[] {
   const alive: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
       const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
       const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      if (ppid === pid) alive.push(Number(entry));
+      const cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
+      if (ppid === pid && /services\/(agent|api)\/main\.ts/.test(cmdline)) alive.push(Number(entry));
     } catch {
       // the process ended while we looked
     }
@@ -74,8 +75,17 @@ test('npm start: both processes serve, stop on Ctrl-C, and keep what they acknow
 }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-start-'));
   const running: Started[] = [];
+  const services: number[] = [];
   t.after(() => {
+    // The services run in their own process groups: on a failure, kill them too, not only the script.
     for (const s of running) if (s.child.exitCode === null) s.child.kill('SIGKILL');
+    for (const pid of services) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
@@ -106,13 +116,19 @@ test('npm start: both processes serve, stop on Ctrl-C, and keep what they acknow
   assert.equal(mapped.status, 201);
 
   const pid = first.child.pid!;
-  assert.equal(childrenOf(pid).length, 2, 'agent and API server run as children');
+  services.push(...servicesOf(pid));
+  assert.equal(services.length, 2, 'agent and API server run as children');
   first.child.kill('SIGINT');
   assert.equal(await first.exited, 0);
-  assert.deepEqual(childrenOf(pid), [], 'no child outlives the start script');
+  assert.deepEqual(
+    services.filter((p) => fs.existsSync(`/proc/${p}`)),
+    [],
+    'no service outlives the start script',
+  );
 
   const second = await start(dir);
   running.push(second);
+  services.push(...servicesOf(second.child.pid!));
   // The new agent starts empty; the API server reconciles it from the desired state on disk.
   for (let i = 0; i < 100; i++) {
     if ((await fetch(`${second.rest}/readyz`)).status === 200) break;
