@@ -63,6 +63,29 @@ export async function secondsAsync(fn: () => Promise<unknown>): Promise<number> 
   return (performance.now() - start) / 1000;
 }
 
+/** The middle value (the upper of the two middle ones for an even count). */
+export function median(xs: readonly number[]): number {
+  return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? Number.NaN;
+}
+
+/**
+ * Runs every side once per round, in reversed order on every other round (A B, B A, A B, ...), so
+ * that drift on a shared machine hits every side alike. Returns each side's results, round by round.
+ */
+export async function alternate<K extends string, T>(
+  rounds: number,
+  sides: Record<K, () => Promise<T>>,
+): Promise<Record<K, T[]>> {
+  const names = Object.keys(sides) as K[];
+  const results = Object.fromEntries(names.map((n) => [n, [] as T[]])) as Record<K, T[]>;
+  for (let round = 0; round < rounds; round++) {
+    for (const name of round % 2 === 0 ? names : [...names].reverse()) {
+      results[name].push(await sides[name]());
+    }
+  }
+  return results;
+}
+
 /** Latency percentiles (ms) of `samples` (ms). */
 export function percentiles(samples: number[]): { p50: number; p99: number } {
   const sorted = [...samples].sort((a, b) => a - b);

@@ -1,19 +1,29 @@
 /**
  * `npm run bench`: every scenario beside its baseline, one table on stdout, bench/results.json.
- * BENCH_SCALE (default 1) scales the sizes; BENCH_ONLY=codec,table,... picks scenarios.
+ * BENCH_SCALE (default 1) scales the sizes; BENCH_ONLY=codec,table,... picks scenarios (the keys of
+ * SCENARIOS); BENCH_OUT writes the JSON elsewhere.
  */
 import { writeFileSync } from 'node:fs';
 import type { BenchContext, Row } from './harness.ts';
+import { benchAgentTransport } from './scenarios/agent-transport.ts';
 import { benchCodec } from './scenarios/codec.ts';
 import { benchDeviceApply } from './scenarios/device-apply.ts';
+import { benchE2e } from './scenarios/e2e.ts';
+import { benchGroupCommit } from './scenarios/group-commit.ts';
 import { benchPlanner } from './scenarios/planner.ts';
+import { benchRecovery } from './scenarios/recovery.ts';
 import { benchTable } from './scenarios/table.ts';
 
+/** By BENCH_ONLY name; they run in this order. */
 const SCENARIOS: Record<string, (ctx: BenchContext) => void | Promise<void>> = {
   codec: benchCodec,
   table: benchTable,
   planner: benchPlanner,
   'device-apply': benchDeviceApply,
+  'agent-transport': benchAgentTransport,
+  e2e: benchE2e,
+  'group-commit': benchGroupCommit,
+  recovery: benchRecovery,
 };
 
 function formatNumber(v: number): string {
@@ -44,6 +54,11 @@ async function main(): Promise<void> {
   const scale = Number(process.env['BENCH_SCALE'] ?? '1');
   const only = process.env['BENCH_ONLY']?.split(',').filter(Boolean);
   const out = process.env['BENCH_OUT'] ?? new URL('./results.json', import.meta.url).pathname;
+  const unknown = only?.filter((name) => !(name in SCENARIOS)) ?? [];
+  if (unknown.length > 0)
+    throw new Error(
+      `BENCH_ONLY: no scenario ${unknown.join(', ')} (known: ${Object.keys(SCENARIOS).join(', ')})`,
+    );
   const ctx: BenchContext = { scale, rows: [], log: (line) => console.error(line) };
   for (const [name, run] of Object.entries(SCENARIOS)) {
     if (only && !only.includes(name)) continue;

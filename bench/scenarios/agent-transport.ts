@@ -1,15 +1,12 @@
 /**
- * Which transport for the agent protocol: gRPC over the unix socket (what the agent serves) or
+ * Agent transport: the agent protocol over gRPC on the unix socket (what the agent serves) vs
  * length-prefixed protobuf frames over a plain net.Socket (only here, for the comparison).
  *
- *   node --import tsx bench/agent-transport.ts        (BENCH_SCALE=0.1 for a smoke run)
- *
- * Both servers are child processes with one simulated device and the same handlers
- * (services/agent/server.ts); both clients do the same bigint <-> wire conversions
+ * Both servers are child processes (this file, run with --serve) with one simulated device and the
+ * same handlers (services/agent/server.ts); both clients do the same bigint <-> wire conversions
  * (src/agent/wire.ts) and the same protobuf (de)serializers (proto-loader's, from
- * src/agent/proto.ts). Only the transport differs. The two are
- * measured in alternating rounds, so drift on a shared machine hits both alike; each figure is the
- * median over rounds of the mean round trip of sequential calls (one in flight).
+ * src/agent/proto.ts). Only the transport differs. The two are measured in alternating rounds;
+ * each figure is the median over rounds of the mean round trip of sequential calls (one in flight).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -17,21 +14,23 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { fileURLToPath } from 'node:url';
-import { AgentClient } from '../src/agent/client.ts';
-import { agentService } from '../src/agent/proto.ts';
-import { type AgentOpResult, opResultFromWire, opToWire, type WireApplyResponse } from '../src/agent/wire.ts';
-import type { IotlbOp } from '../src/iotlb/types.ts';
-import type { AgentConfig } from '../services/agent/config.ts';
-import { createLogger, openAgentCore, startAgent } from '../services/agent/main.ts';
-import { type AgentHandlers, createHandlers } from '../services/agent/server.ts';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { AgentClient } from '../../src/agent/client.ts';
+import { agentService } from '../../src/agent/proto.ts';
+import {
+  type AgentOpResult,
+  opResultFromWire,
+  opToWire,
+  type WireApplyResponse,
+} from '../../src/agent/wire.ts';
+import type { IotlbOp } from '../../src/iotlb/types.ts';
+import type { AgentConfig } from '../../services/agent/config.ts';
+import { createLogger, openAgentCore, startAgent } from '../../services/agent/main.ts';
+import { type AgentHandlers, createHandlers } from '../../services/agent/server.ts';
+import { alternate, type BenchContext, compare, median, scaled } from '../harness.ts';
 
 type Transport = 'grpc' | 'framed';
-const SCALE = Number(process.env.BENCH_SCALE ?? '1');
 const ROUNDS = 5;
-/** Even, so the map/unmap pairs of the 1-op loop always complete. */
-const SMALL_CALLS = 2 * Math.max(10, Math.round(500 * SCALE));
-const LARGE_CALLS = Math.max(5, Math.round(100 * SCALE));
 const BATCH = 256;
 const PAGE = 4096n;
 const BASE_IOVA = 0x100000n;
@@ -148,7 +147,17 @@ async function serve(transport: Transport, socketPath: string, stateDir: string)
   process.stdout.write('ready\n');
 }
 
-function spawnServer(transport: Transport, socketPath: string, stateDir: string): Promise<ChildProcess> {
+interface ServerProcess {
+  child: ChildProcess;
+  /** SIGTERM, then SIGKILL after 5 s; resolves once it exited. */
+  stop(): Promise<void>;
+}
+
+async function spawnServer(
+  transport: Transport,
+  socketPath: string,
+  stateDir: string,
+): Promise<ServerProcess> {
   const self = fileURLToPath(import.meta.url);
   const child = spawn(
     process.execPath,
@@ -157,14 +166,31 @@ function spawnServer(transport: Transport, socketPath: string, stateDir: string)
       stdio: ['ignore', 'pipe', 'inherit'],
     },
   );
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${transport} server did not start in 30 s`)), 30_000);
-    child.stdout!.once('data', () => {
-      clearTimeout(timer);
-      resolve(child);
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const kill = setTimeout(() => child.kill('SIGKILL'), 5_000);
+    child.kill('SIGTERM');
+    await exited;
+    clearTimeout(kill);
+  };
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`${transport} server did not start in 30 s`)), 30_000);
+      child.stdout!.once('data', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      void exited.then(() => {
+        clearTimeout(timer);
+        reject(new Error(`${transport} server exited with ${child.exitCode ?? child.signalCode}`));
+      });
     });
-    child.once('exit', (code) => reject(new Error(`${transport} server exited with ${code}`)));
-  });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { child, stop };
 }
 
 // ---- the measurement ----
@@ -205,66 +231,61 @@ async function meanMicros(apply: Apply, calls: number, batch: (i: number) => Iot
   return ((performance.now() - start) * 1000) / calls;
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
-async function measure(): Promise<void> {
+export async function benchAgentTransport(ctx: BenchContext): Promise<void> {
+  /** Even, so the map/unmap pairs of the 1-op loop always complete. */
+  const smallCalls = 2 * scaled(ctx, 500, 10);
+  const largeCalls = scaled(ctx, 100, 4);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-bench-transport-'));
-  const children: ChildProcess[] = [];
+  const servers: ServerProcess[] = [];
   try {
     const grpcSocket = path.join(dir, 'grpc', 'agent.sock');
     const framedSocket = path.join(dir, 'framed.sock');
-    children.push(await spawnServer('grpc', grpcSocket, path.join(dir, 'state-grpc')));
-    children.push(await spawnServer('framed', framedSocket, path.join(dir, 'state-framed')));
-    const grpcClient = new AgentClient({ socketPath: grpcSocket });
-    await grpcClient.connect();
+    servers.push(await spawnServer('grpc', grpcSocket, path.join(dir, 'state-grpc')));
+    servers.push(await spawnServer('framed', framedSocket, path.join(dir, 'state-framed')));
     const framedClient = await FramedClient.connect(framedSocket);
-    const clients: Record<Transport, Apply> = {
-      grpc: async (ops) => (await grpcClient.apply(DEVICE, ops)).results,
-      framed: (ops) => framedClient.apply(DEVICE, ops),
-    };
-
-    const figures = {
-      grpc: { small: [] as number[], large: [] as number[] },
-      framed: { small: [], large: [] },
-    } as Record<Transport, { small: number[]; large: number[] }>;
-    for (const t of ['grpc', 'framed'] as const) {
-      await meanMicros(clients[t], SMALL_CALLS, (i) => SMALL[i % 2]!); // warm-up
-      await meanMicros(clients[t], LARGE_CALLS / 4, () => LARGE);
-    }
-    for (let round = 0; round < ROUNDS; round++) {
-      for (const t of ['grpc', 'framed'] as const) {
-        figures[t].small.push(await meanMicros(clients[t], SMALL_CALLS, (i) => SMALL[i % 2]!));
-        figures[t].large.push(await meanMicros(clients[t], LARGE_CALLS, () => LARGE));
+    const grpcClient = new AgentClient({ socketPath: grpcSocket });
+    try {
+      await grpcClient.connect();
+      const clients: Record<Transport, Apply> = {
+        grpc: async (ops) => (await grpcClient.apply(DEVICE, ops)).results,
+        framed: (ops) => framedClient.apply(DEVICE, ops),
+      };
+      const round = (t: Transport) => async () => ({
+        small: await meanMicros(clients[t], smallCalls, (i) => SMALL[i % 2]!),
+        large: await meanMicros(clients[t], largeCalls, () => LARGE),
+      });
+      await alternate(1, { grpc: round('grpc'), framed: round('framed') }); // warm-up
+      const figures = await alternate(ROUNDS, { grpc: round('grpc'), framed: round('framed') });
+      for (const [label, key] of [
+        ['Apply, 1 op, 1 in flight', 'small'],
+        [`Apply, ${BATCH} ops, 1 in flight`, 'large'],
+      ] as const) {
+        compare(
+          ctx,
+          {
+            scenario: 'agent transport',
+            case: label,
+            metric: 'gRPC round trip',
+            value: median(figures.grpc.map((f) => f[key])),
+            unit: 'µs',
+          },
+          'framed protobuf on a unix socket',
+          median(figures.framed.map((f) => f[key])),
+        );
       }
-    }
-    grpcClient.close();
-    framedClient.close();
-
-    const rows = [
-      ['Apply, 1 op', median(figures.grpc.small), median(figures.framed.small)],
-      [`Apply, ${BATCH} ops`, median(figures.grpc.large), median(figures.framed.large)],
-    ] as const;
-    console.log(`agent round trip over a unix socket, SimulatedDevice, median of ${ROUNDS} rounds`);
-    console.log(
-      `(1-op: ${SMALL_CALLS} calls/round, ${BATCH}-op: ${LARGE_CALLS} calls/round; one call in flight)\n`,
-    );
-    console.log('| case           | gRPC (µs) | framed (µs) | gRPC / framed |');
-    console.log('|----------------|-----------|-------------|---------------|');
-    for (const [name, g, f] of rows) {
-      console.log(
-        `| ${name.padEnd(14)} | ${g.toFixed(1).padStart(9)} | ${f.toFixed(1).padStart(11)} | ${(g / f).toFixed(2).padStart(12)}x |`,
-      );
+    } finally {
+      grpcClient.close();
+      framedClient.close();
     }
   } finally {
-    for (const child of children) child.kill('SIGTERM');
+    for (const server of servers) await server.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
-const serveAt = process.argv.indexOf('--serve');
-if (serveAt >= 0) {
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const serveAt = process.argv.indexOf('--serve');
+  if (serveAt < 0) throw new Error('run by bench/run.ts (BENCH_ONLY=agent-transport npm run bench)');
   const [transport, socketPath, stateDir] = process.argv.slice(serveAt + 1) as [Transport, string, string];
   await serve(transport, socketPath, stateDir);
-} else {
-  await measure();
 }

@@ -1,0 +1,282 @@
+/**
+ * Scenario 5: end to end. Map+Unmap pairs against the real API server (in this process, over the real
+ * agent process with simulated devices) vs bare servers with the same message shapes that answer at
+ * once: a grpc-js server built from the same proto, and a fastify app with the same routes. Both
+ * sides run in this process and are driven by the same client code, so the ratio is what the service
+ * adds (parsing, queue, journal fdatasync, agent round trip) over the transport alone.
+ *
+ * Then Batch: 256 ops per call, one call in flight, vs the same 256 ops as single Map/Unmap calls
+ * with 64 in flight (the best the single-call path does).
+ *
+ * Every worker owns its own IOVA, so pairs never conflict and every pair leaves the table as it was.
+ */
+import fs from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import {
+  type sendUnaryData,
+  Server,
+  ServerCredentials,
+  type ServerUnaryCall,
+  type UntypedServiceImplementation,
+} from '@grpc/grpc-js';
+import fastify, { type FastifyInstance } from 'fastify';
+import { MappingServiceClient } from '../../services/api/proto.ts';
+import {
+  apiConfig,
+  type Call,
+  grpcClients,
+  spawnAgent,
+  startReadyApi,
+  tempDir,
+} from '../../test/integration/api-harness.ts';
+import { alternate, type BenchContext, compare, median, percentiles, scaled } from '../harness.ts';
+
+const ROUNDS = 5;
+const DEVICE = 'vdpa0';
+const PAGE = 0x1000;
+/** Worker w maps the page at PAIR_BASE + 2w pages; batches use pages from BATCH_BASE. */
+const PAIR_BASE = 0x100000;
+const BATCH_BASE = 0x40000000;
+const BATCH = 256;
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+type Op = 'map' | 'unmap';
+/** One call; rejects unless the server answered with success. */
+type Caller = (op: Op, worker: number) => Promise<void>;
+
+interface Figures {
+  opsPerSecond: number;
+  p50: number;
+  p99: number;
+}
+
+function mapBody(worker: number) {
+  return {
+    iova: hex(PAIR_BASE + 2 * worker * PAGE),
+    size: hex(PAGE),
+    memory: 'ram0',
+    offset: hex(worker * PAGE),
+  };
+}
+function unmapBody(worker: number) {
+  return { iova: hex(PAIR_BASE + 2 * worker * PAGE), size: hex(PAGE) };
+}
+
+/** `concurrency` workers, each doing `pairs` Map+Unmap pairs on its own page. */
+async function runPairs(call: Caller, concurrency: number, pairs: number): Promise<Figures> {
+  const samples: number[] = [];
+  const start = performance.now();
+  await Promise.all(
+    Array.from({ length: concurrency }, async (_, worker) => {
+      for (let i = 0; i < pairs; i++) {
+        for (const op of ['map', 'unmap'] as const) {
+          const t = performance.now();
+          await call(op, worker);
+          samples.push(performance.now() - t);
+        }
+      }
+    }),
+  );
+  const seconds = (performance.now() - start) / 1000;
+  return { opsPerSecond: samples.length / seconds, ...percentiles(samples) };
+}
+
+// ---- the bare servers: the same shapes, no work ----
+
+function mappingOf(req: Record<string, string | undefined>) {
+  return {
+    iova: req.iova,
+    size: req.size,
+    memory: req.memory,
+    offset: req.offset ?? '0x0',
+    perm: req.perm || 'rw',
+    asid: 0,
+  };
+}
+const mapAnswer = (req: Record<string, string | undefined>) => {
+  const mapping = mappingOf(req);
+  return { mapping, ops: [{ type: 'update', ...mapping }] };
+};
+const unmapAnswer = (req: Record<string, string | undefined>) => ({
+  removed: [mappingOf({ ...req, memory: 'ram0' })],
+  remapped: [],
+  ops: [{ type: 'invalidate', asid: 0, iova: req.iova, size: req.size }],
+});
+
+async function startBareGrpc(): Promise<{ address: string; stop: () => void }> {
+  type Unary = (call: ServerUnaryCall<Record<string, string>, object>, cb: sendUnaryData<object>) => void;
+  const map: Unary = (call, cb) => cb(null, mapAnswer(call.request));
+  const unmap: Unary = (call, cb) => cb(null, unmapAnswer(call.request));
+  const server = new Server();
+  server.addService(MappingServiceClient.service, { map, unmap } as UntypedServiceImplementation);
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) =>
+      err ? reject(err) : resolve(p),
+    ),
+  );
+  return { address: `127.0.0.1:${port}`, stop: () => server.forceShutdown() };
+}
+
+async function startBareRest(): Promise<FastifyInstance> {
+  const app = fastify();
+  type Body = { Body: Record<string, string> };
+  app.post<Body>('/v1/devices/:device/mappings', async (req, reply) => {
+    reply.code(201);
+    return mapAnswer(req.body);
+  });
+  app.post<Body>('/v1/devices/:device/mappings::unmap', async (req) => unmapAnswer(req.body));
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  return app;
+}
+
+// ---- clients ----
+
+function grpcCaller(mapping: Call): Caller {
+  return async (op, worker) => {
+    await mapping(op, { device: DEVICE, ...(op === 'map' ? mapBody(worker) : unmapBody(worker)) });
+  };
+}
+
+/** node:http over keep-alive connections (one per worker at most): less client cost than fetch. */
+function restCaller(base: string, agent: http.Agent): Caller {
+  return (op, worker) =>
+    new Promise((resolve, reject) => {
+      const payload = JSON.stringify(op === 'map' ? mapBody(worker) : unmapBody(worker));
+      const url = `${base}/v1/devices/${DEVICE}/mappings${op === 'map' ? '' : ':unmap'}`;
+      const req = http.request(
+        url,
+        {
+          method: 'POST',
+          agent,
+          headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('error', reject);
+          res.on('end', () => {
+            const expected = op === 'map' ? 201 : 200;
+            if (res.statusCode === expected) resolve();
+            else reject(new Error(`${op}: HTTP ${res.statusCode}: ${Buffer.concat(chunks).toString()}`));
+          });
+        },
+      );
+      req.on('error', reject);
+      req.end(payload);
+    });
+}
+
+/** 128 maps then 128 unmaps of the same pages: every call leaves the table as it was. */
+function batchOps() {
+  const pages = Array.from({ length: BATCH / 2 }, (_, k) => BATCH_BASE + 2 * k * PAGE);
+  return [
+    ...pages.map((iova, k) => ({
+      op: 'map',
+      iova: hex(iova),
+      size: hex(PAGE),
+      memory: 'ram0',
+      offset: hex(k * PAGE),
+    })),
+    ...pages.map((iova) => ({ op: 'unmap', iova: hex(iova), size: hex(PAGE) })),
+  ];
+}
+
+// ---- the scenario ----
+
+function addRows(ctx: BenchContext, label: string, real: Figures[], bare: Figures[], baseline: string): void {
+  const pick = (xs: Figures[], key: keyof Figures) => median(xs.map((f) => f[key]));
+  compare(
+    ctx,
+    { scenario: 'e2e', case: label, metric: 'ops/s', value: pick(real, 'opsPerSecond'), unit: 'op/s' },
+    baseline,
+    pick(bare, 'opsPerSecond'),
+  );
+  for (const key of ['p50', 'p99'] as const) {
+    compare(
+      ctx,
+      { scenario: 'e2e', case: label, metric: `${key} latency`, value: pick(real, key), unit: 'ms' },
+      baseline,
+      pick(bare, key),
+    );
+  }
+}
+
+export async function benchE2e(ctx: BenchContext): Promise<void> {
+  const dir = tempDir('bench-e2e');
+  const agent = await spawnAgent(dir);
+  const stops: (() => unknown)[] = [() => agent.stop()];
+  try {
+    const api = await startReadyApi(apiConfig(dir, agent.socket));
+    stops.unshift(() => api.stop());
+    const real = grpcClients(api.grpcAddress);
+    stops.unshift(() => real.close());
+    await real.mem('registerMemory', { id: 'ram0', size: hex(64 << 20) });
+    const bareGrpc = await startBareGrpc();
+    stops.unshift(() => bareGrpc.stop());
+    const bare = grpcClients(bareGrpc.address);
+    stops.unshift(() => bare.close());
+    const bareRest = await startBareRest();
+    stops.unshift(() => bareRest.close());
+    const httpAgent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+    stops.unshift(() => httpAgent.destroy());
+    const { port } = bareRest.server.address() as AddressInfo;
+
+    const transports = {
+      gRPC: {
+        real: grpcCaller(real.mapping),
+        bare: grpcCaller(bare.mapping),
+        baseline: 'bare grpc-js server, same proto',
+      },
+      REST: {
+        real: restCaller(api.restAddress, httpAgent),
+        bare: restCaller(`http://127.0.0.1:${port}`, httpAgent),
+        baseline: 'bare fastify route',
+      },
+    };
+    const sizes = [
+      { concurrency: 1, pairs: scaled(ctx, 200, 2) },
+      { concurrency: 64, pairs: scaled(ctx, 8, 1) },
+    ];
+    for (const [name, t] of Object.entries(transports)) {
+      for (const { concurrency, pairs } of sizes) {
+        const run = (call: Caller) => () => runPairs(call, concurrency, pairs);
+        await alternate(1, { real: run(t.real), bare: run(t.bare) }); // warm-up
+        const figures = await alternate(ROUNDS, { real: run(t.real), bare: run(t.bare) });
+        addRows(ctx, `${name} Map+Unmap, ${concurrency} in flight`, figures.real, figures.bare, t.baseline);
+      }
+    }
+
+    const calls = scaled(ctx, 10, 1);
+    const ops = batchOps();
+    const batched = async () => {
+      const start = performance.now();
+      for (let i = 0; i < calls; i++) {
+        const answer = await real.mapping('batch', { device: DEVICE, ops });
+        if (answer.results.length !== BATCH || !answer.results.every((r: { ok?: boolean }) => r.ok))
+          throw new Error('bench batch failed');
+      }
+      return (calls * BATCH) / ((performance.now() - start) / 1000);
+    };
+    // The same ops count: 64 workers, each doing calls * 2 pairs (calls * 256 ops in all).
+    const single = async () => (await runPairs(transports.gRPC.real, 64, calls * 2)).opsPerSecond;
+    await alternate(1, { batched, single }); // warm-up
+    const figures = await alternate(ROUNDS, { batched, single });
+    compare(
+      ctx,
+      {
+        scenario: 'e2e',
+        case: `gRPC Batch, ${BATCH} ops per call, 1 in flight`,
+        metric: 'ops/s',
+        value: median(figures.batched),
+        unit: 'op/s',
+      },
+      'the same ops as single gRPC calls, 64 in flight',
+      median(figures.single),
+    );
+  } finally {
+    for (const stop of stops) await stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * The whole benchmark (`npm run bench`) at a tiny BENCH_SCALE: every scenario produces its rows,
+ * every figure is a finite positive number beside a finite positive baseline, the table is printed
+ * and the JSON written to BENCH_OUT parses. No figure is judged: timings belong to bench/ only.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import type { Row } from '../../bench/harness.ts';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+/** Rows each scenario must produce at any scale (the table scenario adds a heap row per size). */
+const EXPECTED_ROWS: Record<string, number> = {
+  codec: 1,
+  table: 12,
+  planner: 6,
+  'device apply': 2,
+  'agent transport': 2,
+  e2e: 13,
+  'group commit': 2,
+  recovery: 3,
+};
+
+test('npm run bench at BENCH_SCALE=0.01: every scenario, finite positive figures, JSON', {
+  timeout: 180_000,
+}, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-bench-smoke-'));
+  const out = path.join(dir, 'results.json');
+  // Its own process group, so that the bench and every process it started can be ended at once.
+  const child = spawn(process.execPath, ['--expose-gc', '--import', 'tsx', 'bench/run.ts'], {
+    cwd: ROOT,
+    env: { ...process.env, BENCH_SCALE: '0.01', BENCH_OUT: out },
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+  });
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) process.kill(-child.pid!, 'SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (c: Buffer) => {
+    stdout += c.toString();
+  });
+  child.stderr.on('data', (c: Buffer) => {
+    stderr += c.toString();
+  });
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  assert.equal(code, 0, stderr);
+
+  const results = JSON.parse(fs.readFileSync(out, 'utf8')) as { scale: number; rows: Row[] };
+  assert.equal(results.scale, 0.01);
+  const positive = (v: unknown) => typeof v === 'number' && Number.isFinite(v) && v > 0;
+  const counts: Record<string, number> = {};
+  for (const row of results.rows) {
+    counts[row.scenario] = (counts[row.scenario] ?? 0) + 1;
+    const label = JSON.stringify(row);
+    assert.ok(positive(row.value), label);
+    assert.ok(row.case && row.metric && row.unit, label);
+    if (row.metric === 'heap/entry') continue;
+    assert.ok(positive(row.baseline?.value) && row.baseline?.name, label);
+    assert.ok(positive(row.ratio), label);
+  }
+  assert.deepEqual(counts, EXPECTED_ROWS);
+
+  // With --max-group 1 every one of the concurrent maps is its own group: one set_map push each.
+  const pushes = results.rows.find((r) => r.scenario === 'group commit' && r.metric === 'set_map pushes')!;
+  const requests = Number(/^([0-9,]+) concurrent maps/.exec(pushes.case)?.[1]?.replaceAll(',', ''));
+  assert.equal(pushes.baseline?.value, requests);
+  assert.ok(pushes.value <= requests, JSON.stringify(pushes));
+
+  // The printed table: a header, a rule, one line per row.
+  const lines = stdout.trim().split('\n');
+  assert.match(lines[0]!, /^\| scenario +\| case +\| metric +\| value +\| baseline +\| ratio +\| note +\|$/);
+  assert.equal(lines.length, 2 + results.rows.length);
+});
