@@ -17,13 +17,15 @@ export const HEALTH_SERVICE = 'grpc.health.v1.Health';
 
 /**
  * Messages as plain objects with lowerCamelCase fields (the REST shapes); no defaults, so an unset
- * field is absent (an unset string still arrives as '' from some clients: see grpc.ts).
+ * field is absent (an unset string still arrives as '' from some clients: see grpc.ts). Repeated
+ * fields are the exception: proto3 cannot tell an empty list from an unset one, so both are [].
  */
 export const LOADER_OPTIONS: Options = {
   keepCase: false,
   longs: String,
   enums: String,
   defaults: false,
+  arrays: true,
   oneofs: false,
   includeDirs: [PROTO_ROOT, HEALTH_ROOT],
 };
