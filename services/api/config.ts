@@ -2,16 +2,33 @@
  * The API server's configuration: one table of options (flag, environment variable, default), from
  * which the parser, `--help` and the README's table are all made. Flags win over the environment.
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
-import type { MapdServiceOptions } from '../../src/service/index.ts';
 import { type ApiLimits, DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import type { Quota, QuotaConfig } from '../../src/queue/quota.ts';
+import type { MapdServiceOptions } from '../../src/service/index.ts';
+import { TOKEN_SYNTAX } from './auth.ts';
 
 export interface Listen {
   host: string;
   /** 0 picks a free port. */
   port: number;
+}
+
+export interface AuthConfig {
+  /** The bearer token every API call must carry. */
+  token: string;
+  /** Whether /healthz, /readyz, /metrics and gRPC health need it too. */
+  probes: 'open' | 'token';
+}
+
+/** PEM files of gRPC's TLS; with `clientCa`, clients must present a certificate it signed (mTLS). */
+export interface GrpcTlsConfig {
+  cert: string;
+  key: string;
+  clientCa?: string;
 }
 
 export interface ApiConfig {
@@ -25,6 +42,12 @@ export interface ApiConfig {
   /** How long in-flight requests get to finish at shutdown before they are cut. */
   shutdownGraceMs: number;
   logLevel: LevelWithSilent;
+  /** Absent: no token is asked for. */
+  auth?: AuthConfig;
+  /** Absent: gRPC in plaintext. */
+  grpcTls?: GrpcTlsConfig;
+  /** Absent: no quota. */
+  quotas?: QuotaConfig;
 }
 
 export class ConfigError extends Error {
@@ -43,6 +66,8 @@ export interface OptionSpec {
   /** As shown in --help and the README. */
   default: string;
   description: string;
+  /** The flag may be repeated (the variable then holds the values separated by spaces). */
+  multiple?: true;
 }
 
 /** Every option, in the order --help lists them. */
@@ -113,6 +138,57 @@ export const OPTIONS = {
     default: '10000',
     description: 'On SIGTERM/SIGINT, how long in-flight requests get to finish',
   },
+  authToken: {
+    flag: 'auth-token-file',
+    env: 'VDPA_MAPD_AUTH_TOKEN',
+    default: '(none: no authentication)',
+    description:
+      'Bearer token every REST and gRPC call must send (Authorization: Bearer TOKEN): the flag names a file holding it, the variable holds the token itself',
+  },
+  authProbes: {
+    flag: 'auth-probes',
+    env: 'VDPA_MAPD_AUTH_PROBES',
+    default: 'open',
+    description: 'open|token: whether /healthz, /readyz, /metrics and gRPC health need the token too',
+  },
+  grpcTlsCert: {
+    flag: 'grpc-tls-cert',
+    env: 'VDPA_MAPD_GRPC_TLS_CERT',
+    default: '(none: plaintext gRPC)',
+    description: 'PEM certificate chain of the gRPC server; gRPC then takes TLS only (with --grpc-tls-key)',
+  },
+  grpcTlsKey: {
+    flag: 'grpc-tls-key',
+    env: 'VDPA_MAPD_GRPC_TLS_KEY',
+    default: '(none)',
+    description: 'PEM private key of --grpc-tls-cert',
+  },
+  grpcTlsClientCa: {
+    flag: 'grpc-tls-client-ca',
+    env: 'VDPA_MAPD_GRPC_TLS_CLIENT_CA',
+    default: '(none: no client certificate asked)',
+    description: 'PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)',
+  },
+  quotaMaxBytes: {
+    flag: 'quota-max-bytes',
+    env: 'VDPA_MAPD_QUOTA_MAX_BYTES',
+    default: '(none: unlimited)',
+    description: 'Most bytes any one device may have mapped (decimal or 0x hex); more is QUOTA_EXCEEDED',
+  },
+  quotaMaxEntries: {
+    flag: 'quota-max-entries',
+    env: 'VDPA_MAPD_QUOTA_MAX_ENTRIES',
+    default: '(none: unlimited)',
+    description: 'Most mappings any one device may have (every address space together)',
+  },
+  deviceQuota: {
+    flag: 'device-quota',
+    env: 'VDPA_MAPD_DEVICE_QUOTA',
+    default: '(none)',
+    description:
+      'DEVICE=bytes:N,entries:N (either; N or "unlimited"): one device\'s quota instead of the defaults; repeatable (the variable: space-separated)',
+    multiple: true,
+  },
   logLevel: {
     flag: 'log-level',
     env: 'VDPA_MAPD_LOG_LEVEL',
@@ -153,14 +229,19 @@ function parseCount(text: string, option: string): number {
 
 /** Parses argv (without node and the script) and env; throws ConfigError, or returns null for --help. */
 export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv): ApiConfig | null {
-  let values: Record<string, string | boolean | undefined>;
+  let values: Record<string, string | string[] | boolean | undefined>;
   try {
     values = parseArgs({
       args: [...argv],
       strict: true,
       allowPositionals: false,
       options: {
-        ...Object.fromEntries(Object.values(OPTIONS).map((o) => [o.flag, { type: 'string' as const }])),
+        ...Object.fromEntries(
+          Object.values(OPTIONS).map((o: OptionSpec) => [
+            o.flag,
+            { type: 'string' as const, multiple: o.multiple === true },
+          ]),
+        ),
         help: { type: 'boolean' },
       },
     }).values;
@@ -180,6 +261,20 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
     return text === undefined ? {} : { [key]: parseCount(text, OPTIONS[key].flag) };
   };
 
+  const auth = parseAuth(
+    raw('authToken'),
+    typeof values[OPTIONS.authToken.flag] === 'string',
+    value('authProbes'),
+  );
+  const grpcTls = parseGrpcTls(raw('grpcTlsCert'), raw('grpcTlsKey'), raw('grpcTlsClientCa'));
+  const deviceQuotas = values[OPTIONS.deviceQuota.flag];
+  const quotas = parseQuotas(
+    raw('quotaMaxBytes'),
+    raw('quotaMaxEntries'),
+    Array.isArray(deviceQuotas) && deviceQuotas.length > 0
+      ? deviceQuotas
+      : (env[OPTIONS.deviceQuota.env]?.split(/\s+/).filter((s) => s !== '') ?? []),
+  );
   const stateDir = path.resolve(value('stateDir'));
   const logLevel = LOG_LEVELS.find((l) => l === value('logLevel'));
   if (logLevel === undefined)
@@ -197,5 +292,111 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
     core: { ...core('maxQueued'), ...core('maxGroup'), ...core('flushTimeoutMs') },
     shutdownGraceMs: parseCount(value('shutdownGraceMs'), OPTIONS.shutdownGraceMs.flag),
     logLevel,
+    ...(auth ? { auth } : {}),
+    ...(grpcTls ? { grpcTls } : {}),
+    ...(quotas ? { quotas } : {}),
+  };
+}
+
+/** The token from the file the flag names, or from the variable itself. */
+function parseAuth(source: string | undefined, fromFile: boolean, probes: string): AuthConfig | undefined {
+  if (probes !== 'open' && probes !== 'token') {
+    throw new ConfigError(`--${OPTIONS.authProbes.flag} ${JSON.stringify(probes)}: expected open or token`);
+  }
+  if (source === undefined) {
+    if (probes === 'token') throw new ConfigError(`--${OPTIONS.authProbes.flag} token needs a token`);
+    return undefined;
+  }
+  let token = source.trim();
+  if (fromFile) {
+    try {
+      token = fs.readFileSync(source, 'utf8').trim();
+    } catch (e) {
+      throw new ConfigError(`--${OPTIONS.authToken.flag} ${source}: ${(e as Error).message}`);
+    }
+  }
+  // Never echo the token: it may be a near miss of the real one.
+  if (!TOKEN_SYNTAX.test(token)) {
+    throw new ConfigError(
+      `${fromFile ? `--${OPTIONS.authToken.flag} ${source}` : OPTIONS.authToken.env}: the token must be non-empty and made of A-Z a-z 0-9 - . _ ~ + / (then = padding)`,
+    );
+  }
+  return { token, probes };
+}
+
+function parseGrpcTls(
+  cert: string | undefined,
+  key: string | undefined,
+  clientCa: string | undefined,
+): GrpcTlsConfig | undefined {
+  if (cert === undefined && key === undefined && clientCa === undefined) return undefined;
+  if (cert === undefined || key === undefined) {
+    throw new ConfigError(
+      `--${OPTIONS.grpcTlsCert.flag} and --${OPTIONS.grpcTlsKey.flag} go together (and --${OPTIONS.grpcTlsClientCa.flag} needs both)`,
+    );
+  }
+  return {
+    cert: path.resolve(cert),
+    key: path.resolve(key),
+    ...(clientCa !== undefined ? { clientCa: path.resolve(clientCa) } : {}),
+  };
+}
+
+const U64_TEXT = /^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$/;
+
+function parseBytes(text: string, what: string): bigint {
+  const value = U64_TEXT.test(text) && text.length <= 40 ? BigInt(text) : -1n;
+  if (value < 0n || value >= 1n << 64n)
+    throw new ConfigError(`${what} ${JSON.stringify(text)}: expected a u64`);
+  return value;
+}
+
+function parseEntries(text: string, what: string): number {
+  const n = /^[0-9]+$/.test(text) ? Number(text) : Number.NaN;
+  if (!Number.isSafeInteger(n)) throw new ConfigError(`${what} ${JSON.stringify(text)}: expected an integer`);
+  return n;
+}
+
+/** `DEVICE=bytes:N,entries:N`; "unlimited" lifts a default for that device. */
+function parseDeviceQuota(text: string): [string, Quota] {
+  const what = `--${OPTIONS.deviceQuota.flag}`;
+  const m = /^([A-Za-z0-9._-]{1,64})=(.+)$/.exec(text);
+  if (!m) throw new ConfigError(`${what} ${JSON.stringify(text)}: expected DEVICE=bytes:N,entries:N`);
+  // An explicit undefined ("unlimited") overrides the default when merged (quotaOf).
+  const quota: Quota = {};
+  for (const part of m[2]!.split(',')) {
+    const [key, value = ''] = part.split(':', 2);
+    const label = `${what} ${m[1]}: ${key}`;
+    if (key === 'bytes' && !('maxBytes' in quota)) {
+      quota.maxBytes = value === 'unlimited' ? undefined : parseBytes(value, label);
+    } else if (key === 'entries' && !('maxEntries' in quota)) {
+      quota.maxEntries = value === 'unlimited' ? undefined : parseEntries(value, label);
+    } else {
+      throw new ConfigError(`${what} ${JSON.stringify(text)}: expected bytes:N and/or entries:N, once each`);
+    }
+  }
+  return [m[1]!, quota];
+}
+
+function parseQuotas(
+  maxBytes: string | undefined,
+  maxEntries: string | undefined,
+  devices: readonly string[],
+): QuotaConfig | undefined {
+  if (maxBytes === undefined && maxEntries === undefined && devices.length === 0) return undefined;
+  const parsed = devices.map(parseDeviceQuota);
+  const names = new Set(parsed.map(([name]) => name));
+  if (names.size !== parsed.length)
+    throw new ConfigError(`--${OPTIONS.deviceQuota.flag}: a device is named twice`);
+  return {
+    defaults: {
+      ...(maxBytes !== undefined
+        ? { maxBytes: parseBytes(maxBytes, `--${OPTIONS.quotaMaxBytes.flag}`) }
+        : {}),
+      ...(maxEntries !== undefined
+        ? { maxEntries: parseEntries(maxEntries, `--${OPTIONS.quotaMaxEntries.flag}`) }
+        : {}),
+    },
+    devices: new Map(parsed),
   };
 }

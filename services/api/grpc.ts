@@ -4,11 +4,15 @@
  */
 import {
   Metadata,
+  ResponderBuilder,
   Server,
+  type ServerInterceptor,
+  ServerInterceptingCall,
+  ServerListenerBuilder,
   type handleUnaryCall,
-  type ServerErrorResponse,
   type ServerWritableStream,
   type sendUnaryData,
+  type status as GrpcStatus,
   type ServerUnaryCall,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
@@ -40,6 +44,7 @@ import {
 } from '../../src/api/parse.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
+import { type ApiAuth, AuthError } from './auth.ts';
 import type { Telemetry } from './observe.ts';
 import {
   API_SERVICES,
@@ -54,6 +59,8 @@ export interface GrpcOptions {
   limits: ApiLimits;
   telemetry: Telemetry;
   logger: Logger;
+  /** Absent: no token asked for. */
+  auth?: ApiAuth;
 }
 
 export interface GrpcServer {
@@ -96,7 +103,7 @@ function device(message: Message): string {
 }
 
 /** The status, message and metadata (`error-code`, `field`, `errno`, `retry-after-ms`) of a failure. */
-function grpcError(err: ServiceError): Partial<ServerErrorResponse> {
+function grpcError(err: ServiceError): { code: GrpcStatus; details: string; metadata: Metadata } {
   const metadata = new Metadata();
   metadata.set('error-code', err.code);
   if (err.field !== undefined) metadata.set('field', err.field);
@@ -108,10 +115,34 @@ function grpcError(err: ServiceError): Partial<ServerErrorResponse> {
   return { code: grpcStatus(err), details: err.message, metadata };
 }
 
+/** Refuses, before any message is read, a call whose metadata lacks the bearer token. */
+function authInterceptor(auth: ApiAuth, telemetry: Telemetry): ServerInterceptor {
+  return (method, call) => {
+    const open = auth.probes === 'open' && method.path.startsWith('/grpc.health.v1.Health/');
+    const listener = new ServerListenerBuilder()
+      .withOnReceiveMetadata((metadata, next) => {
+        try {
+          auth.bearer.check(metadata.get('authorization'));
+        } catch (e) {
+          if (!(e instanceof AuthError)) throw e;
+          const name = method.path.slice(method.path.lastIndexOf('/') + 1);
+          telemetry.observe({ transport: 'grpc', method: name, code: e.code, seconds: 0 });
+          call.sendStatus(grpcError(e));
+          return;
+        }
+        next(metadata);
+      })
+      .build();
+    const responder = new ResponderBuilder().withStart((next) => next(open ? undefined : listener)).build();
+    return new ServerInterceptingCall(call, responder);
+  };
+}
+
 export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
   const { service, limits, telemetry, logger } = opts;
   const server = new Server({
     'grpc.max_receive_message_length': limits.bodyLimit,
+    ...(opts.auth ? { interceptors: [authInterceptor(opts.auth, telemetry)] } : {}),
   });
   const watches = new Set<ServerWritableStream<Message, Message>>();
 

@@ -5,14 +5,16 @@
  *   node --import tsx services/api/main.ts --state-dir /tmp/vdpa-mapd --rest-listen 127.0.0.1:8080
  */
 import { pathToFileURL } from 'node:url';
-import { type Server, ServerCredentials } from '@grpc/grpc-js';
+import type { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
+import { BearerAuth, isLoopback } from './auth.ts';
 import { type ApiConfig, ConfigError, type Listen, parseApiConfig, USAGE } from './config.ts';
 import { buildGrpcServer } from './grpc.ts';
 import type { Telemetry } from './observe.ts';
 import { buildRestApp } from './rest.ts';
+import { grpcServerCredentials } from './tls.ts';
 
 export interface RunningApiServer {
   /** `http://HOST:PORT` */
@@ -31,9 +33,9 @@ function hostPort(host: string, port: number): string {
   return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
-function bindGrpc(server: Server, listen: Listen): Promise<string> {
+function bindGrpc(server: Server, listen: Listen, credentials: ServerCredentials): Promise<string> {
   return new Promise((resolve, reject) => {
-    server.bindAsync(hostPort(listen.host, listen.port), ServerCredentials.createInsecure(), (err, port) =>
+    server.bindAsync(hostPort(listen.host, listen.port), credentials, (err, port) =>
       err ? reject(err) : resolve(hostPort(listen.host, port)),
     );
   });
@@ -53,10 +55,12 @@ export async function startApiServer(
     ...config.core,
     agentSocket: config.agentSocket,
     stateDir: config.stateDir,
+    ...(config.quotas ? { quotas: config.quotas } : {}),
     metrics,
     logger,
   });
-  const options = { service, limits: config.limits, telemetry, logger };
+  const auth = config.auth && { bearer: new BearerAuth(config.auth.token), probes: config.auth.probes };
+  const options = { service, limits: config.limits, telemetry, logger, ...(auth ? { auth } : {}) };
   const rest = await buildRestApp(options);
   const grpc = buildGrpcServer(options);
 
@@ -73,16 +77,23 @@ export async function startApiServer(
     const address = rest.server.address();
     if (address === null || typeof address === 'string') throw new Error('REST server has no TCP address');
     restAddress = `http://${hostPort(config.restListen.host, address.port)}`;
-    grpcAddress = await bindGrpc(grpc.server, config.grpcListen);
+    grpcAddress = await bindGrpc(grpc.server, config.grpcListen, grpcServerCredentials(config.grpcTls));
   } catch (err) {
     await closeTransports();
     await service.close();
     throw err;
   }
   logger.info(
-    { rest: restAddress, grpc: grpcAddress, agentSocket: config.agentSocket },
+    {
+      rest: restAddress,
+      grpc: grpcAddress,
+      agentSocket: config.agentSocket,
+      auth: config.auth ? 'bearer token' : 'none',
+      grpcTls: config.grpcTls ? (config.grpcTls.clientCa ? 'mtls' : 'tls') : 'none',
+    },
     'api server listening',
   );
+  warnIfExposed(config, logger);
 
   let stopping: Promise<void> | undefined;
   const stop = () => {
@@ -98,6 +109,17 @@ export async function startApiServer(
     return stopping;
   };
   return { restAddress, grpcAddress, stop };
+}
+
+/** Anyone who can reach a non-loopback address may change the device mappings when nothing checks who. */
+export function warnIfExposed(config: ApiConfig, logger: Logger): void {
+  if (config.auth) return;
+  if (!isLoopback(config.restListen.host)) {
+    logger.warn({ host: config.restListen.host }, 'REST listens beyond loopback without authentication');
+  }
+  if (!isLoopback(config.grpcListen.host) && config.grpcTls?.clientCa === undefined) {
+    logger.warn({ host: config.grpcListen.host }, 'gRPC listens beyond loopback without authentication');
+  }
 }
 
 async function main(): Promise<void> {

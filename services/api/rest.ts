@@ -31,6 +31,7 @@ import {
 import { invalid } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
+import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { Telemetry } from './observe.ts';
 import { SCHEMAS } from './openapi.ts';
 
@@ -39,6 +40,14 @@ export interface RestOptions {
   limits: ApiLimits;
   telemetry: Telemetry;
   logger: Logger;
+  /** Absent: no token asked for. */
+  auth?: ApiAuth;
+}
+
+interface RouteConfig {
+  name?: string;
+  /** Health and metrics: open unless the probes need the token too. */
+  probe?: boolean;
 }
 
 interface Input {
@@ -227,6 +236,22 @@ export async function buildRestApp(opts: RestOptions) {
     return reply.code(httpStatus(err)).send(errorBody(err));
   };
 
+  const { auth } = opts;
+  if (auth) {
+    // onRequest: before the body is read, so no one unauthenticated gets a body parsed.
+    app.addHook('onRequest', async (request, reply) => {
+      if (auth.probes === 'open' && (request.routeOptions.config as RouteConfig).probe) return;
+      const header = request.headers.authorization;
+      try {
+        auth.bearer.check(header === undefined ? [] : [header]);
+      } catch (e) {
+        if (!(e instanceof AuthError)) throw e;
+        void reply.header('www-authenticate', wwwAuthenticate(e));
+        return sendError(e, request, reply);
+      }
+    });
+  }
+
   app.setErrorHandler((err: FastifyError, request, reply) => {
     const serviceError = err instanceof ServiceError ? err : (fromFastify(err) ?? toServiceError(err));
     if (serviceError.code === 'INTERNAL') request.log.error({ err }, 'request failed');
@@ -236,7 +261,7 @@ export async function buildRestApp(opts: RestOptions) {
     sendError(new ServiceError('NOT_FOUND', `no route ${request.method} ${request.url}`), request, reply),
   );
   app.addHook('onResponse', async (request, reply) => {
-    const name = (request.routeOptions.config as { name?: string }).name ?? 'Unknown';
+    const name = (request.routeOptions.config as RouteConfig).name ?? 'Unknown';
     const code = outcome.get(request) ?? 'OK';
     telemetry.observe({ transport: 'rest', method: name, code, seconds: reply.elapsedTime / 1000 });
     request.log.debug({ method: name, code, status: reply.statusCode, ms: reply.elapsedTime }, 'request');
@@ -276,13 +301,14 @@ export async function buildRestApp(opts: RestOptions) {
   }
 
   const hidden = { hide: true };
-  app.get('/healthz', { config: { name: 'Healthz' }, schema: hidden }, async () => ({ status: 'ok' }));
-  app.get('/readyz', { config: { name: 'Readyz' }, schema: hidden }, async (request, reply) => {
+  const probe = (name: string): RouteConfig => ({ name, probe: true });
+  app.get('/healthz', { config: probe('Healthz'), schema: hidden }, async () => ({ status: 'ok' }));
+  app.get('/readyz', { config: probe('Readyz'), schema: hidden }, async (request, reply) => {
     if (service.isReady()) return { ready: true };
     outcome.set(request, 'UNAVAILABLE');
     return reply.code(503).header('retry-after', '1').send({ ready: false });
   });
-  app.get('/metrics', { config: { name: 'Metrics' }, schema: hidden }, async (_request, reply) => {
+  app.get('/metrics', { config: probe('Metrics'), schema: hidden }, async (_request, reply) => {
     const text = await telemetry.registry.metrics();
     return reply.header('content-type', telemetry.registry.contentType).send(text);
   });

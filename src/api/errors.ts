@@ -19,6 +19,9 @@ export const ERROR_TABLE: Readonly<Record<ServiceErrorCode, Wire>> = {
   PERMISSION_DENIED: { http: 403, grpc: GrpcStatus.PERMISSION_DENIED },
   UNAUTHENTICATED: { http: 401, grpc: GrpcStatus.UNAUTHENTICATED },
   RESOURCE_EXHAUSTED: { http: 429, grpc: GrpcStatus.RESOURCE_EXHAUSTED },
+  // 409, not 429: the request conflicts with what the device has mapped; a retry cannot succeed
+  // until something is unmapped, so no Retry-After either.
+  QUOTA_EXCEEDED: { http: 409, grpc: GrpcStatus.RESOURCE_EXHAUSTED },
   UNAVAILABLE: { http: 503, grpc: GrpcStatus.UNAVAILABLE },
   DEVICE_ERROR: { http: 502, grpc: GrpcStatus.INTERNAL },
   INTERNAL: { http: 500, grpc: GrpcStatus.INTERNAL },

@@ -26,6 +26,7 @@ import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
 import { type GroupRun, runGroup, type Step } from './group.ts';
 import { failuresOf, outcomeOf } from './outcome.ts';
+import type { Quota } from './quota.ts';
 import type { FlushEntry, Outcome, QueueEntry, WriteEntry } from './types.ts';
 import type { MemoryLookup } from './validate.ts';
 import { WorkingTables } from './working.ts';
@@ -42,6 +43,8 @@ export interface DeviceQueueOptions {
   maxQueued: number;
   /** Most requests drained into one group. */
   maxGroup: number;
+  /** Limits on what the device may have mapped (checked unit by unit, in order). */
+  quota?: Quota;
   /** The idempotency record to keep for an answer, if any. */
   remember: (entry: WriteEntry, outcome: Outcome) => IdempotencyRecord | undefined;
   /** Applied and durable changes, in order. */
@@ -295,7 +298,15 @@ export class DeviceQueue {
 
     const work = this.work!;
     const run: GroupRun = await runGroup(
-      { device, port: this.opts.port, memory: this.opts.memory, work, bootId: this.bootId, metrics },
+      {
+        device,
+        port: this.opts.port,
+        memory: this.opts.memory,
+        work,
+        bootId: this.bootId,
+        metrics,
+        quota: this.opts.quota ?? {},
+      },
       live,
     );
     this.lastGroupMs = Number(process.hrtime.bigint() - now) / 1e6;

@@ -21,6 +21,7 @@ import type { AgentPort } from '../service/agent-port.ts';
 import { ServiceError } from '../service/errors.ts';
 import { applyAtAgent, describeOp, NotDone, notDone } from './agent-apply.ts';
 import { planConverge } from './converge.ts';
+import { type Quota, quotaError, usageOf } from './quota.ts';
 import type { WriteEntry } from './types.ts';
 import { applyStep, batchOpAt, type MemoryLookup, type StepPlan, stepCount } from './validate.ts';
 import type { WorkingTables } from './working.ts';
@@ -33,6 +34,7 @@ export interface GroupContext {
   /** The agent the device was reconciled with: an answer from another one means a restart. */
   bootId: string;
   metrics: Metrics;
+  quota: Quota;
 }
 
 export interface Step {
@@ -95,8 +97,17 @@ function validate(ctx: GroupContext, step: Step): void {
   step.plan = undefined;
   step.error = undefined;
   step.refusedOp = undefined;
+  const before = usageOf(ctx.work.spaces);
   try {
     step.plan = applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
+    const { request } = step.entry;
+    const field = request.kind === 'batch' && !request.atomic ? `ops[${step.index}]` : undefined;
+    const over = quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), field);
+    if (over) {
+      step.plan = undefined;
+      ctx.work.rollback(step.mark);
+      throw over;
+    }
   } catch (e) {
     step.error =
       e instanceof ServiceError

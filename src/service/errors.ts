@@ -11,7 +11,8 @@ export type ServiceErrorCode =
   | 'FAILED_PRECONDITION' // 409 / FAILED_PRECONDITION: memory still mapped, device not ready
   | 'PERMISSION_DENIED' // 403 / PERMISSION_DENIED: memory path outside the allowed roots
   | 'UNAUTHENTICATED' // 401 / UNAUTHENTICATED
-  | 'RESOURCE_EXHAUSTED' // 429 / RESOURCE_EXHAUSTED: queue full or quota; `retryAfterMs` set
+  | 'RESOURCE_EXHAUSTED' // 429 / RESOURCE_EXHAUSTED: queue full; `retryAfterMs` set
+  | 'QUOTA_EXCEEDED' // 409 / RESOURCE_EXHAUSTED: the device's quota (bytes, entries); waiting does not help
   | 'UNAVAILABLE' // 503 / UNAVAILABLE: agent unreachable or store cannot write; retry later
   | 'DEVICE_ERROR' // 502 / INTERNAL: the device (kernel) refused; `errno` says how
   | 'INTERNAL'; // 500 / INTERNAL

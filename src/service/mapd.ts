@@ -21,6 +21,7 @@ import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import type { Mapping } from '../iotlb/types.ts';
 import { createMetrics, type Metrics } from '../metrics/metrics.ts';
 import { DeviceQueue } from '../queue/device-queue.ts';
+import { type QuotaConfig, quotaError, quotaOf } from '../queue/quota.ts';
 import type { Outcome, WriteAnswer, WriteEntry, WriteRequest } from '../queue/types.ts';
 import { applySetMemTable } from '../queue/validate.ts';
 import { WorkingTables } from '../queue/working.ts';
@@ -75,6 +76,8 @@ export interface MapdServiceOptions {
   maxGroup?: number;
   /** How long flush waits (default 30 s). */
   flushTimeoutMs?: number;
+  /** Per-device limits on mapped bytes and entries (default none). */
+  quotas?: QuotaConfig;
   /** Idempotency records kept per device (default 10,000). */
   idempotencyPerDevice?: number;
   /** Backoff of reconnect / reconcile retries (default 200 ms doubling up to 5 s). */
@@ -325,7 +328,19 @@ class Mapd implements MapdCore {
       for (const m of sortedMappings(this.store.state.devices.get(device), asid))
         spaces.apply({ type: 'update', ...m });
     }
-    return { ...applySetMemTable(new WorkingTables(spaces), this.memory, asid, regions), dryRun: true };
+    // The quota counts every address space; only `asid`'s table is loaded.
+    const others = { bytes: 0n, entries: 0 };
+    for (const m of this.store.state.devices.get(device)?.mappings.values() ?? []) {
+      if (m.asid === asid) continue;
+      others.bytes += m.size;
+      others.entries++;
+    }
+    const usage = () => ({ bytes: others.bytes + spaces.bytes, entries: others.entries + spaces.count });
+    const before = usage();
+    const result = applySetMemTable(new WorkingTables(spaces), this.memory, asid, regions);
+    const over = quotaError(device, quotaOf(this.opts.quotas, device), before, usage());
+    if (over) throw over;
+    return { ...result, dryRun: true };
   }
 
   private slotOf(name: string): Slot {
@@ -339,6 +354,7 @@ class Mapd implements MapdCore {
       metrics: this.metrics,
       maxQueued: this.opts.maxQueued ?? 1024,
       maxGroup: this.opts.maxGroup ?? 256,
+      quota: quotaOf(this.opts.quotas, name),
       remember: (entry, outcome) =>
         entry.mode === 'sync' && entry.requestId !== undefined && entry.digest !== undefined
           ? recordOf(entry.requestId, entry.digest, outcome)
