@@ -1,0 +1,70 @@
+/**
+ * vdpactl's connection to the API server: the public API's gRPC clients (the same proto loading as
+ * the server), the bearer token as call metadata, a deadline on every unary call.
+ */
+import {
+  type Client,
+  type ClientReadableStream,
+  credentials,
+  Metadata,
+  type ServiceError,
+} from '@grpc/grpc-js';
+import { DeviceServiceClient, MappingServiceClient, MemoryServiceClient } from '../api/proto.ts';
+
+// biome-ignore lint/suspicious/noExplicitAny: answers are read field by field by the renderers
+export type Answer = any;
+
+export interface ConnectionOptions {
+  server: string;
+  token: string | undefined;
+  timeoutMs: number;
+}
+
+type Unary = (
+  request: object,
+  metadata: Metadata,
+  options: { deadline: number },
+  callback: (err: ServiceError | null, answer: Answer) => void,
+) => void;
+
+export interface Connection {
+  devices(method: string, request: object): Promise<Answer>;
+  mappings(method: string, request: object): Promise<Answer>;
+  memory(method: string, request: object): Promise<Answer>;
+  /** WatchMappings, with no deadline: it runs until cancelled. */
+  watch(request: object): ClientReadableStream<Answer>;
+  close(): void;
+}
+
+export function connect({ server, token, timeoutMs }: ConnectionOptions): Connection {
+  const creds = credentials.createInsecure();
+  const devices = new DeviceServiceClient(server, creds);
+  const mappings = new MappingServiceClient(server, creds);
+  const memory = new MemoryServiceClient(server, creds);
+  const metadata = () => {
+    const m = new Metadata();
+    if (token !== undefined) m.set('authorization', `Bearer ${token}`);
+    return m;
+  };
+  const unary = (client: Client) => (method: string, request: object) =>
+    new Promise<Answer>((resolve, reject) => {
+      const fn = (client as unknown as Record<string, Unary>)[method]!;
+      fn.call(client, request, metadata(), { deadline: Date.now() + timeoutMs }, (err, answer) =>
+        err ? reject(err) : resolve(answer),
+      );
+    });
+  return {
+    devices: unary(devices),
+    mappings: unary(mappings),
+    memory: unary(memory),
+    watch: (request) =>
+      (
+        mappings as unknown as {
+          watchMappings(r: object, m: Metadata): ClientReadableStream<Answer>;
+        }
+      ).watchMappings(request, metadata()),
+    close: () => {
+      for (const c of [devices, mappings, memory]) c.close();
+    },
+  };
+}

@@ -1,0 +1,67 @@
+/**
+ * The file of `vdpactl memtable apply -f FILE`: the body of REST `PUT /v1/devices/{device}/memtable`,
+ *
+ *   {"asid": 0, "regions": [{"iova": "0x100000", "size": "2M", "memory": "ram0", "offset": "0", "perm": "rw"}]}
+ *
+ * Unknown keys are refused here: gRPC would drop them silently, and a misspelt "offset" must not
+ * quietly map offset 0.
+ */
+import { UsageError, u32Arg, u64Field } from './values.ts';
+
+export interface MemTableRegion {
+  iova: string;
+  size: string;
+  memory: string;
+  offset?: string;
+  perm?: string;
+}
+
+export interface MemTableFile {
+  asid?: number;
+  regions: MemTableRegion[];
+}
+
+const TOP_KEYS = ['asid', 'regions'];
+const REGION_KEYS = ['iova', 'size', 'memory', 'offset', 'perm'];
+
+function object(value: unknown, where: string, keys: readonly string[]): Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new UsageError(`${where}: expected an object`);
+  const unknown = Object.keys(value).filter((k) => !keys.includes(k));
+  if (unknown.length > 0)
+    throw new UsageError(`${where}: unknown key ${JSON.stringify(unknown[0])} (known: ${keys.join(', ')})`);
+  return value as Record<string, unknown>;
+}
+
+function text(value: unknown, where: string): string {
+  if (typeof value !== 'string' || value === '')
+    throw new UsageError(`${where}: expected a non-empty string`);
+  return value;
+}
+
+function region(value: unknown, where: string): MemTableRegion {
+  const r = object(value, where, REGION_KEYS);
+  return {
+    iova: u64Field(r.iova, `${where}.iova`),
+    size: u64Field(r.size, `${where}.size`),
+    memory: text(r.memory, `${where}.memory`),
+    ...(r.offset === undefined ? {} : { offset: u64Field(r.offset, `${where}.offset`) }),
+    ...(r.perm === undefined ? {} : { perm: text(r.perm, `${where}.perm`) }),
+  };
+}
+
+/** Parses the file's text; `name` (the path) prefixes every complaint. */
+export function parseMemTableFile(content: string, name: string): MemTableFile {
+  let json: unknown;
+  try {
+    json = JSON.parse(content);
+  } catch (e) {
+    throw new UsageError(`${name}: not JSON: ${(e as Error).message}`);
+  }
+  const top = object(json, name, TOP_KEYS);
+  if (!Array.isArray(top.regions)) throw new UsageError(`${name}: "regions" must be an array`);
+  return {
+    ...(top.asid === undefined ? {} : { asid: u32Arg(String(top.asid), `${name}: asid`) }),
+    regions: top.regions.map((r, i) => region(r, `${name}: regions[${i}]`)),
+  };
+}
