@@ -136,6 +136,16 @@ describe('u64', () => {
 });
 
 describe('requests', () => {
+  test('the default body limit holds a table of the default most regions, in their longest form', () => {
+    const hex64 = `0x${'f'.repeat(16)}`;
+    const region = { iova: hex64, size: hex64, memory: 'm'.repeat(64), offset: hex64, perm: 'rw' };
+    const body = JSON.stringify({ asid: 0, regions: Array(DEFAULT_LIMITS.maxRegions).fill(region) });
+    assert.ok(
+      Buffer.byteLength(body) <= DEFAULT_LIMITS.bodyLimit,
+      `${Buffer.byteLength(body)} > ${DEFAULT_LIMITS.bodyLimit}`,
+    );
+  });
+
   test('map: defaults and values', () => {
     assert.deepEqual(parseMap('vdpa0', { ...MAP }), {
       device: 'vdpa0',
