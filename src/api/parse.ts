@@ -23,8 +23,12 @@ export interface ApiLimits {
   maxRegions: number;
 }
 
-/** The body limit holds a memory table of maxRegions regions in their longest JSON form (~10 MB). */
-export const DEFAULT_LIMITS: ApiLimits = { bodyLimit: 16 * 1024 * 1024, maxBatchOps: 4096, maxRegions: 65536 };
+/** The body limit holds a memory table of maxRegions regions in their longest JSON form (about 12 MiB). */
+export const DEFAULT_LIMITS: ApiLimits = {
+  bodyLimit: 16 * 1024 * 1024,
+  maxBatchOps: 4096,
+  maxRegions: 65536,
+};
 
 const ID = /^[A-Za-z0-9._-]{1,64}$/;
 const MAX_REQUEST_ID = 128;
