@@ -93,6 +93,20 @@ async function stop(child: Child): Promise<void> {
   clearTimeout(timer);
 }
 
+/** Waits until /readyz answers 200: every device reconciled, so a first curl is not refused. */
+async function untilReady(rest: string): Promise<void> {
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    const status = await fetch(`${rest}/readyz`).then(
+      (r) => r.status,
+      () => 0,
+    );
+    if (status === 200) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`the API server was not ready in ${START_TIMEOUT_MS / 1000} s (${rest}/readyz)`);
+}
+
 function hints(rest: string, grpc: string): string {
   const g = grpc.replace(/^dns:|^ipv4:/, '');
   return `
@@ -155,7 +169,9 @@ async function main(): Promise<void> {
     );
     children.push(api.child);
     const listening = await api.ready;
-    process.stdout.write(hints(String(listening['rest']), String(listening['grpc'])));
+    const rest = String(listening['rest']);
+    await untilReady(rest);
+    process.stdout.write(hints(rest, String(listening['grpc'])));
 
     // Either process ending on its own ends the system: stop the other and report it.
     const first = await Promise.race(children.map((c) => c.exited.then((code) => ({ c, code }))));
