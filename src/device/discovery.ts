@@ -20,12 +20,20 @@ export interface VdpaDeviceInfo {
   node: string | null;
   /** The bound driver (vhost_vdpa, virtio_vdpa), or null. */
   driver: string | null;
+  /**
+   * Whether its parent is VDUSE (the device lives under /sys/devices/virtual/vduse/<name>/). VDUSE
+   * allocates its vdpa device with use_va (vduse_dev_init_vdpa), so vhost_vdpa_map takes the VA
+   * path and pins nothing; other parents (hardware) pin every mapped page (vhost_vdpa_pa_map).
+   */
+  vduse: boolean;
 }
 
 export interface DiscoveredNode {
   node: string;
   /** The vdpa device's name when sysfs knows it, else the node's basename. */
   name: string;
+  /** Whether mapping pins memory (PA mode): false only for a parent known to use VA mode. */
+  pinned: boolean;
 }
 
 const NODE_RE = /^vhost-vdpa-(\d+)$/;
@@ -47,18 +55,25 @@ export function listVdpaDevices(roots: DiscoveryRoots = {}): VdpaDeviceInfo[] {
     .map((name) => {
       const dir = path.join(sysDir, name);
       const child = readDir(dir).find((n) => NODE_RE.test(n));
-      return { name, node: child ? path.join(devDir, child) : null, driver: driverOf(dir) };
+      return {
+        name,
+        node: child ? path.join(devDir, child) : null,
+        driver: driverOf(dir),
+        vduse: underVduse(dir),
+      };
     });
 }
 
 /** Every vhost-vdpa node, named after its vdpa device where sysfs says which one it is. */
 export function discoverVhostVdpa(roots: DiscoveryRoots = {}): DiscoveredNode[] {
-  const names = new Map<string, string>();
-  for (const d of listVdpaDevices(roots)) if (d.node) names.set(d.node, d.name);
-  return listVhostVdpaNodes(roots.devDir).map((node) => ({
-    node,
-    name: names.get(node) ?? path.basename(node),
-  }));
+  return listVhostVdpaNodes(roots.devDir).map((node) => describeNode(node, roots));
+}
+
+/** What sysfs says about one node; a node sysfs does not know keeps its basename and pins. */
+export function describeNode(node: string, roots: DiscoveryRoots = {}): DiscoveredNode {
+  const real = path.resolve(node);
+  const d = listVdpaDevices(roots).find((v) => v.node !== null && path.resolve(v.node) === real);
+  return { node, name: d?.name ?? path.basename(node), pinned: !(d?.vduse ?? false) };
 }
 
 function nodeIndex(name: string): number {
@@ -79,6 +94,15 @@ function driverOf(dir: string): string | null {
     return path.basename(fs.readlinkSync(path.join(dir, 'driver')));
   } catch (e) {
     if (isAbsent(e)) return null;
+    throw e;
+  }
+}
+
+function underVduse(dir: string): boolean {
+  try {
+    return fs.realpathSync(dir).split(path.sep).includes('vduse');
+  } catch (e) {
+    if (isAbsent(e)) return false;
     throw e;
   }
 }

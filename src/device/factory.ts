@@ -1,18 +1,28 @@
 /**
  * Device specs (the agent's `--device` flags) and opening them:
  *   sim:<name>[,iommu=platform|onchip][,asnum=N][,range=FIRST-LAST][,features=A|B|0xMASK]
- *            [,pushDelayMs=N][,deviceId=N][,vqs=N]
+ *            [,pushDelayMs=N][,deviceId=N][,vqs=N][,failIova=ADDR][,memlock=BYTES]
  *   kernel:auto                         every /dev/vhost-vdpa-* found
  *   kernel:/dev/vhost-vdpa-N[,name=NAME]
- * Keys are case-insensitive; numbers are decimal or 0x hex.
+ * Keys are case-insensitive; numbers are decimal or 0x hex. `failIova` is a fault-injection knob
+ * for tests and drills: every UPDATE message for IOVA ADDR fails with EFAULT, as a failed pin would.
+ * `memlock` simulates a parent in PA mode under that RLIMIT_MEMLOCK; the agent's pre-write check
+ * charges every such device to one account, as the kernel charges one process, so the value must
+ * be the same on all of them.
  */
 import path from 'node:path';
 import type { IovaRange } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
-import { BackendFeature, type BackendFeatureName, backendFeatureMask } from '../uapi/constants.ts';
-import { type DiscoveryRoots, discoverVhostVdpa } from './discovery.ts';
+import {
+  BackendFeature,
+  type BackendFeatureName,
+  backendFeatureMask,
+  IotlbMsgType,
+} from '../uapi/constants.ts';
+import { type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
 import { DeviceError } from './errors.ts';
 import { KernelDevice } from './kernel.ts';
+import { PinnedMemory } from './memlock.ts';
 import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
 import type { VhostTransport } from './transport.ts';
 import type { Device, DeviceLogger } from './types.ts';
@@ -24,7 +34,17 @@ export type DeviceSpec =
 
 const NAME_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const U64_MAX = (1n << 64n) - 1n;
-const SIM_KEYS = ['iommu', 'asnum', 'range', 'features', 'pushdelayms', 'deviceid', 'vqs'] as const;
+const SIM_KEYS = [
+  'iommu',
+  'asnum',
+  'range',
+  'features',
+  'pushdelayms',
+  'deviceid',
+  'vqs',
+  'failiova',
+  'memlock',
+] as const;
 
 export function parseDeviceSpec(spec: string): DeviceSpec {
   const fail = (message: string, field: string): never => {
@@ -87,6 +107,14 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
       case 'vqs':
         options.vqCount = parseInteger(value, 0, 0xffff) ?? bad('must be an integer in 0..65535');
         break;
+      case 'failiova': {
+        const iova = parseU64(value) ?? bad('must be a u64');
+        options.failOn = (msg) => msg.iotlb.type === IotlbMsgType.UPDATE && msg.iotlb.iova === iova;
+        break;
+      }
+      case 'memlock':
+        options.memlock = parseU64(value) ?? bad('must be a number of bytes (a u64)');
+        break;
     }
   }
   return { kind: 'simulated', options };
@@ -112,7 +140,7 @@ export async function openDevices(
   type Plan = { name: string; open: () => Device };
   const plans: Plan[] = [];
   const nodes = new Set<string>();
-  const kernel = (node: string, name: string): Plan => {
+  const kernel = (node: string, name: string, pinned: boolean): Plan => {
     const real = path.resolve(node);
     if (nodes.has(real))
       throw new DeviceError('DUPLICATE_NAME', `device node ${node} is given twice`, { field: node });
@@ -123,24 +151,39 @@ export async function openDevices(
         new KernelDevice({
           node,
           name,
+          pinned,
           memory: registry,
           ...(logger ? { logger } : {}),
           ...(opts.openTransport ? { openTransport: opts.openTransport } : {}),
         }),
     };
   };
+  let simPins: { limit: bigint; pins: PinnedMemory } | undefined;
   for (const spec of specs.map(parseDeviceSpec)) {
     if (spec.kind === 'simulated') {
+      const { memlock } = spec.options;
+      if (memlock !== undefined) {
+        if (simPins !== undefined && simPins.limit !== memlock) {
+          throw new DeviceError(
+            'INVALID_SPEC',
+            `device spec of ${spec.options.name}: memlock=${memlock} differs from ${simPins.limit} (the agent has one RLIMIT_MEMLOCK)`,
+            { field: 'memlock' },
+          );
+        }
+        simPins ??= { limit: memlock, pins: new PinnedMemory(() => memlock) };
+      }
+      const options = memlock === undefined ? spec.options : { ...spec.options, pins: simPins!.pins };
       plans.push({
         name: spec.options.name,
-        open: () => new SimulatedDevice(spec.options, registry, logger),
+        open: () => new SimulatedDevice(options, registry, logger),
       });
     } else if (spec.node === 'auto') {
       const found = discoverVhostVdpa(opts.discovery);
       if (found.length === 0) logger?.warn({}, 'kernel:auto found no /dev/vhost-vdpa-* device');
-      for (const d of found) plans.push(kernel(d.node, d.name));
+      for (const d of found) plans.push(kernel(d.node, d.name, d.pinned));
     } else {
-      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node)));
+      const d = describeNode(spec.node, opts.discovery);
+      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node), d.pinned));
     }
   }
   const seen = new Set<string>();

@@ -3,7 +3,8 @@
  * (vhost_chr_write_iter), so before a message is written the guard decides, against its mirror of
  * the kernel's tables, the negotiated features and the memory registry, whether the kernel would
  * accept it, and if not gives the precise reason. It also keeps the registry's per-memory entry
- * counts in step with the mirror.
+ * counts in step with the mirror, and, for a device that pins (PA mode), the pages charged to
+ * RLIMIT_MEMLOCK.
  */
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { violation } from '../iotlb/table.ts';
@@ -17,6 +18,7 @@ import {
 } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import { hasBackendFeature } from '../uapi/constants.ts';
+import type { PinnedMemory } from './memlock.ts';
 import type { OpResult } from './types.ts';
 
 export type OpFailure = Extract<OpResult, { ok: false }>;
@@ -39,6 +41,8 @@ export class IotlbGuard {
     range: IovaRange,
     features: bigint,
     private readonly memory: MemoryRegistry,
+    /** The process's pinned pages, for a device in PA mode; undefined in VA mode. */
+    private readonly pins?: PinnedMemory,
   ) {
     this.spaces = new AddressSpaces(asNum, range);
     // vhost_chr_write_iter reads the asid of a v2 message only with IOTLB_ASID; v1 messages carry
@@ -55,7 +59,8 @@ export class IotlbGuard {
   /**
    * Decides one op. Checks in the kernel's order: asid (vhost_vdpa_find_alloc_as /
    * asid_to_iotlb), size 0 (vhost_chr_write_iter), overflow and IOVA range, then overlap
-   * (vhost_vdpa_process_iotlb_update); then what the kernel does not check: perm and the memory.
+   * (vhost_vdpa_process_iotlb_update), RLIMIT_MEMLOCK in PA mode (vhost_vdpa_pa_map); then what
+   * the kernel does not check: perm and the memory.
    *
    * An INVALIDATE of an address space the kernel has not allocated yet is skipped: the kernel
    * allocates one only on an UPDATE or BATCH_BEGIN naming it and refuses an INVALIDATE without
@@ -70,6 +75,19 @@ export class IotlbGuard {
     if (bad) return { action: 'refuse', result: violationResult(bad) };
     if (op.type === 'invalidate') {
       return this.allocated.has(asid) ? { action: 'write', asid, uaddr: 0n } : { action: 'skip', asid };
+    }
+    const overLimit = this.pins?.refusal(op.iova, op.size);
+    if (overLimit !== undefined) {
+      return {
+        action: 'refuse',
+        result: {
+          ok: false,
+          errno: 'ENOMEM',
+          code: 'MEMLOCK',
+          field: 'size',
+          message: `${overLimit}: not written (the kernel would answer ENOMEM, reported to userspace as EFAULT)`,
+        },
+      };
     }
     const err = this.memory.check(op.memory, op.offset, op.size);
     if (err) {
@@ -96,7 +114,8 @@ export class IotlbGuard {
 
   /** The kernel accepted the op: apply it to the mirror (an INVALIDATE may remove several entries). */
   commit(op: IotlbOp, asid: number): void {
-    for (const r of this.spaces.apply({ ...op, asid })) this.memory.unretain(r.memory);
+    for (const r of this.spaces.apply({ ...op, asid })) this.release(r);
+    if (op.type === 'update') this.pins?.pin(op.iova, op.size);
   }
 
   /** The kernel refused an admitted op: drop the reference `admit` took for an UPDATE. */
@@ -108,10 +127,16 @@ export class IotlbGuard {
     return this.spaces.mappings();
   }
 
+  /** An entry is gone from the kernel: its memory reference and its pinned pages. */
+  private release(entry: { memory: string; iova: bigint; size: bigint }): void {
+    this.memory.unretain(entry.memory);
+    this.pins?.unpin(entry.iova, entry.size);
+  }
+
   /** The fd was closed: the kernel dropped every entry and address space. */
   clear(): Mapping[] {
     const all = this.spaces.clear();
-    for (const m of all) this.memory.unretain(m.memory);
+    for (const m of all) this.release(m);
     this.allocated.clear();
     return all;
   }

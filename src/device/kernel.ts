@@ -17,7 +17,7 @@ export interface KernelDeviceOptions {
   name?: string;
   memory: MemoryRegistry;
   logger?: DeviceLogger;
-  /** Whether the parent pins pages (PA mode); userspace cannot ask, so the default assumes it does. */
+  /** Whether the parent pins pages (PA mode): discovery knows VDUSE does not; otherwise assume it does. */
   pinned?: boolean;
   /** Default 'unknown': the kind of IOMMU is not visible from userspace. */
   iommu?: IommuKind;

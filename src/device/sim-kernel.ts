@@ -9,7 +9,9 @@
  *
  * Known simplifications, each refused rather than guessed: a message must be exactly 72 bytes
  * (the kernel reads the first 34 and ignores the rest), and perm must be RO/WO/RW (the kernel
- * stores any value). Pinning limits (RLIMIT_MEMLOCK) are not modelled.
+ * stores any value). With `memlock` set the parent pins like one in PA mode: an UPDATE that would
+ * pass that RLIMIT_MEMLOCK is refused as vhost_vdpa_pa_map does (ENOMEM, seen as EFAULT); unlike the
+ * kernel, whose count is per process, each simulated device counts only its own pages.
  */
 import { IovaTable } from '../iotlb/table.ts';
 import { type IovaRange, type Mapping, type Perm, type Region, U64_LIMIT } from '../iotlb/types.ts';
@@ -25,6 +27,7 @@ import {
 } from '../uapi/constants.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
 import { decodeVhostMsg, type IotlbMsg, UapiError, type VhostMsg } from '../uapi/message.ts';
+import { PinnedMemory } from './memlock.ts';
 import { TransportError, type VhostTransport } from './transport.ts';
 
 const U64_MAX = U64_LIMIT - 1n;
@@ -52,6 +55,8 @@ export interface SimulatedVdpaConfig extends FaultInjection {
   offeredFeatures: bigint;
   /** Time each set_map push takes (onchip), awaited by the writer. */
   pushDelayMs: number;
+  /** PA mode under this RLIMIT_MEMLOCK (bytes); absent: VA mode, nothing pinned. */
+  memlock?: bigint;
 }
 
 export interface SimCounters {
@@ -92,12 +97,16 @@ export class SimulatedVdpa {
   private suspendedFlag = false;
   /** Number of the next UPDATE/INVALIDATE message, for fault injection. */
   private opSeq = 0;
+  /** PA mode: the pages pinned for the kernel's tables (mm->pinned_vm of this device alone). */
+  readonly pins: PinnedMemory | undefined;
 
   constructor(
     readonly config: SimulatedVdpaConfig,
     readonly memory: MemoryRegistry,
   ) {
     this.deviceTables = this.emptyTables();
+    const { memlock } = config;
+    this.pins = memlock === undefined ? undefined : new PinnedMemory(() => memlock);
   }
 
   /** vhost_vdpa_open: EBUSY while another file is open; opening resets the device. */
@@ -379,6 +388,9 @@ class SimVhostFile implements VhostTransport {
     if (perm === undefined)
       throw new HandlerError('EINVAL', `perm ${m.perm} is not RO/WO/RW (not simulated)`);
     if (inject) throw new HandlerError('EFAULT', 'injected fault on UPDATE', true);
+    // vhost_vdpa_pa_map checks the lock limit before pinning anything.
+    const overLimit = this.parent.pins?.refusal(m.iova, m.size);
+    if (overLimit !== undefined) throw new HandlerError('ENOMEM', overLimit);
     // vhost_vdpa_va_map: one entry per piece of shared file-backed memory; holes are skipped.
     for (const entry of this.resolve(m.iova, m.size, m.uaddr, perm)) this.map(asid, table, entry);
   }
@@ -386,6 +398,7 @@ class SimVhostFile implements VhostTransport {
   /** vhost_vdpa_map: add to the vhost table, then dma_map, or set_map outside a batch. */
   private map(asid: number, table: IovaTable, entry: Region): void {
     table.map(entry);
+    this.parent.pins?.pin(entry.iova, entry.size);
     if (this.parent.config.iommu === 'platform') this.parent.dmaMap(asid, entry);
     else if (!this.inBatch) this.push(asid, table);
   }
@@ -400,6 +413,7 @@ class SimVhostFile implements VhostTransport {
   private iotlbUnmap(asid: number, table: IovaTable, start: bigint, last: bigint): void {
     if (last < start) return;
     for (const entry of table.invalidate(start, last - start + 1n)) {
+      this.parent.pins?.unpin(entry.iova, entry.size);
       if (this.parent.config.iommu === 'platform') this.parent.dmaUnmap(asid, entry);
     }
   }

@@ -7,6 +7,7 @@ import { FULL_IOVA_RANGE, hex, type IovaRange, U64_LIMIT } from '../iotlb/types.
 import type { MemoryRegistry } from '../memory/types.ts';
 import { backendFeatureMask, VirtioDeviceId } from '../uapi/constants.ts';
 import { DmaError } from './errors.ts';
+import { PinnedMemory } from './memlock.ts';
 import { type FaultInjection, type SimIommu, SimulatedVdpa } from './sim-kernel.ts';
 import type { DeviceCounters, DeviceLogger, DmaCapable } from './types.ts';
 import { VhostVdpaDevice } from './vhost-vdpa.ts';
@@ -41,6 +42,13 @@ export interface SimulatedDeviceOptions extends FaultInjection {
   features?: bigint;
   /** Time each set_map push takes (onchip only); default 0. */
   pushDelayMs?: number;
+  /**
+   * Simulate a parent in PA mode (pinned pages) under this RLIMIT_MEMLOCK, in bytes; default VA
+   * mode (nothing pinned).
+   */
+  memlock?: bigint;
+  /** The pinned-pages account the guard charges (to share one across devices); default its own. */
+  pins?: PinnedMemory;
 }
 
 interface DmaPiece {
@@ -68,6 +76,7 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
         configSize: options.configSize ?? 64,
         offeredFeatures: options.features ?? DEFAULT_SIM_FEATURES,
         pushDelayMs: options.pushDelayMs ?? 0,
+        ...(options.memlock !== undefined ? { memlock: options.memlock } : {}),
         ...(options.failAfter !== undefined ? { failAfter: options.failAfter } : {}),
         ...(options.failOn !== undefined ? { failOn: options.failOn } : {}),
       },
@@ -78,9 +87,12 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
       kind: 'simulated',
       node: null,
       iommu,
-      pinned: false,
+      pinned: options.memlock !== undefined,
       transport: simulator.open(),
       memory,
+      ...(options.memlock !== undefined
+        ? { pins: options.pins ?? new PinnedMemory(() => options.memlock!) }
+        : {}),
       ...(logger ? { logger } : {}),
     });
     this.simulator = simulator;

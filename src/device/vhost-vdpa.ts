@@ -19,6 +19,7 @@ import { Ioctl } from '../uapi/ioctl.ts';
 import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
 import { DeviceError } from './errors.ts';
 import { IotlbGuard, type OpFailure } from './guard.ts';
+import { type PinnedMemory, processPinnedMemory } from './memlock.ts';
 import {
   ioctlReadIovaRange,
   ioctlReadU8,
@@ -64,6 +65,8 @@ export interface VhostVdpaDeviceInit {
   transport: VhostTransport;
   memory: MemoryRegistry;
   logger?: DeviceLogger;
+  /** Where a pinning device charges its pages; default the agent process's own account. */
+  pins?: PinnedMemory;
 }
 
 export class VhostVdpaDevice implements Device {
@@ -92,6 +95,7 @@ export class VhostVdpaDevice implements Device {
       this.info.iovaRange,
       this.info.negotiatedFeatures,
       init.memory,
+      init.pinned ? (init.pins ?? processPinnedMemory()) : undefined,
     );
   }
 

@@ -4,7 +4,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { discoverVhostVdpa, listVdpaDevices, listVhostVdpaNodes } from '../../src/device/discovery.ts';
+import {
+  describeNode,
+  discoverVhostVdpa,
+  listVdpaDevices,
+  listVhostVdpaNodes,
+} from '../../src/device/discovery.ts';
 import { DeviceError } from '../../src/device/errors.ts';
 import { openDevices, parseDeviceSpec } from '../../src/device/factory.ts';
 import { SimulatedVdpa } from '../../src/device/sim-kernel.ts';
@@ -100,6 +105,9 @@ describe('discovery', () => {
     fs.mkdirSync(path.join(sys, 'devices', 'vdpa0', 'vhost-vdpa-2'), { recursive: true });
     fs.symlinkSync('../../drivers/vhost_vdpa', path.join(sys, 'devices', 'vdpa0', 'driver'));
     fs.mkdirSync(path.join(sys, 'devices', 'vdpa1'), { recursive: true });
+    // A VDUSE device: the bus entry links to /sys/devices/virtual/vduse/<name>/<vdpa device>.
+    fs.mkdirSync(path.join(sys, 'virtual', 'vduse', 'blk0', 'vdpa2', 'vhost-vdpa-10'), { recursive: true });
+    fs.symlinkSync('../virtual/vduse/blk0/vdpa2', path.join(sys, 'devices', 'vdpa2'));
   });
   after(() => fs.rmSync(root, { recursive: true, force: true }));
   const roots = () => ({ devDir: path.join(root, 'dev'), sysDir: path.join(root, 'sys', 'devices') });
@@ -110,13 +118,20 @@ describe('discovery', () => {
       path.join(root, 'dev', 'vhost-vdpa-10'),
     ]);
     assert.deepEqual(listVdpaDevices(roots()), [
-      { name: 'vdpa0', node: path.join(root, 'dev', 'vhost-vdpa-2'), driver: 'vhost_vdpa' },
-      { name: 'vdpa1', node: null, driver: null },
+      { name: 'vdpa0', node: path.join(root, 'dev', 'vhost-vdpa-2'), driver: 'vhost_vdpa', vduse: false },
+      { name: 'vdpa1', node: null, driver: null, vduse: false },
+      { name: 'vdpa2', node: path.join(root, 'dev', 'vhost-vdpa-10'), driver: null, vduse: true },
     ]);
+    // VDUSE maps in VA mode (nothing pinned); any other parent is taken to pin.
     assert.deepEqual(discoverVhostVdpa(roots()), [
-      { node: path.join(root, 'dev', 'vhost-vdpa-2'), name: 'vdpa0' },
-      { node: path.join(root, 'dev', 'vhost-vdpa-10'), name: 'vhost-vdpa-10' },
+      { node: path.join(root, 'dev', 'vhost-vdpa-2'), name: 'vdpa0', pinned: true },
+      { node: path.join(root, 'dev', 'vhost-vdpa-10'), name: 'vdpa2', pinned: false },
     ]);
+    assert.deepEqual(describeNode(path.join(root, 'dev', 'vhost-vdpa-3'), roots()), {
+      node: path.join(root, 'dev', 'vhost-vdpa-3'),
+      name: 'vhost-vdpa-3',
+      pinned: true,
+    });
   });
 
   test('missing directories mean no devices', () => {

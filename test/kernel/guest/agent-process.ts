@@ -106,6 +106,8 @@ await runChecks(
           `features ${hex(f.offeredFeatures)}/${hex(f.negotiatedFeatures)}`,
         );
         assert(f.iovaRange.first === 0n && f.iovaRange.last === (1n << 64n) - 1n, 'IOVA range');
+        // VDUSE maps in VA mode: discovery must see it, or RLIMIT_MEMLOCK would refuse large maps.
+        assert(!f.pinned, 'the VDUSE device is taken to pin memory');
         return `${f.name}: kind ${f.kind}, node ${f.node}, device id ${f.deviceId}, offered/negotiated ${hex(f.offeredFeatures)}/${hex(f.negotiatedFeatures)}, IOVA ${hex(f.iovaRange.first)}-${hex(f.iovaRange.last)}, address spaces ${f.asNum}, iommu ${f.iommu}, pinned ${f.pinned}`;
       },
     ],
