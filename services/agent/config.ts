@@ -3,7 +3,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import type { RegisterMemoryRequest } from '../../src/agent/wire.ts';
 import { parseDeviceSpec } from '../../src/device/factory.ts';
-import { defaultAllowedRoots } from '../../src/memory/allowlist.ts';
+import { defaultAllowedRoots, memoryDir } from '../../src/memory/allowlist.ts';
 
 export interface AgentConfig {
   /** Unix socket path the agent serves on. */
@@ -30,7 +30,8 @@ export const USAGE = `usage: agent [options]
                        (fault injection for tests and drills: sim:NAME,failIova=ADDR makes every
                        UPDATE for IOVA ADDR fail with EFAULT, as a failed pin would)
   --allowed-root DIR   root memory may be opened under, repeatable
-                       (VDPA_MAPD_ALLOWED_ROOTS; default /dev/hugepages, /dev/shm/vdpa-mapd)
+                       (VDPA_MAPD_ALLOWED_ROOTS; default /dev/hugepages, /dev/shm/vdpa-mapd;
+                       <state-dir>/memory, where created memory lives, is always allowed)
   --state-dir DIR      state directory            (VDPA_MAPD_STATE_DIR; default ${DEFAULT_STATE_DIR})
   --memory ID=SIZE     create memory at start (SIZE: bytes, 0x hex, or with K/M/G/T), repeatable
   --memory ID=memfd:SIZE   same, as a memfd
@@ -127,7 +128,11 @@ export function parseAgentConfig(argv: readonly string[], env: NodeJS.ProcessEnv
   return {
     socketPath,
     devices,
-    allowedRoots: roots.length > 0 ? roots.map((r) => path.resolve(r)) : defaultAllowedRoots(stateDir),
+    // The agent's own <state-dir>/memory stays allowed: after a restart it must reopen what it created.
+    allowedRoots:
+      roots.length > 0
+        ? [...roots.map((r) => path.resolve(r)), memoryDir(stateDir)]
+        : defaultAllowedRoots(stateDir),
     stateDir,
     memory: (values.memory ?? []).map(parseMemorySpec),
     logLevel: parseLogLevel(values['log-level'] ?? (env.VDPA_MAPD_LOG_LEVEL || 'info')),

@@ -21,7 +21,8 @@ test('env is read, flags win over it', () => {
   };
   const c = parseAgentConfig([], env)!;
   assert.deepEqual(c.devices, ['sim:a,iommu=onchip', 'sim:b', 'kernel:/dev/vhost-vdpa-0', 'kernel:auto']);
-  assert.deepEqual(c.allowedRoots, ['/dev/shm/x', '/hugepages']);
+  // The agent's own memory directory stays allowed whatever roots are given.
+  assert.deepEqual(c.allowedRoots, ['/dev/shm/x', '/hugepages', '/e/state/memory']);
   assert.deepEqual([c.stateDir, c.socketPath, c.logLevel], ['/e/state', '/e/agent.sock', 'debug']);
 
   const f = parseAgentConfig(
