@@ -9,77 +9,18 @@
  * agent serves (includes the API server's reconnect backoff), and from the moment the API server
  * is connected again (vdpa_mapd_agent_up 1: listing, memory re-registration and reconciliation).
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
-import { apiConfig, rest, startReadyApi, tempDir } from '../../test/integration/api-harness.ts';
+import { apiConfig, rest, spawnAgent, startReadyApi, tempDir } from '../../test/integration/api-harness.ts';
 import { alternate, type BenchContext, compare, median, scaled } from '../harness.ts';
 
 const ROUNDS = 5;
 const DEVICE = 'vdpa0';
 const PAGE = 0x1000;
 const BASE = 0x100000;
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const hex = (n: number) => `0x${n.toString(16)}`;
-
-interface AgentProcess {
-  child: ChildProcess;
-  exited: Promise<void>;
-}
-
-/** The agent as test/integration/api-harness.ts starts it (same paths under `dir`), but killable. */
-async function startAgent(dir: string): Promise<AgentProcess> {
-  const stateDir = path.join(dir, 'agent');
-  const child = spawn(
-    process.execPath,
-    [
-      '--import',
-      'tsx',
-      'services/agent/main.ts',
-      '--device',
-      'sim:vdpa0',
-      '--device',
-      'sim:vdpa1,iommu=onchip',
-      '--state-dir',
-      stateDir,
-      '--socket',
-      path.join(dir, 'agent.sock'),
-      '--allowed-root',
-      path.join(stateDir, 'memory'),
-      '--log-level',
-      'info',
-    ],
-    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let stderr = '';
-  child.stderr!.on('data', (chunk: Buffer) => {
-    stderr += chunk.toString();
-  });
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  try {
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`agent did not start in 60 s: ${stderr}`)), 60_000);
-      createInterface({ input: child.stdout! }).on('line', (line) => {
-        if (line.includes('"agent serving"')) {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-      void exited.then(() => {
-        clearTimeout(timer);
-        reject(new Error(`agent exited: ${stderr}`));
-      });
-    });
-  } catch (err) {
-    child.kill('SIGKILL');
-    throw err;
-  }
-  return { child, exited };
-}
 
 /** Polls `check` every 10 ms until it holds; fails after about 60 s. */
 async function until(check: () => Promise<boolean>, what: string): Promise<void> {
@@ -99,7 +40,7 @@ export async function benchRecovery(ctx: BenchContext): Promise<void> {
     offset: hex(k * PAGE),
   }));
   const dir = tempDir('bench-recovery');
-  let agent = await startAgent(dir);
+  let agent = await spawnAgent(dir);
   try {
     // Room for the whole table in one request at any BENCH_SCALE.
     const limits = { ...DEFAULT_LIMITS, bodyLimit: Math.max(DEFAULT_LIMITS.bodyLimit, 256 * n) };
@@ -128,11 +69,10 @@ export async function benchRecovery(ctx: BenchContext): Promise<void> {
       };
       const restart = async () => {
         const start = performance.now();
-        agent.child.kill('SIGKILL');
-        await agent.exited;
+        await agent.kill();
         // Ready before the API server has seen the loss would mean nothing: wait for it to notice.
         await until(async () => !(await ready()), 'the API server noticed the agent was gone');
-        agent = await startAgent(dir);
+        agent = await spawnAgent(dir);
         const serving = performance.now();
         await until(agentUp, 'the API server reached the new agent');
         const reconnected = performance.now();
@@ -174,8 +114,7 @@ export async function benchRecovery(ctx: BenchContext): Promise<void> {
       await api.stop();
     }
   } finally {
-    agent.child.kill('SIGTERM');
-    await agent.exited;
+    await agent.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }

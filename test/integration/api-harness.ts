@@ -37,7 +37,10 @@ export interface Agent {
   socket: string;
   /** A directory the agent accepts memory files from. */
   sharedDir: string;
+  /** SIGTERM: the agent closes its devices and removes its socket. */
   stop(): Promise<void>;
+  /** SIGKILL, as a crash: the socket file stays behind, stale. */
+  kill(): Promise<void>;
 }
 
 /** Spawns services/agent/main.ts and waits for its "agent serving" log line. */
@@ -87,7 +90,12 @@ export async function spawnAgent(dir: string): Promise<Agent> {
       reject(new Error(`agent exited with ${code}: ${stderr}`));
     });
   });
-  return { socket, sharedDir, stop: () => stopChild(child) };
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const kill = () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    return exited;
+  };
+  return { socket, sharedDir, stop: () => stopChild(child), kill };
 }
 
 function stopChild(child: ChildProcess): Promise<void> {

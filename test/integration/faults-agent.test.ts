@@ -12,7 +12,7 @@ import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import type { GrpcFailure } from './api-harness.ts';
 import { agentTable, createRig, desiredTable, mappingKeys } from './process-harness.ts';
-import { type ClientSpec, grpcWriter, ModelClient, PAGE, restWriter, type Transport } from './workload.ts';
+import { mapUnmapFleet, PAGE } from './workload.ts';
 
 const OPS_PER_CLIENT = 120;
 /** Each client waits out at most this many retry-afters for one op. */
@@ -64,22 +64,7 @@ test('agent SIGKILLed under load: writes refused with retry-after, then reconcil
     return events.length > 0;
   });
 
-  const transports: Transport[] = ['rest', 'grpc'];
-  const clients = [0, 1, 2, 3, 4, 5].map((k) => {
-    const spec: ClientSpec = {
-      name: `c${k}`,
-      device: DEVICES[k % 2]!,
-      asid: 0,
-      style: 'mapUnmap',
-      base: 0x1000_0000n * BigInt(k + 1),
-      slots: 24,
-      memory: 'ram',
-      memoryBase: BigInt(k) * 0x10_0000n,
-      seed: 2000 + k,
-    };
-    const transport = transports[Math.floor(k / 2) % 2]!;
-    return new ModelClient(spec, transport === 'rest' ? restWriter(api.http) : grpcWriter(api.grpc));
-  });
+  const clients = mapUnmapFleet(api, { memory: 'ram', slots: 24, seed: 2000 });
   const load = Promise.all(clients.map((c) => c.run({ ops: OPS_PER_CLIENT, retries: RETRIES })));
 
   await until('every client to have ops acknowledged', () => clients.every((c) => c.acked.length >= 15));

@@ -27,7 +27,7 @@ import {
   mappingKeys,
   reconciliations,
 } from './process-harness.ts';
-import { type ClientSpec, grpcWriter, ModelClient, restWriter, type Transport } from './workload.ts';
+import { grpcWriter, type ModelClient, mapUnmapFleet, restWriter } from './workload.ts';
 
 const DEVICES = ['vdpa0', 'vdpa1'] as const;
 
@@ -67,22 +67,7 @@ test('API server SIGKILLed under load: acknowledged ops kept, only the differenc
   assert.equal((await api.http('POST', '/v1/memory', { id: 'ram', size: '0x1000000' })).status, 201);
   const agent = rig.agentClient();
 
-  const transports: Transport[] = ['rest', 'grpc'];
-  const clients = [0, 1, 2, 3, 4, 5].map((k) => {
-    const spec: ClientSpec = {
-      name: `c${k}`,
-      device: DEVICES[k % 2]!,
-      asid: 0,
-      style: 'mapUnmap',
-      base: 0x1000_0000n * BigInt(k + 1),
-      slots: 24,
-      memory: 'ram',
-      memoryBase: BigInt(k) * 0x10_0000n,
-      seed: 3000 + k,
-    };
-    const transport = transports[Math.floor(k / 2) % 2]!;
-    return new ModelClient(spec, transport === 'rest' ? restWriter(api.http) : grpcWriter(api.grpc));
-  });
+  const clients = mapUnmapFleet(api, { memory: 'ram', slots: 24, seed: 3000 });
   // Far more ops than get done: every client is stopped by the kill, its last op in doubt.
   const load = Promise.all(clients.map((c) => c.run({ ops: 100_000, retries: 0 })));
   await until('every client to have ops acknowledged', () => clients.every((c) => c.acked.length >= 20));

@@ -285,3 +285,29 @@ export function percentile(values: readonly number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))]!;
 }
+
+/**
+ * Six single-page map/unmap clients on both devices (vdpa0, vdpa1 alternating), two over REST, two
+ * over gRPC, two over REST again; each on its own IOVA range and its own pages of `memory`.
+ */
+export function mapUnmapFleet(
+  api: { http: ReturnType<typeof rest>; grpc: ReturnType<typeof grpcClients> },
+  opts: { memory: string; slots: number; seed: number },
+): ModelClient[] {
+  const transports: Transport[] = ['rest', 'grpc'];
+  return [0, 1, 2, 3, 4, 5].map((k) => {
+    const spec: ClientSpec = {
+      name: `c${k}`,
+      device: k % 2 === 0 ? 'vdpa0' : 'vdpa1',
+      asid: 0,
+      style: 'mapUnmap',
+      base: 0x1000_0000n * BigInt(k + 1),
+      slots: opts.slots,
+      memory: opts.memory,
+      memoryBase: BigInt(k) * 0x10_0000n,
+      seed: opts.seed + k,
+    };
+    const transport = transports[Math.floor(k / 2) % 2]!;
+    return new ModelClient(spec, transport === 'rest' ? restWriter(api.http) : grpcWriter(api.grpc));
+  });
+}
