@@ -7,17 +7,20 @@
  * The parent works in VA mode (use_va, like VDUSE): an UPDATE maps the parts of [uaddr, +size)
  * that lie in registered shared memory and silently skips the rest.
  *
- * Known simplifications, each refused rather than guessed: a message must be exactly 72 bytes
- * (the kernel reads the first 34 and ignores the rest), and perm must be RO/WO/RW (the kernel
- * stores any value). With `memlock` set the parent pins like one in PA mode: an UPDATE that would
- * pass that RLIMIT_MEMLOCK is refused as vhost_vdpa_pa_map does (ENOMEM, seen as EFAULT); unlike the
- * kernel, whose count is per process, each simulated device counts only its own pages.
+ * Known simplifications, each refused rather than guessed: perm must be RO/WO/RW (the kernel
+ * stores any value, docs/kernel-notes.md S5), and in VA mode only registered memory resolves (the
+ * kernel maps any MAP_SHARED file-backed vma of the owner, S7); neither is reachable through
+ * VhostVdpaDevice, whose guard checks both first. With `memlock` set the parent pins like one in PA
+ * mode: an UPDATE that would pass that RLIMIT_MEMLOCK is refused as vhost_vdpa_pa_map does (ENOMEM,
+ * seen as EFAULT); unlike the kernel, whose count is per process, each simulated device counts only
+ * its own pages. `keepsMapOnReset` gives VDUSE's reset and release, which keep the parent's table.
  */
 import { IovaTable } from '../iotlb/table.ts';
 import { type IovaRange, type Mapping, type Perm, type Region, U64_LIMIT } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import {
   type BackendFeatureName,
+  DeviceStatus,
   hasBackendFeature,
   IotlbMsgType,
   KNOWN_BACKEND_FEATURES,
@@ -26,11 +29,13 @@ import {
   VHOST_ACCESS_WO,
 } from '../uapi/constants.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
-import { decodeVhostMsg, type IotlbMsg, UapiError, type VhostMsg } from '../uapi/message.ts';
+import { decodeVhostMsg, type IotlbMsg, UapiError, VHOST_MSG_SIZE, type VhostMsg } from '../uapi/message.ts';
 import { PinnedMemory } from './memlock.ts';
 import { TransportError, type VhostTransport } from './transport.ts';
 
 const U64_MAX = U64_LIMIT - 1n;
+/** The shortest write vhost_chr_write_iter takes: type, asid (or padding), vhost_iotlb_msg. */
+const MIN_WRITE = 40;
 
 /** platform: dma_map/dma_unmap (or the platform IOMMU) per entry; onchip: set_map of the table. */
 export type SimIommu = 'platform' | 'onchip';
@@ -57,6 +62,12 @@ export interface SimulatedVdpaConfig extends FaultInjection {
   pushDelayMs: number;
   /** PA mode under this RLIMIT_MEMLOCK (bytes); absent: VA mode, nothing pinned. */
   memlock?: bigint;
+  /**
+   * The parent keeps its IOTLB across reset and release, as VDUSE does (no reset_map, and its reset
+   * ignores VDPA_RESET_F_CLEAN_MAP): the device can still DMA through the old table until a new
+   * owner pushes one. Default false: the table goes with them, as with vdpa_sim and mlx5.
+   */
+  keepsMapOnReset?: boolean;
 }
 
 export interface SimCounters {
@@ -174,7 +185,7 @@ export class SimulatedVdpa {
   reset(cleanMap: boolean): void {
     this.status = 0;
     this.suspendedFlag = false;
-    if (cleanMap) this.deviceTables = this.emptyTables();
+    if (cleanMap && !this.config.keepsMapOnReset) this.deviceTables = this.emptyTables();
   }
 
   /** vhost_vdpa_set_status with a non-zero status: bits may only be added. */
@@ -196,7 +207,7 @@ export class SimulatedVdpa {
   release(file: SimVhostFile, cleanMap: boolean): void {
     this.reset(cleanMap);
     file.removeAllSpaces();
-    this.deviceTables = this.emptyTables();
+    if (!this.config.keepsMapOnReset) this.deviceTables = this.emptyTables();
     this.file = undefined;
   }
 
@@ -266,8 +277,10 @@ class SimVhostFile implements VhostTransport {
         return;
       case Ioctl.VHOST_VDPA_SUSPEND:
       case Ioctl.VHOST_VDPA_RESUME: {
-        // vhost_vdpa_suspend / vhost_vdpa_resume: EOPNOTSUPP when the parent lacks the op.
+        // vhost_vdpa_suspend / vhost_vdpa_resume: nothing to do (0) before DRIVER_OK, even on a
+        // parent without the op; after it, EOPNOTSUPP when the parent lacks the op.
         const suspend = request === Ioctl.VHOST_VDPA_SUSPEND;
+        if ((this.parent.deviceStatus & DeviceStatus.DRIVER_OK) === 0) return;
         if (!hasBackendFeature(cfg.offeredFeatures, suspend ? 'SUSPEND' : 'RESUME')) {
           throw new TransportError('EOPNOTSUPP', `the parent cannot ${suspend ? 'suspend' : 'resume'}`);
         }
@@ -282,9 +295,16 @@ class SimVhostFile implements VhostTransport {
   /** vhost_chr_write_iter: framing, then vhost_vdpa_process_iotlb_msg (any refusal -> EFAULT). */
   write(bytes: Uint8Array): void | Promise<void> {
     this.checkOpen();
+    // vhost_chr_write_iter reads the 4-byte type, 4 more (the v2 asid, or v1's padding) and the
+    // 32-byte vhost_iotlb_msg: 40 bytes suffice, whatever follows them is ignored.
+    if (bytes.length < MIN_WRITE) {
+      throw new TransportError('EINVAL', `a write of ${bytes.length} bytes is shorter than ${MIN_WRITE}`);
+    }
+    const framed = new Uint8Array(VHOST_MSG_SIZE);
+    framed.set(bytes.subarray(0, VHOST_MSG_SIZE));
     let msg: VhostMsg;
     try {
-      msg = decodeVhostMsg(bytes);
+      msg = decodeVhostMsg(framed);
     } catch (e) {
       if (!(e instanceof UapiError)) throw e;
       // A short write or an unknown vhost_msg type fails the framing (EINVAL); an unknown IOTLB
@@ -453,16 +473,39 @@ class SimVhostFile implements VhostTransport {
   }
 
   /** VHOST_SET_BACKEND_FEATURES: bits the parent does not offer are refused, as the kernel does. */
+  /**
+   * VHOST_SET_BACKEND_FEATURES in vhost_vdpa_unlocked_ioctl's order: bits it does not know, then
+   * SUSPEND / RESUME the parent cannot do (EOPNOTSUPP), DESC_ASID without IOTLB_ASID (EINVAL), then
+   * DESC_ASID / IOTLB_PERSIST the parent lacks (EOPNOTSUPP). ENABLE_AFTER_DRIVER_OK is taken even
+   * when not offered. MSG_V2, BATCH and ASID not offered count as unknown: an older kernel.
+   */
   private setBackendFeatures(features: bigint): void {
     const offered = this.parent.config.offeredFeatures;
-    if ((features & ~(KNOWN_BACKEND_FEATURES & offered)) !== 0n) {
+    const lacks = (name: BackendFeatureName) =>
+      hasBackendFeature(features, name) && !hasBackendFeature(offered, name);
+    const hex = `0x${features.toString(16)}`;
+    if (
+      (features & ~KNOWN_BACKEND_FEATURES) !== 0n ||
+      lacks('IOTLB_MSG_V2') ||
+      lacks('IOTLB_BATCH') ||
+      lacks('IOTLB_ASID')
+    ) {
       throw new TransportError(
         'EOPNOTSUPP',
-        `backend features 0x${features.toString(16)} are not all offered`,
+        `backend features ${hex} include bits this kernel does not know`,
       );
+    }
+    if (lacks('SUSPEND') || lacks('RESUME')) {
+      throw new TransportError('EOPNOTSUPP', `backend features ${hex}: the parent cannot suspend or resume`);
     }
     if (hasBackendFeature(features, 'DESC_ASID') && !hasBackendFeature(features, 'IOTLB_ASID')) {
       throw new TransportError('EINVAL', 'DESC_ASID needs IOTLB_ASID');
+    }
+    if (lacks('DESC_ASID') || lacks('IOTLB_PERSIST')) {
+      throw new TransportError(
+        'EOPNOTSUPP',
+        `backend features ${hex}: the parent lacks DESC_ASID or IOTLB_PERSIST`,
+      );
     }
     this.features = features;
   }

@@ -178,6 +178,10 @@ describe('lifecycle', () => {
 
   test('suspend / resume when offered; EOPNOTSUPP otherwise', async () => {
     open();
+    // Before DRIVER_OK the kernel has nothing to suspend: it answers 0 and does nothing.
+    await dev.suspend();
+    assert.equal(dev.simulator.suspended, false);
+    dev.simulator.setStatus(0xf);
     await dev.suspend();
     assert.equal(dev.simulator.suspended, true);
     await dev.resume();

@@ -381,6 +381,25 @@ describe('the simulated kernel answers raw writes as vhost-vdpa does (kernel-vm.
     t.close();
   });
 
+  test('framing: 40 bytes are a whole message, 39 are not, and bytes past 72 are ignored (R4)', () => {
+    const sim = new SimulatedVdpa(simConfig(), tmp.registry);
+    const t = ownedFile(sim);
+    const update = rawMsg(2, 0, UPDATE, 0x1000n, PAGE, base, 3);
+    assert.equal(
+      errnoOf(() => t.write(update.subarray(0, 39))),
+      'EINVAL',
+    );
+    assert.equal(sim.kernelMappings().length, 0);
+    t.write(update.subarray(0, 40));
+    assert.deepEqual(
+      sim.kernelMappings().map((m) => [m.iova, m.size]),
+      [[0x1000n, PAGE]],
+    );
+    t.write(Buffer.concat([rawMsg(2, 0, INVALIDATE, 0x1000n, PAGE), Buffer.alloc(28, 0xff)]));
+    assert.deepEqual(sim.kernelMappings(), []);
+    t.close();
+  });
+
   test('a uaddr in a hole maps nothing; a range running past the shared memory maps only its part', () => {
     const sim = new SimulatedVdpa(simConfig(), tmp.registry);
     const t = ownedFile(sim);
@@ -529,23 +548,62 @@ describe('the simulated kernel answers raw writes as vhost-vdpa does (kernel-vm.
     t.close();
   });
 
-  test('SET_BACKEND_FEATURES refuses what is not offered; unknown ioctls: ENOTTY', () => {
+  test('SET_BACKEND_FEATURES answers per feature, in the kernel order (kernel-notes R5); unknown ioctls: ENOTTY', () => {
     const sim = new SimulatedVdpa(simConfig(), tmp.registry);
     const t = sim.open();
+    // Offered 0xe (MSG_V2, BATCH, ASID), as the VDUSE device in the kernel tier; its answers.
+    const answers = (
+      [
+        ['SUSPEND', backendFeatureMask('SUSPEND')],
+        ['RESUME', backendFeatureMask('RESUME')],
+        ['bit40', 1n << 40n],
+        ['ENABLE_AFTER_DRIVER_OK', backendFeatureMask('ENABLE_AFTER_DRIVER_OK')],
+        ['DESC_ASID', backendFeatureMask('DESC_ASID')],
+        ['IOTLB_ASID|DESC_ASID', backendFeatureMask('IOTLB_ASID', 'DESC_ASID')],
+        ['IOTLB_PERSIST', backendFeatureMask('IOTLB_PERSIST')],
+        ['0xe', 0xen],
+      ] as const
+    ).map(([name, bits]) => {
+      const errno = errnoOf(() => ioctlWriteU64(t, Ioctl.VHOST_SET_BACKEND_FEATURES, bits));
+      return `${name} ${errno ?? 'ok'}`;
+    });
+    assert.deepEqual(answers, [
+      'SUSPEND EOPNOTSUPP',
+      'RESUME EOPNOTSUPP',
+      'bit40 EOPNOTSUPP',
+      'ENABLE_AFTER_DRIVER_OK ok',
+      'DESC_ASID EINVAL',
+      'IOTLB_ASID|DESC_ASID EOPNOTSUPP',
+      'IOTLB_PERSIST EOPNOTSUPP',
+      '0xe ok',
+    ]);
+    // A kernel that does not know BATCH refuses it as an unknown bit.
+    const old = new SimulatedVdpa(
+      simConfig({ offeredFeatures: backendFeatureMask('IOTLB_MSG_V2') }),
+      tmp.registry,
+    );
+    const u = old.open();
     assert.equal(
-      errnoOf(() => ioctlWriteU64(t, Ioctl.VHOST_SET_BACKEND_FEATURES, backendFeatureMask('SUSPEND'))),
+      errnoOf(() => ioctlWriteU64(u, Ioctl.VHOST_SET_BACKEND_FEATURES, backendFeatureMask('IOTLB_BATCH'))),
       'EOPNOTSUPP',
     );
-    assert.equal(
-      errnoOf(() => ioctlWriteU64(t, Ioctl.VHOST_SET_BACKEND_FEATURES, 1n << 40n)),
-      'EOPNOTSUPP',
-    );
+    u.close();
     assert.equal(
       errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_VRING_NUM, Buffer.alloc(2))),
       'ENOTTY',
     );
+    // SUSPEND/RESUME do nothing and succeed before DRIVER_OK, even on a parent that cannot (R6).
     assert.equal(
       errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_SUSPEND)),
+      undefined,
+    );
+    t.ioctl(Ioctl.VHOST_VDPA_SET_STATUS, Uint8Array.of(0xf));
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_SUSPEND)),
+      'EOPNOTSUPP',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_RESUME)),
       'EOPNOTSUPP',
     );
     t.close();
@@ -571,6 +629,26 @@ describe('the simulated kernel answers raw writes as vhost-vdpa does (kernel-vm.
       'EEXIST inside',
     );
     t.close();
+  });
+
+  test('a VDUSE-like parent (keepsMapOnReset) keeps its table across reset and close (R1, R7)', () => {
+    const sim = new SimulatedVdpa(simConfig({ keepsMapOnReset: true }), tmp.registry);
+    const t = ownedFile(sim);
+    t.write(rawMsg(2, 0, UPDATE, 0x1000n, PAGE, base, 3));
+    t.ioctl(Ioctl.VHOST_VDPA_SET_STATUS, Uint8Array.of(0));
+    assert.equal(sim.deviceTable(0)?.count, 1, 'reset kept the parent table');
+    t.close();
+    assert.deepEqual(sim.kernelMappings(), []);
+    assert.equal(sim.deviceTable(0)?.count, 1, 'the device can still DMA through it after close');
+    // Until a new owner pushes its own table.
+    const u = ownedFile(sim);
+    assert.equal(sim.deviceTable(0)?.count, 1);
+    u.write(rawMsg(2, 0, UPDATE, 0x8000n, PAGE, base, 3));
+    assert.deepEqual(
+      [...sim.deviceTable(0)!.entries()].map((r) => r.iova),
+      [0x8000n],
+    );
+    u.close();
   });
 
   test('closing drops every entry of every address space', () => {
