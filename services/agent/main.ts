@@ -11,6 +11,8 @@ import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
+import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
+import { stdoutLog } from '../../src/sys/stdout-log.ts';
 import { agentService, MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
 import type { AgentInfo, RegisterMemoryRequest } from '../../src/agent/wire.ts';
 import { openDevices } from '../../src/device/factory.ts';
@@ -38,7 +40,7 @@ const VERSION: string = JSON.parse(
 ).version;
 
 export function createLogger(level: AgentConfig['logLevel']): Logger {
-  return pino({ level, base: { service: 'vdpa-mapd-agent', pid: process.pid } });
+  return pino({ level, base: { service: 'vdpa-mapd-agent', pid: process.pid } }, stdoutLog());
 }
 
 function bind(server: Server, address: string): Promise<void> {
@@ -183,26 +185,7 @@ async function main(): Promise<void> {
     return;
   }
   const logger = createLogger(config.logLevel);
-  let agent: RunningAgent;
-  try {
-    agent = await startAgent(config, logger);
-  } catch (err) {
-    process.stderr.write(`agent: cannot start: ${(err as Error).message}\n`);
-    logger.fatal({ err }, 'agent failed to start');
-    process.exit(1);
-  }
-  const onSignal = (signal: NodeJS.Signals) => {
-    logger.info({ signal }, 'signal received');
-    agent.stop().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        logger.fatal({ err }, 'agent failed to stop cleanly');
-        process.exit(1);
-      },
-    );
-  };
-  process.once('SIGTERM', onSignal);
-  process.once('SIGINT', onSignal);
+  await runUntilSignal('agent', () => startAgent(config, logger), logger);
 }
 
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {

@@ -7,6 +7,8 @@
 import { pathToFileURL } from 'node:url';
 import type { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
+import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
+import { stdoutLog } from '../../src/sys/stdout-log.ts';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
 import { BearerAuth, isLoopback } from './auth.ts';
@@ -26,7 +28,7 @@ export interface RunningApiServer {
 }
 
 export function createLogger(level: ApiConfig['logLevel']): Logger {
-  return pino({ level, base: { service: 'vdpa-mapd-api', pid: process.pid } });
+  return pino({ level, base: { service: 'vdpa-mapd-api', pid: process.pid } }, stdoutLog());
 }
 
 function hostPort(host: string, port: number): string {
@@ -136,26 +138,7 @@ async function main(): Promise<void> {
     return;
   }
   const logger = createLogger(config.logLevel);
-  let server: RunningApiServer;
-  try {
-    server = await startApiServer(config, logger);
-  } catch (err) {
-    process.stderr.write(`api: cannot start: ${(err as Error).message}\n`);
-    logger.fatal({ err }, 'api server failed to start');
-    process.exit(1);
-  }
-  const onSignal = (signal: NodeJS.Signals) => {
-    logger.info({ signal }, 'signal received');
-    server.stop().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        logger.fatal({ err }, 'api server failed to stop cleanly');
-        process.exit(1);
-      },
-    );
-  };
-  process.once('SIGTERM', onSignal);
-  process.once('SIGINT', onSignal);
+  await runUntilSignal('api', () => startApiServer(config, logger), logger);
 }
 
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {

@@ -17,6 +17,16 @@ const PAGE = 0x1000n;
 const args = (stateDir: string) => ['--state-dir', stateDir, '--device', 'sim:vdpa0', '--memory', 'ram=1M'];
 const socketOf = (stateDir: string) => path.join(stateDir, 'agent', 'agent.sock');
 
+test('with nobody reading its log any more (EPIPE), SIGTERM still stops the agent cleanly', async (t) => {
+  const state = path.join(tempDir(t), 'state');
+  const agent = await startAgentProcess(t, args(state));
+  // Close our end of its stdout: every record it writes from now on fails with EPIPE.
+  agent.child.stdout!.destroy();
+  const exit = await agent.stop('SIGTERM');
+  assert.deepEqual(exit, { code: 0, signal: null });
+  assert.equal(fs.existsSync(socketOf(state)), false, 'the socket was removed');
+});
+
 test('the socket is 0600 in a 0700 directory, and SIGTERM closes devices, removes it and exits 0', async (t) => {
   const state = path.join(tempDir(t), 'state');
   const agent = await startAgentProcess(t, args(state));
