@@ -4,6 +4,7 @@
  */
 import { parseArgs } from 'node:util';
 import { EXIT_CODES_HELP } from './exit-codes.ts';
+import { type TlsOptions, tlsOptions } from './tls.ts';
 import { positiveArg, UsageError } from './values.ts';
 
 export const DEFAULT_SERVER = '127.0.0.1:50051';
@@ -12,6 +13,10 @@ const DEFAULT_TIMEOUT_S = 30;
 const GLOBAL_OPTIONS = {
   server: { type: 'string' },
   token: { type: 'string' },
+  'tls-ca': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
+  'tls-server-name': { type: 'string' },
   json: { type: 'boolean' },
   timeout: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
@@ -123,9 +128,17 @@ ${COMMANDS.map((c) => `  ${c.synopsis}\n      ${c.summary}`).join('\n')}
 global options:
   --server HOST:PORT   gRPC address of the API server (VDPA_MAPD_SERVER; default ${DEFAULT_SERVER})
   --token TOKEN        sent as "authorization: Bearer TOKEN" (VDPA_MAPD_TOKEN)
+  --tls-ca FILE        verify the server's certificate against this PEM CA bundle (VDPA_MAPD_TLS_CA)
+  --tls-cert FILE      PEM client certificate for mTLS, with --tls-key (VDPA_MAPD_TLS_CERT)
+  --tls-key FILE       PEM private key of --tls-cert (VDPA_MAPD_TLS_KEY)
+  --tls-server-name NAME
+                       the name the server's certificate must carry, if not the host of --server
+                       (VDPA_MAPD_TLS_SERVER_NAME)
   --json               print the answer as JSON (watch: one event per line) instead of a table
   --timeout SECONDS    deadline of each call (default ${DEFAULT_TIMEOUT_S}; watch has none)
   -h, --help
+
+Any --tls-* option turns TLS on; without --tls-ca the server is verified against Node's default CAs.
 
 u64 values (iova, size, offset) are decimal, 0x hex, or with a K/M/G/T suffix: 1048576 = 0x100000 = 1M.
 
@@ -138,6 +151,8 @@ export interface Invocation {
   options: Partial<Record<CommandOption, string | boolean>>;
   server: string;
   token: string | undefined;
+  /** Undefined: plaintext. */
+  tls: TlsOptions | undefined;
   json: boolean;
   timeoutMs: number;
 }
@@ -188,6 +203,15 @@ export function parseInvocation(argv: readonly string[], env: NodeJS.ProcessEnv)
     options,
     server: values.server ?? (env.VDPA_MAPD_SERVER || DEFAULT_SERVER),
     token: values.token ?? (env.VDPA_MAPD_TOKEN || undefined),
+    tls: tlsOptions(
+      {
+        ca: values['tls-ca'],
+        cert: values['tls-cert'],
+        key: values['tls-key'],
+        serverName: values['tls-server-name'],
+      },
+      env,
+    ),
     json: values.json === true,
     timeoutMs:
       1000 *

@@ -1,15 +1,10 @@
 /**
  * vdpactl's connection to the API server: the public API's gRPC clients (the same proto loading as
- * the server), the bearer token as call metadata, a deadline on every unary call.
+ * the server), plaintext or TLS, the bearer token as call metadata, a deadline on every unary call.
  */
-import {
-  type Client,
-  type ClientReadableStream,
-  credentials,
-  Metadata,
-  type ServiceError,
-} from '@grpc/grpc-js';
+import { type Client, type ClientReadableStream, Metadata, type ServiceError } from '@grpc/grpc-js';
 import { DeviceServiceClient, MappingServiceClient, MemoryServiceClient } from '../api/proto.ts';
+import { channelSecurity, type TlsOptions } from './tls.ts';
 
 // biome-ignore lint/suspicious/noExplicitAny: answers are read field by field by the renderers
 export type Answer = any;
@@ -17,6 +12,7 @@ export type Answer = any;
 export interface ConnectionOptions {
   server: string;
   token: string | undefined;
+  tls: TlsOptions | undefined;
   timeoutMs: number;
 }
 
@@ -36,11 +32,12 @@ export interface Connection {
   close(): void;
 }
 
-export function connect({ server, token, timeoutMs }: ConnectionOptions): Connection {
-  const creds = credentials.createInsecure();
-  const devices = new DeviceServiceClient(server, creds);
-  const mappings = new MappingServiceClient(server, creds);
-  const memory = new MemoryServiceClient(server, creds);
+/** Reads the TLS files first: an unreadable or bad one throws UsageError. */
+export function connect({ server, token, tls, timeoutMs }: ConnectionOptions): Connection {
+  const { credentials, options } = channelSecurity(tls);
+  const devices = new DeviceServiceClient(server, credentials, options);
+  const mappings = new MappingServiceClient(server, credentials, options);
+  const memory = new MemoryServiceClient(server, credentials, options);
   const metadata = () => {
     const m = new Metadata();
     if (token !== undefined) m.set('authorization', `Bearer ${token}`);

@@ -7,7 +7,7 @@
  */
 import { type ServiceError, status } from '@grpc/grpc-js';
 import { type Invocation, parseInvocation, USAGE } from './args.ts';
-import { connect } from './client.ts';
+import { type Connection, connect } from './client.ts';
 import { RUNS } from './commands.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
 import { UsageError } from './values.ts';
@@ -40,18 +40,19 @@ function reportFailure(err: ServiceError, json: boolean): number {
 
 async function main(argv: readonly string[]): Promise<number> {
   let inv: Invocation | null;
+  let conn: Connection;
   try {
     inv = parseInvocation(argv, process.env);
+    if (inv === null) {
+      process.stdout.write(`${USAGE}\n`);
+      return EXIT.OK;
+    }
+    conn = connect(inv);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     process.stderr.write(`vdpactl: ${e.message}\nRun vdpactl --help for usage.\n`);
     return EXIT.USAGE;
   }
-  if (inv === null) {
-    process.stdout.write(`${USAGE}\n`);
-    return EXIT.OK;
-  }
-  const conn = connect(inv);
   const interrupted = new Promise<void>((resolve) => process.once('SIGINT', () => resolve()));
   try {
     await RUNS[inv.command.name]!(inv, conn, {
@@ -72,4 +73,7 @@ async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
+// Node's deprecation warnings address the code's developers, not vdpactl's users; over TLS to an IP
+// address grpc-js would trigger one (DEP0123: an IP address as the TLS server name) on every run.
+process.noDeprecation = true;
 process.exit(await main(process.argv.slice(2)));

@@ -3,9 +3,7 @@
  * not, and gRPC mTLS with certificates made by openssl for this run.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
   type ChannelCredentials,
@@ -19,73 +17,9 @@ import type { ApiConfig } from '../../services/api/config.ts';
 import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
 import { DeviceServiceClient, HealthClient } from '../../services/api/proto.ts';
 import { type Agent, apiConfig, type GrpcFailure, spawnAgent, tempDir } from './api-harness.ts';
+import { makePki, type Pki } from './certs.ts';
 
 const TOKEN = 'c2VjcmV0LXRva2VuLWZvci10ZXN0cw==';
-
-interface Pki {
-  ca: string;
-  serverCert: string;
-  serverKey: string;
-  clientCert: Buffer;
-  clientKey: Buffer;
-  rogueCert: Buffer;
-  rogueKey: Buffer;
-}
-
-/** A CA, a server certificate for 127.0.0.1 and a client one it signed; a client one it did not. */
-function makePki(dir: string): Pki {
-  const run = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
-  const key = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-  const selfSigned = (name: string) =>
-    run(
-      'req',
-      '-x509',
-      ...key,
-      '-keyout',
-      `${name}.key`,
-      '-out',
-      `${name}.crt`,
-      '-subj',
-      `/CN=${name}`,
-      '-days',
-      '1',
-    );
-  const signed = (name: string, ca: string, ext: string) => {
-    run('req', '-new', ...key, '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${name}`);
-    fs.writeFileSync(path.join(dir, `${name}.ext`), ext);
-    run(
-      'x509',
-      '-req',
-      '-in',
-      `${name}.csr`,
-      '-CA',
-      `${ca}.crt`,
-      '-CAkey',
-      `${ca}.key`,
-      '-out',
-      `${name}.crt`,
-      '-days',
-      '1',
-      '-extfile',
-      `${name}.ext`,
-    );
-  };
-  selfSigned('ca');
-  selfSigned('rogue-ca');
-  signed('server', 'ca', 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n');
-  signed('client', 'ca', 'extendedKeyUsage=clientAuth\n');
-  signed('rogue', 'rogue-ca', 'extendedKeyUsage=clientAuth\n');
-  const read = (f: string) => fs.readFileSync(path.join(dir, f));
-  return {
-    ca: path.join(dir, 'ca.crt'),
-    serverCert: path.join(dir, 'server.crt'),
-    serverKey: path.join(dir, 'server.key'),
-    clientCert: read('client.crt'),
-    clientKey: read('client.key'),
-    rogueCert: read('rogue.crt'),
-    rogueKey: read('rogue.key'),
-  };
-}
 
 // biome-ignore lint/suspicious/noExplicitAny: answers are asserted field by field
 type Answer = any;
@@ -206,8 +140,9 @@ describe('API authentication', () => {
     );
 
     // gRPC over mTLS.
-    const ca = fs.readFileSync(pki.ca);
-    const mtls = credentials.createSsl(ca, pki.clientKey, pki.clientCert);
+    const pem = (file: string) => fs.readFileSync(file);
+    const ca = pem(pki.ca);
+    const mtls = credentials.createSsl(ca, pem(pki.clientKey), pem(pki.clientCert));
     const devices = client(DeviceServiceClient, api.grpcAddress, mtls);
     for (const token of [undefined, 'wrong']) {
       const f = (await call(devices, 'listDevices', token)) as GrpcFailure;
@@ -222,7 +157,7 @@ describe('API authentication', () => {
     // Without a client certificate, with one another CA signed, or in plaintext: no connection.
     for (const creds of [
       credentials.createSsl(ca),
-      credentials.createSsl(ca, pki.rogueKey, pki.rogueCert),
+      credentials.createSsl(ca, pem(pki.rogueKey), pem(pki.rogueCert)),
       credentials.createInsecure(),
     ]) {
       const other = client(DeviceServiceClient, api.grpcAddress, creds);

@@ -1,7 +1,7 @@
 /**
  * vdpactl as a user runs it (bin/vdpactl.js in a child process) against the real agent and API
- * server: tables and --json, map / list / unmap, memtable --dry-run, memory, watch, and the exit code
- * of each kind of failure.
+ * server: tables and --json, map / list / unmap, memtable --dry-run, memory, watch, the exit code
+ * of each kind of failure, and gRPC over mTLS.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -17,9 +17,11 @@ import {
   type ServerUnaryCall,
   type sendUnaryData,
 } from '@grpc/grpc-js';
+import type { RunningApiServer } from '../../services/api/main.ts';
 import { DeviceServiceClient } from '../../services/api/proto.ts';
 import { EXIT } from '../../services/cli/exit-codes.ts';
-import { startStack } from './api-harness.ts';
+import { type Agent, apiConfig, spawnAgent, startReadyApi, startStack, tempDir } from './api-harness.ts';
+import { makePki, type Pki } from './certs.ts';
 
 type Stack = Awaited<ReturnType<typeof startStack>>;
 
@@ -345,5 +347,101 @@ describe('vdpactl token and server from the environment', () => {
     assert.deepEqual(JSON.parse(run.stdout), { devices: [] });
     assert.equal((await finish(start(['--token', 'flag-token', 'devices'], env))).code, EXIT.OK);
     assert.deepEqual(seen, ['Bearer env-token', 'Bearer flag-token']);
+  });
+});
+
+describe('vdpactl over mTLS', () => {
+  let dir: string;
+  let pki: Pki;
+  let agent: Agent;
+  let api: RunningApiServer;
+  const run = (args: readonly string[], env = cleanEnv()) =>
+    finish(start(['--server', api.grpcAddress, '--timeout', '10', ...args], env));
+  const ids = (stdout: string) => JSON.parse(stdout).devices.map((d: { id: string }) => d.id);
+
+  before(async () => {
+    dir = tempDir('cli-tls');
+    pki = makePki(dir);
+    agent = await spawnAgent(dir);
+    api = await startReadyApi(
+      apiConfig(dir, agent.socket, {
+        grpcTls: { cert: pki.serverCert, key: pki.serverKey, clientCa: pki.ca },
+      }),
+    );
+  });
+  after(async () => {
+    await api?.stop();
+    await agent?.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('with the CA and a client certificate it signed: flags, or the environment', async () => {
+    const flags = await run([
+      '--tls-ca',
+      pki.ca,
+      '--tls-cert',
+      pki.clientCert,
+      '--tls-key',
+      pki.clientKey,
+      'devices',
+      '--json',
+    ]);
+    assert.equal(flags.code, EXIT.OK, flags.stderr);
+    assert.deepEqual(ids(flags.stdout), ['vdpa0', 'vdpa1']);
+    assert.equal(flags.stderr, '', 'nothing on stderr (no warning either)');
+
+    // The server certificate names 127.0.0.1 (checked above) and localhost.
+    const env = cleanEnv({
+      VDPA_MAPD_TLS_CA: pki.ca,
+      VDPA_MAPD_TLS_CERT: pki.clientCert,
+      VDPA_MAPD_TLS_KEY: pki.clientKey,
+      VDPA_MAPD_TLS_SERVER_NAME: 'localhost',
+    });
+    const fromEnv = await run(['devices', '--json'], env);
+    assert.equal(fromEnv.code, EXIT.OK, fromEnv.stderr);
+    assert.deepEqual(ids(fromEnv.stdout), ['vdpa0', 'vdpa1']);
+  });
+
+  test('refused handshakes exit 5 (UNAVAILABLE)', async () => {
+    const client = ['--tls-cert', pki.clientCert, '--tls-key', pki.clientKey];
+    const cases: [string, string[]][] = [
+      ['no client certificate', ['--tls-ca', pki.ca]],
+      [
+        'a client certificate another CA signed',
+        ['--tls-ca', pki.ca, '--tls-cert', pki.rogueCert, '--tls-key', pki.rogueKey],
+      ],
+      ['plaintext', []],
+      ['a server the given CA did not sign', ['--tls-ca', pki.rogueCa, ...client]],
+      [
+        'a server name the certificate does not carry',
+        ['--tls-ca', pki.ca, ...client, '--tls-server-name', 'elsewhere.example'],
+      ],
+    ];
+    const runs = await Promise.all(cases.map(([, args]) => run([...args, 'devices'])));
+    runs.forEach((r, i) => {
+      assert.equal(r.code, EXIT.UNAVAILABLE, `${cases[i]![0]}: ${r.stderr}`);
+      assert.match(r.stderr, /^vdpactl: UNAVAILABLE: /, cases[i]![0]);
+      assert.equal(r.stdout, '', cases[i]![0]);
+    });
+  });
+
+  test('a lone --tls-cert, a file it cannot read or use, exits 2 naming the flag', async () => {
+    const cases: [RegExp, string[]][] = [
+      [/--tls-cert needs --tls-key/, ['--tls-cert', pki.clientCert]],
+      [
+        /--tls-key .*missing\.key: ENOENT/,
+        ['--tls-cert', pki.clientCert, '--tls-key', path.join(dir, 'missing.key')],
+      ],
+      [/--tls-key .*ca\.crt: /, ['--tls-cert', pki.clientCert, '--tls-key', pki.ca]],
+      [
+        /--tls-cert .*client\.crt with --tls-key .*rogue\.key: .*mismatch/,
+        ['--tls-cert', pki.clientCert, '--tls-key', pki.rogueKey],
+      ],
+    ];
+    const runs = await Promise.all(cases.map(([, args]) => run(['--tls-ca', pki.ca, ...args, 'devices'])));
+    runs.forEach((r, i) => {
+      assert.equal(r.code, EXIT.USAGE, r.stderr);
+      assert.match(r.stderr, cases[i]![0]);
+    });
   });
 });

@@ -1,13 +1,18 @@
 /**
- * vdpactl without a server: its command line, u64 values, the memtable file, exit codes, tables.
+ * vdpactl without a server: its command line (TLS settings among it), u64 values, the memtable file,
+ * exit codes, tables.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { describe, test } from 'node:test';
 import { status } from '@grpc/grpc-js';
-import { COMMANDS, DEFAULT_SERVER, parseInvocation } from '../../services/cli/args.ts';
+import { COMMANDS, DEFAULT_SERVER, parseInvocation, USAGE } from '../../services/cli/args.ts';
 import { EXIT, exitCodeFor } from '../../services/cli/exit-codes.ts';
 import { parseMemTableFile } from '../../services/cli/memtable-file.ts';
 import { table } from '../../services/cli/render.ts';
+import { channelSecurity } from '../../services/cli/tls.ts';
 import { u32Arg, u64Arg, UsageError } from '../../services/cli/values.ts';
 
 const parse = (line: string, env: NodeJS.ProcessEnv = {}) => parseInvocation(line.split(' '), env);
@@ -63,6 +68,74 @@ describe('vdpactl command line', () => {
       const args = c.args.filter((a) => !a.endsWith('?')).map(() => 'x');
       const required = (c.required ?? []).flatMap((o) => [`--${o}`, '1']);
       assert.equal(parseInvocation([...c.name.split(' '), ...args, ...required], {})!.command, c);
+    }
+  });
+});
+
+describe('vdpactl TLS settings', () => {
+  const env = {
+    VDPA_MAPD_TLS_CA: 'env-ca.pem',
+    VDPA_MAPD_TLS_CERT: 'env-cert.pem',
+    VDPA_MAPD_TLS_KEY: 'env-key.pem',
+    VDPA_MAPD_TLS_SERVER_NAME: 'env.example',
+  };
+
+  test('none given: plaintext; any one turns TLS on; flag, then environment', () => {
+    assert.equal(parse('devices')!.tls, undefined);
+    assert.equal(parse('devices', { VDPA_MAPD_TLS_CA: '' })!.tls, undefined);
+    assert.deepEqual(parse('--tls-ca ca.pem devices')!.tls, { ca: 'ca.pem' });
+    assert.deepEqual(parse('devices --tls-server-name api.example')!.tls, { serverName: 'api.example' });
+    assert.deepEqual(parse('--tls-cert c.pem --tls-key k.pem devices')!.tls, { cert: 'c.pem', key: 'k.pem' });
+    assert.deepEqual(parse('devices', env)!.tls, {
+      ca: 'env-ca.pem',
+      cert: 'env-cert.pem',
+      key: 'env-key.pem',
+      serverName: 'env.example',
+    });
+    assert.deepEqual(parse('--tls-ca ca.pem --tls-key k.pem --tls-server-name n devices', env)!.tls, {
+      ca: 'ca.pem',
+      cert: 'env-cert.pem',
+      key: 'k.pem',
+      serverName: 'n',
+    });
+  });
+
+  test('a client certificate without its key, or a key without its certificate, is a usage error', () => {
+    assert.throws(() => parse('--tls-cert c.pem devices'), /--tls-cert needs --tls-key/);
+    assert.throws(() => parse('--tls-ca ca.pem --tls-key k.pem devices'), /--tls-key needs --tls-cert/);
+    assert.throws(() => parse('devices', { VDPA_MAPD_TLS_KEY: 'k.pem' }), UsageError);
+    assert.throws(() => parse('--tls-ca', {}), UsageError, 'a flag without its value');
+  });
+
+  test('the help lists every TLS flag and its environment variable', () => {
+    for (const word of [
+      '--tls-ca',
+      '--tls-cert',
+      '--tls-key',
+      '--tls-server-name',
+      'VDPA_MAPD_TLS_SERVER_NAME',
+    ])
+      assert.ok(USAGE.includes(word), word);
+  });
+
+  test('credentials: plaintext without settings; a missing or non-PEM file names its flag', (t) => {
+    assert.equal(channelSecurity(undefined).credentials._isSecure(), false);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-cli-tls-'));
+    t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const missing = path.join(dir, 'missing.pem');
+    const junk = path.join(dir, 'junk.pem');
+    fs.writeFileSync(junk, 'not a certificate\n');
+    for (const [tls, flag] of [
+      [{ ca: missing }, /^--tls-ca .*missing\.pem: ENOENT/],
+      [{ ca: junk }, /^--tls-ca .*junk\.pem: /],
+      [{ ca: dir }, /^--tls-ca .*: EISDIR/],
+      [{ cert: missing, key: junk }, /^--tls-cert .*missing\.pem: ENOENT/],
+      [{ cert: junk, key: junk }, /^--tls-cert .*junk\.pem: /],
+    ] as const) {
+      assert.throws(
+        () => channelSecurity(tls),
+        (e) => e instanceof UsageError && flag.test(e.message),
+      );
     }
   });
 });
