@@ -16,7 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { parse as parseYaml, parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { USAGE as AGENT_USAGE } from '../../services/agent/config.ts';
 import { OPTIONS as API_OPTIONS } from '../../services/api/config.ts';
-import { startStack } from './api-harness.ts';
+import { startStack, stopChild } from './api-harness.ts';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const K8S = path.join(ROOT, 'deploy/kubernetes');
@@ -322,18 +322,6 @@ function spawnLogged(cwd: string, args: string[], marker: string, procs: ChildPr
     });
   });
   return { child, line };
-}
-
-function stopChild(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    const kill = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('exit', () => {
-      clearTimeout(kill);
-      resolve();
-    });
-    child.kill('SIGTERM');
-  });
 }
 
 // ---------------------------------------------------------------------------------------------
