@@ -9,7 +9,6 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../../src/agent/client.ts';
 import type { DeviceCounters } from '../../src/device/types.ts';
@@ -123,7 +122,12 @@ export interface Rig {
   agentClient(): AgentClient;
 }
 
-export function createRig(t: TestContext, prefix: string): Rig {
+/** Where a rig registers its cleanup: a test's context, or the soak's own list. */
+export interface Cleanup {
+  after(fn: () => unknown): void;
+}
+
+export function createRig(t: Cleanup, prefix: string): Rig {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `vdpa-mapd-${prefix}-`));
   const socket = path.join(dir, 'agent.sock');
   const agentStateDir = path.join(dir, 'agent');
@@ -262,4 +266,63 @@ export async function reconciliations(
 /** The device's counters as the agent keeps them (messages written, dma_map calls, pushes...). */
 export async function deviceCounters(client: AgentClient, device: string): Promise<DeviceCounters> {
   return (await client.describeDevice(device)).counters;
+}
+
+/** One change the API server announced on WatchMappings. */
+export interface Applied {
+  device: string;
+  kind: 'mapped' | 'unmapped';
+  asid: number;
+  iova: bigint;
+}
+
+export interface AppliedWatch {
+  /** Every change announced so far, in order. */
+  events: Applied[];
+  /** The IOVAs of the sentinel pages mapped to learn that the stream was subscribed. */
+  sentinels: bigint[];
+  close(): void;
+}
+
+/**
+ * Watches every change `api` applies. The stream is known to be subscribed once it carries
+ * something, so this maps single pages of `memory` (offset 0) on `device` at `sentinelBase`,
+ * `sentinelBase + 0x2000`, ... over REST until one shows up; those stay mapped.
+ */
+export async function watchApplied(
+  api: ApiProcess,
+  opts: { device: string; memory: string; sentinelBase: bigint },
+): Promise<AppliedWatch> {
+  const events: Applied[] = [];
+  const stream = api.grpc.watch({});
+  stream.on('data', (e: { device: string; kind: string; mapping?: { asid?: number; iova: string } }) => {
+    if ((e.kind === 'mapped' || e.kind === 'unmapped') && e.mapping)
+      events.push({
+        device: e.device,
+        kind: e.kind,
+        asid: e.mapping.asid ?? 0,
+        iova: BigInt(e.mapping.iova),
+      });
+  });
+  stream.on('error', () => undefined);
+  const watch: AppliedWatch = { events, sentinels: [], close: () => stream.cancel() };
+  for (let i = 0; i < WAIT_MS / 50 && events.length === 0; i++) {
+    const iova = opts.sentinelBase + BigInt(watch.sentinels.length) * 0x2000n;
+    const body = {
+      iova: `0x${iova.toString(16)}`,
+      size: '0x1000',
+      memory: opts.memory,
+      offset: '0x0',
+      perm: 'rw',
+    };
+    const res = await api.http('POST', `/v1/devices/${opts.device}/mappings`, body);
+    if (res.status !== 201) throw new Error(`sentinel map: ${res.status} ${JSON.stringify(res.body)}`);
+    watch.sentinels.push(iova);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  if (events.length === 0) {
+    watch.close();
+    throw new Error('WatchMappings carried no change');
+  }
+  return watch;
 }
