@@ -209,6 +209,37 @@ export function createRig(t: Cleanup, prefix: string): Rig {
   };
 }
 
+/**
+ * Runs `node <args>` from the repository to its end, in its own process group so that it and every
+ * process it started are SIGKILLed after the test if still running; resolves with its exit code
+ * and output.
+ */
+export async function runNode(
+  t: Cleanup,
+  args: readonly string[],
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, args, {
+    cwd: REPO,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+  });
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) process.kill(-child.pid!, 'SIGKILL');
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (c: Buffer) => {
+    stdout += c.toString();
+  });
+  child.stderr!.on('data', (c: Buffer) => {
+    stderr += c.toString();
+  });
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  return { code, stdout, stderr };
+}
+
 /** One line per mapping, sorted: what the comparisons below compare. */
 export function mappingKeys(device: string, mappings: readonly Mapping[]): string[] {
   return mappings

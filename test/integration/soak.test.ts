@@ -4,33 +4,21 @@
  * zero lost, zero extra, zero duplicates. Timings are printed, never judged here.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
-
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+import { runNode } from './process-harness.ts';
 
 test('npm run soak --kills 2: every kill reported, each series 0 lost / 0 extra / 0 duplicates, exit 0', {
   timeout: 600_000,
 }, async (t) => {
-  // Its own process group, so that the soak and every process it started can be ended at once.
-  const child = spawn(
-    process.execPath,
-    ['--import', 'tsx', 'scripts/soak.ts', '--kills', '2', '--scale', '0.3'],
-    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true },
-  );
-  t.after(() => {
-    if (child.exitCode === null && child.signalCode === null) process.kill(-child.pid!, 'SIGKILL');
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (c: Buffer) => {
-    stdout += c.toString();
-  });
-  child.stderr.on('data', (c: Buffer) => {
-    stderr += c.toString();
-  });
-  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  const { code, stdout, stderr } = await runNode(t, [
+    '--import',
+    'tsx',
+    'scripts/soak.ts',
+    '--kills',
+    '2',
+    '--scale',
+    '0.3',
+  ]);
   assert.equal(code, 0, `${stdout}\n${stderr}`);
 
   const lines = stdout.trim().split('\n');
