@@ -50,6 +50,12 @@ interface Running {
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
+/** A service and its current process (undefined until first spawned). */
+interface Entry {
+  spec: ServiceSpec;
+  running: Running | undefined;
+}
+
 function parseLogLine(line: string): LogRecord | undefined {
   try {
     const value: unknown = JSON.parse(line);
@@ -66,7 +72,7 @@ function describeExit({ code, signal }: { code: number | null; signal: NodeJS.Si
 const seconds = (s: number) => `${Number(s.toFixed(1))} s`;
 
 export class Supervisor {
-  private readonly services: { spec: ServiceSpec; running: Running | undefined }[] = [];
+  private readonly services: Entry[] = [];
   private readonly timers = new Set<NodeJS.Timeout>();
   private stopping: Promise<void> | undefined;
   private endWith!: (code: number) => void;
@@ -91,7 +97,7 @@ export class Supervisor {
    * or is not up within READY_TIMEOUT_MS) is not retried: that is a configuration to fix.
    */
   async start(spec: ServiceSpec): Promise<LogRecord> {
-    const entry: { spec: ServiceSpec; running: Running | undefined } = { spec, running: undefined };
+    const entry: Entry = { spec, running: undefined };
     this.services.push(entry);
     const { running, ready } = this.spawn(spec);
     entry.running = running;
@@ -168,11 +174,7 @@ export class Supervisor {
    * Waits for the running service to end and restarts it per the policy. `restarts` holds the
    * times (ms) of its earlier restarts.
    */
-  private async watch(
-    entry: { spec: ServiceSpec; running: Running | undefined },
-    running: Running,
-    restarts: number[],
-  ): Promise<void> {
+  private async watch(entry: Entry, running: Running, restarts: number[]): Promise<void> {
     const { spec } = entry;
     const { policy } = this.opts;
     const exit = await running.exited;
