@@ -12,7 +12,7 @@
  *
  * Prints one line per kill (recovery time: from the SIGKILL until every device is ready again, the
  * new process's start included) and the figures of each series; exits 1 on any loss, extra,
- * duplicate or unexpected answer, 2 when the time limit ends it first.
+ * duplicate or unexpected answer, 2 when the time limit ends it first (or on a bad option).
  *
  *   npm run soak -- [--kills N] [--scale S] [--max-minutes M] [--seed N]
  *
@@ -227,8 +227,16 @@ function summary(f: SeriesFigures): string {
   );
 }
 
+const USAGE = 'usage: npm run soak -- [--kills N] [--scale S] [--max-minutes M] [--seed N]';
+
 async function main(): Promise<number> {
-  const opts = parseOptions(process.argv.slice(2));
+  let opts: Options;
+  try {
+    opts = parseOptions(process.argv.slice(2));
+  } catch (err) {
+    process.stderr.write(`soak: ${(err as Error).message}\n${USAGE}\n`);
+    return 2;
+  }
   const began = performance.now();
   const cleanups: (() => unknown)[] = [];
   const cleanUp = async () => {
