@@ -17,7 +17,8 @@
  *   npm run soak -- [--kills N] [--scale S] [--max-minutes M] [--seed N]
  *
  * `--kills` (default 20) is the number of SIGKILLs of each process. `--scale` (default 1) scales the
- * load: each client gets ceil(10 * S) ops acknowledged between two kills, on ceil(24 * S) slots.
+ * load: each client gets ceil(10 * S) ops acknowledged between two kills, on ceil(24 * S) slots (at
+ * most 200).
  */
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
