@@ -285,10 +285,38 @@ async function readOptional(fs: StoreFs, file: string): Promise<Buffer | undefin
   }
 }
 
+/**
+ * Without a snapshot the state starts at journal.0. A later generation's journal without its
+ * snapshot means the snapshot was lost (a crashed compaction leaves journal.0 beside it): starting
+ * from the journal alone would start from a fraction of the state.
+ */
+async function refuseLostSnapshot(dir: string, snapPath: string, fs: StoreFs): Promise<void> {
+  let names: string[];
+  try {
+    names = await fs.readdir(dir);
+  } catch (e) {
+    if (errnoCode(e) === 'ENOENT') return;
+    throw e;
+  }
+  const gens = names.flatMap((n) => {
+    const m = JOURNAL_RE.exec(n);
+    return m ? [Number(m[1])] : [];
+  });
+  if (gens.length === 0 || gens.includes(0)) return;
+  throw new StateDamageError(
+    `state snapshot ${snapPath} is missing, but ${journalName(Math.min(...gens))} (which follows a snapshot) is there: nothing was changed. Restore the snapshot, or move the directory aside to start with an empty state`,
+    snapPath,
+    0,
+    0,
+    false,
+  );
+}
+
 /** Reads snapshot and journal without changing anything; throws for a damaged snapshot or an unknown format. */
 export async function readStateDir(dir: string, fs: StoreFs = nodeStoreFs): Promise<StateDirRead> {
   const snapPath = path.join(dir, SNAPSHOT);
   const snapData = await readOptional(fs, snapPath);
+  if (snapData === undefined) await refuseLostSnapshot(dir, snapPath, fs);
   const snapshot: SnapshotRead =
     snapData === undefined
       ? { gen: 0, seq: 0n, state: undefined, legacy: false }

@@ -109,7 +109,8 @@ export async function repairStateDir(
   const next = await writeGeneration(fs, dir, read.gen + 1, j.seq, toSnapshot(state));
   await next.close();
   await syncDir(fs, dir);
-  await fs.unlink(read.journalPath);
+  // Stale now: if this fails, the next open deletes it (its bytes are aside in any case).
+  await fs.unlink(read.journalPath).catch(() => undefined);
   return {
     file: read.journalPath,
     aside,

@@ -440,6 +440,13 @@ export function holdNextApply(agent: InProcessAgent): { arrived: Promise<void>; 
   return { arrived: arrived.promise, release: () => gate.resolve() };
 }
 
+/** Where the frames of a state file start: a walk over their length fields, not the store's reader. */
+export function frameOffsets(data: Buffer): number[] {
+  const offsets: number[] = [];
+  for (let o = 0; o + 8 <= data.length; o += 8 + data.readUInt32LE(o)) offsets.push(o);
+  return offsets;
+}
+
 /** Reads a state directory directly (snapshot + journal), as StateStore.open would, without opening it. */
 export function readDiskState(dir: string): DesiredState {
   const snapPath = path.join(dir, SNAPSHOT);

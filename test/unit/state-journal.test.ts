@@ -10,7 +10,7 @@ import { repairStateDir } from '../../src/state/repair.ts';
 import { JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
 import { StateStore } from '../../src/state/store.ts';
 import { ServiceError } from '../../src/service/errors.ts';
-import { FaultyFs } from './core-harness.ts';
+import { FaultyFs, frameOffsets } from './core-harness.ts';
 
 const BIG = (1n << 64n) - 1n;
 
@@ -68,13 +68,7 @@ describe('codec', () => {
 /** A change of this test's kind: a page of m0 at `iova`. */
 const at = (iova: bigint): Change[] => [put(iova)];
 
-/** The offsets where the journal's frames start (an independent walk over the length fields). */
-function frameOffsets(file: string): number[] {
-  const data = fs.readFileSync(file);
-  const offsets: number[] = [];
-  for (let o = 0; o + 8 <= data.length; o += 8 + data.readUInt32LE(o)) offsets.push(o);
-  return offsets;
-}
+const journalFrames = () => frameOffsets(fs.readFileSync(journalFile()));
 
 /** Every file of the directory and its bytes. */
 function dirBytes(): Map<string, Buffer> {
@@ -146,10 +140,24 @@ describe('journal', () => {
     assert.deepEqual(fs.readFileSync(snap), bytes);
   });
 
+  test('a lost snapshot is refused, not taken for an empty state', async () => {
+    const { journal } = await Journal.open(dir);
+    await journal.append(at(0x1000n));
+    await journal.compact({ memory: [], devices: [] });
+    await journal.append(at(0x2000n));
+    await journal.close();
+    fs.rmSync(path.join(dir, 'snapshot'));
+    await assert.rejects(
+      Journal.open(dir),
+      /snapshot is missing, but journal\.1 .* is there: nothing was changed/,
+    );
+    assert.deepEqual(fs.readdirSync(dir), ['journal.1']);
+  });
+
   test('a flipped byte in an early record is damage: refused with file, offset and count, nothing written', async () => {
     const iovas = Array.from({ length: 10 }, (_, i) => BigInt(i + 1) * 0x1000n);
     await journalWith(iovas);
-    const offsets = frameOffsets(journalFile());
+    const offsets = journalFrames();
     assert.equal(offsets.length, 11, 'a header and ten records');
     const bytes = fs.readFileSync(journalFile());
     bytes[offsets[3]! + 20]! ^= 0x04;
@@ -184,7 +192,7 @@ describe('journal', () => {
   test('a record missing from the sequence is damage, though every frame is intact', async () => {
     await journalWith([0x1000n, 0x2000n, 0x3000n]);
     const data = fs.readFileSync(journalFile());
-    const offsets = frameOffsets(journalFile());
+    const offsets = journalFrames();
     fs.writeFileSync(journalFile(), Buffer.concat([data.subarray(0, offsets[2]), data.subarray(offsets[3])]));
     await assert.rejects(
       Journal.open(dir),
@@ -250,7 +258,7 @@ describe('repair', () => {
   test('keeps every intact record before and after the damage, moves the damaged file aside, names what it dropped', async () => {
     const iovas = Array.from({ length: 8 }, (_, i) => BigInt(i + 1) * 0x1000n);
     await journalWith(iovas);
-    const offsets = frameOffsets(journalFile());
+    const offsets = journalFrames();
     const bytes = fs.readFileSync(journalFile());
     bytes[offsets[4]! + 30]! ^= 0x20; // record 4: 0x4000
     fs.writeFileSync(journalFile(), bytes);

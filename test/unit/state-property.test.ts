@@ -15,7 +15,7 @@ import {
 import { StateDamageError } from '../../src/state/journal.ts';
 import { repairStateDir } from '../../src/state/repair.ts';
 import { StateStore } from '../../src/state/store.ts';
-import { FaultyFs } from './core-harness.ts';
+import { FaultyFs, frameOffsets } from './core-harness.ts';
 
 const limits: StateLimits = { idempotencyPerDevice: 3, failuresPerDevice: 2 };
 
@@ -141,13 +141,6 @@ test('random sequences of changes, some refused by failed writes, replay to the 
     { numRuns: 60 },
   );
 });
-
-/** The offsets where the frames of a journal start, walking its length fields (not the store's reader). */
-function frameOffsets(data: Buffer): number[] {
-  const offsets: number[] = [];
-  for (let o = 0; o + 8 <= data.length; o += 8 + data.readUInt32LE(o)) offsets.push(o);
-  return offsets;
-}
 
 function modelOf(groups: readonly Change[][]) {
   const model = emptyState(limits);
