@@ -245,21 +245,21 @@ function neighbours(span: BadSpan, records: RecordRead[], snapSeq: bigint, legac
   return { ...span, before, after, lost: legacy ? undefined : { from, to } };
 }
 
+/** The records a damaged span held, by sequence number: "7..9", "7.." (none follows it), "none"; undefined when unknown. */
+export function lostRecords(d: DamageRead): string | undefined {
+  if (d.lost === undefined) return undefined;
+  const { from, to } = d.lost;
+  return to === undefined ? `${from}..` : to < from ? 'none' : `${from}..${to}`;
+}
+
 /** The refusal for a damaged journal: the file, the offset, and how many intact records follow. */
 export function damageError(file: string, read: JournalRead): StateDamageError {
   const d = read.damage[0]!;
   const intactAfter = read.records.filter((r) => r.offset >= d.offset).length;
-  const lost =
-    d.lost === undefined
-      ? ''
-      : d.lost.to === undefined
-        ? `, records from ${d.lost.from} on`
-        : d.lost.to < d.lost.from
-          ? ', no record lost'
-          : `, records ${d.lost.from}..${d.lost.to}`;
+  const lost = lostRecords(d);
   const more = read.damage.length > 1 ? ` (and ${read.damage.length - 1} more damaged spans)` : '';
   return new StateDamageError(
-    `state journal ${file} is damaged at byte ${d.offset} (${d.reason}; ${d.length} bytes${lost})${more}; ${intactAfter} intact records follow it. Nothing was changed: the file is as it was`,
+    `state journal ${file} is damaged at byte ${d.offset} (${d.reason}; ${d.length} bytes${lost === undefined ? '' : `, records lost: ${lost}`})${more}; ${intactAfter} intact records follow it. Nothing was changed: the file is as it was`,
     file,
     d.offset,
     intactAfter,

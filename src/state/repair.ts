@@ -19,6 +19,7 @@ import { nodeStoreFs, type StoreFs } from './fs.ts';
 import {
   type DamageRead,
   journalName,
+  lostRecords,
   type RecordRead,
   readStateDir,
   syncDir,
@@ -63,14 +64,6 @@ function describe(r: RecordRead | undefined, none: string): string {
 }
 
 function dropped(d: DamageRead, data: Buffer): DroppedSpan {
-  const lost =
-    d.lost === undefined
-      ? 'unknown (unversioned journal)'
-      : d.lost.to === undefined
-        ? `${d.lost.from}..`
-        : d.lost.to < d.lost.from
-          ? 'none'
-          : `${d.lost.from}..${d.lost.to}`;
   const text = data
     .subarray(d.offset, d.offset + d.length)
     .toString('utf8')
@@ -79,7 +72,7 @@ function dropped(d: DamageRead, data: Buffer): DroppedSpan {
     offset: d.offset,
     length: d.length,
     reason: d.reason,
-    lostRecords: lost,
+    lostRecords: lostRecords(d) ?? 'unknown (unversioned journal)',
     before: describe(d.before, 'the snapshot'),
     after: describe(d.after, 'nothing (the end of the journal)'),
     text: text.length > TEXT_LIMIT ? `${text.slice(0, TEXT_LIMIT)}...` : text,

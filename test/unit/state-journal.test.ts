@@ -169,7 +169,7 @@ describe('journal', () => {
       assert.equal(e.offset, offsets[3]);
       assert.equal(e.intactAfter, 7);
       const length = offsets[4]! - offsets[3]!;
-      const says = `journal.0 is damaged at byte ${offsets[3]} (CRC mismatch; ${length} bytes, records 3..3); 7 intact records follow it`;
+      const says = `journal.0 is damaged at byte ${offsets[3]} (CRC mismatch; ${length} bytes, records lost: 3..3); 7 intact records follow it`;
       assert.ok(e.message.includes(says), e.message);
       return true;
     });
@@ -196,7 +196,7 @@ describe('journal', () => {
     fs.writeFileSync(journalFile(), Buffer.concat([data.subarray(0, offsets[2]), data.subarray(offsets[3])]));
     await assert.rejects(
       Journal.open(dir),
-      /damaged at byte \d+ \(records 2\.\.2 are missing; 0 bytes, records 2\.\.2\); 1 intact records follow it/,
+      /damaged at byte \d+ \(records 2\.\.2 are missing; 0 bytes, records lost: 2\.\.2\); 1 intact records follow it/,
     );
   });
 
