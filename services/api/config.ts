@@ -103,7 +103,7 @@ export const OPTIONS = {
   repairState: {
     flag: 'repair-state',
     // No variable: a repair is a decision about one damage, not a standing setting.
-    env: '(none: flag only)',
+    env: 'no variable',
     default: 'off',
     description:
       'Start even though the state journal is damaged: keep every intact record (before and after the damage), move the damaged file aside, log what was dropped',
