@@ -106,7 +106,6 @@ export type JournalHeader = z.infer<typeof journalHeaderSchema>;
 
 /** Every later frame: one group commit, numbered. */
 export const journalRecordSchema = z.strictObject({ seq: sequence, changes: changesSchema });
-export type JournalRecord = z.infer<typeof journalRecordSchema>;
 
 /** The one frame of `snapshot`: the state through record `seq`, the start of journal.<gen>. */
 export const snapshotSchema = z.strictObject({
@@ -116,7 +115,6 @@ export const snapshotSchema = z.strictObject({
   seq: u64,
   state: stateSchema,
 });
-export type SnapshotFile = z.infer<typeof snapshotSchema>;
 
 /** The files of before format versions existed: snapshot `{ gen, state }`, records bare `Change[]`. */
 export const legacySnapshotSchema = z.strictObject({ gen: generation, state: stateSchema });
