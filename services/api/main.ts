@@ -12,7 +12,7 @@ import { stdoutLog } from '../../src/sys/stdout-log.ts';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
 import { StateDamageError } from '../../src/state/journal.ts';
-import { repairStateDir } from '../../src/state/repair.ts';
+import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { BearerAuth, isLoopback } from './auth.ts';
 import { type ApiConfig, ConfigError, type Listen, OPTIONS, parseApiConfig, USAGE } from './config.ts';
 import { buildGrpcServer } from './grpc.ts';
@@ -133,7 +133,14 @@ async function repairState(stateDir: string, logger: Logger): Promise<void> {
     logger.warn({ file: report.file, ...span }, 'state repair dropped damaged bytes');
   }
   logger.warn(
-    { file: report.file, aside: report.aside, keptRecords: report.kept, droppedSpans: report.dropped.length },
+    {
+      file: report.file,
+      aside: report.aside,
+      keptRecords: report.kept,
+      droppedSpans: report.dropped.length,
+      // Sequence numbers the dropped records may have handed out are never handed out again.
+      sequenceSkip: String(SEQUENCE_SKIP),
+    },
     'state repaired: the damaged journal is kept aside',
   );
 }

@@ -51,6 +51,8 @@ export interface RepairReport {
 }
 
 const TEXT_LIMIT = 512;
+/** More sequence numbers than any lost records can have handed out (one per submitted request). */
+export const SEQUENCE_SKIP = 1n << 32n;
 
 function describe(r: RecordRead | undefined, none: string): string {
   if (r === undefined) return none;
@@ -97,6 +99,7 @@ export async function repairStateDir(
     j.records.map((r) => r.changes),
     stateLimits(limits),
   );
+  for (const d of state.devices.values()) d.nextSequence += SEQUENCE_SKIP;
   const aside = path.join(dir, `${journalName(read.gen)}.damaged-${now.toISOString().replaceAll(':', '-')}`);
   await writeFileSynced(fs, aside, data);
   const next = await writeGeneration(fs, dir, read.gen + 1, j.seq, toSnapshot(state));
