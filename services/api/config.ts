@@ -48,6 +48,8 @@ export interface ApiConfig {
   grpcTls?: GrpcTlsConfig;
   /** Absent: no quota. */
   quotas?: QuotaConfig;
+  /** Repair a damaged state journal before starting (keep every intact record, move the file aside). */
+  repairState?: boolean;
 }
 
 export class ConfigError extends Error {
@@ -68,6 +70,8 @@ export interface OptionSpec {
   description: string;
   /** The flag may be repeated (the variable then holds the values separated by spaces). */
   multiple?: true;
+  /** The flag takes no value. */
+  boolean?: true;
 }
 
 /** Every option, in the order --help lists them. */
@@ -95,6 +99,15 @@ export const OPTIONS = {
     env: 'VDPA_MAPD_STATE_DIR',
     default: DEFAULT_STATE_DIR,
     description: 'Where the desired state (every acknowledged mapping) is kept',
+  },
+  repairState: {
+    flag: 'repair-state',
+    // No variable: a repair is a decision about one damage, not a standing setting.
+    env: 'no variable',
+    default: 'off',
+    description:
+      'Start even though the state journal is damaged: keep every intact record (before and after the damage), move the damaged file aside, log what was dropped',
+    boolean: true,
   },
   bodyLimit: {
     flag: 'body-limit',
@@ -239,7 +252,9 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
         ...Object.fromEntries(
           Object.values(OPTIONS).map((o: OptionSpec) => [
             o.flag,
-            { type: 'string' as const, multiple: o.multiple === true },
+            o.boolean
+              ? { type: 'boolean' as const }
+              : { type: 'string' as const, multiple: o.multiple === true },
           ]),
         ),
         help: { type: 'boolean' },
@@ -295,6 +310,7 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
     ...(auth ? { auth } : {}),
     ...(grpcTls ? { grpcTls } : {}),
     ...(quotas ? { quotas } : {}),
+    ...(values[OPTIONS.repairState.flag] === true ? { repairState: true } : {}),
   };
 }
 

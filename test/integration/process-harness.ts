@@ -116,8 +116,8 @@ export interface Rig {
   apiStateDir: string;
   /** Starts an agent (on the same socket and state directory every time) and waits until it serves. */
   startAgent(devices?: readonly string[]): Promise<Proc>;
-  /** Starts an API server on 127.0.0.1 port 0 and waits until it is ready. */
-  startApi(): Promise<ApiProcess>;
+  /** Starts an API server on 127.0.0.1 port 0 (`args` added to its own) and waits until it is ready. */
+  startApi(args?: readonly string[]): Promise<ApiProcess>;
   /** A client of whatever agent serves the socket; closed after the test. */
   agentClient(): AgentClient;
 }
@@ -168,7 +168,7 @@ export function createRig(t: Cleanup, prefix: string): Rig {
       await proc.waitForLog((r) => r.msg === 'agent serving', 'serving');
       return proc;
     },
-    async startApi() {
+    async startApi(args = []) {
       const proc = spawnNode('services/api/main.ts', [
         '--rest-listen',
         '127.0.0.1:0',
@@ -180,6 +180,7 @@ export function createRig(t: Cleanup, prefix: string): Rig {
         apiStateDir,
         '--log-level',
         'info',
+        ...args,
       ]);
       procs.push(proc);
       const listening = await proc.waitForLog((r) => r.msg === 'api server listening', 'listening');
