@@ -7,6 +7,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
 import { type ApiLimits, DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import { isValidId } from '../../src/id.ts';
 import type { Quota, QuotaConfig } from '../../src/queue/quota.ts';
 import type { MapdServiceOptions } from '../../src/service/index.ts';
 import { TOKEN_SYNTAX } from './auth.ts';
@@ -360,8 +361,9 @@ function parseEntries(text: string, what: string): number {
 /** `DEVICE=bytes:N,entries:N`; "unlimited" lifts a default for that device. */
 function parseDeviceQuota(text: string): [string, Quota] {
   const what = `--${OPTIONS.deviceQuota.flag}`;
-  const m = /^([A-Za-z0-9._-]{1,64})=(.+)$/.exec(text);
-  if (!m) throw new ConfigError(`${what} ${JSON.stringify(text)}: expected DEVICE=bytes:N,entries:N`);
+  const m = /^([^=]+)=(.+)$/.exec(text);
+  if (!m || !isValidId(m[1]))
+    throw new ConfigError(`${what} ${JSON.stringify(text)}: expected DEVICE=bytes:N,entries:N`);
   // An explicit undefined ("unlimited") overrides the default when merged (quotaOf).
   const quota: Quota = {};
   for (const part of m[2]!.split(',')) {

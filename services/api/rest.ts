@@ -28,6 +28,7 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
+import { findDuplicateKey } from '../../src/api/json-keys.ts';
 import { invalid } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
@@ -68,6 +69,9 @@ interface Route {
   schema: object;
   handle(input: Input): Promise<unknown>;
 }
+
+/** Methods a known path answers 405 to when it does not take them. */
+const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS'] as const;
 
 /** A device id in the path, followed in the same segment by a `:verb` (find-my-way needs a regex). */
 const DEVICE_VERB = ':device(^[^/:]+)';
@@ -199,7 +203,15 @@ function checkQuery(query: Readonly<Record<string, unknown>>, allowed: readonly 
 }
 
 /** Errors fastify raises before a handler runs (JSON syntax, body limit, media type, poisoning). */
-function fromFastify(err: FastifyError): ServiceError | undefined {
+function fromFastify(err: FastifyError, request: FastifyRequest): ServiceError | undefined {
+  if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
+    const type = request.headers['content-type'];
+    return new ServiceError(
+      'UNSUPPORTED_MEDIA_TYPE',
+      `body: send JSON with content-type: application/json (got ${type === undefined ? 'no content-type' : JSON.stringify(type)})`,
+      { field: 'body' },
+    );
+  }
   if (err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 500) {
     return new ServiceError('INVALID_ARGUMENT', `body: ${err.message}`, { field: 'body' });
   }
@@ -221,11 +233,18 @@ export async function buildRestApp(opts: RestOptions) {
   app.setSerializerCompiler(() => (data) => JSON.stringify(data));
 
   // An empty body (curl -X POST -H 'content-type: application/json') is "no body", not an error.
+  // JSON only: any other content type (text/plain included) is 415.
+  app.removeAllContentTypeParsers();
   const json = app.getDefaultJsonParser('error', 'error');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
     const text = body.toString();
-    if (text === '') done(null, undefined);
-    else json(req, text, done);
+    if (text === '') return done(null, undefined);
+    json(req, text, (err, value) => {
+      if (err) return done(err);
+      const duplicate = findDuplicateKey(text);
+      if (duplicate !== undefined) return done(invalid(duplicate, 'given twice'));
+      done(null, value);
+    });
   });
 
   const outcome = new WeakMap<FastifyRequest, string>();
@@ -253,7 +272,8 @@ export async function buildRestApp(opts: RestOptions) {
   }
 
   app.setErrorHandler((err: FastifyError, request, reply) => {
-    const serviceError = err instanceof ServiceError ? err : (fromFastify(err) ?? toServiceError(err));
+    const serviceError =
+      err instanceof ServiceError ? err : (fromFastify(err, request) ?? toServiceError(err));
     if (serviceError.code === 'INTERNAL') request.log.error({ err }, 'request failed');
     return sendError(serviceError, request, reply);
   });
@@ -277,7 +297,8 @@ export async function buildRestApp(opts: RestOptions) {
     },
   });
 
-  for (const route of routes(service, limits)) {
+  const table = routes(service, limits);
+  for (const route of table) {
     app.route({
       method: route.method,
       url: route.url,
@@ -316,6 +337,34 @@ export async function buildRestApp(opts: RestOptions) {
   app.get('/docs', { config: { name: 'OpenAPI' }, schema: hidden }, (_request, reply) =>
     reply.redirect('/docs/json'),
   );
+
+  // Any other method on a known path: 405 naming the ones it takes (fastify adds HEAD to each GET).
+  const allowed = new Map<string, string[]>();
+  for (const { method, url } of [
+    ...table,
+    ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url })),
+  ]) {
+    allowed.set(url, [...(allowed.get(url) ?? []), method]);
+  }
+  for (const [url, methods] of allowed) {
+    const allow = methods.includes('GET') ? [...methods, 'HEAD'] : methods;
+    app.route({
+      method: HTTP_METHODS.filter((m) => !allow.includes(m)),
+      url,
+      schema: hidden,
+      handler: (request, reply) => {
+        void reply.header('allow', allow.join(', '));
+        return sendError(
+          new ServiceError(
+            'METHOD_NOT_ALLOWED',
+            `${request.method} is not allowed here; use ${allow.join(', ')}`,
+          ),
+          request,
+          reply,
+        );
+      },
+    });
+  }
 
   return app;
 }

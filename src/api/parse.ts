@@ -3,6 +3,7 @@
  * is read field by field into a new plain object (user input is never spread or merged), unknown
  * fields are refused, and each error is an INVALID_ARGUMENT naming the field (`regions[3].size`).
  */
+import { ID_RULE, isValidId } from '../id.ts';
 import type { Perm, Region } from '../iotlb/types.ts';
 import type {
   BatchOp,
@@ -30,7 +31,6 @@ export const DEFAULT_LIMITS: ApiLimits = {
   maxRegions: 65536,
 };
 
-const ID = /^[A-Za-z0-9._-]{1,64}$/;
 const MAX_REQUEST_ID = 128;
 const PERM_VALUES: readonly Perm[] = ['ro', 'wo', 'rw'];
 
@@ -128,11 +128,9 @@ function join(path: string, key: string): string {
   return path === '' ? key : `${path}.${key}`;
 }
 
-/** Device and memory ids: `[A-Za-z0-9._-]{1,64}`. */
+/** Device and memory ids (src/id.ts). */
 export function parseId(value: unknown, field: string): string {
-  if (typeof value !== 'string' || !ID.test(value)) {
-    throw invalid(field, 'must be 1 to 64 characters of A-Z a-z 0-9 . _ -');
-  }
+  if (!isValidId(value)) throw invalid(field, ID_RULE);
   return value;
 }
 

@@ -17,7 +17,7 @@ export interface MemoryInfo {
 }
 
 export type MemoryErrorCode =
-  | 'INVALID_ID' // empty, too long, or characters outside [A-Za-z0-9._-]
+  | 'INVALID_ID' // not an id by the rule of src/id.ts
   | 'ALREADY_EXISTS' // id already registered
   | 'NOT_FOUND' // no memory with that id
   | 'PATH_REFUSED' // path outside the allowed roots (after realpath), or not a regular file

@@ -368,6 +368,80 @@ describe('REST API', () => {
     assert.equal(({} as Record<string, unknown>).x, undefined);
   });
 
+  test('media type, methods, duplicate keys and ids are refused by name', async () => {
+    const before = await mappings();
+    const url = `${s.api.restAddress}/v1/devices/vdpa0/mappings`;
+    const MAP = JSON.stringify({ iova: '0x50000000', size: '0x1000', memory: 'ram0' });
+    for (const headers of [
+      {},
+      { 'content-type': 'text/plain' },
+      { 'content-type': 'application/xml' },
+    ] as Record<string, string>[]) {
+      const res = await fetch(url, { method: 'POST', headers, body: MAP });
+      const body = (await res.json()) as { error: { code: string; message: string; field: string } };
+      assert.equal(res.status, 415, JSON.stringify({ headers, body }));
+      assert.equal(body.error.code, 'UNSUPPORTED_MEDIA_TYPE');
+      assert.equal(body.error.field, 'body');
+      assert.match(body.error.message, /application\/json/);
+    }
+    // A body-less POST needs no content type.
+    assert.equal(
+      (await fetch(`${s.api.restAddress}/v1/devices/vdpa0:flush`, { method: 'POST' })).status,
+      200,
+    );
+
+    for (const [method, path, allow] of [
+      ['GET', '/v1/devices/vdpa0:batch', 'POST'],
+      ['DELETE', '/v1/devices/vdpa0/mappings', 'GET, POST, HEAD'],
+      ['GET', '/v1/devices/vdpa0/mappings:unmap', 'POST'],
+      ['POST', '/v1/devices/vdpa0/memtable', 'PUT'],
+      ['PATCH', '/v1/memory/ram0', 'DELETE'],
+      ['POST', '/healthz', 'GET, HEAD'],
+    ] as const) {
+      const res = await s.http(method, path);
+      assert.equal(res.status, 405, `${method} ${path}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.headers.get('allow'), allow, `${method} ${path}`);
+      assert.equal(res.body.error.code, 'METHOD_NOT_ALLOWED');
+    }
+    assert.equal((await s.http('GET', '/v1/nowhere')).status, 404);
+
+    const duplicates: [string, string][] = [
+      ['{"iova":"0x50000000","size":"0x1000","memory":"nope","memory":"ram0"}', 'memory'],
+      ['{"iova":"0x50000000","size":"0x1000","memory":"ram0","\\u006demory":"ram0"}', 'memory'],
+      [
+        '{"ops":[{"op":"map","iova":"0x50000000","size":"0x1000","memory":"ram0"},{"op":"unmap","iova":"1","size":"1","size":"2"}]}',
+        'ops[1].size',
+      ],
+    ];
+    for (const [body, field] of duplicates) {
+      const target = body.startsWith('{"ops"') ? '/v1/devices/vdpa0:batch' : '/v1/devices/vdpa0/mappings';
+      const res = await s.http('POST', target, body);
+      assert.equal(res.status, 400, `${body}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.error.code, 'INVALID_ARGUMENT');
+      assert.equal(res.body.error.field, field);
+      assert.match(res.body.error.message, /given twice/);
+    }
+    // Equal values in different objects are no duplicates.
+    const fine = await s.http('POST', '/v1/devices/vdpa0:batch', {
+      ops: [
+        { op: 'map', iova: '0x50000000', size: '0x1000', memory: 'ram0' },
+        { op: 'unmap', iova: '0x50000000', size: '0x1000' },
+      ],
+    });
+    assert.equal(fine.status, 200, JSON.stringify(fine.body));
+
+    for (const id of ['...', '.', '..', '-', '-rf', '.hidden', '_x']) {
+      const res = await s.http('POST', '/v1/memory', { id, size: '4096' });
+      assert.equal(res.status, 400, `${id}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.error.field, 'id');
+      // fetch resolves the dot segments `.` and `..` itself.
+      if (id !== '.' && id !== '..') {
+        assert.equal((await s.http('GET', `/v1/devices/${id}/mappings`)).status, 400, id);
+      }
+    }
+    assert.deepEqual(await mappings(), before);
+  });
+
   test('unregister memory: refused while mapped', async () => {
     const busy = await s.http('DELETE', '/v1/memory/file0');
     assert.equal(busy.status, 409);
