@@ -156,11 +156,22 @@ export const SCHEMAS = {
         iova: u64,
         size: u64,
         asid,
-        exact: { type: 'boolean', description: 'Refuse (409) instead of splitting a partly covered mapping' },
+        exact: {
+          type: 'boolean',
+          description:
+            'Refuse instead of splitting a partly covered mapping (409), or when none is there (404)',
+        },
         requestId,
       },
     },
-    response: { 200: object({ removed: mappingList, remapped: mappingList, ops: opList }) },
+    response: {
+      200: object({
+        matched: { type: 'integer', description: 'Mappings the range touched; 0: nothing was there' },
+        removed: mappingList,
+        remapped: mappingList,
+        ops: opList,
+      }),
+    },
   },
   setMemTable: {
     params: deviceParams,

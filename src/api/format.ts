@@ -93,6 +93,7 @@ export function formatMapResult(r: MapResult) {
 
 export function formatUnmapResult(r: UnmapResult) {
   return {
+    matched: r.removed.length,
     removed: r.removed.map(formatMapping),
     remapped: r.remapped.map(formatMapping),
     ops: r.ops.map(formatOp),

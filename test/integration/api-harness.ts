@@ -41,7 +41,11 @@ export interface Agent {
   stop(): Promise<void>;
   /** SIGKILL, as a crash: the socket file stays behind, stale. */
   kill(): Promise<void>;
+  /** The agent's latest log lines (JSON), at most {@link AGENT_LOG_LINES}. */
+  log: string[];
 }
+
+const AGENT_LOG_LINES = 1000;
 
 /** Spawns services/agent/main.ts and waits for its "agent serving" log line. */
 export async function spawnAgent(dir: string): Promise<Agent> {
@@ -76,6 +80,10 @@ export async function spawnAgent(dir: string): Promise<Agent> {
   child.stderr?.on('data', (chunk: Buffer) => {
     stderr += chunk.toString();
   });
+  const log: string[] = [];
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    if (log.push(line) > AGENT_LOG_LINES) log.shift();
+  });
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`agent did not start in time: ${stderr}`)), 60_000);
     const lines = createInterface({ input: child.stdout! });
@@ -95,7 +103,7 @@ export async function spawnAgent(dir: string): Promise<Agent> {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     return exited;
   };
-  return { socket, sharedDir, stop: () => stopChild(child), kill };
+  return { socket, sharedDir, stop: () => stopChild(child), kill, log };
 }
 
 /** SIGTERM, then SIGKILL after 10 s; resolves once the child has exited. */

@@ -10,6 +10,12 @@ import { startStack } from './api-harness.ts';
 type Stack = Awaited<ReturnType<typeof startStack>>;
 
 const MiB = 1024 * 1024;
+
+/** Polls `check` every 50 ms, for at most 10 s. */
+async function waitFor(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 200 && !check(); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(check(), 'condition not met in 10 s');
+}
 const hex = (n: number) => `0x${n.toString(16)}`;
 
 describe('REST API', () => {
@@ -86,6 +92,36 @@ describe('REST API', () => {
     assert.equal(refused.status, 403);
     assert.equal(refused.body.error.code, 'PERMISSION_DENIED');
     assert.ok(refused.body.error.message.length > 0);
+
+    // Missing under the allowed roots: 404. Outside them: 403 whatever is there, and the answer
+    // says nothing of where a link leads, whether the target exists, or the agent's pid.
+    const absent = await s.http('POST', '/v1/memory', {
+      id: 'gone',
+      path: path.join(s.agent.sharedDir, 'no.mem'),
+    });
+    assert.equal(absent.status, 404, JSON.stringify(absent.body));
+    assert.equal(absent.body.error.code, 'NOT_FOUND');
+    assert.equal(absent.body.error.field, 'path');
+    const links = { proc: '/proc/self/status', dangling: '/etc/no-such-file', passwd: '/etc/passwd' };
+    for (const [name, target] of Object.entries(links))
+      fs.symlinkSync(target, path.join(s.agent.sharedDir, name));
+    const messages = new Set<string>();
+    for (const p of [
+      '/etc/no-such-file',
+      '/etc/hostname',
+      ...Object.keys(links).map((n) => path.join(s.agent.sharedDir, n)),
+    ]) {
+      const res = await s.http('POST', '/v1/memory', { id: 'leak', path: p });
+      assert.equal(res.status, 403, `${p}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.error.field, 'path');
+      messages.add(res.body.error.message.replace(p, 'P'));
+    }
+    assert.deepEqual(
+      [...messages],
+      ['registering memory leak: P is not a regular file under the allowed roots'],
+    );
+    // The agent's own log keeps the whole story.
+    await waitFor(() => s.agent.log.some((l) => l.includes('resolves to /etc/passwd')));
 
     const list = await s.http('GET', '/v1/memory');
     assert.equal(list.status, 200);
@@ -192,6 +228,32 @@ describe('REST API', () => {
       size: hex(3 * MiB),
     });
     assert.equal(whole.status, 200);
+    assert.equal(whole.body.matched, 2);
+    assert.deepEqual(
+      (await mappings()).map((m) => m.iova),
+      ['0x100000', '0x400000'],
+    );
+
+    const nothing = await s.http('POST', '/v1/devices/vdpa0/mappings:unmap', {
+      iova: hex(16 * MiB),
+      size: hex(3 * MiB),
+    });
+    assert.equal(nothing.status, 200);
+    assert.deepEqual(nothing.body, { matched: 0, removed: [], remapped: [], ops: [] });
+    const none = await s.http('POST', '/v1/devices/vdpa0/mappings:unmap', {
+      iova: hex(16 * MiB),
+      size: hex(3 * MiB),
+      exact: true,
+    });
+    assert.equal(none.status, 404, JSON.stringify(none.body));
+    assert.equal(none.body.error.code, 'NOT_FOUND');
+    assert.equal(none.body.error.field, 'iova');
+    assert.match(none.body.error.message, /\[0x1000000, 0x1300000\)/);
+    const inBatch = await s.http('POST', '/v1/devices/vdpa0:batch', {
+      ops: [{ op: 'unmap', iova: hex(16 * MiB), size: hex(MiB), exact: true }],
+    });
+    assert.equal(inBatch.body.results[0].error.code, 'NOT_FOUND');
+    assert.equal(inBatch.body.results[0].error.field, 'ops[0].iova');
     assert.deepEqual(
       (await mappings()).map((m) => m.iova),
       ['0x100000', '0x400000'],
