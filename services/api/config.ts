@@ -32,12 +32,32 @@ export interface GrpcTlsConfig {
   clientCa?: string;
 }
 
+/** How long a slow or idle client may hold a connection, and how many it may hold. */
+export interface ConnectionLimits {
+  /** REST: the request's head must arrive within this. */
+  headersTimeoutMs: number;
+  /** REST: the whole request (head and body) must arrive within this. */
+  requestTimeoutMs: number;
+  /** REST keep-alive and gRPC: a connection with no request in flight for this long is closed. */
+  idleTimeoutMs: number;
+  /** REST: connections beyond this many are closed as they come. */
+  maxConnections: number;
+}
+
+export const DEFAULT_CONNECTIONS: ConnectionLimits = {
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 120_000,
+  idleTimeoutMs: 60_000,
+  maxConnections: 1024,
+};
+
 export interface ApiConfig {
   restListen: Listen;
   grpcListen: Listen;
   agentSocket: string;
   stateDir: string;
   limits: ApiLimits;
+  connections: ConnectionLimits;
   /** Tuning of the application core; unset options keep the core's defaults. */
   core: Pick<MapdServiceOptions, 'maxQueued' | 'maxGroup' | 'flushTimeoutMs'>;
   /** How long in-flight requests get to finish at shutdown before they are cut. */
@@ -114,6 +134,37 @@ export const OPTIONS = {
     env: 'VDPA_MAPD_MAX_REGIONS',
     default: String(DEFAULT_LIMITS.maxRegions),
     description: 'Most regions in one SetMemTable',
+  },
+  maxInflightBytes: {
+    flag: 'max-inflight-bytes',
+    env: 'VDPA_MAPD_MAX_INFLIGHT_BYTES',
+    default: String(DEFAULT_LIMITS.maxInflightBytes),
+    description:
+      'Most bytes of REST bodies and gRPC messages processed at once (at least --body-limit); beyond, RESOURCE_EXHAUSTED (429) with Retry-After',
+  },
+  headersTimeoutMs: {
+    flag: 'headers-timeout-ms',
+    env: 'VDPA_MAPD_HEADERS_TIMEOUT_MS',
+    default: String(DEFAULT_CONNECTIONS.headersTimeoutMs),
+    description: "REST: a request's head must arrive within this, or its connection is closed",
+  },
+  requestTimeoutMs: {
+    flag: 'request-timeout-ms',
+    env: 'VDPA_MAPD_REQUEST_TIMEOUT_MS',
+    default: String(DEFAULT_CONNECTIONS.requestTimeoutMs),
+    description: 'REST: a whole request (head and body) must arrive within this (408 otherwise)',
+  },
+  idleTimeoutMs: {
+    flag: 'idle-timeout-ms',
+    env: 'VDPA_MAPD_IDLE_TIMEOUT_MS',
+    default: String(DEFAULT_CONNECTIONS.idleTimeoutMs),
+    description: 'REST keep-alive and gRPC: a connection with no request in flight for this long is closed',
+  },
+  maxConnections: {
+    flag: 'max-connections',
+    env: 'VDPA_MAPD_MAX_CONNECTIONS',
+    default: String(DEFAULT_CONNECTIONS.maxConnections),
+    description: 'REST: connections beyond this many are closed as they arrive',
   },
   maxQueued: {
     flag: 'max-queued',
@@ -276,6 +327,17 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
       ? deviceQuotas
       : (env[OPTIONS.deviceQuota.env]?.split(/\s+/).filter((s) => s !== '') ?? []),
   );
+  const limits: ApiLimits = {
+    bodyLimit: parseCount(value('bodyLimit'), OPTIONS.bodyLimit.flag),
+    maxBatchOps: parseCount(value('maxBatchOps'), OPTIONS.maxBatchOps.flag),
+    maxRegions: parseCount(value('maxRegions'), OPTIONS.maxRegions.flag),
+    maxInflightBytes: parseCount(value('maxInflightBytes'), OPTIONS.maxInflightBytes.flag),
+  };
+  if (limits.maxInflightBytes < limits.bodyLimit) {
+    throw new ConfigError(
+      `--${OPTIONS.maxInflightBytes.flag} ${limits.maxInflightBytes} is below --${OPTIONS.bodyLimit.flag} ${limits.bodyLimit}: a largest request could never be taken`,
+    );
+  }
   const stateDir = path.resolve(value('stateDir'));
   const logLevel = LOG_LEVELS.find((l) => l === value('logLevel'));
   if (logLevel === undefined)
@@ -285,10 +347,12 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
     grpcListen: parseListen(value('grpcListen'), OPTIONS.grpcListen.flag),
     agentSocket: path.resolve(raw('agentSocket') ?? path.join(stateDir, 'agent', 'agent.sock')),
     stateDir,
-    limits: {
-      bodyLimit: parseCount(value('bodyLimit'), OPTIONS.bodyLimit.flag),
-      maxBatchOps: parseCount(value('maxBatchOps'), OPTIONS.maxBatchOps.flag),
-      maxRegions: parseCount(value('maxRegions'), OPTIONS.maxRegions.flag),
+    limits,
+    connections: {
+      headersTimeoutMs: parseCount(value('headersTimeoutMs'), OPTIONS.headersTimeoutMs.flag),
+      requestTimeoutMs: parseCount(value('requestTimeoutMs'), OPTIONS.requestTimeoutMs.flag),
+      idleTimeoutMs: parseCount(value('idleTimeoutMs'), OPTIONS.idleTimeoutMs.flag),
+      maxConnections: parseCount(value('maxConnections'), OPTIONS.maxConnections.flag),
     },
     core: { ...core('maxQueued'), ...core('maxGroup'), ...core('flushTimeoutMs') },
     shutdownGraceMs: parseCount(value('shutdownGraceMs'), OPTIONS.shutdownGraceMs.flag),

@@ -14,12 +14,14 @@ import {
   type sendUnaryData,
   type status as GrpcStatus,
   type ServerUnaryCall,
+  type ServiceDefinition,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { grpcStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
+import type { InFlightBytes } from '../../src/api/inflight.ts';
 import {
   formatBatchResult,
   formatDevice,
@@ -45,6 +47,7 @@ import {
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
+import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
 import {
   API_SERVICES,
@@ -57,6 +60,9 @@ import {
 export interface GrpcOptions {
   service: MapdService;
   limits: ApiLimits;
+  connections: ConnectionLimits;
+  /** Shared with REST. */
+  inflight: InFlightBytes;
   telemetry: Telemetry;
   logger: Logger;
   /** Absent: no token asked for. */
@@ -115,6 +121,26 @@ function grpcError(err: ServiceError): { code: GrpcStatus; details: string; meta
   return { code: grpcStatus(err), details: err.message, metadata };
 }
 
+/** Encoded size of each decoded request, for the in-flight bound (grpc-js gives handlers no size). */
+const messageBytes = new WeakMap<object, number>();
+
+/** `definition` with each request's encoded size recorded in {@link messageBytes} as it is decoded. */
+function measured(definition: ServiceDefinition): ServiceDefinition {
+  return Object.fromEntries(
+    Object.entries(definition).map(([name, method]) => [
+      name,
+      {
+        ...method,
+        requestDeserialize: (bytes: Buffer) => {
+          const message = method.requestDeserialize(bytes) as object;
+          messageBytes.set(message, bytes.length);
+          return message;
+        },
+      },
+    ]),
+  );
+}
+
 /** Refuses, before any message is read, a call whose metadata lacks the bearer token. */
 function authInterceptor(auth: ApiAuth, telemetry: Telemetry): ServerInterceptor {
   return (method, call) => {
@@ -142,6 +168,8 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
   const { service, limits, telemetry, logger } = opts;
   const server = new Server({
     'grpc.max_receive_message_length': limits.bodyLimit,
+    // grpc-js has no connection cap nor header timeout: connections without calls are closed.
+    'grpc.max_connection_idle_ms': opts.connections.idleTimeoutMs,
     ...(opts.auth ? { interceptors: [authInterceptor(opts.auth, telemetry)] } : {}),
   });
   const watches = new Set<ServerWritableStream<Message, Message>>();
@@ -165,13 +193,22 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     (method: string, handle: (req: Message) => Promise<object>) =>
     (call: ServerUnaryCall<Message, object>, callback: sendUnaryData<object>) => {
       const started = process.hrtime.bigint();
-      handle(call.request).then(
-        (answer) => {
-          observe(method, 'OK', started);
-          callback(null, answer);
-        },
-        (err: unknown) => callback(fail(method, started, err)),
-      );
+      let release: () => void;
+      try {
+        release = opts.inflight.acquire(messageBytes.get(call.request) ?? 0);
+      } catch (err) {
+        callback(fail(method, started, err));
+        return;
+      }
+      handle(call.request)
+        .finally(release)
+        .then(
+          (answer) => {
+            observe(method, 'OK', started);
+            callback(null, answer);
+          },
+          (err: unknown) => callback(fail(method, started, err)),
+        );
     };
 
   const watchMappings = (call: ServerWritableStream<Message, Message>) => {
@@ -247,9 +284,9 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     }),
   };
 
-  server.addService(DeviceServiceClient.service, deviceService);
-  server.addService(MappingServiceClient.service, mappingService);
-  server.addService(MemoryServiceClient.service, memoryService);
+  server.addService(measured(DeviceServiceClient.service), deviceService);
+  server.addService(measured(MappingServiceClient.service), mappingService);
+  server.addService(measured(MemoryServiceClient.service), memoryService);
 
   const health = new HealthImplementation();
   let serving: ServingStatus | undefined;

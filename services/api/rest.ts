@@ -2,6 +2,7 @@
  * The REST transport: fastify routes over the MapdService. Bodies are parsed as JSON by fastify
  * (with its prototype-poisoning guards and the body limit) and validated by src/api, like gRPC.
  */
+import { Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
 import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest, LogController } from 'fastify';
 import type { Logger } from 'pino';
@@ -28,17 +29,22 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
+import type { InFlightBytes } from '../../src/api/inflight.ts';
 import { findDuplicateKey } from '../../src/api/json-keys.ts';
 import { invalid } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
+import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
 import { SCHEMAS } from './openapi.ts';
 
 export interface RestOptions {
   service: MapdService;
   limits: ApiLimits;
+  connections: ConnectionLimits;
+  /** Shared with gRPC. */
+  inflight: InFlightBytes;
   telemetry: Telemetry;
   logger: Logger;
   /** Absent: no token asked for. */
@@ -219,15 +225,23 @@ function fromFastify(err: FastifyError, request: FastifyRequest): ServiceError |
 }
 
 export async function buildRestApp(opts: RestOptions) {
-  const { service, limits, telemetry } = opts;
+  const { service, limits, telemetry, connections } = opts;
   const app = Fastify({
     loggerInstance: opts.logger,
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: limits.bodyLimit,
+    // Slow clients (slowloris) are cut: Node checks the two timeouts every connectionsCheckingInterval.
+    http: {
+      headersTimeout: connections.headersTimeoutMs,
+      connectionsCheckingInterval: Math.min(1000, connections.headersTimeoutMs),
+    },
+    requestTimeout: connections.requestTimeoutMs,
+    keepAliveTimeout: connections.idleTimeoutMs,
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
   });
+  app.server.maxConnections = connections.maxConnections;
   // Schemas document the API; src/api validates and the answers are plain JSON.
   app.setValidatorCompiler(() => () => true);
   app.setSerializerCompiler(() => (data) => JSON.stringify(data));
@@ -270,6 +284,33 @@ export async function buildRestApp(opts: RestOptions) {
       }
     });
   }
+
+  // Bodies count against the in-flight bound from before they are read until the answer is sent:
+  // by their content-length when given (refused unread), else chunk by chunk as they arrive.
+  app.addHook('preParsing', async (request, reply, payload) => {
+    const releases: (() => void)[] = [];
+    reply.raw.once('close', () => {
+      for (const release of releases) release();
+    });
+    const length = Number(request.headers['content-length']);
+    if (Number.isSafeInteger(length) && length > 0) {
+      releases.push(opts.inflight.acquire(Math.min(length, limits.bodyLimit)));
+      return payload;
+    }
+    if (request.headers['transfer-encoding'] === undefined) return payload;
+    return payload.pipe(
+      new Transform({
+        transform(chunk: Buffer, _encoding, next) {
+          try {
+            releases.push(opts.inflight.acquire(chunk.length));
+            next(null, chunk);
+          } catch (e) {
+            next(e as Error);
+          }
+        },
+      }),
+    );
+  });
 
   app.setErrorHandler((err: FastifyError, request, reply) => {
     const serviceError =

@@ -18,7 +18,7 @@ import {
   type ServiceError,
 } from '@grpc/grpc-js';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
-import type { ApiConfig } from '../../services/api/config.ts';
+import { type ApiConfig, DEFAULT_CONNECTIONS } from '../../services/api/config.ts';
 import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
 import {
   DeviceServiceClient,
@@ -126,6 +126,7 @@ export function apiConfig(dir: string, socket: string, overrides: Partial<ApiCon
     agentSocket: socket,
     stateDir: path.join(dir, 'api'),
     limits: DEFAULT_LIMITS,
+    connections: DEFAULT_CONNECTIONS,
     core: {},
     shutdownGraceMs: 5_000,
     logLevel: 'silent',
@@ -228,12 +229,12 @@ export async function grpcFails(p: Promise<unknown>): Promise<GrpcFailure> {
 }
 
 /** Everything one test file runs against: agent, API server, clients; `stop` ends all of it. */
-export async function startStack(prefix: string) {
+export async function startStack(prefix: string, overrides: Partial<ApiConfig> = {}) {
   const dir = tempDir(prefix);
   const agent = await spawnAgent(dir);
   let api: RunningApiServer;
   try {
-    api = await startReadyApi(apiConfig(dir, agent.socket));
+    api = await startReadyApi(apiConfig(dir, agent.socket, overrides));
   } catch (err) {
     await agent.stop();
     throw err;
