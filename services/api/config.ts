@@ -10,6 +10,7 @@ import { type ApiLimits, DEFAULT_LIMITS } from '../../src/api/parse.ts';
 import { isValidId } from '../../src/id.ts';
 import type { Quota, QuotaConfig } from '../../src/queue/quota.ts';
 import type { MapdServiceOptions } from '../../src/service/index.ts';
+import { DEFAULT_WATCH_HISTORY } from '../../src/service/watch.ts';
 import { TOKEN_SYNTAX } from './auth.ts';
 
 export interface Listen {
@@ -59,7 +60,7 @@ export interface ApiConfig {
   limits: ApiLimits;
   connections: ConnectionLimits;
   /** Tuning of the application core; unset options keep the core's defaults. */
-  core: Pick<MapdServiceOptions, 'maxQueued' | 'maxGroup' | 'flushTimeoutMs'>;
+  core: Pick<MapdServiceOptions, 'maxQueued' | 'maxGroup' | 'flushTimeoutMs' | 'watchHistory'>;
   /** How long in-flight requests get to finish at shutdown before they are cut. */
   shutdownGraceMs: number;
   logLevel: LevelWithSilent;
@@ -183,6 +184,12 @@ export const OPTIONS = {
     env: 'VDPA_MAPD_FLUSH_TIMEOUT_MS',
     default: '30000 (core default)',
     description: 'How long Flush waits before answering UNAVAILABLE',
+  },
+  watchHistory: {
+    flag: 'watch-history',
+    env: 'VDPA_MAPD_WATCH_HISTORY',
+    default: `${DEFAULT_WATCH_HISTORY} (core default)`,
+    description: 'Mapping events kept per device for WatchMappings to resume from (from_sequence)',
   },
   shutdownGraceMs: {
     flag: 'shutdown-grace-ms',
@@ -354,7 +361,7 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
       idleTimeoutMs: parseCount(value('idleTimeoutMs'), OPTIONS.idleTimeoutMs.flag),
       maxConnections: parseCount(value('maxConnections'), OPTIONS.maxConnections.flag),
     },
-    core: { ...core('maxQueued'), ...core('maxGroup'), ...core('flushTimeoutMs') },
+    core: { ...core('maxQueued'), ...core('maxGroup'), ...core('flushTimeoutMs'), ...core('watchHistory') },
     shutdownGraceMs: parseCount(value('shutdownGraceMs'), OPTIONS.shutdownGraceMs.flag),
     logLevel,
     ...(auth ? { auth } : {}),

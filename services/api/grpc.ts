@@ -32,6 +32,7 @@ import {
   formatMemory,
   formatSetMemTableResult,
   formatSubmitResult,
+  formatSubscribed,
   formatUnmapResult,
 } from '../../src/api/format.ts';
 import {
@@ -44,6 +45,7 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
+import { parseU64 } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
@@ -215,25 +217,34 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     const started = process.hrtime.bigint();
     const subscribe = async () => {
       const filter = call.request.device ? device(call.request) : undefined;
+      const from = call.request.fromSequence;
+      const fromSequence = from ? parseU64(from, 'from_sequence') : undefined;
       if (filter !== undefined) await service.getDevice(filter);
       if (call.cancelled) return;
-      watches.add(call);
       let open = true;
       const done = (code: string) => {
         if (!open) return;
         open = false;
-        unsubscribe();
+        subscription.close();
         watches.delete(call);
         observe('WatchMappings', code, started);
       };
-      const unsubscribe = service.watch(filter, (event) => {
-        if (call.writableLength < MAX_PENDING_EVENTS) {
-          call.write(formatEvent(event));
-          return;
-        }
-        done(TOO_SLOW.code);
-        call.emit('error', grpcError(TOO_SLOW));
-      });
+      const subscription = service.watch(
+        filter,
+        (event) => {
+          if (call.writableLength < MAX_PENDING_EVENTS) {
+            call.write(formatEvent(event));
+            return;
+          }
+          done(TOO_SLOW.code);
+          call.emit('error', grpcError(TOO_SLOW));
+        },
+        fromSequence,
+      );
+      watches.add(call);
+      // Synchronously after subscribing: no new event can come before these.
+      for (const position of subscription.positions) call.write(formatSubscribed(position));
+      for (const event of subscription.replay) call.write(formatEvent(event));
       for (const event of ['cancelled', 'finish', 'close', 'error']) call.on(event, () => done('OK'));
     };
     subscribe().catch((err: unknown) => call.emit('error', fail('WatchMappings', started, err)));

@@ -50,9 +50,10 @@ test('agent SIGKILLed under load: writes refused with retry-after, then reconcil
   // Every applied change, as the API server announces it once it is durable.
   const events: { device: string; kind: string; asid: number; iova: bigint }[] = [];
   const watch = api.grpc.watch({});
-  watch.on('data', (e: { device: string; kind: string; mapping: { asid?: number; iova: string } }) =>
-    events.push({ device: e.device, kind: e.kind, asid: e.mapping.asid ?? 0, iova: BigInt(e.mapping.iova) }),
-  );
+  watch.on('data', (e: { device: string; kind: string; mapping?: { asid?: number; iova: string } }) => {
+    if (e.mapping === undefined) return; // the "subscribed" marker
+    events.push({ device: e.device, kind: e.kind, asid: e.mapping.asid ?? 0, iova: BigInt(e.mapping.iova) });
+  });
   watch.on('error', () => undefined);
   t.after(() => watch.cancel());
   // The stream is subscribed once it carries something: map sentinels until one shows up.
