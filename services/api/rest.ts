@@ -4,7 +4,16 @@
  */
 import { Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
-import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest, LogController } from 'fastify';
+import Fastify, {
+  type FastifyError,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+  LogController,
+  type RawReplyDefaultExpression,
+  type RawRequestDefaultExpression,
+  type RawServerDefault,
+} from 'fastify';
 import type { Logger } from 'pino';
 import { errorBody, httpStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
 import {
@@ -224,6 +233,63 @@ function fromFastify(err: FastifyError, request: FastifyRequest): ServiceError |
   return undefined;
 }
 
+/** The app as built here (its logger is pino's). */
+type App = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawReplyDefaultExpression, Logger>;
+
+/**
+ * Bodies count against the in-flight bound from before they are read until the answer is sent:
+ * by their content-length when given (refused unread), else chunk by chunk as they arrive.
+ */
+function meterBodies(app: App, inflight: InFlightBytes, bodyLimit: number): void {
+  app.addHook('preParsing', async (request, reply, payload) => {
+    const releases: (() => void)[] = [];
+    reply.raw.once('close', () => {
+      for (const release of releases) release();
+    });
+    const length = Number(request.headers['content-length']);
+    if (Number.isSafeInteger(length) && length > 0) {
+      releases.push(inflight.acquire(Math.min(length, bodyLimit)));
+      return payload;
+    }
+    if (request.headers['transfer-encoding'] === undefined) return payload;
+    return payload.pipe(
+      new Transform({
+        transform(chunk: Buffer, _encoding, next) {
+          try {
+            releases.push(inflight.acquire(chunk.length));
+            next(null, chunk);
+          } catch (e) {
+            next(e as Error);
+          }
+        },
+      }),
+    );
+  });
+}
+
+/** Any other method on a known path: 405 naming the ones it takes (fastify adds HEAD to each GET). */
+function refuseOtherMethods(
+  app: App,
+  paths: readonly { method: string; url: string }[],
+  sendError: (err: ServiceError, request: FastifyRequest, reply: FastifyReply) => FastifyReply,
+): void {
+  const allowed = new Map<string, string[]>();
+  for (const { method, url } of paths) allowed.set(url, [...(allowed.get(url) ?? []), method]);
+  for (const [url, methods] of allowed) {
+    const allow = methods.includes('GET') ? [...methods, 'HEAD'] : methods;
+    app.route({
+      method: HTTP_METHODS.filter((m) => !allow.includes(m)),
+      url,
+      schema: { hide: true },
+      handler: (request, reply) => {
+        void reply.header('allow', allow.join(', '));
+        const message = `${request.method} is not allowed here; use ${allow.join(', ')}`;
+        return sendError(new ServiceError('METHOD_NOT_ALLOWED', message), request, reply);
+      },
+    });
+  }
+}
+
 export async function buildRestApp(opts: RestOptions) {
   const { service, limits, telemetry, connections } = opts;
   const app = Fastify({
@@ -285,32 +351,7 @@ export async function buildRestApp(opts: RestOptions) {
     });
   }
 
-  // Bodies count against the in-flight bound from before they are read until the answer is sent:
-  // by their content-length when given (refused unread), else chunk by chunk as they arrive.
-  app.addHook('preParsing', async (request, reply, payload) => {
-    const releases: (() => void)[] = [];
-    reply.raw.once('close', () => {
-      for (const release of releases) release();
-    });
-    const length = Number(request.headers['content-length']);
-    if (Number.isSafeInteger(length) && length > 0) {
-      releases.push(opts.inflight.acquire(Math.min(length, limits.bodyLimit)));
-      return payload;
-    }
-    if (request.headers['transfer-encoding'] === undefined) return payload;
-    return payload.pipe(
-      new Transform({
-        transform(chunk: Buffer, _encoding, next) {
-          try {
-            releases.push(opts.inflight.acquire(chunk.length));
-            next(null, chunk);
-          } catch (e) {
-            next(e as Error);
-          }
-        },
-      }),
-    );
-  });
+  meterBodies(app, opts.inflight, limits.bodyLimit);
 
   app.setErrorHandler((err: FastifyError, request, reply) => {
     const serviceError =
@@ -379,33 +420,8 @@ export async function buildRestApp(opts: RestOptions) {
     reply.redirect('/docs/json'),
   );
 
-  // Any other method on a known path: 405 naming the ones it takes (fastify adds HEAD to each GET).
-  const allowed = new Map<string, string[]>();
-  for (const { method, url } of [
-    ...table,
-    ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url })),
-  ]) {
-    allowed.set(url, [...(allowed.get(url) ?? []), method]);
-  }
-  for (const [url, methods] of allowed) {
-    const allow = methods.includes('GET') ? [...methods, 'HEAD'] : methods;
-    app.route({
-      method: HTTP_METHODS.filter((m) => !allow.includes(m)),
-      url,
-      schema: hidden,
-      handler: (request, reply) => {
-        void reply.header('allow', allow.join(', '));
-        return sendError(
-          new ServiceError(
-            'METHOD_NOT_ALLOWED',
-            `${request.method} is not allowed here; use ${allow.join(', ')}`,
-          ),
-          request,
-          reply,
-        );
-      },
-    });
-  }
+  const paths = [...table, ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url }))];
+  refuseOtherMethods(app, paths, sendError);
 
   return app;
 }
