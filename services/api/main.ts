@@ -9,6 +9,7 @@ import type { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
+import { InFlightBytes } from '../../src/api/inflight.ts';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
 import { StateDamageError } from '../../src/state/journal.ts';
@@ -71,7 +72,15 @@ export async function startApiServer(
     );
   });
   const auth = config.auth && { bearer: new BearerAuth(config.auth.token), probes: config.auth.probes };
-  const options = { service, limits: config.limits, telemetry, logger, ...(auth ? { auth } : {}) };
+  const options = {
+    service,
+    limits: config.limits,
+    connections: config.connections,
+    inflight: new InFlightBytes(config.limits.maxInflightBytes),
+    telemetry,
+    logger,
+    ...(auth ? { auth } : {}),
+  };
   const rest = await buildRestApp(options);
   const grpc = buildGrpcServer(options);
 

@@ -11,6 +11,7 @@
  * be the same on all of them.
  */
 import path from 'node:path';
+import { ID_RULE, isValidId } from '../id.ts';
 import type { IovaRange } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import {
@@ -32,7 +33,6 @@ export type DeviceSpec =
   /** `node` 'auto': every vhost-vdpa node discovery finds. */
   | { kind: 'kernel'; node: string; name?: string };
 
-const NAME_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const U64_MAX = (1n << 64n) - 1n;
 const SIM_KEYS = [
   'iommu',
@@ -72,13 +72,12 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
     const { name, ...others } = Object.fromEntries(opts);
     const unknown = Object.keys(others)[0];
     if (unknown !== undefined) fail(`unknown key "${unknown}" (kernel devices take name=)`, unknown);
-    if (name !== undefined && !NAME_RE.test(name))
-      fail(`name "${name}" must be 1-64 of [A-Za-z0-9._-]`, 'name');
+    if (name !== undefined && !isValidId(name)) fail(`name "${name}" ${ID_RULE}`, 'name');
     return name === undefined ? { kind: 'kernel', node: target } : { kind: 'kernel', node: target, name };
   }
   if (kind !== 'sim') fail(`unknown kind "${kind}" (sim or kernel)`, 'kind');
 
-  if (!NAME_RE.test(target)) fail(`name "${target}" must be 1-64 of [A-Za-z0-9._-]`, 'name');
+  if (!isValidId(target)) fail(`name "${target}" ${ID_RULE}`, 'name');
   const options: SimulatedDeviceOptions = { name: target };
   for (const [key, value] of opts) {
     const field = SIM_KEYS.find((k) => k === key);

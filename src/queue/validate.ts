@@ -6,7 +6,14 @@
  */
 import { diffSorted, type Plan, PlanError, planUnmap, validateTarget } from '../iotlb/planner.ts';
 import { checkRegionShape } from '../iotlb/table.ts';
-import { hex, type IotlbOp, type IotlbViolation, type Mapping, type Region } from '../iotlb/types.ts';
+import {
+  describeRange,
+  hex,
+  type IotlbOp,
+  type IotlbViolation,
+  type Mapping,
+  type Region,
+} from '../iotlb/types.ts';
 import { ServiceError } from '../service/errors.ts';
 import type {
   BatchOp,
@@ -137,6 +144,14 @@ function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
     plan = planUnmap(work.spaces.table(spec.asid), spec.iova, spec.size, spec.exact ?? false);
   } catch (e) {
     throw planError(e, at);
+  }
+  // exact asks for precisely the mappings in the range: none there is as wrong as a partial one.
+  if (spec.exact && plan.invalidated.length === 0) {
+    throw new ServiceError(
+      'NOT_FOUND',
+      `${at.label}no mapping in ${describeRange(spec.iova, spec.size)} of address space ${spec.asid} and exact was requested`,
+      { field: fieldAt(at, 'iova') },
+    );
   }
   applyPlan(work, plan);
   return {

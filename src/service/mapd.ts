@@ -76,6 +76,8 @@ export interface MapdServiceOptions {
   maxGroup?: number;
   /** How long flush waits (default 30 s). */
   flushTimeoutMs?: number;
+  /** Events kept per device for watchers resuming from a sequence (default 4096). */
+  watchHistory?: number;
   /** Per-device limits on mapped bytes and entries (default none). */
   quotas?: QuotaConfig;
   /** Idempotency records kept per device (default 10,000). */
@@ -129,7 +131,7 @@ class Mapd implements MapdCore {
     this.port = measuredPort(rawPort, metrics);
     this.idempotency = new Idempotency(store);
     this.memory = new MemoryCatalog(store, this.port, () => this.supervisor.up, opts.logger);
-    this.hub = new WatchHub(opts.logger);
+    this.hub = new WatchHub(opts.logger, opts.watchHistory);
     this.supervisor = new AgentSupervisor({
       port: rawPort,
       metrics,
@@ -144,6 +146,8 @@ class Mapd implements MapdCore {
     for (const [name, d] of store.state.devices) {
       const slot = this.slotOf(name);
       const pending = [...d.pending.values()].sort((a, b) => (a.sequence < b.sequence ? -1 : 1));
+      // Events before this start are gone; restored submits still to apply keep their sequences.
+      this.hub.startAt(name, (pending[0]?.sequence ?? d.nextSequence) - 1n);
       slot.queue.restore(
         pending.map((p) => this.submitEntry({ kind: 'batch', ops: p.ops, atomic: p.atomic }, p.sequence)),
       );
@@ -241,8 +245,12 @@ class Mapd implements MapdCore {
     return sortedMappings(this.store.state.devices.get(device), asid);
   }
 
-  watch(device: string | undefined, listener: (e: MappingEvent) => void): () => void {
-    return this.hub.add(device, listener);
+  watch(device: string | undefined, listener: (e: MappingEvent) => void, fromSequence?: bigint) {
+    const devices =
+      device === undefined
+        ? [...this.slots.values()].filter((s) => s.facts).map((s) => s.name)
+        : [this.existing(device).name];
+    return this.hub.subscribe(device, devices, fromSequence, listener);
   }
 
   // ---- memory ----

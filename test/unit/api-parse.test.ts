@@ -402,6 +402,8 @@ describe('error table', () => {
       QUOTA_EXCEEDED: [409, GrpcStatus.RESOURCE_EXHAUSTED],
       UNAVAILABLE: [503, GrpcStatus.UNAVAILABLE],
       DEVICE_ERROR: [502, GrpcStatus.INTERNAL],
+      UNSUPPORTED_MEDIA_TYPE: [415, GrpcStatus.INVALID_ARGUMENT],
+      METHOD_NOT_ALLOWED: [405, GrpcStatus.UNIMPLEMENTED],
       INTERNAL: [500, GrpcStatus.INTERNAL],
     };
     assert.deepEqual(
