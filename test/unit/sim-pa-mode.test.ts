@@ -5,7 +5,6 @@
  * memory too), holes refused with full rollback, VmPin counted per entry, RLIMIT_MEMLOCK exact.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { parseDeviceSpec } from '../../src/device/factory.ts';
 import { PinnedMemory } from '../../src/device/memlock.ts';
@@ -13,21 +12,12 @@ import { type SimulatedVdpaConfig, SimulatedVdpa } from '../../src/device/sim-ke
 import { IOVA_RANGE_39_BITS, SimulatedDevice } from '../../src/device/simulated.ts';
 import { TransportError, type VhostTransport } from '../../src/device/transport.ts';
 import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
-import {
-  ftruncate,
-  MFD_CLOEXEC,
-  memfdCreate,
-  mmap,
-  munmap,
-  PROT_READ,
-  PROT_WRITE,
-} from '../../src/sys/libc.ts';
+import { PROT_READ } from '../../src/sys/libc.ts';
 import { IotlbMsgType, VHOST_ACCESS_RO, VHOST_ACCESS_RW } from '../../src/uapi/constants.ts';
 import { Ioctl } from '../../src/uapi/ioctl.ts';
-import { PAGE, rawMsg, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
+import { PAGE, privateMemory, rawMsg, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
 
 const { UPDATE, INVALIDATE, BATCH_BEGIN, BATCH_END } = IotlbMsgType;
-const MAP_PRIVATE = 0x02;
 const MiB = 1n << 20n;
 const X = 0x4000_0000n;
 
@@ -76,24 +66,6 @@ function errnoOf(fn: () => unknown): string | undefined {
 }
 
 const entries = (sim: SimulatedVdpa) => sim.kernelMappings().map((m) => [m.iova, m.size, m.offset]);
-
-/**
- * Private memory the registry does not know (a MAP_PRIVATE mapping of a memfd: pages of its own
- * once written, like anonymous memory) of `pages` pages, with the pages in `holes` unmapped again.
- */
-function privateMemory(pages: bigint, holes: bigint[] = [], prot = PROT_READ | PROT_WRITE) {
-  const fd = memfdCreate('private', MFD_CLOEXEC);
-  ftruncate(fd, pages * PAGE);
-  const addr = mmap(pages * PAGE, prot, MAP_PRIVATE, fd);
-  fs.closeSync(fd);
-  for (const h of holes) munmap(addr + h * PAGE, PAGE);
-  return {
-    addr,
-    free() {
-      for (let p = 0n; p < pages; p++) if (!holes.includes(p)) munmap(addr + p * PAGE, PAGE);
-    },
-  };
-}
 
 describe('PA mode (vhost_vdpa_pa_map)', () => {
   test('one entry per page of shmem; INVALIDATE of page 5 removes page 5 only (VmPin -4 kB)', () => {
