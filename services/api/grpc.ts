@@ -51,7 +51,7 @@ import {
   DeviceServiceClient,
   MappingServiceClient,
   MemoryServiceClient,
-  packageDefinition,
+  reflectionDefinition,
 } from './proto.ts';
 
 export interface GrpcOptions {
@@ -272,7 +272,7 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
         },
       }),
   });
-  new ReflectionService(packageDefinition).addToServer(server);
+  new ReflectionService(reflectionDefinition).addToServer(server);
 
   return {
     server,

@@ -32,6 +32,7 @@ import { invalid } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
+import { withJsonNames } from './json-names.ts';
 import type { Telemetry } from './observe.ts';
 import { SCHEMAS } from './openapi.ts';
 
@@ -288,11 +289,12 @@ export async function buildRestApp(opts: RestOptions) {
         response: { ...(route.schema as { response?: object }).response, default: SCHEMAS.error },
       },
       handler: async (request, reply) => {
-        checkQuery(request.query as Input['query'], route.query ?? []);
+        const query = withJsonNames(request.query) as Input['query'];
+        checkQuery(query, route.query ?? []);
         const answer = await route.handle({
           params: request.params as Input['params'],
-          query: request.query as Input['query'],
-          body: request.body,
+          query,
+          body: withJsonNames(request.body),
         });
         reply.code(route.status);
         return answer === undefined ? reply.send() : answer;
