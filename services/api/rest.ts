@@ -3,6 +3,7 @@
  * (with its prototype-poisoning guards and the body limit) and validated by src/api, like gRPC.
  */
 import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
 import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest, LogController } from 'fastify';
 import type { Logger } from 'pino';
 import { errorBody, httpStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
@@ -278,6 +279,13 @@ export async function buildRestApp(opts: RestOptions) {
     },
   });
 
+  // The browsable page at /docs, the document at /docs/json (and /docs/yaml), all served locally.
+  const docs: RouteConfig = { name: 'OpenAPI' };
+  app.addHook('onRoute', (route) => {
+    if (route.url.startsWith('/docs')) route.config = { ...route.config, ...docs };
+  });
+  await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { validatorUrl: null } });
+
   for (const route of routes(service, limits)) {
     app.route({
       method: route.method,
@@ -314,10 +322,6 @@ export async function buildRestApp(opts: RestOptions) {
     const text = await telemetry.registry.metrics();
     return reply.header('content-type', telemetry.registry.contentType).send(text);
   });
-  app.get('/docs/json', { config: { name: 'OpenAPI' }, schema: hidden }, async () => app.swagger());
-  app.get('/docs', { config: { name: 'OpenAPI' }, schema: hidden }, (_request, reply) =>
-    reply.redirect('/docs/json'),
-  );
 
   return app;
 }
