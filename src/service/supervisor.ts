@@ -39,7 +39,6 @@ export class AgentSupervisor {
       connected: () => void this.sync(),
       disconnected: (err) => this.down(`the agent is unreachable (${err.message})`),
       restarted: ({ bootId }) => {
-        this.opts.logger?.warn({ bootId }, 'agent link: the agent restarted; reconciling');
         this.opts.onLost(`the agent restarted (boot id ${bootId})`);
         void this.sync();
       },
@@ -108,6 +107,7 @@ export class AgentSupervisor {
         { bootId: info.bootId, was: this.bootId },
         'agent link: the agent restarted; reconciling',
       );
+      this.opts.metrics.agentRestarts.inc();
       this.opts.onLost(`the agent restarted (boot id ${info.bootId})`);
     }
     this.bootId = info.bootId;

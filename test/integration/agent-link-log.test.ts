@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { createRig, type LogRecord } from './process-harness.ts';
 
-test('agent link: lost, reconnected and reconciled are logged, with devices and counts', {
+test('agent link: lost, reconnected and reconciled are logged, with devices and counts; restarts counted', {
   timeout: 180_000,
 }, async (t) => {
   const rig = createRig(t, 'agent-link-log');
@@ -47,4 +47,8 @@ test('agent link: lost, reconnected and reconciled are logged, with devices and 
   const done = await after((r) => r.msg === 'agent link reconciled', 'reconciled');
   assert.deepEqual([done.devices, done.ready, done.bootId], [2, 2, back.bootId]);
   await api.untilReady();
+  // What VdpaMapdAgentDown sees even when the agent is back before the next scrape.
+  const metrics = (await api.http('GET', '/metrics')).body as string;
+  assert.match(metrics, /^vdpa_mapd_agent_restarts_total 1$/m);
+  assert.match(metrics, /^vdpa_mapd_agent_up 1$/m);
 });

@@ -1,6 +1,7 @@
 /**
  * Keeps deploy/ and the Dockerfile true to the code: every flag they pass exists in the real option
- * tables, ports and socket paths agree, the alert rules and the scrape config pass promtool, every
+ * tables, ports and socket paths agree, the alert rules and the scrape config pass promtool (and the
+ * rules' unit tests in deploy/prometheus/rules-test.yml), every
  * metric the dashboard and the alerts use is served by a real API server, and the image recipe
  * builds: its build steps run on exactly the files it copies, and the result runs on production
  * dependencies alone.
@@ -16,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { parse as parseYaml, parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { USAGE as AGENT_USAGE } from '../../services/agent/config.ts';
 import { OPTIONS as API_OPTIONS } from '../../services/api/config.ts';
+import { DeviceServiceClient, MappingServiceClient, MemoryServiceClient } from '../../services/api/proto.ts';
 import { startStack, stopChild } from './api-harness.ts';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -594,6 +596,36 @@ describe('Prometheus and Grafana', () => {
     }
   });
 
+  test('promtool test rules: every alert fires when it should and stays silent when it should not', () => {
+    const tool = promtool();
+    fs.writeFileSync(
+      path.join(dir, 'rules.yml'),
+      stringifyYaml(kustomization().byKind('PrometheusRule').spec),
+    );
+    fs.copyFileSync(path.join(ROOT, 'deploy/prometheus/rules-test.yml'), path.join(dir, 'rules-test.yml'));
+    const run = spawnSync(tool, ['test', 'rules', path.join(dir, 'rules-test.yml')], {
+      encoding: 'utf8',
+      cwd: dir,
+    });
+    assert.equal(run.status, 0, `promtool test rules:\n${run.stdout}${run.stderr}`);
+
+    const cases = yamlFile('deploy/prometheus/rules-test.yml').tests.flatMap((t: Doc) => t.alert_rule_test);
+    const alerts = kustomization()
+      .byKind('PrometheusRule')
+      .spec.groups.flatMap((g: Doc) => g.rules.map((r: Doc) => String(r.alert)));
+    for (const alert of alerts) {
+      const mine = cases.filter((c: Doc) => c.alertname === alert);
+      assert.ok(
+        mine.some((c: Doc) => c.exp_alerts?.length > 0),
+        `no test where ${alert} fires`,
+      );
+      assert.ok(
+        mine.some((c: Doc) => (c.exp_alerts ?? []).length === 0),
+        `no test where ${alert} stays silent`,
+      );
+    }
+  });
+
   test('the metric name extraction sees through PromQL', () => {
     assert.deepEqual(
       metricNames(
@@ -616,7 +648,29 @@ describe('Prometheus and Grafana', () => {
       200,
     );
     await s.grpc.mapping('listMappings', { device: 'vdpa0' });
+    for (const url of ['/healthz', '/readyz', '/docs/json', '/no/such/route']) await s.http('GET', url);
+    await s.http('GET', '/metrics');
     const text = (await s.http('GET', '/metrics')).body as string;
+    // The error-rate alert counts API operations only: every other method label is one it leaves out.
+    const operations = new Set(
+      [DeviceServiceClient, MappingServiceClient, MemoryServiceClient].flatMap((c) =>
+        Object.values(c.service).map((m) => m.path.slice(m.path.lastIndexOf('/') + 1)),
+      ),
+    );
+    const left = /method!~"([^"]+)"/.exec(alertExprs().find((e) => e.includes('request_duration'))!)![1]!;
+    const methods = new Set(
+      [...text.matchAll(/^vdpa_mapd_request_duration_seconds_count\{[^}]*method="(\w+)"/gm)].map(
+        (m) => m[1]!,
+      ),
+    );
+    for (const name of ['Healthz', 'Readyz', 'Metrics', 'OpenAPI', 'Unknown', 'Map'])
+      assert.ok(methods.has(name), name);
+    for (const method of methods) {
+      assert.ok(
+        operations.has(method) !== new RegExp(`^(?:${left})$`).test(method),
+        `${method}: counted by the error rate exactly when it is an API operation`,
+      );
+    }
     const served = new Set(
       text
         .split('\n')
