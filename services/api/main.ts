@@ -11,8 +11,15 @@ import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
-import { BearerAuth, isLoopback } from './auth.ts';
-import { type ApiConfig, ConfigError, type Listen, parseApiConfig, USAGE } from './config.ts';
+import { BearerAuth } from './auth.ts';
+import {
+  type ApiConfig,
+  ConfigError,
+  type Listen,
+  parseApiConfig,
+  USAGE,
+  unauthenticatedListeners,
+} from './config.ts';
 import { buildGrpcServer } from './grpc.ts';
 import type { Telemetry } from './observe.ts';
 import { buildRestApp } from './rest.ts';
@@ -115,12 +122,11 @@ export async function startApiServer(
 
 /** Anyone who can reach a non-loopback address may change the device mappings when nothing checks who. */
 export function warnIfExposed(config: ApiConfig, logger: Logger): void {
-  if (config.auth) return;
-  if (!isLoopback(config.restListen.host)) {
-    logger.warn({ host: config.restListen.host }, 'REST listens beyond loopback without authentication');
-  }
-  if (!isLoopback(config.grpcListen.host) && config.grpcTls?.clientCa === undefined) {
-    logger.warn({ host: config.grpcListen.host }, 'gRPC listens beyond loopback without authentication');
+  for (const listener of unauthenticatedListeners(config)) {
+    logger.warn(
+      { listener },
+      `${listener} listens beyond loopback without authentication: anyone who reaches it can change DMA mappings`,
+    );
   }
 }
 

@@ -437,6 +437,37 @@ describe('Kubernetes manifests', () => {
     assert.equal({ ...pod.securityContext, ...agent.securityContext }.runAsUser, user.runAsUser);
   });
 
+  test('secure by default: beyond loopback, every call needs the token of a Secret the pod requires', () => {
+    const exposed = ['rest-listen', 'grpc-listen'].filter((f) => !/^127\./.test(apiFlags.get(f) ?? '127.'));
+    if (exposed.length === 0) return;
+    const file = apiFlags.get('auth-token-file');
+    assert.ok(file, `${exposed.join(', ')} beyond loopback without --auth-token-file`);
+    assert.ok(!apiFlags.has('insecure-listen-without-auth'));
+    const mount = api.volumeMounts.find((m: Doc) => file.startsWith(`${m.mountPath}/`));
+    assert.ok(mount?.readOnly, `${file} is on no read-only volume`);
+    const secret = pod.volumes.find((v: Doc) => v.name === mount.name).secret;
+    assert.ok(secret, `${file} is not from a Secret`);
+    assert.equal(secret.optional, false, 'the pod must not start without the token');
+    const key = path.relative(mount.mountPath, file);
+    assert.ok(
+      secret.items.some((i: Doc) => i.path === key),
+      `the Secret volume has no ${key}`,
+    );
+    // The probes must not need it (kubelets send no token).
+    assert.notEqual(apiFlags.get('auth-probes'), 'token');
+  });
+
+  test('kube-prometheus-stack finds the ServiceMonitor and PrometheusRule (its release label)', () => {
+    for (const kind of ['ServiceMonitor', 'PrometheusRule']) {
+      assert.equal(byKind(kind).metadata.labels.release, 'kube-prometheus-stack', kind);
+    }
+  });
+
+  test('/dev/hugepages is optional on the host', () => {
+    const m = agent.volumeMounts.find((v: Doc) => v.mountPath === '/dev/hugepages');
+    assert.equal(pod.volumes.find((v: Doc) => v.name === m.name).hostPath.type, 'DirectoryOrCreate');
+  });
+
   test('the agent sees the host /dev and /dev/hugepages', () => {
     const hostPathAt = (mountPath: string) => {
       const m = agent.volumeMounts.find((v: Doc) => v.mountPath === mountPath);
