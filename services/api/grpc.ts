@@ -272,7 +272,7 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
         },
       }),
   });
-  new ReflectionService(reflectionDefinition).addToServer(server);
+  new ReflectionService(reflectionDefinition()).addToServer(server);
 
   return {
     server,

@@ -4,7 +4,7 @@
  * vdpa.mapd.v1 in a body or query to them, so that REST takes what a gRPC JSON client sends.
  */
 import { invalid } from '../../src/api/u64.ts';
-import { ORIGINAL_FIELD_NAMES } from './proto.ts';
+import { originalFieldNames } from './proto.ts';
 
 function join(path: string, key: string): string {
   return path === '' ? key : `${path}.${key}`;
@@ -28,7 +28,7 @@ export function withJsonNames(value: unknown, path = ''): unknown {
   const record = value as Record<string, unknown>;
   let changed = false;
   const entries = Object.keys(record).map((key): [string, unknown] => {
-    const name = ORIGINAL_FIELD_NAMES.get(key) ?? key;
+    const name = originalFieldNames().get(key) ?? key;
     if (name !== key && Object.hasOwn(record, name)) {
       throw invalid(join(path, name), `given twice, as ${key} and as ${name}`);
     }
