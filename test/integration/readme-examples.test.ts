@@ -20,14 +20,13 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { type TestContext, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { npmStart } from './npm-start.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const README_REST = 'http://127.0.0.1:8080';
 const README_GRPC = '127.0.0.1:50051';
-const START_TIMEOUT_MS = 90_000;
 const LINE_TIMEOUT_MS = 60_000;
 
 type Tool = 'curl' | 'grpcurl' | 'vdpactl';
@@ -95,56 +94,19 @@ interface System {
   stop(): Promise<void>;
 }
 
-/** `npm start` (scripts/start.ts) on free ports, with its state in `dir`. */
-async function npmStart(t: TestContext, dir: string): Promise<System> {
-  const child = spawn(
-    process.execPath,
-    [
-      '--import',
-      'tsx',
-      'scripts/start.ts',
-      '--dir',
-      dir,
-      '--rest-listen',
-      '127.0.0.1:0',
-      '--grpc-listen',
-      '127.0.0.1:0',
-    ],
-    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+/** `npm start` on free ports, with its state in `dir`; stopped (Ctrl-C) after the test. */
+async function startSystem(t: TestContext, dir: string): Promise<System> {
+  const started = await npmStart(dir);
+  const { child } = started;
   const stop = async () => {
     if (child.exitCode !== null || child.signalCode !== null) return;
     child.kill('SIGINT');
     const kill = setTimeout(() => child.kill('SIGKILL'), 20_000);
-    await exited;
+    await started.exited;
     clearTimeout(kill);
   };
   t.after(stop);
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr += d.toString();
-  });
-  const hint = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('npm start printed no hint in time')), START_TIMEOUT_MS);
-    let text: string | undefined;
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      if (line.startsWith('vdpa-mapd is running')) text = '';
-      if (text === undefined) return;
-      text += `${line}\n`;
-      if (line.startsWith('Ctrl-C')) {
-        clearTimeout(timer);
-        resolve(text);
-      }
-    });
-    void exited.then(() => {
-      clearTimeout(timer);
-      reject(new Error(`npm start exited: ${stderr}`));
-    });
-  });
-  const m = /REST (http:\/\/[0-9.]+:\d+), gRPC ([0-9.]+:\d+)/.exec(hint);
-  assert.ok(m, hint);
-  return { rest: m[1]!, grpc: m[2]!, hint, stop };
+  return { rest: started.rest, grpc: started.grpc, hint: started.hint, stop };
 }
 
 /** A PATH directory with curl (status to stderr), grpcurl (test/grpcurl.ts) and vdpactl. */
@@ -278,7 +240,7 @@ function checkPromises(example: Example, ran: Ran): void {
 async function walkThrough(t: TestContext, only?: Tool): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-readme-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const system = await npmStart(t, path.join(dir, 'state'));
+  const system = await startSystem(t, path.join(dir, 'state'));
   const env = { ...process.env, PATH: `${toolDir(dir)}:${process.env.PATH}`, VDPA_MAPD_SERVER: system.grpc };
   const { prelude, examples } = readmeExamples(fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8'));
   assert.match(prelude, /^B=/, 'the README defines B, J and G before its examples');
@@ -299,7 +261,7 @@ test('README: the curl lines alone, then the grpcurl lines alone', { timeout: 60
 test('npm start: every command its hint prints works as printed', { timeout: 300_000 }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-hint-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const system = await npmStart(t, path.join(dir, 'state'));
+  const system = await startSystem(t, path.join(dir, 'state'));
   const env = { ...process.env, PATH: `${toolDir(dir)}:${process.env.PATH}` };
   const { examples } = readmeExamples(`\`\`\`sh\n${system.hint.replace(/^ {2}/gm, '')}\`\`\`\n`);
   assert.ok(

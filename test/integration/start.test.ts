@@ -3,55 +3,11 @@
  * ram0, answer over REST, stop cleanly on SIGINT, and a second start keeps what the first acknowledged.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
-
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-
-interface Started {
-  child: ChildProcess;
-  rest: string;
-  exited: Promise<number | null>;
-}
-
-async function start(dir: string): Promise<Started> {
-  const child = spawn(
-    process.execPath,
-    [
-      '--import',
-      'tsx',
-      'scripts/start.ts',
-      '--dir',
-      dir,
-      '--rest-listen',
-      '127.0.0.1:0',
-      '--grpc-listen',
-      '127.0.0.1:0',
-    ],
-    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const rest = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('npm start printed no address in 60 s')), 60_000);
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      const m = /^vdpa-mapd is running: REST (http:\/\/[0-9.:]+)/.exec(line);
-      if (m) {
-        clearTimeout(timer);
-        resolve(m[1]!);
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`start exited with ${code}`));
-    });
-  });
-  return { child, rest, exited };
-}
+import { type NpmStart, npmStart } from './npm-start.ts';
 
 /** The agent and API server processes working in `dir` (each is given a state dir inside it). */
 function servicesIn(dir: string): number[] {
@@ -75,7 +31,7 @@ test('npm start: both processes serve, stop on Ctrl-C, and keep what they acknow
   timeout: 180_000,
 }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-start-'));
-  const running: Started[] = [];
+  const running: NpmStart[] = [];
   t.after(() => {
     // The services run in their own process groups: on a failure, kill them too, not only the script.
     for (const s of running) if (s.child.exitCode === null) s.child.kill('SIGKILL');
@@ -89,7 +45,7 @@ test('npm start: both processes serve, stop on Ctrl-C, and keep what they acknow
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  const first = await start(dir);
+  const first = await npmStart(dir);
   running.push(first);
   const devices = (await (await fetch(`${first.rest}/v1/devices`)).json()) as {
     devices: { id: string; iommu: string }[];
@@ -120,7 +76,7 @@ test('npm start: both processes serve, stop on Ctrl-C, and keep what they acknow
   assert.equal(await first.exited, 0);
   assert.deepEqual(servicesIn(dir), [], 'no service outlives the start script');
 
-  const second = await start(dir);
+  const second = await npmStart(dir);
   running.push(second);
   // The new agent started empty; start waited for /readyz, so it has been reconciled from disk.
   const listing = (await (await fetch(`${second.rest}/v1/devices/vdpa1/mappings`)).json()) as {
