@@ -42,6 +42,21 @@ function editDistance(a: string, b: string): number {
   return row[b.length]!;
 }
 
+/** grpc-js' last connection error without its wrapping, OpenSSL's location or the timestamp. */
+function lastError(details: string): string {
+  return details
+    .replace(/^No connection established\. Last error: /, '')
+    .replace(/\s*Resolution note:\s*$/s, '')
+    .replace(/\s*\(\d{4}-\d\d-\d\dT[^)]*\)\.?\s*$/, '')
+    .replace(/^Error(?: \[\w+\])?: /, '')
+    .replace(
+      /^[0-9A-F]+:error:[0-9A-F]+:SSL routines:[\w]+:([^:]+):\S*(?:\s*SSL alert number \d+)?/s,
+      'TLS: $1',
+    )
+    .replace(/[\s.]+$/, '')
+    .trim();
+}
+
 /**
  * A failed call the server did not answer (no `error-code` metadata), in words; undefined when the
  * details are the server's own.
@@ -50,24 +65,25 @@ export function connectionProblem(err: ServiceError, server: string, tls: boolea
   const details = err.details ?? '';
   if (err.code === status.DEADLINE_EXCEEDED) return `no answer from ${server} in time (--timeout)`;
   if (err.code !== status.UNAVAILABLE) return undefined;
+  const reason = lastError(details);
   if (/wrong version number|WRONG_VERSION_NUMBER|packet length too long/i.test(details)) {
     return `${server} does not speak TLS (it answered in plaintext): drop the --tls-* options, or give the server a certificate (--grpc-tls-cert)`;
   }
-  if (/certificate|self.signed|unable to (get|verify)|CERT_|hostname|altnames/i.test(details)) {
-    const reason = /Error: ([^.]*)/.exec(details)?.[1] ?? details;
+  if (/alert certificate required/.test(details)) {
+    return `${server} asks for a client certificate: give --tls-cert and --tls-key (mTLS)`;
+  }
+  if (/alert (unknown ca|bad certificate|certificate unknown|decrypt error)/.test(details)) {
+    return `${server} refused our client certificate (${reason}): it must be signed by the CA the server trusts`;
+  }
+  if (/certificate|self.signed|unable to (get|verify)|CERT_|altnames/i.test(details)) {
     return `${server}'s certificate was not accepted: ${reason} (--tls-ca, --tls-server-name)`;
   }
   if (/ECONNREFUSED/.test(details))
     return `nothing listens on ${server} (connection refused); is the API server running?`;
   if (/Name resolution failed|ENOTFOUND|EAI_AGAIN/.test(details))
     return `cannot resolve the host of ${server}`;
-  if (!tls && /Connection dropped|Protocol error|ECONNRESET|Received RST_STREAM|GOAWAY/i.test(details)) {
-    return `${server} closed the connection: if it takes TLS only, give --tls-ca (${details})`;
+  if (!tls && /Failed to connect|Connection dropped|Protocol error|ECONNRESET|GOAWAY/i.test(details)) {
+    return `${server} dropped the connection before any answer (${reason}): if it takes TLS only, give --tls-ca FILE`;
   }
-  // grpc-js' own wording, without its internals.
-  const cleaned = details
-    .replace(/\.?\s*Resolution note:\s*$/s, '')
-    .replace(/^No connection established\. Last error: (Error: )?/, '')
-    .trim();
-  return `cannot reach ${server}: ${cleaned}`;
+  return `cannot reach ${server}: ${reason}`;
 }

@@ -459,9 +459,12 @@ describe('vdpactl over mTLS', () => {
       ],
     ];
     const runs = await Promise.all(cases.map(([, args]) => run([...args, 'devices'])));
+    assert.match(runs[0]!.stderr, /asks for a client certificate: give --tls-cert and --tls-key/);
+    assert.match(runs[2]!.stderr, /dropped the connection before any answer .*give --tls-ca/);
     runs.forEach((r, i) => {
       assert.equal(r.code, EXIT.UNAVAILABLE, `${cases[i]![0]}: ${r.stderr}`);
       assert.match(r.stderr, /^vdpactl: UNAVAILABLE: /, cases[i]![0]);
+      assert.doesNotMatch(r.stderr, /Resolution note|Last error|SSL routines|\(\d{4}-\d\d-/, cases[i]![0]);
       assert.equal(r.stdout, '', cases[i]![0]);
     });
   });
