@@ -25,7 +25,7 @@ after(() => stack.stop());
 
 async function grpcurl(...args: string[]): Promise<{ stdout: string; stderr: string; code: number }> {
   try {
-    const [node, script] = grpcurlCommand();
+    const [node, script] = await grpcurlCommand();
     const { stdout, stderr } = await run(node!, [script!, ...args], { cwd: ROOT });
     return { stdout, stderr, code: 0 };
   } catch (e) {

@@ -112,7 +112,7 @@ async function startSystem(t: TestContext, dir: string): Promise<System> {
 }
 
 /** A PATH directory with curl (status to stderr), grpcurl (test/grpcurl.ts) and vdpactl. */
-function toolDir(dir: string): string {
+async function toolDir(dir: string): Promise<string> {
   const bin = path.join(dir, 'bin');
   fs.mkdirSync(bin);
   const curl = ['/usr/bin/curl', '/bin/curl'].find((p) => fs.existsSync(p));
@@ -124,9 +124,7 @@ function toolDir(dir: string): string {
   );
   fs.writeFileSync(
     path.join(bin, 'grpcurl'),
-    `#!/bin/sh\nexec ${grpcurlCommand()
-      .map((a) => `'${a}'`)
-      .join(' ')} "$@"\n`,
+    `#!/bin/sh\nexec ${(await grpcurlCommand()).map((a) => `'${a}'`).join(' ')} "$@"\n`,
     { mode: 0o755 },
   );
   fs.symlinkSync(path.join(ROOT, 'bin/vdpactl.js'), path.join(bin, 'vdpactl'));
@@ -245,7 +243,11 @@ async function walkThrough(t: TestContext, only?: Tool): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-readme-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   const system = await startSystem(t, path.join(dir, 'state'));
-  const env = { ...process.env, PATH: `${toolDir(dir)}:${process.env.PATH}`, VDPA_MAPD_SERVER: system.grpc };
+  const env = {
+    ...process.env,
+    PATH: `${await toolDir(dir)}:${process.env.PATH}`,
+    VDPA_MAPD_SERVER: system.grpc,
+  };
   const { prelude, examples } = readmeExamples(fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8'));
   assert.match(prelude, /^B=/, 'the README defines B, J and G before its examples');
   const chosen = examples.filter((e) => only === undefined || e.tools.every((tool) => tool === only));
@@ -267,7 +269,7 @@ test('npm start: every command its hint prints works as printed', { timeout: 300
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-hint-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   const system = await startSystem(t, path.join(dir, 'state'));
-  const env = { ...process.env, PATH: `${toolDir(dir)}:${process.env.PATH}` };
+  const env = { ...process.env, PATH: `${await toolDir(dir)}:${process.env.PATH}` };
   const { examples } = readmeExamples(`\`\`\`sh\n${system.hint.replace(/^ {2}/gm, '')}\`\`\`\n`);
   assert.ok(
     examples.some((e) => e.tools.includes('grpcurl')) && examples.some((e) => e.tools.includes('curl')),
