@@ -73,9 +73,9 @@ function hints(rest: string, grpc: string): string {
 vdpa-mapd is running: REST ${rest}, gRPC ${g}, metrics ${rest}/metrics. Try:
   curl -s ${rest}/v1/devices
   curl -s -X POST ${rest}/v1/devices/vdpa1/mappings -H 'content-type: application/json' \\
-       -d '{"iova":"0x100000","size":"0x200000","memory":"ram0","offset":"0x0","perm":"rw"}'
+       -d '{"iova":"0x10000000","size":"0x200000","memory":"ram0","offset":"0x0","perm":"rw"}'
   curl -s ${rest}/v1/devices/vdpa1/mappings
-  grpcurl -plaintext ${g} vdpa.mapd.v1.MappingService/ListMappings -d '{"device":"vdpa1"}'
+  grpcurl -plaintext -d '{"device":"vdpa1"}' ${g} vdpa.mapd.v1.MappingService/ListMappings
 Ctrl-C stops both processes.
 `;
 }

@@ -11,7 +11,7 @@ import { isValidId } from '../../src/id.ts';
 import type { Quota, QuotaConfig } from '../../src/queue/quota.ts';
 import type { MapdServiceOptions } from '../../src/service/index.ts';
 import { DEFAULT_WATCH_HISTORY } from '../../src/service/watch.ts';
-import { TOKEN_SYNTAX } from './auth.ts';
+import { isLoopback, TOKEN_SYNTAX } from './auth.ts';
 
 export interface Listen {
   host: string;
@@ -72,6 +72,8 @@ export interface ApiConfig {
   quotas?: QuotaConfig;
   /** Repair a damaged state journal before starting (keep every intact record, move the file aside). */
   repairState?: boolean;
+  /** Listen beyond loopback with no authentication anyway (warned about at start). */
+  insecureListenWithoutAuth?: true;
 }
 
 export class ConfigError extends Error {
@@ -92,7 +94,7 @@ export interface OptionSpec {
   description: string;
   /** The flag may be repeated (the variable then holds the values separated by spaces). */
   multiple?: true;
-  /** The flag takes no value. */
+  /** The flag takes no value; the variable is `true` or `false`. */
   boolean?: true;
 }
 
@@ -241,6 +243,14 @@ export const OPTIONS = {
     default: '(none: no client certificate asked)',
     description: 'PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)',
   },
+  insecureListenWithoutAuth: {
+    flag: 'insecure-listen-without-auth',
+    env: 'VDPA_MAPD_INSECURE_LISTEN_WITHOUT_AUTH',
+    default: 'false',
+    description:
+      'Start even though REST or gRPC listens beyond loopback with nothing authenticating callers (no token; for gRPC, no mTLS either): anyone who reaches it may change DMA mappings. Without it the server refuses to start so',
+    boolean: true,
+  },
   quotaMaxBytes: {
     flag: 'quota-max-bytes',
     env: 'VDPA_MAPD_QUOTA_MAX_BYTES',
@@ -311,9 +321,7 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
         ...Object.fromEntries(
           Object.values(OPTIONS).map((o: OptionSpec) => [
             o.flag,
-            o.boolean
-              ? { type: 'boolean' as const }
-              : { type: 'string' as const, multiple: o.multiple === true },
+            { type: o.boolean ? ('boolean' as const) : ('string' as const), multiple: o.multiple === true },
           ]),
         ),
         help: { type: 'boolean' },
@@ -360,11 +368,12 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
       `--${OPTIONS.maxInflightBytes.flag} ${limits.maxInflightBytes} is below --${OPTIONS.bodyLimit.flag} ${limits.bodyLimit}: a largest request could never be taken`,
     );
   }
+  const insecure = parseSwitch(values, env, 'insecureListenWithoutAuth');
   const stateDir = path.resolve(value('stateDir'));
   const logLevel = LOG_LEVELS.find((l) => l === value('logLevel'));
   if (logLevel === undefined)
     throw new ConfigError(`--log-level ${value('logLevel')}: expected ${OPTIONS.logLevel.description}`);
-  return {
+  const config: ApiConfig = {
     restListen: parseListen(value('restListen'), OPTIONS.restListen.flag),
     grpcListen: parseListen(value('grpcListen'), OPTIONS.grpcListen.flag),
     agentSocket: path.resolve(raw('agentSocket') ?? path.join(stateDir, 'agent', 'agent.sock')),
@@ -383,7 +392,42 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
     ...(grpcTls ? { grpcTls } : {}),
     ...(quotas ? { quotas } : {}),
     ...(values[OPTIONS.repairState.flag] === true ? { repairState: true } : {}),
+    ...(insecure ? { insecureListenWithoutAuth: true as const } : {}),
   };
+  const exposed = unauthenticatedListeners(config);
+  if (exposed.length > 0 && !insecure) {
+    throw new ConfigError(
+      `${exposed.join(' and ')} ${exposed.length > 1 ? 'listen' : 'listens'} beyond loopback, and nothing authenticates callers: anyone who reaches ${exposed.length > 1 ? 'them' : 'it'} could change DMA mappings. Give a token (--${OPTIONS.authToken.flag} FILE or ${OPTIONS.authToken.env}; for gRPC, mTLS with --${OPTIONS.grpcTlsClientCa.flag} also does), listen on 127.0.0.1, or pass --${OPTIONS.insecureListenWithoutAuth.flag}`,
+    );
+  }
+  return config;
+}
+
+/** The listeners anyone beyond this machine may call without proving who they are. */
+export function unauthenticatedListeners(config: ApiConfig): string[] {
+  if (config.auth) return [];
+  const exposed: string[] = [];
+  const at = (l: Listen) => `${l.host}:${l.port}`;
+  if (!isLoopback(config.restListen.host))
+    exposed.push(`REST (--${OPTIONS.restListen.flag} ${at(config.restListen)})`);
+  if (!isLoopback(config.grpcListen.host) && config.grpcTls?.clientCa === undefined) {
+    exposed.push(`gRPC (--${OPTIONS.grpcListen.flag} ${at(config.grpcListen)})`);
+  }
+  return exposed;
+}
+
+/** A boolean option: the flag, else the variable (`true`/`false`, `1`/`0`). */
+function parseSwitch(
+  values: Record<string, string | string[] | boolean | undefined>,
+  env: NodeJS.ProcessEnv,
+  key: Key,
+): boolean {
+  const o = OPTIONS[key];
+  if (values[o.flag] === true) return true;
+  const text = env[o.env];
+  if (text === undefined || text === '' || text === 'false' || text === '0') return false;
+  if (text === 'true' || text === '1') return true;
+  throw new ConfigError(`${o.env}=${JSON.stringify(text)}: expected true or false`);
 }
 
 /** The token from the file the flag names, or from the variable itself. */

@@ -56,7 +56,7 @@ import {
   DeviceServiceClient,
   MappingServiceClient,
   MemoryServiceClient,
-  packageDefinition,
+  reflectionDefinition,
 } from './proto.ts';
 
 export interface GrpcOptions {
@@ -320,7 +320,7 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
         },
       }),
   });
-  new ReflectionService(packageDefinition).addToServer(server);
+  new ReflectionService(reflectionDefinition()).addToServer(server);
 
   return {
     server,

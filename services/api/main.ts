@@ -15,7 +15,15 @@ import { createMapdService } from '../../src/service/index.ts';
 import { StateDamageError } from '../../src/state/journal.ts';
 import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { BearerAuth, isLoopback } from './auth.ts';
-import { type ApiConfig, ConfigError, type Listen, OPTIONS, parseApiConfig, USAGE } from './config.ts';
+import {
+  type ApiConfig,
+  ConfigError,
+  type Listen,
+  OPTIONS,
+  parseApiConfig,
+  USAGE,
+  unauthenticatedListeners,
+} from './config.ts';
 import { buildGrpcServer } from './grpc.ts';
 import type { Telemetry } from './observe.ts';
 import { buildRestApp } from './rest.ts';
@@ -156,12 +164,11 @@ async function repairState(stateDir: string, logger: Logger): Promise<void> {
 
 /** Anyone who can reach a non-loopback address may change the device mappings when nothing checks who. */
 export function warnIfExposed(config: ApiConfig, logger: Logger): void {
-  if (config.auth) return;
-  if (!isLoopback(config.restListen.host)) {
-    logger.warn({ host: config.restListen.host }, 'REST listens beyond loopback without authentication');
-  }
-  if (!isLoopback(config.grpcListen.host) && config.grpcTls?.clientCa === undefined) {
-    logger.warn({ host: config.grpcListen.host }, 'gRPC listens beyond loopback without authentication');
+  for (const listener of unauthenticatedListeners(config)) {
+    logger.warn(
+      { listener },
+      `${listener} listens beyond loopback without authentication: anyone who reaches it can change DMA mappings`,
+    );
   }
 }
 

@@ -128,10 +128,51 @@ const object = (properties: Record<string, unknown>) => ({ type: 'object', prope
 const deviceParams = object({ device: id });
 const memoryParams = object({ id });
 
+/** What each error status means; every one answers `{"error": {...}}`. */
+const ERRORS = {
+  400: 'Invalid argument: error.field names the field at fault; nothing changed',
+  401: 'Missing or wrong bearer token (when the server is started with one)',
+  403: 'Permission denied (a memory path outside the allowed roots)',
+  404: 'No such device or memory',
+  409: 'Conflicts with the current state (overlap, a split refused by exact, memory still mapped, quota exceeded); nothing changed',
+  429: 'Too many requests queued for the device: retry after Retry-After',
+  502: "The device refused: error.errno is the kernel's errno",
+  503: 'The agent is unavailable: nothing was done; retry after Retry-After',
+} as const;
+type ErrorStatus = keyof typeof ERRORS;
+
+const READ_ERRORS: readonly ErrorStatus[] = [400, 401, 404];
+const WRITE_ERRORS: readonly ErrorStatus[] = [400, 401, 404, 409, 429, 502, 503];
+
+/** The OpenAPI responses of an operation: its answer, then each error it may give. */
+function responses(status: number, description: string, schema: object, errors: readonly ErrorStatus[]) {
+  return {
+    [status]: { description, ...schema },
+    ...Object.fromEntries(errors.map((code) => [code, { ...errorBody, description: ERRORS[code] }])),
+  };
+}
+
+/** One operation's documentation: summary, tag and responses (REST adds `default`: any other error). */
+function operation(tag: string, summary: string, description?: string) {
+  return { tags: [tag], summary, ...(description === undefined ? {} : { description }) };
+}
+
 export const SCHEMAS = {
-  listDevices: { response: { 200: object({ devices: { type: 'array', items: device } }) } },
-  getDevice: { params: deviceParams, response: { 200: object({ device }) } },
+  listDevices: {
+    ...operation('devices', 'List devices', 'Facts, readiness and counters of every device the agent opened'),
+    response: responses(200, 'Every device', object({ devices: { type: 'array', items: device } }), [401]),
+  },
+  getDevice: {
+    ...operation('devices', 'Get one device'),
+    params: deviceParams,
+    response: responses(200, 'The device', object({ device }), READ_ERRORS),
+  },
   map: {
+    ...operation(
+      'mappings',
+      'Map a range of memory at an IOVA',
+      'Applied, journaled and answered once the device has it; a retry with the same requestId gets the first answer',
+    ),
     params: deviceParams,
     body: {
       type: 'object',
@@ -139,14 +180,25 @@ export const SCHEMAS = {
       additionalProperties: false,
       properties: { ...region.properties, asid, requestId },
     },
-    response: { 201: object({ mapping, ops: opList }) },
+    response: responses(
+      201,
+      'Mapped: the mapping and the IOTLB messages sent',
+      object({ mapping, ops: opList }),
+      WRITE_ERRORS,
+    ),
   },
   listMappings: {
+    ...operation('mappings', 'List mappings in IOVA order'),
     params: deviceParams,
     querystring: object({ asid }),
-    response: { 200: object({ mappings: mappingList }) },
+    response: responses(200, 'The mappings', object({ mappings: mappingList }), READ_ERRORS),
   },
   unmap: {
+    ...operation(
+      'mappings',
+      'Unmap a range',
+      'A mapping only partly covered is invalidated whole and its remainder re-mapped in the same batch, unless exact',
+    ),
     params: deviceParams,
     body: {
       type: 'object',
@@ -164,16 +216,24 @@ export const SCHEMAS = {
         requestId,
       },
     },
-    response: {
-      200: object({
+    response: responses(
+      200,
+      'Unmapped: how many mappings the range matched, what was removed, what was re-mapped, the messages sent',
+      object({
         matched: { type: 'integer', description: 'Mappings the range touched; 0: nothing was there' },
         removed: mappingList,
         remapped: mappingList,
         ops: opList,
       }),
-    },
+      WRITE_ERRORS,
+    ),
   },
   setMemTable: {
+    ...operation(
+      'mappings',
+      'Set the whole table of an address space',
+      'The service applies the smallest safe diff; dryRun returns the plan and changes nothing',
+    ),
     params: deviceParams,
     querystring: object({ dryRun: { type: 'boolean', description: 'Return the plan, change nothing' } }),
     body: {
@@ -182,21 +242,31 @@ export const SCHEMAS = {
       additionalProperties: false,
       properties: { asid, regions: { type: 'array', items: region }, requestId },
     },
-    response: {
-      200: object({
+    response: responses(
+      200,
+      'The plan, applied unless dryRun',
+      object({
         dryRun: { type: 'boolean' },
         ops: opList,
         invalidated: mappingList,
         mapped: mappingList,
         unchanged: { type: 'integer' },
       }),
-    },
+      WRITE_ERRORS,
+    ),
   },
   batch: {
+    ...operation(
+      'mappings',
+      'Apply an ordered batch of maps and unmaps',
+      'One result per op; atomic: all or nothing',
+    ),
     params: deviceParams,
     body: batchBody,
-    response: {
-      200: object({
+    response: responses(
+      200,
+      "Each op's result",
+      object({
         atomic: { type: 'boolean' },
         committed: { type: 'boolean' },
         results: {
@@ -204,20 +274,47 @@ export const SCHEMAS = {
           items: object({ ok: { type: 'boolean' }, error: errorInfo, ops: opList }),
         },
       }),
-    },
+      WRITE_ERRORS,
+    ),
   },
-  submit: { params: deviceParams, body: batchBody, response: { 202: object({ sequence }) } },
-  flush: {
+  submit: {
+    ...operation(
+      'mappings',
+      'Queue a batch without waiting for it',
+      'Answers once the ops are durably queued; flush waits for them',
+    ),
     params: deviceParams,
-    response: {
-      200: object({
+    body: batchBody,
+    response: responses(202, 'Queued: its sequence number', object({ sequence }), WRITE_ERRORS),
+  },
+  flush: {
+    ...operation('mappings', 'Wait for every submitted batch', 'Reports the submitted batches that failed'),
+    params: deviceParams,
+    response: responses(
+      200,
+      'Everything submitted so far has been applied or has failed',
+      object({
         sequence,
         failures: { type: 'array', items: object({ sequence, error: errorInfo }) },
       }),
-    },
+      [400, 401, 404, 503],
+    ),
   },
-  listMemory: { response: { 200: object({ memory: { type: 'array', items: memory } }) } },
+  listMemory: {
+    ...operation('memory', 'List backing memory'),
+    response: responses(
+      200,
+      'Every registered memory',
+      object({ memory: { type: 'array', items: memory } }),
+      [401],
+    ),
+  },
   registerMemory: {
+    ...operation(
+      'memory',
+      'Register backing memory',
+      "Create a sparse file in the agent's state directory (size), or open a file under an allowed root (path)",
+    ),
     body: {
       type: 'object',
       required: ['id'],
@@ -225,8 +322,12 @@ export const SCHEMAS = {
       description: 'Exactly one of path (open a file under the allowed roots) or size (create)',
       properties: { id, path: { type: 'string' }, size: u64 },
     },
-    response: { 201: object({ memory }) },
+    response: responses(201, 'Registered', object({ memory }), [400, 401, 403, 404, 409, 503]),
   },
-  unregisterMemory: { params: memoryParams, response: { 204: { type: 'null' } } },
-  error: errorBody,
+  unregisterMemory: {
+    ...operation('memory', 'Release backing memory', 'Refused (409) while any device maps it'),
+    params: memoryParams,
+    response: responses(204, 'Released', { type: 'null' }, [400, 401, 404, 409, 503]),
+  },
+  error: { ...errorBody, description: 'Any other error, e.g. 500 INTERNAL' },
 } as const;

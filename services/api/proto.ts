@@ -30,7 +30,50 @@ export const LOADER_OPTIONS: Options = {
   includeDirs: [PROTO_ROOT, HEALTH_ROOT],
 };
 
-export const packageDefinition = loadSync([MAPD_PROTO_FILE, 'health/v1/health.proto'], LOADER_OPTIONS);
+const PROTO_FILES = [MAPD_PROTO_FILE, 'health/v1/health.proto'];
+
+/** What the handlers and clients use: lowerCamelCase fields (see {@link LOADER_OPTIONS}). */
+export const packageDefinition = loadSync(PROTO_FILES, LOADER_OPTIONS);
+
+/**
+ * What reflection serves: the .proto's own field names (`request_id`), as protoc would describe it.
+ * Field numbers and types are the same as {@link packageDefinition}'s, so either decodes the other's
+ * messages; a JSON client derives `requestId` from the name, as protobuf's JSON mapping says.
+ */
+export const reflectionDefinition = once(() => loadSync(PROTO_FILES, { ...LOADER_OPTIONS, keepCase: true }));
+
+/** Loaded when first asked for: clients (vdpactl) never need it. */
+function once<T>(make: () => T): () => T {
+  let value: T | undefined;
+  return () => {
+    value ??= make();
+    return value;
+  };
+}
+
+/** protobuf's JSON name of a field: each `_x` becomes `X` (`request_id` -> `requestId`). */
+export function jsonName(protoName: string): string {
+  return protoName.replace(/_([a-z0-9])/g, (_m, c: string) => c.toUpperCase());
+}
+
+interface MessageDescriptor {
+  field?: { name: string }[];
+}
+
+/**
+ * Every field of vdpa.mapd.v1 whose proto name differs from its JSON name, proto name -> JSON
+ * name: the names a JSON body may use instead of the lowerCamelCase ones.
+ */
+export const originalFieldNames = once(
+  (): ReadonlyMap<string, string> =>
+    new Map(
+      Object.entries(reflectionDefinition())
+        .filter(([name, entry]) => name.startsWith(`${MAPD_PACKAGE}.`) && 'type' in entry)
+        .flatMap(([, entry]) => ((entry.type as MessageDescriptor).field ?? []).map((f) => f.name))
+        .filter((name) => jsonName(name) !== name)
+        .map((name) => [name, jsonName(name)]),
+    ),
+);
 
 const grpcObject = loadPackageDefinition(packageDefinition) as unknown as {
   vdpa: {

@@ -4,6 +4,7 @@
  */
 import { Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
 import Fastify, {
   type FastifyError,
   type FastifyInstance,
@@ -45,6 +46,7 @@ import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
+import { withJsonNames } from './json-names.ts';
 import type { Telemetry } from './observe.ts';
 import { SCHEMAS } from './openapi.ts';
 
@@ -379,6 +381,13 @@ export async function buildRestApp(opts: RestOptions) {
     },
   });
 
+  // The browsable page at /docs, the document at /docs/json (and /docs/yaml), all served locally.
+  const docs: RouteConfig = { name: 'OpenAPI' };
+  app.addHook('onRoute', (route) => {
+    if (route.url.startsWith('/docs')) route.config = { ...route.config, ...docs };
+  });
+  await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { validatorUrl: null } });
+
   const table = routes(service, limits);
   for (const route of table) {
     app.route({
@@ -391,11 +400,12 @@ export async function buildRestApp(opts: RestOptions) {
         response: { ...(route.schema as { response?: object }).response, default: SCHEMAS.error },
       },
       handler: async (request, reply) => {
-        checkQuery(request.query as Input['query'], route.query ?? []);
+        const query = withJsonNames(request.query) as Input['query'];
+        checkQuery(query, route.query ?? []);
         const answer = await route.handle({
           params: request.params as Input['params'],
-          query: request.query as Input['query'],
-          body: request.body,
+          query,
+          body: withJsonNames(request.body),
         });
         reply.code(route.status);
         return answer === undefined ? reply.send() : answer;
@@ -415,10 +425,6 @@ export async function buildRestApp(opts: RestOptions) {
     const text = await telemetry.registry.metrics();
     return reply.header('content-type', telemetry.registry.contentType).send(text);
   });
-  app.get('/docs/json', { config: { name: 'OpenAPI' }, schema: hidden }, async () => app.swagger());
-  app.get('/docs', { config: { name: 'OpenAPI' }, schema: hidden }, (_request, reply) =>
-    reply.redirect('/docs/json'),
-  );
 
   const paths = [...table, ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url }))];
   refuseOtherMethods(app, paths, sendError);

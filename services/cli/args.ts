@@ -4,6 +4,7 @@
  */
 import { parseArgs } from 'node:util';
 import { EXIT_CODES_HELP } from './exit-codes.ts';
+import { commandLineProblem } from './failures.ts';
 import { type TlsOptions, tlsOptions } from './tls.ts';
 import { positiveArg, UsageError } from './values.ts';
 
@@ -71,7 +72,8 @@ export const COMMANDS: readonly CommandSpec[] = [
     args: ['DEVICE'],
     options: ['iova', 'size', 'memory', 'offset', 'perm', 'asid', 'request-id'],
     required: ['iova', 'size', 'memory'],
-    synopsis: 'mappings map DEVICE --iova A --size S --memory ID [--offset O] [--perm ro|wo|rw] [--asid N]',
+    synopsis:
+      'mappings map DEVICE --iova A --size S --memory ID [--offset O] [--perm ro|wo|rw] [--asid N] [--request-id ID]',
     summary: 'map [iova, iova+size) to the memory at offset',
   },
   {
@@ -79,7 +81,7 @@ export const COMMANDS: readonly CommandSpec[] = [
     args: ['DEVICE'],
     options: ['iova', 'size', 'asid', 'exact', 'request-id'],
     required: ['iova', 'size'],
-    synopsis: 'mappings unmap DEVICE --iova A --size S [--asid N] [--exact]',
+    synopsis: 'mappings unmap DEVICE --iova A --size S [--asid N] [--exact] [--request-id ID]',
     summary: 'unmap the range (mappings it covers in part are split, unless --exact)',
   },
   {
@@ -87,7 +89,7 @@ export const COMMANDS: readonly CommandSpec[] = [
     args: ['DEVICE'],
     options: ['file', 'dry-run', 'request-id'],
     required: ['file'],
-    synopsis: 'memtable apply DEVICE -f TABLE.json [--dry-run]',
+    synopsis: 'memtable apply DEVICE -f TABLE.json [--dry-run] [--request-id ID]',
     summary: 'make the address space hold exactly the regions of the file (- for stdin)',
   },
   {
@@ -141,6 +143,8 @@ global options:
 Any --tls-* option turns TLS on; without --tls-ca the server is verified against Node's default CAs.
 
 u64 values (iova, size, offset) are decimal, 0x hex, or with a K/M/G/T suffix: 1048576 = 0x100000 = 1M.
+The memtable file is the REST body of PUT /v1/devices/DEVICE/memtable: decimal or 0x hex, no suffix.
+--request-id ID makes map, unmap and memtable apply safe to retry: a retry gets the first answer.
 
 ${EXIT_CODES_HELP}`;
 
@@ -173,7 +177,9 @@ export function parseInvocation(argv: readonly string[], env: NodeJS.ProcessEnv)
   try {
     parsed = parse(argv);
   } catch (e) {
-    throw new UsageError((e as Error).message);
+    throw new UsageError(
+      commandLineProblem(e as Error, Object.keys({ ...GLOBAL_OPTIONS, ...COMMAND_OPTIONS })),
+    );
   }
   const { values, positionals, tokens } = parsed;
   if (values.help) return null;

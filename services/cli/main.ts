@@ -10,6 +10,7 @@ import { type Invocation, parseInvocation, USAGE } from './args.ts';
 import { type Connection, connect } from './client.ts';
 import { RUNS } from './commands.ts';
 import { EXIT, exitCodeFor } from './exit-codes.ts';
+import { connectionProblem } from './failures.ts';
 import { UsageError } from './values.ts';
 
 function isServiceError(err: unknown): err is ServiceError {
@@ -17,13 +18,15 @@ function isServiceError(err: unknown): err is ServiceError {
 }
 
 /** `vdpactl: NOT_FOUND: no device "x" (field device)`, or the same as JSON with --json. */
-function reportFailure(err: ServiceError, json: boolean): number {
+function reportFailure(err: ServiceError, inv: Invocation): number {
+  const { json } = inv;
   const first = (key: string) => err.metadata.get(key)[0]?.toString();
   const code = first('error-code');
   const failure = {
     status: status[err.code] ?? String(err.code),
     ...(code === undefined ? {} : { code }),
-    message: err.details,
+    // Without error-code the server did not answer: grpc-js' words, said plainly.
+    message: (code === undefined && connectionProblem(err, inv.server, inv.tls !== undefined)) || err.details,
     ...(first('field') === undefined ? {} : { field: first('field') }),
     ...(first('errno') === undefined ? {} : { errno: first('errno') }),
   };
@@ -33,7 +36,7 @@ function reportFailure(err: ServiceError, json: boolean): number {
   process.stderr.write(
     json
       ? `${JSON.stringify({ error: failure })}\n`
-      : `vdpactl: ${code ?? failure.status}: ${err.details}${extras ? ` (${extras})` : ''}\n`,
+      : `vdpactl: ${code ?? failure.status}: ${failure.message}${extras ? ` (${extras})` : ''}\n`,
   );
   return exitCodeFor(err.code, code);
 }
@@ -65,7 +68,7 @@ async function main(argv: readonly string[]): Promise<number> {
       process.stderr.write(`vdpactl: ${e.message}\n`);
       return EXIT.USAGE;
     }
-    if (isServiceError(e)) return reportFailure(e, inv.json);
+    if (isServiceError(e)) return reportFailure(e, inv);
     process.stderr.write(`vdpactl: ${(e as Error).stack ?? e}\n`);
     return EXIT.OTHER;
   } finally {

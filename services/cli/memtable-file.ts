@@ -1,12 +1,29 @@
 /**
  * The file of `vdpactl memtable apply -f FILE`: the body of REST `PUT /v1/devices/{device}/memtable`,
  *
- *   {"asid": 0, "regions": [{"iova": "0x100000", "size": "2M", "memory": "ram0", "offset": "0", "perm": "rw"}]}
+ *   {"asid": 0, "regions": [{"iova": "0x100000", "size": "0x200000", "memory": "ram0", "offset": "0", "perm": "rw"}]}
  *
- * Unknown keys are refused here: gRPC would drop them silently, and a misspelt "offset" must not
- * quietly map offset 0.
+ * read as REST reads it: u64s are decimal or 0x hex (strings, or exactly representable JSON numbers),
+ * with no K/M/G/T suffix, so that a file means the same to vdpactl and to curl. Unknown keys are
+ * refused here: gRPC would drop them silently, and a misspelt "offset" must not quietly map offset 0.
  */
-import { UsageError, u32Arg, u64Field } from './values.ts';
+import { parseU32, parseU64 } from '../../src/api/u64.ts';
+import { ServiceError } from '../../src/service/errors.ts';
+import { UsageError } from './values.ts';
+
+/** A value as REST reads it, as a usage error naming the field. */
+function asRest<T>(read: () => T): T {
+  try {
+    return read();
+  } catch (e) {
+    if (e instanceof ServiceError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+function u64Field(value: unknown, where: string): string {
+  return `0x${asRest(() => parseU64(value, where)).toString(16)}`;
+}
 
 export interface MemTableRegion {
   iova: string;
@@ -61,7 +78,7 @@ export function parseMemTableFile(content: string, name: string): MemTableFile {
   const top = object(json, name, TOP_KEYS);
   if (!Array.isArray(top.regions)) throw new UsageError(`${name}: "regions" must be an array`);
   return {
-    ...(top.asid === undefined ? {} : { asid: u32Arg(String(top.asid), `${name}: asid`) }),
+    ...(top.asid === undefined ? {} : { asid: asRest(() => parseU32(top.asid, `${name}: asid`)) }),
     regions: top.regions.map((r, i) => region(r, `${name}: regions[${i}]`)),
   };
 }

@@ -25,14 +25,6 @@ export function u64Arg(text: string, name: string): string {
   return `0x${value.toString(16)}`;
 }
 
-/** A u64 field of a JSON file: a string as above, or a JSON number that is a safe integer. */
-export function u64Field(value: unknown, name: string): string {
-  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0)
-    return u64Arg(String(value), name);
-  if (typeof value === 'string') return u64Arg(value, name);
-  throw new UsageError(`${name}: expected a u64 string, got ${JSON.stringify(value)}`);
-}
-
 /** A non-negative integer that fits 32 bits (asid). */
 export function u32Arg(text: string, name: string): number {
   const n = /^[0-9]{1,10}$/.test(text) ? Number(text) : Number.NaN;

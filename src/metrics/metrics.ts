@@ -44,6 +44,8 @@ export interface Metrics {
   /** result: ok | failed. */
   reconciliations: Counter<'result'>;
   agentUp: Gauge;
+  /** A new agent (another boot id) answered: the one before died, however briefly it was gone. */
+  agentRestarts: Counter;
   /** One journal write + fdatasync (a group commit), by result (ok|error). */
   storeWrite: Histogram<'result'>;
 }
@@ -134,6 +136,11 @@ export function createMetrics(registry = new Registry()): Metrics {
     agentUp: new Gauge({
       name: 'vdpa_mapd_agent_up',
       help: '1 while the agent is connected',
+      registers,
+    }),
+    agentRestarts: new Counter({
+      name: 'vdpa_mapd_agent_restarts_total',
+      help: 'Times another agent process (a new boot id) answered than the one before',
       registers,
     }),
     storeWrite: new Histogram({

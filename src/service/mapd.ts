@@ -455,9 +455,12 @@ class Mapd implements MapdCore {
     } catch (e) {
       throw fromAgentError(e, 'listing memory');
     }
-    const results = await Promise.all(
-      [...this.slots.values()].filter((s) => s.present).map((s) => this.reconcileSlot(s, info.bootId)),
-    );
+    const slots = [...this.slots.values()].filter((s) => s.present);
+    const results = await Promise.all(slots.map((s) => this.reconcileSlot(s, info.bootId)));
+    const notReady = slots.filter((_s, i) => !results[i]).map((s) => s.name);
+    const summary = { bootId: info.bootId, devices: slots.length, ready: slots.length - notReady.length };
+    if (notReady.length === 0) this.opts.logger?.info(summary, 'agent link reconciled');
+    else this.opts.logger?.warn({ ...summary, notReady }, 'agent link reconciled in part');
     return results.every(Boolean);
   }
 

@@ -23,6 +23,8 @@ export interface SupervisorOptions {
 
 export class AgentSupervisor {
   private isUp = false;
+  /** The current outage has been logged. */
+  private lostLogged = false;
   private bootId: string | undefined;
   private running: Promise<void> | undefined;
   private next: Promise<void> | undefined;
@@ -93,9 +95,19 @@ export class AgentSupervisor {
       return;
     }
     if (this.stopped) return;
+    if (!this.isUp) {
+      const again = this.bootId !== undefined || this.lostLogged;
+      this.opts.logger?.info({ bootId: info.bootId }, again ? 'agent link reconnected' : 'agent link up');
+    }
     this.isUp = true;
+    this.lostLogged = false;
     this.opts.metrics.agentUp.set(1);
     if (this.bootId !== undefined && this.bootId !== info.bootId) {
+      this.opts.logger?.warn(
+        { bootId: info.bootId, was: this.bootId },
+        'agent link: the agent restarted; reconciling',
+      );
+      this.opts.metrics.agentRestarts.inc();
       this.opts.onLost(`the agent restarted (boot id ${info.bootId})`);
     }
     this.bootId = info.bootId;
@@ -110,6 +122,14 @@ export class AgentSupervisor {
   }
 
   private down(reason: string): void {
+    // Once per outage, not once per retry.
+    if (this.isUp || !this.lostLogged) {
+      this.opts.logger?.warn(
+        { reason, retryInMs: this.delay },
+        'agent link lost: writes refused until it is back',
+      );
+      this.lostLogged = true;
+    }
     this.isUp = false;
     this.opts.metrics.agentUp.set(0);
     this.opts.onLost(reason);

@@ -220,8 +220,8 @@ describe('vdpactl', () => {
       file,
       JSON.stringify({
         regions: [
-          { iova: '0x100000', size: '1M', memory: 'ram0' },
-          { iova: '16M', size: '4M', memory: 'ram0', offset: '8M', perm: 'ro' },
+          { iova: '0x100000', size: '0x100000', memory: 'ram0' },
+          { iova: '0x1000000', size: '4194304', memory: 'ram0', offset: '0x800000', perm: 'ro' },
         ],
       }),
     );
@@ -242,7 +242,7 @@ describe('vdpactl', () => {
     );
     assert.deepEqual(await listed(), before);
 
-    fs.writeFileSync(file, '{"regions": [{"iova": "0", "size": "4K", "memory": "ram0", "ofset": "1"}]}');
+    fs.writeFileSync(file, '{"regions": [{"iova": "0", "size": "4096", "memory": "ram0", "ofset": "1"}]}');
     const typo = await vdpactl('memtable', 'apply', 'vdpa0', '-f', file, '--dry-run');
     assert.equal(typo.code, EXIT.USAGE);
     assert.match(typo.stderr, /unknown key "ofset"/);
@@ -318,6 +318,47 @@ describe('vdpactl', () => {
     const usage = await finish(start(['mappings', 'frobnicate']));
     assert.equal(usage.code, EXIT.USAGE);
     assert.match(usage.stderr, /unknown command/);
+  });
+
+  test("says in its own words what went wrong, never Node's or grpc-js' internals", async (t) => {
+    const port = await freePort();
+    const down = await finish(start(['--server', `127.0.0.1:${port}`, '--timeout', '5', 'devices']));
+    assert.equal(
+      down.stderr,
+      `vdpactl: UNAVAILABLE: nothing listens on 127.0.0.1:${port} (connection refused); is the API server running?\n`,
+    );
+    // TLS against the plaintext server of this stack.
+    const pkiDir = tempDir('cli-tls-plain');
+    const pki = makePki(pkiDir);
+    t.after(() => fs.rmSync(pkiDir, { recursive: true, force: true }));
+    const tls = await vdpactl('--tls-ca', pki.ca, '--timeout', '10', 'devices');
+    assert.equal(tls.code, EXIT.UNAVAILABLE);
+    assert.match(
+      tls.stderr,
+      /^vdpactl: UNAVAILABLE: 127\.0\.0\.1:\d+ does not speak TLS \(it answered in plaintext\)/,
+    );
+    const cases: [string[], string][] = [
+      [
+        ['mappings', 'map', 'vdpa0', '--iova', '1M', '--size', '2M', '--memroy', 'ram0'],
+        'unknown option --memroy (did you mean --memory?)',
+      ],
+      [['mappings', 'map', 'vdpa0', '--size', '2M', '--memory', 'ram0', '--iova'], '--iova needs a value'],
+      [['devices', '--json=yes'], '--json takes no value'],
+    ];
+    for (const [args, message] of cases) {
+      const run = await vdpactl(...args);
+      assert.equal(run.code, EXIT.USAGE, args.join(' '));
+      assert.equal(run.stderr, `vdpactl: ${message}\nRun vdpactl --help for usage.\n`);
+    }
+    for (const run of [down, tls])
+      assert.doesNotMatch(run.stderr, /Resolution note|ssl3_|Last error|as in '--/);
+  });
+
+  test('--help shows every option of every command, --request-id too', async () => {
+    const help = await ok('--help');
+    for (const command of ['mappings map', 'mappings unmap', 'memtable apply']) {
+      assert.match(help, new RegExp(`^  ${command} .*\\[--request-id ID\\]$`, 'm'), command);
+    }
   });
 });
 
@@ -418,9 +459,12 @@ describe('vdpactl over mTLS', () => {
       ],
     ];
     const runs = await Promise.all(cases.map(([, args]) => run([...args, 'devices'])));
+    assert.match(runs[0]!.stderr, /asks for a client certificate: give --tls-cert and --tls-key/);
+    assert.match(runs[2]!.stderr, /dropped the connection before any answer .*give --tls-ca/);
     runs.forEach((r, i) => {
       assert.equal(r.code, EXIT.UNAVAILABLE, `${cases[i]![0]}: ${r.stderr}`);
       assert.match(r.stderr, /^vdpactl: UNAVAILABLE: /, cases[i]![0]);
+      assert.doesNotMatch(r.stderr, /Resolution note|Last error|SSL routines|\(\d{4}-\d\d-/, cases[i]![0]);
       assert.equal(r.stdout, '', cases[i]![0]);
     });
   });

@@ -1,6 +1,7 @@
 /**
  * Keeps deploy/ and the Dockerfile true to the code: every flag they pass exists in the real option
- * tables, ports and socket paths agree, the alert rules and the scrape config pass promtool, every
+ * tables, ports and socket paths agree, the alert rules and the scrape config pass promtool (and the
+ * rules' unit tests in deploy/prometheus/rules-test.yml), every
  * metric the dashboard and the alerts use is served by a real API server, and the image recipe
  * builds: its build steps run on exactly the files it copies, and the result runs on production
  * dependencies alone.
@@ -16,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { parse as parseYaml, parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { USAGE as AGENT_USAGE } from '../../services/agent/config.ts';
 import { OPTIONS as API_OPTIONS } from '../../services/api/config.ts';
+import { DeviceServiceClient, MappingServiceClient, MemoryServiceClient } from '../../services/api/proto.ts';
 import { startStack, stopChild } from './api-harness.ts';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -435,6 +437,37 @@ describe('Kubernetes manifests', () => {
     assert.equal({ ...pod.securityContext, ...agent.securityContext }.runAsUser, user.runAsUser);
   });
 
+  test('secure by default: beyond loopback, every call needs the token of a Secret the pod requires', () => {
+    const exposed = ['rest-listen', 'grpc-listen'].filter((f) => !/^127\./.test(apiFlags.get(f) ?? '127.'));
+    if (exposed.length === 0) return;
+    const file = apiFlags.get('auth-token-file');
+    assert.ok(file, `${exposed.join(', ')} beyond loopback without --auth-token-file`);
+    assert.ok(!apiFlags.has('insecure-listen-without-auth'));
+    const mount = api.volumeMounts.find((m: Doc) => file.startsWith(`${m.mountPath}/`));
+    assert.ok(mount?.readOnly, `${file} is on no read-only volume`);
+    const secret = pod.volumes.find((v: Doc) => v.name === mount.name).secret;
+    assert.ok(secret, `${file} is not from a Secret`);
+    assert.equal(secret.optional, false, 'the pod must not start without the token');
+    const key = path.relative(mount.mountPath, file);
+    assert.ok(
+      secret.items.some((i: Doc) => i.path === key),
+      `the Secret volume has no ${key}`,
+    );
+    // The probes must not need it (kubelets send no token).
+    assert.notEqual(apiFlags.get('auth-probes'), 'token');
+  });
+
+  test('kube-prometheus-stack finds the ServiceMonitor and PrometheusRule (its release label)', () => {
+    for (const kind of ['ServiceMonitor', 'PrometheusRule']) {
+      assert.equal(byKind(kind).metadata.labels.release, 'kube-prometheus-stack', kind);
+    }
+  });
+
+  test('/dev/hugepages is optional on the host', () => {
+    const m = agent.volumeMounts.find((v: Doc) => v.mountPath === '/dev/hugepages');
+    assert.equal(pod.volumes.find((v: Doc) => v.name === m.name).hostPath.type, 'DirectoryOrCreate');
+  });
+
   test('the agent sees the host /dev and /dev/hugepages', () => {
     const hostPathAt = (mountPath: string) => {
       const m = agent.volumeMounts.find((v: Doc) => v.mountPath === mountPath);
@@ -594,6 +627,36 @@ describe('Prometheus and Grafana', () => {
     }
   });
 
+  test('promtool test rules: every alert fires when it should and stays silent when it should not', () => {
+    const tool = promtool();
+    fs.writeFileSync(
+      path.join(dir, 'rules.yml'),
+      stringifyYaml(kustomization().byKind('PrometheusRule').spec),
+    );
+    fs.copyFileSync(path.join(ROOT, 'deploy/prometheus/rules-test.yml'), path.join(dir, 'rules-test.yml'));
+    const run = spawnSync(tool, ['test', 'rules', path.join(dir, 'rules-test.yml')], {
+      encoding: 'utf8',
+      cwd: dir,
+    });
+    assert.equal(run.status, 0, `promtool test rules:\n${run.stdout}${run.stderr}`);
+
+    const cases = yamlFile('deploy/prometheus/rules-test.yml').tests.flatMap((t: Doc) => t.alert_rule_test);
+    const alerts = kustomization()
+      .byKind('PrometheusRule')
+      .spec.groups.flatMap((g: Doc) => g.rules.map((r: Doc) => String(r.alert)));
+    for (const alert of alerts) {
+      const mine = cases.filter((c: Doc) => c.alertname === alert);
+      assert.ok(
+        mine.some((c: Doc) => c.exp_alerts?.length > 0),
+        `no test where ${alert} fires`,
+      );
+      assert.ok(
+        mine.some((c: Doc) => (c.exp_alerts ?? []).length === 0),
+        `no test where ${alert} stays silent`,
+      );
+    }
+  });
+
   test('the metric name extraction sees through PromQL', () => {
     assert.deepEqual(
       metricNames(
@@ -616,7 +679,29 @@ describe('Prometheus and Grafana', () => {
       200,
     );
     await s.grpc.mapping('listMappings', { device: 'vdpa0' });
+    for (const url of ['/healthz', '/readyz', '/docs/json', '/no/such/route']) await s.http('GET', url);
+    await s.http('GET', '/metrics');
     const text = (await s.http('GET', '/metrics')).body as string;
+    // The error-rate alert counts API operations only: every other method label is one it leaves out.
+    const operations = new Set(
+      [DeviceServiceClient, MappingServiceClient, MemoryServiceClient].flatMap((c) =>
+        Object.values(c.service).map((m) => m.path.slice(m.path.lastIndexOf('/') + 1)),
+      ),
+    );
+    const left = /method!~"([^"]+)"/.exec(alertExprs().find((e) => e.includes('request_duration'))!)![1]!;
+    const methods = new Set(
+      [...text.matchAll(/^vdpa_mapd_request_duration_seconds_count\{[^}]*method="(\w+)"/gm)].map(
+        (m) => m[1]!,
+      ),
+    );
+    for (const name of ['Healthz', 'Readyz', 'Metrics', 'OpenAPI', 'Unknown', 'Map'])
+      assert.ok(methods.has(name), name);
+    for (const method of methods) {
+      assert.ok(
+        operations.has(method) !== new RegExp(`^(?:${left})$`).test(method),
+        `${method}: counted by the error rate exactly when it is an API operation`,
+      );
+    }
     const served = new Set(
       text
         .split('\n')

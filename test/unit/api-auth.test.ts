@@ -200,3 +200,42 @@ test('a listener beyond loopback without authentication is warned about', () => 
   assert.deepEqual(warnings({ ...base, grpcListen: anyHost, grpcTls: mtls }), []);
   assert.equal(warnings({ ...base, grpcListen: anyHost, grpcTls: { cert: '/c', key: '/k' } }).length, 1);
 });
+
+test('beyond loopback with nothing authenticating callers, the server refuses to start unless told it is on purpose', () => {
+  const refused = (argv: string[], env: NodeJS.ProcessEnv = {}) => {
+    try {
+      parseApiConfig(argv, env);
+      return undefined;
+    } catch (e) {
+      assert.ok(e instanceof ConfigError);
+      return e.message;
+    }
+  };
+  const message = refused(['--rest-listen', '0.0.0.0:8080', '--grpc-listen', '0.0.0.0:50051']);
+  assert.match(
+    message ?? '',
+    /^REST \(--rest-listen 0\.0\.0\.0:8080\) and gRPC \(--grpc-listen 0\.0\.0\.0:50051\) listen beyond loopback/,
+  );
+  assert.match(message ?? '', /--auth-token-file FILE or VDPA_MAPD_AUTH_TOKEN/);
+  assert.match(message ?? '', /--insecure-listen-without-auth/);
+  assert.match(
+    refused([], { VDPA_MAPD_GRPC_LISTEN: '[::]:50051' }) ?? '',
+    /^gRPC .* listens beyond loopback/,
+  );
+  // Loopback, a token, or gRPC mTLS: accepted.
+  assert.equal(refused([]), undefined);
+  assert.equal(refused(['--rest-listen', '0.0.0.0:8080'], { VDPA_MAPD_AUTH_TOKEN: 'abc' }), undefined);
+  const mtls = ['--grpc-tls-cert', '/c', '--grpc-tls-key', '/k', '--grpc-tls-client-ca', '/ca'];
+  assert.equal(refused(['--grpc-listen', '0.0.0.0:1', ...mtls]), undefined);
+  // On purpose: the flag or the variable; then only warned about.
+  const insecure = parseApiConfig(['--rest-listen', '0.0.0.0:8080', '--insecure-listen-without-auth'], {});
+  assert.equal(insecure?.insecureListenWithoutAuth, true);
+  assert.equal(
+    refused(['--rest-listen', '0.0.0.0:8080'], { VDPA_MAPD_INSECURE_LISTEN_WITHOUT_AUTH: 'true' }),
+    undefined,
+  );
+  assert.match(
+    refused([], { VDPA_MAPD_INSECURE_LISTEN_WITHOUT_AUTH: 'yes' }) ?? '',
+    /expected true or false/,
+  );
+});

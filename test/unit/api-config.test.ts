@@ -27,7 +27,7 @@ test('defaults', () => {
 
 test('flags win over the environment; the socket follows the state dir', () => {
   const config = parseApiConfig(
-    ['--rest-listen', '0.0.0.0:0', '--state-dir', '/tmp/s', '--max-batch-ops', '8'],
+    ['--rest-listen', '127.0.0.2:0', '--state-dir', '/tmp/s', '--max-batch-ops', '8'],
     {
       VDPA_MAPD_REST_LISTEN: '127.0.0.1:9',
       VDPA_MAPD_GRPC_LISTEN: '[::1]:6000',
@@ -36,7 +36,7 @@ test('flags win over the environment; the socket follows the state dir', () => {
     },
   );
   assert.ok(config);
-  assert.deepEqual(config.restListen, { host: '0.0.0.0', port: 0 });
+  assert.deepEqual(config.restListen, { host: '127.0.0.2', port: 0 });
   assert.deepEqual(config.grpcListen, { host: '::1', port: 6000 });
   assert.equal(config.stateDir, '/tmp/s');
   assert.equal(config.agentSocket, '/tmp/s/agent/agent.sock');

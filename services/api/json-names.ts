@@ -1,0 +1,41 @@
+/**
+ * protobuf's JSON mapping prints a field by its lowerCamelCase JSON name (`requestId`) and accepts
+ * its proto name too (`request_id`). REST reads the JSON names; this renames the proto names of
+ * vdpa.mapd.v1 in a body or query to them, so that REST takes what a gRPC JSON client sends.
+ */
+import { invalid } from '../../src/api/u64.ts';
+import { originalFieldNames } from './proto.ts';
+
+function join(path: string, key: string): string {
+  return path === '' ? key : `${path}.${key}`;
+}
+
+/**
+ * `value` with every proto field name renamed to its JSON name, at any depth; the same value when
+ * none is there. A field given under both names is refused, naming it.
+ */
+export function withJsonNames(value: unknown, path = ''): unknown {
+  if (Array.isArray(value)) {
+    let changed = false;
+    const out = value.map((item, i) => {
+      const renamed = withJsonNames(item, `${path}[${i}]`);
+      changed ||= renamed !== item;
+      return renamed;
+    });
+    return changed ? out : value;
+  }
+  if (typeof value !== 'object' || value === null) return value;
+  const record = value as Record<string, unknown>;
+  let changed = false;
+  const entries = Object.keys(record).map((key): [string, unknown] => {
+    const name = originalFieldNames().get(key) ?? key;
+    if (name !== key && Object.hasOwn(record, name)) {
+      throw invalid(join(path, name), `given twice, as ${key} and as ${name}`);
+    }
+    const item = withJsonNames(record[key], join(path, name));
+    changed ||= name !== key || item !== record[key];
+    return [name, item];
+  });
+  // fromEntries defines own properties: a `__proto__` key stays data, never a prototype.
+  return changed ? Object.fromEntries(entries) : value;
+}
