@@ -410,7 +410,17 @@ export class FdSocketBuffer {
 
 /** A watch on one fd; stop it before closing the fd. */
 export interface FdWatch {
+  /** Stops callbacks until {@link FdWatch.resume}. */
+  pause(): void;
+  resume(): void;
+  /** Ends the watch for good. */
   stop(): void;
+}
+
+interface PollHandle {
+  start(opts: { readable: boolean; disconnect: boolean }, cb: () => void): void;
+  stop(): void;
+  close(): void;
 }
 
 /**
@@ -421,8 +431,8 @@ export interface FdWatch {
  */
 export function watchReadable(fd: number, onReadable: () => void, onError: (e: unknown) => void): FdWatch {
   checkInt(fd, 0, 0x7fffffff, 'fd');
-  let handle: { close(): void } | null = null;
-  handle = koffi.node.poll(fd, { readable: true, disconnect: true }, () => {
+  const opts = { readable: true, disconnect: true };
+  const callback = () => {
     try {
       onReadable();
     } catch (e) {
@@ -432,8 +442,18 @@ export function watchReadable(fd: number, onReadable: () => void, onError: (e: u
         // nothing may escape into koffi
       }
     }
-  });
+  };
+  let handle: PollHandle | null = koffi.node.poll(fd, opts, callback) as unknown as PollHandle;
+  let paused = false;
   return {
+    pause() {
+      if (handle && !paused) handle.stop();
+      paused = true;
+    },
+    resume() {
+      if (handle && paused) handle.start(opts, callback);
+      paused = false;
+    },
     stop() {
       handle?.close();
       handle = null;
