@@ -31,6 +31,8 @@ export const SECTOR = 512;
 const ID_BYTES = 20;
 const OUTHDR = 16;
 const CONFIG_SIZE = 60;
+/** size_max: the largest segment the driver may use. */
+const SIZE_MAX = 128 * 1024;
 
 const VRING_DESC_F_NEXT = 1;
 const VRING_DESC_F_WRITE = 2;
@@ -39,12 +41,14 @@ const VRING_AVAIL_F_NO_INTERRUPT = 1;
 
 /** Feature bits the model offers (virtio spec 5.2.3). */
 export const VirtioBlkFeature = {
+  SIZE_MAX: 1,
   SEG_MAX: 2,
   BLK_SIZE: 6,
   FLUSH: 9,
   VERSION_1: 32,
 } as const;
 const OFFERED =
+  (1n << BigInt(VirtioBlkFeature.SIZE_MAX)) |
   (1n << BigInt(VirtioBlkFeature.SEG_MAX)) |
   (1n << BigInt(VirtioBlkFeature.BLK_SIZE)) |
   (1n << BigInt(VirtioBlkFeature.FLUSH)) |
@@ -119,6 +123,10 @@ export class VirtioBlk {
   readonly queueCount = 1;
   readonly maxQueueSize: number;
   private readonly capacity: bigint;
+  /** seg_max: room for the header and status descriptors in the largest ring. */
+  private readonly segMax: number;
+  /** The most data one request may move (seg_max * size_max, as vdpasim_blk_check_range). */
+  private readonly maxData: number;
   private readonly asid: number;
   private readonly queues = new Map<number, Running>();
   private negotiated = 0n;
@@ -128,6 +136,8 @@ export class VirtioBlk {
     this.capacity = size / BigInt(SECTOR);
     this.asid = options.asid ?? 0;
     this.maxQueueSize = options.maxQueueSize ?? 256;
+    this.segMax = this.maxQueueSize - 2;
+    this.maxData = this.segMax * SIZE_MAX;
     if (Buffer.byteLength(options.serial) > ID_BYTES) {
       throw new RangeError(`serial must be at most ${ID_BYTES} bytes`);
     }
@@ -144,7 +154,8 @@ export class VirtioBlk {
   config(): Buffer {
     const c = Buffer.alloc(CONFIG_SIZE);
     c.writeBigUInt64LE(this.capacity, 0);
-    c.writeUInt32LE(this.maxQueueSize - 2, 12); // seg_max: room for header and status
+    c.writeUInt32LE(SIZE_MAX, 8);
+    c.writeUInt32LE(this.segMax, 12);
     c.writeUInt32LE(SECTOR, 20); // blk_size
     c.writeUInt16LE(1, 34); // num_queues
     return c;
@@ -312,7 +323,10 @@ export class VirtioBlk {
 
   private inRange(sector: bigint, bytes: number): boolean {
     return (
-      bytes % SECTOR === 0 && sector <= this.capacity && BigInt(bytes / SECTOR) <= this.capacity - sector
+      bytes <= this.maxData &&
+      bytes % SECTOR === 0 &&
+      sector <= this.capacity &&
+      BigInt(bytes / SECTOR) <= this.capacity - sector
     );
   }
 

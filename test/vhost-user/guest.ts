@@ -60,7 +60,8 @@ if grep -q vu.hold /proc/cmdline; then
   say "HOLDING"
   while true; do sleep 1; done
 fi
-# -n: no sync, so a device that hangs cannot keep the guest from powering off.
+# -n: no sync. A device that never completes a request still blocks the power-off (the kernel's
+# shutdown waits for the stuck disk probe): the host ends such a guest over QMP.
 poweroff -n -f
 `;
 

@@ -114,6 +114,13 @@ export class Qemu {
     }
   }
 
+  /** QMP quit: QEMU tells the backend (vrings stopped, socket closed) and exits. */
+  async quit(): Promise<number | null> {
+    // The answer may be lost when QEMU closes the socket first; its exit is what counts.
+    await this.qmp([{ execute: 'quit' }]).catch(() => {});
+    return this.exited;
+  }
+
   kill(): void {
     if (this.child.exitCode === null) this.child.kill('SIGKILL');
   }
