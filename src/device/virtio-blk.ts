@@ -168,7 +168,8 @@ export class VirtioBlk {
     const run: Running = {
       q,
       lastAvail: q.lastAvail,
-      usedIdx: q.lastAvail,
+      // Resumes from the used index in the ring itself, as vhost_vq_init_access does.
+      usedIdx: 0,
       broken: false,
       watch: watchReadable(
         q.kickFd,
@@ -177,6 +178,12 @@ export class VirtioBlk {
       ),
     };
     this.queues.set(q.index, run);
+    try {
+      run.usedIdx = this.read(q.used + 2n, 2).readUInt16LE(0);
+    } catch (e) {
+      this.breakQueue(run, e);
+      return;
+    }
     // Requests queued before the ring (re)started are served now.
     this.serve(run);
   }
