@@ -19,6 +19,7 @@ import { hex } from '../iotlb/types.ts';
 import { type FdWatch, watchReadable } from '../sys/libc.ts';
 import { DmaError } from './errors.ts';
 import type { DeviceLogger, DmaCapable } from './types.ts';
+import type { SplitVirtqueue } from './virtqueue.ts';
 
 export const VIRTIO_BLK_T_IN = 0;
 export const VIRTIO_BLK_T_OUT = 1;
@@ -54,16 +55,8 @@ const OFFERED =
   (1n << BigInt(VirtioBlkFeature.FLUSH)) |
   (1n << BigInt(VirtioBlkFeature.VERSION_1));
 
-/** A split virtqueue as the driver laid it out; addresses are IOVAs. */
-export interface BlkQueue {
-  index: number;
-  size: number;
-  desc: bigint;
-  avail: bigint;
-  used: bigint;
-  /** Next avail ring entry to serve (and the used index to resume from). */
-  lastAvail: number;
-  kickFd: number;
+/** A queue to serve: the ring, and how to signal the driver. */
+export interface BlkQueue extends SplitVirtqueue {
   /** Signals the driver (the call eventfd); called after each batch of completions. */
   notify(): void;
 }

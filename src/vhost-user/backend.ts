@@ -13,6 +13,7 @@
  * - Every fd received is either kept (vring kick/call/err, until replaced or the end) or closed
  *   once its message is handled; region fds are only lent to the device side for the call.
  */
+import type { SplitVirtqueue } from '../device/virtqueue.ts';
 import { hex } from '../iotlb/types.ts';
 import {
   type AddedRegion,
@@ -39,15 +40,7 @@ import {
 } from './wire.ts';
 
 /** A vring as the device runs it: addresses are guest physical, i.e. IOVAs. */
-export interface VringConfig {
-  index: number;
-  size: number;
-  desc: bigint;
-  avail: bigint;
-  used: bigint;
-  /** Where the device resumes in the avail ring (SET_VRING_BASE). */
-  lastAvail: number;
-  kickFd: number;
+export interface VringConfig extends SplitVirtqueue {
   /** The current call eventfd (it may be replaced while the ring runs); null: do not notify. */
   callFd(): number | null;
 }
