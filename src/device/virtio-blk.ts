@@ -41,7 +41,7 @@ const VRING_DESC_F_INDIRECT = 4;
 const VRING_AVAIL_F_NO_INTERRUPT = 1;
 
 /** Feature bits the model offers (virtio spec 5.2.3). */
-export const VirtioBlkFeature = {
+const VirtioBlkFeature = {
   SIZE_MAX: 1,
   SEG_MAX: 2,
   BLK_SIZE: 6,

@@ -11,11 +11,11 @@
 export const HEADER_SIZE = 12;
 /** Flags: bits 0-1 the protocol version (1), bit 2 a reply, bit 3 the front-end wants a reply. */
 export const VERSION = 0x1;
-export const VERSION_MASK = 0x3;
+const VERSION_MASK = 0x3;
 export const FLAG_REPLY = 0x4;
 export const FLAG_NEED_REPLY = 0x8;
 /** VHOST_MEMORY_BASELINE_NREGIONS: regions in one SET_MEM_TABLE (and fds in any message). */
-export const MAX_MEM_TABLE_REGIONS = 8;
+const MAX_MEM_TABLE_REGIONS = 8;
 /** VHOST_USER_MAX_CONFIG_SIZE */
 export const MAX_CONFIG_SIZE = 256;
 const CONFIG_HEADER_SIZE = 12;
@@ -48,12 +48,12 @@ export const Request = {
   ADD_MEM_REG: 37,
   REM_MEM_REG: 38,
 } as const;
-export type RequestName = keyof typeof Request;
+type RequestName = keyof typeof Request;
 const REQUEST_NAMES = new Map<number, RequestName>(
   Object.entries(Request).map(([name, code]) => [code, name as RequestName]),
 );
 
-export function requestName(code: number): string {
+function requestName(code: number): string {
   return REQUEST_NAMES.get(code) ?? `request ${code}`;
 }
 
@@ -366,7 +366,7 @@ export function configPayload(offset: number, flags: number, data: Buffer): Buff
   return Buffer.concat([head, data]);
 }
 
-export function regionPayload(region: MemoryRegion, into = Buffer.alloc(REGION_SIZE), at = 0): Buffer {
+function regionPayload(region: MemoryRegion, into = Buffer.alloc(REGION_SIZE), at = 0): Buffer {
   into.writeBigUInt64LE(region.guestAddr, at);
   into.writeBigUInt64LE(region.size, at + 8);
   into.writeBigUInt64LE(region.userAddr, at + 16);

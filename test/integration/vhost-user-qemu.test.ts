@@ -36,6 +36,7 @@ before(async () => {
   work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-vu-test-'));
 });
 after(() => {
+  for (const q of Qemu.live) q.kill();
   guest?.cleanup();
   if (work) fs.rmSync(work, { recursive: true, force: true });
 });
@@ -188,6 +189,7 @@ describe('a QEMU guest does I/O through the vhost-user backend and a simulated d
         // The front-end is gone: nothing stays mapped or registered, no fd leaks.
         assert.deepEqual(sim.mappings(), []);
         assert.deepEqual(sim.registry.list(), []);
+        assert.deepEqual(sim.listenerErrors, []);
       } finally {
         qemu.kill();
         await qemu.exited;

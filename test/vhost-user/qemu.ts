@@ -21,6 +21,8 @@ export interface QemuOptions {
 }
 
 export class Qemu {
+  /** Every QEMU still running, so a test that timed out can still have it killed. */
+  static readonly live = new Set<Qemu>();
   readonly child: ChildProcess;
   readonly qmpPath: string;
   console = '';
@@ -53,7 +55,13 @@ export class Qemu {
     };
     this.child.stdout?.setEncoding('utf8').on('data', onData);
     this.child.stderr?.setEncoding('utf8').on('data', onData);
-    this.exited = new Promise((resolve) => this.child.on('close', (code) => resolve(code)));
+    Qemu.live.add(this);
+    this.exited = new Promise((resolve) =>
+      this.child.on('close', (code) => {
+        Qemu.live.delete(this);
+        resolve(code);
+      }),
+    );
   }
 
   /** Resolves when the console matches `re` (no time limit: the test's own budget bounds it). */
