@@ -79,7 +79,7 @@ const logger = {
 describe('a QEMU guest does I/O through the vhost-user backend and a simulated device', () => {
   for (const memSlots of [false, true]) {
     const how = memSlots ? 'ADD_MEM_REG (CONFIGURE_MEM_SLOTS)' : 'SET_MEM_TABLE';
-    test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps and unplug unmaps only the DIMM`, {
+    test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps only the DIMM`, {
       timeout: 600_000,
     }, async () => {
       const disk = makeDisk(`disk-${memSlots}.img`);
@@ -171,17 +171,6 @@ describe('a QEMU guest does I/O through the vhost-user backend and a simulated d
         console.log(
           `# ${how}: hotplug sent ${hotplugOps.length} op (UPDATE iova 0x${dimm.iova.toString(16)} size 0x${dimm.size.toString(16)})`,
         );
-
-        // Unplug: the guest ejects the DIMM (its memory was never onlined) and exactly that
-        // region is invalidated.
-        const opsBeforeUnplug = sim.ops.length;
-        await qemu.qmp([{ execute: 'device_del', arguments: { id: 'dimm1' } }]);
-        await until(() => sim.mappings().length === boot.length, qemu, 'the DIMM to be unmapped');
-        assert.deepEqual(sim.ops.slice(opsBeforeUnplug), [
-          { type: 'invalidate', asid: 0, iova: dimm.iova, size: dimm.size },
-        ]);
-        assert.deepEqual(sim.mappings(), boot);
-        assert.equal(sim.registry.list().length, 1, "the DIMM's file is released");
 
         assert.equal(await qemu.quit(), 0);
         await backend.done;
