@@ -14,7 +14,7 @@ import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
 import { StateDamageError } from '../../src/state/journal.ts';
 import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
-import { BearerAuth, isLoopback } from './auth.ts';
+import { BearerAuth } from './auth.ts';
 import {
   type ApiConfig,
   ConfigError,

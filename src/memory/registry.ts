@@ -22,6 +22,7 @@ import {
 import { ID_RULE, isValidId } from '../id.ts';
 import { memoryDir, PathAllowlist } from './allowlist.ts';
 import {
+  type AdoptMemoryRequest,
   type CreateMemoryRequest,
   MemoryError,
   type MemoryInfo,
@@ -101,6 +102,38 @@ export class SharedMemoryRegistry implements MemoryRegistry {
       { id: req.id, path: file.path, kind: 'file', created: false },
       file.fd,
       file.size,
+      false,
+    );
+  }
+
+  /**
+   * Registers memory another process shares by fd (a vhost-user front-end's guest RAM): takes
+   * ownership of `fd` (closed on failure too) and maps the whole file. It is never resized.
+   */
+  adopt(req: AdoptMemoryRequest): MemoryInfo {
+    try {
+      this.checkNewId(req.id);
+    } catch (e) {
+      fs.closeSync(req.fd);
+      throw e;
+    }
+    let size: bigint;
+    let link: string;
+    try {
+      const st = fs.fstatSync(req.fd, { bigint: true });
+      if (!st.isFile()) throw new MemoryError('PATH_REFUSED', `fd of ${req.id} is not a regular file`, 'fd');
+      size = st.size;
+      checkSize(size, 'fd');
+      link = fs.readlinkSync(`/proc/self/fd/${req.fd}`);
+    } catch (e) {
+      fs.closeSync(req.fd);
+      throw e instanceof MemoryError ? e : systemError(e, `cannot inspect the fd of ${req.id}`, 'fd');
+    }
+    const memfd = link.startsWith('/memfd:');
+    return this.mapAndAdd(
+      { id: req.id, path: memfd ? `memfd:${req.id}` : link, kind: memfd ? 'memfd' : 'file', created: false },
+      req.fd,
+      size,
       false,
     );
   }

@@ -53,6 +53,12 @@ export interface OpenMemoryRequest {
   path: string;
 }
 
+export interface AdoptMemoryRequest {
+  id: string;
+  /** An fd of a shared file (memfd, tmpfs, hugetlbfs) received from its owner; the registry keeps it. */
+  fd: number;
+}
+
 /** The agent's registry of backing memory. All methods are synchronous (they are syscalls). */
 export interface MemoryRegistry {
   create(req: CreateMemoryRequest): MemoryInfo;

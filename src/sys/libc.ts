@@ -1,6 +1,7 @@
 /**
  * The project's only door to libc (through koffi): ioctl, mmap/munmap, memfd_create, ftruncate,
- * getrlimit, sysconf(_SC_PAGESIZE), and raw memory copies. Node cannot ioctl or mmap by itself.
+ * getrlimit, sysconf(_SC_PAGESIZE), raw memory copies, and unix sockets that pass fds (SCM_RIGHTS)
+ * with an fd watcher on Node's event loop. Node cannot ioctl, mmap or receive fds by itself.
  *
  * Linux, 64-bit, glibc only: off_t, size_t, rlim_t and pointers are all 64 bits wide, so every
  * address, size and offset crosses this boundary as a bigint. koffi does not range-check bigint
@@ -26,6 +27,15 @@ const c = {
   memcpy: lib.func('void *memcpy(void *dest, const void *src, size_t n)'),
   strerror: lib.func('const char *strerror(int errnum)'),
   sysconf: lib.func('long sysconf(int name)'),
+  socket: lib.func('int socket(int domain, int type, int protocol)'),
+  socketpair: lib.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
+  bind: lib.func('int bind(int fd, const void *addr, uint32_t addrlen)'),
+  listen: lib.func('int listen(int fd, int backlog)'),
+  accept4: lib.func('int accept4(int fd, void *addr, void *addrlen, int flags)'),
+  recvmsg: lib.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
+  sendmsg: lib.func('intptr_t sendmsg(int fd, void *msg, int flags)'),
+  fcntl: lib.func('int fcntl(int fd, int cmd, ...)'),
+  eventfd: lib.func('int eventfd(unsigned int initval, int flags)'),
 };
 
 export const PROT_READ = 0x1;
@@ -211,4 +221,253 @@ export function copyToAddress(addr: bigint, data: Uint8Array): void {
   checkInt(data.byteLength, 0, MAX_COPY - 1, 'copy length');
   checkRange(addr, U64_MAX - BigInt(data.byteLength), 'copy address');
   if (data.byteLength > 0) c.memcpy(addr, data, BigInt(data.byteLength));
+}
+
+// ---------------------------------------------------------------------------------------------
+// unix sockets with fd passing, eventfds, fd watching
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_NONBLOCK = 0o4000;
+const SOCK_CLOEXEC = 0o2000000;
+const MSG_DONTWAIT = 0x40;
+const MSG_NOSIGNAL = 0x4000;
+const MSG_CTRUNC = 0x8;
+const MSG_CMSG_CLOEXEC = 0x40000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+const F_DUPFD_CLOEXEC = 1030;
+export const EFD_CLOEXEC = 0o2000000;
+export const EFD_NONBLOCK = 0o4000;
+/** sizeof(sun_path) */
+const UNIX_PATH_MAX = 108;
+/** Most fds one message may carry (the control buffer holds exactly this many). */
+export const MAX_PASSED_FDS = 8;
+/** Most fds one send may attach (more than a receiver takes, to test its truncation). */
+const MAX_SEND_FDS = 2 * MAX_PASSED_FDS;
+/** Largest single send or receive through {@link FdSocketBuffer}. */
+export const MAX_FD_MESSAGE = 4096;
+
+const EAGAIN = 11;
+const EINTR = 4;
+
+/** A non-blocking, close-on-exec AF_UNIX stream socket. */
+export function unixSocket(): number {
+  const fd: number = c.socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) fail('socket');
+  return fd;
+}
+
+/** A connected pair of non-blocking, close-on-exec AF_UNIX stream sockets. */
+export function unixSocketPair(): [number, number] {
+  const sv = new Int32Array(2);
+  if (c.socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) fail('socketpair');
+  return [sv[0]!, sv[1]!];
+}
+
+/** bind() to a filesystem path (struct sockaddr_un), then listen(). */
+export function bindListenUnix(fd: number, socketPath: string, backlog: number): void {
+  const name = Buffer.from(socketPath, 'utf8');
+  if (name.byteLength === 0 || name.byteLength >= UNIX_PATH_MAX || name.includes(0)) {
+    throw new RangeError(`socket path must be 1..${UNIX_PATH_MAX - 1} bytes without NUL: ${socketPath}`);
+  }
+  const addr = Buffer.alloc(2 + UNIX_PATH_MAX);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  name.copy(addr, 2);
+  if (c.bind(fd, addr, 2 + name.byteLength + 1) < 0) fail('bind', socketPath);
+  if (c.listen(fd, backlog) < 0) fail('listen', socketPath);
+}
+
+/** accept4 (non-blocking, close-on-exec); null when no connection is pending. */
+export function acceptUnix(fd: number): number | null {
+  const conn: number = c.accept4(fd, null, null, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (conn >= 0) return conn;
+  const errnum = koffi.errno();
+  if (errnum === EAGAIN || errnum === EINTR) return null;
+  throw new SysError('accept4', errnum);
+}
+
+/** A new close-on-exec fd for the same open file (fcntl F_DUPFD_CLOEXEC). */
+export function dupCloexec(fd: number): number {
+  checkInt(fd, 0, 0x7fffffff, 'fd');
+  const copy: number = c.fcntl(fd, F_DUPFD_CLOEXEC, 'int', 0);
+  if (copy < 0) fail('fcntl', 'F_DUPFD_CLOEXEC');
+  return copy;
+}
+
+export function eventfd(initval: number, flags: number): number {
+  checkInt(initval, 0, 0xffffffff, 'eventfd initval');
+  const fd: number = c.eventfd(initval, flags);
+  if (fd < 0) fail('eventfd');
+  return fd;
+}
+
+/** What one recvmsg delivered: the bytes, the fds that came with them (now ours), EOF. */
+export interface FdReceive {
+  data: Buffer;
+  fds: number[];
+  /** The peer sent more fds than {@link MAX_PASSED_FDS} (MSG_CTRUNC); the extra ones were dropped. */
+  fdsTruncated: boolean;
+  eof: boolean;
+}
+
+/**
+ * One socket's native scratch memory for sendmsg/recvmsg: struct msghdr, one iovec, a control
+ * buffer for {@link MAX_PASSED_FDS} fds and the data. Free it with {@link FdSocketBuffer.free}.
+ */
+export class FdSocketBuffer {
+  private static readonly MSGHDR = 0; // struct msghdr: 56 bytes
+  private static readonly IOV = 64; // struct iovec: 16 bytes
+  private static readonly CONTROL = 128; // up to CMSG_SPACE(4 * MAX_SEND_FDS) = 16 + 64
+  private static readonly CONTROL_SIZE = 16 + 4 * MAX_PASSED_FDS;
+  private static readonly DATA = 256;
+  private ptr: unknown;
+  private readonly base: bigint;
+  private readonly view: Buffer;
+
+  constructor() {
+    const total = FdSocketBuffer.DATA + MAX_FD_MESSAGE;
+    this.ptr = koffi.alloc('uint8_t', total);
+    this.base = koffi.address(this.ptr);
+    this.view = Buffer.from(koffi.view(this.ptr, total));
+  }
+
+  /**
+   * Non-blocking recvmsg of at most `length` bytes with MSG_CMSG_CLOEXEC; null when nothing is
+   * there (EAGAIN). Every fd received is returned, even when the call reports truncation.
+   */
+  receive(fd: number, length: number): FdReceive | null {
+    checkInt(length, 1, MAX_FD_MESSAGE, 'receive length');
+    this.prepare(length, FdSocketBuffer.CONTROL_SIZE);
+    const n = Number(c.recvmsg(fd, this.base, MSG_DONTWAIT | MSG_CMSG_CLOEXEC));
+    if (n < 0) {
+      const errnum = koffi.errno();
+      if (errnum === EAGAIN || errnum === EINTR) return null;
+      throw new SysError('recvmsg', errnum);
+    }
+    const v = this.view;
+    const msgFlags = v.readInt32LE(FdSocketBuffer.MSGHDR + 48);
+    const controlLen = Number(v.readBigUInt64LE(FdSocketBuffer.MSGHDR + 40));
+    const fds: number[] = [];
+    let foreign = false;
+    // CMSG_FIRSTHDR / CMSG_NXTHDR: each cmsghdr is { size_t len; int level; int type; data }.
+    let at = 0;
+    while (at + 16 <= controlLen) {
+      const off = FdSocketBuffer.CONTROL + at;
+      const len = Number(v.readBigUInt64LE(off));
+      if (len < 16 || at + len > controlLen) break;
+      if (v.readInt32LE(off + 8) === SOL_SOCKET && v.readInt32LE(off + 12) === SCM_RIGHTS) {
+        for (let i = 16; i + 4 <= len; i += 4) fds.push(v.readInt32LE(off + i));
+      } else foreign = true;
+      at += (len + 7) & ~7;
+    }
+    return {
+      data: Buffer.from(v.subarray(FdSocketBuffer.DATA, FdSocketBuffer.DATA + n)),
+      fds,
+      fdsTruncated: (msgFlags & MSG_CTRUNC) !== 0 || foreign,
+      eof: n === 0,
+    };
+  }
+
+  /**
+   * Non-blocking sendmsg of `data` with `fds` attached (MSG_NOSIGNAL: a closed peer is EPIPE, not
+   * SIGPIPE). Returns the bytes sent, 0 when the socket buffer is full (EAGAIN).
+   */
+  send(fd: number, data: Uint8Array, fds: readonly number[] = []): number {
+    checkInt(data.byteLength, 1, MAX_FD_MESSAGE, 'send length');
+    checkInt(fds.length, 0, MAX_SEND_FDS, 'fd count');
+    const controlLen = fds.length === 0 ? 0 : 16 + ((4 * fds.length + 7) & ~7);
+    this.prepare(data.byteLength, controlLen);
+    const v = this.view;
+    v.set(data, FdSocketBuffer.DATA);
+    if (fds.length > 0) {
+      v.fill(0, FdSocketBuffer.CONTROL, FdSocketBuffer.CONTROL + controlLen);
+      v.writeBigUInt64LE(BigInt(16 + 4 * fds.length), FdSocketBuffer.CONTROL);
+      v.writeInt32LE(SOL_SOCKET, FdSocketBuffer.CONTROL + 8);
+      v.writeInt32LE(SCM_RIGHTS, FdSocketBuffer.CONTROL + 12);
+      fds.forEach((f, i) => {
+        checkInt(f, 0, 0x7fffffff, 'fd');
+        v.writeInt32LE(f, FdSocketBuffer.CONTROL + 16 + 4 * i);
+      });
+    }
+    const n = Number(c.sendmsg(fd, this.base, MSG_DONTWAIT | MSG_NOSIGNAL));
+    if (n >= 0) return n;
+    const errnum = koffi.errno();
+    if (errnum === EAGAIN || errnum === EINTR) return 0;
+    throw new SysError('sendmsg', errnum);
+  }
+
+  free(): void {
+    if (this.ptr !== null) koffi.free(this.ptr);
+    this.ptr = null;
+  }
+
+  private prepare(dataLen: number, controlLen: number): void {
+    if (this.ptr === null) throw new Error('FdSocketBuffer used after free');
+    const v = this.view;
+    const M = FdSocketBuffer.MSGHDR;
+    v.fill(0, M, M + 56);
+    // struct msghdr { name; namelen(+pad); iov; iovlen; control; controllen; flags }
+    v.writeBigUInt64LE(this.base + BigInt(FdSocketBuffer.IOV), M + 16);
+    v.writeBigUInt64LE(1n, M + 24);
+    if (controlLen > 0) {
+      v.writeBigUInt64LE(this.base + BigInt(FdSocketBuffer.CONTROL), M + 32);
+      v.writeBigUInt64LE(BigInt(controlLen), M + 40);
+    }
+    v.writeBigUInt64LE(this.base + BigInt(FdSocketBuffer.DATA), FdSocketBuffer.IOV);
+    v.writeBigUInt64LE(BigInt(dataLen), FdSocketBuffer.IOV + 8);
+  }
+}
+
+/** A watch on one fd; stop it before closing the fd. */
+export interface FdWatch {
+  /** Stops callbacks until {@link FdWatch.resume}. */
+  pause(): void;
+  resume(): void;
+  /** Ends the watch for good. */
+  stop(): void;
+}
+
+interface PollHandle {
+  start(opts: { readable: boolean; disconnect: boolean }, cb: () => void): void;
+  stop(): void;
+  close(): void;
+}
+
+/**
+ * Calls `onReadable` on Node's main thread whenever `fd` is readable or hung up, through koffi's
+ * poll (libuv uv_poll on the event loop; koffi 3, pinned: its changelog says the API may change).
+ * koffi swallows an exception thrown in the callback and the watch wedges, so every exception is
+ * caught here and handed to `onError`, which must not throw.
+ */
+export function watchReadable(fd: number, onReadable: () => void, onError: (e: unknown) => void): FdWatch {
+  checkInt(fd, 0, 0x7fffffff, 'fd');
+  const opts = { readable: true, disconnect: true };
+  const callback = () => {
+    try {
+      onReadable();
+    } catch (e) {
+      try {
+        onError(e);
+      } catch {
+        // nothing may escape into koffi
+      }
+    }
+  };
+  let handle: PollHandle | null = koffi.node.poll(fd, opts, callback) as unknown as PollHandle;
+  let paused = false;
+  return {
+    pause() {
+      if (handle && !paused) handle.stop();
+      paused = true;
+    },
+    resume() {
+      if (handle && paused) handle.start(opts, callback);
+      paused = false;
+    },
+    stop() {
+      handle?.close();
+      handle = null;
+    },
+  };
 }
