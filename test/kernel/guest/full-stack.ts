@@ -4,7 +4,7 @@
  * calls with fetch register memory, map, list, set the memory table and unmap, and after each the
  * device's own table (vduse-daemon, ./vduse.ts) must be exactly what the API lists.
  *
- *   node --import tsx test/kernel/guest/full-stack.ts
+ *   node --import tsx test/kernel/run-vm.ts test/kernel/guest/full-stack.ts
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -20,6 +20,7 @@ import {
   Service,
   showMap,
   vduse,
+  WAIT_MS,
 } from './harness.ts';
 
 const DEVICE = path.basename(devicePath);
@@ -107,7 +108,7 @@ await runChecks(
         const [ra, rs] = await Promise.allSettled([
           Service.start(
             'agent',
-            'services/agent/main.ts',
+            'agent',
             [
               ...['--device', `kernel:${devicePath}`, '--state-dir', agentState, '--socket', socket],
               ...['--allowed-root', sharedDir, '--log-level', 'info'],
@@ -116,7 +117,7 @@ await runChecks(
           ),
           Service.start(
             'api',
-            'services/api/main.ts',
+            'api',
             [
               ...['--rest-listen', '127.0.0.1:0', '--grpc-listen', '127.0.0.1:0', '--agent-socket', socket],
               ...['--state-dir', apiState, '--log-level', 'info'],
@@ -133,7 +134,10 @@ await runChecks(
         assert(/^http:\/\/127\.0\.0\.1:\d+$/.test(base), `REST address ${base}`);
         const t0 = performance.now();
         while ((await http('GET', '/readyz')).status !== 200) {
-          assert(performance.now() - t0 < 30_000, `not ready after 30 s:\n${s.service.tail()}`);
+          assert(
+            performance.now() - t0 < WAIT_MS,
+            `not ready within the tier's budget:\n${s.service.tail()}`,
+          );
           await new Promise((r) => setTimeout(r, 100));
         }
         return `agent serving after ${a.ms} ms, API at ${base} after ${s.ms} ms, ready ${Math.round(performance.now() - t0)} ms later`;

@@ -21,6 +21,7 @@ import {
   Ioctl,
   type IotlbMsgType as MsgType,
 } from '../../../src/uapi/index.ts';
+import { budgetMs, bundlePath } from '../guest-js.ts';
 import { type DeviceMapEntry, VduseClient } from './vduse.ts';
 
 export const devicePath = process.env.VHOST_VDPA_DEV ?? '/dev/vhost-vdpa-0';
@@ -146,7 +147,13 @@ export function deviceBusy(): boolean {
   }
 }
 
-/** A service started as a child process (`node --import tsx <script> ...`), its output kept. */
+/** The tier's budget: the bound of every wait in the guest (no tighter limit, see guest-js.ts). */
+export const WAIT_MS = budgetMs();
+
+/**
+ * A service started as a child process from its bundle (`node .cache/guest-js/<agent|api>.mjs`,
+ * compiled from services/<agent|api>/main.ts before the boot), its output kept.
+ */
 export class Service {
   readonly lines: string[] = [];
   private readonly listeners: ((line: string) => void)[] = [];
@@ -169,18 +176,18 @@ export class Service {
   }
 
   /**
-   * Starts `script` from the project root and waits until one of its output lines satisfies
-   * `ready` (returned), or fails if it exits or `timeoutMs` passes first.
+   * Starts the `bundle` service and waits until one of its output lines satisfies `ready`
+   * (returned), or fails if it exits first (or the tier's budget passes).
    */
   static async start(
     name: string,
-    script: string,
+    bundle: 'agent' | 'api',
     args: string[],
     ready: (line: string) => boolean,
-    timeoutMs = 60_000,
+    timeoutMs = WAIT_MS,
   ): Promise<{ service: Service; line: string; ms: number }> {
     const started = performance.now();
-    const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], {
+    const child = spawn(process.execPath, [bundlePath(bundle), ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const service = new Service(name, child);
@@ -235,7 +242,7 @@ export class Service {
   /** Sends `signal` and waits for the exit (SIGKILL after `timeoutMs`). */
   async stop(
     signal: NodeJS.Signals = 'SIGTERM',
-    timeoutMs = 20_000,
+    timeoutMs = WAIT_MS,
   ): Promise<{ code: number | null; signal: NodeJS.Signals | null; ms: number }> {
     const started = performance.now();
     if (this.running) {
