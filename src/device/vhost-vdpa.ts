@@ -16,6 +16,7 @@ import {
   VHOST_ACCESS_WO,
 } from '../uapi/constants.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
+import { systemPageSize } from '../sys/libc.ts';
 import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
 import { DeviceError } from './errors.ts';
 import { IotlbGuard, type OpFailure } from './guard.ts';
@@ -40,6 +41,7 @@ import type {
   IommuKind,
   OpResult,
 } from './types.ts';
+import { pinPageSize } from './types.ts';
 
 /** The backend features vdpa-mapd understands; it negotiates those the device offers. */
 export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
@@ -67,6 +69,8 @@ export interface VhostVdpaDeviceInit {
   logger?: DeviceLogger;
   /** Where a pinning device charges its pages; default the agent process's own account. */
   pins?: PinnedMemory;
+  /** The kernel's PAGE_SIZE; default this machine's. */
+  pageSize?: bigint;
 }
 
 export class VhostVdpaDevice implements Device {
@@ -96,6 +100,7 @@ export class VhostVdpaDevice implements Device {
       this.info.negotiatedFeatures,
       init.memory,
       init.pinned ? (init.pins ?? processPinnedMemory()) : undefined,
+      pinPageSize(this.info),
     );
   }
 
@@ -214,6 +219,7 @@ export class VhostVdpaDevice implements Device {
       status,
       iommu: init.iommu,
       pinned: init.pinned,
+      pageSize: init.pageSize ?? systemPageSize(),
     };
   }
 

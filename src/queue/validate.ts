@@ -64,6 +64,7 @@ function planError(e: unknown, at: At): unknown {
   const field = fieldAt(at, e.field);
   switch (e.code) {
     case 'INVALID_REGION':
+    case 'UNALIGNED_SPLIT':
       return new ServiceError('INVALID_ARGUMENT', `${at.label}${e.message}`, {
         field,
         ...(e.errno ? { errno: e.errno } : {}),
@@ -112,7 +113,7 @@ function applyMap(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: 
     offset: spec.offset,
     perm: spec.perm,
   };
-  const shape = checkRegionShape(region, work.spaces.range);
+  const shape = checkRegionShape(region, work.spaces.range, work.spaces.pinPageSize);
   if (shape) throw violationError(shape, at);
   checkMemory(memory, region, at);
   const op: IotlbOp = { type: 'update', asid: spec.asid, ...region };
@@ -156,7 +157,7 @@ export function applySetMemTable(
   checkAsid(work, asid, TOP);
   let target: Region[];
   try {
-    target = validateTarget(regions, work.spaces.range);
+    target = validateTarget(regions, work.spaces.range, work.spaces.pinPageSize);
   } catch (e) {
     throw planError(e, TOP);
   }

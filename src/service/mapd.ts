@@ -16,7 +16,7 @@
  */
 import { AgentClient } from '../agent/client.ts';
 import type { AgentInfo } from '../agent/wire.ts';
-import type { DeviceCounters, DeviceFacts } from '../device/types.ts';
+import { type DeviceCounters, type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import type { Mapping } from '../iotlb/types.ts';
 import { createMetrics, type Metrics } from '../metrics/metrics.ts';
@@ -323,7 +323,7 @@ class Mapd implements MapdCore {
   private dryRun(device: string, asid: number, regions: SetMemTableRequest['regions']): SetMemTableResult {
     const slot = this.existing(device);
     if (!slot.facts) throw this.unknownDevice(device);
-    const spaces = new AddressSpaces(slot.facts.asNum, slot.facts.iovaRange);
+    const spaces = new AddressSpaces(slot.facts.asNum, slot.facts.iovaRange, pinPageSize(slot.facts));
     if (spaces.checkAsid(asid) === undefined) {
       for (const m of sortedMappings(this.store.state.devices.get(device), asid))
         spaces.apply({ type: 'update', ...m });

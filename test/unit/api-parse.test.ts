@@ -368,6 +368,7 @@ describe('format', () => {
       status: 0,
       iommu: 'onchip',
       pinned: false,
+      pageSize: 4096n,
       ready: true,
       mappedBytes: 4096n,
       mappedEntries: 1,
