@@ -17,6 +17,11 @@
 #   sim-setmap-pa  vdpa_sim batch_mapping=1 use_va=0: set_map, PA mode
 #   sim-setmap-va  vdpa_sim batch_mapping=1 use_va=1: set_map, VA mode
 # No step has a time limit of its own: the host bounds the whole run.
+#
+# One API server (services/api/main.ts, bundled) runs for the whole boot, started here before
+# the first kind: the steps that use it start their own agent on $VDPA_MAPD_AGENT_SOCKET, and it
+# reconciles each new agent, as after an agent restart. Its verdict is the `boot-api` step:
+# it must stop with exit 0 at the end.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /usr /job
 /bin/busybox --install -s /bin
 export PATH=/opt/vdpa-mapd/bin:/bin:/usr/local/bin:/usr/bin:/usr/sbin
@@ -52,6 +57,14 @@ set -a # /job/env: VDPA_MAPD_ROOT (the project's host path), VDPA_MAPD_KERNEL_TI
 set +a
 mkdir -p "$VDPA_MAPD_ROOT"
 p9 project "$VDPA_MAPD_ROOT" ro,cache=loose || verdict "FAIL mount project share"
+
+# The boot's API server (see the header); VDPA_MAPD_API_LOG has its "api server listening" line.
+export VDPA_MAPD_AGENT_SOCKET=/run/vdpa-mapd/agent.sock VDPA_MAPD_API_LOG=/run/vdpa-mapd/api.log
+mkdir -p /run/vdpa-mapd
+(cd "$VDPA_MAPD_ROOT" && exec setsid node .cache/guest-js/api.mjs --rest-listen 127.0.0.1:0 \
+  --grpc-listen 127.0.0.1:0 --agent-socket "$VDPA_MAPD_AGENT_SOCKET" --state-dir /run/vdpa-mapd/api \
+  --log-level info) </dev/null >"$VDPA_MAPD_API_LOG" 2>&1 &
+api_pid=$!
 
 export VHOST_VDPA_DEV=/dev/vhost-vdpa-0
 export VDUSE_NAME=vduse-test
@@ -199,6 +212,17 @@ if [ -n "$kind" ] && [ "$kind_ok" = 1 ] && ! kind_down "$kind" >/dev/null 2>&1; 
   failed="$failed $kind-teardown"
 fi
 
+# The boot's API server stops cleanly (SIGTERM: exit 0).
+kill -TERM "$api_pid" 2>/dev/null
+wait "$api_pid"
+rc=$?
+if [ "$rc" -eq 0 ]; then
+  echo "VDPA-MAPD-STEP: boot-api PASS exit 0"
+else
+  echo "VDPA-MAPD-STEP: boot-api FAIL exit $rc; its log:"
+  tail -n 20 "$VDPA_MAPD_API_LOG"
+  failed="$failed boot-api"
+fi
 echo "VDPA-MAPD-TIME: done $(uptime_s)"
 if [ -n "$failed" ]; then verdict "FAIL steps:$failed"; fi
 verdict PASS

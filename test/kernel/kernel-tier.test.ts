@@ -18,6 +18,7 @@ import {
   bundleSteps,
   type GuestStep,
   guestScriptStep,
+  KINDS,
   runVm,
   TIER_BUDGET_MS,
   tierSteps,
@@ -40,8 +41,23 @@ function tierPlan(): GuestStep[] {
     // Agent + services/api/main.ts, REST calls with fetch.
     'test/kernel/guest/full-stack.ts',
   ];
-  return [...tierSteps(), ...vduse.map((script) => guestScriptStep(script, 'vduse'))];
+  // Seeded random IOTLB messages to the kernel and to the simulator configured as the kind.
+  const differential = 'test/kernel/guest/differential.ts';
+  // The agent + the boot's API server: map, batch, unmap, set-mem-table, pins, discovery.
+  const services = 'test/kernel/guest/services.ts';
+  return [
+    ...tierSteps(),
+    ...vduse.map((script) => guestScriptStep(script, 'vduse')),
+    guestScriptStep(differential, 'vduse'),
+    ...KINDS.filter((k) => k !== 'vduse').flatMap((kind) => [
+      guestScriptStep(differential, kind),
+      guestScriptStep(services, kind),
+    ]),
+  ];
 }
+
+/** init.sh's own verdict on the API server that ran for the whole boot (see init.sh). */
+const BOOT_API_STEP = 'boot-api';
 
 test('real kernel tier (every vDPA parent kind under vhost_vdpa, TCG VM)', {
   timeout: TIER_BUDGET_MS + 120_000,
@@ -62,7 +78,7 @@ test('real kernel tier (every vDPA parent kind under vhost_vdpa, TCG VM)', {
   for (const [kind, line] of Object.entries(result.kinds)) t.diagnostic(`kind ${kind}: ${line}`);
   for (const s of result.steps) t.diagnostic(`step ${s.name}: ${s.pass ? 'PASS' : 'FAIL'} ${s.detail}`);
 
-  for (const step of steps) {
+  for (const step of [...steps, { name: BOOT_API_STEP }]) {
     await t.test(step.name, () => {
       const r = result.steps.find((s) => s.name === step.name);
       assert.ok(r, `step ${step.name} reported nothing; console:\n${result.console.slice(-6000)}`);

@@ -258,3 +258,29 @@ export class Service {
     if (this.running) await this.stop('SIGKILL');
   }
 }
+
+/**
+ * The boot's API server (init.sh starts it before the first kind): its REST address, once its
+ * "api server listening" line is in $VDPA_MAPD_API_LOG. Waits for it within the tier's budget.
+ */
+export async function bootApi(): Promise<{ rest: string; agentSocket: string; ms: number }> {
+  const log = process.env.VDPA_MAPD_API_LOG;
+  const agentSocket = process.env.VDPA_MAPD_AGENT_SOCKET;
+  assert(log !== undefined && agentSocket !== undefined, 'no boot API server (VDPA_MAPD_API_LOG unset)');
+  const started = performance.now();
+  for (;;) {
+    const text = fs.existsSync(log) ? fs.readFileSync(log, 'utf8') : '';
+    const line = text.split('\n').find((l) => l.includes('"api server listening"'));
+    if (line)
+      return {
+        rest: String(JSON.parse(line).rest),
+        agentSocket,
+        ms: Math.round(performance.now() - started),
+      };
+    assert(
+      performance.now() - started < WAIT_MS,
+      `the boot's API server did not listen within the tier's budget:\n${text.slice(-3000)}`,
+    );
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}

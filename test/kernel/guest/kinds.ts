@@ -8,6 +8,7 @@ import { SimulatedVdpa, type SimulatedVdpaConfig } from '../../../src/device/sim
 import { FULL_IOVA_RANGE, type IovaRange } from '../../../src/iotlb/types.ts';
 import type { MemoryRegistry } from '../../../src/memory/types.ts';
 import { getrlimit, RLIMIT_MEMLOCK } from '../../../src/sys/libc.ts';
+import { ownVmPin } from '../../../src/sys/proc-self.ts';
 import { backendFeatureMask } from '../../../src/uapi/index.ts';
 
 export type KindName = 'vduse' | 'vp-vdpa' | 'sim-dma-pa' | 'sim-dma-va' | 'sim-setmap-pa' | 'sim-setmap-va';
@@ -126,7 +127,27 @@ export function simulatorFor(kind: KindFacts, memory: MemoryRegistry): Simulated
 
 /** `VmPin` of a process (mm->pinned_vm) in bytes: what the kernel pins for it. */
 export function vmPinOf(pid: number | 'self' = 'self'): bigint {
-  const m = /^VmPin:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  if (!m) throw new Error(`/proc/${pid}/status has no VmPin line`);
-  return BigInt(m[1]!) * 1024n;
+  const pinned = ownVmPin(`/proc/${pid}/status`);
+  if (pinned === undefined) throw new Error(`/proc/${pid}/status has no VmPin line`);
+  return pinned;
+}
+
+/**
+ * The page frame numbers behind `pages` pages of this process from `uaddr` (/proc/self/pagemap,
+ * root only; 0n for a page not present). PA mode makes one kernel entry per run of ascending
+ * consecutive frames (vhost_vdpa_pa_map), so these tell where the kernel's entries end.
+ */
+export function pageFrames(uaddr: bigint, pages: number): bigint[] {
+  const fd = fs.openSync('/proc/self/pagemap', 'r');
+  try {
+    const buf = Buffer.alloc(8 * pages);
+    fs.readSync(fd, buf, 0, buf.length, Number((uaddr / 4096n) * 8n));
+    return Array.from({ length: pages }, (_, i) => {
+      const entry = buf.readBigUInt64LE(8 * i);
+      const present = (entry >> 63n) & 1n;
+      return present ? entry & ((1n << 55n) - 1n) : 0n;
+    });
+  } finally {
+    fs.closeSync(fd);
+  }
 }

@@ -1,7 +1,8 @@
 /**
  * Guest step, one per parent kind other than VDUSE (which has agent-process.ts and
- * full-stack.ts): the agent (kernel mode, owning the real /dev/vhost-vdpa-0) and the API server
- * (REST on 127.0.0.1), started once and used by every check. Over the agent's protocol
+ * full-stack.ts): the agent (kernel mode, owning the real /dev/vhost-vdpa-0), started once, and
+ * the boot's API server (REST on 127.0.0.1; init.sh started it before the first kind and it
+ * reconciles each kind's new agent), used by every check. Over the agent's protocol
  * (src/agent/client.ts) and over REST they map, batch, unmap and set the memory table; after each,
  * what they list must be what the kernel holds as far as it shows from outside the owner: on a
  * PA-mode kind the agent's VmPin is the pages of what it lists, on a VA-mode kind nothing is pinned.
@@ -13,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { AgentClient } from '../../../src/agent/client.ts';
 import type { IotlbOp, Mapping, Perm } from '../../../src/iotlb/types.ts';
-import { assert, devicePath, deviceBusy, hex, runChecks, Service, WAIT_MS } from './harness.ts';
+import { assert, bootApi, devicePath, deviceBusy, hex, runChecks, Service, WAIT_MS } from './harness.ts';
 import { currentKind, vmPinOf } from './kinds.ts';
 
 const kind = currentKind();
@@ -21,26 +22,26 @@ const KiB = 1024n;
 const MiB = 1024n * KiB;
 const PAGE = 4096n;
 const DEVICE = path.basename(devicePath);
+const socket = process.env.VDPA_MAPD_AGENT_SOCKET ?? '/run/vdpa-mapd/agent.sock';
 
 const root = fs.mkdtempSync('/tmp/services-');
 const agentState = path.join(root, 'agent');
-const apiState = path.join(root, 'api');
 const sharedDir = path.join(root, 'shared');
-const socket = path.join(root, 'agent.sock');
 fs.mkdirSync(sharedDir);
 const imagePath = path.join(sharedDir, 'guest.img');
 fs.writeFileSync(imagePath, '');
 fs.truncateSync(imagePath, Number(MiB));
 
 let agent: Service | undefined;
-let api: Service | undefined;
 let client: AgentClient | undefined;
 let agentPid = -1;
+/** What the agent and the API server said about the parent (the `facts` check), for `discovery`. */
+let discovered: { agent: string; rest: string } | undefined;
 let base = '';
 
 const running = () => {
-  assert(agent !== undefined && api !== undefined && client !== undefined, 'the services are not running');
-  return { agent, api, client };
+  assert(agent !== undefined && client !== undefined, 'the agent is not running');
+  return { agent, client };
 };
 
 const update = (iova: bigint, size: bigint, memory: string, offset: bigint, perm: Perm): IotlbOp => ({
@@ -109,8 +110,7 @@ const checks: [string, () => Promise<string>][] = [
     'start',
     async () => {
       assert(!deviceBusy(), `${devicePath} is already held`);
-      // Both at once (loading them dominates under TCG); the API retries the agent's socket.
-      const [ra, rs] = await Promise.allSettled([
+      const [started, boot] = await Promise.all([
         Service.start(
           'agent',
           'agent',
@@ -120,48 +120,45 @@ const checks: [string, () => Promise<string>][] = [
           ],
           (l) => l.includes('"agent serving"'),
         ),
-        Service.start(
-          'api',
-          'api',
-          [
-            ...['--rest-listen', '127.0.0.1:0', '--grpc-listen', '127.0.0.1:0', '--agent-socket', socket],
-            ...['--state-dir', apiState, '--log-level', 'info'],
-          ],
-          (l) => l.includes('"api server listening"'),
-        ),
+        bootApi(),
       ]);
-      if (ra.status === 'fulfilled') agent = ra.value.service;
-      if (rs.status === 'fulfilled') api = rs.value.service;
-      if (ra.status === 'rejected') throw ra.reason;
-      if (rs.status === 'rejected') throw rs.reason;
-      base = String(JSON.parse(rs.value.line).rest);
+      agent = started.service;
+      base = boot.rest;
       client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS, reconnect: { maxAttempts: 1 } });
       agentPid = (await client.connect()).pid;
+      // The API server reconciles the new agent (its device has this kind's facts now).
       const t0 = performance.now();
       while ((await http('GET', '/readyz')).status !== 200) {
         assert(
           performance.now() - t0 < WAIT_MS,
-          `not ready within the tier's budget:\n${rs.value.service.tail()}`,
+          "the API server did not become ready within the tier's budget",
         );
         await new Promise((r) => setTimeout(r, 100));
       }
+      const listed = (await expect('GET', `/v1/devices/${DEVICE}/mappings`, 200)).body.mappings;
+      assert(
+        listed.length === 0,
+        `the API server still holds mappings of an earlier step: ${JSON.stringify(listed)}`,
+      );
       assert(deviceBusy(), 'the device node can still be opened while the agent owns it');
-      return `agent pid ${agentPid} serving after ${ra.value.ms} ms, API at ${base} after ${rs.value.ms} ms, ready ${Math.round(performance.now() - t0)} ms later`;
+      return `agent pid ${agentPid} serving after ${started.ms} ms; the boot's API server at ${base} (listening ${boot.ms} ms after this step began) ready ${Math.round(performance.now() - t0)} ms later`;
     },
   ],
   [
-    'discovery',
+    'facts',
     async () => {
       const devices = await running().client.listDevices();
       assert(devices.length === 1, `${devices.length} devices`);
       const f = devices[0]!;
-      const seen = `device id ${f.deviceId}, offered ${hex(f.offeredFeatures)}, address spaces ${f.asNum}, IOVA ${hex(f.iovaRange.first)}-${hex(f.iovaRange.last)}, iommu ${f.iommu}, pinned ${f.pinned}`;
-      const want = `device id ${kind.deviceId}, offered ${hex(kind.offeredFeatures)}, address spaces ${kind.asNum}, IOVA ${hex(kind.iovaRange.first)}-${hex(kind.iovaRange.last)}, iommu ${kind.iommu}, pinned ${kind.pinned}`;
+      const seen = `device id ${f.deviceId}, offered ${hex(f.offeredFeatures)}, address spaces ${f.asNum}, IOVA ${hex(f.iovaRange.first)}-${hex(f.iovaRange.last)}`;
+      const want = `device id ${kind.deviceId}, offered ${hex(kind.offeredFeatures)}, address spaces ${kind.asNum}, IOVA ${hex(kind.iovaRange.first)}-${hex(kind.iovaRange.last)}`;
       assert(seen === want, `${kind.what}: the agent says ${seen}; the kernel's facts are ${want}`);
       const rest = (await expect('GET', `/v1/devices/${DEVICE}`, 200)).body;
-      const d = rest.device ?? rest;
-      assert(d.iommu === kind.iommu && d.pinned === kind.pinned, `REST says ${JSON.stringify(d)}`);
-      return `${kind.what}: ${seen}; REST the same`;
+      discovered = {
+        agent: `iommu ${f.iommu}, pinned ${f.pinned}`,
+        rest: `iommu ${rest.device?.iommu}, pinned ${rest.device?.pinned}`,
+      };
+      return `${kind.what}: ${seen}`;
     },
   ],
   [
@@ -279,35 +276,46 @@ if (kind.name === 'vp-vdpa') {
         vmPinOf(agentPid) - before === 64n * KiB,
         `VmPin +${hex(vmPinOf(agentPid) - before)} after 64 KiB`,
       );
-      // Over the agent's protocol and over REST.
+      // Over the agent's protocol: refused, the kernel would drop that one run only.
       const partial = await c.apply(DEVICE, [invalidate(0x7f_0000_4000n, PAGE)]);
       const r = partial.results[0]!;
       assert(!r.ok && r.code === 'PARTIAL_UNMAP', `INVALIDATE 4 KiB inside: ${JSON.stringify(r)}`);
-      const viaRest = await http('POST', `/v1/devices/${DEVICE}/mappings:unmap`, {
-        iova: '0x7f00004000',
-        size: '0x1000',
-      });
-      assert(
-        viaRest.status === 400,
-        `REST unmap of 4 KiB inside: ${viaRest.status} ${JSON.stringify(viaRest.body)}`,
-      );
       const pinnedAfter = vmPinOf(agentPid) - before;
-      assert(pinnedAfter === 64n * KiB, `VmPin +${hex(pinnedAfter)} after the refused partial unmaps`);
+      assert(pinnedAfter === 64n * KiB, `VmPin +${hex(pinnedAfter)} after the refused partial INVALIDATE`);
+      // Over REST the service never sends a partial INVALIDATE: it invalidates the whole mapping
+      // and maps the two remainders again, so the kernel then pins exactly those 60 KiB.
+      const split = (
+        await expect('POST', `/v1/devices/${DEVICE}/mappings:unmap`, 200, {
+          iova: '0x7f00004000',
+          size: '0x1000',
+        })
+      ).body;
+      const parts = (await c.listMapped(DEVICE)).mappings
+        .filter((m) => m.memory === 'small')
+        .map((m) => `${hex(m.iova)}+${hex(m.size)}@${hex(m.offset)}`)
+        .sort();
+      const want = ['0x7f00000000+0x4000@0x0', '0x7f00005000+0xb000@0x5000'];
+      assert(parts.join(' ') === want.join(' '), `after the REST unmap the agent lists ${parts.join(' ')}`);
+      assert(
+        vmPinOf(agentPid) - before === 60n * KiB,
+        `VmPin +${hex(vmPinOf(agentPid) - before)} after the split`,
+      );
       const release = await http('DELETE', '/v1/memory/small');
       assert(
         release.status === 409,
         `DELETE /v1/memory/small while pinned: ${release.status} ${JSON.stringify(release.body)}`,
       );
-      const listed = (await c.listMapped(DEVICE)).mappings.filter((m) => m.memory === 'small');
-      assert(listed.length === 1 && listed[0]!.size === 64n * KiB, `agent lists ${JSON.stringify(listed)}`);
-      const whole = await c.apply(DEVICE, [invalidate(0x7f_0000_0000n, 64n * KiB)]);
-      assert(whole.results[0]?.ok === true, `whole INVALIDATE: ${JSON.stringify(whole.results[0])}`);
+      const unmapAll = await expect('POST', `/v1/devices/${DEVICE}/mappings:unmap`, 200, {
+        iova: '0x7f00000000',
+        size: '0x10000',
+      });
+      assert(unmapAll.body.removed.length === 2, `removed ${JSON.stringify(unmapAll.body.removed)}`);
       assert(
         vmPinOf(agentPid) === before,
         `VmPin ${hex(vmPinOf(agentPid))} after the whole unmap, was ${hex(before)}`,
       );
       await expect('DELETE', '/v1/memory/small', 204);
-      return `UPDATE 64 KiB: VmPin +0x10000; INVALIDATE 4 KiB inside -> ${r.code} (agent) and ${viaRest.status} ${viaRest.body.error.code} (REST), VmPin still +0x10000, agent lists the whole mapping; release -> ${release.status} ${release.body.error.code}; whole INVALIDATE -> VmPin back, release -> 204`;
+      return `UPDATE 64 KiB: VmPin +0x10000; agent INVALIDATE 4 KiB inside -> ${r.code}, VmPin still +0x10000; REST unmap of it -> removed ${split.removed.length}, remapped ${split.remapped.length} (${parts.join(' ')}), VmPin +0xf000; release -> ${release.status} ${release.body.error.code}; unmap of the rest -> VmPin back, release -> 204`;
     },
   ]);
 }
@@ -315,24 +323,42 @@ if (kind.name === 'vp-vdpa') {
 checks.push([
   'stop',
   async () => {
-    const { agent: a, api: s, client: c } = running();
+    // Leave the boot's API server with nothing desired: unmap everything, release the memory.
+    const unmapped = (
+      await expect('POST', `/v1/devices/${DEVICE}/mappings:unmap`, 200, {
+        iova: '0x0',
+        size: '0xffffffffffffffff',
+      })
+    ).body;
+    const pinned = vmPinOf(agentPid);
+    assert(pinned === 0n, `VmPin ${hex(pinned)} after everything was unmapped`);
+    for (const id of ['ram', 'img']) await expect('DELETE', `/v1/memory/${id}`, 204);
+    const { agent: a, client: c } = running();
     c.close();
     client = undefined;
-    const apiExit = await s.stop('SIGTERM');
-    api = undefined;
-    assert(apiExit.code === 0, `API exit ${apiExit.code ?? apiExit.signal}:\n${s.tail()}`);
-    const agentExit = await a.stop('SIGTERM');
+    const exit = await a.stop('SIGTERM');
     agent = undefined;
-    assert(agentExit.code === 0, `agent exit ${agentExit.code ?? agentExit.signal}:\n${a.tail()}`);
+    assert(exit.code === 0, `agent exit ${exit.code ?? exit.signal}:\n${a.tail()}`);
     assert(!deviceBusy(), 'the device cannot be opened after the agent exited');
-    return `API exit 0 in ${apiExit.ms} ms, agent exit 0 in ${agentExit.ms} ms; node free`;
+    return `unmapped ${unmapped.removed.length} (VmPin 0), memory released; agent exit 0 in ${exit.ms} ms; node free`;
+  },
+]);
+
+// Last, so that its verdict does not hold up the rest: what discovery told about the parent.
+checks.push([
+  'discovery',
+  async () => {
+    assert(discovered !== undefined, 'the facts check did not run');
+    const want = `iommu ${kind.iommu}, pinned ${kind.pinned}`;
+    assert(discovered.agent === want, `${kind.what}: the agent says ${discovered.agent}, expected ${want}`);
+    assert(discovered.rest === want, `${kind.what}: REST says ${discovered.rest}, expected ${want}`);
+    return `${kind.what}: ${want} (agent and REST)`;
   },
 ]);
 
 await runChecks(checks, async () => {
   client?.close();
-  await api?.kill();
   await agent?.kill();
   fs.rmSync(root, { recursive: true, force: true });
-  return 'services stopped';
+  return 'agent stopped';
 });
