@@ -45,8 +45,23 @@ const invalidate = (iova: bigint, size: bigint, asid = 0): IotlbOp => ({
   size,
 });
 
-function device(opts: { features?: bigint; iommu?: 'platform' | 'onchip' } = {}): SimulatedDevice {
-  return new SimulatedDevice({ name: 'sim0', iovaRange: RANGE, asNum: 2, ...opts }, tmp.registry);
+/**
+ * A VA-mode parent, where the kernel's table is the agent's entry for entry (the rules checked
+ * here hold in PA mode too; its own rules are in pinning-rules and sim-pa-mode). By default a
+ * dma_map parent (vdpa_sim batch_mapping=0 use_va=1): one call per entry.
+ */
+function device(opts: { features?: bigint; iommu?: 'onchip' } = {}): SimulatedDevice {
+  return new SimulatedDevice(
+    {
+      name: 'sim0',
+      iovaRange: RANGE,
+      asNum: 2,
+      ...(opts.iommu ? {} : { onchipMap: 'dma_map' }),
+      iommu: 'onchip',
+      ...opts,
+    },
+    tmp.registry,
+  );
 }
 
 function failure(r: OpResult | undefined): Extract<OpResult, { ok: false }> {
