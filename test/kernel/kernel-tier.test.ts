@@ -10,6 +10,7 @@
  * runner and helpers).
  */
 import assert from 'node:assert/strict';
+import { appendFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -69,8 +70,10 @@ test('real kernel tier (every vDPA parent kind under vhost_vdpa, TCG VM)', {
 
   const steps = tierPlan();
   t.diagnostic(`bundled for the guest in ${((await bundleSteps(steps)) / 1000).toFixed(1)} s`);
-  const result = await runVm({ vmDir, steps });
+  // The console as it arrives (to follow a run, or see where a stuck one is), then cleaned up.
   const consoleLog = path.join(path.dirname(vmDir), 'last-console.log');
+  await writeFile(consoleLog, '');
+  const result = await runVm({ vmDir, steps, onConsole: (text) => appendFileSync(consoleLog, text) });
   await writeFile(consoleLog, result.console);
   t.diagnostic(`guest console: ${consoleLog}`);
   const times = Object.entries(result.guestTimes).map(([k, v]) => `${k} ${v}s`);

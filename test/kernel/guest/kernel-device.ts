@@ -138,6 +138,7 @@ await runChecks(
           name: 'vdpa0',
           memory: registry,
           openTransport: rec.open,
+          pinned: false, // VDUSE maps in VA mode (what discovery finds for it)
         });
         const f = device.facts();
         assert(f.kind === 'kernel' && f.node === devicePath, `facts kind ${f.kind} node ${f.node}`);
@@ -438,6 +439,7 @@ await runChecks(
           name: 'vdpa0',
           memory: registry,
           openTransport: rec.open,
+          pinned: false, // VDUSE maps in VA mode (what discovery finds for it)
         });
         const d = device2;
         // A fresh owner has no address space: the guard skips the INVALIDATE the kernel refuses.

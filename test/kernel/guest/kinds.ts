@@ -18,8 +18,9 @@ export interface KindFacts {
   /** What the parent is, for messages. */
   what: string;
   deviceId: number;
-  /** set_map parents (VDUSE, vdpa_sim batch_mapping=1): 'onchip'; per-entry parents: 'platform'. */
+  /** The simulator's parent: a platform IOMMU (vp_vdpa) or onchip with set_map or dma_map. */
   simIommu: SimulatedVdpaConfig['iommu'];
+  onchipMap?: SimulatedVdpaConfig['onchipMap'];
   /** What discovery must say (the agent's `iommu` fact). */
   iommu: 'platform' | 'onchip';
   /** PA mode: the kernel pins every mapped page (VmPin). */
@@ -47,7 +48,8 @@ const vdpaSim = (name: KindName, batchMapping: boolean, useVa: boolean): KindFac
   name,
   what: `vdpa_sim_net batch_mapping=${batchMapping ? 1 : 0} use_va=${useVa ? 1 : 0}`,
   deviceId: 1,
-  simIommu: batchMapping ? 'onchip' : 'platform',
+  simIommu: 'onchip',
+  onchipMap: batchMapping ? 'set_map' : 'dma_map',
   iommu: 'onchip',
   pinned: !useVa,
   offeredFeatures: VDPA_SIM_FEATURES,
@@ -65,6 +67,7 @@ export const KIND_FACTS: Record<KindName, KindFacts> = {
     what: 'VDUSE virtio-blk (vduse-daemon)',
     deviceId: 2,
     simIommu: 'onchip',
+    onchipMap: 'set_map',
     iommu: 'onchip',
     pinned: false,
     offeredFeatures: backendFeatureMask('IOTLB_MSG_V2', 'IOTLB_BATCH', 'IOTLB_ASID'),
@@ -119,6 +122,8 @@ export function simulatorFor(kind: KindFacts, memory: MemoryRegistry): Simulated
       offeredFeatures: kind.offeredFeatures,
       pushDelayMs: 0,
       keepsMapOnReset: kind.keepsMapOnReset,
+      useVa: !kind.pinned,
+      ...(kind.onchipMap ? { onchipMap: kind.onchipMap } : {}),
       ...(kind.pinned ? { memlock: getrlimit(RLIMIT_MEMLOCK).cur } : {}),
     },
     memory,

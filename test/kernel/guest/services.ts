@@ -164,10 +164,12 @@ const checks: [string, () => Promise<string>][] = [
   [
     'register-memory',
     async () => {
-      const c = running().client;
-      const ram = await c.registerMemory({ id: 'ram', size: 4n * MiB, kind: 'memfd' });
+      // Through the API server, which keeps them as desired state (the agent learns them from it).
+      const ram = (await expect('POST', '/v1/memory', 201, { id: 'ram', size: '0x400000' })).body.memory;
       const img = (await expect('POST', '/v1/memory', 201, { id: 'img', path: imagePath })).body.memory;
-      return `ram ${ram.kind} ${hex(ram.size)} over the agent protocol, img ${img.kind} at ${img.path} over REST`;
+      const atAgent = (await running().client.listMemory()).map((m) => m.id).sort();
+      assert(atAgent.join(' ') === 'img ram', `the agent has memory ${atAgent.join(' ')}`);
+      return `ram ${ram.kind} ${ram.size} at ${ram.path}, img ${img.kind} at ${img.path}; the agent has both`;
     },
   ],
   [
@@ -197,9 +199,17 @@ const checks: [string, () => Promise<string>][] = [
   [
     'agent-unmap',
     async () => {
-      const { results } = await running().client.apply(DEVICE, [invalidate(0x1000_0000n, 256n * KiB)]);
-      assert(results[0]?.ok === true, `result ${JSON.stringify(results[0])}`);
-      return `INVALIDATE of a whole mapping -> ok; ${await pinnedMatches('after the unmap')}`;
+      // Everything mapped over the agent's protocol, which the API server's desired state never had.
+      const { results } = await running().client.apply(DEVICE, [
+        invalidate(0x1000_0000n, 256n * KiB),
+        invalidate(0x2000_0000n, 64n * KiB),
+        invalidate(0x3000_0000n, 4n * KiB),
+      ]);
+      assert(
+        results.every((r) => r.ok),
+        `results ${JSON.stringify(results)}`,
+      );
+      return `3 INVALIDATEs of whole mappings -> ok; ${await pinnedMatches('after the unmaps')}`;
     },
   ],
   [
@@ -220,7 +230,7 @@ const checks: [string, () => Promise<string>][] = [
       const ops = [
         { op: 'map', iova: '0x50000000', size: '0x10000', memory: 'ram', offset: '0x200000', perm: 'rw' },
         { op: 'map', iova: '0x50010000', size: '0x8000', memory: 'img', offset: '0x10000', perm: 'ro' },
-        { op: 'unmap', iova: '0x20000000', size: '0x10000' },
+        { op: 'unmap', iova: '0x40000000', size: '0x100000' },
       ];
       const r = (await expect('POST', `/v1/devices/${DEVICE}:batch`, 200, { atomic: true, ops })).body;
       assert(
@@ -234,7 +244,7 @@ const checks: [string, () => Promise<string>][] = [
     'rest-set-mem-table',
     async () => {
       const regions = [
-        region('0x40000000', '0x100000', 'ram', '0x100000', 'rw'), // unchanged
+        region('0x40000000', '0x100000', 'ram', '0x100000', 'rw'),
         region('0x60000000', '0x200000', 'ram', '0x200000', 'rw'),
         region('0x70000000', '0x10000', 'img', '0x0', 'ro'),
       ];
@@ -268,10 +278,14 @@ if (kind.name === 'vp-vdpa') {
     'partial-unmap',
     async () => {
       const c = running().client;
-      await c.registerMemory({ id: 'small', size: 64n * KiB, kind: 'memfd' });
+      await expect('POST', '/v1/memory', 201, { id: 'small', size: '0x10000' });
       const before = vmPinOf(agentPid);
-      const mapped = await c.apply(DEVICE, [update(0x7f_0000_0000n, 64n * KiB, 'small', 0n, 'rw')]);
-      assert(mapped.results[0]?.ok === true, `UPDATE 64 KiB: ${JSON.stringify(mapped.results[0])}`);
+      await expect(
+        'POST',
+        `/v1/devices/${DEVICE}/mappings`,
+        201,
+        region('0x7f00000000', '0x10000', 'small', '0x0', 'rw'),
+      );
       assert(
         vmPinOf(agentPid) - before === 64n * KiB,
         `VmPin +${hex(vmPinOf(agentPid) - before)} after 64 KiB`,
@@ -357,6 +371,11 @@ checks.push([
 ]);
 
 await runChecks(checks, async () => {
+  // After a failure too: the next kind's step must find the boot's API server with nothing desired.
+  if (agent?.running) {
+    await http('POST', `/v1/devices/${DEVICE}/mappings:unmap`, { iova: '0x0', size: '0xffffffffffffffff' });
+    for (const id of ['ram', 'img', 'small']) await http('DELETE', `/v1/memory/${id}`);
+  }
   client?.close();
   await agent?.kill();
   fs.rmSync(root, { recursive: true, force: true });
