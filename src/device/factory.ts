@@ -1,14 +1,21 @@
 /**
  * Device specs (the agent's `--device` flags) and opening them:
- *   sim:<name>[,iommu=platform|onchip][,asnum=N][,range=FIRST-LAST][,features=A|B|0xMASK]
- *            [,pushDelayMs=N][,deviceId=N][,vqs=N][,failIova=ADDR][,memlock=BYTES]
+ *   sim:<name>[,iommu=platform|onchip][,onchipMap=set_map|dma_map][,useVa=0|1][,asnum=N]
+ *            [,range=FIRST-LAST][,features=A|B|0xMASK][,pushDelayMs=N][,deviceId=N][,vqs=N]
+ *            [,configSize=N][,failIova=ADDR][,memlock=BYTES][,pageSize=BYTES]
+ *            [,contiguousPages=N][,keepsMapOnReset=0|1]
  *   kernel:auto                         every /dev/vhost-vdpa-* found
  *   kernel:/dev/vhost-vdpa-N[,name=NAME]
- * Keys are case-insensitive; numbers are decimal or 0x hex. `failIova` is a fault-injection knob
- * for tests and drills: every UPDATE message for IOVA ADDR fails with EFAULT, as a failed pin would.
- * `memlock` simulates a parent in PA mode under that RLIMIT_MEMLOCK; the agent's pre-write check
- * charges every such device to one account, as the kernel charges one process, so the value must
- * be the same on all of them.
+ * Keys are case-insensitive; numbers are decimal or 0x hex; each sim key is the
+ * SimulatedDeviceOptions field of the same name (see there for meanings and defaults). The
+ * parent kinds, e.g.: vp_vdpa behind intel-iommu `sim:n,range=0-0x7fffffffff` (platform, PA);
+ * vdpa_sim batch_mapping=B use_va=U `sim:n,iommu=onchip,onchipMap=set_map|dma_map,useVa=U`; VDUSE
+ * `sim:n,iommu=onchip,useVa=1,keepsMapOnReset=1,asnum=1`.
+ * `failIova` is a fault-injection knob for tests and drills: every UPDATE message for IOVA ADDR
+ * fails with EFAULT, as a failed pin would. `memlock` is the simulated RLIMIT_MEMLOCK; the
+ * simulated devices of one agent pin for one process, so every pinning (PA-mode) one is charged
+ * to one account (the kernel's pinned_vm, and the agent's pre-write check): memlock and pageSize
+ * must be the same wherever given.
  */
 import path from 'node:path';
 import type { IovaRange } from '../iotlb/types.ts';
@@ -22,7 +29,8 @@ import {
 import { type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
 import { DeviceError } from './errors.ts';
 import { KernelDevice } from './kernel.ts';
-import { PinnedMemory } from './memlock.ts';
+import { RLIM_INFINITY } from '../sys/libc.ts';
+import { PAGE_SIZE, PinnedMemory } from './memlock.ts';
 import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
 import type { VhostTransport } from './transport.ts';
 import type { Device, DeviceLogger } from './types.ts';
@@ -44,6 +52,12 @@ const SIM_KEYS = [
   'vqs',
   'failiova',
   'memlock',
+  'onchipmap',
+  'useva',
+  'configsize',
+  'pagesize',
+  'contiguouspages',
+  'keepsmaponreset',
 ] as const;
 
 export function parseDeviceSpec(spec: string): DeviceSpec {
@@ -115,9 +129,75 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
       case 'memlock':
         options.memlock = parseU64(value) ?? bad('must be a number of bytes (a u64)');
         break;
+      case 'onchipmap':
+        if (value !== 'set_map' && value !== 'dma_map') bad('must be set_map or dma_map');
+        options.onchipMap = value as 'set_map' | 'dma_map';
+        break;
+      case 'useva':
+        options.useVa = parseFlag(value) ?? bad('must be 0 or 1');
+        break;
+      case 'configsize':
+        options.configSize = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        break;
+      case 'pagesize': {
+        const size = parseU64(value);
+        if (size === undefined || size < 4096n || size > 1n << 30n || (size & (size - 1n)) !== 0n)
+          bad('must be a power of two from 4096 to 2^30');
+        options.pageSize = size;
+        break;
+      }
+      case 'contiguouspages':
+        options.contiguousPages = parseInteger(value, 1, 1 << 30) ?? bad('must be an integer >= 1');
+        break;
+      case 'keepsmaponreset':
+        options.keepsMapOnReset = parseFlag(value) ?? bad('must be 0 or 1');
+        break;
     }
   }
+  if (options.useVa && (options.iommu ?? 'platform') === 'platform')
+    fail('useVa=1 needs iommu=onchip: a platform IOMMU maps only in PA mode', 'useva');
+  if (options.onchipMap !== undefined && options.iommu !== 'onchip')
+    fail('onchipMap needs iommu=onchip', 'onchipmap');
   return { kind: 'simulated', options };
+}
+
+/**
+ * The simulated devices of one agent pin for one process: one RLIMIT_MEMLOCK and one page size
+ * (which every spec giving them must agree on), one pinned_vm for the simulated kernel (`vmPin`)
+ * and one for the agent's pre-write check (`pins`). VA-mode devices do not use them (whether a
+ * device is in PA mode still follows its own spec: see SimulatedDeviceOptions.useVa).
+ */
+function sharedSimAccounts(
+  specs: readonly DeviceSpec[],
+): Pick<SimulatedDeviceOptions, 'pageSize' | 'pins' | 'vmPin'> {
+  let memlock: { value: bigint; from: string } | undefined;
+  let pageSize: { value: bigint; from: string } | undefined;
+  for (const spec of specs) {
+    if (spec.kind !== 'simulated') continue;
+    const { name, memlock: limit, pageSize: page } = spec.options;
+    for (const [key, given, seen] of [
+      ['memlock', limit, memlock],
+      ['pageSize', page, pageSize],
+    ] as const) {
+      if (given === undefined) continue;
+      if (seen !== undefined && seen.value !== given) {
+        throw new DeviceError(
+          'INVALID_SPEC',
+          `device spec of ${name}: ${key}=${given} differs from ${seen.value} given for ${seen.from} (the simulated devices of one agent share one process)`,
+          { field: key.toLowerCase() },
+        );
+      }
+      if (key === 'memlock') memlock = { value: given, from: name };
+      else pageSize = { value: given, from: name };
+    }
+  }
+  const limit = memlock?.value ?? RLIM_INFINITY;
+  const page = pageSize?.value ?? PAGE_SIZE;
+  return {
+    ...(pageSize ? { pageSize: page } : {}),
+    pins: new PinnedMemory(() => limit, page),
+    vmPin: new PinnedMemory(() => limit, page),
+  };
 }
 
 export interface OpenDevicesOptions {
@@ -158,21 +238,11 @@ export async function openDevices(
         }),
     };
   };
-  let simPins: { limit: bigint; pins: PinnedMemory } | undefined;
-  for (const spec of specs.map(parseDeviceSpec)) {
+  const parsed = specs.map(parseDeviceSpec);
+  const simAccounts = sharedSimAccounts(parsed);
+  for (const spec of parsed) {
     if (spec.kind === 'simulated') {
-      const { memlock } = spec.options;
-      if (memlock !== undefined) {
-        if (simPins !== undefined && simPins.limit !== memlock) {
-          throw new DeviceError(
-            'INVALID_SPEC',
-            `device spec of ${spec.options.name}: memlock=${memlock} differs from ${simPins.limit} (the agent has one RLIMIT_MEMLOCK)`,
-            { field: 'memlock' },
-          );
-        }
-        simPins ??= { limit: memlock, pins: new PinnedMemory(() => memlock) };
-      }
-      const options = memlock === undefined ? spec.options : { ...spec.options, pins: simPins!.pins };
+      const options: SimulatedDeviceOptions = { ...spec.options, ...simAccounts };
       plans.push({
         name: spec.options.name,
         open: () => new SimulatedDevice(options, registry, logger),
@@ -222,6 +292,12 @@ function parseU64(text: string): bigint | undefined {
   if (!/^(0[xX][0-9a-fA-F]+|\d+)$/.test(text)) return undefined;
   const value = BigInt(text);
   return value <= U64_MAX ? value : undefined;
+}
+
+function parseFlag(text: string): boolean | undefined {
+  if (text === '1' || text.toLowerCase() === 'true') return true;
+  if (text === '0' || text.toLowerCase() === 'false') return false;
+  return undefined;
 }
 
 function parseInteger(text: string, min: number, max: number): number | undefined {

@@ -205,9 +205,12 @@ export class SimulatedVdpa {
     const runs: Region[] = [];
     let at = uaddr;
     while (at < end) {
-      let segment: { memory: string; origin: bigint; stop: bigint } | undefined;
+      // `base`: where offset 0 of the memory is; runs are aligned to `blocksFrom` (a memory's file
+      // offset 0, as shmem's huge pages are; the address, as anonymous huge pages are).
+      let segment: { memory: string; base: bigint; blocksFrom: bigint; stop: bigint } | undefined;
       const mem = registered.find((m) => m.uaddr <= at && at < m.uaddr + m.size);
-      if (mem) segment = { memory: mem.id, origin: mem.uaddr, stop: mem.uaddr + mem.size };
+      if (mem)
+        segment = { memory: mem.id, base: mem.uaddr, blocksFrom: mem.uaddr, stop: mem.uaddr + mem.size };
       else {
         // Not registered: any vma of the process pins (pin_user_pages), private anonymous memory
         // too; FOLL_WRITE (a WO or RW entry) needs a writable one.
@@ -216,17 +219,23 @@ export class SimulatedVdpa {
         const next = registered.find((m) => m.uaddr > at)?.uaddr;
         if (vma) {
           const stop = next !== undefined && next < vma.end ? next : vma.end;
-          segment = { memory: `unregistered@${hex(vma.start)}`, origin: vma.start, stop };
+          segment = { memory: `unregistered@${hex(vma.start)}`, base: vma.start, blocksFrom: 0n, stop };
         }
       }
       if (!segment) break;
-      const stop = segment.stop < end ? segment.stop : end;
-      // Runs end at the memory's block boundaries (origin + k * runBytes).
+      let stop = segment.stop;
+      if (end < stop) stop = end;
       while (at < stop) {
-        const offset = at - segment.origin;
-        const blockEnd = segment.origin + (offset / this.runBytes + 1n) * this.runBytes;
+        const from = segment.blocksFrom;
+        const blockEnd = from + ((at - from) / this.runBytes + 1n) * this.runBytes;
         const runEnd = blockEnd < stop ? blockEnd : stop;
-        runs.push({ iova: iova + (at - uaddr), size: runEnd - at, memory: segment.memory, offset, perm });
+        runs.push({
+          iova: iova + (at - uaddr),
+          size: runEnd - at,
+          memory: segment.memory,
+          offset: at - segment.base,
+          perm,
+        });
         at = runEnd;
       }
     }

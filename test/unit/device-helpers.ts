@@ -4,8 +4,18 @@ import os from 'node:os';
 import path from 'node:path';
 import { TransportError, type VhostTransport } from '../../src/device/transport.ts';
 import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
+import {
+  ftruncate,
+  MFD_CLOEXEC,
+  memfdCreate,
+  mmap,
+  munmap,
+  PROT_READ,
+  PROT_WRITE,
+} from '../../src/sys/libc.ts';
 
 export const PAGE = 0x1000n;
+const MAP_PRIVATE = 0x02;
 
 export interface TmpRegistry {
   registry: SharedMemoryRegistry;
@@ -95,4 +105,22 @@ export function rawMsg(
   b.writeUInt8(perm, 32);
   b.writeUInt8(type, 33);
   return b;
+}
+
+/**
+ * Private memory the registry does not know (a MAP_PRIVATE mapping of a memfd: pages of its own
+ * once written, like anonymous memory) of `pages` pages, with the pages in `holes` unmapped again.
+ */
+export function privateMemory(pages: bigint, holes: bigint[] = [], prot = PROT_READ | PROT_WRITE) {
+  const fd = memfdCreate('private', MFD_CLOEXEC);
+  ftruncate(fd, pages * PAGE);
+  const addr = mmap(pages * PAGE, prot, MAP_PRIVATE, fd);
+  fs.closeSync(fd);
+  for (const h of holes) munmap(addr + h * PAGE, PAGE);
+  return {
+    addr,
+    free() {
+      for (let p = 0n; p < pages; p++) if (!holes.includes(p)) munmap(addr + p * PAGE, PAGE);
+    },
+  };
 }
