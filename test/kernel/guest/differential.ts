@@ -238,15 +238,6 @@ async function stateAfter(side: Side, op: Op, inBatch: boolean): Promise<State> 
   return { answer: a, pinned, window: await occupied(side, inBatch), device: await side.deviceTable() };
 }
 
-const unaligned = (op: Op) =>
-  (op.t === 'update' || op.t === 'invalidate') && (op.sub !== 0n || op.short !== 0n);
-
-/** What the sequence did so far that a known difference depends on. */
-interface History {
-  /** The kernel took an UPDATE that does not start and end on a page boundary. */
-  unalignedEntry: boolean;
-}
-
 /**
  * Differences between the simulator and the kernel, each with its note in docs/kernel-notes.md
  * (section 3): returns the note's id when `k` and `s` differ only as that note says, else
