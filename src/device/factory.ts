@@ -26,14 +26,16 @@ import {
   backendFeatureMask,
   IotlbMsgType,
 } from '../uapi/constants.ts';
-import { type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
+import { type DiscoveredNode, type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
 import { DeviceError } from './errors.ts';
 import { KernelDevice } from './kernel.ts';
 import { RLIM_INFINITY } from '../sys/libc.ts';
 import { PAGE_SIZE, PinnedMemory } from './memlock.ts';
+import { probePinning } from './pin-probe.ts';
 import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
 import type { VhostTransport } from './transport.ts';
 import type { Device, DeviceLogger } from './types.ts';
+import { openVhostVdpaFd } from './vhost-vdpa-fd.ts';
 
 export type DeviceSpec =
   | { kind: 'simulated'; options: SimulatedDeviceOptions }
@@ -205,6 +207,8 @@ export interface OpenDevicesOptions {
   discovery?: DiscoveryRoots;
   /** Opens kernel device nodes (default the real fd; tests inject a recorder). */
   openTransport?: (node: string) => VhostTransport;
+  /** This process's pinned bytes, for the pinning probe (default VmPin of /proc/self/status). */
+  readVmPin?: () => bigint | undefined;
 }
 
 /**
@@ -217,26 +221,40 @@ export async function openDevices(
   logger?: DeviceLogger,
   opts: OpenDevicesOptions = {},
 ): Promise<Device[]> {
-  type Plan = { name: string; open: () => Device };
+  type Plan = { name: string; open: () => Device | Promise<Device> };
   const plans: Plan[] = [];
   const nodes = new Set<string>();
-  const kernel = (node: string, name: string, pinned: boolean): Plan => {
+  const kernel = (node: string, name: string, sysfs: DiscoveredNode): Plan => {
     const real = path.resolve(node);
     if (nodes.has(real))
       throw new DeviceError('DUPLICATE_NAME', `device node ${node} is given twice`, { field: node });
     nodes.add(real);
     return {
       name,
-      open: () =>
+      open: async () =>
         new KernelDevice({
           node,
           name,
-          pinned,
+          pinned: await pinsMemory(node, sysfs.pinned),
+          iommu: sysfs.iommu,
           memory: registry,
           ...(logger ? { logger } : {}),
           ...(opts.openTransport ? { openTransport: opts.openTransport } : {}),
         }),
     };
+  };
+  /** What the kernel does (pin-probe.ts); sysfs's guess where the probe cannot tell. */
+  const pinsMemory = async (node: string, guess: boolean): Promise<boolean> => {
+    const open = () => (opts.openTransport ?? openVhostVdpaFd)(node);
+    try {
+      const pinned = await probePinning({ open, ...(opts.readVmPin ? { readVmPin: opts.readVmPin } : {}) });
+      if (pinned !== undefined) return pinned;
+      logger?.warn({ node }, 'the kernel shows no VmPin: whether the device pins is guessed from sysfs');
+    } catch (err) {
+      // Opening the device again reports the same trouble, if it stays.
+      logger?.warn({ node, err }, 'the pinning probe failed: whether the device pins is guessed from sysfs');
+    }
+    return guess;
   };
   const parsed = specs.map(parseDeviceSpec);
   const simAccounts = sharedSimAccounts(parsed);
@@ -250,10 +268,10 @@ export async function openDevices(
     } else if (spec.node === 'auto') {
       const found = discoverVhostVdpa(opts.discovery);
       if (found.length === 0) logger?.warn({}, 'kernel:auto found no /dev/vhost-vdpa-* device');
-      for (const d of found) plans.push(kernel(d.node, d.name, d.pinned));
+      for (const d of found) plans.push(kernel(d.node, d.name, d));
     } else {
       const d = describeNode(spec.node, opts.discovery);
-      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node), d.pinned));
+      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node), d));
     }
   }
   const seen = new Set<string>();
@@ -266,7 +284,7 @@ export async function openDevices(
   const devices: Device[] = [];
   try {
     for (const p of plans) {
-      const device = p.open();
+      const device = await p.open();
       devices.push(device);
       logger?.info({ device: device.name, ...summary(device) }, 'device opened');
     }
