@@ -33,7 +33,7 @@ const WINDOW_BASE = 0x10_0000n;
 const WINDOW_PAGES = 24;
 const MEMORY_PAGES = 64;
 /** Op sequences per kind and their length: a few hundred ops in all. */
-const RUNS = Number(process.env.DIFFERENTIAL_RUNS ?? 5);
+const RUNS = Number(process.env.DIFFERENTIAL_RUNS ?? 4);
 const OPS_PER_RUN = Number(process.env.DIFFERENTIAL_OPS ?? 60);
 const SEED = Number(process.env.DIFFERENTIAL_SEED ?? 0x5eed12);
 
