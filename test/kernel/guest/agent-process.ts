@@ -8,7 +8,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { AgentClient } from '../../../src/agent/client.ts';
-import type { IotlbOp, Perm } from '../../../src/iotlb/types.ts';
 import {
   assert,
   devicePath,
@@ -21,6 +20,7 @@ import {
   runChecks,
   Service,
   showMap,
+  updateOp as update,
   vduse,
   WAIT_MS,
 } from './harness.ts';
@@ -43,16 +43,6 @@ fs.truncateSync(imagePath, Number(MiB));
   fs.writeSync(fd, pattern, 0, pattern.length, 0x800);
   fs.closeSync(fd);
 }
-
-const update = (iova: bigint, size: bigint, memory: string, offset: bigint, perm: Perm): IotlbOp => ({
-  type: 'update',
-  asid: 0,
-  iova,
-  size,
-  memory,
-  offset,
-  perm,
-});
 
 let agent: Service | undefined;
 let client: AgentClient | undefined;

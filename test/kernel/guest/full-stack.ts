@@ -18,6 +18,8 @@ import {
   deviceTableIs,
   deviceUpdates,
   pushEmptyTable,
+  restCall,
+  restExpect,
   runChecks,
   Service,
   showMap,
@@ -38,28 +40,9 @@ fs.truncateSync(imagePath, 1024 * 1024);
 let agent: Service | undefined;
 let base = '';
 
-interface Answer {
-  status: number;
-  // biome-ignore lint/suspicious/noExplicitAny: JSON answers are checked field by field
-  body: any;
-}
-
-async function http(method: string, url: string, body?: unknown): Promise<Answer> {
-  const res = await fetch(`${base}${url}`, {
-    method,
-    ...(body === undefined
-      ? {}
-      : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
-  });
-  const text = await res.text();
-  return { status: res.status, body: text === '' ? undefined : JSON.parse(text) };
-}
-
-async function expect(method: string, url: string, status: number, body?: unknown): Promise<Answer> {
-  const a = await http(method, url, body);
-  assert(a.status === status, `${method} ${url}: ${a.status}, expected ${status}: ${JSON.stringify(a.body)}`);
-  return a;
-}
+const http = (method: string, url: string, body?: unknown) => restCall(base, method, url, body);
+const expect = (method: string, url: string, status: number, body?: unknown) =>
+  restExpect(base, method, url, status, body);
 
 interface ApiMapping {
   iova: string;

@@ -11,7 +11,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { createInterface } from 'node:readline';
-import type { Mapping } from '../../../src/iotlb/types.ts';
+import type { IotlbOp, Mapping, Perm } from '../../../src/iotlb/types.ts';
 import { TransportError, type VhostTransport } from '../../../src/device/transport.ts';
 import { openVhostVdpaFd } from '../../../src/device/vhost-vdpa-fd.ts';
 import {
@@ -283,4 +283,67 @@ export async function bootApi(): Promise<{ rest: string; agentSocket: string; ms
     );
     await new Promise((r) => setTimeout(r, 200));
   }
+}
+
+export type UpdateOp = Extract<IotlbOp, { type: 'update' }>;
+
+/** An IOTLB UPDATE in address space 0. */
+export const updateOp = (
+  iova: bigint,
+  size: bigint,
+  memory: string,
+  offset: bigint,
+  perm: Perm,
+): UpdateOp => ({
+  type: 'update',
+  asid: 0,
+  iova,
+  size,
+  memory,
+  offset,
+  perm,
+});
+
+/** An IOTLB INVALIDATE in address space 0. */
+export const invalidateOp = (iova: bigint, size: bigint): IotlbOp => ({
+  type: 'invalidate',
+  asid: 0,
+  iova,
+  size,
+});
+
+export interface RestAnswer {
+  status: number;
+  // biome-ignore lint/suspicious/noExplicitAny: JSON answers are checked field by field
+  body: any;
+}
+
+/** One REST call to the API server at `base` (JSON in and out). */
+export async function restCall(
+  base: string,
+  method: string,
+  url: string,
+  body?: unknown,
+): Promise<RestAnswer> {
+  const res = await fetch(`${base}${url}`, {
+    method,
+    ...(body === undefined
+      ? {}
+      : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text === '' ? undefined : JSON.parse(text) };
+}
+
+/** A REST call that must answer `status`. */
+export async function restExpect(
+  base: string,
+  method: string,
+  url: string,
+  status: number,
+  body?: unknown,
+): Promise<RestAnswer> {
+  const a = await restCall(base, method, url, body);
+  assert(a.status === status, `${method} ${url}: ${a.status}, expected ${status}: ${JSON.stringify(a.body)}`);
+  return a;
 }

@@ -13,8 +13,21 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { AgentClient } from '../../../src/agent/client.ts';
-import type { IotlbOp, Mapping, Perm } from '../../../src/iotlb/types.ts';
-import { assert, bootApi, devicePath, deviceBusy, hex, runChecks, Service, WAIT_MS } from './harness.ts';
+import type { Mapping } from '../../../src/iotlb/types.ts';
+import {
+  assert,
+  bootApi,
+  devicePath,
+  deviceBusy,
+  hex,
+  invalidateOp as invalidate,
+  restCall,
+  restExpect,
+  runChecks,
+  Service,
+  updateOp as update,
+  WAIT_MS,
+} from './harness.ts';
 import { currentKind, vmPinOf } from './kinds.ts';
 
 const kind = currentKind();
@@ -44,39 +57,9 @@ const running = () => {
   return { agent, client };
 };
 
-const update = (iova: bigint, size: bigint, memory: string, offset: bigint, perm: Perm): IotlbOp => ({
-  type: 'update',
-  asid: 0,
-  iova,
-  size,
-  memory,
-  offset,
-  perm,
-});
-const invalidate = (iova: bigint, size: bigint): IotlbOp => ({ type: 'invalidate', asid: 0, iova, size });
-
-interface Answer {
-  status: number;
-  // biome-ignore lint/suspicious/noExplicitAny: JSON answers are checked field by field
-  body: any;
-}
-
-async function http(method: string, url: string, body?: unknown): Promise<Answer> {
-  const res = await fetch(`${base}${url}`, {
-    method,
-    ...(body === undefined
-      ? {}
-      : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
-  });
-  const text = await res.text();
-  return { status: res.status, body: text === '' ? undefined : JSON.parse(text) };
-}
-
-async function expect(method: string, url: string, status: number, body?: unknown): Promise<Answer> {
-  const a = await http(method, url, body);
-  assert(a.status === status, `${method} ${url}: ${a.status}, expected ${status}: ${JSON.stringify(a.body)}`);
-  return a;
-}
+const http = (method: string, url: string, body?: unknown) => restCall(base, method, url, body);
+const expect = (method: string, url: string, status: number, body?: unknown) =>
+  restExpect(base, method, url, status, body);
 
 /**
  * What the agent lists, and the kernel's pins agree: in PA mode every listed mapping is pinned
