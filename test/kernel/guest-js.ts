@@ -22,5 +22,5 @@ export function bundlePath(name: string): string {
  */
 export function budgetMs(): number {
   const v = Number(process.env.VDPA_MAPD_BUDGET_MS);
-  return Number.isFinite(v) && v > 0 ? v : 20 * 60_000;
+  return Number.isFinite(v) && v > 0 ? v : 40 * 60_000;
 }

@@ -83,10 +83,12 @@ export interface RunVmOptions {
 }
 
 /**
- * The whole tier's budget, and the only time limit of a run: 20 minutes, against about 4 on a
- * quiet machine, inside `npm test`'s 25. Guest code gets it as VDPA_MAPD_BUDGET_MS for its waits.
+ * The whole tier's budget, and the only time limit of a run: 40 minutes, far above what a run
+ * takes (about 15 minutes on a machine loaded several times over, much less on a quiet one), so
+ * that only a hang reaches it; inside CI's 90. Guest code gets it as VDPA_MAPD_BUDGET_MS for its
+ * waits.
  */
-export const TIER_BUDGET_MS = 20 * 60_000;
+export const TIER_BUDGET_MS = 40 * 60_000;
 const VERDICT = 'VDPA-MAPD-KERNEL-TIER:';
 const STEP = 'VDPA-MAPD-STEP:';
 const KIND = 'VDPA-MAPD-KIND:';
