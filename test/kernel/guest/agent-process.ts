@@ -66,12 +66,15 @@ await runChecks(
           ...['--device', `kernel:${devicePath}`, '--state-dir', stateDir, '--allowed-root', sharedDir],
           ...['--socket', socket, '--memory', 'boot=memfd:1M', '--log-level', 'info'],
         ];
-        const started = await Service.start('agent', 'agent', args, (l) => l.includes('"agent serving"'));
-        agent = started.service;
-        // Under TCG on a busy host the first call (loading grpc-js, resolving the socket) took up to
-        // 10 s: no deadline tighter than the tier's budget, rather than the production 10 s.
+        // Under TCG on a busy host the client's first call (loading grpc-js, the first connection)
+        // took up to 45 s: it starts with the agent (waitForReady until the socket is there), with
+        // no deadline tighter than the tier's budget, rather than the production 10 s.
         client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS, reconnect: { maxAttempts: 1 } });
-        const info = await client.connect();
+        const [started, info] = await Promise.all([
+          Service.start('agent', 'agent', args, (l) => l.includes('"agent serving"')),
+          client.connect(),
+        ]);
+        agent = started.service;
         const opened = agent.logs().find((l) => l.msg === 'device opened');
         assert(opened?.kind === 'kernel', `no kernel "device opened" log:\n${agent.tail()}`);
         // The agent owns the node: any other process is refused.
