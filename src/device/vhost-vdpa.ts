@@ -318,15 +318,19 @@ export class VhostVdpaDevice implements Device {
     await this.transport.write(bytes);
   }
 
-  /** INVALIDATEs that empty every address space: [0, 2^64-2], then the last byte if mapped. */
+  /**
+   * INVALIDATEs that empty every address space, each covering whole mappings (a pinning device
+   * takes no other): [0, the start of the mapping holding the last byte), then that mapping. No
+   * single INVALIDATE names all 2^64 bytes, but iova 0 size 0, which older kernels lack.
+   */
   private invalidateEverything(): IotlbOp[] {
     const ops: IotlbOp[] = [];
     const mappings = this.guard.mappings();
     for (const asid of new Set(mappings.map((m) => m.asid))) {
-      ops.push({ type: 'invalidate', asid, iova: 0n, size: U64_MAX });
-      if (mappings.some((m) => m.asid === asid && m.iova === U64_MAX)) {
-        ops.push({ type: 'invalidate', asid, iova: U64_MAX, size: 1n });
-      }
+      const top = mappings.find((m) => m.asid === asid && m.iova + m.size === U64_LIMIT);
+      const below = top ? top.iova : U64_MAX;
+      if (below > 0n) ops.push({ type: 'invalidate', asid, iova: 0n, size: below });
+      if (top) ops.push({ type: 'invalidate', asid, iova: top.iova, size: top.size });
     }
     return ops;
   }

@@ -1,8 +1,11 @@
-/** Shared fixtures of the device tests: a real shared-memory registry and a recording transport. */
+/** Shared fixtures of the device tests: a real shared-memory registry, a recording transport, raw messages. */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import assert from 'node:assert/strict';
+import type { SimulatedVdpaConfig } from '../../src/device/sim-kernel.ts';
 import { TransportError, type VhostTransport } from '../../src/device/transport.ts';
+import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
 import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
 import {
   ftruncate,
@@ -123,4 +126,31 @@ export function privateMemory(pages: bigint, holes: bigint[] = [], prot = PROT_R
       for (let p = 0n; p < pages; p++) if (!holes.includes(p)) munmap(addr + p * PAGE, PAGE);
     },
   };
+}
+
+/** The simulated kernel configured as vp_vdpa (a platform IOMMU, PA mode), with `over` on top. */
+export function vpVdpaConfig(over: Partial<SimulatedVdpaConfig> = {}): SimulatedVdpaConfig {
+  return {
+    deviceId: 1,
+    iommu: 'platform',
+    iovaRange: FULL_IOVA_RANGE,
+    asNum: 1,
+    groupNum: 1,
+    vqCount: 3,
+    configSize: 4096,
+    offeredFeatures: 0x10en,
+    pushDelayMs: 0,
+    ...over,
+  };
+}
+
+/** The errno of the TransportError `fn` throws, or undefined when it returns. */
+export function errnoOf(fn: () => unknown): string | undefined {
+  try {
+    fn();
+    return undefined;
+  } catch (e) {
+    assert.ok(e instanceof TransportError, String(e));
+    return e.errno;
+  }
 }

@@ -13,7 +13,7 @@ import { probePinning } from '../../src/device/pin-probe.ts';
 import { type SimulatedVdpaConfig, SimulatedVdpa } from '../../src/device/sim-kernel.ts';
 import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
 import { ownVmPin, parseMaps, parseVmPin } from '../../src/sys/proc-self.ts';
-import { type TmpRegistry, tmpRegistry } from './device-helpers.ts';
+import { type TmpRegistry, tmpRegistry, vpVdpaConfig } from './device-helpers.ts';
 
 const STATUS = `Name:\tnode
 VmPeak:\t 1168044 kB
@@ -60,18 +60,7 @@ after(() => tmp.cleanup());
 
 function parent(over: Partial<SimulatedVdpaConfig>): SimulatedVdpa {
   return new SimulatedVdpa(
-    {
-      deviceId: 1,
-      iommu: 'platform',
-      iovaRange: { first: 0x800n, last: FULL_IOVA_RANGE.last },
-      asNum: 1,
-      groupNum: 1,
-      vqCount: 3,
-      configSize: 4096,
-      offeredFeatures: 0x10en,
-      pushDelayMs: 0,
-      ...over,
-    },
+    vpVdpaConfig({ iovaRange: { first: 0x800n, last: FULL_IOVA_RANGE.last }, ...over }),
     tmp.registry,
   );
 }

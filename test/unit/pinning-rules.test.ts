@@ -186,6 +186,24 @@ describe("the agent's guard on a pinning device", () => {
     }
   });
 
+  test('reset without IOTLB_PERSIST empties a pinning device with whole-mapping INVALIDATEs', async () => {
+    const dev = new SimulatedDevice({ name: 'pa', features: 0xen }, tmp.registry);
+    try {
+      const top = (1n << 64n) - 2n * PAGE;
+      assert.deepEqual(await dev.apply([update(0x10_0000n, 4n * PAGE), update(top, 2n * PAGE)]), [
+        { ok: true },
+        { ok: true },
+      ]);
+      await dev.reset();
+      assert.deepEqual(dev.mappings(), []);
+      assert.deepEqual(dev.simulator.kernelMappings(), []);
+      assert.equal(dev.simulator.pins?.pinnedBytes, 0n);
+      assert.equal(tmp.registry.get('ram')?.mappedEntries, 0);
+    } finally {
+      await dev.close();
+    }
+  });
+
   test('a VA-mode device still drops a partly covered mapping whole, as its kernel does', async () => {
     const dev = new SimulatedDevice({ name: 'va', iommu: 'onchip' }, tmp.registry);
     try {

@@ -8,14 +8,21 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { parseDeviceSpec } from '../../src/device/factory.ts';
 import { PinnedMemory } from '../../src/device/memlock.ts';
-import { type SimulatedVdpaConfig, SimulatedVdpa } from '../../src/device/sim-kernel.ts';
+import { SimulatedVdpa } from '../../src/device/sim-kernel.ts';
 import { IOVA_RANGE_39_BITS, SimulatedDevice } from '../../src/device/simulated.ts';
-import { TransportError, type VhostTransport } from '../../src/device/transport.ts';
-import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
+import type { VhostTransport } from '../../src/device/transport.ts';
 import { PROT_READ } from '../../src/sys/libc.ts';
 import { IotlbMsgType, VHOST_ACCESS_RO, VHOST_ACCESS_RW } from '../../src/uapi/constants.ts';
 import { Ioctl } from '../../src/uapi/ioctl.ts';
-import { PAGE, privateMemory, rawMsg, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
+import {
+  errnoOf,
+  PAGE,
+  privateMemory,
+  rawMsg,
+  type TmpRegistry,
+  tmpRegistry,
+  vpVdpaConfig,
+} from './device-helpers.ts';
 
 const { UPDATE, INVALIDATE, BATCH_BEGIN, BATCH_END } = IotlbMsgType;
 const MiB = 1n << 20n;
@@ -29,21 +36,6 @@ before(() => {
 });
 after(() => tmp.cleanup());
 
-function paConfig(over: Partial<SimulatedVdpaConfig> = {}): SimulatedVdpaConfig {
-  return {
-    deviceId: 1,
-    iommu: 'platform',
-    iovaRange: FULL_IOVA_RANGE,
-    asNum: 1,
-    groupNum: 1,
-    vqCount: 3,
-    configSize: 4096,
-    offeredFeatures: 0x10en,
-    pushDelayMs: 0,
-    ...over,
-  };
-}
-
 function owned(sim: SimulatedVdpa): VhostTransport {
   const t = sim.open();
   t.ioctl(Ioctl.VHOST_SET_OWNER);
@@ -55,21 +47,11 @@ const update = (t: VhostTransport, iova: bigint, size: bigint, uaddr: bigint, pe
 const invalidate = (t: VhostTransport, iova: bigint, size: bigint) =>
   t.write(rawMsg(1, 0, INVALIDATE, iova, size));
 
-function errnoOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-    return undefined;
-  } catch (e) {
-    assert.ok(e instanceof TransportError, String(e));
-    return e.errno;
-  }
-}
-
 const entries = (sim: SimulatedVdpa) => sim.kernelMappings().map((m) => [m.iova, m.size, m.offset]);
 
 describe('PA mode (vhost_vdpa_pa_map)', () => {
   test('one entry per page of shmem; INVALIDATE of page 5 removes page 5 only (VmPin -4 kB)', () => {
-    const sim = new SimulatedVdpa(paConfig(), tmp.registry);
+    const sim = new SimulatedVdpa(vpVdpaConfig(), tmp.registry);
     const t = owned(sim);
     update(t, X, 16n * PAGE, ram);
     assert.equal(sim.kernelMappings().length, 16);
@@ -85,7 +67,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
   });
 
   test('THP (512 contiguous pages): the same INVALIDATE removes the whole 2 MiB run', () => {
-    const sim = new SimulatedVdpa(paConfig({ contiguousPages: 512 }), tmp.registry);
+    const sim = new SimulatedVdpa(vpVdpaConfig({ contiguousPages: 512 }), tmp.registry);
     const t = owned(sim);
     update(t, X, 3n * MiB, ram + MiB);
     // Runs follow the memory's 2 MiB blocks: [1, 2) MiB, then [2, 4) MiB of the memory.
@@ -100,7 +82,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
   });
 
   test('entries are page-rounded: [X+0x800, +0x800) then [X, +0x800) is EFAULT (EEXIST)', () => {
-    const sim = new SimulatedVdpa(paConfig(), tmp.registry);
+    const sim = new SimulatedVdpa(vpVdpaConfig(), tmp.registry);
     const t = owned(sim);
     update(t, X + 0x800n, 0x800n, ram + 0x800n);
     assert.deepEqual(entries(sim), [[X, PAGE, 0n]]);
@@ -121,7 +103,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
   test('private memory is pinned and mapped; VA mode accepts it and maps nothing', () => {
     const priv = privateMemory(4n);
     try {
-      const pa = new SimulatedVdpa(paConfig(), tmp.registry);
+      const pa = new SimulatedVdpa(vpVdpaConfig(), tmp.registry);
       const t = owned(pa);
       update(t, X, 4n * PAGE, priv.addr);
       assert.equal(pa.kernelMappings().length, 4);
@@ -129,7 +111,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
       assert.equal(pa.pins?.pinnedBytes, 4n * PAGE);
       t.close();
 
-      const va = new SimulatedVdpa(paConfig({ iommu: 'onchip', useVa: true }), tmp.registry);
+      const va = new SimulatedVdpa(vpVdpaConfig({ iommu: 'onchip', useVa: true }), tmp.registry);
       const v = owned(va);
       update(v, X, 4n * PAGE, priv.addr);
       assert.deepEqual(va.kernelMappings(), []);
@@ -143,7 +125,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
   test('a hole is EFAULT and fully rolled back, also after whole pin batches were mapped', () => {
     const priv = privateMemory(1024n, [600n]);
     try {
-      const sim = new SimulatedVdpa(paConfig(), tmp.registry);
+      const sim = new SimulatedVdpa(vpVdpaConfig(), tmp.registry);
       const t = owned(sim);
       assert.equal(
         errnoOf(() => update(t, X, 1024n * PAGE, priv.addr)),
@@ -165,7 +147,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
   });
 
   test('a set_map parent outside a batch pushes per run; inside one, once at BATCH_END', () => {
-    const sim = new SimulatedVdpa(paConfig({ iommu: 'onchip', useVa: false }), tmp.registry);
+    const sim = new SimulatedVdpa(vpVdpaConfig({ iommu: 'onchip', useVa: false }), tmp.registry);
     const t = owned(sim);
     update(t, X, 4n * PAGE, ram);
     assert.equal(sim.counters.setMapPushes, 4);
@@ -181,7 +163,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
   });
 
   test('RLIMIT_MEMLOCK is exact: npages + pinned_vm > limit refuses; limit 0 refuses one page', () => {
-    const sim = new SimulatedVdpa(paConfig({ memlock: 4n * PAGE + 100n }), tmp.registry);
+    const sim = new SimulatedVdpa(vpVdpaConfig({ memlock: 4n * PAGE + 100n }), tmp.registry);
     const t = owned(sim);
     update(t, X, 3n * PAGE, ram);
     assert.equal(
@@ -191,7 +173,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
     update(t, X + MiB, PAGE, ram);
     assert.equal(sim.pins?.pinnedBytes, 4n * PAGE);
     t.close();
-    const none = new SimulatedVdpa(paConfig({ memlock: 0n }), tmp.registry);
+    const none = new SimulatedVdpa(vpVdpaConfig({ memlock: 0n }), tmp.registry);
     const n = owned(none);
     assert.equal(
       errnoOf(() => update(n, X, PAGE, ram)),
@@ -202,8 +184,8 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
 
   test('parents of one owner share its pinned_vm (vmPin) and its limit', () => {
     const vmPin = new PinnedMemory(() => 4n * PAGE);
-    const a = new SimulatedVdpa(paConfig({ vmPin }), tmp.registry);
-    const b = new SimulatedVdpa(paConfig({ vmPin, iommu: 'onchip', useVa: false }), tmp.registry);
+    const a = new SimulatedVdpa(vpVdpaConfig({ vmPin }), tmp.registry);
+    const b = new SimulatedVdpa(vpVdpaConfig({ vmPin, iommu: 'onchip', useVa: false }), tmp.registry);
     const ta = owned(a);
     const tb = owned(b);
     update(ta, X, 3n * PAGE, ram);
@@ -222,7 +204,7 @@ describe('PA mode (vhost_vdpa_pa_map)', () => {
     const readOnly = privateMemory(1n, [], PROT_READ);
     const ro = readOnly.addr;
     try {
-      const sim = new SimulatedVdpa(paConfig(), tmp.registry);
+      const sim = new SimulatedVdpa(vpVdpaConfig(), tmp.registry);
       const t = owned(sim);
       assert.equal(
         errnoOf(() => update(t, X, PAGE, ro, VHOST_ACCESS_RW)),
@@ -247,7 +229,7 @@ describe('the kinds a simulated device can be', () => {
     );
     assert.deepEqual(f.iovaRange, { first: 0n, last: 0x7f_ffff_ffffn });
     void dev.close();
-    assert.throws(() => new SimulatedVdpa(paConfig({ useVa: true }), tmp.registry), /cannot use VA mode/);
+    assert.throws(() => new SimulatedVdpa(vpVdpaConfig({ useVa: true }), tmp.registry), /cannot use VA mode/);
   });
 
   test('device-spec keys configure every kind', () => {

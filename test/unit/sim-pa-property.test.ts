@@ -15,15 +15,22 @@ import fc from 'fast-check';
 import { PinnedMemory } from '../../src/device/memlock.ts';
 import { type SimIommu, type SimOnchipMap, SimulatedVdpa } from '../../src/device/sim-kernel.ts';
 import { SimulatedDevice } from '../../src/device/simulated.ts';
-import { TransportError } from '../../src/device/transport.ts';
 import { AddressSpaces } from '../../src/iotlb/address-spaces.ts';
-import { FULL_IOVA_RANGE, type Mapping } from '../../src/iotlb/types.ts';
+import type { Mapping } from '../../src/iotlb/types.ts';
 import { applyStep } from '../../src/queue/validate.ts';
 import { WorkingTables } from '../../src/queue/working.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import { IotlbMsgType, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO } from '../../src/uapi/constants.ts';
 import { Ioctl } from '../../src/uapi/ioctl.ts';
-import { PAGE, privateMemory, rawMsg, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
+import {
+  errnoOf,
+  PAGE,
+  privateMemory,
+  rawMsg,
+  type TmpRegistry,
+  tmpRegistry,
+  vpVdpaConfig,
+} from './device-helpers.ts';
 
 const LIMIT = 1n << 64n;
 const RAM_PAGES = 32n;
@@ -173,16 +180,6 @@ const kind = fc.constantFrom<{ iommu: SimIommu; onchipMap?: SimOnchipMap }>(
   { iommu: 'onchip', onchipMap: 'dma_map' },
 );
 
-function errnoOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-    return undefined;
-  } catch (e) {
-    assert.ok(e instanceof TransportError, String(e));
-    return e.errno;
-  }
-}
-
 /** The kernel's entries with the owner address each starts at. */
 function kernelEntries(sim: SimulatedVdpa) {
   return sim.kernelMappings().map((m) => ({ iova: m.iova, size: m.size, uaddr: uaddrOf(m) }));
@@ -204,20 +201,12 @@ test('PA mode: the simulated kernel agrees with a page map of vhost_vdpa_pa_map'
       fc.constantFrom(8n, 20n, 1n << 40n),
       (ops, k, contiguous, limitPages) => {
         const sim = new SimulatedVdpa(
-          {
-            deviceId: 1,
+          vpVdpaConfig({
             ...k,
             useVa: false,
-            iovaRange: FULL_IOVA_RANGE,
-            asNum: 1,
-            groupNum: 1,
-            vqCount: 3,
-            configSize: 4096,
-            offeredFeatures: 0x10en,
-            pushDelayMs: 0,
             contiguousPages: Number(contiguous),
             memlock: limitPages * PAGE,
-          },
+          }),
           tmp.registry,
         );
         const model = new PageModel(contiguous, limitPages);
