@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { AgentClient } from '../../../src/agent/client.ts';
 import {
+  agentServing,
   assert,
   devicePath,
   deviceBusy,
@@ -16,6 +17,7 @@ import {
   deviceUpdates,
   expectedEntries,
   hex,
+  kernelAgentArgs,
   pushEmptyTable,
   runChecks,
   Service,
@@ -62,16 +64,13 @@ await runChecks(
       'start',
       async () => {
         assert(!deviceBusy(), `${devicePath} is already held`);
-        const args = [
-          ...['--device', `kernel:${devicePath}`, '--state-dir', stateDir, '--allowed-root', sharedDir],
-          ...['--socket', socket, '--memory', 'boot=memfd:1M', '--log-level', 'info'],
-        ];
+        const args = [...kernelAgentArgs(stateDir, socket, sharedDir), '--memory', 'boot=memfd:1M'];
         // Under TCG on a busy host the client's first call (loading grpc-js, the first connection)
         // took up to 45 s: it starts with the agent (waitForReady until the socket is there), with
         // no deadline tighter than the tier's budget, rather than the production 10 s.
         client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS, reconnect: { maxAttempts: 1 } });
         const [started, info] = await Promise.all([
-          Service.start('agent', 'agent', args, (l) => l.includes('"agent serving"')),
+          Service.start('agent', 'agent', args, agentServing),
           client.connect(),
         ]);
         agent = started.service;

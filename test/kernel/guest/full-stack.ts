@@ -11,8 +11,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { DeviceMapEntry } from './vduse.ts';
 import {
+  agentServing,
   assert,
+  bootAgentSocket,
   bootApi,
+  kernelAgentArgs,
+  untilApiReady,
   devicePath,
   deviceBusy,
   deviceTableIs,
@@ -21,21 +25,15 @@ import {
   restCall,
   restExpect,
   runChecks,
+  scratchDirs,
   Service,
   showMap,
   vduse,
-  WAIT_MS,
 } from './harness.ts';
 
 const DEVICE = path.basename(devicePath);
-const socket = process.env.VDPA_MAPD_AGENT_SOCKET ?? '/run/vdpa-mapd/agent.sock';
-const root = fs.mkdtempSync('/tmp/full-stack-');
-const agentState = path.join(root, 'agent');
-const sharedDir = path.join(root, 'shared');
-fs.mkdirSync(sharedDir);
-const imagePath = path.join(sharedDir, 'guest.img');
-fs.writeFileSync(imagePath, '');
-fs.truncateSync(imagePath, 1024 * 1024);
+const socket = bootAgentSocket;
+const { root, agentState, sharedDir, imagePath } = scratchDirs('full-stack');
 
 let agent: Service | undefined;
 let base = '';
@@ -88,29 +86,14 @@ await runChecks(
       async () => {
         assert(!deviceBusy(), `${devicePath} is already held`);
         const [a, boot] = await Promise.all([
-          Service.start(
-            'agent',
-            'agent',
-            [
-              ...['--device', `kernel:${devicePath}`, '--state-dir', agentState, '--socket', socket],
-              ...['--allowed-root', sharedDir, '--log-level', 'info'],
-            ],
-            (l) => l.includes('"agent serving"'),
-          ),
+          Service.start('agent', 'agent', kernelAgentArgs(agentState, socket, sharedDir), agentServing),
           bootApi(),
         ]);
         agent = a.service;
         base = boot.rest;
         assert(/^http:\/\/127\.0\.0\.1:\d+$/.test(base), `REST address ${base}`);
-        const t0 = performance.now();
-        while ((await http('GET', '/readyz')).status !== 200) {
-          assert(
-            performance.now() - t0 < WAIT_MS,
-            `not ready within the tier's budget:\n${a.service.tail()}`,
-          );
-          await new Promise((r) => setTimeout(r, 100));
-        }
-        return `agent serving after ${a.ms} ms; the boot's API server at ${base} (listening ${boot.ms} ms after this step began) ready ${Math.round(performance.now() - t0)} ms later`;
+        const readyMs = await untilApiReady(base);
+        return `agent serving after ${a.ms} ms; the boot's API server at ${base} (listening ${boot.ms} ms after this step began) ready ${readyMs} ms later`;
       },
     ],
     [

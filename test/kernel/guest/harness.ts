@@ -10,6 +10,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { createInterface } from 'node:readline';
 import type { IotlbOp, Mapping, Perm } from '../../../src/iotlb/types.ts';
 import { TransportError, type VhostTransport } from '../../../src/device/transport.ts';
@@ -346,4 +347,44 @@ export async function restExpect(
   const a = await restCall(base, method, url, body);
   assert(a.status === status, `${method} ${url}: ${a.status}, expected ${status}: ${JSON.stringify(a.body)}`);
   return a;
+}
+
+/** The agent's arguments for the kernel device under test, serving on `socket`. */
+export function kernelAgentArgs(stateDir: string, socket: string, allowedRoot: string): string[] {
+  return [
+    ...['--device', `kernel:${devicePath}`, '--state-dir', stateDir, '--socket', socket],
+    ...['--allowed-root', allowedRoot, '--log-level', 'info'],
+  ];
+}
+
+/** The agent's line that says it serves. */
+export const agentServing = (line: string): boolean => line.includes('"agent serving"');
+
+/** Waits until the API server at `base` is ready (it has reconciled its agent); returns the ms. */
+export async function untilApiReady(base: string): Promise<number> {
+  const t0 = performance.now();
+  while ((await restCall(base, 'GET', '/readyz')).status !== 200) {
+    assert(performance.now() - t0 < WAIT_MS, "the API server did not become ready within the tier's budget");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return Math.round(performance.now() - t0);
+}
+
+/** Where the boot's API server expects its agent (init.sh's VDPA_MAPD_AGENT_SOCKET). */
+export const bootAgentSocket = process.env.VDPA_MAPD_AGENT_SOCKET ?? '/run/vdpa-mapd/agent.sock';
+
+/** A step's scratch folder under /tmp: the agent's state dir and an allowed root with a 1 MiB image. */
+export function scratchDirs(prefix: string): {
+  root: string;
+  agentState: string;
+  sharedDir: string;
+  imagePath: string;
+} {
+  const root = fs.mkdtempSync(`/tmp/${prefix}-`);
+  const sharedDir = path.join(root, 'shared');
+  fs.mkdirSync(sharedDir);
+  const imagePath = path.join(sharedDir, 'guest.img');
+  fs.writeFileSync(imagePath, '');
+  fs.truncateSync(imagePath, 1024 * 1024);
+  return { root, agentState: path.join(root, 'agent'), sharedDir, imagePath };
 }

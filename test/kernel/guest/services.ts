@@ -15,8 +15,12 @@ import path from 'node:path';
 import { AgentClient } from '../../../src/agent/client.ts';
 import type { Mapping } from '../../../src/iotlb/types.ts';
 import {
+  agentServing,
   assert,
+  bootAgentSocket,
   bootApi,
+  kernelAgentArgs,
+  untilApiReady,
   devicePath,
   deviceBusy,
   hex,
@@ -24,6 +28,7 @@ import {
   restCall,
   restExpect,
   runChecks,
+  scratchDirs,
   Service,
   updateOp as update,
   WAIT_MS,
@@ -32,18 +37,11 @@ import { currentKind, vmPinOf } from './kinds.ts';
 
 const kind = currentKind();
 const KiB = 1024n;
-const MiB = 1024n * KiB;
+const _MiB = 1024n * KiB;
 const PAGE = 4096n;
 const DEVICE = path.basename(devicePath);
-const socket = process.env.VDPA_MAPD_AGENT_SOCKET ?? '/run/vdpa-mapd/agent.sock';
-
-const root = fs.mkdtempSync('/tmp/services-');
-const agentState = path.join(root, 'agent');
-const sharedDir = path.join(root, 'shared');
-fs.mkdirSync(sharedDir);
-const imagePath = path.join(sharedDir, 'guest.img');
-fs.writeFileSync(imagePath, '');
-fs.truncateSync(imagePath, Number(MiB));
+const socket = bootAgentSocket;
+const { root, agentState, sharedDir, imagePath } = scratchDirs('services');
 
 let agent: Service | undefined;
 let client: AgentClient | undefined;
@@ -99,15 +97,7 @@ const checks: [string, () => Promise<string>][] = [
       const t = performance.now();
       const connected = client.connect().then((info) => ({ info, ms: Math.round(performance.now() - t) }));
       const [started, boot, first] = await Promise.all([
-        Service.start(
-          'agent',
-          'agent',
-          [
-            ...['--device', `kernel:${devicePath}`, '--state-dir', agentState, '--socket', socket],
-            ...['--allowed-root', sharedDir, '--log-level', 'info'],
-          ],
-          (l) => l.includes('"agent serving"'),
-        ),
+        Service.start('agent', 'agent', kernelAgentArgs(agentState, socket, sharedDir), agentServing),
         bootApi(),
         connected,
       ]);
@@ -119,21 +109,14 @@ const checks: [string, () => Promise<string>][] = [
         `the client reached pid ${agentPid}, not the agent ${started.service.pid}`,
       );
       // The API server reconciles the new agent (its device has this kind's facts now).
-      const t0 = performance.now();
-      while ((await http('GET', '/readyz')).status !== 200) {
-        assert(
-          performance.now() - t0 < WAIT_MS,
-          "the API server did not become ready within the tier's budget",
-        );
-        await new Promise((r) => setTimeout(r, 100));
-      }
+      const readyMs = await untilApiReady(base);
       const listed = (await expect('GET', `/v1/devices/${DEVICE}/mappings`, 200)).body.mappings;
       assert(
         listed.length === 0,
         `the API server still holds mappings of an earlier step: ${JSON.stringify(listed)}`,
       );
       assert(deviceBusy(), 'the device node can still be opened while the agent owns it');
-      return `agent pid ${agentPid} serving after ${started.ms} ms, its first answer to the client after ${first.ms} ms; the boot's API server at ${base} (listening ${boot.ms} ms after this step began) ready ${Math.round(performance.now() - t0)} ms later`;
+      return `agent pid ${agentPid} serving after ${started.ms} ms, its first answer to the client after ${first.ms} ms; the boot's API server at ${base} (listening ${boot.ms} ms after this step began) ready ${readyMs} ms later`;
     },
   ],
   [
