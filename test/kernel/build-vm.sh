@@ -3,8 +3,11 @@
 #   - installs the host tools it needs with apt-get when missing;
 #   - fetches Debian's 6.12 kernel (it has vhost_vdpa and vduse; 6.1 has not) with
 #     `apt-get download` and unpacks it with `dpkg-deb -x` (nothing is installed);
-#   - packs an initramfs (cpio newc, gzip): busybox, the modules, `vdpa` and its
-#     libraries, our static helpers (vduse-daemon, guest-smoke) and init.sh as /init.
+#   - builds the parents Debian leaves out (vp_vdpa, vdpa_sim, vdpa_sim_net, vringh) out of
+#     tree from linux-source-6.12 (build-modules.sh, cached);
+#   - packs an initramfs (cpio newc, gzip): busybox, the modules (the extra ones in
+#     /lib/modules/extra, loaded per parent kind by init.sh), `vdpa` and its libraries, our
+#     static helpers (vduse-daemon, guest-smoke) and init.sh as /init.
 # Node and the project tree are not packed: the guest mounts the host's /usr and
 # the project over virtio-9p (see run-vm.ts).
 #
@@ -20,7 +23,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cache="$root/.cache/kernel-vm"
 kernel_pkg=${VDPA_MAPD_KERNEL_PKG:-linux-image-6.12.107+deb12-amd64-unsigned}
-tools=(qemu-system-x86 busybox-static iproute2 gcc libc6-dev linux-libc-dev xz-utils cpio)
+tools=(qemu-system-x86 busybox-static iproute2 gcc make libc6-dev linux-libc-dev xz-utils cpio dwarves kmod bc)
 # Wanted modules; their dependencies are added and the guest loads them in order.
 modules=(vhost_vdpa vduse 9p 9pnet_virtio)
 
@@ -124,11 +127,16 @@ add_module() { # $1: module name
 }
 for m in "${modules[@]}"; do add_module "$m"; done
 
+# The kernel release (from a module's vermagic) names the headers the extra modules build against.
+release=$(xz -dcf "$kdir/modules/${mpath[vhost_vdpa]}" | tr '\0' '\n' | sed -n 's/^vermagic=\([^ ]*\).*/\1/p')
+[ -n "$release" ] || die 'no vermagic in vhost_vdpa'
+extra=$(bash "$here/build-modules.sh" "$kver" "$release") || die 'build-modules.sh failed'
+
 # 3. The VM, keyed by every input.
 key=$(
   {
     cat "$here/build-vm.sh" "$here/init.sh" "$here/vduse-daemon.c" "$here/guest-smoke.c"
-    echo "$kernel_pkg=$kver ${order[*]}"
+    echo "$kernel_pkg=$kver ${order[*]} $extra"
     gcc --version | head -1
     sha256sum "$busybox" "$vdpa" $(ldd "$vdpa" | awk '/=> \// { print $3 } /^\t\// { print $1 }')
     sha256sum /usr/include/linux/vduse.h /usr/include/linux/vhost.h
@@ -149,6 +157,8 @@ if [ ! -f "$out/initramfs.gz" ]; then
     xz -dcf "$kdir/modules/$m" >"$ird/lib/modules/$name"
     echo "$name" >>"$ird/lib/modules/order"
   done
+  mkdir -p "$ird/lib/modules/extra"
+  for m in "$extra"/*.ko; do strip --strip-debug -o "$ird/lib/modules/extra/${m##*/}" "$m"; done
   cflags=(-static -O2 -Wall -Wextra -Werror)
   gcc "${cflags[@]}" -pthread -o "$ird/opt/vdpa-mapd/bin/vduse-daemon" "$here/vduse-daemon.c"
   gcc "${cflags[@]}" -o "$ird/opt/vdpa-mapd/bin/guest-smoke" "$here/guest-smoke.c"
@@ -165,6 +175,7 @@ if [ ! -f "$out/initramfs.gz" ]; then
   {
     echo "kernel $kernel_pkg=$kver"
     echo "modules ${order[*]}"
+    echo "extra modules $(cd "$extra" && echo *.ko) ($extra)"
     echo "initramfs $(stat -c %s "$out.tmp/initramfs.gz") bytes"
   } >"$out.tmp/info"
   rm -rf "$out"

@@ -1,12 +1,27 @@
 #!/bin/busybox sh
 # /init of the kernel-tier VM (packed into the initramfs by build-vm.sh).
 #
-# Loads the vhost-vDPA modules, creates the VDUSE device with vduse-daemon, binds it
-# to vhost_vdpa, mounts the host's /usr, the project tree and the job folder over
-# virtio-9p, runs the steps listed in /job/steps and prints the verdict:
+# Loads the vhost-vDPA modules, mounts the host's /usr, the project tree and the job
+# folder over virtio-9p, then runs the steps listed in /job/steps, one parent kind after
+# the other: for each kind it creates that kind's vDPA device (bound to vhost_vdpa as
+# /dev/vhost-vdpa-0), runs the kind's steps and deletes the device again. It prints
+#   VDPA-MAPD-KIND: <kind> READY|FAIL ...   one per kind
 #   VDPA-MAPD-STEP: <name> PASS|FAIL ...    one per step
 #   VDPA-MAPD-KERNEL-TIER: PASS | FAIL <reason>
-# then powers off. /job/steps has one step a line: <name><TAB><timeout s><TAB><sh command>.
+# then powers off. /job/steps has one step a line: <kind><TAB><name><TAB><sh command>, the
+# steps of a kind together. Kinds (docs/kernel-notes.md):
+#   vduse          VDUSE (vduse-daemon): VA mode, set_map
+#   vp-vdpa        vp_vdpa on QEMU's virtio-net-pci behind intel-iommu: PA mode, platform IOMMU
+#   sim-dma-pa     vdpa_sim batch_mapping=0 use_va=0: dma_map per entry, PA mode
+#   sim-dma-va     vdpa_sim batch_mapping=0 use_va=1: dma_map per entry, VA mode
+#   sim-setmap-pa  vdpa_sim batch_mapping=1 use_va=0: set_map, PA mode
+#   sim-setmap-va  vdpa_sim batch_mapping=1 use_va=1: set_map, VA mode
+# No step has a time limit of its own: the host bounds the whole run.
+#
+# One API server (services/api/main.ts, bundled) runs for the whole boot, started here before
+# the first kind: the steps that use it start their own agent on $VDPA_MAPD_AGENT_SOCKET, and it
+# reconciles each new agent, as after an agent restart. Its verdict is the `boot-api` step:
+# it must stop with exit 0 at the end.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /usr /job
 /bin/busybox --install -s /bin
 export PATH=/opt/vdpa-mapd/bin:/bin:/usr/local/bin:/usr/bin:/usr/sbin
@@ -34,20 +49,6 @@ for m in $(cat /lib/modules/order); do
   insmod "/lib/modules/$m" || verdict "FAIL insmod $m"
 done
 
-export VDUSE_NAME=vduse-test
-export VDUSE_CTL=/run/vduse-daemon.sock
-export VHOST_VDPA_DEV=/dev/vhost-vdpa-0
-vduse-daemon "$VDUSE_NAME" "$VDUSE_CTL" || verdict "FAIL vduse-daemon did not start"
-# With virtio_vdpa not loaded, the new vDPA device binds to vhost_vdpa.
-vdpa dev add name "$VDUSE_NAME" mgmtdev vduse || verdict "FAIL vdpa dev add"
-i=0
-while [ ! -c "$VHOST_VDPA_DEV" ]; do
-  i=$((i + 1))
-  [ "$i" -gt 50 ] && verdict "FAIL $VHOST_VDPA_DEV did not appear"
-  sleep 0.1
-done
-echo "VDPA-MAPD-TIME: device $(uptime_s)"
-
 p9() { mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3" "$1" "$2"; }
 p9 job /job rw || verdict "FAIL mount job share"
 p9 usr /usr ro,cache=loose || verdict "FAIL mount usr share"
@@ -56,6 +57,88 @@ set -a # /job/env: VDPA_MAPD_ROOT (the project's host path), VDPA_MAPD_KERNEL_TI
 set +a
 mkdir -p "$VDPA_MAPD_ROOT"
 p9 project "$VDPA_MAPD_ROOT" ro,cache=loose || verdict "FAIL mount project share"
+
+# The boot's API server (see the header); VDPA_MAPD_API_LOG has its "api server listening" line.
+export VDPA_MAPD_AGENT_SOCKET=/run/vdpa-mapd/agent.sock VDPA_MAPD_API_LOG=/run/vdpa-mapd/api.log
+mkdir -p /run/vdpa-mapd
+(cd "$VDPA_MAPD_ROOT" && exec setsid node .cache/guest-js/api.mjs --rest-listen 127.0.0.1:0 \
+  --grpc-listen 127.0.0.1:0 --agent-socket "$VDPA_MAPD_AGENT_SOCKET" --state-dir /run/vdpa-mapd/api \
+  --log-level info) </dev/null >"$VDPA_MAPD_API_LOG" 2>&1 &
+api_pid=$!
+
+export VHOST_VDPA_DEV=/dev/vhost-vdpa-0
+export VDUSE_NAME=vduse-test
+ctl=/run/vduse-daemon.sock
+extra=/lib/modules/extra
+
+# Waits (bounded: 120 s, the device appears at once) until the new vDPA device's node appears.
+wait_node() {
+  i=0
+  while [ ! -c "$VHOST_VDPA_DEV" ]; do
+    i=$((i + 1))
+    [ "$i" -gt 1200 ] && return 1
+    sleep 0.1
+  done
+}
+
+# Creates kind $1's device as /dev/vhost-vdpa-0; prints why not and fails otherwise.
+kind_up() {
+  export VDUSE_CTL=''
+  case $1 in
+  vduse)
+    VDUSE_CTL=$ctl
+    vduse-daemon "$VDUSE_NAME" "$ctl" || { echo 'vduse-daemon did not start'; return 1; }
+    # With virtio_vdpa not loaded, the new vDPA device binds to vhost_vdpa.
+    vdpa dev add name "$VDUSE_NAME" mgmtdev vduse || { echo 'vdpa dev add (vduse)'; return 1; }
+    ;;
+  vp-vdpa)
+    [ -e /sys/module/vp_vdpa ] || insmod "$extra/vp_vdpa.ko" || { echo 'insmod vp_vdpa'; return 1; }
+    # QEMU's virtio-net-pci (1af4:1041), bound to the built-in virtio-pci at boot: hand it to vp-vdpa.
+    bdf=''
+    for d in /sys/bus/pci/devices/*; do
+      [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x1af4:0x1041 ] && bdf=${d##*/}
+    done
+    [ -n "$bdf" ] || { echo 'no virtio-net-pci device'; return 1; }
+    d=/sys/bus/pci/devices/$bdf
+    [ -e "$d/driver" ] && echo "$bdf" >"$d/driver/unbind"
+    echo vp-vdpa >"$d/driver_override"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    vdpa dev add name vp0 mgmtdev "pci/$bdf" || { echo "vdpa dev add (pci/$bdf)"; return 1; }
+    echo "vp_vdpa on $bdf, iommu group $(basename "$(readlink "$d/iommu_group")")"
+    ;;
+  sim-*)
+    case $1 in
+    sim-dma-pa) b=0 v=0 ;; sim-dma-va) b=0 v=1 ;; sim-setmap-pa) b=1 v=0 ;; sim-setmap-va) b=1 v=1 ;;
+    *) echo "unknown kind $1"; return 1 ;;
+    esac
+    [ -e /sys/module/vringh ] || insmod "$extra/vringh.ko" || { echo 'insmod vringh'; return 1; }
+    insmod "$extra/vdpa_sim.ko" "batch_mapping=$b" "use_va=$v" || { echo 'insmod vdpa_sim'; return 1; }
+    insmod "$extra/vdpa_sim_net.ko" || { echo 'insmod vdpa_sim_net'; return 1; }
+    vdpa dev add name sim0 mgmtdev vdpasim_net || { echo 'vdpa dev add (vdpasim_net)'; return 1; }
+    echo "vdpa_sim batch_mapping=$(cat /sys/module/vdpa_sim/parameters/batch_mapping) use_va=$(cat /sys/module/vdpa_sim/parameters/use_va)"
+    ;;
+  *) echo "unknown kind $1"; return 1 ;;
+  esac
+  wait_node || { echo "$VHOST_VDPA_DEV did not appear"; return 1; }
+}
+
+# Deletes kind $1's device (and unloads vdpa_sim, whose parameters differ per kind).
+kind_down() {
+  case $1 in
+  vduse)
+    vdpa dev del "$VDUSE_NAME"
+    [ -n "${daemon_pid:-}" ] && kill "$daemon_pid"
+    ;;
+  vp-vdpa) vdpa dev del vp0 ;;
+  sim-*) vdpa dev del sim0 && rmmod vdpa_sim_net vdpa_sim ;;
+  esac
+  i=0
+  while [ -e "$VHOST_VDPA_DEV" ] && [ "$i" -lt 1200 ]; do
+    i=$((i + 1))
+    sleep 0.1
+  done
+  [ ! -e "$VHOST_VDPA_DEV" ]
+}
 
 # True while process group $1 has a live (non-zombie) process.
 group_alive() {
@@ -70,20 +153,41 @@ group_alive() {
 
 [ -s /job/steps ] || verdict 'FAIL no steps in /job/steps'
 failed=''
+kind=''
+kind_ok=0
 tab=$(printf '\t')
-while IFS="$tab" read -r name limit cmd; do
+while IFS="$tab" read -r step_kind name cmd; do
   [ -z "$name" ] && continue
+  if [ "$step_kind" != "$kind" ]; then
+    if [ -n "$kind" ] && [ "$kind_ok" = 1 ] && ! kind_down "$kind" >/dev/null 2>&1; then
+      echo "VDPA-MAPD-KIND: $kind FAIL the device did not go away"
+      failed="$failed $kind-teardown"
+    fi
+    kind=$step_kind
+    # Not in a subshell: kind_up exports VDUSE_CTL for the kind's steps.
+    if kind_up "$kind" >/tmp/kind-up.log 2>&1; then
+      kind_ok=1
+      daemon_pid=$(pidof vduse-daemon || true)
+      echo "VDPA-MAPD-KIND: $kind READY $(tail -1 /tmp/kind-up.log)"
+    else
+      kind_ok=0
+      echo "VDPA-MAPD-KIND: $kind FAIL $(tr '\n' ' ' </tmp/kind-up.log)"
+    fi
+    echo "VDPA-MAPD-TIME: kind-$kind $(uptime_s)"
+  fi
+  if [ "$kind_ok" != 1 ]; then
+    echo "VDPA-MAPD-STEP: $name FAIL its kind $kind could not be set up"
+    failed="$failed $name"
+    continue
+  fi
   echo "VDPA-MAPD-STEP: $name BEGIN"
   t0=$(uptime_s)
   # Each step leads its own session and process group, so whatever it leaves behind can be
-  # found and killed; a watchdog kills the group at the step's time limit.
-  (cd "$VDPA_MAPD_ROOT" && exec setsid sh -c "$cmd") </dev/null &
+  # found and killed.
+  (cd "$VDPA_MAPD_ROOT" && VDPA_MAPD_KIND=$kind exec setsid sh -c "$cmd") </dev/null &
   pid=$!
-  (sleep "$limit" && kill -KILL -- "-$pid") 2>/dev/null &
-  dog=$!
   wait "$pid"
   rc=$?
-  kill "$dog" 2>/dev/null
   t=$(echo "$t0 $(uptime_s)" | awk '{ printf "%.2f", $2 - $1 }')
   why=''
   if group_alive "$pid"; then
@@ -95,10 +199,7 @@ while IFS="$tab" read -r name limit cmd; do
   if ! device=$(guest-smoke --sync 2>&1); then
     why="${why:+$why, }device not clean after the step: $device"
   fi
-  if [ "$rc" -ne 0 ]; then
-    [ "$rc" -eq 137 ] && rc="137 (killed: time limit ${limit}s?)"
-    why="rc=$rc${why:+, $why}"
-  fi
+  [ "$rc" -ne 0 ] && why="rc=$rc${why:+, $why}"
   if [ -z "$why" ]; then
     echo "VDPA-MAPD-STEP: $name PASS ${t}s"
   else
@@ -106,8 +207,22 @@ while IFS="$tab" read -r name limit cmd; do
     failed="$failed $name"
   fi
 done </job/steps
+if [ -n "$kind" ] && [ "$kind_ok" = 1 ] && ! kind_down "$kind" >/dev/null 2>&1; then
+  echo "VDPA-MAPD-KIND: $kind FAIL the device did not go away"
+  failed="$failed $kind-teardown"
+fi
 
+# The boot's API server stops cleanly (SIGTERM: exit 0).
+kill -TERM "$api_pid" 2>/dev/null
+wait "$api_pid"
+rc=$?
+if [ "$rc" -eq 0 ]; then
+  echo "VDPA-MAPD-STEP: boot-api PASS exit 0"
+else
+  echo "VDPA-MAPD-STEP: boot-api FAIL exit $rc; its log:"
+  tail -n 20 "$VDPA_MAPD_API_LOG"
+  failed="$failed boot-api"
+fi
 echo "VDPA-MAPD-TIME: done $(uptime_s)"
-echo "VDPA-MAPD-DEVICE: $(vduse-daemon --ask "$VDUSE_CTL" stats)"
 if [ -n "$failed" ]; then verdict "FAIL steps:$failed"; fi
 verdict PASS

@@ -45,7 +45,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define MSG_TIMEOUT_SECONDS "5" /* kernel default VDUSE_MSG_DEFAULT_TIMEOUT is 30 */
+/*
+ * 0: the kernel waits for each answer without a time limit (vduse_dev_msg_sync()), so a guest
+ * slowed down by a loaded host never breaks the device; a daemon that stopped answering shows
+ * as a step that never ends, which the tier's budget catches. (Kernel default: 30 s.)
+ */
+#define MSG_TIMEOUT_SECONDS "0"
 #define MAX_IO 4096
 #define MAX_LINE (2 * MAX_IO + 64)
 
@@ -91,7 +96,7 @@ static void create_device(const char *name) {
   free(cfg);
   close(ctl);
 
-  /* A stuck request blocks the vhost writer for msg_timeout, then breaks the device. */
+  /* A stuck request would block the vhost writer for msg_timeout, then break the device. */
   char path[512];
   snprintf(path, sizeof(path), "/sys/class/vduse/%s/msg_timeout", name);
   write_sysfs(path, MSG_TIMEOUT_SECONDS);

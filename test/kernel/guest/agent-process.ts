@@ -3,13 +3,13 @@
  * /dev/vhost-vdpa-0, driven over its unix socket by the API server's client (src/agent/client.ts).
  * What the agent says is compared with what the device holds (vduse-daemon, ./vduse.ts).
  *
- *   node --import tsx test/kernel/guest/agent-process.ts
+ *   node --import tsx test/kernel/run-vm.ts test/kernel/guest/agent-process.ts
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { AgentClient } from '../../../src/agent/client.ts';
-import type { IotlbOp, Perm } from '../../../src/iotlb/types.ts';
 import {
+  agentServing,
   assert,
   devicePath,
   deviceBusy,
@@ -17,11 +17,14 @@ import {
   deviceUpdates,
   expectedEntries,
   hex,
+  kernelAgentArgs,
   pushEmptyTable,
   runChecks,
   Service,
   showMap,
+  updateOp as update,
   vduse,
+  WAIT_MS,
 } from './harness.ts';
 
 const KiB = 1024n;
@@ -43,16 +46,6 @@ fs.truncateSync(imagePath, Number(MiB));
   fs.closeSync(fd);
 }
 
-const update = (iova: bigint, size: bigint, memory: string, offset: bigint, perm: Perm): IotlbOp => ({
-  type: 'update',
-  asid: 0,
-  iova,
-  size,
-  memory,
-  offset,
-  perm,
-});
-
 let agent: Service | undefined;
 let client: AgentClient | undefined;
 const theAgent = () => {
@@ -71,18 +64,16 @@ await runChecks(
       'start',
       async () => {
         assert(!deviceBusy(), `${devicePath} is already held`);
-        const args = [
-          ...['--device', `kernel:${devicePath}`, '--state-dir', stateDir, '--allowed-root', sharedDir],
-          ...['--socket', socket, '--memory', 'boot=memfd:1M', '--log-level', 'info'],
-        ];
-        const started = await Service.start('agent', 'services/agent/main.ts', args, (l) =>
-          l.includes('"agent serving"'),
-        );
+        const args = [...kernelAgentArgs(stateDir, socket, sharedDir), '--memory', 'boot=memfd:1M'];
+        // Under TCG on a busy host the client's first call (loading grpc-js, the first connection)
+        // took up to 45 s: it starts with the agent (waitForReady until the socket is there), with
+        // no deadline tighter than the tier's budget, rather than the production 10 s.
+        client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS, reconnect: { maxAttempts: 1 } });
+        const [started, info] = await Promise.all([
+          Service.start('agent', 'agent', args, agentServing),
+          client.connect(),
+        ]);
         agent = started.service;
-        // Under TCG on a busy host the first call (loading grpc-js, resolving the socket) took up to
-        // 10 s: give every call a minute rather than the production default of 10 s.
-        client = new AgentClient({ socketPath: socket, deadlineMs: 60_000, reconnect: { maxAttempts: 1 } });
-        const info = await client.connect();
         const opened = agent.logs().find((l) => l.msg === 'device opened');
         assert(opened?.kind === 'kernel', `no kernel "device opened" log:\n${agent.tail()}`);
         // The agent owns the node: any other process is refused.

@@ -1,64 +1,46 @@
 /**
  * Guest step: the whole service on the real kernel. The agent (kernel mode, owning the real
- * /dev/vhost-vdpa-0) and the API server (REST on 127.0.0.1, a free port) run as processes; REST
+ * /dev/vhost-vdpa-0) and the boot's API server (REST on 127.0.0.1; init.sh started it before the
+ * first kind, and it reconciles this step's new agent) run as processes; REST
  * calls with fetch register memory, map, list, set the memory table and unmap, and after each the
  * device's own table (vduse-daemon, ./vduse.ts) must be exactly what the API lists.
  *
- *   node --import tsx test/kernel/guest/full-stack.ts
+ *   node --import tsx test/kernel/run-vm.ts test/kernel/guest/full-stack.ts
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import type { DeviceMapEntry } from './vduse.ts';
 import {
+  agentServing,
   assert,
+  bootAgentSocket,
+  bootApi,
+  kernelAgentArgs,
+  untilApiReady,
   devicePath,
   deviceBusy,
   deviceTableIs,
   deviceUpdates,
   pushEmptyTable,
+  restCall,
+  restExpect,
   runChecks,
+  scratchDirs,
   Service,
   showMap,
   vduse,
 } from './harness.ts';
 
 const DEVICE = path.basename(devicePath);
-const root = fs.mkdtempSync('/tmp/full-stack-');
-const agentState = path.join(root, 'agent');
-const apiState = path.join(root, 'api');
-const sharedDir = path.join(root, 'shared');
-const socket = path.join(root, 'agent.sock');
-fs.mkdirSync(sharedDir);
-const imagePath = path.join(sharedDir, 'guest.img');
-fs.writeFileSync(imagePath, '');
-fs.truncateSync(imagePath, 1024 * 1024);
+const socket = bootAgentSocket;
+const { root, agentState, sharedDir, imagePath } = scratchDirs('full-stack');
 
 let agent: Service | undefined;
-let api: Service | undefined;
 let base = '';
 
-interface Answer {
-  status: number;
-  // biome-ignore lint/suspicious/noExplicitAny: JSON answers are checked field by field
-  body: any;
-}
-
-async function http(method: string, url: string, body?: unknown): Promise<Answer> {
-  const res = await fetch(`${base}${url}`, {
-    method,
-    ...(body === undefined
-      ? {}
-      : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
-  });
-  const text = await res.text();
-  return { status: res.status, body: text === '' ? undefined : JSON.parse(text) };
-}
-
-async function expect(method: string, url: string, status: number, body?: unknown): Promise<Answer> {
-  const a = await http(method, url, body);
-  assert(a.status === status, `${method} ${url}: ${a.status}, expected ${status}: ${JSON.stringify(a.body)}`);
-  return a;
-}
+const http = (method: string, url: string, body?: unknown) => restCall(base, method, url, body);
+const expect = (method: string, url: string, status: number, body?: unknown) =>
+  restExpect(base, method, url, status, body);
 
 interface ApiMapping {
   iova: string;
@@ -103,40 +85,15 @@ await runChecks(
       'start',
       async () => {
         assert(!deviceBusy(), `${devicePath} is already held`);
-        // Both start at once (loading them dominates under TCG); the API retries the agent's socket.
-        const [ra, rs] = await Promise.allSettled([
-          Service.start(
-            'agent',
-            'services/agent/main.ts',
-            [
-              ...['--device', `kernel:${devicePath}`, '--state-dir', agentState, '--socket', socket],
-              ...['--allowed-root', sharedDir, '--log-level', 'info'],
-            ],
-            (l) => l.includes('"agent serving"'),
-          ),
-          Service.start(
-            'api',
-            'services/api/main.ts',
-            [
-              ...['--rest-listen', '127.0.0.1:0', '--grpc-listen', '127.0.0.1:0', '--agent-socket', socket],
-              ...['--state-dir', apiState, '--log-level', 'info'],
-            ],
-            (l) => l.includes('"api server listening"'),
-          ),
+        const [a, boot] = await Promise.all([
+          Service.start('agent', 'agent', kernelAgentArgs(agentState, socket, sharedDir), agentServing),
+          bootApi(),
         ]);
-        if (ra.status === 'fulfilled') agent = ra.value.service;
-        if (rs.status === 'fulfilled') api = rs.value.service;
-        if (ra.status === 'rejected') throw ra.reason;
-        if (rs.status === 'rejected') throw rs.reason;
-        const [a, s] = [ra.value, rs.value];
-        base = String(JSON.parse(s.line).rest);
+        agent = a.service;
+        base = boot.rest;
         assert(/^http:\/\/127\.0\.0\.1:\d+$/.test(base), `REST address ${base}`);
-        const t0 = performance.now();
-        while ((await http('GET', '/readyz')).status !== 200) {
-          assert(performance.now() - t0 < 30_000, `not ready after 30 s:\n${s.service.tail()}`);
-          await new Promise((r) => setTimeout(r, 100));
-        }
-        return `agent serving after ${a.ms} ms, API at ${base} after ${s.ms} ms, ready ${Math.round(performance.now() - t0)} ms later`;
+        const readyMs = await untilApiReady(base);
+        return `agent serving after ${a.ms} ms; the boot's API server at ${base} (listening ${boot.ms} ms after this step began) ready ${readyMs} ms later`;
       },
     ],
     [
@@ -229,11 +186,13 @@ await runChecks(
     [
       'stop',
       async () => {
-        const s = api!;
+        // Leave the boot's API server with nothing desired, then stop the agent.
+        await expect('POST', `/v1/devices/${DEVICE}/mappings:unmap`, 200, {
+          iova: '0x0',
+          size: '0xffffffffffffffff',
+        });
+        for (const id of ['ram', 'img']) await expect('DELETE', `/v1/memory/${id}`, 204);
         const a = agent!;
-        const apiExit = await s.stop('SIGTERM');
-        api = undefined;
-        assert(apiExit.code === 0, `API exit ${apiExit.code ?? apiExit.signal}:\n${s.tail()}`);
         const agentExit = await a.stop('SIGTERM');
         agent = undefined;
         assert(agentExit.code === 0, `agent exit ${agentExit.code ?? agentExit.signal}:\n${a.tail()}`);
@@ -241,12 +200,16 @@ await runChecks(
         const stale = await vduse.map();
         const table = await pushEmptyTable();
         assert(table.length === 0, `device table after a new owner's push: ${showMap(table)}`);
-        return `API exit 0 in ${apiExit.ms} ms, agent exit 0 in ${agentExit.ms} ms; node free; device kept ${stale.length} entries until a new owner pushed, then ${showMap(table)}`;
+        return `unmapped everything and released the memory over REST; agent exit 0 in ${agentExit.ms} ms; node free; device kept ${stale.length} entries until a new owner pushed, then ${showMap(table)}`;
       },
     ],
   ],
   async () => {
-    await api?.kill();
+    // After a failure too: the next step must find the boot's API server with nothing desired.
+    if (agent?.running) {
+      await http('POST', `/v1/devices/${DEVICE}/mappings:unmap`, { iova: '0x0', size: '0xffffffffffffffff' });
+      for (const id of ['ram', 'img']) await http('DELETE', `/v1/memory/${id}`);
+    }
     await agent?.kill();
     const table = await pushEmptyTable();
     fs.rmSync(root, { recursive: true, force: true });

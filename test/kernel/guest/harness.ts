@@ -10,8 +10,9 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { createInterface } from 'node:readline';
-import type { Mapping } from '../../../src/iotlb/types.ts';
+import type { IotlbOp, Mapping, Perm } from '../../../src/iotlb/types.ts';
 import { TransportError, type VhostTransport } from '../../../src/device/transport.ts';
 import { openVhostVdpaFd } from '../../../src/device/vhost-vdpa-fd.ts';
 import {
@@ -21,6 +22,7 @@ import {
   Ioctl,
   type IotlbMsgType as MsgType,
 } from '../../../src/uapi/index.ts';
+import { budgetMs, bundlePath } from '../guest-js.ts';
 import { type DeviceMapEntry, VduseClient } from './vduse.ts';
 
 export const devicePath = process.env.VHOST_VDPA_DEV ?? '/dev/vhost-vdpa-0';
@@ -146,7 +148,13 @@ export function deviceBusy(): boolean {
   }
 }
 
-/** A service started as a child process (`node --import tsx <script> ...`), its output kept. */
+/** The tier's budget: the bound of every wait in the guest (no tighter limit, see guest-js.ts). */
+export const WAIT_MS = budgetMs();
+
+/**
+ * A service started as a child process from its bundle (`node .cache/guest-js/<agent|api>.mjs`,
+ * compiled from services/<agent|api>/main.ts before the boot), its output kept.
+ */
 export class Service {
   readonly lines: string[] = [];
   private readonly listeners: ((line: string) => void)[] = [];
@@ -169,18 +177,18 @@ export class Service {
   }
 
   /**
-   * Starts `script` from the project root and waits until one of its output lines satisfies
-   * `ready` (returned), or fails if it exits or `timeoutMs` passes first.
+   * Starts the `bundle` service and waits until one of its output lines satisfies `ready`
+   * (returned), or fails if it exits first (or the tier's budget passes).
    */
   static async start(
     name: string,
-    script: string,
+    bundle: 'agent' | 'api',
     args: string[],
     ready: (line: string) => boolean,
-    timeoutMs = 60_000,
+    timeoutMs = WAIT_MS,
   ): Promise<{ service: Service; line: string; ms: number }> {
     const started = performance.now();
-    const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], {
+    const child = spawn(process.execPath, [bundlePath(bundle), ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const service = new Service(name, child);
@@ -235,7 +243,7 @@ export class Service {
   /** Sends `signal` and waits for the exit (SIGKILL after `timeoutMs`). */
   async stop(
     signal: NodeJS.Signals = 'SIGTERM',
-    timeoutMs = 20_000,
+    timeoutMs = WAIT_MS,
   ): Promise<{ code: number | null; signal: NodeJS.Signals | null; ms: number }> {
     const started = performance.now();
     if (this.running) {
@@ -250,4 +258,133 @@ export class Service {
   async kill(): Promise<void> {
     if (this.running) await this.stop('SIGKILL');
   }
+}
+
+/**
+ * The boot's API server (init.sh starts it before the first kind): its REST address, once its
+ * "api server listening" line is in $VDPA_MAPD_API_LOG. Waits for it within the tier's budget.
+ */
+export async function bootApi(): Promise<{ rest: string; agentSocket: string; ms: number }> {
+  const log = process.env.VDPA_MAPD_API_LOG;
+  const agentSocket = process.env.VDPA_MAPD_AGENT_SOCKET;
+  assert(log !== undefined && agentSocket !== undefined, 'no boot API server (VDPA_MAPD_API_LOG unset)');
+  const started = performance.now();
+  for (;;) {
+    const text = fs.existsSync(log) ? fs.readFileSync(log, 'utf8') : '';
+    const line = text.split('\n').find((l) => l.includes('"api server listening"'));
+    if (line)
+      return {
+        rest: String(JSON.parse(line).rest),
+        agentSocket,
+        ms: Math.round(performance.now() - started),
+      };
+    assert(
+      performance.now() - started < WAIT_MS,
+      `the boot's API server did not listen within the tier's budget:\n${text.slice(-3000)}`,
+    );
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+export type UpdateOp = Extract<IotlbOp, { type: 'update' }>;
+
+/** An IOTLB UPDATE in address space 0. */
+export const updateOp = (
+  iova: bigint,
+  size: bigint,
+  memory: string,
+  offset: bigint,
+  perm: Perm,
+): UpdateOp => ({
+  type: 'update',
+  asid: 0,
+  iova,
+  size,
+  memory,
+  offset,
+  perm,
+});
+
+/** An IOTLB INVALIDATE in address space 0. */
+export const invalidateOp = (iova: bigint, size: bigint): IotlbOp => ({
+  type: 'invalidate',
+  asid: 0,
+  iova,
+  size,
+});
+
+export interface RestAnswer {
+  status: number;
+  // biome-ignore lint/suspicious/noExplicitAny: JSON answers are checked field by field
+  body: any;
+}
+
+/** One REST call to the API server at `base` (JSON in and out). */
+export async function restCall(
+  base: string,
+  method: string,
+  url: string,
+  body?: unknown,
+): Promise<RestAnswer> {
+  const res = await fetch(`${base}${url}`, {
+    method,
+    ...(body === undefined
+      ? {}
+      : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text === '' ? undefined : JSON.parse(text) };
+}
+
+/** A REST call that must answer `status`. */
+export async function restExpect(
+  base: string,
+  method: string,
+  url: string,
+  status: number,
+  body?: unknown,
+): Promise<RestAnswer> {
+  const a = await restCall(base, method, url, body);
+  assert(a.status === status, `${method} ${url}: ${a.status}, expected ${status}: ${JSON.stringify(a.body)}`);
+  return a;
+}
+
+/** The agent's arguments for the kernel device under test, serving on `socket`. */
+export function kernelAgentArgs(stateDir: string, socket: string, allowedRoot: string): string[] {
+  return [
+    ...['--device', `kernel:${devicePath}`, '--state-dir', stateDir, '--socket', socket],
+    ...['--allowed-root', allowedRoot, '--log-level', 'info'],
+  ];
+}
+
+/** The agent's line that says it serves. */
+export const agentServing = (line: string): boolean => line.includes('"agent serving"');
+
+/** Waits until the API server at `base` is ready (it has reconciled its agent); returns the ms. */
+export async function untilApiReady(base: string): Promise<number> {
+  const t0 = performance.now();
+  while ((await restCall(base, 'GET', '/readyz')).status !== 200) {
+    assert(performance.now() - t0 < WAIT_MS, "the API server did not become ready within the tier's budget");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return Math.round(performance.now() - t0);
+}
+
+/** Where the boot's API server expects its agent (init.sh's VDPA_MAPD_AGENT_SOCKET). */
+export const bootAgentSocket = process.env.VDPA_MAPD_AGENT_SOCKET ?? '/run/vdpa-mapd/agent.sock';
+
+/** A step's scratch folder under /tmp: the agent's state dir and an allowed root with a 1 MiB image. */
+export function scratchDirs(prefix: string): {
+  root: string;
+  agentState: string;
+  sharedDir: string;
+  imagePath: string;
+} {
+  const root = fs.mkdtempSync(`/tmp/${prefix}-`);
+  const sharedDir = path.join(root, 'shared');
+  fs.mkdirSync(sharedDir);
+  const imagePath = path.join(sharedDir, 'guest.img');
+  fs.writeFileSync(imagePath, '');
+  fs.truncateSync(imagePath, 1024 * 1024);
+  return { root, agentState: path.join(root, 'agent'), sharedDir, imagePath };
 }

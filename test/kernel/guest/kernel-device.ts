@@ -17,7 +17,7 @@ import { TransportError, type VhostTransport } from '../../../src/device/transpo
 import type { OpResult } from '../../../src/device/types.ts';
 import { toDeviceError, UNDERSTOOD_BACKEND_FEATURES } from '../../../src/device/vhost-vdpa.ts';
 import { openVhostVdpaFd } from '../../../src/device/vhost-vdpa-fd.ts';
-import type { IotlbOp, Mapping, Perm } from '../../../src/iotlb/types.ts';
+import type { IotlbOp, Mapping } from '../../../src/iotlb/types.ts';
 import { SharedMemoryRegistry } from '../../../src/memory/registry.ts';
 import { backendFeatureNames, IotlbMsgType, Ioctl, VHOST_ACCESS_RW } from '../../../src/uapi/index.ts';
 import {
@@ -29,10 +29,12 @@ import {
   errnoOf,
   expectedEntries,
   hex,
+  invalidateOp as invalidate,
   pushEmptyTable,
   runChecks,
   sendRaw,
   showMap,
+  updateOp as update,
   vduse,
 } from './harness.ts';
 
@@ -86,19 +88,6 @@ const dev = () => {
   return device;
 };
 
-type UpdateOp = Extract<IotlbOp, { type: 'update' }>;
-
-const update = (iova: bigint, size: bigint, memory: string, offset: bigint, perm: Perm): UpdateOp => ({
-  type: 'update',
-  asid: 0,
-  iova,
-  size,
-  memory,
-  offset,
-  perm,
-});
-const invalidate = (iova: bigint, size: bigint): IotlbOp => ({ type: 'invalidate', asid: 0, iova, size });
-
 // The mappings (iova, size, memory, offset, perm) the checks use.
 const A = update(0x1000_0000n, MiB, 'ram', 0x10_0000n, 'rw'); // memfd
 const B = update(0x2000_0000n, 64n * KiB, 'disk', 0x2000n, 'rw'); // file created under the state dir
@@ -138,6 +127,7 @@ await runChecks(
           name: 'vdpa0',
           memory: registry,
           openTransport: rec.open,
+          pinned: false, // VDUSE maps in VA mode (what discovery finds for it)
         });
         const f = device.facts();
         assert(f.kind === 'kernel' && f.node === devicePath, `facts kind ${f.kind} node ${f.node}`);
@@ -438,6 +428,7 @@ await runChecks(
           name: 'vdpa0',
           memory: registry,
           openTransport: rec.open,
+          pinned: false, // VDUSE maps in VA mode (what discovery finds for it)
         });
         const d = device2;
         // A fresh owner has no address space: the guard skips the INVALIDATE the kernel refuses.

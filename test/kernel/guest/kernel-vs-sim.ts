@@ -13,14 +13,10 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import koffi from 'koffi';
 import { SimulatedVdpa } from '../../../src/device/sim-kernel.ts';
-import { TransportError, type VhostTransport } from '../../../src/device/transport.ts';
 import { FULL_IOVA_RANGE } from '../../../src/iotlb/types.ts';
 import { SharedMemoryRegistry } from '../../../src/memory/registry.ts';
 import {
-  ioctlBuffer,
-  ioctlNoArg,
   MAP_SHARED,
   MFD_CLOEXEC,
   memfdCreate,
@@ -28,7 +24,6 @@ import {
   munmap,
   PROT_READ,
   PROT_WRITE,
-  SysError,
   ftruncate,
 } from '../../../src/sys/libc.ts';
 import {
@@ -41,20 +36,11 @@ import {
   VHOST_ACCESS_RW,
 } from '../../../src/uapi/index.ts';
 import { assert, devicePath, hex, pushEmptyTable, runChecks, showMap, vduse } from './harness.ts';
-
-const rawWrite = koffi.load('libc.so.6').func('long write(int fd, const void *buf, unsigned long count)');
+import { answer, type RawFile, RealFile, SimFile } from './raw.ts';
 
 const MiB = 1n << 20n;
 const U64_MAX = (1n << 64n) - 1n;
 const MAP_PRIVATE = 0x02;
-
-/** An open vhost-vdpa file, real or simulated: raw ioctls and writes. */
-interface RawFile {
-  ioctl(request: number, arg?: Uint8Array): void;
-  /** Returns what write() returned (the kernel answers 72 for a message it took). */
-  write(bytes: Uint8Array): Promise<number>;
-  close(): void;
-}
 
 interface Side {
   name: 'kernel' | 'sim';
@@ -65,68 +51,13 @@ interface Side {
   pushes(): Promise<number>;
 }
 
-/** libuv names errno 95 ENOTSUP; the kernel and the simulator call it EOPNOTSUPP. */
-function errnoName(e: unknown): string {
-  if (e instanceof SysError) return e.errno === 'ENOTSUP' ? 'EOPNOTSUPP' : e.errno;
-  if (e instanceof TransportError) return e.errno;
-  const code = (e as NodeJS.ErrnoException | undefined)?.code;
-  if (typeof code === 'string') return code;
-  throw e;
-}
-
-/** What a call answered: its number (write's return), 'ok', or the errno. */
-async function answer(fn: () => unknown): Promise<string> {
-  try {
-    const r = await fn();
-    return typeof r === 'number' ? String(r) : 'ok';
-  } catch (e) {
-    return errnoName(e);
-  }
-}
-
-class RealFile implements RawFile {
-  constructor(private readonly fd: number) {}
-  ioctl(request: number, arg?: Uint8Array): void {
-    if (arg === undefined) ioctlNoArg(this.fd, request);
-    else ioctlBuffer(this.fd, request, arg);
-  }
-  /**
-   * write(2) itself: the kernel answers 72 even for a 40-byte write (R4), more than was asked,
-   * which libuv's write loop (fs.writeSync) does not expect: it reported 0 or 72 depending on the
-   * probes run before (most likely reading past its one buffer). A probe must see the kernel's own
-   * answer.
-   */
-  async write(bytes: Uint8Array): Promise<number> {
-    const n = Number(rawWrite(this.fd, bytes, bytes.length));
-    if (n < 0) throw new SysError('write', koffi.errno());
-    return n;
-  }
-  close(): void {
-    fs.closeSync(this.fd);
-  }
-}
-
-class SimFile implements RawFile {
-  constructor(private readonly t: VhostTransport) {}
-  ioctl(request: number, arg?: Uint8Array): void {
-    this.t.ioctl(request, arg);
-  }
-  async write(bytes: Uint8Array): Promise<number> {
-    await this.t.write(bytes);
-    return 72; // the simulator takes a message whole or refuses it
-  }
-  close(): void {
-    this.t.close();
-  }
-}
-
 const root = fs.mkdtempSync('/tmp/kernel-vs-sim-');
 const registry = new SharedMemoryRegistry({ allowedRoots: [], stateDir: path.join(root, 'state') });
 const ram = registry.create({ id: 'ram', size: 4n * MiB, kind: 'memfd' });
 
 const kernel: Side = {
   name: 'kernel',
-  open: () => new RealFile(fs.openSync(devicePath, fs.constants.O_RDWR)),
+  open: () => RealFile.open(devicePath),
   table: async () => showMap(await vduse.map()),
   pushes: async () => (await vduse.stats()).updates,
 };
