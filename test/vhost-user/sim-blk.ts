@@ -53,7 +53,16 @@ export class SimBlkBackend {
     this.stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-vu-'));
     this.registry = new SharedMemoryRegistry({ allowedRoots: [], stateDir: this.stateDir });
     this.device = new SimulatedDevice(
-      { name: 'vublk0', deviceId: VirtioDeviceId.BLOCK, vqCount: 1, configSize: 60 },
+      // vdpa_sim_blk with batch_mapping=0 and use_va=1: one dma_map per UPDATE, nothing pinned.
+      {
+        name: 'vublk0',
+        deviceId: VirtioDeviceId.BLOCK,
+        vqCount: 1,
+        configSize: 60,
+        iommu: 'onchip',
+        onchipMap: 'dma_map',
+        useVa: true,
+      },
       this.registry,
     );
     this.diskFd = fs.openSync(options.diskPath, 'r+');
