@@ -15,9 +15,9 @@ export interface NpmStart {
   hint: string;
 }
 
-/** Resolves once the system is ready and the hint printed; rejects if start exits first. */
-export async function npmStart(dir: string): Promise<NpmStart> {
-  const child = spawn(
+/** Spawns `npm start`'s script on free loopback ports with its state in `dir`, output piped. */
+export function spawnNpmStart(dir: string, args: readonly string[] = []): ChildProcess {
+  return spawn(
     process.execPath,
     [
       '--import',
@@ -29,9 +29,15 @@ export async function npmStart(dir: string): Promise<NpmStart> {
       '127.0.0.1:0',
       '--grpc-listen',
       '127.0.0.1:0',
+      ...args,
     ],
     { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
   );
+}
+
+/** Resolves once the system is ready and the hint printed; rejects if start exits first. */
+export async function npmStart(dir: string): Promise<NpmStart> {
+  const child = spawnNpmStart(dir);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => {

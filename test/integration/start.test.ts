@@ -5,18 +5,16 @@
  * one that keeps dying makes it give up and stop everything.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { type TestContext, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../../src/agent/client.ts';
 import { WAIT_MS } from './agent-harness.ts';
+import { spawnNpmStart } from './npm-start.ts';
 import { mappingKeys } from './process-harness.ts';
-
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 interface Started {
   child: ChildProcess;
@@ -29,22 +27,7 @@ interface Started {
 }
 
 async function start(dir: string, args: string[] = []): Promise<Started> {
-  const child = spawn(
-    process.execPath,
-    [
-      '--import',
-      'tsx',
-      'scripts/start.ts',
-      '--dir',
-      dir,
-      '--rest-listen',
-      '127.0.0.1:0',
-      '--grpc-listen',
-      '127.0.0.1:0',
-      ...args,
-    ],
-    { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
+  const child = spawnNpmStart(dir, args);
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const said: string[] = [];
   const listeners = new Set<() => void>();
