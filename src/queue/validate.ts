@@ -25,6 +25,8 @@ import type { WorkingTables } from './working.ts';
 export interface MemoryLookup {
   /** Size of memory `id`, or undefined when it is not registered (or is being unregistered). */
   sizeOf(id: string): bigint | undefined;
+  /** Why registered memory `id` cannot be mapped now (the agent cannot open it), if it cannot. */
+  unavailable?(id: string): string | undefined;
 }
 
 /** A validated unit: its ops, and its answer if the device applies them all. */
@@ -182,6 +184,48 @@ function applyBatchOp(work: WorkingTables, memory: MemoryLookup, op: BatchOp, at
   });
 }
 
+/** The request field of the unit that asked for `op`, an UPDATE (for an error naming it). */
+function fieldOfUpdate(request: WriteRequest, index: number, plan: StepPlan, opIndex: number): string {
+  switch (request.kind) {
+    case 'map':
+      return 'memory';
+    case 'unmap':
+      return 'iova';
+    case 'setMemTable': {
+      const op = plan.ops[opIndex]!;
+      const i = request.regions.findIndex(
+        (r) => op.type === 'update' && r.iova === op.iova && r.memory === op.memory,
+      );
+      return i < 0 ? 'regions' : `regions[${i}].memory`;
+    }
+    case 'batch': {
+      const i = request.atomic ? batchOpAt(plan.opStarts ?? [], opIndex) : index;
+      return `ops[${i}].${request.ops[i]?.op === 'map' ? 'memory' : 'iova'}`;
+    }
+  }
+}
+
+/**
+ * Every UPDATE a unit sends must be into memory the agent holds: one whose file cannot be opened
+ * again is refused by name (mappings already in it stay desired; unmapping them needs no memory).
+ */
+function checkAvailable(memory: MemoryLookup, request: WriteRequest, index: number, plan: StepPlan): void {
+  if (memory.unavailable === undefined) return;
+  plan.ops.forEach((op, i) => {
+    if (op.type !== 'update') return;
+    const why = memory.unavailable!(op.memory);
+    if (why === undefined) return;
+    const split =
+      request.kind === 'unmap' ||
+      (request.kind === 'batch' && fieldOfUpdate(request, index, plan, i).endsWith('.iova'));
+    throw new ServiceError(
+      'FAILED_PRECONDITION',
+      `memory ${op.memory} is unavailable at the agent (${why})${split ? ': unmapping part of one of its mappings would map the rest again; unmap the whole mapping' : ''}`,
+      { field: fieldOfUpdate(request, index, plan, i) },
+    );
+  });
+}
+
 /**
  * Validates one unit and applies its ops to `work`: the whole request, or op `index` of a
  * non-atomic batch. Throws ServiceError with nothing left applied.
@@ -194,38 +238,44 @@ export function applyStep(
 ): StepPlan {
   const mark = work.mark();
   try {
-    switch (request.kind) {
-      case 'map': {
-        const answer = applyMap(work, memory, request.spec, TOP);
-        return { ops: answer.ops, answer };
-      }
-      case 'unmap': {
-        const answer = applyUnmap(work, request.spec, TOP);
-        return { ops: answer.ops, answer };
-      }
-      case 'setMemTable': {
-        const answer = applySetMemTable(work, memory, request.asid, request.regions);
-        return { ops: answer.ops, answer };
-      }
-      case 'batch': {
-        if (!request.atomic) {
-          const ops = applyBatchOp(work, memory, request.ops[index]!, atOp(index));
-          return { ops, answer: { ok: true, ops } };
-        }
-        const opStarts: number[] = [];
-        const ops: IotlbOp[] = [];
-        const results: BatchOpResult[] = request.ops.map((op, i) => {
-          opStarts.push(ops.length);
-          const own = applyBatchOp(work, memory, op, atOp(i));
-          ops.push(...own);
-          return { ok: true, ops: own };
-        });
-        return { ops, opStarts, answer: { atomic: true, committed: true, results } };
-      }
-    }
+    const plan = planStep(work, memory, request, index);
+    checkAvailable(memory, request, index, plan);
+    return plan;
   } catch (e) {
     work.rollback(mark);
     throw e;
+  }
+}
+
+function planStep(work: WorkingTables, memory: MemoryLookup, request: WriteRequest, index: number): StepPlan {
+  switch (request.kind) {
+    case 'map': {
+      const answer = applyMap(work, memory, request.spec, TOP);
+      return { ops: answer.ops, answer };
+    }
+    case 'unmap': {
+      const answer = applyUnmap(work, request.spec, TOP);
+      return { ops: answer.ops, answer };
+    }
+    case 'setMemTable': {
+      const answer = applySetMemTable(work, memory, request.asid, request.regions);
+      return { ops: answer.ops, answer };
+    }
+    case 'batch': {
+      if (!request.atomic) {
+        const ops = applyBatchOp(work, memory, request.ops[index]!, atOp(index));
+        return { ops, answer: { ok: true, ops } };
+      }
+      const opStarts: number[] = [];
+      const ops: IotlbOp[] = [];
+      const results: BatchOpResult[] = request.ops.map((op, i) => {
+        opStarts.push(ops.length);
+        const own = applyBatchOp(work, memory, op, atOp(i));
+        ops.push(...own);
+        return { ok: true, ops: own };
+      });
+      return { ops, opStarts, answer: { atomic: true, committed: true, results } };
+    }
   }
 }
 
