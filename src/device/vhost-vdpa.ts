@@ -15,6 +15,7 @@ import {
   VHOST_ACCESS_RW,
   VHOST_ACCESS_WO,
 } from '../uapi/constants.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
 import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
 import { DeviceError } from './errors.ts';
@@ -61,7 +62,6 @@ const OK: OpResult = { ok: true };
  */
 const OPS_PER_SLICE = 256;
 
-const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 const PERM_BITS = { ro: VHOST_ACCESS_RO, wo: VHOST_ACCESS_WO, rw: VHOST_ACCESS_RW } as const;
 
 export interface VhostVdpaDeviceInit {

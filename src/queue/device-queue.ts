@@ -26,6 +26,7 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../service/agent-port.ts';
 import { ServiceError } from '../service/errors.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 import type { FlushResult, MappingEvent } from '../service/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
@@ -372,6 +373,8 @@ export class DeviceQueue {
       return;
     }
 
+    // Each stage of a big group is long: others' requests get a turn between them.
+    await nextTurn();
     const byEntry = new Map<WriteEntry, Step[]>(live.map((e) => [e, []]));
     for (const s of run.steps) byEntry.get(s.entry)!.push(s);
     const outcomes = live.map((e) => outcomeOf(e, byEntry.get(e)!));
@@ -382,6 +385,7 @@ export class DeviceQueue {
             .changes(s.mark, s.end)
             .map((c): MappingEvent => ({ device, ...c, sequence: s.entry.sequence })),
     );
+    await nextTurn();
     try {
       await this.opts.store.commit(this.changesOf(run, live, byEntry, outcomes));
     } catch (e) {

@@ -96,14 +96,14 @@ function refusal(ctx: GroupContext, step: Step, opIndex: number, r: AgentOpResul
   );
 }
 
-function validate(ctx: GroupContext, step: Step): void {
+async function validate(ctx: GroupContext, step: Step): Promise<void> {
   step.mark = ctx.work.mark();
   step.plan = undefined;
   step.error = undefined;
   step.refusedOp = undefined;
   const before = usageOf(ctx.work.spaces);
   try {
-    step.plan = applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
+    step.plan = await applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
     const { request } = step.entry;
     const field = request.kind === 'batch' && !request.atomic ? `ops[${step.index}]` : undefined;
     const over = quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), field);
@@ -155,13 +155,13 @@ export async function runGroup(ctx: GroupContext, entries: readonly WriteEntry[]
       const round = steps.slice(from);
       const ops: IotlbOp[] = [];
       const owner: { step: number; op: number }[] = [];
-      round.forEach((step, k) => {
-        validate(ctx, step);
+      for (const [k, step] of round.entries()) {
+        await validate(ctx, step);
         step.plan?.ops.forEach((op, i) => {
           ops.push(op);
           owner.push({ step: from + k, op: i });
         });
-      });
+      }
       if (ops.length === 0) break;
       const results = await applyAtAgent(ctx, ops);
       const first = results.findIndex((r) => !r.ok);

@@ -19,6 +19,7 @@ import type {
   UnmapSpec,
 } from '../service/types.ts';
 import type { WriteRequest } from './types.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 import type { WorkingTables } from './working.ts';
 
 /** The desired memory a request may map. */
@@ -128,11 +129,17 @@ function withAsid(regions: readonly Region[], asid: number): Mapping[] {
   return regions.map((r) => ({ asid, ...r }));
 }
 
-function applyPlan(work: WorkingTables, plan: Plan): void {
-  for (const op of plan.ops) work.apply(op);
+/** Ops applied to the working tables between two turns of the event loop (a table of 65,536). */
+const OPS_PER_SLICE = 2048;
+
+async function applyPlan(work: WorkingTables, plan: Plan): Promise<void> {
+  for (let i = 0; i < plan.ops.length; i++) {
+    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
+    work.apply(plan.ops[i]!);
+  }
 }
 
-function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
+async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise<UnmapResult> {
   checkAsid(work, spec.asid, at);
   let plan: Plan;
   try {
@@ -140,7 +147,7 @@ function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
   } catch (e) {
     throw planError(e, at);
   }
-  applyPlan(work, plan);
+  await applyPlan(work, plan);
   return {
     removed: withAsid(plan.invalidated, spec.asid),
     remapped: withAsid(plan.mapped, spec.asid),
@@ -149,12 +156,12 @@ function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
 }
 
 /** Validates a whole target table and applies the plan that gets there (same planner as reconcile). */
-export function applySetMemTable(
+export async function applySetMemTable(
   work: WorkingTables,
   memory: MemoryLookup,
   asid: number,
   regions: readonly Region[],
-): SetMemTableResult {
+): Promise<SetMemTableResult> {
   checkAsid(work, asid, TOP);
   let target: Region[];
   try {
@@ -166,7 +173,7 @@ export function applySetMemTable(
     checkMemory(memory, r, atRegion(i));
   });
   const plan = diffSorted([...work.spaces.table(asid).entries()], target, asid);
-  applyPlan(work, plan);
+  await applyPlan(work, plan);
   return {
     dryRun: false,
     ops: plan.ops,
@@ -176,9 +183,14 @@ export function applySetMemTable(
   };
 }
 
-function applyBatchOp(work: WorkingTables, memory: MemoryLookup, op: BatchOp, at: At): IotlbOp[] {
+async function applyBatchOp(
+  work: WorkingTables,
+  memory: MemoryLookup,
+  op: BatchOp,
+  at: At,
+): Promise<IotlbOp[]> {
   if (op.op === 'map') return applyMap(work, memory, op, at).ops;
-  if (op.op === 'unmap') return applyUnmap(work, op, at).ops;
+  if (op.op === 'unmap') return (await applyUnmap(work, op, at)).ops;
   throw new ServiceError('INVALID_ARGUMENT', `${at.label}op must be map or unmap`, {
     field: fieldAt(at, 'op'),
   });
@@ -230,15 +242,15 @@ function checkAvailable(memory: MemoryLookup, request: WriteRequest, index: numb
  * Validates one unit and applies its ops to `work`: the whole request, or op `index` of a
  * non-atomic batch. Throws ServiceError with nothing left applied.
  */
-export function applyStep(
+export async function applyStep(
   work: WorkingTables,
   memory: MemoryLookup,
   request: WriteRequest,
   index: number,
-): StepPlan {
+): Promise<StepPlan> {
   const mark = work.mark();
   try {
-    const plan = planStep(work, memory, request, index);
+    const plan = await planStep(work, memory, request, index);
     checkAvailable(memory, request, index, plan);
     return plan;
   } catch (e) {
@@ -247,33 +259,39 @@ export function applyStep(
   }
 }
 
-function planStep(work: WorkingTables, memory: MemoryLookup, request: WriteRequest, index: number): StepPlan {
+async function planStep(
+  work: WorkingTables,
+  memory: MemoryLookup,
+  request: WriteRequest,
+  index: number,
+): Promise<StepPlan> {
   switch (request.kind) {
     case 'map': {
       const answer = applyMap(work, memory, request.spec, TOP);
       return { ops: answer.ops, answer };
     }
     case 'unmap': {
-      const answer = applyUnmap(work, request.spec, TOP);
+      const answer = await applyUnmap(work, request.spec, TOP);
       return { ops: answer.ops, answer };
     }
     case 'setMemTable': {
-      const answer = applySetMemTable(work, memory, request.asid, request.regions);
+      const answer = await applySetMemTable(work, memory, request.asid, request.regions);
       return { ops: answer.ops, answer };
     }
     case 'batch': {
       if (!request.atomic) {
-        const ops = applyBatchOp(work, memory, request.ops[index]!, atOp(index));
+        const ops = await applyBatchOp(work, memory, request.ops[index]!, atOp(index));
         return { ops, answer: { ok: true, ops } };
       }
       const opStarts: number[] = [];
       const ops: IotlbOp[] = [];
-      const results: BatchOpResult[] = request.ops.map((op, i) => {
+      const results: BatchOpResult[] = [];
+      for (const [i, op] of request.ops.entries()) {
         opStarts.push(ops.length);
-        const own = applyBatchOp(work, memory, op, atOp(i));
+        const own = await applyBatchOp(work, memory, op, atOp(i));
         ops.push(...own);
-        return { ok: true, ops: own };
-      });
+        results.push({ ok: true, ops: own });
+      }
       return { ops, opStarts, answer: { atomic: true, committed: true, results } };
     }
   }

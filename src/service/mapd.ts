@@ -336,7 +336,11 @@ class Mapd implements MapdCore {
   }
 
   /** Plans against the acknowledged desired state; changes nothing. */
-  private dryRun(device: string, asid: number, regions: SetMemTableRequest['regions']): SetMemTableResult {
+  private async dryRun(
+    device: string,
+    asid: number,
+    regions: SetMemTableRequest['regions'],
+  ): Promise<SetMemTableResult> {
     const slot = this.existing(device);
     if (!slot.facts) throw this.unknownDevice(device);
     const spaces = new AddressSpaces(slot.facts.asNum, slot.facts.iovaRange);
@@ -353,7 +357,7 @@ class Mapd implements MapdCore {
     }
     const usage = () => ({ bytes: others.bytes + spaces.bytes, entries: others.entries + spaces.count });
     const before = usage();
-    const result = applySetMemTable(new WorkingTables(spaces), this.memory, asid, regions);
+    const result = await applySetMemTable(new WorkingTables(spaces), this.memory, asid, regions);
     const over = quotaError(device, quotaOf(this.opts.quotas, device), before, usage());
     if (over) throw over;
     return { ...result, dryRun: true };
