@@ -4,7 +4,10 @@
  * - vdpa0 (platform IOMMU) is set a 65,536-region table (one PUT memtable over REST: JSON parse,
  *   planner, one apply at the agent, journal), the mappings then cleared again;
  * - vdpa2 (on-chip IOMMU, every set_map push takes PUSH_DELAY_MS) is set a small table: a slow
- *   parent, which the agent waits out.
+ *   parent, which the agent waits out;
+ * - at the agent alone (its protocol, no API server): one Apply of 65,536 UPDATEs to agent0 while
+ *   one-op Applies go to agent1, against the same one-op Applies alone (agent0 and agent1 are
+ *   devices the API server leaves alone).
  * The latencies of every round are pooled; p50 and p99 beside the idle ones. Real API server, real
  * agent process, both on the same 2 cores as the client. The API server runs in this process, so
  * the busy request's own client work is kept off this event loop: its body is encoded before the
@@ -13,7 +16,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { AgentClient } from '../../src/agent/client.ts';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import type { IotlbOp } from '../../src/iotlb/types.ts';
 import {
   apiConfig,
   grpcClients,
@@ -38,13 +43,17 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
     'sim:vdpa0',
     'sim:vdpa1,iommu=onchip',
     `sim:vdpa2,iommu=onchip,pushDelayMs=${PUSH_DELAY_MS}`,
+    'sim:agent0',
+    'sim:agent1,iommu=onchip',
   ]);
   try {
     const limits = { ...DEFAULT_LIMITS, bodyLimit: Math.max(DEFAULT_LIMITS.bodyLimit, 128 * regions) };
     const api = await startReadyApi(apiConfig(dir, path.join(dir, 'agent.sock'), { limits }));
     const http = rest(api.restAddress);
     const grpc = grpcClients(api.grpcAddress);
+    const agentClient = new AgentClient({ socketPath: agent.socket });
     try {
+      await agentClient.connect();
       const expect = async (method: string, url: string, body?: unknown) => {
         const res = await http(method, url, body);
         if (res.status >= 300) throw new Error(`${method} ${url}: ${res.status} ${JSON.stringify(res.body)}`);
@@ -105,26 +114,78 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         return ms;
       };
 
+      // At the agent alone: the memory is registered there by the API server already.
+      const update = (k: number, base = 0n): IotlbOp => ({
+        type: 'update',
+        asid: 0,
+        iova: base + BigInt(2 * k * PAGE),
+        size: BigInt(PAGE),
+        memory: 'ram0',
+        offset: BigInt(k * PAGE),
+        perm: 'rw',
+      });
+      const bigApply = Array.from({ length: regions }, (_, k) => update(k));
+      const smallApplies = async (busy: Promise<unknown> | undefined, min: number): Promise<number[]> => {
+        let done = busy === undefined;
+        void busy?.finally(() => {
+          done = true;
+        });
+        const ms: number[] = [];
+        for (let i = 0; (!done || i < min) && i < 100_000; i++) {
+          const start = performance.now();
+          const [r] = (await agentClient.apply('agent1', [update(i, BigInt(SMALL_BASE))])).results;
+          if (!r?.ok) throw new Error(`agent1 refused a small apply: ${JSON.stringify(r)}`);
+          ms.push(performance.now() - start);
+        }
+        await busy;
+        await agentClient.apply('agent1', [
+          { type: 'invalidate', asid: 0, iova: BigInt(SMALL_BASE), size: BigInt(2 * ms.length * PAGE) },
+        ]);
+        return ms;
+      };
+      const agentBusy = async () => {
+        const ms = await smallApplies(agentClient.apply('agent0', bigApply), 1);
+        await agentClient.apply('agent0', [
+          { type: 'invalidate', asid: 0, iova: 0n, size: BigInt(2 * regions * PAGE) },
+        ]);
+        return ms;
+      };
+
       const samples = await alternate(ROUNDS, {
         idle: () => smallMaps(undefined, idleMaps),
         bigTable: busyWith('vdpa0', big),
         slowSetMap: busyWith('vdpa2', slow),
+        agentIdle: () => smallApplies(undefined, idleMaps),
+        agentBigApply: agentBusy,
       });
-      const idle = percentiles(samples.idle.flat());
       const cases = [
-        { key: 'bigTable', label: `${regions.toLocaleString('en-US')}-region table on vdpa0` },
-        { key: 'slowSetMap', label: `slow set_map (${PUSH_DELAY_MS} ms per push) on vdpa2` },
+        {
+          key: 'bigTable',
+          idle: 'idle',
+          label: `small maps on vdpa1 during a ${regions.toLocaleString('en-US')}-region table on vdpa0`,
+        },
+        {
+          key: 'slowSetMap',
+          idle: 'idle',
+          label: `small maps on vdpa1 during a slow set_map (${PUSH_DELAY_MS} ms per push) on vdpa2`,
+        },
+        {
+          key: 'agentBigApply',
+          idle: 'agentIdle',
+          label: `agent only: 1-op Applies to agent1 during a ${regions.toLocaleString('en-US')}-op Apply to agent0`,
+        },
       ] as const;
-      for (const { key, label } of cases) {
+      for (const { key, idle: idleKey, label } of cases) {
         const all = samples[key].flat();
         const busy = percentiles(all);
-        const note = `${all.length} small maps measured`;
+        const idle = percentiles(samples[idleKey].flat());
+        const note = `${all.length} measured`;
         for (const q of ['p50', 'p99'] as const) {
           compare(
             ctx,
             {
               scenario: 'head-of-line',
-              case: `small maps on vdpa1 during a ${label}`,
+              case: label,
               metric: `${q} latency`,
               value: busy[q],
               unit: 'ms',
@@ -136,6 +197,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         }
       }
     } finally {
+      agentClient.close();
       grpc.close();
       await api.stop();
     }

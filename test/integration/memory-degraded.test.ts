@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { memoryDir } from '../../src/memory/allowlist.ts';
-import { agentTable, createRig, desiredTable, mappingKeys } from './process-harness.ts';
+import { agentTable, createRig, desiredTable, mappingKeys, until } from './process-harness.ts';
 
 const MiB = 0x100000n;
 const hex = (n: bigint) => `0x${n.toString(16)}`;
@@ -22,14 +22,6 @@ const map = (iova: bigint, memory: string, offset: bigint) => ({
   offset: hex(offset),
   perm: 'rw',
 });
-
-async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  for (let i = 0; i < 600; i++) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 test('a memory the agent cannot reopen fails only its own mappings; the rest is restored and served', {
   timeout: 120_000,
