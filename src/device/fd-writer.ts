@@ -84,6 +84,17 @@ export class FdWriter {
     this.thread = new Worker(THREAD_SOURCE, { eval: true, workerData: { fd, shared: this.shared } });
     // An idle writer must not keep the agent alive.
     this.thread.unref();
+    // A thread that dies fails the write it had (if any) and every later one, rather than hanging.
+    const died = () => {
+      this.stopped = true;
+      this.errno.set(Buffer.from('EIO'));
+      this.control[ERRNO_LENGTH] = 3;
+      this.control[RESULT] = -1;
+      Atomics.store(this.control, STATE, IDLE);
+      Atomics.notify(this.control, STATE);
+    };
+    this.thread.on('error', died);
+    this.thread.on('exit', died);
   }
 
   /** Writes `bytes` (at most 256) with one write(); resolves with the count the kernel returned. */
