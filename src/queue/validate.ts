@@ -227,13 +227,14 @@ function checkAvailable(memory: MemoryLookup, request: WriteRequest, index: numb
     if (op.type !== 'update') return;
     const why = memory.unavailable!(op.memory);
     if (why === undefined) return;
-    const split =
-      request.kind === 'unmap' ||
-      (request.kind === 'batch' && fieldOfUpdate(request, index, plan, i).endsWith('.iova'));
+    const field = fieldOfUpdate(request, index, plan, i);
+    // An unmap asks for an UPDATE only to map again the rest of a mapping it covers in part.
+    const split = field === 'iova' || field.endsWith('.iova');
+    const hint = split ? ': unmapping part of one of its mappings maps the rest again; unmap it whole' : '';
     throw new ServiceError(
       'FAILED_PRECONDITION',
-      `memory ${op.memory} is unavailable at the agent (${why})${split ? ': unmapping part of one of its mappings would map the rest again; unmap the whole mapping' : ''}`,
-      { field: fieldOfUpdate(request, index, plan, i) },
+      `memory ${op.memory} is unavailable at the agent (${why})${hint}`,
+      { field },
     );
   });
 }
