@@ -81,7 +81,12 @@ export class FdWriter {
   private stopped = false;
 
   constructor(fd: number) {
-    this.thread = new Worker(THREAD_SOURCE, { eval: true, workerData: { fd, shared: this.shared } });
+    // Plain CommonJS: none of the process's --import hooks (tsx) are loaded into the thread.
+    this.thread = new Worker(THREAD_SOURCE, {
+      eval: true,
+      execArgv: [],
+      workerData: { fd, shared: this.shared },
+    });
     // An idle writer must not keep the agent alive.
     this.thread.unref();
     // A thread that dies fails the write it had (if any) and every later one, rather than hanging.

@@ -27,14 +27,14 @@ export function openVhostVdpaFd(node: string): VhostTransport {
 
 class VhostVdpaFd implements VhostTransport {
   private fd: number | undefined;
-  private readonly writer: FdWriter;
+  /** Started on the first write: an fd used only for ioctls needs no thread. */
+  private writer: FdWriter | undefined;
 
   constructor(
     fd: number,
     private readonly node: string,
   ) {
     this.fd = fd;
-    this.writer = new FdWriter(fd);
   }
 
   ioctl(request: number, arg?: Uint8Array): void {
@@ -48,7 +48,8 @@ class VhostVdpaFd implements VhostTransport {
   }
 
   async write(msg: Uint8Array): Promise<void> {
-    this.open();
+    const fd = this.open();
+    this.writer ??= new FdWriter(fd);
     let n: number;
     try {
       n = await this.writer.write(msg);
@@ -66,7 +67,7 @@ class VhostVdpaFd implements VhostTransport {
   close(): void {
     const fd = this.fd;
     this.fd = undefined;
-    this.writer.stop();
+    this.writer?.stop();
     if (fd !== undefined) fs.closeSync(fd);
   }
 
