@@ -35,6 +35,26 @@ const PUSH_DELAY_MS = 500;
 const SMALL_BASE = 0x4000_0000;
 const hex = (n: number) => `0x${n.toString(16)}`;
 
+/** Times `one(i)`, one call after another, until `busy` settles (at least `min` calls); then awaits it. */
+async function timedWhile(
+  busy: Promise<unknown> | undefined,
+  min: number,
+  one: (i: number) => Promise<void>,
+): Promise<number[]> {
+  let done = busy === undefined;
+  void busy?.finally(() => {
+    done = true;
+  });
+  const ms: number[] = [];
+  for (let i = 0; (!done || i < min) && i < 100_000; i++) {
+    const start = performance.now();
+    await one(i);
+    ms.push(performance.now() - start);
+  }
+  await busy;
+  return ms;
+}
+
 export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
   const regions = scaled(ctx, 65_536, 256);
   const idleMaps = scaled(ctx, 200, 20);
@@ -84,13 +104,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
 
       /** Small maps on vdpa1 one after another until `busy` settles (at least `min` of them). */
       const smallMaps = async (busy: Promise<unknown> | undefined, min: number): Promise<number[]> => {
-        let done = busy === undefined;
-        void busy?.finally(() => {
-          done = true;
-        });
-        const ms: number[] = [];
-        for (let i = 0; (!done || i < min) && i < 100_000; i++) {
-          const start = performance.now();
+        const ms = await timedWhile(busy, min, async (i) => {
           await grpc.mapping('map', {
             device: 'vdpa1',
             iova: hex(SMALL_BASE + 2 * i * PAGE),
@@ -98,9 +112,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
             memory: 'ram0',
             offset: hex(i * PAGE),
           });
-          ms.push(performance.now() - start);
-        }
-        await busy;
+        });
         await grpc.mapping('unmap', {
           device: 'vdpa1',
           iova: hex(SMALL_BASE),
@@ -126,18 +138,10 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
       });
       const bigApply = Array.from({ length: regions }, (_, k) => update(k));
       const smallApplies = async (busy: Promise<unknown> | undefined, min: number): Promise<number[]> => {
-        let done = busy === undefined;
-        void busy?.finally(() => {
-          done = true;
-        });
-        const ms: number[] = [];
-        for (let i = 0; (!done || i < min) && i < 100_000; i++) {
-          const start = performance.now();
+        const ms = await timedWhile(busy, min, async (i) => {
           const [r] = (await agentClient.apply('agent1', [update(i, BigInt(SMALL_BASE))])).results;
           if (!r?.ok) throw new Error(`agent1 refused a small apply: ${JSON.stringify(r)}`);
-          ms.push(performance.now() - start);
-        }
-        await busy;
+        });
         await agentClient.apply('agent1', [
           { type: 'invalidate', asid: 0, iova: BigInt(SMALL_BASE), size: BigInt(2 * ms.length * PAGE) },
         ]);
