@@ -255,7 +255,8 @@ export class VhostVdpaDevice implements Device {
       let batchOpen = false;
       try {
         for (const i of indexes) {
-          if (++sliced % OPS_PER_SLICE === 0) await nextTurn();
+          if (sliced > 0 && sliced % OPS_PER_SLICE === 0) await nextTurn();
+          sliced++;
           const op = ops[i]!;
           const decision = this.guard.admit(op);
           if (decision.action !== 'write') {
