@@ -27,6 +27,8 @@ export const USAGE = `usage: agent [options]
   --socket PATH        unix socket to serve on   (VDPA_MAPD_AGENT_SOCKET; default <state-dir>/agent/agent.sock)
   --device SPEC        device to open, repeatable (VDPA_MAPD_DEVICES, comma or semicolon separated)
                        sim:NAME[,iommu=onchip|platform]  kernel:auto  kernel:/dev/vhost-vdpa-N
+                       (a sim is any parent kind: onchipMap=set_map|dma_map, useVa=0|1,
+                       keepsMapOnReset=0|1, pageSize=, contiguousPages=, memlock=, range=, ...)
                        (fault injection for tests and drills: sim:NAME,failIova=ADDR makes every
                        UPDATE for IOVA ADDR fail with EFAULT, as a failed pin would)
   --allowed-root DIR   root memory may be opened under, repeatable

@@ -42,7 +42,7 @@ import {
   type WireRegisterMemoryRequest,
 } from '../../src/agent/wire.ts';
 import type { Device, DmaCapable } from '../../src/device/types.ts';
-import type { MemoryRegistry } from '../../src/memory/types.ts';
+import { MemoryError, type MemoryRegistry } from '../../src/memory/types.ts';
 
 /** Largest DmaRead answer (well under MAX_MESSAGE_BYTES). */
 const MAX_DMA_BYTES = 16 << 20;
@@ -193,6 +193,9 @@ export function grpcImplementation(handlers: AgentHandlers, logger: Logger): Unt
           const e = toAgentError(err);
           const log = { rpc: name, code: e.code, status: e.statusName, field: e.field, errno: e.errno };
           if (e.status === status.INTERNAL) logger.error({ ...log, err }, e.message);
+          // The caller was told less than this (src/memory/allowlist.ts): the log keeps the whole story.
+          else if (err instanceof MemoryError && err.detail !== undefined)
+            logger.warn({ ...log, detail: err.detail }, e.message);
           else logger.debug(log, e.message);
           callback(toGrpcStatus(e));
         },

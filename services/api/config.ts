@@ -7,8 +7,10 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
 import { type ApiLimits, DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import { isValidId } from '../../src/id.ts';
 import type { Quota, QuotaConfig } from '../../src/queue/quota.ts';
 import type { MapdServiceOptions } from '../../src/service/index.ts';
+import { DEFAULT_WATCH_HISTORY } from '../../src/service/watch.ts';
 import { TOKEN_SYNTAX } from './auth.ts';
 
 export interface Listen {
@@ -31,14 +33,34 @@ export interface GrpcTlsConfig {
   clientCa?: string;
 }
 
+/** How long a slow or idle client may hold a connection, and how many it may hold. */
+export interface ConnectionLimits {
+  /** REST: the request's head must arrive within this. */
+  headersTimeoutMs: number;
+  /** REST: the whole request (head and body) must arrive within this. */
+  requestTimeoutMs: number;
+  /** REST keep-alive and gRPC: a connection with no request in flight for this long is closed. */
+  idleTimeoutMs: number;
+  /** REST: connections beyond this many are closed as they come. */
+  maxConnections: number;
+}
+
+export const DEFAULT_CONNECTIONS: ConnectionLimits = {
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 120_000,
+  idleTimeoutMs: 60_000,
+  maxConnections: 1024,
+};
+
 export interface ApiConfig {
   restListen: Listen;
   grpcListen: Listen;
   agentSocket: string;
   stateDir: string;
   limits: ApiLimits;
+  connections: ConnectionLimits;
   /** Tuning of the application core; unset options keep the core's defaults. */
-  core: Pick<MapdServiceOptions, 'maxQueued' | 'maxGroup' | 'flushTimeoutMs'>;
+  core: Pick<MapdServiceOptions, 'maxQueued' | 'maxGroup' | 'flushTimeoutMs' | 'watchHistory'>;
   /** How long in-flight requests get to finish at shutdown before they are cut. */
   shutdownGraceMs: number;
   logLevel: LevelWithSilent;
@@ -48,6 +70,8 @@ export interface ApiConfig {
   grpcTls?: GrpcTlsConfig;
   /** Absent: no quota. */
   quotas?: QuotaConfig;
+  /** Repair a damaged state journal before starting (keep every intact record, move the file aside). */
+  repairState?: boolean;
 }
 
 export class ConfigError extends Error {
@@ -68,6 +92,8 @@ export interface OptionSpec {
   description: string;
   /** The flag may be repeated (the variable then holds the values separated by spaces). */
   multiple?: true;
+  /** The flag takes no value. */
+  boolean?: true;
 }
 
 /** Every option, in the order --help lists them. */
@@ -96,6 +122,15 @@ export const OPTIONS = {
     default: DEFAULT_STATE_DIR,
     description: 'Where the desired state (every acknowledged mapping) is kept',
   },
+  repairState: {
+    flag: 'repair-state',
+    // No variable: a repair is a decision about one damage, not a standing setting.
+    env: 'no variable',
+    default: 'off',
+    description:
+      'Start even though the state journal is damaged: keep every intact record (before and after the damage), move the damaged file aside, log what was dropped',
+    boolean: true,
+  },
   bodyLimit: {
     flag: 'body-limit',
     env: 'VDPA_MAPD_BODY_LIMIT',
@@ -114,6 +149,37 @@ export const OPTIONS = {
     default: String(DEFAULT_LIMITS.maxRegions),
     description: 'Most regions in one SetMemTable',
   },
+  maxInflightBytes: {
+    flag: 'max-inflight-bytes',
+    env: 'VDPA_MAPD_MAX_INFLIGHT_BYTES',
+    default: String(DEFAULT_LIMITS.maxInflightBytes),
+    description:
+      'Most bytes of REST bodies and gRPC messages processed at once (at least --body-limit); beyond, RESOURCE_EXHAUSTED (429) with Retry-After',
+  },
+  headersTimeoutMs: {
+    flag: 'headers-timeout-ms',
+    env: 'VDPA_MAPD_HEADERS_TIMEOUT_MS',
+    default: String(DEFAULT_CONNECTIONS.headersTimeoutMs),
+    description: "REST: a request's head must arrive within this, or its connection is closed",
+  },
+  requestTimeoutMs: {
+    flag: 'request-timeout-ms',
+    env: 'VDPA_MAPD_REQUEST_TIMEOUT_MS',
+    default: String(DEFAULT_CONNECTIONS.requestTimeoutMs),
+    description: 'REST: a whole request (head and body) must arrive within this (408 otherwise)',
+  },
+  idleTimeoutMs: {
+    flag: 'idle-timeout-ms',
+    env: 'VDPA_MAPD_IDLE_TIMEOUT_MS',
+    default: String(DEFAULT_CONNECTIONS.idleTimeoutMs),
+    description: 'REST keep-alive and gRPC: a connection with no request in flight for this long is closed',
+  },
+  maxConnections: {
+    flag: 'max-connections',
+    env: 'VDPA_MAPD_MAX_CONNECTIONS',
+    default: String(DEFAULT_CONNECTIONS.maxConnections),
+    description: 'REST: connections beyond this many are closed as they arrive',
+  },
   maxQueued: {
     flag: 'max-queued',
     env: 'VDPA_MAPD_MAX_QUEUED',
@@ -131,6 +197,12 @@ export const OPTIONS = {
     env: 'VDPA_MAPD_FLUSH_TIMEOUT_MS',
     default: '30000 (core default)',
     description: 'How long Flush waits before answering UNAVAILABLE',
+  },
+  watchHistory: {
+    flag: 'watch-history',
+    env: 'VDPA_MAPD_WATCH_HISTORY',
+    default: `${DEFAULT_WATCH_HISTORY} (core default)`,
+    description: 'Mapping events kept per device for WatchMappings to resume from (from_sequence)',
   },
   shutdownGraceMs: {
     flag: 'shutdown-grace-ms',
@@ -239,7 +311,9 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
         ...Object.fromEntries(
           Object.values(OPTIONS).map((o: OptionSpec) => [
             o.flag,
-            { type: 'string' as const, multiple: o.multiple === true },
+            o.boolean
+              ? { type: 'boolean' as const }
+              : { type: 'string' as const, multiple: o.multiple === true },
           ]),
         ),
         help: { type: 'boolean' },
@@ -275,6 +349,17 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
       ? deviceQuotas
       : (env[OPTIONS.deviceQuota.env]?.split(/\s+/).filter((s) => s !== '') ?? []),
   );
+  const limits: ApiLimits = {
+    bodyLimit: parseCount(value('bodyLimit'), OPTIONS.bodyLimit.flag),
+    maxBatchOps: parseCount(value('maxBatchOps'), OPTIONS.maxBatchOps.flag),
+    maxRegions: parseCount(value('maxRegions'), OPTIONS.maxRegions.flag),
+    maxInflightBytes: parseCount(value('maxInflightBytes'), OPTIONS.maxInflightBytes.flag),
+  };
+  if (limits.maxInflightBytes < limits.bodyLimit) {
+    throw new ConfigError(
+      `--${OPTIONS.maxInflightBytes.flag} ${limits.maxInflightBytes} is below --${OPTIONS.bodyLimit.flag} ${limits.bodyLimit}: a largest request could never be taken`,
+    );
+  }
   const stateDir = path.resolve(value('stateDir'));
   const logLevel = LOG_LEVELS.find((l) => l === value('logLevel'));
   if (logLevel === undefined)
@@ -284,17 +369,20 @@ export function parseApiConfig(argv: readonly string[], env: NodeJS.ProcessEnv):
     grpcListen: parseListen(value('grpcListen'), OPTIONS.grpcListen.flag),
     agentSocket: path.resolve(raw('agentSocket') ?? path.join(stateDir, 'agent', 'agent.sock')),
     stateDir,
-    limits: {
-      bodyLimit: parseCount(value('bodyLimit'), OPTIONS.bodyLimit.flag),
-      maxBatchOps: parseCount(value('maxBatchOps'), OPTIONS.maxBatchOps.flag),
-      maxRegions: parseCount(value('maxRegions'), OPTIONS.maxRegions.flag),
+    limits,
+    connections: {
+      headersTimeoutMs: parseCount(value('headersTimeoutMs'), OPTIONS.headersTimeoutMs.flag),
+      requestTimeoutMs: parseCount(value('requestTimeoutMs'), OPTIONS.requestTimeoutMs.flag),
+      idleTimeoutMs: parseCount(value('idleTimeoutMs'), OPTIONS.idleTimeoutMs.flag),
+      maxConnections: parseCount(value('maxConnections'), OPTIONS.maxConnections.flag),
     },
-    core: { ...core('maxQueued'), ...core('maxGroup'), ...core('flushTimeoutMs') },
+    core: { ...core('maxQueued'), ...core('maxGroup'), ...core('flushTimeoutMs'), ...core('watchHistory') },
     shutdownGraceMs: parseCount(value('shutdownGraceMs'), OPTIONS.shutdownGraceMs.flag),
     logLevel,
     ...(auth ? { auth } : {}),
     ...(grpcTls ? { grpcTls } : {}),
     ...(quotas ? { quotas } : {}),
+    ...(values[OPTIONS.repairState.flag] === true ? { repairState: true } : {}),
   };
 }
 
@@ -360,8 +448,9 @@ function parseEntries(text: string, what: string): number {
 /** `DEVICE=bytes:N,entries:N`; "unlimited" lifts a default for that device. */
 function parseDeviceQuota(text: string): [string, Quota] {
   const what = `--${OPTIONS.deviceQuota.flag}`;
-  const m = /^([A-Za-z0-9._-]{1,64})=(.+)$/.exec(text);
-  if (!m) throw new ConfigError(`${what} ${JSON.stringify(text)}: expected DEVICE=bytes:N,entries:N`);
+  const m = /^([^=]+)=(.+)$/.exec(text);
+  if (!m || !isValidId(m[1]))
+    throw new ConfigError(`${what} ${JSON.stringify(text)}: expected DEVICE=bytes:N,entries:N`);
   // An explicit undefined ("unlimited") overrides the default when merged (quotaOf).
   const quota: Quota = {};
   for (const part of m[2]!.split(',')) {

@@ -14,12 +14,14 @@ import {
   type sendUnaryData,
   type status as GrpcStatus,
   type ServerUnaryCall,
+  type ServiceDefinition,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { grpcStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
+import type { InFlightBytes } from '../../src/api/inflight.ts';
 import {
   formatBatchResult,
   formatDevice,
@@ -30,6 +32,7 @@ import {
   formatMemory,
   formatSetMemTableResult,
   formatSubmitResult,
+  formatSubscribed,
   formatUnmapResult,
 } from '../../src/api/format.ts';
 import {
@@ -42,9 +45,11 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
+import { parseU64 } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
+import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
 import {
   API_SERVICES,
@@ -57,6 +62,9 @@ import {
 export interface GrpcOptions {
   service: MapdService;
   limits: ApiLimits;
+  connections: ConnectionLimits;
+  /** Shared with REST. */
+  inflight: InFlightBytes;
   telemetry: Telemetry;
   logger: Logger;
   /** Absent: no token asked for. */
@@ -115,6 +123,26 @@ function grpcError(err: ServiceError): { code: GrpcStatus; details: string; meta
   return { code: grpcStatus(err), details: err.message, metadata };
 }
 
+/** Encoded size of each decoded request, for the in-flight bound (grpc-js gives handlers no size). */
+const messageBytes = new WeakMap<object, number>();
+
+/** `definition` with each request's encoded size recorded in {@link messageBytes} as it is decoded. */
+function measured(definition: ServiceDefinition): ServiceDefinition {
+  return Object.fromEntries(
+    Object.entries(definition).map(([name, method]) => [
+      name,
+      {
+        ...method,
+        requestDeserialize: (bytes: Buffer) => {
+          const message = method.requestDeserialize(bytes) as object;
+          messageBytes.set(message, bytes.length);
+          return message;
+        },
+      },
+    ]),
+  );
+}
+
 /** Refuses, before any message is read, a call whose metadata lacks the bearer token. */
 function authInterceptor(auth: ApiAuth, telemetry: Telemetry): ServerInterceptor {
   return (method, call) => {
@@ -142,6 +170,8 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
   const { service, limits, telemetry, logger } = opts;
   const server = new Server({
     'grpc.max_receive_message_length': limits.bodyLimit,
+    // grpc-js has no connection cap nor header timeout: connections without calls are closed.
+    'grpc.max_connection_idle_ms': opts.connections.idleTimeoutMs,
     ...(opts.auth ? { interceptors: [authInterceptor(opts.auth, telemetry)] } : {}),
   });
   const watches = new Set<ServerWritableStream<Message, Message>>();
@@ -165,38 +195,56 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     (method: string, handle: (req: Message) => Promise<object>) =>
     (call: ServerUnaryCall<Message, object>, callback: sendUnaryData<object>) => {
       const started = process.hrtime.bigint();
-      handle(call.request).then(
-        (answer) => {
-          observe(method, 'OK', started);
-          callback(null, answer);
-        },
-        (err: unknown) => callback(fail(method, started, err)),
-      );
+      let release: () => void;
+      try {
+        release = opts.inflight.acquire(messageBytes.get(call.request) ?? 0);
+      } catch (err) {
+        callback(fail(method, started, err));
+        return;
+      }
+      handle(call.request)
+        .finally(release)
+        .then(
+          (answer) => {
+            observe(method, 'OK', started);
+            callback(null, answer);
+          },
+          (err: unknown) => callback(fail(method, started, err)),
+        );
     };
 
   const watchMappings = (call: ServerWritableStream<Message, Message>) => {
     const started = process.hrtime.bigint();
     const subscribe = async () => {
       const filter = call.request.device ? device(call.request) : undefined;
+      const from = call.request.fromSequence;
+      const fromSequence = from ? parseU64(from, 'from_sequence') : undefined;
       if (filter !== undefined) await service.getDevice(filter);
       if (call.cancelled) return;
-      watches.add(call);
       let open = true;
       const done = (code: string) => {
         if (!open) return;
         open = false;
-        unsubscribe();
+        subscription.close();
         watches.delete(call);
         observe('WatchMappings', code, started);
       };
-      const unsubscribe = service.watch(filter, (event) => {
-        if (call.writableLength < MAX_PENDING_EVENTS) {
-          call.write(formatEvent(event));
-          return;
-        }
-        done(TOO_SLOW.code);
-        call.emit('error', grpcError(TOO_SLOW));
-      });
+      const subscription = service.watch(
+        filter,
+        (event) => {
+          if (call.writableLength < MAX_PENDING_EVENTS) {
+            call.write(formatEvent(event));
+            return;
+          }
+          done(TOO_SLOW.code);
+          call.emit('error', grpcError(TOO_SLOW));
+        },
+        fromSequence,
+      );
+      watches.add(call);
+      // Synchronously after subscribing: no new event can come before these.
+      for (const position of subscription.positions) call.write(formatSubscribed(position));
+      for (const event of subscription.replay) call.write(formatEvent(event));
       for (const event of ['cancelled', 'finish', 'close', 'error']) call.on(event, () => done('OK'));
     };
     subscribe().catch((err: unknown) => call.emit('error', fail('WatchMappings', started, err)));
@@ -247,9 +295,9 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     }),
   };
 
-  server.addService(DeviceServiceClient.service, deviceService);
-  server.addService(MappingServiceClient.service, mappingService);
-  server.addService(MemoryServiceClient.service, memoryService);
+  server.addService(measured(DeviceServiceClient.service), deviceService);
+  server.addService(measured(MappingServiceClient.service), mappingService);
+  server.addService(measured(MemoryServiceClient.service), memoryService);
 
   const health = new HealthImplementation();
   let serving: ServingStatus | undefined;

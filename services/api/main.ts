@@ -9,10 +9,13 @@ import type { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
+import { InFlightBytes } from '../../src/api/inflight.ts';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
+import { StateDamageError } from '../../src/state/journal.ts';
+import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { BearerAuth, isLoopback } from './auth.ts';
-import { type ApiConfig, ConfigError, type Listen, parseApiConfig, USAGE } from './config.ts';
+import { type ApiConfig, ConfigError, type Listen, OPTIONS, parseApiConfig, USAGE } from './config.ts';
 import { buildGrpcServer } from './grpc.ts';
 import type { Telemetry } from './observe.ts';
 import { buildRestApp } from './rest.ts';
@@ -53,6 +56,7 @@ export async function startApiServer(
     observe: ({ transport, method, code, seconds }) =>
       metrics.requestDuration.observe({ transport, method, code }, seconds),
   };
+  if (config.repairState) await repairState(config.stateDir, logger);
   const service = await createMapdService({
     ...config.core,
     agentSocket: config.agentSocket,
@@ -60,9 +64,23 @@ export async function startApiServer(
     ...(config.quotas ? { quotas: config.quotas } : {}),
     metrics,
     logger,
+  }).catch((err: unknown) => {
+    if (!(err instanceof StateDamageError && err.repairable)) throw err;
+    throw new Error(
+      `${err.message}. To start anyway, keeping every intact record, run once with --${OPTIONS.repairState.flag} (the damaged file is moved aside, what is dropped is logged)`,
+      { cause: err },
+    );
   });
   const auth = config.auth && { bearer: new BearerAuth(config.auth.token), probes: config.auth.probes };
-  const options = { service, limits: config.limits, telemetry, logger, ...(auth ? { auth } : {}) };
+  const options = {
+    service,
+    limits: config.limits,
+    connections: config.connections,
+    inflight: new InFlightBytes(config.limits.maxInflightBytes),
+    telemetry,
+    logger,
+    ...(auth ? { auth } : {}),
+  };
   const rest = await buildRestApp(options);
   const grpc = buildGrpcServer(options);
 
@@ -111,6 +129,29 @@ export async function startApiServer(
     return stopping;
   };
   return { restAddress, grpcAddress, stop };
+}
+
+/** --repair-state: repairs a damaged journal, saying exactly what was dropped; nothing when sound. */
+async function repairState(stateDir: string, logger: Logger): Promise<void> {
+  const report = await repairStateDir(stateDir);
+  if (report === undefined) {
+    logger.info({ stateDir }, 'state repair: the state is sound, nothing to repair');
+    return;
+  }
+  for (const span of report.dropped) {
+    logger.warn({ file: report.file, ...span }, 'state repair dropped damaged bytes');
+  }
+  logger.warn(
+    {
+      file: report.file,
+      aside: report.aside,
+      keptRecords: report.kept,
+      droppedSpans: report.dropped.length,
+      // Sequence numbers the dropped records may have handed out are never handed out again.
+      sequenceSkip: String(SEQUENCE_SKIP),
+    },
+    'state repaired: the damaged journal is kept aside',
+  );
 }
 
 /** Anyone who can reach a non-loopback address may change the device mappings when nothing checks who. */

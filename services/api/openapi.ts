@@ -2,13 +2,14 @@
  * JSON Schemas of the REST API, for the OpenAPI document only: requests are validated by src/api
  * (shared with gRPC), not by these.
  */
+import { ID_PATTERN } from '../../src/id.ts';
 
 const u64 = {
   type: 'string',
   pattern: '^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$',
   description: 'u64: decimal or 0x hex; answered as 0x hex',
 } as const;
-const id = { type: 'string', pattern: '^[A-Za-z0-9._-]{1,64}$' } as const;
+const id = { type: 'string', pattern: ID_PATTERN } as const;
 const perm = { type: 'string', enum: ['ro', 'wo', 'rw'], default: 'rw' } as const;
 const asid = { type: 'integer', minimum: 0, maximum: 4294967295, default: 0 } as const;
 const requestId = {
@@ -177,11 +178,22 @@ export const SCHEMAS = {
         iova: u64,
         size: u64,
         asid,
-        exact: { type: 'boolean', description: 'Refuse (409) instead of splitting a partly covered mapping' },
+        exact: {
+          type: 'boolean',
+          description:
+            'Refuse instead of splitting a partly covered mapping (409), or when none is there (404)',
+        },
         requestId,
       },
     },
-    response: { 200: object({ removed: mappingList, remapped: mappingList, ops: opList }) },
+    response: {
+      200: object({
+        matched: { type: 'integer', description: 'Mappings the range touched; 0: nothing was there' },
+        removed: mappingList,
+        remapped: mappingList,
+        ops: opList,
+      }),
+    },
   },
   setMemTable: {
     params: deviceParams,

@@ -2,8 +2,18 @@
  * The REST transport: fastify routes over the MapdService. Bodies are parsed as JSON by fastify
  * (with its prototype-poisoning guards and the body limit) and validated by src/api, like gRPC.
  */
+import { Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
-import Fastify, { type FastifyError, type FastifyReply, type FastifyRequest, LogController } from 'fastify';
+import Fastify, {
+  type FastifyError,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+  LogController,
+  type RawReplyDefaultExpression,
+  type RawRequestDefaultExpression,
+  type RawServerDefault,
+} from 'fastify';
 import type { Logger } from 'pino';
 import { errorBody, httpStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
 import {
@@ -28,16 +38,22 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
+import type { InFlightBytes } from '../../src/api/inflight.ts';
+import { findDuplicateKey } from '../../src/api/json-keys.ts';
 import { invalid } from '../../src/api/u64.ts';
 import { ServiceError } from '../../src/service/errors.ts';
 import type { MapdService } from '../../src/service/types.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
+import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
 import { SCHEMAS } from './openapi.ts';
 
 export interface RestOptions {
   service: MapdService;
   limits: ApiLimits;
+  connections: ConnectionLimits;
+  /** Shared with gRPC. */
+  inflight: InFlightBytes;
   telemetry: Telemetry;
   logger: Logger;
   /** Absent: no token asked for. */
@@ -68,6 +84,9 @@ interface Route {
   schema: object;
   handle(input: Input): Promise<unknown>;
 }
+
+/** Methods a known path answers 405 to when it does not take them. */
+const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS'] as const;
 
 /** A device id in the path, followed in the same segment by a `:verb` (find-my-way needs a regex). */
 const DEVICE_VERB = ':device(^[^/:]+)';
@@ -199,33 +218,113 @@ function checkQuery(query: Readonly<Record<string, unknown>>, allowed: readonly 
 }
 
 /** Errors fastify raises before a handler runs (JSON syntax, body limit, media type, poisoning). */
-function fromFastify(err: FastifyError): ServiceError | undefined {
+function fromFastify(err: FastifyError, request: FastifyRequest): ServiceError | undefined {
+  if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
+    const type = request.headers['content-type'];
+    return new ServiceError(
+      'UNSUPPORTED_MEDIA_TYPE',
+      `body: send JSON with content-type: application/json (got ${type === undefined ? 'no content-type' : JSON.stringify(type)})`,
+      { field: 'body' },
+    );
+  }
   if (err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 500) {
     return new ServiceError('INVALID_ARGUMENT', `body: ${err.message}`, { field: 'body' });
   }
   return undefined;
 }
 
+/** The app as built here (its logger is pino's). */
+type App = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawReplyDefaultExpression, Logger>;
+
+/**
+ * Bodies count against the in-flight bound from before they are read until the answer is sent:
+ * by their content-length when given (refused unread), else chunk by chunk as they arrive.
+ */
+function meterBodies(app: App, inflight: InFlightBytes, bodyLimit: number): void {
+  app.addHook('preParsing', async (request, reply, payload) => {
+    const releases: (() => void)[] = [];
+    reply.raw.once('close', () => {
+      for (const release of releases) release();
+    });
+    const length = Number(request.headers['content-length']);
+    if (Number.isSafeInteger(length) && length > 0) {
+      releases.push(inflight.acquire(Math.min(length, bodyLimit)));
+      return payload;
+    }
+    if (request.headers['transfer-encoding'] === undefined) return payload;
+    return payload.pipe(
+      new Transform({
+        transform(chunk: Buffer, _encoding, next) {
+          try {
+            releases.push(inflight.acquire(chunk.length));
+            next(null, chunk);
+          } catch (e) {
+            next(e as Error);
+          }
+        },
+      }),
+    );
+  });
+}
+
+/** Any other method on a known path: 405 naming the ones it takes (fastify adds HEAD to each GET). */
+function refuseOtherMethods(
+  app: App,
+  paths: readonly { method: string; url: string }[],
+  sendError: (err: ServiceError, request: FastifyRequest, reply: FastifyReply) => FastifyReply,
+): void {
+  const allowed = new Map<string, string[]>();
+  for (const { method, url } of paths) allowed.set(url, [...(allowed.get(url) ?? []), method]);
+  for (const [url, methods] of allowed) {
+    const allow = methods.includes('GET') ? [...methods, 'HEAD'] : methods;
+    app.route({
+      method: HTTP_METHODS.filter((m) => !allow.includes(m)),
+      url,
+      schema: { hide: true },
+      handler: (request, reply) => {
+        void reply.header('allow', allow.join(', '));
+        const message = `${request.method} is not allowed here; use ${allow.join(', ')}`;
+        return sendError(new ServiceError('METHOD_NOT_ALLOWED', message), request, reply);
+      },
+    });
+  }
+}
+
 export async function buildRestApp(opts: RestOptions) {
-  const { service, limits, telemetry } = opts;
+  const { service, limits, telemetry, connections } = opts;
   const app = Fastify({
     loggerInstance: opts.logger,
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: limits.bodyLimit,
+    // Slow clients (slowloris) are cut: Node checks the two timeouts every connectionsCheckingInterval.
+    http: {
+      headersTimeout: connections.headersTimeoutMs,
+      connectionsCheckingInterval: Math.min(1000, connections.headersTimeoutMs),
+    },
+    requestTimeout: connections.requestTimeoutMs,
+    keepAliveTimeout: connections.idleTimeoutMs,
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
   });
+  app.server.maxConnections = connections.maxConnections;
   // Schemas document the API; src/api validates and the answers are plain JSON.
   app.setValidatorCompiler(() => () => true);
   app.setSerializerCompiler(() => (data) => JSON.stringify(data));
 
   // An empty body (curl -X POST -H 'content-type: application/json') is "no body", not an error.
+  // JSON only: any other content type (text/plain included) is 415.
+  app.removeAllContentTypeParsers();
   const json = app.getDefaultJsonParser('error', 'error');
   app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
     const text = body.toString();
-    if (text === '') done(null, undefined);
-    else json(req, text, done);
+    if (text === '') return done(null, undefined);
+    json(req, text, (err, value) => {
+      if (err) return done(err);
+      const duplicate = findDuplicateKey(text);
+      if (duplicate !== undefined) return done(invalid(duplicate, 'given twice'));
+      done(null, value);
+    });
   });
 
   const outcome = new WeakMap<FastifyRequest, string>();
@@ -252,8 +351,11 @@ export async function buildRestApp(opts: RestOptions) {
     });
   }
 
+  meterBodies(app, opts.inflight, limits.bodyLimit);
+
   app.setErrorHandler((err: FastifyError, request, reply) => {
-    const serviceError = err instanceof ServiceError ? err : (fromFastify(err) ?? toServiceError(err));
+    const serviceError =
+      err instanceof ServiceError ? err : (fromFastify(err, request) ?? toServiceError(err));
     if (serviceError.code === 'INTERNAL') request.log.error({ err }, 'request failed');
     return sendError(serviceError, request, reply);
   });
@@ -277,7 +379,8 @@ export async function buildRestApp(opts: RestOptions) {
     },
   });
 
-  for (const route of routes(service, limits)) {
+  const table = routes(service, limits);
+  for (const route of table) {
     app.route({
       method: route.method,
       url: route.url,
@@ -320,6 +423,9 @@ export async function buildRestApp(opts: RestOptions) {
   app.get('/docs', { config: { name: 'OpenAPI' }, schema: hidden }, (_request, reply) =>
     reply.redirect('/docs/json'),
   );
+
+  const paths = [...table, ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url }))];
+  refuseOtherMethods(app, paths, sendError);
 
   return app;
 }

@@ -163,7 +163,8 @@ const watch: Run = async (inv, conn, io) => {
     let seen = 0;
     io.interrupted.then(stop);
     call.on('data', (event: Answer) => {
-      if (seen >= count) return;
+      // The stream's "subscribed" markers are not changes: not printed, not counted.
+      if (seen >= count || event.kind === 'subscribed') return;
       io.out(inv.json ? JSON.stringify(event) : eventLine(event));
       if (++seen >= count) stop();
     });

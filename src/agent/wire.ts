@@ -42,6 +42,13 @@ export function u64FromWire(value: unknown, field: string): bigint {
   return n;
 }
 
+/** A page size: a power of two (0, what an agent without the field sends, is refused). */
+function pageSizeFromWire(value: unknown, field: string): bigint {
+  const n = u64FromWire(value, field);
+  if (n === 0n || (n & (n - 1n)) !== 0n) throw badRequest(field, `${n} is not a page size (a power of two)`);
+  return n;
+}
+
 /** Counters are numbers in the library (safe integers) and uint64 on the wire. */
 function countToWire(value: number, field: string): string {
   if (!Number.isSafeInteger(value) || value < 0) throw badRequest(field, `${value} is not a count`);
@@ -116,6 +123,7 @@ export interface WireDeviceFacts {
   status: number;
   iommu: string;
   pinned: boolean;
+  pageSize: string;
 }
 
 export interface WireDeviceCounters {
@@ -251,6 +259,7 @@ export function factsToWire(f: DeviceFacts): WireDeviceFacts {
     status: f.status,
     iommu: IOMMU_KIND.toWire(f.iommu),
     pinned: f.pinned,
+    pageSize: u64ToWire(f.pageSize, 'pageSize'),
   };
 }
 
@@ -274,6 +283,7 @@ export function factsFromWire(w: WireDeviceFacts, field = 'facts'): DeviceFacts 
     status: w.status,
     iommu: IOMMU_KIND.fromWire(w.iommu, `${field}.iommu`),
     pinned: w.pinned,
+    pageSize: pageSizeFromWire(w.pageSize, `${field}.pageSize`),
   };
 }
 

@@ -24,6 +24,9 @@ export const ERROR_TABLE: Readonly<Record<ServiceErrorCode, Wire>> = {
   QUOTA_EXCEEDED: { http: 409, grpc: GrpcStatus.RESOURCE_EXHAUSTED },
   UNAVAILABLE: { http: 503, grpc: GrpcStatus.UNAVAILABLE },
   DEVICE_ERROR: { http: 502, grpc: GrpcStatus.INTERNAL },
+  // REST's own: gRPC has one content type, and an unknown method there is UNIMPLEMENTED.
+  UNSUPPORTED_MEDIA_TYPE: { http: 415, grpc: GrpcStatus.INVALID_ARGUMENT },
+  METHOD_NOT_ALLOWED: { http: 405, grpc: GrpcStatus.UNIMPLEMENTED },
   INTERNAL: { http: 500, grpc: GrpcStatus.INTERNAL },
 };
 

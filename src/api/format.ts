@@ -15,6 +15,7 @@ import type {
   SetMemTableResult,
   SubmitResult,
   UnmapResult,
+  WatchPosition,
 } from '../service/types.ts';
 import { formatU64 as hex } from './u64.ts';
 
@@ -102,6 +103,7 @@ export function formatMapResult(r: MapResult) {
 
 export function formatUnmapResult(r: UnmapResult) {
   return {
+    matched: r.removed.length,
     removed: r.removed.map(formatMapping),
     remapped: r.remapped.map(formatMapping),
     ops: r.ops.map(formatOp),
@@ -139,6 +141,11 @@ export function formatFlushResult(r: FlushResult) {
     sequence: r.sequence.toString(),
     failures: r.failures.map((f) => ({ sequence: f.sequence.toString(), error: formatError(f.error) })),
   };
+}
+
+/** The first event of a watch, per device watched: no mapping, the device's latest sequence. */
+export function formatSubscribed(p: WatchPosition) {
+  return { device: p.device, kind: 'subscribed', sequence: p.sequence.toString() };
 }
 
 export function formatEvent(e: MappingEvent) {

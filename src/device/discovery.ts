@@ -2,9 +2,18 @@
  * Finds vhost-vdpa devices: the `/dev/vhost-vdpa-N` nodes and the vdpa bus
  * (`/sys/bus/vdpa/devices/<name>`, whose `vhost-vdpa-N` child is the node vhost_vdpa_probe made
  * for it). Plain directory reads; a missing directory means none.
+ *
+ * What the IOMMU is, from where the vdpa device sits in /sys/devices:
+ * - its parent device has an `iommu_group`: the parent DMAs through the platform IOMMU, the path
+ *   vhost_vdpa_alloc_domain takes for a parent without set_map / dma_map (vp_vdpa, ifcvf);
+ * - it has no parent device (vdpa_sim: vdpa_alloc_device(..., NULL, ...)) or is under
+ *   /sys/devices/virtual/vduse: nothing can DMA for it but its own set_map / dma_map;
+ * - otherwise (an auxiliary device, as mlx5 and pds have) it cannot be told: unknown.
+ * Whether it pins is not read here but asked of the kernel (pin-probe.ts).
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import type { IommuKind } from './types.ts';
 
 export interface DiscoveryRoots {
   /** default `/dev` */
@@ -26,14 +35,20 @@ export interface VdpaDeviceInfo {
    * path and pins nothing; other parents (hardware) pin every mapped page (vhost_vdpa_pa_map).
    */
   vduse: boolean;
+  /** What maps for it: see the file's header. */
+  iommu: IommuKind;
 }
 
 export interface DiscoveredNode {
   node: string;
   /** The vdpa device's name when sysfs knows it, else the node's basename. */
   name: string;
-  /** Whether mapping pins memory (PA mode): false only for a parent known to use VA mode. */
+  /**
+   * Whether mapping pins memory (PA mode), as far as sysfs can tell: false only for a parent known
+   * to use VA mode (VDUSE). openDevices asks the kernel instead where it can (pin-probe.ts).
+   */
   pinned: boolean;
+  iommu: IommuKind;
 }
 
 const NODE_RE = /^vhost-vdpa-(\d+)$/;
@@ -60,6 +75,7 @@ export function listVdpaDevices(roots: DiscoveryRoots = {}): VdpaDeviceInfo[] {
         node: child ? path.join(devDir, child) : null,
         driver: driverOf(dir),
         vduse: underVduse(dir),
+        iommu: iommuOf(dir),
       };
     });
 }
@@ -73,7 +89,37 @@ export function discoverVhostVdpa(roots: DiscoveryRoots = {}): DiscoveredNode[] 
 export function describeNode(node: string, roots: DiscoveryRoots = {}): DiscoveredNode {
   const real = path.resolve(node);
   const d = listVdpaDevices(roots).find((v) => v.node !== null && path.resolve(v.node) === real);
-  return { node, name: d?.name ?? path.basename(node), pinned: !(d?.vduse ?? false) };
+  return {
+    node,
+    name: d?.name ?? path.basename(node),
+    pinned: !(d?.vduse ?? false),
+    iommu: d?.iommu ?? 'unknown',
+  };
+}
+
+function iommuOf(dir: string): IommuKind {
+  let real: string;
+  try {
+    real = fs.realpathSync(dir);
+  } catch (e) {
+    if (isAbsent(e)) return 'unknown';
+    throw e;
+  }
+  if (real.split(path.sep).includes('vduse')) return 'onchip';
+  const parent = path.dirname(real);
+  if (path.basename(parent) === 'devices') return 'onchip';
+  return hasEntry(path.join(parent, 'iommu_group')) ? 'platform' : 'unknown';
+}
+
+/** The entry is there (a link to /sys/kernel/iommu_groups/N counts, wherever it points). */
+function hasEntry(file: string): boolean {
+  try {
+    fs.lstatSync(file);
+    return true;
+  } catch (e) {
+    if (isAbsent(e)) return false;
+    throw e;
+  }
 }
 
 function nodeIndex(name: string): number {

@@ -1,16 +1,24 @@
 /**
  * Device specs (the agent's `--device` flags) and opening them:
- *   sim:<name>[,iommu=platform|onchip][,asnum=N][,range=FIRST-LAST][,features=A|B|0xMASK]
- *            [,pushDelayMs=N][,deviceId=N][,vqs=N][,failIova=ADDR][,memlock=BYTES]
+ *   sim:<name>[,iommu=platform|onchip][,onchipMap=set_map|dma_map][,useVa=0|1][,asnum=N]
+ *            [,range=FIRST-LAST][,features=A|B|0xMASK][,pushDelayMs=N][,deviceId=N][,vqs=N]
+ *            [,configSize=N][,failIova=ADDR][,memlock=BYTES][,pageSize=BYTES]
+ *            [,contiguousPages=N][,keepsMapOnReset=0|1]
  *   kernel:auto                         every /dev/vhost-vdpa-* found
  *   kernel:/dev/vhost-vdpa-N[,name=NAME]
- * Keys are case-insensitive; numbers are decimal or 0x hex. `failIova` is a fault-injection knob
- * for tests and drills: every UPDATE message for IOVA ADDR fails with EFAULT, as a failed pin would.
- * `memlock` simulates a parent in PA mode under that RLIMIT_MEMLOCK; the agent's pre-write check
- * charges every such device to one account, as the kernel charges one process, so the value must
- * be the same on all of them.
+ * Keys are case-insensitive; numbers are decimal or 0x hex; each sim key is the
+ * SimulatedDeviceOptions field of the same name (see there for meanings and defaults). The
+ * parent kinds, e.g.: vp_vdpa behind intel-iommu `sim:n,range=0-0x7fffffffff` (platform, PA);
+ * vdpa_sim batch_mapping=B use_va=U `sim:n,iommu=onchip,onchipMap=set_map|dma_map,useVa=U`; VDUSE
+ * `sim:n,iommu=onchip,useVa=1,keepsMapOnReset=1,asnum=1`.
+ * `failIova` is a fault-injection knob for tests and drills: every UPDATE message for IOVA ADDR
+ * fails with EFAULT, as a failed pin would. `memlock` is the simulated RLIMIT_MEMLOCK; the
+ * simulated devices of one agent pin for one process, so every pinning (PA-mode) one is charged
+ * to one account (the kernel's pinned_vm, and the agent's pre-write check): memlock and pageSize
+ * must be the same wherever given.
  */
 import path from 'node:path';
+import { ID_RULE, isValidId } from '../id.ts';
 import type { IovaRange } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import {
@@ -19,20 +27,22 @@ import {
   backendFeatureMask,
   IotlbMsgType,
 } from '../uapi/constants.ts';
-import { type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
+import { type DiscoveredNode, type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
 import { DeviceError } from './errors.ts';
 import { KernelDevice } from './kernel.ts';
-import { PinnedMemory } from './memlock.ts';
+import { RLIM_INFINITY } from '../sys/libc.ts';
+import { PAGE_SIZE, PinnedMemory } from './memlock.ts';
+import { probePinning } from './pin-probe.ts';
 import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
 import type { VhostTransport } from './transport.ts';
 import type { Device, DeviceLogger } from './types.ts';
+import { openVhostVdpaFd } from './vhost-vdpa-fd.ts';
 
 export type DeviceSpec =
   | { kind: 'simulated'; options: SimulatedDeviceOptions }
   /** `node` 'auto': every vhost-vdpa node discovery finds. */
   | { kind: 'kernel'; node: string; name?: string };
 
-const NAME_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const U64_MAX = (1n << 64n) - 1n;
 const SIM_KEYS = [
   'iommu',
@@ -44,6 +54,12 @@ const SIM_KEYS = [
   'vqs',
   'failiova',
   'memlock',
+  'onchipmap',
+  'useva',
+  'configsize',
+  'pagesize',
+  'contiguouspages',
+  'keepsmaponreset',
 ] as const;
 
 export function parseDeviceSpec(spec: string): DeviceSpec {
@@ -72,13 +88,12 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
     const { name, ...others } = Object.fromEntries(opts);
     const unknown = Object.keys(others)[0];
     if (unknown !== undefined) fail(`unknown key "${unknown}" (kernel devices take name=)`, unknown);
-    if (name !== undefined && !NAME_RE.test(name))
-      fail(`name "${name}" must be 1-64 of [A-Za-z0-9._-]`, 'name');
+    if (name !== undefined && !isValidId(name)) fail(`name "${name}" ${ID_RULE}`, 'name');
     return name === undefined ? { kind: 'kernel', node: target } : { kind: 'kernel', node: target, name };
   }
   if (kind !== 'sim') fail(`unknown kind "${kind}" (sim or kernel)`, 'kind');
 
-  if (!NAME_RE.test(target)) fail(`name "${target}" must be 1-64 of [A-Za-z0-9._-]`, 'name');
+  if (!isValidId(target)) fail(`name "${target}" ${ID_RULE}`, 'name');
   const options: SimulatedDeviceOptions = { name: target };
   for (const [key, value] of opts) {
     const field = SIM_KEYS.find((k) => k === key);
@@ -115,9 +130,75 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
       case 'memlock':
         options.memlock = parseU64(value) ?? bad('must be a number of bytes (a u64)');
         break;
+      case 'onchipmap':
+        if (value !== 'set_map' && value !== 'dma_map') bad('must be set_map or dma_map');
+        options.onchipMap = value as 'set_map' | 'dma_map';
+        break;
+      case 'useva':
+        options.useVa = parseFlag(value) ?? bad('must be 0 or 1');
+        break;
+      case 'configsize':
+        options.configSize = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        break;
+      case 'pagesize': {
+        const size = parseU64(value);
+        if (size === undefined || size < 4096n || size > 1n << 30n || (size & (size - 1n)) !== 0n)
+          bad('must be a power of two from 4096 to 2^30');
+        options.pageSize = size;
+        break;
+      }
+      case 'contiguouspages':
+        options.contiguousPages = parseInteger(value, 1, 1 << 30) ?? bad('must be an integer >= 1');
+        break;
+      case 'keepsmaponreset':
+        options.keepsMapOnReset = parseFlag(value) ?? bad('must be 0 or 1');
+        break;
     }
   }
+  if (options.useVa && (options.iommu ?? 'platform') === 'platform')
+    fail('useVa=1 needs iommu=onchip: a platform IOMMU maps only in PA mode', 'useva');
+  if (options.onchipMap !== undefined && options.iommu !== 'onchip')
+    fail('onchipMap needs iommu=onchip', 'onchipmap');
   return { kind: 'simulated', options };
+}
+
+/**
+ * The simulated devices of one agent pin for one process: one RLIMIT_MEMLOCK and one page size
+ * (which every spec giving them must agree on), one pinned_vm for the simulated kernel (`vmPin`)
+ * and one for the agent's pre-write check (`pins`). VA-mode devices do not use them (whether a
+ * device is in PA mode still follows its own spec: see SimulatedDeviceOptions.useVa).
+ */
+function sharedSimAccounts(
+  specs: readonly DeviceSpec[],
+): Pick<SimulatedDeviceOptions, 'pageSize' | 'pins' | 'vmPin'> {
+  let memlock: { value: bigint; from: string } | undefined;
+  let pageSize: { value: bigint; from: string } | undefined;
+  for (const spec of specs) {
+    if (spec.kind !== 'simulated') continue;
+    const { name, memlock: limit, pageSize: page } = spec.options;
+    for (const [key, given, seen] of [
+      ['memlock', limit, memlock],
+      ['pageSize', page, pageSize],
+    ] as const) {
+      if (given === undefined) continue;
+      if (seen !== undefined && seen.value !== given) {
+        throw new DeviceError(
+          'INVALID_SPEC',
+          `device spec of ${name}: ${key}=${given} differs from ${seen.value} given for ${seen.from} (the simulated devices of one agent share one process)`,
+          { field: key.toLowerCase() },
+        );
+      }
+      if (key === 'memlock') memlock = { value: given, from: name };
+      else pageSize = { value: given, from: name };
+    }
+  }
+  const limit = memlock?.value ?? RLIM_INFINITY;
+  const page = pageSize?.value ?? PAGE_SIZE;
+  return {
+    ...(pageSize ? { pageSize: page } : {}),
+    pins: new PinnedMemory(() => limit, page),
+    vmPin: new PinnedMemory(() => limit, page),
+  };
 }
 
 export interface OpenDevicesOptions {
@@ -125,6 +206,8 @@ export interface OpenDevicesOptions {
   discovery?: DiscoveryRoots;
   /** Opens kernel device nodes (default the real fd; tests inject a recorder). */
   openTransport?: (node: string) => VhostTransport;
+  /** This process's pinned bytes, for the pinning probe (default VmPin of /proc/self/status). */
+  readVmPin?: () => bigint | undefined;
 }
 
 /**
@@ -137,42 +220,46 @@ export async function openDevices(
   logger?: DeviceLogger,
   opts: OpenDevicesOptions = {},
 ): Promise<Device[]> {
-  type Plan = { name: string; open: () => Device };
+  type Plan = { name: string; open: () => Device | Promise<Device> };
   const plans: Plan[] = [];
   const nodes = new Set<string>();
-  const kernel = (node: string, name: string, pinned: boolean): Plan => {
+  const kernel = (node: string, name: string, sysfs: DiscoveredNode): Plan => {
     const real = path.resolve(node);
     if (nodes.has(real))
       throw new DeviceError('DUPLICATE_NAME', `device node ${node} is given twice`, { field: node });
     nodes.add(real);
     return {
       name,
-      open: () =>
+      open: async () =>
         new KernelDevice({
           node,
           name,
-          pinned,
+          pinned: await pinsMemory(node, sysfs.pinned),
+          iommu: sysfs.iommu,
           memory: registry,
           ...(logger ? { logger } : {}),
           ...(opts.openTransport ? { openTransport: opts.openTransport } : {}),
         }),
     };
   };
-  let simPins: { limit: bigint; pins: PinnedMemory } | undefined;
-  for (const spec of specs.map(parseDeviceSpec)) {
+  /** What the kernel does (pin-probe.ts); sysfs's guess where the probe cannot tell. */
+  const pinsMemory = async (node: string, guess: boolean): Promise<boolean> => {
+    const open = () => (opts.openTransport ?? openVhostVdpaFd)(node);
+    try {
+      const pinned = await probePinning({ open, ...(opts.readVmPin ? { readVmPin: opts.readVmPin } : {}) });
+      if (pinned !== undefined) return pinned;
+      logger?.warn({ node }, 'the kernel shows no VmPin: whether the device pins is guessed from sysfs');
+    } catch (err) {
+      // Opening the device again reports the same trouble, if it stays.
+      logger?.warn({ node, err }, 'the pinning probe failed: whether the device pins is guessed from sysfs');
+    }
+    return guess;
+  };
+  const parsed = specs.map(parseDeviceSpec);
+  const simAccounts = sharedSimAccounts(parsed);
+  for (const spec of parsed) {
     if (spec.kind === 'simulated') {
-      const { memlock } = spec.options;
-      if (memlock !== undefined) {
-        if (simPins !== undefined && simPins.limit !== memlock) {
-          throw new DeviceError(
-            'INVALID_SPEC',
-            `device spec of ${spec.options.name}: memlock=${memlock} differs from ${simPins.limit} (the agent has one RLIMIT_MEMLOCK)`,
-            { field: 'memlock' },
-          );
-        }
-        simPins ??= { limit: memlock, pins: new PinnedMemory(() => memlock) };
-      }
-      const options = memlock === undefined ? spec.options : { ...spec.options, pins: simPins!.pins };
+      const options: SimulatedDeviceOptions = { ...spec.options, ...simAccounts };
       plans.push({
         name: spec.options.name,
         open: () => new SimulatedDevice(options, registry, logger),
@@ -180,10 +267,10 @@ export async function openDevices(
     } else if (spec.node === 'auto') {
       const found = discoverVhostVdpa(opts.discovery);
       if (found.length === 0) logger?.warn({}, 'kernel:auto found no /dev/vhost-vdpa-* device');
-      for (const d of found) plans.push(kernel(d.node, d.name, d.pinned));
+      for (const d of found) plans.push(kernel(d.node, d.name, d));
     } else {
       const d = describeNode(spec.node, opts.discovery);
-      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node), d.pinned));
+      plans.push(kernel(spec.node, spec.name ?? path.basename(spec.node), d));
     }
   }
   const seen = new Set<string>();
@@ -196,7 +283,7 @@ export async function openDevices(
   const devices: Device[] = [];
   try {
     for (const p of plans) {
-      const device = p.open();
+      const device = await p.open();
       devices.push(device);
       logger?.info({ device: device.name, ...summary(device) }, 'device opened');
     }
@@ -222,6 +309,12 @@ function parseU64(text: string): bigint | undefined {
   if (!/^(0[xX][0-9a-fA-F]+|\d+)$/.test(text)) return undefined;
   const value = BigInt(text);
   return value <= U64_MAX ? value : undefined;
+}
+
+function parseFlag(text: string): boolean | undefined {
+  if (text === '1' || text.toLowerCase() === 'true') return true;
+  if (text === '0' || text.toLowerCase() === 'false') return false;
+  return undefined;
 }
 
 function parseInteger(text: string, min: number, max: number): number | undefined {

@@ -9,6 +9,7 @@
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { violation } from '../iotlb/table.ts';
 import {
+  describeRange,
   hex,
   type IotlbOp,
   type IotlbViolation,
@@ -43,8 +44,10 @@ export class IotlbGuard {
     private readonly memory: MemoryRegistry,
     /** The process's pinned pages, for a device in PA mode; undefined in VA mode. */
     private readonly pins?: PinnedMemory,
+    /** PA mode: the page size every mapping must be aligned to (see checkPageAligned). */
+    pinPageSize?: bigint,
   ) {
-    this.spaces = new AddressSpaces(asNum, range);
+    this.spaces = new AddressSpaces(asNum, range, pinPageSize);
     // vhost_chr_write_iter reads the asid of a v2 message only with IOTLB_ASID; v1 messages carry
     // none. Otherwise every message lands in address space 0, whatever asid it names.
     this.asidHonoured =
@@ -142,13 +145,26 @@ export class IotlbGuard {
   }
 }
 
-/** An INVALIDATE needs only an address space and u64 fields: any range, even size 0, is fine. */
+/**
+ * An INVALIDATE needs only an address space and u64 fields: any range, even size 0, is fine; on a
+ * pinning device it must also cover every mapping it touches whole. There the kernel holds each
+ * mapping as one entry per physically contiguous run (vhost_vdpa_pa_map) and drops only the runs
+ * the range touches (vhost_vdpa_pa_unmap), which the agent cannot know: the rest would stay
+ * pinned and mapped while this table said the mapping was gone.
+ */
 function checkInvalidate(spaces: AddressSpaces, asid: number, op: IotlbOp): IotlbViolation | undefined {
   const bad = spaces.checkAsid(asid);
   if (bad) return bad;
   if (op.iova < 0n || op.iova >= U64_LIMIT) return violation('OUT_OF_RANGE', `iova ${op.iova} is not a u64`);
   if (op.size < 0n || op.size >= U64_LIMIT) return violation('OVERFLOW', `size ${op.size} is not a u64`);
-  return undefined;
+  if (spaces.pinPageSize === undefined) return undefined;
+  const partly = spaces.table(asid).firstPartlyInvalidated(op.iova, op.size);
+  if (!partly) return undefined;
+  return violation(
+    'PARTIAL_UNMAP',
+    `INVALIDATE ${describeRange(op.iova, op.size)} covers only part of the mapping ${describeRange(partly.iova, partly.size)} in asid ${asid}: a pinning (PA-mode) parent would drop only the physically contiguous runs the range touches and keep the rest of it pinned and mapped; invalidate whole mappings`,
+    { ...partly, asid },
+  );
 }
 
 /**
@@ -162,7 +178,9 @@ function violationResult(v: IotlbViolation): OpFailure {
     message += ` (memory ${c.memory} at offset ${hex(c.offset)}, perm ${c.perm})`;
   }
   if (v.reason === 'BAD_PERM') message += '; the kernel does not check perm, vdpa-mapd does';
-  else if (v.reason !== 'ZERO_SIZE') {
+  else if (v.reason === 'UNALIGNED' || v.reason === 'PARTIAL_UNMAP') {
+    message += '; the kernel would not refuse it, vdpa-mapd does';
+  } else if (v.reason !== 'ZERO_SIZE') {
     message += `; the kernel's handler returns ${v.errno}, which a real kernel reports to userspace as EFAULT`;
   }
   return { ok: false, errno: v.errno, code: v.reason, message, field: v.field };

@@ -17,9 +17,9 @@ export interface KernelDeviceOptions {
   name?: string;
   memory: MemoryRegistry;
   logger?: DeviceLogger;
-  /** Whether the parent pins pages (PA mode): discovery knows VDUSE does not; otherwise assume it does. */
+  /** Whether the parent pins pages (PA mode): openDevices asks the kernel (pin-probe.ts); default true. */
   pinned?: boolean;
-  /** Default 'unknown': the kind of IOMMU is not visible from userspace. */
+  /** What sysfs tells (discovery.ts); default 'unknown'. */
   iommu?: IommuKind;
   /** Opens the transport; default the real fd (tests inject a recorder). */
   openTransport?: (node: string) => VhostTransport;

@@ -4,19 +4,26 @@
  * requests and the same 72-byte messages as drivers/vhost/vdpa.c and vhost.c (around v6.12),
  * decoding them with src/uapi, so every device write is exercised end to end.
  *
- * The parent works in VA mode (use_va, like VDUSE): an UPDATE maps the parts of [uaddr, +size)
- * that lie in registered shared memory and silently skips the rest.
+ * The parent works in one of the kernel's two modes:
+ * - PA mode (pinning; the only mode of a platform IOMMU, and vdpa_sim use_va=0, mlx5):
+ *   vhost_vdpa_pa_map pins every page from `uaddr & PAGE_MASK` and maps each physically contiguous
+ *   run as its own entry from `iova & PAGE_MASK`, charging the owner's pinned_vm (VmPin) under
+ *   RLIMIT_MEMLOCK. Physical contiguity is modelled by `contiguousPages`: the pages of one memory
+ *   form runs of that many pages, aligned to the memory's offset 0 (1 for shmem as measured, 512
+ *   for THP). Any memory of the owner pins: registered memory, and the process's own vmas
+ *   (private anonymous memory too, read from /proc/self/maps); a page in no vma fails the UPDATE
+ *   (EFAULT) and everything it mapped is unmapped again.
+ * - VA mode (use_va: VDUSE, vdpa_sim use_va=1): an UPDATE maps the parts of [uaddr, +size) that
+ *   lie in registered shared memory and silently skips the rest; nothing is pinned.
  *
  * Known simplifications, each refused rather than guessed: perm must be RO/WO/RW (the kernel
  * stores any value, docs/kernel-notes.md S5), and in VA mode only registered memory resolves (the
  * kernel maps any MAP_SHARED file-backed vma of the owner, S7); neither is reachable through
- * VhostVdpaDevice, whose guard checks both first. With `memlock` set the parent pins like one in PA
- * mode: an UPDATE that would pass that RLIMIT_MEMLOCK is refused as vhost_vdpa_pa_map does (ENOMEM,
- * seen as EFAULT); unlike the kernel, whose count is per process, each simulated device counts only
- * its own pages. `keepsMapOnReset` gives VDUSE's reset and release, which keep the parent's table.
+ * VhostVdpaDevice, whose guard checks both first. `keepsMapOnReset` gives VDUSE's reset and
+ * release, which keep the parent's table.
  */
 import { IovaTable } from '../iotlb/table.ts';
-import { type IovaRange, type Mapping, type Perm, type Region, U64_LIMIT } from '../iotlb/types.ts';
+import { hex, type IovaRange, type Mapping, type Perm, type Region, U64_LIMIT } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import {
   type BackendFeatureName,
@@ -30,15 +37,25 @@ import {
 } from '../uapi/constants.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
 import { decodeVhostMsg, type IotlbMsg, UapiError, VHOST_MSG_SIZE, type VhostMsg } from '../uapi/message.ts';
-import { PinnedMemory } from './memlock.ts';
+import { RLIM_INFINITY } from '../sys/libc.ts';
+import { ownVmas, type Vma } from '../sys/proc-self.ts';
+import { PAGE_SIZE, PinnedMemory, pagesOf } from './memlock.ts';
 import { TransportError, type VhostTransport } from './transport.ts';
 
 const U64_MAX = U64_LIMIT - 1n;
 /** The shortest write vhost_chr_write_iter takes: type, asid (or padding), vhost_iotlb_msg. */
 const MIN_WRITE = 40;
+/** vhost_vdpa_pa_map pins at most PAGE_SIZE / sizeof(struct page *) pages per pin_user_pages call. */
+const PIN_BATCH_PAGES = 512n;
 
-/** platform: dma_map/dma_unmap (or the platform IOMMU) per entry; onchip: set_map of the table. */
+/**
+ * platform: the parent has neither set_map nor dma_map; vhost-vdpa maps each entry in the platform
+ * IOMMU (iommu_map / iommu_unmap), always in PA mode. onchip: the parent translates itself, with
+ * set_map (the whole table per push) or dma_map (one call per entry): see `onchipMap`.
+ */
 export type SimIommu = 'platform' | 'onchip';
+/** The op an onchip parent implements. */
+export type SimOnchipMap = 'set_map' | 'dma_map';
 
 /** Chooses UPDATE/INVALIDATE messages to fail with EFAULT, as a failed pin or dma_map would. */
 export interface FaultInjection {
@@ -60,8 +77,32 @@ export interface SimulatedVdpaConfig extends FaultInjection {
   offeredFeatures: bigint;
   /** Time each set_map push takes (onchip), awaited by the writer. */
   pushDelayMs: number;
-  /** PA mode under this RLIMIT_MEMLOCK (bytes); absent: VA mode, nothing pinned. */
+  /**
+   * onchip only: set_map (default; VDUSE, mlx5, vdpa_sim batch_mapping=1) or dma_map (vdpa_sim
+   * batch_mapping=0, one call per entry and no push at BATCH_END).
+   */
+  onchipMap?: SimOnchipMap;
+  /**
+   * VA mode (the parent was allocated with use_va). Default: PA mode with a platform IOMMU (its
+   * only mode: __vdpa_alloc_device refuses use_va without set_map or dma_map, and so does this
+   * constructor) or when `memlock` is given; else VA mode.
+   */
+  useVa?: boolean;
+  /** PA mode: RLIMIT_MEMLOCK in bytes; default unlimited. Ignored when `vmPin` is given. */
   memlock?: bigint;
+  /**
+   * PA mode: the owner's mm->pinned_vm (VmPin), with its RLIMIT_MEMLOCK. Give parents owned by one
+   * process the same account (the kernel counts per process); default an account of its own.
+   */
+  vmPin?: PinnedMemory;
+  /** The kernel's PAGE_SIZE in bytes; default 4096. */
+  pageSize?: bigint;
+  /**
+   * PA mode: how many pages of a memory are physically contiguous, as runs aligned to its offset 0
+   * (to the address, for unregistered memory): each run is one kernel entry. Default 1 (shmem
+   * pages, as measured); 512 models THP (2 MiB).
+   */
+  contiguousPages?: number;
   /**
    * The parent keeps its IOTLB across reset and release, as VDUSE does (no reset_map, and its reset
    * ignores VDPA_RESET_F_CLEAN_MAP): the device can still DMA through the old table until a new
@@ -108,16 +149,103 @@ export class SimulatedVdpa {
   private suspendedFlag = false;
   /** Number of the next UPDATE/INVALIDATE message, for fault injection. */
   private opSeq = 0;
-  /** PA mode: the pages pinned for the kernel's tables (mm->pinned_vm of this device alone). */
+  /**
+   * PA mode: the pages the kernel pinned (mm->pinned_vm, what VmPin shows), counted per entry as
+   * vhost_vdpa_map and vhost_vdpa_pa_unmap do; undefined in VA mode.
+   */
   readonly pins: PinnedMemory | undefined;
+  readonly pageSize: bigint;
+  /** Bytes of one physically contiguous run. */
+  private readonly runBytes: bigint;
 
   constructor(
     readonly config: SimulatedVdpaConfig,
     readonly memory: MemoryRegistry,
   ) {
+    const useVa = config.useVa ?? (config.iommu !== 'platform' && config.memlock === undefined);
+    if (useVa && config.iommu === 'platform') {
+      throw new TransportError('EINVAL', 'a parent without set_map or dma_map cannot use VA mode');
+    }
+    const contiguous = config.contiguousPages ?? 1;
+    if (!Number.isSafeInteger(contiguous) || contiguous < 1) {
+      throw new RangeError(`contiguousPages must be a positive integer, got ${contiguous}`);
+    }
+    this.pageSize = config.pageSize ?? PAGE_SIZE;
+    this.runBytes = BigInt(contiguous) * this.pageSize;
     this.deviceTables = this.emptyTables();
-    const { memlock } = config;
-    this.pins = memlock === undefined ? undefined : new PinnedMemory(() => memlock);
+    const memlock = config.memlock ?? RLIM_INFINITY;
+    this.pins = useVa ? undefined : (config.vmPin ?? new PinnedMemory(() => memlock, this.pageSize));
+  }
+
+  /** Whether the parent maps by address (use_va) and pins nothing. */
+  get useVa(): boolean {
+    return this.pins === undefined;
+  }
+
+  /** The parent has set_map (pushes of the whole table) rather than dma_map or the platform IOMMU. */
+  get hasSetMap(): boolean {
+    return this.config.iommu === 'onchip' && (this.config.onchipMap ?? 'set_map') === 'set_map';
+  }
+
+  /**
+   * PA mode: the physically contiguous runs of the owner's memory from page `uaddr` on, for
+   * `npages` pages, as entries from `iova`, and how many pages could be pinned (fewer than
+   * `npages` when a page lies in no vma, or in one that does not allow the access).
+   */
+  pinnableRuns(
+    uaddr: bigint,
+    npages: bigint,
+    iova: bigint,
+    perm: Perm,
+  ): { runs: Region[]; pinnedPages: bigint } {
+    const page = this.pageSize;
+    const end = uaddr + npages * page;
+    const registered = this.memory.list().sort((a, b) => (a.uaddr < b.uaddr ? -1 : 1));
+    let vmas: Vma[] | undefined;
+    const runs: Region[] = [];
+    let at = uaddr;
+    while (at < end) {
+      // `base`: where offset 0 of the memory is; runs are aligned to `blocksFrom` (a memory's file
+      // offset 0, as shmem's huge pages are; the address, as anonymous huge pages are).
+      let segment: { memory: string; base: bigint; blocksFrom: bigint; stop: bigint } | undefined;
+      const mem = registered.find((m) => m.uaddr <= at && at < m.uaddr + m.size);
+      if (mem)
+        segment = { memory: mem.id, base: mem.uaddr, blocksFrom: mem.uaddr, stop: mem.uaddr + mem.size };
+      else {
+        // Not registered: any vma of the process pins (pin_user_pages), private anonymous memory
+        // too; FOLL_WRITE (a WO or RW entry) needs a writable one.
+        vmas ??= ownVmas();
+        const vma = vmas.find((v) => v.start <= at && at < v.end && v.read && (v.write || perm === 'ro'));
+        const next = registered.find((m) => m.uaddr > at)?.uaddr;
+        if (vma) {
+          const stop = next !== undefined && next < vma.end ? next : vma.end;
+          segment = { memory: `unregistered@${hex(vma.start)}`, base: vma.start, blocksFrom: 0n, stop };
+        }
+      }
+      if (!segment) break;
+      let stop = segment.stop;
+      if (end < stop) stop = end;
+      while (at < stop) {
+        const from = segment.blocksFrom;
+        const blockEnd = from + ((at - from) / this.runBytes + 1n) * this.runBytes;
+        const runEnd = blockEnd < stop ? blockEnd : stop;
+        runs.push({
+          iova: iova + (at - uaddr),
+          size: runEnd - at,
+          memory: segment.memory,
+          offset: at - segment.base,
+          perm,
+        });
+        at = runEnd;
+      }
+    }
+    // Only whole pages pin: a run may not end inside a page that is partly outside memory.
+    const pinnedPages = (at - uaddr) / page;
+    const limit = iova + pinnedPages * page;
+    const whole = runs
+      .filter((r) => r.iova < limit)
+      .map((r) => (r.iova + r.size > limit ? { ...r, size: limit - r.iova } : r));
+    return { runs: whole, pinnedPages };
   }
 
   /** vhost_vdpa_open: EBUSY while another file is open; opening resets the device. */
@@ -387,7 +515,7 @@ class SimVhostFile implements VhostTransport {
         return;
       case IotlbMsgType.BATCH_END:
         // Only the push happens here; a BATCH_END with no batch open changes nothing.
-        if (this.inBatch && this.parent.config.iommu === 'onchip') this.push(asid, table);
+        if (this.inBatch && this.parent.hasSetMap) this.push(asid, table);
         this.inBatch = false;
         return;
       default:
@@ -395,7 +523,7 @@ class SimVhostFile implements VhostTransport {
     }
   }
 
-  /** vhost_vdpa_process_iotlb_update, then vhost_vdpa_va_map. */
+  /** vhost_vdpa_process_iotlb_update, then vhost_vdpa_pa_map or vhost_vdpa_va_map. */
   private processIotlbUpdate(asid: number, table: IovaTable, m: IotlbMsg, inject: boolean): void {
     const range = this.parent.config.iovaRange;
     // In bigint arithmetic iova + size - 1 cannot wrap, so the range test also covers the
@@ -403,38 +531,77 @@ class SimVhostFile implements VhostTransport {
     if (m.iova < range.first || m.size === 0n || m.iova + m.size - 1n > range.last) {
       throw new HandlerError('EINVAL', 'iova/size outside the IOVA range or overflowing');
     }
+    // The overlap test is on the range as given; PA-mode entries are whole pages, so a range
+    // sharing a page with one overlaps it.
     if (table.firstOverlap(m.iova, m.size)) throw new HandlerError('EEXIST', 'the range overlaps a mapping');
     const perm = PERM_BY_BITS[m.perm];
     if (perm === undefined)
       throw new HandlerError('EINVAL', `perm ${m.perm} is not RO/WO/RW (not simulated)`);
     if (inject) throw new HandlerError('EFAULT', 'injected fault on UPDATE', true);
-    // vhost_vdpa_pa_map checks the lock limit before pinning anything.
-    const overLimit = this.parent.pins?.refusal(m.iova, m.size);
-    if (overLimit !== undefined) throw new HandlerError('ENOMEM', overLimit);
-    // vhost_vdpa_va_map: one entry per piece of shared file-backed memory; holes are skipped.
-    for (const entry of this.resolve(m.iova, m.size, m.uaddr, perm)) this.map(asid, table, entry);
+    if (this.parent.useVa) {
+      // vhost_vdpa_va_map: one entry per piece of shared file-backed memory; holes are skipped.
+      for (const entry of this.resolve(m.iova, m.size, m.uaddr, perm)) this.map(asid, table, entry);
+    } else {
+      this.paMap(asid, table, m, perm);
+    }
   }
 
-  /** vhost_vdpa_map: add to the vhost table, then dma_map, or set_map outside a batch. */
+  /**
+   * vhost_vdpa_pa_map: the lock limit first (`npages + pinned_vm > PFN_DOWN(RLIMIT_MEMLOCK)`:
+   * ENOMEM), then pin_user_pages 512 pages at a time from `uaddr & PAGE_MASK`, each physically
+   * contiguous run mapped (vhost_vdpa_map) as soon as the next page breaks it, from
+   * `iova & PAGE_MASK`. When a batch of pages cannot be pinned, the runs mapped so far are
+   * unmapped again over the UPDATE's range (vhost_vdpa_unmap, a set_map push outside a batch):
+   * nothing stays, and userspace sees EFAULT.
+   */
+  private paMap(asid: number, table: IovaTable, m: IotlbMsg, perm: Perm): void {
+    const { pageSize: page, pins } = this.parent;
+    const overLimit = pins!.refusal(m.iova, m.size);
+    if (overLimit !== undefined) throw new HandlerError('ENOMEM', overLimit);
+    const npages = pagesOf(m.iova, m.size, page);
+    const iova = m.iova - (m.iova % page);
+    const { runs, pinnedPages } = this.parent.pinnableRuns(m.uaddr - (m.uaddr % page), npages, iova, perm);
+    if (pinnedPages === npages) {
+      for (const run of runs) this.map(asid, table, run);
+      return;
+    }
+    // The pin batch holding the first unpinnable page fails; a run was mapped only if the page
+    // after it was in an earlier batch.
+    const failedBatch = (pinnedPages / PIN_BATCH_PAGES) * PIN_BATCH_PAGES;
+    for (const run of runs) {
+      if ((run.iova + run.size - iova) / page < failedBatch) this.map(asid, table, run);
+    }
+    this.unmap(asid, table, m.iova, m.size);
+    const hole = m.uaddr - (m.uaddr % page) + pinnedPages * page;
+    throw new HandlerError(
+      'EFAULT',
+      `pin_user_pages failed at ${hex(hole)}: no vma of the owner allows ${perm === 'ro' ? 'reading' : 'writing'} that page`,
+    );
+  }
+
+  /** vhost_vdpa_map: add to the vhost table, then dma_map / iommu_map, or set_map outside a batch. */
   private map(asid: number, table: IovaTable, entry: Region): void {
     table.map(entry);
     this.parent.pins?.pin(entry.iova, entry.size);
-    if (this.parent.config.iommu === 'platform') this.parent.dmaMap(asid, entry);
+    if (!this.parent.hasSetMap) this.parent.dmaMap(asid, entry);
     else if (!this.inBatch) this.push(asid, table);
   }
 
   /** vhost_vdpa_unmap: every overlapping entry goes whole; then set_map outside a batch. */
   private unmap(asid: number, table: IovaTable, iova: bigint, size: bigint): void {
     this.iotlbUnmap(asid, table, iova, (iova + size - 1n) & U64_MAX);
-    if (this.parent.config.iommu === 'onchip' && !this.inBatch) this.push(asid, table);
+    if (this.parent.hasSetMap && !this.inBatch) this.push(asid, table);
   }
 
-  /** vhost_vdpa_iotlb_unmap over [start, last] (inclusive; a last below start matches nothing). */
+  /**
+   * vhost_vdpa_iotlb_unmap over [start, last] (inclusive; a last below start matches nothing):
+   * in PA mode vhost_vdpa_pa_unmap unpins each entry's pages.
+   */
   private iotlbUnmap(asid: number, table: IovaTable, start: bigint, last: bigint): void {
     if (last < start) return;
     for (const entry of table.invalidate(start, last - start + 1n)) {
       this.parent.pins?.unpin(entry.iova, entry.size);
-      if (this.parent.config.iommu === 'platform') this.parent.dmaUnmap(asid, entry);
+      if (!this.parent.hasSetMap) this.parent.dmaUnmap(asid, entry);
     }
   }
 

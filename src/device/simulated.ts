@@ -5,14 +5,15 @@
  */
 import { FULL_IOVA_RANGE, hex, type IovaRange, U64_LIMIT } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
+import { RLIM_INFINITY } from '../sys/libc.ts';
 import { backendFeatureMask, VirtioDeviceId } from '../uapi/constants.ts';
 import { DmaError } from './errors.ts';
 import { PinnedMemory } from './memlock.ts';
-import { type FaultInjection, type SimIommu, SimulatedVdpa } from './sim-kernel.ts';
+import { type FaultInjection, type SimIommu, type SimOnchipMap, SimulatedVdpa } from './sim-kernel.ts';
 import type { DeviceCounters, DeviceLogger, DmaCapable } from './types.ts';
 import { VhostVdpaDevice } from './vhost-vdpa.ts';
 
-/** What a simulated device offers unless told otherwise. */
+/** What a simulated onchip device offers unless told otherwise. */
 export const DEFAULT_SIM_FEATURES: bigint = backendFeatureMask(
   'IOTLB_MSG_V2',
   'IOTLB_BATCH',
@@ -22,33 +23,70 @@ export const DEFAULT_SIM_FEATURES: bigint = backendFeatureMask(
   'IOTLB_PERSIST',
 );
 
+/**
+ * What vp_vdpa offered behind a platform IOMMU (Debian 6.12, /work/shared/reference/kernel-kinds.md):
+ * MSG_V2, BATCH, ASID and IOTLB_PERSIST (0x10e), one address space, 3 vqs, 4096 config bytes.
+ */
+export const VP_VDPA_FACTS = {
+  features: backendFeatureMask('IOTLB_MSG_V2', 'IOTLB_BATCH', 'IOTLB_ASID', 'IOTLB_PERSIST'),
+  asNum: 1,
+  vqCount: 3,
+  configSize: 4096,
+} as const;
+
+/** vp_vdpa's IOVA range behind QEMU's intel-iommu (aw-bits 39): `[0, 0x7fffffffff]`. */
+export const IOVA_RANGE_39_BITS: IovaRange = { first: 0n, last: (1n << 39n) - 1n };
+
+/**
+ * The kinds of parent the simulator can be, and how (defaults in brackets):
+ * - vp_vdpa behind a platform IOMMU, PA mode: `{ iommu: 'platform' }` [the default; facts of
+ *   {@link VP_VDPA_FACTS}; add `iovaRange: IOVA_RANGE_39_BITS` for intel-iommu's aperture];
+ * - vdpa_sim batch_mapping=1 (set_map): `{ iommu: 'onchip', useVa: false | true }`;
+ * - vdpa_sim batch_mapping=0 (dma_map): `{ iommu: 'onchip', onchipMap: 'dma_map', useVa }`;
+ * - VDUSE: `{ iommu: 'onchip', useVa: true, keepsMapOnReset: true, asNum: 1 }`.
+ */
 export interface SimulatedDeviceOptions extends FaultInjection {
   name: string;
   /** virtio device id; default 1 (net). */
   deviceId?: number;
-  /** default 'platform'. */
+  /** default 'platform' (PA mode, like vp_vdpa). */
   iommu?: SimIommu;
+  /** onchip only: set_map (default) or dma_map; see SimulatedVdpaConfig.onchipMap. */
+  onchipMap?: SimOnchipMap;
+  /**
+   * VA mode (use_va: nothing pinned, any byte range). Default: PA mode for a platform IOMMU (which
+   * has no VA mode) or when `memlock` is given, else VA mode.
+   */
+  useVa?: boolean;
   /** default the full 64-bit range. */
   iovaRange?: IovaRange;
   /** Address spaces; default 1 for platform, 2 for onchip (like mlx5 with its control vq). */
   asNum?: number;
   /** Virtqueue groups; default asNum. */
   groupNum?: number;
-  /** default 2 (one rx/tx pair). */
+  /** default 3 for platform (vp_vdpa), 2 for onchip (one rx/tx pair). */
   vqCount?: number;
-  /** default 64 bytes. */
+  /** default 4096 bytes for platform (vp_vdpa), 64 for onchip. */
   configSize?: number;
-  /** Offered backend features; default {@link DEFAULT_SIM_FEATURES}. */
+  /** Offered backend features; default 0x10e for platform (vp_vdpa), {@link DEFAULT_SIM_FEATURES} for onchip. */
   features?: bigint;
-  /** Time each set_map push takes (onchip only); default 0. */
+  /** Time each set_map push takes (set_map only); default 0. */
   pushDelayMs?: number;
-  /**
-   * Simulate a parent in PA mode (pinned pages) under this RLIMIT_MEMLOCK, in bytes; default VA
-   * mode (nothing pinned).
-   */
+  /** PA mode: the simulated RLIMIT_MEMLOCK in bytes, for the kernel and the guard alike; default unlimited. */
   memlock?: bigint;
-  /** The pinned-pages account the guard charges (to share one across devices); default its own. */
+  /** The guard's pinned-pages account (to share one across devices, as one agent process); default its own. */
   pins?: PinnedMemory;
+  /**
+   * The simulated kernel's pinned_vm (VmPin), to share one across simulated parents as one owner
+   * process; default its own. Read it as `simulator.pins.pinnedBytes`.
+   */
+  vmPin?: PinnedMemory;
+  /** The kernel's PAGE_SIZE; default 4096. PA mode requires mappings aligned to it. */
+  pageSize?: bigint;
+  /** PA mode: pages per physically contiguous run (one kernel entry each); default 1 (shmem), 512 for THP. */
+  contiguousPages?: number;
+  /** The parent keeps its table across reset and close, as VDUSE does; default false. */
+  keepsMapOnReset?: boolean;
 }
 
 interface DmaPiece {
@@ -64,7 +102,8 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
 
   constructor(options: SimulatedDeviceOptions, memory: MemoryRegistry, logger?: DeviceLogger) {
     const iommu = options.iommu ?? 'platform';
-    const asNum = options.asNum ?? (iommu === 'onchip' ? 2 : 1);
+    const platform = iommu === 'platform';
+    const asNum = options.asNum ?? (platform ? VP_VDPA_FACTS.asNum : 2);
     const simulator = new SimulatedVdpa(
       {
         deviceId: options.deviceId ?? VirtioDeviceId.NET,
@@ -72,27 +111,36 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
         iovaRange: options.iovaRange ?? FULL_IOVA_RANGE,
         asNum,
         groupNum: options.groupNum ?? asNum,
-        vqCount: options.vqCount ?? 2,
-        configSize: options.configSize ?? 64,
-        offeredFeatures: options.features ?? DEFAULT_SIM_FEATURES,
+        vqCount: options.vqCount ?? (platform ? VP_VDPA_FACTS.vqCount : 2),
+        configSize: options.configSize ?? (platform ? VP_VDPA_FACTS.configSize : 64),
+        offeredFeatures: options.features ?? (platform ? VP_VDPA_FACTS.features : DEFAULT_SIM_FEATURES),
         pushDelayMs: options.pushDelayMs ?? 0,
-        ...(options.memlock !== undefined ? { memlock: options.memlock } : {}),
-        ...(options.failAfter !== undefined ? { failAfter: options.failAfter } : {}),
-        ...(options.failOn !== undefined ? { failOn: options.failOn } : {}),
+        ...pick(options, [
+          'onchipMap',
+          'useVa',
+          'memlock',
+          'vmPin',
+          'pageSize',
+          'contiguousPages',
+          'keepsMapOnReset',
+          'failAfter',
+          'failOn',
+        ]),
       },
       memory,
     );
+    const pinned = !simulator.useVa;
+    const limit = options.memlock ?? RLIM_INFINITY;
     super({
       name: options.name,
       kind: 'simulated',
       node: null,
       iommu,
-      pinned: options.memlock !== undefined,
+      pinned,
+      pageSize: simulator.pageSize,
       transport: simulator.open(),
       memory,
-      ...(options.memlock !== undefined
-        ? { pins: options.pins ?? new PinnedMemory(() => options.memlock!) }
-        : {}),
+      ...(pinned ? { pins: options.pins ?? new PinnedMemory(() => limit, simulator.pageSize) } : {}),
       ...(logger ? { logger } : {}),
     });
     this.simulator = simulator;
@@ -151,4 +199,11 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
     }
     return pieces;
   }
+}
+
+/** The options of `keys` that are set (exactOptionalPropertyTypes: absent, never undefined). */
+function pick<T extends object, K extends keyof T>(from: T, keys: readonly K[]): Partial<Pick<T, K>> {
+  const out: Partial<Pick<T, K>> = {};
+  for (const k of keys) if (from[k] !== undefined) out[k] = from[k];
+  return out;
 }

@@ -24,6 +24,16 @@ export interface DeviceFacts {
   iommu: IommuKind;
   /** Whether the parent needs pinned memory (PA mode) rather than VA mode (VDUSE, use_va). */
   pinned: boolean;
+  /**
+   * The kernel's PAGE_SIZE in bytes. A pinning parent maps whole pages (vhost_vdpa_pa_map), so
+   * there every iova, size and memory offset must be a multiple of it.
+   */
+  pageSize: bigint;
+}
+
+/** The page size mappings must be aligned to on this device: only a pinning one has one. */
+export function pinPageSize(facts: Pick<DeviceFacts, 'pinned' | 'pageSize'>): bigint | undefined {
+  return facts.pinned ? facts.pageSize : undefined;
 }
 
 /** Outcome of one op: ok, or the errno name (EINVAL, EEXIST, EFAULT, ...) with a precise reason. */

@@ -17,6 +17,7 @@ import {
 } from '../uapi/constants.ts';
 import { nextTurn } from '../sys/next-turn.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
+import { systemPageSize } from '../sys/libc.ts';
 import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
 import { DeviceError } from './errors.ts';
 import { IotlbGuard, type OpFailure } from './guard.ts';
@@ -41,6 +42,7 @@ import type {
   IommuKind,
   OpResult,
 } from './types.ts';
+import { pinPageSize } from './types.ts';
 
 /** The backend features vdpa-mapd understands; it negotiates those the device offers. */
 export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
@@ -76,6 +78,8 @@ export interface VhostVdpaDeviceInit {
   logger?: DeviceLogger;
   /** Where a pinning device charges its pages; default the agent process's own account. */
   pins?: PinnedMemory;
+  /** The kernel's PAGE_SIZE; default this machine's. */
+  pageSize?: bigint;
 }
 
 export class VhostVdpaDevice implements Device {
@@ -105,6 +109,7 @@ export class VhostVdpaDevice implements Device {
       this.info.negotiatedFeatures,
       init.memory,
       init.pinned ? (init.pins ?? processPinnedMemory()) : undefined,
+      pinPageSize(this.info),
     );
   }
 
@@ -223,6 +228,7 @@ export class VhostVdpaDevice implements Device {
       status,
       iommu: init.iommu,
       pinned: init.pinned,
+      pageSize: init.pageSize ?? systemPageSize(),
     };
   }
 
@@ -324,15 +330,19 @@ export class VhostVdpaDevice implements Device {
     await this.transport.write(bytes);
   }
 
-  /** INVALIDATEs that empty every address space: [0, 2^64-2], then the last byte if mapped. */
+  /**
+   * INVALIDATEs that empty every address space, each covering whole mappings (a pinning device
+   * takes no other): [0, the start of the mapping holding the last byte), then that mapping. No
+   * single INVALIDATE names all 2^64 bytes, but iova 0 size 0, which older kernels lack.
+   */
   private invalidateEverything(): IotlbOp[] {
     const ops: IotlbOp[] = [];
     const mappings = this.guard.mappings();
     for (const asid of new Set(mappings.map((m) => m.asid))) {
-      ops.push({ type: 'invalidate', asid, iova: 0n, size: U64_MAX });
-      if (mappings.some((m) => m.asid === asid && m.iova === U64_MAX)) {
-        ops.push({ type: 'invalidate', asid, iova: U64_MAX, size: 1n });
-      }
+      const top = mappings.find((m) => m.asid === asid && m.iova + m.size === U64_LIMIT);
+      const below = top ? top.iova : U64_MAX;
+      if (below > 0n) ops.push({ type: 'invalidate', asid, iova: 0n, size: below });
+      if (top) ops.push({ type: 'invalidate', asid, iova: top.iova, size: top.size });
     }
     return ops;
   }

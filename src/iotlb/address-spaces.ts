@@ -19,9 +19,11 @@ export class AddressSpaces {
   constructor(
     readonly asNum = 1,
     readonly range: IovaRange = FULL_IOVA_RANGE,
+    /** The page size of a pinning (PA-mode) parent; undefined in VA mode (see IovaTable). */
+    readonly pinPageSize?: bigint,
   ) {
     if (!Number.isInteger(asNum) || asNum < 1) throw new RangeError(`asNum must be >= 1, got ${asNum}`);
-    this.tables = Array.from({ length: asNum }, (_, asid) => new IovaTable(asid, range));
+    this.tables = Array.from({ length: asNum }, (_, asid) => new IovaTable(asid, range, pinPageSize));
   }
 
   /** Violation for an asid the device does not have (vhost_vdpa_find_alloc_as: asid >= nas). */

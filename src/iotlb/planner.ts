@@ -12,7 +12,7 @@
  */
 import type { IovaTable } from './table.ts';
 import { checkRegionShape } from './table.ts';
-import { describeRange, FULL_IOVA_RANGE, type IotlbOp, type IovaRange, type Region } from './types.ts';
+import { describeRange, FULL_IOVA_RANGE, hex, type IotlbOp, type IovaRange, type Region } from './types.ts';
 
 export interface Plan {
   ops: IotlbOp[];
@@ -24,7 +24,7 @@ export interface Plan {
   unchanged: number;
 }
 
-export type PlanErrorCode = 'INVALID_REGION' | 'TARGET_OVERLAP' | 'SPLIT_REFUSED';
+export type PlanErrorCode = 'INVALID_REGION' | 'TARGET_OVERLAP' | 'SPLIT_REFUSED' | 'UNALIGNED_SPLIT';
 
 export class PlanError extends Error {
   constructor(
@@ -89,11 +89,16 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
 
 /**
  * Validates a whole target table (shape of each region, no overlap between them) and returns it
- * sorted by IOVA. Errors name the region by its index in the request.
+ * sorted by IOVA. Errors name the region by its index in the request. `pinPageSize`: see
+ * checkRegionShape.
  */
-export function validateTarget(target: readonly Region[], range: IovaRange = FULL_IOVA_RANGE): Region[] {
+export function validateTarget(
+  target: readonly Region[],
+  range: IovaRange = FULL_IOVA_RANGE,
+  pinPageSize?: bigint,
+): Region[] {
   target.forEach((r, index) => {
-    const bad = checkRegionShape(r, range);
+    const bad = checkRegionShape(r, range, pinPageSize);
     if (bad)
       throw new PlanError(
         'INVALID_REGION',
@@ -120,13 +125,18 @@ export function validateTarget(target: readonly Region[], range: IovaRange = FUL
 
 /** set-mem-table: the plan that makes `table` equal `target`. O((n + m) log(n + m)). */
 export function planMemTable(table: IovaTable, target: readonly Region[]): Plan {
-  return diffSorted([...table.entries()], validateTarget(target, table.range), table.asid);
+  return diffSorted([...table.entries()], validateTarget(target, table.range, table.pinPageSize), table.asid);
 }
 
 /**
  * Unmap of `[iova, iova + size)`: every entry the range touches is invalidated whole; the parts of
  * partly covered entries outside the range are re-mapped (same memory, offset moved along), in the
  * same plan. With `exact`, a partly covered entry is refused instead.
+ *
+ * This is also right for a pinning (PA-mode) parent, whose kernel table holds one entry per
+ * physically contiguous run: each INVALIDATE covers a whole mapping, so it drops (and unpins)
+ * every run of it (vhost_vdpa_pa_unmap), and the re-mapped parts are pinned again. There a split
+ * point must be a page boundary (the remainders are whole pages, see checkPageAligned).
  */
 export function planUnmap(table: IovaTable, iova: bigint, size: bigint, exact = false): Plan {
   const shape = checkRegionShape({ iova, size, memory: '', offset: 0n, perm: 'rw' }, FULL_IOVA_RANGE);
@@ -144,8 +154,29 @@ export function planUnmap(table: IovaTable, iova: bigint, size: bigint, exact = 
         'iova',
       );
     }
+    if (r.iova < iova) checkSplitPoint(table, r, iova, size, iova, 'iova');
+    if (rEnd > end) checkSplitPoint(table, r, iova, size, end, 'size');
     if (r.iova < iova) remainders.push({ ...r, size: iova - r.iova });
     if (rEnd > end) remainders.push({ ...r, iova: end, size: rEnd - end, offset: r.offset + (end - r.iova) });
   }
   return diffSorted(touched, remainders, table.asid);
+}
+
+/** A pinning parent's mappings are whole pages, so may only be split at a page boundary. */
+function checkSplitPoint(
+  table: IovaTable,
+  r: Region,
+  iova: bigint,
+  size: bigint,
+  at: bigint,
+  field: string,
+): void {
+  const page = table.pinPageSize;
+  if (page === undefined || at % page === 0n) return;
+  throw new PlanError(
+    'UNALIGNED_SPLIT',
+    `${describeRange(iova, size)} would split the mapping ${describeRange(r.iova, r.size)} at ${hex(at)}, which is not page aligned: a pinning (PA-mode) parent maps whole pages of ${hex(page)} bytes`,
+    field,
+    'EINVAL',
+  );
 }

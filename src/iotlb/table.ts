@@ -30,11 +30,16 @@ type BTree<K, V> = InstanceType<typeof BTree<K, V>>;
 const U64_MAX = U64_LIMIT - 1n;
 const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
 
-export function violation(reason: IotlbViolationReason, message: string, conflict?: Mapping): IotlbViolation {
+export function violation(
+  reason: IotlbViolationReason,
+  message: string,
+  conflict?: Mapping,
+  field: string = VIOLATION_FIELD[reason],
+): IotlbViolation {
   return {
     reason,
     errno: VIOLATION_ERRNO[reason],
-    field: VIOLATION_FIELD[reason],
+    field,
     message,
     ...(conflict ? { conflict } : {}),
   };
@@ -42,9 +47,15 @@ export function violation(reason: IotlbViolationReason, message: string, conflic
 
 /**
  * Checks a region on its own (no table): size, overflow, IOVA range, permission. Mirrors the
- * order of vhost_vdpa_process_iotlb_msg / vhost_vdpa_process_iotlb_update.
+ * order of vhost_vdpa_process_iotlb_msg / vhost_vdpa_process_iotlb_update. With `pinPageSize`
+ * (a pinning, PA-mode parent) iova, size and the memory offset must also be whole pages: see
+ * {@link checkPageAligned}.
  */
-export function checkRegionShape(r: Region, range: IovaRange = FULL_IOVA_RANGE): IotlbViolation | undefined {
+export function checkRegionShape(
+  r: Region,
+  range: IovaRange = FULL_IOVA_RANGE,
+  pinPageSize?: bigint,
+): IotlbViolation | undefined {
   if (!PERMS.includes(r.perm)) {
     return violation('BAD_PERM', `perm must be one of ${PERMS.join(', ')}, got ${String(r.perm)}`);
   }
@@ -60,6 +71,38 @@ export function checkRegionShape(r: Region, range: IovaRange = FULL_IOVA_RANGE):
       `${describeRange(r.iova, r.size)} is outside the device's IOVA range [${hex(range.first)}, ${hex(range.last)}]`,
     );
   }
+  return pinPageSize === undefined ? undefined : checkPageAligned(r, pinPageSize);
+}
+
+/**
+ * A pinning (PA-mode) parent maps whole pages: vhost_vdpa_pa_map pins from `uaddr & PAGE_MASK`
+ * and adds entries from `iova & PAGE_MASK` for PFN_UP(size + (iova & ~PAGE_MASK)) pages. An
+ * unaligned UPDATE would map bytes nobody asked for (and the first page of its memory at the
+ * wrong offset when iova and uaddr are misaligned differently), and a later UPDATE of a
+ * neighbour in the same page would fail (EEXIST). uaddr is the memory's page-aligned mmap base
+ * plus the offset, so the offset is what must be aligned.
+ */
+export function checkPageAligned(r: Region, pageSize: bigint): IotlbViolation | undefined {
+  const why = `a pinning (PA-mode) parent maps whole pages of ${hex(pageSize)} bytes`;
+  if (r.iova % pageSize !== 0n) {
+    return violation('UNALIGNED', `iova ${hex(r.iova)} is not page aligned: ${why}`, undefined, 'iova');
+  }
+  if (r.size % pageSize !== 0n) {
+    return violation(
+      'UNALIGNED',
+      `size ${hex(r.size)} is not a whole number of pages: ${why}`,
+      undefined,
+      'size',
+    );
+  }
+  if (r.offset % pageSize !== 0n) {
+    return violation(
+      'UNALIGNED',
+      `offset ${hex(r.offset)} into memory ${r.memory} is not page aligned: ${why}`,
+      undefined,
+      'offset',
+    );
+  }
   return undefined;
 }
 
@@ -70,6 +113,11 @@ export class IovaTable {
   constructor(
     readonly asid = 0,
     readonly range: IovaRange = FULL_IOVA_RANGE,
+    /**
+     * The page size of a pinning (PA-mode) parent, whose entries are whole pages; undefined for a
+     * VA-mode parent, which maps any byte range.
+     */
+    readonly pinPageSize?: bigint,
   ) {}
 
   get count(): number {
@@ -82,7 +130,7 @@ export class IovaTable {
 
   /** What `map(r)` would refuse, or undefined. */
   checkMap(r: Region): IotlbViolation | undefined {
-    const bad = checkRegionShape(r, this.range);
+    const bad = checkRegionShape(r, this.range, this.pinPageSize);
     if (bad) return bad;
     const conflict = this.firstOverlap(r.iova, r.size);
     if (conflict) {
@@ -117,6 +165,16 @@ export class IovaTable {
       this.mappedBytes -= r.size;
     }
     return removed;
+  }
+
+  /**
+   * The first entry that an INVALIDATE of `[iova, iova + size - 1]` (u64 arithmetic, as in
+   * {@link invalidate}) touches but does not cover whole.
+   */
+  firstPartlyInvalidated(iova: bigint, size: bigint): Region | undefined {
+    const last = (iova + size - 1n) & U64_MAX;
+    if (last < iova) return undefined;
+    return this.overlappingInclusive(iova, last).find((r) => r.iova < iova || r.iova + r.size - 1n > last);
   }
 
   /** Every entry that shares at least one byte with `[iova, iova + size)`, in IOVA order. */

@@ -39,7 +39,14 @@ export type IotlbViolationReason =
   | 'OUT_OF_RANGE' // outside the device's IOVA range (vhost_vdpa_process_iotlb_update)
   | 'OVERLAP' // any byte already mapped in that address space (vhost_iotlb_itree_first)
   | 'BAD_ASID' // asid >= number of address spaces (vhost_vdpa_find_alloc_as)
-  | 'BAD_PERM'; // not RO/WO/RW: the kernel does not check; we refuse
+  | 'BAD_PERM' // not RO/WO/RW: the kernel does not check; we refuse
+  // A pinning (PA-mode) parent maps whole pages: vhost_vdpa_pa_map rounds the entry out to pages,
+  // so an unaligned UPDATE maps bytes nobody asked for and a neighbour in the same page then fails.
+  | 'UNALIGNED'
+  // A pinning parent holds one entry per physically contiguous run (vhost_vdpa_pa_map), and an
+  // INVALIDATE drops only the runs it touches: covering part of a mapping would leave the rest of
+  // it pinned and mapped where no table of ours can say which part. We refuse it.
+  | 'PARTIAL_UNMAP';
 
 /** errno the kernel's own handler returns for each reason (userspace sees EFAULT for most). */
 export const VIOLATION_ERRNO: Record<IotlbViolationReason, 'EINVAL' | 'EEXIST'> = {
@@ -49,6 +56,8 @@ export const VIOLATION_ERRNO: Record<IotlbViolationReason, 'EINVAL' | 'EEXIST'> 
   OVERLAP: 'EEXIST',
   BAD_ASID: 'EINVAL',
   BAD_PERM: 'EINVAL',
+  UNALIGNED: 'EINVAL',
+  PARTIAL_UNMAP: 'EINVAL',
 };
 
 /** The field of the request a reason is about, for error messages that name it. */
@@ -59,6 +68,8 @@ export const VIOLATION_FIELD: Record<IotlbViolationReason, string> = {
   OVERLAP: 'iova',
   BAD_ASID: 'asid',
   BAD_PERM: 'perm',
+  UNALIGNED: 'iova',
+  PARTIAL_UNMAP: 'iova',
 };
 
 export interface IotlbViolation {
@@ -66,7 +77,7 @@ export interface IotlbViolation {
   errno: 'EINVAL' | 'EEXIST';
   field: string;
   message: string;
-  /** For OVERLAP: the live entry the request collides with. */
+  /** For OVERLAP and PARTIAL_UNMAP: the live entry the request collides with. */
   conflict?: Mapping;
 }
 

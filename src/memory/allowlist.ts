@@ -1,6 +1,11 @@
 /**
  * Path policy for backing memory opened by path: the file must really (after every symlink)
  * live under an allowed root, be a regular file, and still be that file once opened.
+ *
+ * What a refusal tells the caller: nothing about what lies outside the roots (whether it exists,
+ * where a symlink leads, which kernel object, and so no pid from /proc/self). A path under the
+ * roots, which the caller may use anyway, gets the specific reason: no such file (NOT_FOUND), a
+ * directory, hard links. The whole story goes to the agent's log as the error's `detail`.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -29,8 +34,20 @@ export interface AllowedFile {
   size: bigint;
 }
 
+/** A refusal whose reason may be told (it concerns a file under the roots, or the path's text). */
 function refuse(why: string): never {
   throw new MemoryError('PATH_REFUSED', why, 'path');
+}
+
+/** A refusal that tells the caller only that the path is not allowed; `detail` goes to the log. */
+function refuseOutside(p: string, detail: string): never {
+  throw new MemoryError(
+    'PATH_REFUSED',
+    `${p} is not a regular file under the allowed roots`,
+    'path',
+    undefined,
+    `${p} ${detail}`,
+  );
 }
 
 function segments(absPath: string): string[] {
@@ -97,16 +114,36 @@ export class PathAllowlist {
       real = fs.realpathSync(p);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT' || code === 'ENOTDIR') refuse(`${p} does not exist`);
-      if (code === 'ELOOP') refuse(`${p} has a symlink loop`);
-      throw new MemoryError('SYSTEM', `cannot resolve ${p}: ${code}`, 'path', code);
+      if (this.isMissingUnderRoots(p)) throw new MemoryError('NOT_FOUND', `${p}: no such file`, 'path');
+      refuseOutside(p, `cannot be resolved: ${code}`);
     }
     if (REFUSED_TOP_DIRS.has(segments(real)[0] ?? ''))
-      refuse(`${p} resolves to ${real}, in a kernel filesystem`);
+      refuseOutside(p, `resolves to ${real}, in a kernel filesystem`);
     if (!this.realRoots().some((root) => isUnder(real, root))) {
-      refuse(`${p} resolves to ${real}, which is not under an allowed root (${this.roots.join(', ')})`);
+      refuseOutside(p, `resolves to ${real}, which is not under an allowed root (${this.roots.join(', ')})`);
     }
     return real;
+  }
+
+  /**
+   * Nothing at all is at `p` (not even a dangling symlink, whose target may be outside) and its
+   * directory really is a root or under one: the caller learns only what it may list anyway.
+   */
+  private isMissingUnderRoots(p: string): boolean {
+    try {
+      fs.lstatSync(p);
+      return false;
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' && code !== 'ENOTDIR') return false;
+    }
+    let dir: string;
+    try {
+      dir = fs.realpathSync(path.dirname(p));
+    } catch {
+      return false;
+    }
+    return this.realRoots().some((root) => dir === root || isUnder(dir, root));
   }
 
   /** Roots are resolved on each check (they may be created after start); missing ones allow nothing. */
@@ -126,9 +163,9 @@ export class PathAllowlist {
     // /proc/self/fd/N follows to the open file itself, so this is the fd's filesystem.
     const fsType = fs.statfsSync(`/proc/self/fd/${fd}`, { bigint: true }).type;
     if (fsType === PROC_SUPER_MAGIC || fsType === SYSFS_MAGIC)
-      refuse(`${p} (${real}) is in a kernel filesystem`);
+      refuseOutside(p, `(${real}) is in a kernel filesystem`);
     // Another name elsewhere would let a file outside the roots be reached from inside them.
-    if (st.nlink !== 1n) refuse(`${p} (${real}) has ${st.nlink} hard links; exactly 1 is required`);
+    if (st.nlink !== 1n) refuse(`${p} has ${st.nlink} hard links; exactly 1 is required`);
   }
 }
 

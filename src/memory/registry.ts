@@ -19,6 +19,7 @@ import {
   PROT_WRITE,
   SysError,
 } from '../sys/libc.ts';
+import { ID_RULE, isValidId } from '../id.ts';
 import { memoryDir, PathAllowlist } from './allowlist.ts';
 import {
   type CreateMemoryRequest,
@@ -34,7 +35,6 @@ export interface SharedMemoryRegistryOptions {
   stateDir: string;
 }
 
-const ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const PAGE_SIZE = 4096n;
 const U64_MAX = (1n << 64n) - 1n;
 /** off_t is signed 64-bit: the largest page multiple ftruncate accepts. */
@@ -198,14 +198,7 @@ export class SharedMemoryRegistry implements MemoryRegistry {
   }
 
   private checkNewId(id: string): void {
-    // '.' and '..' match the pattern but would name a directory as the backing file.
-    if (typeof id !== 'string' || !ID_RE.test(id) || id === '.' || id === '..') {
-      throw new MemoryError(
-        'INVALID_ID',
-        "id must be 1..64 characters of [A-Za-z0-9._-], not '.' or '..'",
-        'id',
-      );
-    }
+    if (!isValidId(id)) throw new MemoryError('INVALID_ID', `id ${ID_RULE}`, 'id');
     if (this.entries.has(id)) throw new MemoryError('ALREADY_EXISTS', `memory ${id} already exists`, 'id');
   }
 

@@ -17,9 +17,9 @@ export interface MemoryInfo {
 }
 
 export type MemoryErrorCode =
-  | 'INVALID_ID' // empty, too long, or characters outside [A-Za-z0-9._-]
+  | 'INVALID_ID' // not an id by the rule of src/id.ts
   | 'ALREADY_EXISTS' // id already registered
-  | 'NOT_FOUND' // no memory with that id
+  | 'NOT_FOUND' // no memory with that id, or no file at that path under the allowed roots
   | 'PATH_REFUSED' // path outside the allowed roots (after realpath), or not a regular file
   | 'INVALID_SIZE' // size 0, not a page multiple, or too large
   | 'OUT_OF_BOUNDS' // offset/size past the end of the memory
@@ -29,9 +29,12 @@ export type MemoryErrorCode =
 export class MemoryError extends Error {
   constructor(
     readonly code: MemoryErrorCode,
+    /** What the caller is told. */
     message: string,
     readonly field?: string,
     readonly errno?: string,
+    /** What only the agent's log is told (where a path really leads, why it was refused). */
+    readonly detail?: string,
   ) {
     super(message);
     this.name = 'MemoryError';

@@ -6,7 +6,14 @@
  */
 import { diffSorted, type Plan, PlanError, planUnmap, validateTarget } from '../iotlb/planner.ts';
 import { checkRegionShape } from '../iotlb/table.ts';
-import { hex, type IotlbOp, type IotlbViolation, type Mapping, type Region } from '../iotlb/types.ts';
+import {
+  describeRange,
+  hex,
+  type IotlbOp,
+  type IotlbViolation,
+  type Mapping,
+  type Region,
+} from '../iotlb/types.ts';
 import { ServiceError } from '../service/errors.ts';
 import type {
   BatchOp,
@@ -67,6 +74,7 @@ function planError(e: unknown, at: At): unknown {
   const field = fieldAt(at, e.field);
   switch (e.code) {
     case 'INVALID_REGION':
+    case 'UNALIGNED_SPLIT':
       return new ServiceError('INVALID_ARGUMENT', `${at.label}${e.message}`, {
         field,
         ...(e.errno ? { errno: e.errno } : {}),
@@ -115,7 +123,7 @@ function applyMap(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: 
     offset: spec.offset,
     perm: spec.perm,
   };
-  const shape = checkRegionShape(region, work.spaces.range);
+  const shape = checkRegionShape(region, work.spaces.range, work.spaces.pinPageSize);
   if (shape) throw violationError(shape, at);
   checkMemory(memory, region, at);
   const op: IotlbOp = { type: 'update', asid: spec.asid, ...region };
@@ -147,6 +155,14 @@ async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise
   } catch (e) {
     throw planError(e, at);
   }
+  // exact asks for precisely the mappings in the range: none there is as wrong as a partial one.
+  if (spec.exact && plan.invalidated.length === 0) {
+    throw new ServiceError(
+      'NOT_FOUND',
+      `${at.label}no mapping in ${describeRange(spec.iova, spec.size)} of address space ${spec.asid} and exact was requested`,
+      { field: fieldAt(at, 'iova') },
+    );
+  }
   await applyPlan(work, plan);
   return {
     removed: withAsid(plan.invalidated, spec.asid),
@@ -165,7 +181,7 @@ export async function applySetMemTable(
   checkAsid(work, asid, TOP);
   let target: Region[];
   try {
-    target = validateTarget(regions, work.spaces.range);
+    target = validateTarget(regions, work.spaces.range, work.spaces.pinPageSize);
   } catch (e) {
     throw planError(e, TOP);
   }

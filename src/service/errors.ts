@@ -15,6 +15,8 @@ export type ServiceErrorCode =
   | 'QUOTA_EXCEEDED' // 409 / RESOURCE_EXHAUSTED: the device's quota (bytes, entries); waiting does not help
   | 'UNAVAILABLE' // 503 / UNAVAILABLE: agent unreachable or store cannot write; retry later
   | 'DEVICE_ERROR' // 502 / INTERNAL: the device (kernel) refused; `errno` says how
+  | 'UNSUPPORTED_MEDIA_TYPE' // 415 (REST only): a body that is not application/json
+  | 'METHOD_NOT_ALLOWED' // 405 (REST only): a known path, another method; `Allow` lists them
   | 'INTERNAL'; // 500 / INTERNAL
 
 export interface ServiceErrorInfo {

@@ -16,7 +16,7 @@
  */
 import { AgentClient } from '../agent/client.ts';
 import type { AgentInfo } from '../agent/wire.ts';
-import type { DeviceCounters, DeviceFacts } from '../device/types.ts';
+import { type DeviceCounters, type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { createMetrics, type Metrics } from '../metrics/metrics.ts';
 import { DeviceQueue, type MissingMappings } from '../queue/device-queue.ts';
@@ -76,6 +76,8 @@ export interface MapdServiceOptions {
   maxGroup?: number;
   /** How long flush waits (default 30 s). */
   flushTimeoutMs?: number;
+  /** Events kept per device for watchers resuming from a sequence (default 4096). */
+  watchHistory?: number;
   /** Per-device limits on mapped bytes and entries (default none). */
   quotas?: QuotaConfig;
   /** Idempotency records kept per device (default 10,000). */
@@ -137,7 +139,7 @@ class Mapd implements MapdCore {
         void this.supervisor.sync();
       },
     );
-    this.hub = new WatchHub(opts.logger);
+    this.hub = new WatchHub(opts.logger, opts.watchHistory);
     this.supervisor = new AgentSupervisor({
       port: rawPort,
       metrics,
@@ -152,6 +154,8 @@ class Mapd implements MapdCore {
     for (const [name, d] of store.state.devices) {
       const slot = this.slotOf(name);
       const pending = [...d.pending.values()].sort((a, b) => (a.sequence < b.sequence ? -1 : 1));
+      // Events before this start are gone; restored submits still to apply keep their sequences.
+      this.hub.startAt(name, (pending[0]?.sequence ?? d.nextSequence) - 1n);
       slot.queue.restore(
         pending.map((p) => this.submitEntry({ kind: 'batch', ops: p.ops, atomic: p.atomic }, p.sequence)),
       );
@@ -251,8 +255,12 @@ class Mapd implements MapdCore {
     return all.map((m) => (queue.held(m) ? m : { ...m, missing: true }));
   }
 
-  watch(device: string | undefined, listener: (e: MappingEvent) => void): () => void {
-    return this.hub.add(device, listener);
+  watch(device: string | undefined, listener: (e: MappingEvent) => void, fromSequence?: bigint) {
+    const devices =
+      device === undefined
+        ? [...this.slots.values()].filter((s) => s.facts).map((s) => s.name)
+        : [this.existing(device).name];
+    return this.hub.subscribe(device, devices, fromSequence, listener);
   }
 
   // ---- memory ----
@@ -343,7 +351,7 @@ class Mapd implements MapdCore {
   ): Promise<SetMemTableResult> {
     const slot = this.existing(device);
     if (!slot.facts) throw this.unknownDevice(device);
-    const spaces = new AddressSpaces(slot.facts.asNum, slot.facts.iovaRange);
+    const spaces = new AddressSpaces(slot.facts.asNum, slot.facts.iovaRange, pinPageSize(slot.facts));
     if (spaces.checkAsid(asid) === undefined) {
       for (const m of sortedMappings(this.store.state.devices.get(device), asid))
         spaces.apply({ type: 'update', ...m });

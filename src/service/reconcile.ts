@@ -4,7 +4,7 @@
  * Runs on start and whenever the agent comes back or restarted, inside the device's queue (no
  * group is at the agent meanwhile), before the device takes writes again.
  */
-import type { DeviceFacts } from '../device/types.ts';
+import { type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
@@ -50,7 +50,7 @@ async function mapped(input: ReconcileInput): Promise<Mapping[]> {
 export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled> {
   const { facts, desired } = input;
   const device = facts.name;
-  const tables = new AddressSpaces(facts.asNum, facts.iovaRange);
+  const tables = new AddressSpaces(facts.asNum, facts.iovaRange, pinPageSize(facts));
   for (const m of desired) {
     const op = { type: 'update' as const, ...m };
     const bad = tables.check(op);

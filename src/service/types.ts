@@ -98,6 +98,20 @@ export interface MappingEvent {
   sequence: bigint;
 }
 
+/** Where a watch starts on one device: its latest sequence when the watch began. */
+export interface WatchPosition {
+  device: string;
+  sequence: bigint;
+}
+
+export interface WatchSubscription {
+  /** Per device watched: every change up to `sequence` is in ListMappings; later ones are sent. */
+  positions: WatchPosition[];
+  /** With `fromSequence`: the kept events after it, to send before any new one. */
+  replay: MappingEvent[];
+  close(): void;
+}
+
 /** Desired mappings of one memory that the device does not hold: the agent cannot open the memory. */
 export interface DegradedMemory {
   memory: string;
@@ -154,8 +168,16 @@ export interface MapdService {
   submit(req: BatchRequest): Promise<SubmitResult>;
   flush(device: string): Promise<FlushResult>;
   listMappings(device: string, asid?: number): Promise<ListedMapping[]>;
-  /** Calls `listener` for every applied change; returns the unsubscribe function. */
-  watch(device: string | undefined, listener: (e: MappingEvent) => void): () => void;
+  /**
+   * Calls `listener` for every applied change to `device` (undefined: every device). With
+   * `fromSequence` (one device only) the kept events after it come in `replay`; FAILED_PRECONDITION
+   * when they are no longer all kept.
+   */
+  watch(
+    device: string | undefined,
+    listener: (e: MappingEvent) => void,
+    fromSequence?: bigint,
+  ): WatchSubscription;
   registerMemory(req: RegisterMemoryRequest): Promise<MemoryView>;
   listMemory(): Promise<MemoryView[]>;
   unregisterMemory(id: string): Promise<void>;

@@ -59,6 +59,14 @@ export interface StateLimits {
   failuresPerDevice: number;
 }
 
+/** The limits, unset ones at their defaults. */
+export function stateLimits(limits: Partial<StateLimits> = {}): StateLimits {
+  return {
+    idempotencyPerDevice: limits.idempotencyPerDevice ?? 10_000,
+    failuresPerDevice: limits.failuresPerDevice ?? 10_000,
+  };
+}
+
 export interface DesiredState {
   readonly limits: StateLimits;
   memory: Map<string, MemoryRecord>;
@@ -212,6 +220,19 @@ export function fromSnapshot(snap: StateSnapshot, limits: StateLimits): DesiredS
     for (const submit of s.pending) d.pending.set(submit.sequence, submit);
     d.failures = [...s.failures];
     for (const record of s.idempotency) applyChange(state, { t: 'idempotency.put', device: s.name, record });
+  }
+  return state;
+}
+
+/** The state a snapshot (if any) and the records appended after it, in order, amount to. */
+export function replayState(
+  snapshot: StateSnapshot | undefined,
+  records: readonly (readonly Change[])[],
+  limits: StateLimits,
+): DesiredState {
+  const state = snapshot === undefined ? emptyState(limits) : fromSnapshot(snapshot, limits);
+  for (const record of records) {
+    for (const change of record) applyChange(state, change);
   }
   return state;
 }

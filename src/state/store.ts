@@ -15,16 +15,18 @@
  * - A failed write (ENOSPC, EIO, ...) rejects every commit of that record with UNAVAILABLE and
  *   leaves the in-memory state untouched: changes are applied in memory only after the sync.
  * - The journal is compacted into a snapshot when it grows past `compactBytes`.
+ * - Opening refuses a damaged state directory (StateDamageError, nothing written): starting from
+ *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
+ *   crash during an append) is cut off, and `droppedBytes` says how much.
  */
 import { ServiceError } from '../service/errors.ts';
 import {
   applyChange,
   type Change,
   type DesiredState,
-  emptyState,
-  fromSnapshot,
+  replayState,
   type StateLimits,
-  type StateSnapshot,
+  stateLimits,
   toSnapshot,
 } from './desired.ts';
 import { errnoCode, nodeStoreFs, type StoreFs } from './fs.ts';
@@ -69,16 +71,18 @@ export class StateStore {
   ) {}
 
   static async open(opts: StateStoreOptions): Promise<OpenedStore> {
-    const limits: StateLimits = {
-      idempotencyPerDevice: opts.limits?.idempotencyPerDevice ?? 10_000,
-      failuresPerDevice: opts.limits?.failuresPerDevice ?? 10_000,
-    };
-    const { journal, snapshot, records, droppedBytes } = await Journal.open(opts.dir, opts.fs ?? nodeStoreFs);
-    const state =
-      snapshot === undefined ? emptyState(limits) : fromSnapshot(snapshot as StateSnapshot, limits);
-    for (const record of records) {
-      for (const change of record as Change[]) applyChange(state, change);
-    }
+    const limits = stateLimits(opts.limits);
+    const { journal, snapshot, records, droppedBytes, legacy } = await Journal.open(
+      opts.dir,
+      opts.fs ?? nodeStoreFs,
+    );
+    const state = replayState(snapshot, records, limits);
+    // Files of before format versions are rewritten in the current one before anything is appended.
+    if (legacy)
+      await journal.compact(toSnapshot(state)).catch(async (e: unknown) => {
+        await journal.close();
+        throw e;
+      });
     return { store: new StateStore(journal, state, opts), droppedBytes };
   }
 

@@ -1,6 +1,6 @@
 /**
  * The project's only door to libc (through koffi): ioctl, mmap/munmap, memfd_create, ftruncate,
- * getrlimit, and raw memory copies. Node cannot ioctl or mmap by itself.
+ * getrlimit, sysconf(_SC_PAGESIZE), and raw memory copies. Node cannot ioctl or mmap by itself.
  *
  * Linux, 64-bit, glibc only: off_t, size_t, rlim_t and pointers are all 64 bits wide, so every
  * address, size and offset crosses this boundary as a bigint. koffi does not range-check bigint
@@ -25,6 +25,7 @@ const c = {
   getrlimit: lib.func('int getrlimit(int resource, void *rlim)'),
   memcpy: lib.func('void *memcpy(void *dest, const void *src, size_t n)'),
   strerror: lib.func('const char *strerror(int errnum)'),
+  sysconf: lib.func('long sysconf(int name)'),
 };
 
 export const PROT_READ = 0x1;
@@ -181,6 +182,16 @@ export function getrlimit(resource: number): Rlimit {
   const out = new BigUint64Array(2);
   if (c.getrlimit(resource, out) < 0) fail('getrlimit');
   return { cur: out[0]!, max: out[1]! };
+}
+
+/** glibc's _SC_PAGESIZE. */
+const SC_PAGESIZE = 30;
+
+/** The kernel's PAGE_SIZE in bytes (4096 on x86_64; 4, 16 or 64 KiB on arm64). */
+export function systemPageSize(): bigint {
+  const size = Number(c.sysconf(SC_PAGESIZE));
+  if (size <= 0) fail('sysconf(_SC_PAGESIZE)');
+  return BigInt(size);
 }
 
 /**

@@ -24,9 +24,9 @@ import {
   tempDir,
 } from './api-harness.ts';
 
-const LIMITS = { bodyLimit: 256 * 1024, maxBatchOps: 16, maxRegions: 16 };
+const LIMITS = { bodyLimit: 256 * 1024, maxBatchOps: 16, maxRegions: 16, maxInflightBytes: 16 * 1024 * 1024 };
 const RUNS = { numRuns: 150 };
-const ID = /^[A-Za-z0-9._-]{1,64}$/;
+const ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const U64_TEXT = /^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$/;
 const TWO_64 = 1n << 64n;
 

@@ -15,7 +15,21 @@ import { type GrpcFailure, grpcFails, startStack } from './api-harness.ts';
 type Stack = Awaited<ReturnType<typeof startStack>>;
 
 const MiB = 1024 * 1024;
+const WATCH_HISTORY = 16;
 const hex = (n: number) => `0x${n.toString(16)}`;
+
+interface WatchEvent {
+  device: string;
+  kind: string;
+  sequence: string;
+  mapping?: { iova: string };
+}
+
+/** Polls `check` every 20 ms, for at most 10 s. */
+async function until(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !check(); i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(check(), 'condition not met in 10 s');
+}
 
 function expectFailure(f: GrpcFailure, code: status, field?: string): void {
   assert.equal(f.code, code, `${status[f.code]}: ${f.details}`);
@@ -29,7 +43,7 @@ describe('gRPC API', () => {
     ((await s.grpc.mapping('listMappings', { device })).mappings ?? []) as Record<string, unknown>[];
 
   before(async () => {
-    s = await startStack('grpc');
+    s = await startStack('grpc', { core: { watchHistory: WATCH_HISTORY } });
   });
   after(async () => {
     await s?.stop();
@@ -193,19 +207,15 @@ describe('gRPC API', () => {
   });
 
   test('batch, submit, flush, and the watch stream sees the changes', async () => {
-    const events: { kind: string; mapping: { iova: string } }[] = [];
+    const events: WatchEvent[] = [];
     const stream = s.grpc.watch({ device: 'vdpa1' });
-    stream.on('data', (e: { kind: string; mapping: { iova: string } }) => events.push(e));
+    stream.on('data', (e: WatchEvent) => events.push(e));
     stream.on('error', () => {});
-    // The stream is live once the server has subscribed; a first change proves it, bounded.
-    let warm = 0;
-    for (let i = 0; events.length === 0 && i < 50; i++) {
-      const iova = hex(0x10000000 + i * 0x1000);
-      await s.grpc.mapping('map', { device: 'vdpa1', iova, size: '0x1000', memory: 'ram0' });
-      warm++;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    assert.ok(events.length > 0, 'watch stream saw nothing');
+    // The stream is live from its "subscribed" event on: nothing after it is missed.
+    await until(() => events.length > 0);
+    assert.deepEqual(Object.keys(events[0]!).sort(), ['device', 'kind', 'sequence']);
+    assert.equal(events[0]!.kind, 'subscribed');
+    assert.equal(events[0]!.device, 'vdpa1');
 
     const batch = await s.grpc.mapping('batch', {
       device: 'vdpa1',
@@ -231,9 +241,9 @@ describe('gRPC API', () => {
     assert.deepEqual(flushed.failures, []);
     assert.ok((await list('vdpa1')).some((m) => m.iova === '0x200000'));
 
-    for (let i = 0; events.length < warm + 3 && i < 100; i++) await new Promise((r) => setTimeout(r, 20));
+    await until(() => events.length >= 4);
     stream.cancel();
-    const seen = events.slice(-3).map((e) => [e.kind, e.mapping.iova]);
+    const seen = events.slice(1).map((e) => [e.kind, e.mapping?.iova]);
     assert.deepEqual(seen, [
       ['mapped', '0x100000'],
       ['unmapped', '0x100000'],
@@ -244,6 +254,80 @@ describe('gRPC API', () => {
       status.NOT_FOUND,
       'device',
     );
+  });
+
+  test('watch: "subscribed" first, then resume after a sequence, or a clear "too old, re-list"', async () => {
+    const watch = async (request: object, want: number) => {
+      const events: WatchEvent[] = [];
+      const stream = s.grpc.watch(request);
+      stream.on('data', (e: WatchEvent) => events.push(e));
+      stream.on('error', () => {});
+      await until(() => events.length >= want);
+      stream.cancel();
+      return events;
+    };
+    const map = (iova: number) =>
+      s.grpc.mapping('map', { device: 'vdpa1', iova: hex(iova), size: '0x1000', memory: 'ram0' });
+    const unmap = (iova: number, exact = false) =>
+      s.grpc.mapping('unmap', { device: 'vdpa1', iova: hex(iova), size: '0x1000', exact });
+
+    // Every device watched gets its position first.
+    const all = await watch({}, 2);
+    assert.deepEqual(all.map((e) => [e.device, e.kind]).sort(), [
+      ['vdpa0', 'subscribed'],
+      ['vdpa1', 'subscribed'],
+    ]);
+
+    const [start] = await watch({ device: 'vdpa1' }, 1);
+    const base = 0x60000000;
+    await map(base);
+    await map(base + 0x1000);
+    const unmapped = await unmap(base);
+    assert.equal(unmapped.matched, 1);
+    const none = await unmap(base);
+    assert.equal(none.matched ?? 0, 0);
+    expectFailure(await grpcFails(unmap(base, true)), status.NOT_FOUND, 'iova');
+
+    // Resumed after the subscribed sequence: the three changes since, in order, then live ones.
+    const resumed = await watch({ device: 'vdpa1', fromSequence: start!.sequence }, 4);
+    assert.equal(resumed[0]!.kind, 'subscribed');
+    assert.ok(BigInt(resumed[0]!.sequence) > BigInt(start!.sequence));
+    assert.deepEqual(
+      resumed.slice(1).map((e) => [e.kind, e.mapping?.iova]),
+      [
+        ['mapped', hex(base)],
+        ['mapped', hex(base + 0x1000)],
+        ['unmapped', hex(base)],
+      ],
+    );
+    // From the last one seen: nothing to replay.
+    const caughtUp = await watch({ device: 'vdpa1', fromSequence: resumed[3]!.sequence }, 1);
+    assert.equal(caughtUp.length, 1);
+
+    // More changes than the history keeps: the old position is too old, and says from where on.
+    for (let i = 0; i < WATCH_HISTORY; i++) await map(base + 0x10000 + i * 0x1000);
+    const tooOld = await new Promise<GrpcFailure>((resolve) =>
+      s.grpc.watch({ device: 'vdpa1', fromSequence: start!.sequence }).on('error', resolve),
+    );
+    expectFailure(tooOld, status.FAILED_PRECONDITION, 'from_sequence');
+    assert.match(tooOld.details, /too old, re-list.*after sequence [0-9]+/);
+    await s.grpc.mapping('batch', {
+      device: 'vdpa1',
+      ops: Array.from({ length: WATCH_HISTORY }, (_, i) => ({
+        op: 'unmap',
+        iova: hex(base + 0x10000 + i * 0x1000),
+        size: '0x1000',
+      })),
+    });
+
+    const ahead = await new Promise<GrpcFailure>((resolve) =>
+      s.grpc.watch({ device: 'vdpa1', fromSequence: '999999999' }).on('error', resolve),
+    );
+    expectFailure(ahead, status.INVALID_ARGUMENT, 'from_sequence');
+    const everywhere = await new Promise<GrpcFailure>((resolve) =>
+      s.grpc.watch({ fromSequence: '1' }).on('error', resolve),
+    );
+    expectFailure(everywhere, status.INVALID_ARGUMENT, 'from_sequence');
   });
 
   test('bad inputs: status, field metadata, nothing changed', async () => {

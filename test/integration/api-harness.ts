@@ -18,7 +18,7 @@ import {
   type ServiceError,
 } from '@grpc/grpc-js';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
-import type { ApiConfig } from '../../services/api/config.ts';
+import { type ApiConfig, DEFAULT_CONNECTIONS } from '../../services/api/config.ts';
 import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
 import {
   DeviceServiceClient,
@@ -41,7 +41,11 @@ export interface Agent {
   stop(): Promise<void>;
   /** SIGKILL, as a crash: the socket file stays behind, stale. */
   kill(): Promise<void>;
+  /** The agent's latest log lines (JSON), at most {@link AGENT_LOG_LINES}. */
+  log: string[];
 }
+
+const AGENT_LOG_LINES = 1000;
 
 /** The devices spawnAgent opens unless told otherwise. */
 const AGENT_DEVICES = ['sim:vdpa0', 'sim:vdpa1,iommu=onchip'];
@@ -76,6 +80,10 @@ export async function spawnAgent(dir: string, devices: readonly string[] = AGENT
   child.stderr?.on('data', (chunk: Buffer) => {
     stderr += chunk.toString();
   });
+  const log: string[] = [];
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    if (log.push(line) > AGENT_LOG_LINES) log.shift();
+  });
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`agent did not start in time: ${stderr}`)), 60_000);
     const lines = createInterface({ input: child.stdout! });
@@ -95,7 +103,7 @@ export async function spawnAgent(dir: string, devices: readonly string[] = AGENT
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     return exited;
   };
-  return { socket, sharedDir, stop: () => stopChild(child), kill };
+  return { socket, sharedDir, stop: () => stopChild(child), kill, log };
 }
 
 /** SIGTERM, then SIGKILL after 10 s; resolves once the child has exited. */
@@ -118,6 +126,7 @@ export function apiConfig(dir: string, socket: string, overrides: Partial<ApiCon
     agentSocket: socket,
     stateDir: path.join(dir, 'api'),
     limits: DEFAULT_LIMITS,
+    connections: DEFAULT_CONNECTIONS,
     core: {},
     shutdownGraceMs: 5_000,
     logLevel: 'silent',
@@ -220,12 +229,12 @@ export async function grpcFails(p: Promise<unknown>): Promise<GrpcFailure> {
 }
 
 /** Everything one test file runs against: agent, API server, clients; `stop` ends all of it. */
-export async function startStack(prefix: string) {
+export async function startStack(prefix: string, overrides: Partial<ApiConfig> = {}) {
   const dir = tempDir(prefix);
   const agent = await spawnAgent(dir);
   let api: RunningApiServer;
   try {
-    api = await startReadyApi(apiConfig(dir, agent.socket));
+    api = await startReadyApi(apiConfig(dir, agent.socket, overrides));
   } catch (err) {
     await agent.stop();
     throw err;

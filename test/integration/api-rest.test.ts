@@ -10,6 +10,12 @@ import { startStack } from './api-harness.ts';
 type Stack = Awaited<ReturnType<typeof startStack>>;
 
 const MiB = 1024 * 1024;
+
+/** Polls `check` every 50 ms, for at most 10 s. */
+async function waitFor(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 200 && !check(); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(check(), 'condition not met in 10 s');
+}
 const hex = (n: number) => `0x${n.toString(16)}`;
 
 describe('REST API', () => {
@@ -86,6 +92,36 @@ describe('REST API', () => {
     assert.equal(refused.status, 403);
     assert.equal(refused.body.error.code, 'PERMISSION_DENIED');
     assert.ok(refused.body.error.message.length > 0);
+
+    // Missing under the allowed roots: 404. Outside them: 403 whatever is there, and the answer
+    // says nothing of where a link leads, whether the target exists, or the agent's pid.
+    const absent = await s.http('POST', '/v1/memory', {
+      id: 'gone',
+      path: path.join(s.agent.sharedDir, 'no.mem'),
+    });
+    assert.equal(absent.status, 404, JSON.stringify(absent.body));
+    assert.equal(absent.body.error.code, 'NOT_FOUND');
+    assert.equal(absent.body.error.field, 'path');
+    const links = { proc: '/proc/self/status', dangling: '/etc/no-such-file', passwd: '/etc/passwd' };
+    for (const [name, target] of Object.entries(links))
+      fs.symlinkSync(target, path.join(s.agent.sharedDir, name));
+    const messages = new Set<string>();
+    for (const p of [
+      '/etc/no-such-file',
+      '/etc/hostname',
+      ...Object.keys(links).map((n) => path.join(s.agent.sharedDir, n)),
+    ]) {
+      const res = await s.http('POST', '/v1/memory', { id: 'leak', path: p });
+      assert.equal(res.status, 403, `${p}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.error.field, 'path');
+      messages.add(res.body.error.message.replace(p, 'P'));
+    }
+    assert.deepEqual(
+      [...messages],
+      ['registering memory leak: P is not a regular file under the allowed roots'],
+    );
+    // The agent's own log keeps the whole story.
+    await waitFor(() => s.agent.log.some((l) => l.includes('resolves to /etc/passwd')));
 
     const list = await s.http('GET', '/v1/memory');
     assert.equal(list.status, 200);
@@ -192,6 +228,32 @@ describe('REST API', () => {
       size: hex(3 * MiB),
     });
     assert.equal(whole.status, 200);
+    assert.equal(whole.body.matched, 2);
+    assert.deepEqual(
+      (await mappings()).map((m) => m.iova),
+      ['0x100000', '0x400000'],
+    );
+
+    const nothing = await s.http('POST', '/v1/devices/vdpa0/mappings:unmap', {
+      iova: hex(16 * MiB),
+      size: hex(3 * MiB),
+    });
+    assert.equal(nothing.status, 200);
+    assert.deepEqual(nothing.body, { matched: 0, removed: [], remapped: [], ops: [] });
+    const none = await s.http('POST', '/v1/devices/vdpa0/mappings:unmap', {
+      iova: hex(16 * MiB),
+      size: hex(3 * MiB),
+      exact: true,
+    });
+    assert.equal(none.status, 404, JSON.stringify(none.body));
+    assert.equal(none.body.error.code, 'NOT_FOUND');
+    assert.equal(none.body.error.field, 'iova');
+    assert.match(none.body.error.message, /\[0x1000000, 0x1300000\)/);
+    const inBatch = await s.http('POST', '/v1/devices/vdpa0:batch', {
+      ops: [{ op: 'unmap', iova: hex(16 * MiB), size: hex(MiB), exact: true }],
+    });
+    assert.equal(inBatch.body.results[0].error.code, 'NOT_FOUND');
+    assert.equal(inBatch.body.results[0].error.field, 'ops[0].iova');
     assert.deepEqual(
       (await mappings()).map((m) => m.iova),
       ['0x100000', '0x400000'],
@@ -366,6 +428,80 @@ describe('REST API', () => {
     }
     assert.deepEqual(await mappings(), before);
     assert.equal(({} as Record<string, unknown>).x, undefined);
+  });
+
+  test('media type, methods, duplicate keys and ids are refused by name', async () => {
+    const before = await mappings();
+    const url = `${s.api.restAddress}/v1/devices/vdpa0/mappings`;
+    const MAP = JSON.stringify({ iova: '0x50000000', size: '0x1000', memory: 'ram0' });
+    for (const headers of [
+      {},
+      { 'content-type': 'text/plain' },
+      { 'content-type': 'application/xml' },
+    ] as Record<string, string>[]) {
+      const res = await fetch(url, { method: 'POST', headers, body: MAP });
+      const body = (await res.json()) as { error: { code: string; message: string; field: string } };
+      assert.equal(res.status, 415, JSON.stringify({ headers, body }));
+      assert.equal(body.error.code, 'UNSUPPORTED_MEDIA_TYPE');
+      assert.equal(body.error.field, 'body');
+      assert.match(body.error.message, /application\/json/);
+    }
+    // A body-less POST needs no content type.
+    assert.equal(
+      (await fetch(`${s.api.restAddress}/v1/devices/vdpa0:flush`, { method: 'POST' })).status,
+      200,
+    );
+
+    for (const [method, path, allow] of [
+      ['GET', '/v1/devices/vdpa0:batch', 'POST'],
+      ['DELETE', '/v1/devices/vdpa0/mappings', 'GET, POST, HEAD'],
+      ['GET', '/v1/devices/vdpa0/mappings:unmap', 'POST'],
+      ['POST', '/v1/devices/vdpa0/memtable', 'PUT'],
+      ['PATCH', '/v1/memory/ram0', 'DELETE'],
+      ['POST', '/healthz', 'GET, HEAD'],
+    ] as const) {
+      const res = await s.http(method, path);
+      assert.equal(res.status, 405, `${method} ${path}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.headers.get('allow'), allow, `${method} ${path}`);
+      assert.equal(res.body.error.code, 'METHOD_NOT_ALLOWED');
+    }
+    assert.equal((await s.http('GET', '/v1/nowhere')).status, 404);
+
+    const duplicates: [string, string][] = [
+      ['{"iova":"0x50000000","size":"0x1000","memory":"nope","memory":"ram0"}', 'memory'],
+      ['{"iova":"0x50000000","size":"0x1000","memory":"ram0","\\u006demory":"ram0"}', 'memory'],
+      [
+        '{"ops":[{"op":"map","iova":"0x50000000","size":"0x1000","memory":"ram0"},{"op":"unmap","iova":"1","size":"1","size":"2"}]}',
+        'ops[1].size',
+      ],
+    ];
+    for (const [body, field] of duplicates) {
+      const target = body.startsWith('{"ops"') ? '/v1/devices/vdpa0:batch' : '/v1/devices/vdpa0/mappings';
+      const res = await s.http('POST', target, body);
+      assert.equal(res.status, 400, `${body}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.error.code, 'INVALID_ARGUMENT');
+      assert.equal(res.body.error.field, field);
+      assert.match(res.body.error.message, /given twice/);
+    }
+    // Equal values in different objects are no duplicates.
+    const fine = await s.http('POST', '/v1/devices/vdpa0:batch', {
+      ops: [
+        { op: 'map', iova: '0x50000000', size: '0x1000', memory: 'ram0' },
+        { op: 'unmap', iova: '0x50000000', size: '0x1000' },
+      ],
+    });
+    assert.equal(fine.status, 200, JSON.stringify(fine.body));
+
+    for (const id of ['...', '.', '..', '-', '-rf', '.hidden', '_x']) {
+      const res = await s.http('POST', '/v1/memory', { id, size: '4096' });
+      assert.equal(res.status, 400, `${id}: ${JSON.stringify(res.body)}`);
+      assert.equal(res.body.error.field, 'id');
+      // fetch resolves the dot segments `.` and `..` itself.
+      if (id !== '.' && id !== '..') {
+        assert.equal((await s.http('GET', `/v1/devices/${id}/mappings`)).status, 400, id);
+      }
+    }
+    assert.deepEqual(await mappings(), before);
   });
 
   test('unregister memory: refused while mapped', async () => {

@@ -4,15 +4,12 @@
  * and the JSON written to BENCH_OUT parses. No figure is judged: timings belong to bench/ only.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import type { Row } from '../../bench/harness.ts';
-
-const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+import { runNode } from './process-harness.ts';
 
 /** Rows each scenario must produce at any scale (the table scenario adds a heap row per size). */
 const EXPECTED_ROWS: Record<string, number> = {
@@ -32,26 +29,12 @@ test('npm run bench at BENCH_SCALE=0.01: every scenario, finite positive figures
 }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-bench-smoke-'));
   const out = path.join(dir, 'results.json');
-  // Its own process group, so that the bench and every process it started can be ended at once.
-  const child = spawn(process.execPath, ['--expose-gc', '--import', 'tsx', 'bench/run.ts'], {
-    cwd: ROOT,
-    env: { ...process.env, BENCH_SCALE: '0.01', BENCH_OUT: out },
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const { code, stdout, stderr } = await runNode(t, ['--expose-gc', '--import', 'tsx', 'bench/run.ts'], {
+    ...process.env,
+    BENCH_SCALE: '0.01',
+    BENCH_OUT: out,
   });
-  t.after(() => {
-    if (child.exitCode === null && child.signalCode === null) process.kill(-child.pid!, 'SIGKILL');
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (c: Buffer) => {
-    stdout += c.toString();
-  });
-  child.stderr.on('data', (c: Buffer) => {
-    stderr += c.toString();
-  });
-  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
   assert.equal(code, 0, stderr);
 
   const results = JSON.parse(fs.readFileSync(out, 'utf8')) as { scale: number; rows: Row[] };

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import type { GrpcFailure } from './api-harness.ts';
-import { agentTable, createRig, desiredTable, mappingKeys, until } from './process-harness.ts';
+import { agentTable, createRig, desiredTable, mappingKeys, until, watchApplied } from './process-harness.ts';
 import { mapUnmapFleet, PAGE } from './workload.ts';
 
 const OPS_PER_CLIENT = 120;
@@ -40,21 +40,9 @@ test('agent SIGKILLed under load: writes refused with retry-after, then reconcil
   assert.equal((await api.http('POST', '/v1/memory', { id: 'ram', size: '0x1000000' })).status, 201);
 
   // Every applied change, as the API server announces it once it is durable.
-  const events: { device: string; kind: string; asid: number; iova: bigint }[] = [];
-  const watch = api.grpc.watch({});
-  watch.on('data', (e: { device: string; kind: string; mapping: { asid?: number; iova: string } }) =>
-    events.push({ device: e.device, kind: e.kind, asid: e.mapping.asid ?? 0, iova: BigInt(e.mapping.iova) }),
-  );
-  watch.on('error', () => undefined);
-  t.after(() => watch.cancel());
-  // The stream is subscribed once it carries something: map sentinels until one shows up.
-  const sentinels: bigint[] = [];
-  await until('the watch to carry a change', async () => {
-    const iova = 0x7000_0000n + BigInt(sentinels.length) * 0x2000n;
-    assert.equal((await api.http('POST', '/v1/devices/vdpa0/mappings', extra(iova))).status, 201);
-    sentinels.push(iova);
-    return events.length > 0;
-  });
+  const watch = await watchApplied(api, { device: 'vdpa0', memory: 'ram', sentinelBase: 0x7000_0000n });
+  t.after(() => watch.close());
+  const { events, sentinels } = watch;
 
   const clients = mapUnmapFleet(api, { memory: 'ram', slots: 24, seed: 2000 });
   const load = Promise.all(clients.map((c) => c.run({ ops: OPS_PER_CLIENT, retries: RETRIES })));
@@ -120,15 +108,8 @@ test('agent SIGKILLed under load: writes refused with retry-after, then reconcil
   // Each acknowledged op was applied exactly once, in order, and no refused attempt was applied.
   // The probes were applied last: once the stream has carried them, it has carried everything.
   await until('the watch to see the probes', () => events.filter((e) => e.iova === probe).length === 2);
-  for (const c of clients) {
-    const applied = events
-      .filter((e) => c.owns(e.device, e.asid, e.iova))
-      .map((e) => `${e.kind} ${hex(e.iova)}`);
-    const acked = c.acked.map(
-      ({ call }) => `${call.method === 'map' ? 'mapped' : 'unmapped'} ${call.body.iova}`,
-    );
-    assert.deepEqual(applied, acked, `${c.spec.name}: applied changes`);
-  }
+  for (const c of clients)
+    assert.deepEqual(c.appliedChanges(events), c.ackedChanges(), `${c.spec.name}: applied changes`);
   t.diagnostic(
     `ready again ${outage.toFixed(2)} s after the SIGKILL (new agent's start included); ` +
       `${retried.length} refusals with a retry-after were retried`,

@@ -9,7 +9,6 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../../src/agent/client.ts';
 import type { DeviceCounters } from '../../src/device/types.ts';
@@ -117,13 +116,18 @@ export interface Rig {
   apiStateDir: string;
   /** Starts an agent (on the same socket and state directory every time) and waits until it serves. */
   startAgent(devices?: readonly string[]): Promise<Proc>;
-  /** Starts an API server on 127.0.0.1 port 0 and waits until it is ready. */
-  startApi(): Promise<ApiProcess>;
+  /** Starts an API server on 127.0.0.1 port 0 (`args` added to its own) and waits until it is ready. */
+  startApi(args?: readonly string[]): Promise<ApiProcess>;
   /** A client of whatever agent serves the socket; closed after the test. */
   agentClient(): AgentClient;
 }
 
-export function createRig(t: TestContext, prefix: string): Rig {
+/** Where a rig registers its cleanup: a test's context, or the soak's own list. */
+export interface Cleanup {
+  after(fn: () => unknown): void;
+}
+
+export function createRig(t: Cleanup, prefix: string): Rig {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `vdpa-mapd-${prefix}-`));
   const socket = path.join(dir, 'agent.sock');
   const agentStateDir = path.join(dir, 'agent');
@@ -164,7 +168,7 @@ export function createRig(t: TestContext, prefix: string): Rig {
       await proc.waitForLog((r) => r.msg === 'agent serving', 'serving');
       return proc;
     },
-    async startApi() {
+    async startApi(args = []) {
       const proc = spawnNode('services/api/main.ts', [
         '--rest-listen',
         '127.0.0.1:0',
@@ -176,6 +180,7 @@ export function createRig(t: TestContext, prefix: string): Rig {
         apiStateDir,
         '--log-level',
         'info',
+        ...args,
       ]);
       procs.push(proc);
       const listening = await proc.waitForLog((r) => r.msg === 'api server listening', 'listening');
@@ -203,6 +208,37 @@ export function createRig(t: TestContext, prefix: string): Rig {
       return client;
     },
   };
+}
+
+/**
+ * Runs `node <args>` from the repository to its end, in its own process group so that it and every
+ * process it started are SIGKILLed after the test if still running; resolves with its exit code
+ * and output.
+ */
+export async function runNode(
+  t: Cleanup,
+  args: readonly string[],
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, args, {
+    cwd: REPO,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+  });
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) process.kill(-child.pid!, 'SIGKILL');
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (c: Buffer) => {
+    stdout += c.toString();
+  });
+  child.stderr!.on('data', (c: Buffer) => {
+    stderr += c.toString();
+  });
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  return { code, stdout, stderr };
 }
 
 /** Polls `check` every 50 ms until it holds; fails after about 30 s. */
@@ -271,4 +307,63 @@ export async function reconciliations(
 /** The device's counters as the agent keeps them (messages written, dma_map calls, pushes...). */
 export async function deviceCounters(client: AgentClient, device: string): Promise<DeviceCounters> {
   return (await client.describeDevice(device)).counters;
+}
+
+/** One change the API server announced on WatchMappings. */
+export interface Applied {
+  device: string;
+  kind: 'mapped' | 'unmapped';
+  asid: number;
+  iova: bigint;
+}
+
+export interface AppliedWatch {
+  /** Every change announced so far, in order. */
+  events: Applied[];
+  /** The IOVAs of the sentinel pages mapped to learn that the stream was subscribed. */
+  sentinels: bigint[];
+  close(): void;
+}
+
+/**
+ * Watches every change `api` applies. The stream is known to be subscribed once it carries
+ * something, so this maps single pages of `memory` (offset 0) on `device` at `sentinelBase`,
+ * `sentinelBase + 0x2000`, ... over REST until one shows up; those stay mapped.
+ */
+export async function watchApplied(
+  api: ApiProcess,
+  opts: { device: string; memory: string; sentinelBase: bigint },
+): Promise<AppliedWatch> {
+  const events: Applied[] = [];
+  const stream = api.grpc.watch({});
+  stream.on('data', (e: { device: string; kind: string; mapping?: { asid?: number; iova: string } }) => {
+    if ((e.kind === 'mapped' || e.kind === 'unmapped') && e.mapping)
+      events.push({
+        device: e.device,
+        kind: e.kind,
+        asid: e.mapping.asid ?? 0,
+        iova: BigInt(e.mapping.iova),
+      });
+  });
+  stream.on('error', () => undefined);
+  const watch: AppliedWatch = { events, sentinels: [], close: () => stream.cancel() };
+  for (let i = 0; i < WAIT_MS / 50 && events.length === 0; i++) {
+    const iova = opts.sentinelBase + BigInt(watch.sentinels.length) * 0x2000n;
+    const body = {
+      iova: `0x${iova.toString(16)}`,
+      size: '0x1000',
+      memory: opts.memory,
+      offset: '0x0',
+      perm: 'rw',
+    };
+    const res = await api.http('POST', `/v1/devices/${opts.device}/mappings`, body);
+    if (res.status !== 201) throw new Error(`sentinel map: ${res.status} ${JSON.stringify(res.body)}`);
+    watch.sentinels.push(iova);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  if (events.length === 0) {
+    watch.close();
+    throw new Error('WatchMappings carried no change');
+  }
+  return watch;
 }

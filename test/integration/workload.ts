@@ -11,7 +11,7 @@
 import { performance } from 'node:perf_hooks';
 import type { Mapping } from '../../src/iotlb/types.ts';
 import type { GrpcFailure, grpcClients, rest } from './api-harness.ts';
-import { mappingKeys } from './process-harness.ts';
+import { type Applied, mappingKeys } from './process-harness.ts';
 
 export const PAGE = 0x1000n;
 /** Slots are a page each, two pages apart, so no two mappings ever touch. */
@@ -168,6 +168,18 @@ export class ModelClient {
   /** What expected() will be if the op in doubt turns out to have been done. */
   expectedIfDone(): string[] | undefined {
     return this.inDoubt && mappingKeys(this.spec.device, [...this.inDoubt.after.values()]);
+  }
+
+  /** The acknowledged map/unmap ops from the `from`-th on, named as appliedChanges names them. */
+  ackedChanges(from = 0): string[] {
+    return this.acked
+      .slice(from)
+      .map(({ call }) => `${call.method === 'map' ? 'mapped' : 'unmapped'} ${call.body.iova}`);
+  }
+
+  /** The changes of `events` in this client's slots, in order ("mapped 0x...", "unmapped 0x..."). */
+  appliedChanges(events: readonly Applied[]): string[] {
+    return events.filter((e) => this.owns(e.device, e.asid, e.iova)).map((e) => `${e.kind} ${hex(e.iova)}`);
   }
 
   /** Whether a mapping of `device` lies in this client's slots. */

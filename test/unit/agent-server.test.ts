@@ -22,6 +22,7 @@ const FACTS: DeviceFacts = {
   status: 0,
   iommu: 'platform',
   pinned: true,
+  pageSize: 4096n,
 };
 
 /** A kernel-like device (no DMA) that records what it is asked to apply. */

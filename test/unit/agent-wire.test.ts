@@ -121,6 +121,7 @@ describe('messages round trip', () => {
       status: 0,
       iommu: 'onchip',
       pinned: false,
+      pageSize: 0x4000n,
     };
     const method = agentService.ListDevices!;
     const decoded = method.responseDeserialize(
@@ -131,6 +132,13 @@ describe('messages round trip', () => {
     assert.deepEqual(factsFromWire(decoded.devices[0]!), facts);
     const kernel = { ...facts, kind: 'kernel' as const, node: '/dev/vhost-vdpa-0' };
     assert.deepEqual(factsFromWire(factsToWire(kernel)), kernel);
+    // A page size that is missing (an older agent: 0) or not a power of two is refused.
+    for (const pageSize of ['0', '12288']) {
+      assert.throws(
+        () => factsFromWire({ ...factsToWire(facts), pageSize }),
+        (e: unknown) => e instanceof AgentError && e.field === 'facts.pageSize',
+      );
+    }
   });
 
   test('op results keep errno, code, field and the conflicting entry', () => {

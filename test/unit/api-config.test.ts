@@ -3,6 +3,7 @@ import { test } from 'node:test';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
 import {
   ConfigError,
+  DEFAULT_CONNECTIONS,
   OPTIONS,
   optionsTable,
   parseApiConfig,
@@ -17,6 +18,7 @@ test('defaults', () => {
     agentSocket: '/var/lib/vdpa-mapd/agent/agent.sock',
     stateDir: '/var/lib/vdpa-mapd',
     limits: DEFAULT_LIMITS,
+    connections: DEFAULT_CONNECTIONS,
     core: {},
     shutdownGraceMs: 10000,
     logLevel: 'info',
@@ -52,6 +54,9 @@ test('bad values are ConfigErrors', () => {
     ['--rest-listen', '8080'],
     ['--grpc-listen', 'host:70000'],
     ['--body-limit', '0'],
+    ['--body-limit', '2048', '--max-inflight-bytes', '1024'],
+    ['--headers-timeout-ms', '-1'],
+    ['--max-connections', 'many'],
     ['--max-regions', '1e3'],
     ['--log-level', 'loud'],
     ['--unknown'],

@@ -368,6 +368,7 @@ describe('format', () => {
       status: 0,
       iommu: 'onchip',
       pinned: false,
+      pageSize: 4096n,
       ready: true,
       mappedBytes: 4096n,
       mappedEntries: 1,
@@ -403,6 +404,8 @@ describe('error table', () => {
       QUOTA_EXCEEDED: [409, GrpcStatus.RESOURCE_EXHAUSTED],
       UNAVAILABLE: [503, GrpcStatus.UNAVAILABLE],
       DEVICE_ERROR: [502, GrpcStatus.INTERNAL],
+      UNSUPPORTED_MEDIA_TYPE: [415, GrpcStatus.INVALID_ARGUMENT],
+      METHOD_NOT_ALLOWED: [405, GrpcStatus.UNIMPLEMENTED],
       INTERNAL: [500, GrpcStatus.INTERNAL],
     };
     assert.deepEqual(

@@ -35,16 +35,8 @@ import type { Outcome, WriteRequest } from '../../src/queue/types.ts';
 import type { AgentPort } from '../../src/service/agent-port.ts';
 import { createMapdService, type MapdCore, type MapdServiceOptions } from '../../src/service/mapd.ts';
 import { reconcileDevice } from '../../src/service/reconcile.ts';
-import {
-  type Change,
-  type DesiredState,
-  emptyState,
-  fromSnapshot,
-  type StateSnapshot,
-  applyChange,
-  sortedMappings,
-} from '../../src/state/desired.ts';
-import { unframe } from '../../src/state/codec.ts';
+import { type DesiredState, replayState, sortedMappings, stateLimits } from '../../src/state/desired.ts';
+import { journalName, parseJournal, parseSnapshot, SNAPSHOT } from '../../src/state/journal.ts';
 import { nodeStoreFs, type StoreFile, type StoreFs } from '../../src/state/fs.ts';
 import { StateStore } from '../../src/state/store.ts';
 import { type AgentHandlers, createHandlers } from '../../services/agent/server.ts';
@@ -399,6 +391,10 @@ export class FaultyFs implements StoreFs {
     return nodeStoreFs.mkdir(dir);
   }
 
+  restrict(file: string): Promise<void> {
+    return nodeStoreFs.restrict(file);
+  }
+
   private take(op: FsOp, file: string): { code: string; partial: boolean } | undefined {
     this.calls.set(op, (this.calls.get(op) ?? 0) + 1);
     const i = this.armed.findIndex((a) => a.op === op && (a.file === undefined || a.file.test(file)));
@@ -444,22 +440,24 @@ export function holdNextApply(agent: InProcessAgent): { arrived: Promise<void>; 
   return { arrived: arrived.promise, release: () => gate.resolve() };
 }
 
+/** Where the frames of a state file start: a walk over their length fields, not the store's reader. */
+export function frameOffsets(data: Buffer): number[] {
+  const offsets: number[] = [];
+  for (let o = 0; o + 8 <= data.length; o += 8 + data.readUInt32LE(o)) offsets.push(o);
+  return offsets;
+}
+
 /** Reads a state directory directly (snapshot + journal), as StateStore.open would, without opening it. */
 export function readDiskState(dir: string): DesiredState {
-  const limits = { idempotencyPerDevice: 10_000, failuresPerDevice: 10_000 };
-  let state = emptyState(limits);
-  let gen = 0;
-  const snap = path.join(dir, 'snapshot');
-  if (fs.existsSync(snap)) {
-    const value = unframe(fs.readFileSync(snap)).values[0] as { gen: number; state: StateSnapshot };
-    gen = value.gen;
-    state = fromSnapshot(value.state, limits);
-  }
-  const journal = path.join(dir, `journal.${gen}`);
-  if (fs.existsSync(journal)) {
-    for (const record of unframe(fs.readFileSync(journal)).values) {
-      for (const c of record as Change[]) applyChange(state, c);
-    }
-  }
-  return state;
+  const snapPath = path.join(dir, SNAPSHOT);
+  const snap = fs.existsSync(snapPath)
+    ? parseSnapshot(fs.readFileSync(snapPath), snapPath)
+    : { gen: 0, seq: 0n, state: undefined, legacy: false };
+  const journal = path.join(dir, journalName(snap.gen));
+  const records = fs.existsSync(journal) ? parseJournal(fs.readFileSync(journal), snap, journal).records : [];
+  return replayState(
+    snap.state,
+    records.map((r) => r.changes),
+    stateLimits(),
+  );
 }

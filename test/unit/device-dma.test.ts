@@ -7,7 +7,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, afterEach, before, beforeEach, describe, test } from 'node:test';
 import { DeviceError, DmaError } from '../../src/device/errors.ts';
-import { SimulatedDevice, type SimulatedDeviceOptions } from '../../src/device/simulated.ts';
+import {
+  DEFAULT_SIM_FEATURES,
+  SimulatedDevice,
+  type SimulatedDeviceOptions,
+} from '../../src/device/simulated.ts';
 import type { IotlbOp, Perm } from '../../src/iotlb/types.ts';
 import { MemoryError } from '../../src/memory/types.ts';
 import { backendFeatureMask } from '../../src/uapi/constants.ts';
@@ -177,7 +181,7 @@ describe('lifecycle', () => {
   });
 
   test('suspend / resume when offered; EOPNOTSUPP otherwise', async () => {
-    open();
+    open({ features: DEFAULT_SIM_FEATURES });
     // Before DRIVER_OK the kernel has nothing to suspend: it answers 0 and does nothing.
     await dev.suspend();
     assert.equal(dev.simulator.suspended, false);

@@ -108,6 +108,14 @@ describe('discovery', () => {
     // A VDUSE device: the bus entry links to /sys/devices/virtual/vduse/<name>/<vdpa device>.
     fs.mkdirSync(path.join(sys, 'virtual', 'vduse', 'blk0', 'vdpa2', 'vhost-vdpa-10'), { recursive: true });
     fs.symlinkSync('../virtual/vduse/blk0/vdpa2', path.join(sys, 'devices', 'vdpa2'));
+    // vp_vdpa: the vdpa device's parent is a PCI function in an IOMMU group.
+    const pci = path.join(sys, 'pci0000:00', '0000:00:03.0');
+    fs.mkdirSync(path.join(pci, 'vdpa3'), { recursive: true });
+    fs.symlinkSync('../../../kernel/iommu_groups/4', path.join(pci, 'iommu_group'));
+    fs.symlinkSync('../pci0000:00/0000:00:03.0/vdpa3', path.join(sys, 'devices', 'vdpa3'));
+    // mlx5: under an auxiliary device, which has no IOMMU group of its own.
+    fs.mkdirSync(path.join(pci, 'mlx5_core.vnet.0', 'vdpa4'), { recursive: true });
+    fs.symlinkSync('../pci0000:00/0000:00:03.0/mlx5_core.vnet.0/vdpa4', path.join(sys, 'devices', 'vdpa4'));
   });
   after(() => fs.rmSync(root, { recursive: true, force: true }));
   const roots = () => ({ devDir: path.join(root, 'dev'), sysDir: path.join(root, 'sys', 'devices') });
@@ -117,20 +125,37 @@ describe('discovery', () => {
       path.join(root, 'dev', 'vhost-vdpa-2'),
       path.join(root, 'dev', 'vhost-vdpa-10'),
     ]);
+    // No parent device (vdpa_sim) or VDUSE: onchip; a parent in an IOMMU group: platform.
     assert.deepEqual(listVdpaDevices(roots()), [
-      { name: 'vdpa0', node: path.join(root, 'dev', 'vhost-vdpa-2'), driver: 'vhost_vdpa', vduse: false },
-      { name: 'vdpa1', node: null, driver: null, vduse: false },
-      { name: 'vdpa2', node: path.join(root, 'dev', 'vhost-vdpa-10'), driver: null, vduse: true },
+      {
+        name: 'vdpa0',
+        node: path.join(root, 'dev', 'vhost-vdpa-2'),
+        driver: 'vhost_vdpa',
+        vduse: false,
+        iommu: 'onchip',
+      },
+      { name: 'vdpa1', node: null, driver: null, vduse: false, iommu: 'onchip' },
+      {
+        name: 'vdpa2',
+        node: path.join(root, 'dev', 'vhost-vdpa-10'),
+        driver: null,
+        vduse: true,
+        iommu: 'onchip',
+      },
+      { name: 'vdpa3', node: null, driver: null, vduse: false, iommu: 'platform' },
+      { name: 'vdpa4', node: null, driver: null, vduse: false, iommu: 'unknown' },
     ]);
-    // VDUSE maps in VA mode (nothing pinned); any other parent is taken to pin.
+    // VDUSE maps in VA mode (nothing pinned); sysfs takes any other parent to pin (openDevices
+    // asks the kernel).
     assert.deepEqual(discoverVhostVdpa(roots()), [
-      { node: path.join(root, 'dev', 'vhost-vdpa-2'), name: 'vdpa0', pinned: true },
-      { node: path.join(root, 'dev', 'vhost-vdpa-10'), name: 'vdpa2', pinned: false },
+      { node: path.join(root, 'dev', 'vhost-vdpa-2'), name: 'vdpa0', pinned: true, iommu: 'onchip' },
+      { node: path.join(root, 'dev', 'vhost-vdpa-10'), name: 'vdpa2', pinned: false, iommu: 'onchip' },
     ]);
     assert.deepEqual(describeNode(path.join(root, 'dev', 'vhost-vdpa-3'), roots()), {
       node: path.join(root, 'dev', 'vhost-vdpa-3'),
       name: 'vhost-vdpa-3',
       pinned: true,
+      iommu: 'unknown',
     });
   });
 

@@ -1,11 +1,24 @@
-/** Shared fixtures of the device tests: a real shared-memory registry and a recording transport. */
+/** Shared fixtures of the device tests: a real shared-memory registry, a recording transport, raw messages. */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import assert from 'node:assert/strict';
+import type { SimulatedVdpaConfig } from '../../src/device/sim-kernel.ts';
 import { TransportError, type VhostTransport } from '../../src/device/transport.ts';
+import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
 import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
+import {
+  ftruncate,
+  MFD_CLOEXEC,
+  memfdCreate,
+  mmap,
+  munmap,
+  PROT_READ,
+  PROT_WRITE,
+} from '../../src/sys/libc.ts';
 
 export const PAGE = 0x1000n;
+const MAP_PRIVATE = 0x02;
 
 export interface TmpRegistry {
   registry: SharedMemoryRegistry;
@@ -95,4 +108,49 @@ export function rawMsg(
   b.writeUInt8(perm, 32);
   b.writeUInt8(type, 33);
   return b;
+}
+
+/**
+ * Private memory the registry does not know (a MAP_PRIVATE mapping of a memfd: pages of its own
+ * once written, like anonymous memory) of `pages` pages, with the pages in `holes` unmapped again.
+ */
+export function privateMemory(pages: bigint, holes: bigint[] = [], prot = PROT_READ | PROT_WRITE) {
+  const fd = memfdCreate('private', MFD_CLOEXEC);
+  ftruncate(fd, pages * PAGE);
+  const addr = mmap(pages * PAGE, prot, MAP_PRIVATE, fd);
+  fs.closeSync(fd);
+  for (const h of holes) munmap(addr + h * PAGE, PAGE);
+  return {
+    addr,
+    free() {
+      for (let p = 0n; p < pages; p++) if (!holes.includes(p)) munmap(addr + p * PAGE, PAGE);
+    },
+  };
+}
+
+/** The simulated kernel configured as vp_vdpa (a platform IOMMU, PA mode), with `over` on top. */
+export function vpVdpaConfig(over: Partial<SimulatedVdpaConfig> = {}): SimulatedVdpaConfig {
+  return {
+    deviceId: 1,
+    iommu: 'platform',
+    iovaRange: FULL_IOVA_RANGE,
+    asNum: 1,
+    groupNum: 1,
+    vqCount: 3,
+    configSize: 4096,
+    offeredFeatures: 0x10en,
+    pushDelayMs: 0,
+    ...over,
+  };
+}
+
+/** The errno of the TransportError `fn` throws, or undefined when it returns. */
+export function errnoOf(fn: () => unknown): string | undefined {
+  try {
+    fn();
+    return undefined;
+  } catch (e) {
+    assert.ok(e instanceof TransportError, String(e));
+    return e.errno;
+  }
 }

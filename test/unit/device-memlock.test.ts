@@ -105,8 +105,8 @@ describe('pinning devices', () => {
     }
   });
 
-  test('without a memlock the simulated parent is in VA mode: nothing counted, nothing refused', async () => {
-    const va = new SimulatedDevice({ name: 'va' }, tmp.registry);
+  test('an onchip parent without a memlock is in VA mode: nothing counted, nothing refused', async () => {
+    const va = new SimulatedDevice({ name: 'va', iommu: 'onchip' }, tmp.registry);
     try {
       assert.equal(va.facts().pinned, false);
       assert.deepEqual(await va.apply([map(0n, 1024n * KiB)]), [{ ok: true }]);
@@ -114,6 +114,21 @@ describe('pinning devices', () => {
     } finally {
       await va.close();
     }
+  });
+
+  test('a platform IOMMU always pins (no VA mode), under no limit unless memlock is given', async () => {
+    const pa = new SimulatedDevice({ name: 'pa' }, tmp.registry);
+    try {
+      assert.equal(pa.facts().pinned, true);
+      assert.deepEqual(await pa.apply([map(0n, 1024n * KiB)]), [{ ok: true }]);
+      assert.equal(pa.simulator.pins?.pinnedBytes, 1024n * KiB);
+    } finally {
+      await pa.close();
+    }
+    assert.throws(
+      () => new SimulatedDevice({ name: 'bad', useVa: true }, tmp.registry),
+      /cannot use VA mode/,
+    );
   });
 
   test('the simulated kernel refuses like vhost_vdpa_pa_map when the guard is bypassed', async () => {
@@ -143,7 +158,7 @@ describe('pinning devices', () => {
         () => update(0x20_0000n, 8n * KiB),
         (e: unknown) => e instanceof TransportError && e.errno === 'EFAULT' && /ENOMEM/.test(e.message),
       );
-      assert.equal(sim.kernelMappings().length, 1);
+      assert.equal(sim.kernelMappings().length, 3, 'one entry per page: shmem pages are not contiguous');
       await update(0x20_0000n, 4n * KiB);
       assert.equal(sim.pins?.pinnedBytes, 16n * KiB);
     } finally {
@@ -154,7 +169,7 @@ describe('pinning devices', () => {
 
   test('device specs: memlock=BYTES, one value for every simulated device, shared by them', async () => {
     const devices = await openDevices(
-      ['sim:p0,memlock=0x4000', 'sim:p1,iommu=onchip,memlock=16384', 'sim:free'],
+      ['sim:p0,memlock=0x4000', 'sim:p1,iommu=onchip,memlock=16384', 'sim:free,iommu=onchip'],
       tmp.registry,
     );
     try {

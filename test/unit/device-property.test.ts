@@ -1,5 +1,5 @@
 /**
- * Property: any sequence of ops applied to a SimulatedDevice (either IOMMU kind, batched or not,
+ * Property: any sequence of ops applied to a VA-mode SimulatedDevice (dma_map or set_map, batched or not,
  * in any split into apply() calls) gives the same per-op ok/errno and the same final mappings as
  * a plain reference model, an array of ranges. The simulated kernel's own tables, the parent's
  * table (after the batch) and the memory references must all agree with it too.
@@ -107,15 +107,15 @@ test('a SimulatedDevice agrees with the reference model', async () => {
   await fc.assert(
     fc.asyncProperty(
       ops,
-      fc.constantFrom('platform' as const, 'onchip' as const),
+      fc.constantFrom('dma_map' as const, 'set_map' as const),
       fc.boolean(),
       fc.array(fc.integer({ min: 1, max: 10 }), { minLength: 1, maxLength: 5 }),
-      async (sequence, iommu, batched, splits) => {
+      async (sequence, onchipMap, batched, splits) => {
         const features = batched
           ? backendFeatureMask('IOTLB_MSG_V2', 'IOTLB_BATCH', 'IOTLB_ASID')
           : backendFeatureMask('IOTLB_MSG_V2', 'IOTLB_ASID');
         const dev = new SimulatedDevice(
-          { name: 'prop', iommu, asNum: AS_NUM, iovaRange: RANGE, features },
+          { name: 'prop', iommu: 'onchip', onchipMap, asNum: AS_NUM, iovaRange: RANGE, features },
           tmp.registry,
         );
         const model = new Model();

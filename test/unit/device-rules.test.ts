@@ -7,12 +7,12 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { DEFAULT_SIM_FEATURES, SimulatedDevice } from '../../src/device/simulated.ts';
 import { type SimulatedVdpaConfig, SimulatedVdpa } from '../../src/device/sim-kernel.ts';
-import { ioctlWriteU64, TransportError, type VhostTransport } from '../../src/device/transport.ts';
+import { ioctlWriteU64, type VhostTransport } from '../../src/device/transport.ts';
 import type { OpResult } from '../../src/device/types.ts';
 import { FULL_IOVA_RANGE, type IotlbOp, type Perm } from '../../src/iotlb/types.ts';
 import { backendFeatureMask, IotlbMsgType } from '../../src/uapi/constants.ts';
 import { Ioctl } from '../../src/uapi/ioctl.ts';
-import { PAGE, rawMsg, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
+import { errnoOf, PAGE, rawMsg, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
 
 const U64_MAX = (1n << 64n) - 1n;
 const RANGE = { first: 0x1000n, last: 0xffff_ffffn };
@@ -45,8 +45,23 @@ const invalidate = (iova: bigint, size: bigint, asid = 0): IotlbOp => ({
   size,
 });
 
-function device(opts: { features?: bigint; iommu?: 'platform' | 'onchip' } = {}): SimulatedDevice {
-  return new SimulatedDevice({ name: 'sim0', iovaRange: RANGE, asNum: 2, ...opts }, tmp.registry);
+/**
+ * A VA-mode parent, where the kernel's table is the agent's entry for entry (the rules checked
+ * here hold in PA mode too; its own rules are in pinning-rules and sim-pa-mode). By default a
+ * dma_map parent (vdpa_sim batch_mapping=0 use_va=1): one call per entry.
+ */
+function device(opts: { features?: bigint; iommu?: 'onchip' } = {}): SimulatedDevice {
+  return new SimulatedDevice(
+    {
+      name: 'sim0',
+      iovaRange: RANGE,
+      asNum: 2,
+      ...(opts.iommu ? {} : { onchipMap: 'dma_map' }),
+      iommu: 'onchip',
+      ...opts,
+    },
+    tmp.registry,
+  );
 }
 
 function failure(r: OpResult | undefined): Extract<OpResult, { ok: false }> {
@@ -290,16 +305,6 @@ function ownedFile(sim: SimulatedVdpa, features = sim.config.offeredFeatures): V
   t.ioctl(Ioctl.VHOST_SET_OWNER);
   ioctlWriteU64(t, Ioctl.VHOST_SET_BACKEND_FEATURES, features);
   return t;
-}
-
-function errnoOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-    return undefined;
-  } catch (e) {
-    assert.ok(e instanceof TransportError, String(e));
-    return e.errno;
-  }
 }
 
 const { UPDATE, INVALIDATE, BATCH_BEGIN, BATCH_END, MISS } = IotlbMsgType;

@@ -8,14 +8,26 @@ import { after, before, describe, it, mock } from 'node:test';
 import { defaultAllowedRoots, PathAllowlist } from '../../src/memory/allowlist.ts';
 import { MemoryError } from '../../src/memory/types.ts';
 
+/** PATH_REFUSED; `pattern` matches the whole story (the detail for the log, else the message). */
 function refused(pattern: RegExp) {
   return (e: unknown) => {
     assert.ok(e instanceof MemoryError, `expected MemoryError, got ${String(e)}`);
     assert.equal(e.code, 'PATH_REFUSED');
     assert.equal(e.field, 'path');
-    assert.match(e.message, pattern);
+    assert.match(e.detail ?? e.message, pattern);
+    // Outside the roots the caller learns nothing but that: no real path, no existence, no pid.
+    if (e.detail !== undefined)
+      assert.match(e.message, /^\S+ is not a regular file under the allowed roots$/);
     return true;
   };
+}
+
+function missing(e: unknown) {
+  assert.ok(e instanceof MemoryError, `expected MemoryError, got ${String(e)}`);
+  assert.equal(e.code, 'NOT_FOUND');
+  assert.equal(e.field, 'path');
+  assert.match(e.message, /no such file/);
+  return true;
 }
 
 describe('PathAllowlist', () => {
@@ -142,11 +154,32 @@ describe('PathAllowlist', () => {
 
   it('refuses relative, missing and looping paths', () => {
     assert.throws(() => allowlist.open('root/mem'), refused(/must be absolute/));
-    assert.throws(() => allowlist.open(path.join(root, 'missing')), refused(/does not exist/));
-    assert.throws(() => allowlist.open(path.join(root, 'mem', 'below-a-file')), refused(/does not exist/));
+    assert.throws(() => allowlist.open(path.join(root, 'missing')), missing);
+    assert.throws(() => allowlist.open(path.join(root, 'mem', 'below-a-file')), missing);
     fs.symlinkSync('loop-b', path.join(root, 'loop-a'));
     fs.symlinkSync('loop-a', path.join(root, 'loop-b'));
-    assert.throws(() => allowlist.open(path.join(root, 'loop-a')), refused(/symlink loop/));
+    assert.throws(() => allowlist.open(path.join(root, 'loop-a')), refused(/ELOOP/));
+  });
+
+  it('tells nothing of what lies outside the roots: missing or there, the answer is the same', () => {
+    const told = (p: string) => {
+      try {
+        allowlist.open(p);
+      } catch (e) {
+        assert.ok(refused(/./)(e));
+        return (e as MemoryError).message.replace(p, 'P');
+      }
+      assert.fail(`${p} was opened`);
+    };
+    fs.symlinkSync('/etc/no-such-file-here', path.join(root, 'dangling'));
+    fs.symlinkSync('/etc/hostname', path.join(root, 'hostname'));
+    fs.symlinkSync('/proc/self/status', path.join(root, 'status'));
+    const answers = new Set(
+      ['/etc/hostname', '/etc/no-such-file-here', '/etc/no-such-dir/x', `${base}/outside`, `${base}/missing`]
+        .concat(['dangling', 'hostname', 'status'].map((n) => path.join(root, n)))
+        .map(told),
+    );
+    assert.deepEqual([...answers], ['P is not a regular file under the allowed roots']);
   });
 
   it('a root that does not exist (yet) allows nothing, and starts working once created', () => {

@@ -179,14 +179,28 @@ describe('SharedMemoryRegistry', () => {
 
   describe('ids and sizes', () => {
     it('validates ids', () => {
-      for (const id of ['', 'a'.repeat(65), 'a/b', '..x/', 'sp ace', 'é', 'a\0b', '.', '..']) {
+      for (const id of [
+        '',
+        'a'.repeat(65),
+        'a/b',
+        '..x/',
+        'sp ace',
+        'é',
+        'a\0b',
+        '.',
+        '..',
+        '...',
+        '-',
+        '-rf',
+        '.hidden',
+      ]) {
         assert.throws(
           () => reg.create({ id, size: 4096n }),
           memoryError('INVALID_ID', 'id'),
           JSON.stringify(id),
         );
       }
-      for (const id of ['a', 'a'.repeat(64), 'A-z_0.9', '...', '.x']) {
+      for (const id of ['a', 'a'.repeat(64), 'A-z_0.9', 'x...', '9.x']) {
         reg.create({ id, size: 4096n });
       }
       assert.equal(reg.list().length, 5);

@@ -240,14 +240,14 @@ describe('watch, devices, memory', () => {
   test('watch reports every applied change with its sequence, per device', async () => {
     const seen: MappingEvent[] = [];
     const all: MappingEvent[] = [];
-    const stop = h.service.watch('vdpa0', (e) => seen.push(e));
-    const stopAll = h.service.watch(undefined, (e) => all.push(e));
+    const one = h.service.watch('vdpa0', (e) => seen.push(e));
+    const every = h.service.watch(undefined, (e) => all.push(e));
     await h.service.map(mapReq(0x100000n, 2n));
     await h.service.unmap({ device: 'vdpa0', asid: 0, iova: 0x101000n, size: PAGE });
     await h.service.map({ ...mapReq(0x100000n), device: 'vdpa1' });
-    stop();
+    one.close();
     await h.service.map(mapReq(0x300000n));
-    stopAll();
+    every.close();
     assert.deepEqual(
       seen.map((e) => `${e.kind} ${e.mapping.iova.toString(16)}+${e.mapping.size.toString(16)}`),
       ['mapped 100000+2000', 'unmapped 100000+2000', 'mapped 100000+1000'],

@@ -3,12 +3,14 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
-import { decodeJson, encodeJson, frame, unframe } from '../../src/state/codec.ts';
+import { decodeJson, encodeJson, type FrameScan, frame, scanFrames } from '../../src/state/codec.ts';
 import { type Change, sortedMappings, toSnapshot } from '../../src/state/desired.ts';
-import { Journal } from '../../src/state/journal.ts';
+import { Journal, StateDamageError, StateFormatError } from '../../src/state/journal.ts';
+import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
+import { JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
 import { StateStore } from '../../src/state/store.ts';
 import { ServiceError } from '../../src/service/errors.ts';
-import { FaultyFs } from './core-harness.ts';
+import { FaultyFs, frameOffsets } from './core-harness.ts';
 
 const BIG = (1n << 64n) - 1n;
 
@@ -36,52 +38,82 @@ describe('codec', () => {
     assert.deepEqual(decodeJson(text), value);
   });
 
-  test('unframe stops at a torn frame and at a bad CRC', () => {
-    const a = frame({ n: 1n });
-    const b = frame({ n: 2n });
-    const torn = Buffer.concat([a, b.subarray(0, b.length - 3)]);
-    assert.deepEqual(unframe(torn), { values: [{ n: 1n }], validBytes: a.length });
-    const flipped = Buffer.concat([a, b]);
-    flipped[flipped.length - 2]! ^= 0xff;
-    assert.deepEqual(unframe(flipped), { values: [{ n: 1n }], validBytes: a.length });
+  test('a short or partial last frame is a torn tail; a bad frame with frames after it is damage', () => {
+    const [a, b, c] = [frame({ n: 1n }), frame({ n: 2n }), frame({ n: 3n })];
+    const values = (scan: FrameScan) => scan.frames.map((f) => f.value);
+
+    const cut = scanFrames(Buffer.concat([a, b.subarray(0, b.length - 3)]));
+    assert.deepEqual(values(cut), [{ n: 1n }]);
+    assert.deepEqual(cut.damage, []);
+    assert.equal(cut.torn?.offset, a.length);
+    assert.equal(scanFrames(Buffer.concat([a, b.subarray(0, 5)])).torn?.offset, a.length, 'a cut header');
+    const zeros = scanFrames(Buffer.concat([a, Buffer.alloc(100)]));
+    assert.deepEqual([zeros.damage, zeros.torn?.offset], [[], a.length], 'zeros a crash left');
+
+    const flipped = Buffer.concat([a, b, c]);
+    flipped[a.length + 10]! ^= 0x01;
+    const scan = scanFrames(flipped);
+    assert.deepEqual(values(scan), [{ n: 1n }, { n: 3n }], 'the frame after the damage is found');
+    assert.deepEqual(scan.damage, [{ offset: a.length, length: b.length, reason: 'CRC mismatch' }]);
+    assert.equal(scan.torn, undefined);
+
+    // A length that points past the end is torn only when nothing intact follows.
+    const longer = Buffer.concat([a, b, c]);
+    longer.writeUInt32LE(1 << 20, a.length);
+    assert.equal(scanFrames(longer).damage[0]?.offset, a.length);
+    assert.deepEqual(values(scanFrames(longer)), [{ n: 1n }, { n: 3n }]);
   });
 });
+
+/** A change of this test's kind: a page of m0 at `iova`. */
+const at = (iova: bigint): Change[] => [put(iova)];
+
+const journalFrames = () => frameOffsets(fs.readFileSync(journalFile()));
+
+/** Every file of the directory and its bytes. */
+function dirBytes(): Map<string, Buffer> {
+  return new Map(fs.readdirSync(dir).map((n) => [n, fs.readFileSync(path.join(dir, n))]));
+}
+
+async function journalWith(iovas: bigint[]): Promise<void> {
+  const { journal } = await Journal.open(dir);
+  for (const iova of iovas) await journal.append(at(iova));
+  await journal.close();
+}
 
 describe('journal', () => {
   test('appended records replay in order after reopening', async () => {
     const { journal } = await Journal.open(dir);
-    await journal.append(['a', 1n]);
-    await journal.append(['b', BIG]);
+    await journal.append(at(0x1000n));
+    await journal.append(at(BIG - 0xfffn));
     await journal.close();
     const again = await Journal.open(dir);
-    assert.deepEqual(again.records, [
-      ['a', 1n],
-      ['b', BIG],
-    ]);
+    assert.deepEqual(again.records, [at(0x1000n), at(BIG - 0xfffn)]);
     assert.equal(again.droppedBytes, 0);
     await again.journal.close();
   });
 
   test('a torn tail is cut off on open, and appends continue after the last whole record', async () => {
-    const { journal } = await Journal.open(dir);
-    await journal.append({ n: 1 });
-    await journal.close();
+    await journalWith([0x1000n]);
     const whole = fs.statSync(journalFile()).size;
-    fs.appendFileSync(journalFile(), frame({ n: 2 }).subarray(0, 10));
+    fs.appendFileSync(journalFile(), frame({ seq: 2n, changes: at(0x2000n) }).subarray(0, 10));
     const reopened = await Journal.open(dir);
-    assert.deepEqual(reopened.records, [{ n: 1 }]);
+    assert.deepEqual(reopened.records, [at(0x1000n)]);
     assert.equal(reopened.droppedBytes, 10);
     assert.equal(fs.statSync(journalFile()).size, whole);
-    await reopened.journal.append({ n: 3 });
+    await reopened.journal.append(at(0x3000n));
     await reopened.journal.close();
-    assert.deepEqual((await Journal.open(dir)).records, [{ n: 1 }, { n: 3 }]);
+    const again = await Journal.open(dir);
+    assert.deepEqual(again.records, [at(0x1000n), at(0x3000n)]);
+    await again.journal.close();
   });
 
   test('compaction: snapshot replaces the journal; leftovers of a crashed compaction are ignored', async () => {
     const { journal } = await Journal.open(dir);
-    await journal.append('before');
-    await journal.compact({ state: 1 });
-    await journal.append('after');
+    await journal.append(at(0x1000n));
+    const state = { memory: [], devices: [] };
+    await journal.compact(state);
+    await journal.append(at(0x2000n));
     await journal.close();
     assert.deepEqual(fs.readdirSync(dir).sort(), ['journal.1', 'snapshot']);
     // A crash during a later compaction: the next journal and the temp snapshot were written,
@@ -89,21 +121,184 @@ describe('journal', () => {
     fs.writeFileSync(path.join(dir, 'journal.2'), frame('never acknowledged'));
     fs.writeFileSync(path.join(dir, 'snapshot.tmp'), 'garbage');
     const reopened = await Journal.open(dir);
-    assert.deepEqual(reopened.snapshot, { state: 1 });
-    assert.deepEqual(reopened.records, ['after']);
+    assert.deepEqual(reopened.snapshot, state);
+    assert.deepEqual(reopened.records, [at(0x2000n)]);
     assert.deepEqual(fs.readdirSync(dir).sort(), ['journal.1', 'snapshot']);
     await reopened.journal.close();
   });
 
-  test('a damaged snapshot is refused rather than silently dropped', async () => {
+  test('a damaged snapshot is refused rather than silently dropped, and repair refuses it too', async () => {
     const { journal } = await Journal.open(dir);
-    await journal.compact({ state: 1 });
+    await journal.compact({ memory: [], devices: [] });
     await journal.close();
     const snap = path.join(dir, 'snapshot');
     const bytes = fs.readFileSync(snap);
     bytes[bytes.length - 1]! ^= 0xff;
     fs.writeFileSync(snap, bytes);
     await assert.rejects(Journal.open(dir), /snapshot .* is damaged/);
+    await assert.rejects(repairStateDir(dir), /snapshot .* is damaged .* no repair can keep it/);
+    assert.deepEqual(fs.readFileSync(snap), bytes);
+  });
+
+  test('a lost snapshot is refused, not taken for an empty state', async () => {
+    const { journal } = await Journal.open(dir);
+    await journal.append(at(0x1000n));
+    await journal.compact({ memory: [], devices: [] });
+    await journal.append(at(0x2000n));
+    await journal.close();
+    fs.rmSync(path.join(dir, 'snapshot'));
+    await assert.rejects(
+      Journal.open(dir),
+      /snapshot is missing, but journal\.1 .* is there: nothing was changed/,
+    );
+    assert.deepEqual(fs.readdirSync(dir), ['journal.1']);
+  });
+
+  test('a flipped byte in an early record is damage: refused with file, offset and count, nothing written', async () => {
+    const iovas = Array.from({ length: 10 }, (_, i) => BigInt(i + 1) * 0x1000n);
+    await journalWith(iovas);
+    const offsets = journalFrames();
+    assert.equal(offsets.length, 11, 'a header and ten records');
+    const bytes = fs.readFileSync(journalFile());
+    bytes[offsets[3]! + 20]! ^= 0x04;
+    fs.writeFileSync(journalFile(), bytes);
+    const before = dirBytes();
+    await assert.rejects(StateStore.open({ dir }), (e: unknown) => {
+      assert.ok(e instanceof StateDamageError);
+      assert.equal(e.file, journalFile());
+      assert.equal(e.offset, offsets[3]);
+      assert.equal(e.intactAfter, 7);
+      const length = offsets[4]! - offsets[3]!;
+      const says = `journal.0 is damaged at byte ${offsets[3]} (CRC mismatch; ${length} bytes, records lost: 3..3); 7 intact records follow it`;
+      assert.ok(e.message.includes(says), e.message);
+      return true;
+    });
+    assert.deepEqual(dirBytes(), before, 'the directory is as it was');
+  });
+
+  test('a record whose CRC matches but whose content fails the schema is damage, even at the end', async () => {
+    await journalWith([0x1000n, 0x2000n]);
+    const change = put(0x3000n) as Extract<Change, { t: 'mapping.put' }>;
+    const bad = { seq: 3n, changes: [{ ...change, mapping: { ...change.mapping, iova: 1n << 64n } }] };
+    fs.appendFileSync(journalFile(), frame(bad));
+    await assert.rejects(Journal.open(dir), (e: unknown) => {
+      assert.ok(e instanceof StateDamageError);
+      assert.match(e.message, /invalid record: changes\.0\.mapping\.iova: Too big/);
+      assert.equal(e.intactAfter, 0);
+      return true;
+    });
+  });
+
+  test('a record missing from the sequence is damage, though every frame is intact', async () => {
+    await journalWith([0x1000n, 0x2000n, 0x3000n]);
+    const data = fs.readFileSync(journalFile());
+    const offsets = journalFrames();
+    fs.writeFileSync(journalFile(), Buffer.concat([data.subarray(0, offsets[2]), data.subarray(offsets[3])]));
+    await assert.rejects(
+      Journal.open(dir),
+      /damaged at byte \d+ \(records 2\.\.2 are missing; 0 bytes, records lost: 2\.\.2\); 1 intact records follow it/,
+    );
+  });
+
+  test('another format version is refused, snapshot or journal, and repair does not touch it', async () => {
+    const header = { magic: JOURNAL_MAGIC, version: 2, gen: 0, after: 0n };
+    fs.writeFileSync(path.join(dir, 'journal.0'), Buffer.concat([frame(header), frame({ future: true })]));
+    await assert.rejects(
+      Journal.open(dir),
+      /journal\.0 is of format version 2; this vdpa-mapd reads version 1/,
+    );
+    await assert.rejects(repairStateDir(dir), StateFormatError);
+    fs.rmSync(path.join(dir, 'journal.0'));
+    fs.writeFileSync(path.join(dir, 'snapshot'), frame({ magic: SNAPSHOT_MAGIC, version: 9, gen: 0 }));
+    await assert.rejects(Journal.open(dir), /snapshot is of format version 9/);
+  });
+
+  test('unversioned files (before the header) are read and rewritten in the current format', async () => {
+    const state = {
+      memory: [],
+      devices: [
+        { name: 'vdpa0', nextSequence: 5n, mappings: [], pending: [], failures: [], idempotency: [] },
+      ],
+    };
+    fs.writeFileSync(path.join(dir, 'snapshot'), frame({ gen: 3, state }));
+    fs.writeFileSync(path.join(dir, 'journal.3'), Buffer.concat([frame(at(0x1000n)), frame(at(0x2000n))]));
+    const { store } = await StateStore.open({ dir });
+    assert.deepEqual(
+      sortedMappings(store.state.devices.get('vdpa0')).map((m) => m.iova),
+      [0x1000n, 0x2000n],
+    );
+    await store.commit(at(0x3000n));
+    await store.close();
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['journal.4', 'snapshot']);
+    const header = scanFrames(fs.readFileSync(path.join(dir, 'journal.4'))).frames[0]?.value;
+    assert.deepEqual(header, { magic: JOURNAL_MAGIC, version: 1, gen: 4, after: 0n });
+    const { store: again } = await StateStore.open({ dir });
+    assert.equal(again.state.devices.get('vdpa0')?.mappings.size, 3);
+    assert.equal(again.state.devices.get('vdpa0')?.nextSequence, 5n);
+    await again.close();
+  });
+
+  test('state files are 0600 in a 0700 directory; a looser journal or snapshot is tightened on open', async () => {
+    const sub = path.join(dir, 'state');
+    const { store } = await StateStore.open({ dir: sub, compactBytes: 1 });
+    await store.commit(at(0x1000n));
+    await store.commit(at(0x2000n));
+    await store.close();
+    const mode = (name: string) => fs.statSync(path.join(sub, name)).mode & 0o777;
+    assert.equal(mode('.'), 0o700);
+    for (const name of fs.readdirSync(sub)) assert.equal(mode(name), 0o600, name);
+    for (const name of fs.readdirSync(sub)) fs.chmodSync(path.join(sub, name), 0o644);
+    const { store: again } = await StateStore.open({ dir: sub });
+    await again.close();
+    for (const name of fs.readdirSync(sub)) assert.equal(mode(name), 0o600, name);
+  });
+});
+
+describe('repair', () => {
+  test('keeps every intact record before and after the damage, moves the damaged file aside, names what it dropped', async () => {
+    const iovas = Array.from({ length: 8 }, (_, i) => BigInt(i + 1) * 0x1000n);
+    await journalWith(iovas);
+    const offsets = journalFrames();
+    const bytes = fs.readFileSync(journalFile());
+    bytes[offsets[4]! + 30]! ^= 0x20; // record 4: 0x4000
+    fs.writeFileSync(journalFile(), bytes);
+    const damaged = journalFile();
+
+    assert.equal(await repairStateDir(path.join(dir, 'elsewhere')), undefined, 'nothing to repair');
+    const report = await repairStateDir(dir, {}, undefined, new Date('2026-01-02T03:04:05.678Z'));
+    assert.ok(report);
+    assert.equal(report.file, damaged);
+    assert.equal(report.aside, path.join(dir, 'journal.0.damaged-2026-01-02T03-04-05.678Z'));
+    assert.deepEqual(fs.readFileSync(report.aside), bytes, 'the damaged bytes, kept as they were');
+    assert.equal(report.kept, 7);
+    assert.equal(report.dropped.length, 1);
+    const [d] = report.dropped;
+    assert.deepEqual([d!.offset, d!.length, d!.lostRecords], [offsets[4], offsets[5]! - offsets[4]!, '4..4']);
+    assert.match(d!.before, /^record 3 at byte \d+ \(mapping\.put vdpa0\)$/);
+    assert.match(d!.after, /^record 5 at byte \d+ \(mapping\.put vdpa0\)$/);
+    assert.match(d!.text, /mapping\.put/);
+    assert.deepEqual(fs.readdirSync(dir).sort(), [
+      'journal.0.damaged-2026-01-02T03-04-05.678Z',
+      'journal.1',
+      'snapshot',
+    ]);
+
+    const { store } = await StateStore.open({ dir });
+    const kept = iovas.filter((i) => i !== 0x4000n);
+    assert.deepEqual(
+      sortedMappings(store.state.devices.get('vdpa0')).map((m) => m.iova),
+      kept,
+    );
+    // Record 4 may have handed out sequence numbers no kept record shows: none is handed out again.
+    assert.equal(store.state.devices.get('vdpa0')?.nextSequence, 1n + SEQUENCE_SKIP);
+    await store.commit(at(0x9000n));
+    await store.close();
+    const { store: again } = await StateStore.open({ dir });
+    assert.deepEqual(
+      sortedMappings(again.state.devices.get('vdpa0')).map((m) => m.iova),
+      [...kept, 0x9000n],
+    );
+    await again.close();
   });
 });
 

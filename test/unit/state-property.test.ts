@@ -12,8 +12,10 @@ import {
   type StateLimits,
   toSnapshot,
 } from '../../src/state/desired.ts';
+import { StateDamageError } from '../../src/state/journal.ts';
+import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { StateStore } from '../../src/state/store.ts';
-import { FaultyFs } from './core-harness.ts';
+import { FaultyFs, frameOffsets } from './core-harness.ts';
 
 const limits: StateLimits = { idempotencyPerDevice: 3, failuresPerDevice: 2 };
 
@@ -137,5 +139,85 @@ test('random sequences of changes, some refused by failed writes, replay to the 
       },
     ),
     { numRuns: 60 },
+  );
+});
+
+function modelOf(groups: readonly Change[][], sequenceSkip = 0n) {
+  const model = emptyState(limits);
+  for (const g of groups) for (const c of g) applyChange(model, c);
+  for (const d of model.devices.values()) d.nextSequence += sequenceSkip;
+  return toSnapshot(model);
+}
+
+const hurt = fc.oneof(
+  fc.record({
+    kind: fc.constant('flip' as const),
+    frame: fc.nat(),
+    byte: fc.nat(),
+    mask: fc.integer({ min: 1, max: 255 }),
+  }),
+  fc.record({ kind: fc.constant('cut' as const), at: fc.nat() }),
+);
+
+test('a flipped byte in any frame but the last is damage (refused, file untouched, repair keeps the rest); a cut in the last frame is a torn tail', async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(
+        group.map((g) => g.changes),
+        { minLength: 1, maxLength: 12 },
+      ),
+      hurt,
+      async (groups, how) => {
+        const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-prop-'));
+        try {
+          const { store } = await StateStore.open({ dir, limits });
+          for (const changes of groups) await store.commit(changes);
+          await store.close();
+          const file = path.join(dir, 'journal.0');
+          const data = fs.readFileSync(file);
+          const offsets = frameOffsets(data);
+          // A header, then one frame per group.
+          assert.equal(offsets.length, groups.length + 1);
+          const end = (i: number) => offsets[i + 1] ?? data.length;
+
+          if (how.kind === 'cut') {
+            const last = offsets.at(-1)!;
+            const cutAt = last + 1 + (how.at % (data.length - last - 1));
+            fs.truncateSync(file, cutAt);
+            const { store: reopened, droppedBytes } = await StateStore.open({ dir, limits });
+            assert.equal(droppedBytes, cutAt - last);
+            assert.equal(fs.statSync(file).size, last);
+            assert.deepEqual(toSnapshot(reopened.state), modelOf(groups.slice(0, -1)));
+            await reopened.close();
+            return;
+          }
+
+          const i = how.frame % groups.length; // any frame but the last: the header or a record
+          const at = offsets[i]! + (how.byte % (end(i) - offsets[i]!));
+          const hurtData = Buffer.from(data);
+          hurtData[at]! ^= how.mask;
+          fs.writeFileSync(file, hurtData);
+          await assert.rejects(StateStore.open({ dir, limits }), (e: unknown) => {
+            assert.ok(e instanceof StateDamageError, String(e));
+            assert.equal(e.offset, offsets[i]);
+            assert.equal(e.intactAfter, groups.length - i);
+            return true;
+          });
+          assert.deepEqual(fs.readdirSync(dir), ['journal.0']);
+          assert.deepEqual(fs.readFileSync(file), hurtData, 'left exactly as it was');
+
+          // Frame 0 is the header: a record lost is group i - 1.
+          const report = await repairStateDir(dir, limits);
+          assert.equal(report?.kept, i === 0 ? groups.length : groups.length - 1);
+          const { store: repaired } = await StateStore.open({ dir, limits });
+          const kept = groups.filter((_, g) => g !== i - 1);
+          assert.deepEqual(toSnapshot(repaired.state), modelOf(kept, SEQUENCE_SKIP));
+          await repaired.close();
+        } finally {
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+      },
+    ),
+    { numRuns: 150 },
   );
 });

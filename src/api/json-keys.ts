@@ -1,0 +1,64 @@
+/**
+ * Duplicate keys in JSON text. JSON.parse (and fastify's secure-json-parse on top of it) keeps the
+ * last of two equal keys, so `{"memory":"nope","memory":"ram0"}` would map ram0 while a reviewer of
+ * the body sees nope. Neither reports duplicates, so this scan does, on text JSON.parse accepted.
+ */
+
+type Frame = { keys: Set<string>; key: string | undefined } | { index: number };
+
+/** The field path (`ops[2].memory`) of the first key that repeats in its object, or undefined. */
+export function findDuplicateKey(text: string): string | undefined {
+  const stack: Frame[] = [];
+  let expectKey = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22 /* " */) {
+      const end = stringEnd(text, i);
+      const top = stack.at(-1);
+      if (expectKey && top && 'keys' in top) {
+        const raw = text.slice(i + 1, end);
+        const key = raw.includes('\\') ? (JSON.parse(text.slice(i, end + 1)) as string) : raw;
+        if (top.keys.has(key)) return pathOf(stack, key);
+        top.keys.add(key);
+        top.key = key;
+        expectKey = false;
+      }
+      i = end;
+    } else if (c === 0x7b /* { */) {
+      stack.push({ keys: new Set(), key: undefined });
+      expectKey = true;
+    } else if (c === 0x5b /* [ */) {
+      stack.push({ index: 0 });
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+      stack.pop();
+      expectKey = false;
+    } else if (c === 0x2c /* , */) {
+      const top = stack.at(-1);
+      if (top && 'index' in top) top.index++;
+      else expectKey = true;
+    }
+  }
+  return undefined;
+}
+
+/** Index of the quote closing the string that opens at `start`. */
+function stringEnd(text: string, start: number): number {
+  let i = start + 1;
+  for (;;) {
+    const quote = text.indexOf('"', i);
+    if (quote < 0) return text.length;
+    let backslashes = 0;
+    while (text.charCodeAt(quote - 1 - backslashes) === 0x5c) backslashes++;
+    if (backslashes % 2 === 0) return quote;
+    i = quote + 1;
+  }
+}
+
+function pathOf(stack: readonly Frame[], key: string): string {
+  let path = '';
+  for (const frame of stack.slice(0, -1)) {
+    if ('index' in frame) path += `[${frame.index}]`;
+    else path += path === '' ? frame.key : `.${frame.key}`;
+  }
+  return path === '' ? key : `${path}.${key}`;
+}
