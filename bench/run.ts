@@ -10,6 +10,7 @@ import { benchCodec } from './scenarios/codec.ts';
 import { benchDeviceApply } from './scenarios/device-apply.ts';
 import { benchE2e } from './scenarios/e2e.ts';
 import { benchGroupCommit } from './scenarios/group-commit.ts';
+import { benchHeadOfLine } from './scenarios/head-of-line.ts';
 import { benchPlanner } from './scenarios/planner.ts';
 import { benchRecovery } from './scenarios/recovery.ts';
 import { benchTable } from './scenarios/table.ts';
@@ -24,6 +25,7 @@ const SCENARIOS: Record<string, (ctx: BenchContext) => void | Promise<void>> = {
   e2e: benchE2e,
   'group-commit': benchGroupCommit,
   recovery: benchRecovery,
+  'head-of-line': benchHeadOfLine,
 };
 
 function formatNumber(v: number): string {

@@ -62,6 +62,12 @@ export function benchTable(ctx: BenchContext): void {
       'Map.delete',
       deleteBaseline,
     );
-    ctx.rows.push({ scenario: 'table', case: label, metric: 'heap/entry', value: heapPerEntry(n), unit: 'bytes' });
+    ctx.rows.push({
+      scenario: 'table',
+      case: label,
+      metric: 'heap/entry',
+      value: heapPerEntry(n),
+      unit: 'bytes',
+    });
   }
 }

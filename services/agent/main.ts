@@ -13,7 +13,7 @@ import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
-import { agentService, MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
+import { MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
 import type { AgentInfo, RegisterMemoryRequest } from '../../src/agent/wire.ts';
 import { openDevices } from '../../src/device/factory.ts';
 import type { Device } from '../../src/device/types.ts';
@@ -21,7 +21,7 @@ import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
 import { memoryDir } from '../../src/memory/allowlist.ts';
 import type { MemoryInfo, MemoryRegistry } from '../../src/memory/types.ts';
 import { type AgentConfig, ConfigError, parseAgentConfig, USAGE } from './config.ts';
-import { type AgentState, createHandlers, grpcImplementation } from './server.ts';
+import { type AgentState, createHandlers, grpcImplementation, servedAgentService } from './server.ts';
 import { prepareSocketPath, restrictSocket } from './socket.ts';
 
 export interface RunningAgent {
@@ -142,7 +142,7 @@ export async function startAgent(
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   });
   try {
-    server.addService(agentService, grpcImplementation(createHandlers(core), logger));
+    server.addService(servedAgentService, grpcImplementation(createHandlers(core), logger));
     await bind(server, address);
     restrictSocket(config.socketPath);
   } catch (err) {

@@ -11,6 +11,14 @@ import {
 } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { AgentError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
+import { agentService } from '../../src/agent/proto.ts';
+import {
+  deserializeInSlices,
+  mapInSlices,
+  SLICED_METHODS,
+  serializeInSlices,
+  withSlicedMethods,
+} from '../../src/agent/sliced-codec.ts';
 import {
   countersToWire,
   factsToWire,
@@ -112,9 +120,9 @@ export function createHandlers(state: AgentState): AgentHandlers {
     },
     async Apply(req) {
       const d = device(req.device);
-      const ops = req.ops.map((op, i) => opFromWire(op, `ops[${i}]`));
+      const ops = await mapInSlices(req.ops, (op, i) => opFromWire(op, `ops[${i}]`));
       const results = await d.apply(ops);
-      return { results: results.map(opResultToWire), bootId: info.bootId };
+      return { results: await mapInSlices(results, opResultToWire), bootId: info.bootId };
     },
     async ListMapped(req) {
       const d = device(req.device);
@@ -152,10 +160,32 @@ export function createHandlers(state: AgentState): AgentHandlers {
   };
 }
 
-/** The handlers as a grpc-js service implementation: errors become status + metadata. */
+/** The agent service as served: the methods of SLICED_METHODS take and give bytes (see below). */
+export const servedAgentService = withSlicedMethods(agentService);
+
+/**
+ * The handlers as a grpc-js implementation of servedAgentService: errors become status + metadata;
+ * the messages of SLICED_METHODS are decoded and encoded here, in slices.
+ */
 export function grpcImplementation(handlers: AgentHandlers, logger: Logger): UntypedServiceImplementation {
   const impl: UntypedServiceImplementation = {};
-  for (const [name, handler] of Object.entries(handlers) as [string, (req: unknown) => Promise<unknown>][]) {
+  for (const [name, plain] of Object.entries(handlers) as [string, (req: unknown) => Promise<unknown>][]) {
+    const sliced = SLICED_METHODS[name];
+    const def = agentService[name]!;
+    const handler = sliced
+      ? async (bytes: unknown) => {
+          const req = await deserializeInSlices(
+            def.requestDeserialize as (b: Buffer) => object,
+            bytes as Buffer,
+            sliced.request as never,
+          );
+          return serializeInSlices(
+            def.responseSerialize as (m: object) => Buffer,
+            (await plain(req)) as object,
+            sliced.response as never,
+          );
+        }
+      : plain;
     impl[name] = (call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => {
       handler(call.request).then(
         (response) => callback(null, response),

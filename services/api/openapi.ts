@@ -32,6 +32,14 @@ const mapping = {
   properties: { iova: u64, size: u64, memory: id, offset: u64, perm, asid },
 } as const;
 
+const listedMapping = {
+  type: 'object',
+  properties: {
+    ...mapping.properties,
+    missing: { type: 'boolean', description: 'Desired, but not on the device: its memory cannot be opened' },
+  },
+} as const;
+
 const iotlbOp = {
   type: 'object',
   description: 'One IOTLB message: update (all fields) or invalidate (asid, iova, size)',
@@ -72,6 +80,20 @@ const device = {
     ready: { type: 'boolean' },
     mappedBytes: u64,
     mappedEntries: { type: 'integer' },
+    degraded: {
+      type: 'array',
+      description: 'Memories the agent cannot open: their mappings are not on the device',
+      items: {
+        type: 'object',
+        properties: {
+          memory: id,
+          mappings: { type: 'integer' },
+          bytes: u64,
+          reason: { type: 'string' },
+          remedy: { type: 'string' },
+        },
+      },
+    },
     queueDepth: { type: 'integer' },
     counters: {
       type: 'object',
@@ -191,7 +213,12 @@ export const SCHEMAS = {
     ...operation('mappings', 'List mappings in IOVA order'),
     params: deviceParams,
     querystring: object({ asid }),
-    response: responses(200, 'The mappings', object({ mappings: mappingList }), READ_ERRORS),
+    response: responses(
+      200,
+      'The mappings (missing: desired, but its memory is unavailable)',
+      object({ mappings: { type: 'array', items: listedMapping } }),
+      READ_ERRORS,
+    ),
   },
   unmap: {
     ...operation(

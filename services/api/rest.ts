@@ -417,7 +417,11 @@ export async function buildRestApp(opts: RestOptions) {
   const probe = (name: string): RouteConfig => ({ name, probe: true });
   app.get('/healthz', { config: probe('Healthz'), schema: hidden }, async () => ({ status: 'ok' }));
   app.get('/readyz', { config: probe('Readyz'), schema: hidden }, async (request, reply) => {
-    if (service.isReady()) return { ready: true };
+    // Degraded devices serve every mapping but the missing ones: ready, and said so.
+    if (service.isReady()) {
+      const degraded = service.degraded();
+      return degraded.length === 0 ? { ready: true } : { ready: true, status: 'degraded', degraded };
+    }
     outcome.set(request, 'UNAVAILABLE');
     return reply.code(503).header('retry-after', '1').send({ ready: false });
   });

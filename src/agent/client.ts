@@ -26,6 +26,7 @@ import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
 import { AgentError, fromGrpcError } from './errors.ts';
 import { agentService, MAX_MESSAGE_BYTES } from './proto.ts';
+import { deserializeInSlices, mapInSlices, serializeInSlices, withSlicedMethods } from './sliced-codec.ts';
 import {
   type AgentInfo,
   type AgentOpResult,
@@ -91,6 +92,8 @@ export interface AgentClientEvents {
 
 type Phase = 'idle' | 'ready' | 'reconnecting' | 'lost' | 'closed';
 
+const slicedService = withSlicedMethods(agentService);
+
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 export class AgentClient extends EventEmitter<AgentClientEvents> {
@@ -151,13 +154,21 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return descriptionFromWire(await this.call<WireDeviceDescription>('DescribeDevice', { device }, opts));
   }
 
+  /** Coded in slices (sliced-codec.ts): a big table at one device leaves the event loop to the others. */
   async apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
-    const req = { device, ops: ops.map((op, i) => opToWire(op, `ops[${i}]`)) };
-    const res = await this.call<WireApplyResponse>('Apply', req, {
-      deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs,
-    });
+    const def = agentService['Apply'] as MethodDefinition<object, WireApplyResponse>;
+    const req = { device, ops: await mapInSlices(ops, (op, i) => opToWire(op, `ops[${i}]`)) };
+    const raw = await this.call<Buffer>(
+      'Apply',
+      await serializeInSlices(def.requestSerialize, req, 'ops'),
+      { deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs },
+      false,
+      true,
+    );
+    const res = await deserializeInSlices(def.responseDeserialize, raw, 'results');
     this.noteBootId(res.bootId);
-    return { results: res.results.map((r, i) => opResultFromWire(r, `results[${i}]`)), bootId: res.bootId };
+    const results = await mapInSlices(res.results, (r, i) => opResultFromWire(r, `results[${i}]`));
+    return { results, bootId: res.bootId };
   }
 
   async listMapped(device: string, opts?: CallOptions): Promise<MappedSnapshot> {
@@ -230,8 +241,15 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return { bootId: info.bootId, version: info.version, pid: info.pid };
   }
 
-  private call<Res>(method: string, req: object, opts?: CallOptions, waitForReady = false): Promise<Res> {
-    const def = agentService[method] as MethodDefinition<object, Res> | undefined;
+  /** `raw`: the request is already encoded and the answer is returned as bytes. */
+  private call<Res>(
+    method: string,
+    req: object,
+    opts?: CallOptions,
+    waitForReady = false,
+    raw = false,
+  ): Promise<Res> {
+    const def = (raw ? slicedService : agentService)[method] as MethodDefinition<object, Res> | undefined;
     if (def === undefined) throw new Error(`the agent protocol has no method ${method}`);
     const deadline = Date.now() + (opts?.deadlineMs ?? this.deadlineMs);
     const metadata = new Metadata();

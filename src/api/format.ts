@@ -8,6 +8,7 @@ import type {
   BatchResult,
   DeviceView,
   FlushResult,
+  ListedMapping,
   MapResult,
   MappingEvent,
   MemoryView,
@@ -18,7 +19,7 @@ import type {
 } from '../service/types.ts';
 import { formatU64 as hex } from './u64.ts';
 
-export function formatMapping(m: Mapping) {
+export function formatMapping(m: Mapping | ListedMapping) {
   return {
     iova: hex(m.iova),
     size: hex(m.size),
@@ -26,6 +27,7 @@ export function formatMapping(m: Mapping) {
     offset: hex(m.offset),
     perm: m.perm,
     asid: m.asid,
+    ...('missing' in m && m.missing ? { missing: true } : {}),
   };
 }
 
@@ -65,6 +67,13 @@ export function formatDevice(d: DeviceView) {
     ready: d.ready,
     mappedBytes: hex(d.mappedBytes),
     mappedEntries: d.mappedEntries,
+    degraded: d.degraded.map((m) => ({
+      memory: m.memory,
+      mappings: m.mappings,
+      bytes: hex(m.bytes),
+      reason: m.reason,
+      remedy: m.remedy,
+    })),
     queueDepth: d.queueDepth,
     counters: {
       messagesWritten: d.counters.messagesWritten,

@@ -1,11 +1,14 @@
 /**
  * The real transport: an open `/dev/vhost-vdpa-N`. ioctls go through koffi (src/sys/libc.ts);
  * each message is one `write()` of exactly 72 bytes (vhost_chr_write_iter reads one message per
- * call and returns its size).
+ * call and returns its size), made on the device's own writer thread (fd-writer.ts): a write the
+ * kernel blocks in (pinning, set_map) stalls this device only. ioctls (set-up, suspend, resume,
+ * reset) stay on the calling thread.
  */
 import fs from 'node:fs';
 import { ioctlBuffer, ioctlNoArg, SysError } from '../sys/libc.ts';
 import { VHOST_MSG_SIZE } from '../uapi/message.ts';
+import { FdWriteError, FdWriter } from './fd-writer.ts';
 import { TransportError, type VhostTransport } from './transport.ts';
 
 /**
@@ -24,6 +27,8 @@ export function openVhostVdpaFd(node: string): VhostTransport {
 
 class VhostVdpaFd implements VhostTransport {
   private fd: number | undefined;
+  /** Started on the first write: an fd used only for ioctls needs no thread. */
+  private writer: FdWriter | undefined;
 
   constructor(
     fd: number,
@@ -42,11 +47,12 @@ class VhostVdpaFd implements VhostTransport {
     }
   }
 
-  write(msg: Uint8Array): void {
+  async write(msg: Uint8Array): Promise<void> {
     const fd = this.open();
+    this.writer ??= new FdWriter(fd);
     let n: number;
     try {
-      n = fs.writeSync(fd, msg);
+      n = await this.writer.write(msg);
     } catch (e) {
       throw asTransportError(e, `${this.node}: write`);
     }
@@ -61,6 +67,7 @@ class VhostVdpaFd implements VhostTransport {
   close(): void {
     const fd = this.fd;
     this.fd = undefined;
+    this.writer?.stop();
     if (fd !== undefined) fs.closeSync(fd);
   }
 
@@ -78,6 +85,7 @@ class VhostVdpaFd implements VhostTransport {
 function asTransportError(e: unknown, what: string): TransportError {
   const kernelName = (name: string) => (name === 'ENOTSUP' ? 'EOPNOTSUPP' : name);
   if (e instanceof SysError) return new TransportError(kernelName(e.errno), `${what}: ${e.message}`);
+  if (e instanceof FdWriteError) return new TransportError(kernelName(e.code), `${what}: ${e.code}`);
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   if (typeof code === 'string') return new TransportError(kernelName(code), `${what}: ${code}`);
   throw e;

@@ -15,6 +15,7 @@ import {
   VHOST_ACCESS_RW,
   VHOST_ACCESS_WO,
 } from '../uapi/constants.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
 import { systemPageSize } from '../sys/libc.ts';
 import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
@@ -55,6 +56,14 @@ export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
 
 const U64_MAX = U64_LIMIT - 1n;
 const OK: OpResult = { ok: true };
+/**
+ * Ops applied between two turns of the event loop. Every device shares the agent's one event loop,
+ * so a long apply gives it back this often: another device's apply (and every RPC) waits at most
+ * one slice, not the whole table. The open batch and this device's order are unaffected: the
+ * device's calls are serialized, and the batch is state of this fd alone.
+ */
+const OPS_PER_SLICE = 256;
+
 const PERM_BITS = { ro: VHOST_ACCESS_RO, wo: VHOST_ACCESS_WO, rw: VHOST_ACCESS_RW } as const;
 
 export interface VhostVdpaDeviceInit {
@@ -247,10 +256,13 @@ export class VhostVdpaDevice implements Device {
       if (group) group.push(i);
       else groups.set(asid, [i]);
     });
+    let sliced = 0;
     for (const [asid, indexes] of groups) {
       let batchOpen = false;
       try {
         for (const i of indexes) {
+          if (sliced > 0 && sliced % OPS_PER_SLICE === 0) await nextTurn();
+          sliced++;
           const op = ops[i]!;
           const decision = this.guard.admit(op);
           if (decision.action !== 'write') {

@@ -39,6 +39,9 @@ export interface Metrics {
   mappedEntries: Gauge<'device'>;
   /** 1 once the device is reconciled and takes writes. */
   deviceReady: Gauge<'device'>;
+  /** Desired mappings the device does not hold because their memory cannot be opened, and those memories. */
+  degradedMappings: Gauge<'device'>;
+  degradedMemories: Gauge<'device'>;
   /** type (update|invalidate), result (ok|device_error|refused), errno ('' when ok). */
   ops: Counter<'type' | 'result' | 'errno'>;
   /** result: ok | failed. */
@@ -118,6 +121,18 @@ export function createMetrics(registry = new Registry()): Metrics {
     deviceReady: new Gauge({
       name: 'vdpa_mapd_device_ready',
       help: '1 when the device is reconciled and accepts writes',
+      labelNames: ['device'],
+      registers,
+    }),
+    degradedMappings: new Gauge({
+      name: 'vdpa_mapd_degraded_mappings',
+      help: 'Desired mappings the device does not hold because the agent cannot open their memory',
+      labelNames: ['device'],
+      registers,
+    }),
+    degradedMemories: new Gauge({
+      name: 'vdpa_mapd_degraded_memories',
+      help: 'Memories the agent cannot open that desired mappings of the device use',
       labelNames: ['device'],
       registers,
     }),

@@ -12,15 +12,21 @@
  * UNAVAILABLE. So an acknowledged change is always on disk, and a change that is not on disk was
  * never acknowledged (and is undone on the device).
  *
+ * Degraded: reconciliation may leave off the mappings of memory the agent cannot open (`missing`).
+ * The device is ready and takes every other write; those mappings stay desired and are counted
+ * per memory (the degraded gauges), and compensation never tries to put them back.
+ *
  * Readiness: the device takes writes only after it was reconciled with the agent. While it is not
  * ready, synchronous writes are refused at once with UNAVAILABLE (the caller retries, with the
  * same requestId); submitted requests, already journaled, stay queued and run once the device is
  * ready again; flushes wait for them up to their deadline.
  */
 import type { AddressSpaces } from '../iotlb/address-spaces.ts';
+import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../service/agent-port.ts';
 import { ServiceError } from '../service/errors.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 import type { FlushResult, MappingEvent } from '../service/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
@@ -32,6 +38,15 @@ import type { MemoryLookup } from './validate.ts';
 import { WorkingTables } from './working.ts';
 
 export const NOT_READY_RETRY_AFTER_MS = 1000;
+
+/** The desired mappings of one memory that the device does not hold. */
+export interface MissingMappings {
+  memory: string;
+  /** Why they were left off (the agent's refusal to open the memory). */
+  reason: string;
+  mappings: number;
+  bytes: bigint;
+}
 
 export interface DeviceQueueOptions {
   device: string;
@@ -65,6 +80,8 @@ export class DeviceQueue {
   private notReadyReason = 'it has not been reconciled with the agent yet';
   private nextSequence: bigint;
   private lastGroupMs = 0;
+  /** Memories whose desired mappings the device does not hold, with why (from reconciliation). */
+  private missingMemory: ReadonlyMap<string, string> = new Map();
 
   constructor(private readonly opts: DeviceQueueOptions) {
     const stored = opts.store.state.devices.get(opts.device);
@@ -96,6 +113,31 @@ export class DeviceQueue {
 
   get depth(): number {
     return this.entries.length;
+  }
+
+  /** Memories whose mappings reconciliation left off the device. */
+  get missingMemories(): readonly string[] {
+    return [...this.missingMemory.keys()];
+  }
+
+  /** Whether the device holds `m` as far as the queue knows (false for a missing mapping). */
+  held(m: Pick<Mapping, 'memory'>): boolean {
+    return !this.missingMemory.has(m.memory);
+  }
+
+  /** The missing mappings, per memory, counted in the working tables (what is desired now). */
+  missing(): MissingMappings[] {
+    if (this.missingMemory.size === 0 || this.work === undefined) return [];
+    const out = new Map<string, MissingMappings>();
+    for (const [memory, reason] of this.missingMemory)
+      out.set(memory, { memory, reason, mappings: 0, bytes: 0n });
+    for (const m of this.work.spaces.mappings()) {
+      const entry = out.get(m.memory);
+      if (!entry) continue;
+      entry.mappings++;
+      entry.bytes += m.size;
+    }
+    return [...out.values()].filter((e) => e.mappings > 0);
   }
 
   allocateSequence(): bigint {
@@ -179,12 +221,17 @@ export class DeviceQueue {
     });
   }
 
-  /** The device matches `tables` at agent `bootId`: writes may flow. Call from an exclusive task. */
-  setReady(tables: AddressSpaces, bootId: string): void {
+  /**
+   * The device matches `tables` at agent `bootId`, except for the mappings into the memories of
+   * `missing`: writes may flow. Call from an exclusive task.
+   */
+  setReady(tables: AddressSpaces, bootId: string, missing: ReadonlyMap<string, string> = new Map()): void {
     this.work = new WorkingTables(tables);
     this.bootId = bootId;
+    this.missingMemory = missing;
     this.isReady = true;
     this.publishState();
+    this.publishMissing();
     this.kick();
   }
 
@@ -225,6 +272,16 @@ export class DeviceQueue {
     const { metrics, device } = this.opts;
     metrics.queueDepth.set({ device }, this.entries.length);
     metrics.deviceReady.set({ device }, this.isReady ? 1 : 0);
+  }
+
+  private publishMissing(): void {
+    const { metrics, device } = this.opts;
+    const missing = this.missing();
+    metrics.degradedMemories.set({ device }, missing.length);
+    metrics.degradedMappings.set(
+      { device },
+      missing.reduce((n, m) => n + m.mappings, 0),
+    );
   }
 
   private kick(): void {
@@ -306,6 +363,7 @@ export class DeviceQueue {
         bootId: this.bootId,
         metrics,
         quota: this.opts.quota ?? {},
+        held: (m) => this.held(m),
       },
       live,
     );
@@ -315,6 +373,8 @@ export class DeviceQueue {
       return;
     }
 
+    // Each stage of a big group is long: others' requests get a turn between them.
+    await nextTurn();
     const byEntry = new Map<WriteEntry, Step[]>(live.map((e) => [e, []]));
     for (const s of run.steps) byEntry.get(s.entry)!.push(s);
     const outcomes = live.map((e) => outcomeOf(e, byEntry.get(e)!));
@@ -325,6 +385,7 @@ export class DeviceQueue {
             .changes(s.mark, s.end)
             .map((c): MappingEvent => ({ device, ...c, sequence: s.entry.sequence })),
     );
+    await nextTurn();
     try {
       await this.opts.store.commit(this.changesOf(run, live, byEntry, outcomes));
     } catch (e) {
@@ -335,6 +396,7 @@ export class DeviceQueue {
     work.settle();
     metrics.mappedBytes.set({ device }, Number(work.spaces.bytes));
     metrics.mappedEntries.set({ device }, work.spaces.count);
+    if (this.missingMemory.size > 0) this.publishMissing();
     if (events.length > 0) this.opts.onApplied(events);
     live.forEach((e, i) => {
       e.settle(outcomes[i]!);

@@ -15,7 +15,7 @@
  * nothing of it was acknowledged, and reconciliation puts the device back to the desired state.
  */
 import type { AgentOpResult } from '../agent/wire.ts';
-import type { IotlbOp } from '../iotlb/types.ts';
+import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../service/agent-port.ts';
 import { ServiceError } from '../service/errors.ts';
@@ -35,6 +35,8 @@ export interface GroupContext {
   bootId: string;
   metrics: Metrics;
   quota: Quota;
+  /** Whether the device holds a desired mapping (false for one left off: its memory is unavailable). */
+  held?: (m: Mapping) => boolean;
 }
 
 export interface Step {
@@ -62,7 +64,9 @@ async function compensate(ctx: GroupContext): Promise<void> {
     throw notDone(ctx.device, `cannot read the mappings back after a refused op (${(e as Error).message})`);
   }
   if (snapshot.bootId !== ctx.bootId) throw notDone(ctx.device, 'the agent restarted');
-  const ops = planConverge(snapshot.mappings, ctx.work.spaces.mappings());
+  const held = ctx.held;
+  const wanted = ctx.work.spaces.mappings();
+  const ops = planConverge(snapshot.mappings, held ? wanted.filter(held) : wanted);
   if (ops.length === 0) return;
   const refused = (await applyAtAgent(ctx, ops)).find((r) => !r.ok);
   if (refused && !refused.ok) {
@@ -92,14 +96,14 @@ function refusal(ctx: GroupContext, step: Step, opIndex: number, r: AgentOpResul
   );
 }
 
-function validate(ctx: GroupContext, step: Step): void {
+async function validate(ctx: GroupContext, step: Step): Promise<void> {
   step.mark = ctx.work.mark();
   step.plan = undefined;
   step.error = undefined;
   step.refusedOp = undefined;
   const before = usageOf(ctx.work.spaces);
   try {
-    step.plan = applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
+    step.plan = await applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
     const { request } = step.entry;
     const field = request.kind === 'batch' && !request.atomic ? `ops[${step.index}]` : undefined;
     const over = quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), field);
@@ -151,13 +155,13 @@ export async function runGroup(ctx: GroupContext, entries: readonly WriteEntry[]
       const round = steps.slice(from);
       const ops: IotlbOp[] = [];
       const owner: { step: number; op: number }[] = [];
-      round.forEach((step, k) => {
-        validate(ctx, step);
+      for (const [k, step] of round.entries()) {
+        await validate(ctx, step);
         step.plan?.ops.forEach((op, i) => {
           ops.push(op);
           owner.push({ step: from + k, op: i });
         });
-      });
+      }
       if (ops.length === 0) break;
       const results = await applyAtAgent(ctx, ops);
       const first = results.findIndex((r) => !r.ok);

@@ -26,12 +26,15 @@ import type {
   UnmapSpec,
 } from '../service/types.ts';
 import type { WriteRequest } from './types.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 import type { WorkingTables } from './working.ts';
 
 /** The desired memory a request may map. */
 export interface MemoryLookup {
   /** Size of memory `id`, or undefined when it is not registered (or is being unregistered). */
   sizeOf(id: string): bigint | undefined;
+  /** Why registered memory `id` cannot be mapped now (the agent cannot open it), if it cannot. */
+  unavailable?(id: string): string | undefined;
 }
 
 /** A validated unit: its ops, and its answer if the device applies them all. */
@@ -134,11 +137,17 @@ function withAsid(regions: readonly Region[], asid: number): Mapping[] {
   return regions.map((r) => ({ asid, ...r }));
 }
 
-function applyPlan(work: WorkingTables, plan: Plan): void {
-  for (const op of plan.ops) work.apply(op);
+/** Ops applied to the working tables between two turns of the event loop (a table of 65,536). */
+const OPS_PER_SLICE = 2048;
+
+async function applyPlan(work: WorkingTables, plan: Plan): Promise<void> {
+  for (let i = 0; i < plan.ops.length; i++) {
+    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
+    work.apply(plan.ops[i]!);
+  }
 }
 
-function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
+async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise<UnmapResult> {
   checkAsid(work, spec.asid, at);
   let plan: Plan;
   try {
@@ -154,7 +163,7 @@ function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
       { field: fieldAt(at, 'iova') },
     );
   }
-  applyPlan(work, plan);
+  await applyPlan(work, plan);
   return {
     removed: withAsid(plan.invalidated, spec.asid),
     remapped: withAsid(plan.mapped, spec.asid),
@@ -163,12 +172,12 @@ function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): UnmapResult {
 }
 
 /** Validates a whole target table and applies the plan that gets there (same planner as reconcile). */
-export function applySetMemTable(
+export async function applySetMemTable(
   work: WorkingTables,
   memory: MemoryLookup,
   asid: number,
   regions: readonly Region[],
-): SetMemTableResult {
+): Promise<SetMemTableResult> {
   checkAsid(work, asid, TOP);
   let target: Region[];
   try {
@@ -180,7 +189,7 @@ export function applySetMemTable(
     checkMemory(memory, r, atRegion(i));
   });
   const plan = diffSorted([...work.spaces.table(asid).entries()], target, asid);
-  applyPlan(work, plan);
+  await applyPlan(work, plan);
   return {
     dryRun: false,
     ops: plan.ops,
@@ -190,11 +199,59 @@ export function applySetMemTable(
   };
 }
 
-function applyBatchOp(work: WorkingTables, memory: MemoryLookup, op: BatchOp, at: At): IotlbOp[] {
+async function applyBatchOp(
+  work: WorkingTables,
+  memory: MemoryLookup,
+  op: BatchOp,
+  at: At,
+): Promise<IotlbOp[]> {
   if (op.op === 'map') return applyMap(work, memory, op, at).ops;
-  if (op.op === 'unmap') return applyUnmap(work, op, at).ops;
+  if (op.op === 'unmap') return (await applyUnmap(work, op, at)).ops;
   throw new ServiceError('INVALID_ARGUMENT', `${at.label}op must be map or unmap`, {
     field: fieldAt(at, 'op'),
+  });
+}
+
+/** The request field of the unit that asked for `op`, an UPDATE (for an error naming it). */
+function fieldOfUpdate(request: WriteRequest, index: number, plan: StepPlan, opIndex: number): string {
+  switch (request.kind) {
+    case 'map':
+      return 'memory';
+    case 'unmap':
+      return 'iova';
+    case 'setMemTable': {
+      const op = plan.ops[opIndex]!;
+      const i = request.regions.findIndex(
+        (r) => op.type === 'update' && r.iova === op.iova && r.memory === op.memory,
+      );
+      return i < 0 ? 'regions' : `regions[${i}].memory`;
+    }
+    case 'batch': {
+      const i = request.atomic ? batchOpAt(plan.opStarts ?? [], opIndex) : index;
+      return `ops[${i}].${request.ops[i]?.op === 'map' ? 'memory' : 'iova'}`;
+    }
+  }
+}
+
+/**
+ * Every UPDATE a unit sends must be into memory the agent holds: one whose file cannot be opened
+ * again is refused by name (mappings already in it stay desired; unmapping them needs no memory).
+ */
+function checkAvailable(memory: MemoryLookup, request: WriteRequest, index: number, plan: StepPlan): void {
+  if (memory.unavailable === undefined) return;
+  plan.ops.forEach((op, i) => {
+    if (op.type !== 'update') return;
+    const why = memory.unavailable!(op.memory);
+    if (why === undefined) return;
+    const field = fieldOfUpdate(request, index, plan, i);
+    // An unmap asks for an UPDATE only to map again the rest of a mapping it covers in part.
+    const split = field === 'iova' || field.endsWith('.iova');
+    const hint = split ? ': unmapping part of one of its mappings maps the rest again; unmap it whole' : '';
+    throw new ServiceError(
+      'FAILED_PRECONDITION',
+      `memory ${op.memory} is unavailable at the agent (${why})${hint}`,
+      { field },
+    );
   });
 }
 
@@ -202,46 +259,58 @@ function applyBatchOp(work: WorkingTables, memory: MemoryLookup, op: BatchOp, at
  * Validates one unit and applies its ops to `work`: the whole request, or op `index` of a
  * non-atomic batch. Throws ServiceError with nothing left applied.
  */
-export function applyStep(
+export async function applyStep(
   work: WorkingTables,
   memory: MemoryLookup,
   request: WriteRequest,
   index: number,
-): StepPlan {
+): Promise<StepPlan> {
   const mark = work.mark();
   try {
-    switch (request.kind) {
-      case 'map': {
-        const answer = applyMap(work, memory, request.spec, TOP);
-        return { ops: answer.ops, answer };
-      }
-      case 'unmap': {
-        const answer = applyUnmap(work, request.spec, TOP);
-        return { ops: answer.ops, answer };
-      }
-      case 'setMemTable': {
-        const answer = applySetMemTable(work, memory, request.asid, request.regions);
-        return { ops: answer.ops, answer };
-      }
-      case 'batch': {
-        if (!request.atomic) {
-          const ops = applyBatchOp(work, memory, request.ops[index]!, atOp(index));
-          return { ops, answer: { ok: true, ops } };
-        }
-        const opStarts: number[] = [];
-        const ops: IotlbOp[] = [];
-        const results: BatchOpResult[] = request.ops.map((op, i) => {
-          opStarts.push(ops.length);
-          const own = applyBatchOp(work, memory, op, atOp(i));
-          ops.push(...own);
-          return { ok: true, ops: own };
-        });
-        return { ops, opStarts, answer: { atomic: true, committed: true, results } };
-      }
-    }
+    const plan = await planStep(work, memory, request, index);
+    checkAvailable(memory, request, index, plan);
+    return plan;
   } catch (e) {
     work.rollback(mark);
     throw e;
+  }
+}
+
+async function planStep(
+  work: WorkingTables,
+  memory: MemoryLookup,
+  request: WriteRequest,
+  index: number,
+): Promise<StepPlan> {
+  switch (request.kind) {
+    case 'map': {
+      const answer = applyMap(work, memory, request.spec, TOP);
+      return { ops: answer.ops, answer };
+    }
+    case 'unmap': {
+      const answer = await applyUnmap(work, request.spec, TOP);
+      return { ops: answer.ops, answer };
+    }
+    case 'setMemTable': {
+      const answer = await applySetMemTable(work, memory, request.asid, request.regions);
+      return { ops: answer.ops, answer };
+    }
+    case 'batch': {
+      if (!request.atomic) {
+        const ops = await applyBatchOp(work, memory, request.ops[index]!, atOp(index));
+        return { ops, answer: { ok: true, ops } };
+      }
+      const opStarts: number[] = [];
+      const ops: IotlbOp[] = [];
+      const results: BatchOpResult[] = [];
+      for (const [i, op] of request.ops.entries()) {
+        opStarts.push(ops.length);
+        const own = await applyBatchOp(work, memory, op, atOp(i));
+        ops.push(...own);
+        results.push({ ok: true, ops: own });
+      }
+      return { ops, opStarts, answer: { atomic: true, committed: true, results } };
+    }
   }
 }
 

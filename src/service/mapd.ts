@@ -18,9 +18,8 @@ import { AgentClient } from '../agent/client.ts';
 import type { AgentInfo } from '../agent/wire.ts';
 import { type DeviceCounters, type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
-import type { Mapping } from '../iotlb/types.ts';
 import { createMetrics, type Metrics } from '../metrics/metrics.ts';
-import { DeviceQueue } from '../queue/device-queue.ts';
+import { DeviceQueue, type MissingMappings } from '../queue/device-queue.ts';
 import { type QuotaConfig, quotaError, quotaOf } from '../queue/quota.ts';
 import type { Outcome, WriteAnswer, WriteEntry, WriteRequest } from '../queue/types.ts';
 import { applySetMemTable } from '../queue/validate.ts';
@@ -33,7 +32,7 @@ import { fromAgentError } from './agent-errors.ts';
 import { ServiceError } from './errors.ts';
 import { Idempotency, recordOf } from './idempotency.ts';
 import type { CoreLogger } from './logger.ts';
-import { MemoryCatalog } from './memory.ts';
+import { MemoryCatalog, memoryRemedy } from './memory.ts';
 import { reconcileDevice } from './reconcile.ts';
 import { batchOpsOf, mapSpecOf, memoriesOf, regionsOf, unmapSpecOf } from './requests.ts';
 import { AgentSupervisor } from './supervisor.ts';
@@ -42,6 +41,7 @@ import type {
   BatchResult,
   DeviceView,
   FlushResult,
+  ListedMapping,
   MapdService,
   MappingEvent,
   MapRequest,
@@ -130,7 +130,15 @@ class Mapd implements MapdCore {
   ) {
     this.port = measuredPort(rawPort, metrics);
     this.idempotency = new Idempotency(store);
-    this.memory = new MemoryCatalog(store, this.port, () => this.supervisor.up, opts.logger);
+    this.memory = new MemoryCatalog(
+      store,
+      this.port,
+      () => this.supervisor.up,
+      opts.logger,
+      () => {
+        void this.supervisor.sync();
+      },
+    );
     this.hub = new WatchHub(opts.logger, opts.watchHistory);
     this.supervisor = new AgentSupervisor({
       port: rawPort,
@@ -240,9 +248,11 @@ class Mapd implements MapdCore {
 
   // ---- reads ----
 
-  async listMappings(device: string, asid?: number): Promise<Mapping[]> {
-    this.existing(device);
-    return sortedMappings(this.store.state.devices.get(device), asid);
+  async listMappings(device: string, asid?: number): Promise<ListedMapping[]> {
+    const { queue } = this.existing(device);
+    const all = sortedMappings(this.store.state.devices.get(device), asid);
+    if (queue.missingMemories.length === 0) return all;
+    return all.map((m) => (queue.held(m) ? m : { ...m, missing: true }));
   }
 
   watch(device: string | undefined, listener: (e: MappingEvent) => void, fromSequence?: bigint) {
@@ -272,6 +282,12 @@ class Mapd implements MapdCore {
   isReady(): boolean {
     if (!this.supervisor.up || !this.listed) return false;
     return [...this.slots.values()].every((s) => !s.present || s.queue.ready);
+  }
+
+  degraded(): { device: string; memory: string; mappings: number }[] {
+    return [...this.slots.values()].flatMap((s) =>
+      s.queue.missing().map((m) => ({ device: s.name, memory: m.memory, mappings: m.mappings })),
+    );
   }
 
   reconcile(): Promise<void> {
@@ -328,7 +344,11 @@ class Mapd implements MapdCore {
   }
 
   /** Plans against the acknowledged desired state; changes nothing. */
-  private dryRun(device: string, asid: number, regions: SetMemTableRequest['regions']): SetMemTableResult {
+  private async dryRun(
+    device: string,
+    asid: number,
+    regions: SetMemTableRequest['regions'],
+  ): Promise<SetMemTableResult> {
     const slot = this.existing(device);
     if (!slot.facts) throw this.unknownDevice(device);
     const spaces = new AddressSpaces(slot.facts.asNum, slot.facts.iovaRange, pinPageSize(slot.facts));
@@ -345,7 +365,7 @@ class Mapd implements MapdCore {
     }
     const usage = () => ({ bytes: others.bytes + spaces.bytes, entries: others.entries + spaces.count });
     const before = usage();
-    const result = applySetMemTable(new WorkingTables(spaces), this.memory, asid, regions);
+    const result = await applySetMemTable(new WorkingTables(spaces), this.memory, asid, regions);
     const over = quotaError(device, quotaOf(this.opts.quotas, device), before, usage());
     if (over) throw over;
     return { ...result, dryRun: true };
@@ -415,15 +435,21 @@ class Mapd implements MapdCore {
     let mappedBytes = 0n;
     let mappedEntries = 0;
     for (const m of this.store.state.devices.get(slot.name)?.mappings.values() ?? []) {
+      if (!slot.queue.held(m)) continue;
       mappedBytes += m.size;
       mappedEntries++;
     }
+    const degraded = slot.queue.missing().map((m) => ({
+      ...m,
+      remedy: memoryRemedy(m.memory, this.store.state.memory.get(m.memory)?.path ?? '(unknown path)'),
+    }));
     return {
       ...slot.facts!,
       id: slot.name,
       ready: slot.queue.ready,
       mappedBytes,
       mappedEntries,
+      degraded,
       queueDepth: slot.queue.depth,
       counters: slot.counters,
     };
@@ -461,23 +487,29 @@ class Mapd implements MapdCore {
     const summary = { bootId: info.bootId, devices: slots.length, ready: slots.length - notReady.length };
     if (notReady.length === 0) this.opts.logger?.info(summary, 'agent link reconciled');
     else this.opts.logger?.warn({ ...summary, notReady }, 'agent link reconciled in part');
-    return results.every(Boolean);
+    // While some memory is unavailable, passes go on (with backoff) to try it again.
+    return results.every(Boolean) && !this.memory.degraded;
   }
 
   private reconcileSlot(slot: Slot, bootId: string): Promise<boolean> {
     return slot.queue.exclusive(async () => {
-      if (slot.queue.ready && slot.queue.reconciledWith === bootId) return true;
-      slot.queue.setNotReady('it is being reconciled with the agent');
+      const { queue } = slot;
+      const back = queue.missingMemories.filter((id) => this.memory.unavailable(id) === undefined);
+      if (queue.ready && queue.reconciledWith === bootId && back.length === 0) return true;
+      const before = queue.missing();
+      queue.setNotReady('it is being reconciled with the agent');
       try {
         const desired = sortedMappings(this.store.state.devices.get(slot.name));
-        const { tables, ops } = await reconcileDevice({
+        const { tables, ops, missing } = await reconcileDevice({
           port: this.port,
           facts: slot.facts!,
           desired,
           bootId,
           metrics: this.metrics,
+          unavailable: (id) => this.memory.unavailable(id),
         });
-        slot.queue.setReady(tables, bootId);
+        queue.setReady(tables, bootId, missing);
+        this.logMissing(slot.name, before, queue.missing());
         this.metrics.reconciliations.inc({ result: 'ok' });
         this.metrics.mappedBytes.set({ device: slot.name }, Number(tables.bytes));
         this.metrics.mappedEntries.set({ device: slot.name }, tables.count);
@@ -491,6 +523,31 @@ class Mapd implements MapdCore {
         return false;
       }
     });
+  }
+
+  /** Says once per change which memories' mappings a device lacks, and when they are back. */
+  private logMissing(device: string, before: MissingMappings[], after: MissingMappings[]): void {
+    const now = new Map(after.map((m) => [m.memory, m]));
+    for (const m of after) {
+      const was = before.find((b) => b.memory === m.memory);
+      if (was && was.reason === m.reason && was.mappings === m.mappings) continue;
+      const path = this.store.state.memory.get(m.memory)?.path ?? '(unknown path)';
+      this.opts.logger?.warn(
+        {
+          device,
+          memory: m.memory,
+          mappings: m.mappings,
+          err: m.reason,
+          remedy: memoryRemedy(m.memory, path),
+        },
+        'device degraded: mappings of an unavailable memory are not restored',
+      );
+    }
+    for (const m of before) {
+      if (!now.has(m.memory)) {
+        this.opts.logger?.info({ device, memory: m.memory, mappings: m.mappings }, 'mappings restored');
+      }
+    }
   }
 }
 

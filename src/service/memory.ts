@@ -5,6 +5,11 @@
  * that was registered by path (the API creates only file-backed memory: a memfd would not outlive
  * the agent).
  *
+ * A desired memory the agent cannot open again (the file is gone, or swapped for a symlink out of
+ * its allowed roots) is *unavailable*: only the mappings that use it are left off the devices (see
+ * reconcile.ts), new writes that need it are refused, and each pass tries it again. Registering it
+ * again with the same path (once the operator restored the file) brings it back at once.
+ *
  * Registering and unregistering need the agent (UNAVAILABLE while it is down) and run one at a
  * time. A memory referenced by a queued request is pinned, and one being unregistered is hidden
  * from validation, so an unregister can never race a map into it.
@@ -24,9 +29,19 @@ function recordOf(info: MemoryInfo): Omit<MemoryRecord, 'registeredAt'> {
   return { id: info.id, path: info.path, kind: info.kind, created: info.created, size: info.size };
 }
 
+/** What the operator can do about an unavailable memory. */
+export function memoryRemedy(id: string, path: string): string {
+  return (
+    `restore ${path} as a regular file under the agent's allowed roots and register memory ${id} ` +
+    'again with that path, or unmap every mapping of it and unregister it'
+  );
+}
+
 export class MemoryCatalog implements MemoryLookup {
   private readonly pins = new Map<string, number>();
   private readonly removing = new Set<string>();
+  /** Desired memory the agent could not register again, with why. */
+  private readonly unreachable = new Map<string, string>();
   private lock: Promise<unknown> = Promise.resolve();
 
   constructor(
@@ -34,10 +49,22 @@ export class MemoryCatalog implements MemoryLookup {
     private readonly port: AgentPort,
     private readonly agentUp: () => boolean,
     private readonly logger: CoreLogger | undefined,
+    /** An unavailable memory was registered again: its mappings can be restored. */
+    private readonly onRestored: () => void = () => undefined,
   ) {}
 
   sizeOf(id: string): bigint | undefined {
     return this.removing.has(id) ? undefined : this.store.state.memory.get(id)?.size;
+  }
+
+  /** Why desired memory `id` is not open at the agent; undefined when it is (or is not desired). */
+  unavailable(id: string): string | undefined {
+    return this.unreachable.get(id);
+  }
+
+  /** Whether any desired memory is unavailable (a pass should try it again later). */
+  get degraded(): boolean {
+    return this.unreachable.size > 0;
   }
 
   /** Marks `ids` as used by a queued request; returns the release. */
@@ -73,8 +100,20 @@ export class MemoryCatalog implements MemoryLookup {
           },
         );
       }
-      if (this.store.state.memory.has(req.id)) {
-        throw new ServiceError('ALREADY_EXISTS', `memory ${req.id} is already registered`, { field: 'id' });
+      const known = this.store.state.memory.get(req.id);
+      if (known && this.unreachable.has(req.id) && req.path === known.path) {
+        this.requireAgent();
+        await this.reopen(known);
+        this.onRestored();
+        return this.view(known);
+      }
+      if (known) {
+        const hint = this.unreachable.has(req.id)
+          ? ` (it is unavailable: register it again with its path ${known.path})`
+          : '';
+        throw new ServiceError('ALREADY_EXISTS', `memory ${req.id} is already registered${hint}`, {
+          field: 'id',
+        });
       }
       this.requireAgent();
       const agentReq: AgentRegisterRequest =
@@ -131,6 +170,7 @@ export class MemoryCatalog implements MemoryLookup {
           if (err.code !== 'NOT_FOUND') throw err;
         });
         await this.store.commit([{ t: 'memory.delete', id }]);
+        this.markAvailable(id);
       } finally {
         this.removing.delete(id);
       }
@@ -148,22 +188,15 @@ export class MemoryCatalog implements MemoryLookup {
       const held = new Map((await this.port.listMemory()).map((m) => [m.id, m]));
       for (const want of this.store.state.memory.values()) {
         const have = held.get(want.id);
-        if (have && have.path === want.path && have.size === want.size) continue;
+        if (have && have.path === want.path && have.size === want.size) {
+          this.markAvailable(want.id);
+          continue;
+        }
         try {
           if (have) await this.port.releaseMemory(want.id);
-          const info = await this.port.registerMemory({ id: want.id, path: want.path });
-          if (info.size !== want.size) {
-            this.logger?.warn(
-              { memory: want.id, want: String(want.size), got: String(info.size) },
-              'memory size changed',
-            );
-          }
-        } catch (e) {
-          // The devices mapping it will fail to reconcile and say why; the others go on.
-          this.logger?.warn(
-            { memory: want.id, err: fromAgentError(e, 'register').message },
-            'memory not restored',
-          );
+          await this.reopen(want);
+        } catch {
+          // Marked unavailable: only the mappings that use it are left off their devices.
         }
       }
       for (const m of held.values()) {
@@ -175,6 +208,46 @@ export class MemoryCatalog implements MemoryLookup {
         );
       }
     });
+  }
+
+  /** Registers desired memory `want` again by its path; marks it unavailable (and throws) if it cannot. */
+  private async reopen(want: MemoryRecord): Promise<void> {
+    let info: MemoryInfo;
+    try {
+      info = await this.port.registerMemory({ id: want.id, path: want.path });
+    } catch (e) {
+      const err = fromAgentError(e, `registering memory ${want.id} again`);
+      if (err.code !== 'UNAVAILABLE') this.markUnavailable(want, err.message);
+      throw err;
+    }
+    if (info.size !== want.size) {
+      this.logger?.warn(
+        { memory: want.id, want: String(want.size), got: String(info.size) },
+        'memory size changed',
+      );
+    }
+    this.markAvailable(want.id);
+  }
+
+  /** Logged once per change of state (or of reason), not on every retry. */
+  private markUnavailable(want: MemoryRecord, reason: string): void {
+    if (this.unreachable.get(want.id) === reason) return;
+    this.unreachable.set(want.id, reason);
+    this.logger?.warn(
+      {
+        memory: want.id,
+        path: want.path,
+        mappings: this.store.state.memoryUse.get(want.id) ?? 0,
+        err: reason,
+        remedy: memoryRemedy(want.id, want.path),
+      },
+      'memory unavailable: its mappings are not restored',
+    );
+  }
+
+  private markAvailable(id: string): void {
+    if (!this.unreachable.delete(id)) return;
+    this.logger?.info({ memory: id }, 'memory available again');
   }
 
   private requireAgent(): void {

@@ -21,6 +21,8 @@ export interface ReconcileInput {
   desired: readonly Mapping[];
   bootId: string;
   metrics: Metrics;
+  /** Why a memory cannot be mapped now (the agent does not hold it), if it cannot. */
+  unavailable?: (memory: string) => string | undefined;
 }
 
 export interface Reconciled {
@@ -28,6 +30,8 @@ export interface Reconciled {
   tables: AddressSpaces;
   /** Ops it took. */
   ops: number;
+  /** Memories whose desired mappings were left off the device, with why. */
+  missing: Map<string, string>;
 }
 
 async function mapped(input: ReconcileInput): Promise<Mapping[]> {
@@ -62,7 +66,15 @@ export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled
     tables.apply(op);
   }
 
-  const ops = planConverge(await mapped(input), desired);
+  const missing = new Map<string, string>();
+  const restorable = desired.filter((m) => {
+    const why = missing.get(m.memory) ?? input.unavailable?.(m.memory);
+    if (why === undefined) return true;
+    missing.set(m.memory, why);
+    return false;
+  });
+
+  const ops = planConverge(await mapped(input), restorable);
   if (ops.length > 0) {
     let results: Awaited<ReturnType<typeof applyAtAgent>>;
     try {
@@ -81,12 +93,12 @@ export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled
       });
     }
   }
-  const left = planConverge(await mapped(input), desired);
+  const left = planConverge(await mapped(input), restorable);
   if (left.length > 0) {
     throw new ServiceError(
       'INTERNAL',
       `${device} still differs from the desired state by ${left.length} op(s)`,
     );
   }
-  return { tables, ops: ops.length };
+  return { tables, ops: ops.length, missing };
 }

@@ -112,12 +112,29 @@ export interface WatchSubscription {
   close(): void;
 }
 
+/** Desired mappings of one memory that the device does not hold: the agent cannot open the memory. */
+export interface DegradedMemory {
+  memory: string;
+  mappings: number;
+  bytes: bigint;
+  /** Why the agent cannot open it. */
+  reason: string;
+  /** What the operator can do. */
+  remedy: string;
+}
+
+/** A desired mapping; `missing` when the device does not hold it (see DegradedMemory). */
+export type ListedMapping = Mapping & { missing?: true };
+
 export interface DeviceView extends DeviceFacts {
   id: string;
   /** false until reconciliation after a (re)start or an agent restart is done. */
   ready: boolean;
+  /** Desired mappings the device holds (missing ones are counted in `degraded`). */
   mappedBytes: bigint;
   mappedEntries: number;
+  /** Memories whose mappings the device does not hold; empty when nothing is missing. */
+  degraded: DegradedMemory[];
   queueDepth: number;
   counters: DeviceCounters;
 }
@@ -150,7 +167,7 @@ export interface MapdService {
   /** Durably queues the ops and returns at once; their outcome is reported by flush(). */
   submit(req: BatchRequest): Promise<SubmitResult>;
   flush(device: string): Promise<FlushResult>;
-  listMappings(device: string, asid?: number): Promise<Mapping[]>;
+  listMappings(device: string, asid?: number): Promise<ListedMapping[]>;
   /**
    * Calls `listener` for every applied change to `device` (undefined: every device). With
    * `fromSequence` (one device only) the kept events after it come in `replay`; FAILED_PRECONDITION
@@ -164,7 +181,12 @@ export interface MapdService {
   registerMemory(req: RegisterMemoryRequest): Promise<MemoryView>;
   listMemory(): Promise<MemoryView[]>;
   unregisterMemory(id: string): Promise<void>;
-  /** Ready = agent connected and every device reconciled. */
+  /**
+   * Ready = agent connected and every device reconciled. A degraded device (some memory cannot be
+   * opened) is ready: it serves every other mapping.
+   */
   isReady(): boolean;
+  /** The devices missing mappings, per memory (for /readyz). */
+  degraded(): { device: string; memory: string; mappings: number }[];
   close(): Promise<void>;
 }

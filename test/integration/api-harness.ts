@@ -47,8 +47,11 @@ export interface Agent {
 
 const AGENT_LOG_LINES = 1000;
 
+/** The devices spawnAgent opens unless told otherwise. */
+const AGENT_DEVICES = ['sim:vdpa0', 'sim:vdpa1,iommu=onchip'];
+
 /** Spawns services/agent/main.ts and waits for its "agent serving" log line. */
-export async function spawnAgent(dir: string): Promise<Agent> {
+export async function spawnAgent(dir: string, devices: readonly string[] = AGENT_DEVICES): Promise<Agent> {
   const stateDir = path.join(dir, 'agent');
   const sharedDir = path.join(dir, 'shared');
   const socket = path.join(dir, 'agent.sock');
@@ -59,10 +62,7 @@ export async function spawnAgent(dir: string): Promise<Agent> {
       '--import',
       'tsx',
       'services/agent/main.ts',
-      '--device',
-      'sim:vdpa0',
-      '--device',
-      'sim:vdpa1,iommu=onchip',
+      ...devices.flatMap((d) => ['--device', d]),
       '--state-dir',
       stateDir,
       '--socket',

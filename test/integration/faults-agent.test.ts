@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import type { GrpcFailure } from './api-harness.ts';
-import { agentTable, createRig, desiredTable, mappingKeys, watchApplied } from './process-harness.ts';
+import { agentTable, createRig, desiredTable, mappingKeys, until, watchApplied } from './process-harness.ts';
 import { mapUnmapFleet, PAGE } from './workload.ts';
 
 const OPS_PER_CLIENT = 120;
@@ -30,14 +30,6 @@ const extra = (iova: bigint) => ({
 });
 const extraKey = (device: string, iova: bigint) =>
   mappingKeys(device, [{ asid: 0, iova, size: PAGE, memory: 'ram', offset: 0n, perm: 'rw' }]);
-
-async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  for (let i = 0; i < 600; i++) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 test('agent SIGKILLed under load: writes refused with retry-after, then reconciled; nothing lost or doubled', {
   timeout: 180_000,

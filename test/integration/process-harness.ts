@@ -241,6 +241,15 @@ export async function runNode(
   return { code, stdout, stderr };
 }
 
+/** Polls `check` every 50 ms until it holds; fails after about 30 s. */
+export async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
 /** One line per mapping, sorted: what the comparisons below compare. */
 export function mappingKeys(device: string, mappings: readonly Mapping[]): string[] {
   return mappings

@@ -372,6 +372,7 @@ describe('format', () => {
       ready: true,
       mappedBytes: 4096n,
       mappedEntries: 1,
+      degraded: [{ memory: 'ram1', mappings: 2, bytes: 8192n, reason: 'gone', remedy: 'restore it' }],
       queueDepth: 0,
       counters: {
         messagesWritten: 1,

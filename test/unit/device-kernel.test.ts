@@ -344,7 +344,7 @@ describe('the real fd transport', () => {
     );
   });
 
-  test('ioctls go through libc (ENOTTY on a regular file); one write of 72 bytes per message', () => {
+  test('ioctls go through libc (ENOTTY on a regular file); one write of 72 bytes per message', async () => {
     const file = path.join(tmp.stateDir, 'not-a-device');
     fs.writeFileSync(file, '');
     const t = openVhostVdpaFd(file);
@@ -357,11 +357,11 @@ describe('the real fd transport', () => {
       (e: unknown) => e instanceof TransportError && e.errno === 'ENOTTY',
     );
     const msg = rawMsg(2, 0, BATCH_BEGIN);
-    t.write(msg);
+    await t.write(msg);
     t.close();
     assert.deepEqual(fs.readFileSync(file), msg);
-    assert.throws(
-      () => t.write(msg),
+    await assert.rejects(
+      async () => t.write(msg),
       (e: unknown) => e instanceof TransportError && e.errno === 'EBADF',
     );
   });

@@ -117,15 +117,15 @@ describe("the API server's validation of a pinning device", () => {
     spec: { asid: 0, ...region(iova, size, offset) },
   });
 
-  test('an unaligned map or split is INVALID_ARGUMENT naming the field; VA mode accepts it', () => {
+  test('an unaligned map or split is INVALID_ARGUMENT naming the field; VA mode accepts it', async () => {
     const pa = new WorkingTables(new AddressSpaces(1, undefined, PAGE));
     for (const [request, field] of [
       [map(0x800n, PAGE), 'iova'],
       [map(0n, 0x1800n), 'size'],
       [map(0n, PAGE, 0x100n), 'offset'],
     ] as const) {
-      assert.throws(
-        () => step(pa, request),
+      await assert.rejects(
+        step(pa, request),
         (e: unknown) =>
           e instanceof ServiceError &&
           e.code === 'INVALID_ARGUMENT' &&
@@ -133,17 +133,17 @@ describe("the API server's validation of a pinning device", () => {
           /pinning \(PA-mode\) parent/.test(e.message),
       );
     }
-    step(pa, map(0x10_0000n, 4n * PAGE));
-    assert.throws(
-      () => step(pa, { kind: 'unmap', spec: { asid: 0, iova: 0x10_1000n, size: 0x100n } }),
+    await step(pa, map(0x10_0000n, 4n * PAGE));
+    await assert.rejects(
+      step(pa, { kind: 'unmap', spec: { asid: 0, iova: 0x10_1000n, size: 0x100n } }),
       (e: unknown) =>
         e instanceof ServiceError && e.code === 'INVALID_ARGUMENT' && e.details.field === 'size',
     );
     assert.equal([...pa.spaces.table(0).entries()].length, 1, 'nothing applied');
 
     const va = new WorkingTables(new AddressSpaces(1));
-    step(va, map(0x800n, 0x800n, 0x100n));
-    step(va, { kind: 'unmap', spec: { asid: 0, iova: 0x900n, size: 0x10n } });
+    await step(va, map(0x800n, 0x800n, 0x100n));
+    await step(va, { kind: 'unmap', spec: { asid: 0, iova: 0x900n, size: 0x10n } });
     assert.equal([...va.spaces.table(0).entries()].length, 2);
   });
 });

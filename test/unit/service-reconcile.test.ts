@@ -1,6 +1,9 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { describe, test } from 'node:test';
 import { diffSorted } from '../../src/iotlb/planner.ts';
+import { memoryDir } from '../../src/memory/allowlist.ts';
 import type { ServiceError } from '../../src/service/errors.ts';
 import { harness, holdNextApply, mapReq, PAGE } from './core-harness.ts';
 
@@ -167,6 +170,46 @@ describe('reconciliation', () => {
       await s.reconcile();
       assert.deepEqual(h.agent.device('vdpa0').mappings(), await s.listMappings('vdpa0'));
       assert.ok(h.agent.registry.get('boot'));
+    } finally {
+      await h.cleanup();
+    }
+  });
+
+  test('memory the agent cannot reopen: its mappings are left off, the rest restored; a later pass restores them', async () => {
+    const h = await populated();
+    try {
+      const s = h.service;
+      const file = path.join(memoryDir(h.agentDir), 'small');
+      const away = `${file}.away`;
+      fs.renameSync(file, away);
+      await h.agent.restart();
+      await s.reconcile();
+      assert.equal(s.isReady(), true);
+      assert.deepEqual(iovas(h.agent.device('vdpa0').mappings()), [0x10000n, 0x20000n]);
+      assert.deepEqual(h.agent.device('vdpa1').mappings(), []);
+      const view = await s.getDevice('vdpa1');
+      assert.deepEqual(
+        view.degraded.map(({ memory, mappings, bytes }) => ({ memory, mappings, bytes })),
+        [{ memory: 'small', mappings: 1, bytes: PAGE }],
+      );
+      assert.equal(view.mappedEntries, 0);
+      assert.deepEqual(
+        (await s.listMappings('vdpa1')).map((m) => m.missing),
+        [true],
+      );
+      assert.deepEqual(s.degraded(), [{ device: 'vdpa1', memory: 'small', mappings: 1 }]);
+      await assert.rejects(
+        s.map({ ...mapReq(0x30000n, 1n, 'small'), device: 'vdpa1' }),
+        (e) => code(e) === 'FAILED_PRECONDITION' && /memory small is unavailable/.test((e as Error).message),
+      );
+
+      // The file is back: the next pass (the supervisor retries while some memory is unavailable)
+      // registers it again and restores its mappings.
+      fs.renameSync(away, file);
+      await s.reconcile();
+      assert.deepEqual((await s.getDevice('vdpa1')).degraded, []);
+      assert.deepEqual(iovas(h.agent.device('vdpa1').mappings()), [0x10000n]);
+      assert.deepEqual(s.degraded(), []);
     } finally {
       await h.cleanup();
     }

@@ -328,9 +328,9 @@ test("PA mode: the agent's table equals the kernel's; memory stays referenced wh
                   kind: 'unmap' as const,
                   spec: { asid: 0, iova: BigInt(r.page) * PAGE, size: BigInt(r.pages) * PAGE + r.delta },
                 };
-          let ops: ReturnType<typeof applyStep>['ops'];
+          let ops: Awaited<ReturnType<typeof applyStep>>['ops'];
           try {
-            ops = applyStep(work, memory, spec, 0).ops;
+            ops = (await applyStep(work, memory, spec, 0)).ops;
           } catch (e) {
             assert.ok(e instanceof ServiceError, String(e));
             assert.ok(['INVALID_ARGUMENT', 'CONFLICT'].includes(e.code), e.message);

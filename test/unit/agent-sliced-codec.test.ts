@@ -1,0 +1,69 @@
+/**
+ * Slice-by-slice coding of the agent's big messages is byte-for-byte protobuf: what it encodes,
+ * protobufjs decodes whole into the same message; what protobufjs encodes whole, it decodes into
+ * the same objects; a message too small to slice is coded in one go.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { MethodDefinition } from '@grpc/grpc-js';
+import { agentService } from '../../src/agent/proto.ts';
+import { deserializeInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
+import {
+  opResultToWire,
+  opToWire,
+  type WireApplyRequest,
+  type WireApplyResponse,
+} from '../../src/agent/wire.ts';
+
+const apply = agentService.Apply as MethodDefinition<WireApplyRequest, WireApplyResponse>;
+
+function request(n: number): WireApplyRequest {
+  return {
+    device: 'vdpa0',
+    ops: Array.from({ length: n }, (_, k) =>
+      opToWire(
+        k % 3 === 2
+          ? { type: 'invalidate', asid: k % 2, iova: BigInt(k) << 12n, size: 0x1000n }
+          : {
+              type: 'update',
+              asid: 0,
+              iova: BigInt(k) << 12n,
+              size: 0x1000n,
+              memory: `m${k % 7}`,
+              offset: 0n,
+              perm: 'rw',
+            },
+      ),
+    ),
+  };
+}
+
+function response(n: number): WireApplyResponse {
+  return {
+    bootId: 'b00t',
+    results: Array.from({ length: n }, (_, k) =>
+      opResultToWire(
+        k % 5 === 0 ? { ok: false, errno: 'EFAULT', code: 'KERNEL', message: `op ${k}` } : { ok: true },
+      ),
+    ),
+  };
+}
+
+for (const n of [0, 1, 2047, 2048, 2049, 20_000]) {
+  test(`an Apply of ${n} ops and its answer, sliced, equal the whole-message coding`, async () => {
+    const req = request(n);
+    const sliced = await serializeInSlices(apply.requestSerialize, req, 'ops');
+    assert.deepEqual(apply.requestDeserialize(sliced), apply.requestDeserialize(apply.requestSerialize(req)));
+
+    const res = response(n);
+    const whole = apply.responseSerialize(res);
+    assert.deepEqual(
+      await deserializeInSlices(apply.responseDeserialize, whole, 'results', 1024),
+      apply.responseDeserialize(whole),
+    );
+    assert.deepEqual(
+      await deserializeInSlices(apply.requestDeserialize, sliced, 'ops', 1024),
+      apply.requestDeserialize(sliced),
+    );
+  });
+}
