@@ -24,7 +24,7 @@ export const DEFAULT_SIM_FEATURES: bigint = backendFeatureMask(
 );
 
 /**
- * What vp_vdpa offered behind a platform IOMMU (Debian 6.12, /work/shared/reference/kernel-kinds.md):
+ * What vp_vdpa offered behind a platform IOMMU (Debian 6.12, measured under QEMU; docs/kernel-notes.md):
  * MSG_V2, BATCH, ASID and IOTLB_PERSIST (0x10e), one address space, 3 vqs, 4096 config bytes.
  */
 export const VP_VDPA_FACTS = {

@@ -1,6 +1,6 @@
 /**
  * The simulator's PA mode, rule by rule as the kernel answered on vp_vdpa and vdpa_sim use_va=0
- * (/work/shared/reference/kernel-kinds.md), by raw messages to the simulated kernel: one entry per
+ * (as measured on Debian 6.12 under QEMU; docs/kernel-notes.md), by raw messages to the simulated kernel: one entry per
  * physically contiguous run, page rounding, any memory of the owner pinned (private anonymous
  * memory too), holes refused with full rollback, VmPin counted per entry, RLIMIT_MEMLOCK exact.
  */
