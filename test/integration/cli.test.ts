@@ -22,6 +22,7 @@ import { DeviceServiceClient } from '../../services/api/proto.ts';
 import { EXIT } from '../../services/cli/exit-codes.ts';
 import { type Agent, apiConfig, spawnAgent, startReadyApi, startStack, tempDir } from './api-harness.ts';
 import { makePki, type Pki } from './certs.ts';
+import { type ChildOutput, output } from './process-harness.ts';
 
 type Stack = Awaited<ReturnType<typeof startStack>>;
 
@@ -29,11 +30,7 @@ const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const CLI = path.join(ROOT, 'bin/vdpactl.js');
 const RUN_LIMIT_MS = 30_000;
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
+type Run = ChildOutput;
 
 /** The environment without VDPA_MAPD_* (a developer's settings must not leak into the test). */
 function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
@@ -49,21 +46,7 @@ function start(args: readonly string[], env = cleanEnv()): ChildProcess {
 
 /** Runs vdpactl to its end (killed after RUN_LIMIT_MS). */
 function finish(child: ChildProcess): Promise<Run> {
-  let stdout = '';
-  let stderr = '';
-  child.stdout!.on('data', (c: Buffer) => {
-    stdout += c.toString();
-  });
-  child.stderr!.on('data', (c: Buffer) => {
-    stderr += c.toString();
-  });
-  const timer = setTimeout(() => child.kill('SIGKILL'), RUN_LIMIT_MS);
-  return new Promise((resolve) =>
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    }),
-  );
+  return output(child, RUN_LIMIT_MS);
 }
 
 async function freePort(): Promise<number> {

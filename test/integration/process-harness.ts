@@ -219,7 +219,7 @@ export async function runNode(
   t: Cleanup,
   args: readonly string[],
   env: NodeJS.ProcessEnv = process.env,
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
+): Promise<ChildOutput> {
   const child = spawn(process.execPath, args, {
     cwd: REPO,
     env,
@@ -229,6 +229,21 @@ export async function runNode(
   t.after(() => {
     if (child.exitCode === null && child.signalCode === null) process.kill(-child.pid!, 'SIGKILL');
   });
+  return output(child);
+}
+
+/** How a child process ended, and what it printed. */
+export interface ChildOutput {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Collects a child's stdout and stderr until it closes; resolves with its exit code and both.
+ * With `killAfterMs`, a child still running then is SIGKILLed (its output so far is kept).
+ */
+export function output(child: ChildProcess, killAfterMs?: number): Promise<ChildOutput> {
   let stdout = '';
   let stderr = '';
   child.stdout!.on('data', (c: Buffer) => {
@@ -237,8 +252,13 @@ export async function runNode(
   child.stderr!.on('data', (c: Buffer) => {
     stderr += c.toString();
   });
-  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
-  return { code, stdout, stderr };
+  const timer = killAfterMs === undefined ? undefined : setTimeout(() => child.kill('SIGKILL'), killAfterMs);
+  return new Promise((resolve) =>
+    child.once('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    }),
+  );
 }
 
 /** Polls `check` every 50 ms until it holds; fails after about 30 s. */

@@ -25,6 +25,7 @@ import { type TestContext, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { grpcurlCommand } from './grpcurl-tool.ts';
 import { npmStart } from './npm-start.ts';
+import { type ChildOutput, output } from './process-harness.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const README_REST = 'http://127.0.0.1:8080';
@@ -131,11 +132,7 @@ async function toolDir(dir: string): Promise<string> {
   return bin;
 }
 
-interface Ran {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
+type Ran = ChildOutput;
 
 function bash(
   script: string,
@@ -143,21 +140,7 @@ function bash(
   stream?: (child: ChildProcess) => Promise<void>,
 ): Promise<Ran> {
   const child = spawn('bash', ['-c', script], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    stdout += d.toString();
-  });
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr += d.toString();
-  });
-  const timer = setTimeout(() => child.kill('SIGKILL'), LINE_TIMEOUT_MS);
-  const done = new Promise<Ran>((resolve) =>
-    child.once('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    }),
-  );
+  const done = output(child, LINE_TIMEOUT_MS);
   if (stream) void stream(child);
   return done;
 }
