@@ -4,7 +4,7 @@
  * neither the content nor the length of the expected token shows in the comparison's timing.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import { ServiceError } from '../../src/service/errors.ts';
+import { ServiceError } from '../../src/core/errors.ts';
 
 /** What the API accepts as a token: RFC 6750's b64token (what fits an Authorization header). */
 export const TOKEN_SYNTAX = /^[A-Za-z0-9\-._~+/]+=*$/;

@@ -45,9 +45,9 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import { parseU64 } from '../../src/api/u64.ts';
-import { ServiceError } from '../../src/service/errors.ts';
-import type { MapdService } from '../../src/service/types.ts';
+import { parseU64 } from '../../src/core/u64.ts';
+import { ServiceError } from '../../src/core/errors.ts';
+import type { MapdService } from '../../src/core/types.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';

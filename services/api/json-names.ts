@@ -3,7 +3,7 @@
  * its proto name too (`request_id`). REST reads the JSON names; this renames the proto names of
  * vdpa.mapd.v1 in a body or query to them, so that REST takes what a gRPC JSON client sends.
  */
-import { invalid } from '../../src/api/u64.ts';
+import { invalid } from '../../src/core/u64.ts';
 import { originalFieldNames } from './proto.ts';
 
 function join(path: string, key: string): string {

@@ -9,6 +9,7 @@ import type { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
+import { AgentClient } from '../../src/agent/client.ts';
 import { InFlightBytes } from '../../src/api/inflight.ts';
 import { createMetrics } from '../../src/metrics/metrics.ts';
 import { createMapdService } from '../../src/service/index.ts';
@@ -65,14 +66,16 @@ export async function startApiServer(
       metrics.requestDuration.observe({ transport, method, code }, seconds),
   };
   if (config.repairState) await repairState(config.stateDir, logger);
+  const agent = new AgentClient({ socketPath: config.agentSocket });
   const service = await createMapdService({
     ...config.core,
-    agentSocket: config.agentSocket,
+    agent,
     stateDir: config.stateDir,
     ...(config.quotas ? { quotas: config.quotas } : {}),
     metrics,
     logger,
   }).catch((err: unknown) => {
+    agent.close();
     if (!(err instanceof StateDamageError && err.repairable)) throw err;
     throw new Error(
       `${err.message}. To start anyway, keeping every intact record, run once with --${OPTIONS.repairState.flag} (the damaged file is moved aside, what is dropped is logged)`,
@@ -109,6 +112,7 @@ export async function startApiServer(
   } catch (err) {
     await closeTransports();
     await service.close();
+    agent.close();
     throw err;
   }
   logger.info(
@@ -131,6 +135,7 @@ export async function startApiServer(
         await closeTransports();
       } finally {
         await service.close();
+        agent.close();
       }
       logger.info('api server stopped');
     })();

@@ -41,9 +41,9 @@ import {
 } from '../../src/api/parse.ts';
 import type { InFlightBytes } from '../../src/api/inflight.ts';
 import { findDuplicateKey } from '../../src/api/json-keys.ts';
-import { invalid } from '../../src/api/u64.ts';
-import { ServiceError } from '../../src/service/errors.ts';
-import type { MapdService } from '../../src/service/types.ts';
+import { invalid } from '../../src/core/u64.ts';
+import { ServiceError } from '../../src/core/errors.ts';
+import type { MapdService } from '../../src/core/types.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import { withJsonNames } from './json-names.ts';

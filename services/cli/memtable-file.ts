@@ -7,8 +7,8 @@
  * with no K/M/G/T suffix, so that a file means the same to vdpactl and to curl. Unknown keys are
  * refused here: gRPC would drop them silently, and a misspelt "offset" must not quietly map offset 0.
  */
-import { parseU32, parseU64 } from '../../src/api/u64.ts';
-import { ServiceError } from '../../src/service/errors.ts';
+import { parseU32, parseU64 } from '../../src/core/u64.ts';
+import { ServiceError } from '../../src/core/errors.ts';
 import { UsageError } from './values.ts';
 
 /** A value as REST reads it, as a usage error naming the field. */

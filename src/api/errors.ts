@@ -2,7 +2,7 @@
  * The one table from ServiceError codes to HTTP and gRPC statuses, and the REST error body.
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { ServiceError, type ServiceErrorCode } from '../service/errors.ts';
+import { ServiceError, type ServiceErrorCode } from '../core/errors.ts';
 import { formatError } from './format.ts';
 
 interface Wire {

@@ -3,7 +3,7 @@
  * the proto messages): u64 as `0x` hex strings, sequences as decimal strings.
  */
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
-import type { ServiceErrorInfo } from '../service/errors.ts';
+import type { ServiceErrorInfo } from '../core/errors.ts';
 import type {
   BatchResult,
   DeviceView,
@@ -16,8 +16,8 @@ import type {
   SubmitResult,
   UnmapResult,
   WatchPosition,
-} from '../service/types.ts';
-import { formatU64 as hex } from './u64.ts';
+} from '../core/types.ts';
+import { formatU64 as hex } from '../core/u64.ts';
 
 export function formatMapping(m: Mapping | ListedMapping) {
   return {

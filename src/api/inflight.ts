@@ -3,7 +3,7 @@
  * takes many times its body's size in memory until it is answered, so beyond the bound a request
  * is refused with RESOURCE_EXHAUSTED (HTTP 429, Retry-After) before it is parsed, not queued.
  */
-import { ServiceError } from '../service/errors.ts';
+import { ServiceError } from '../core/errors.ts';
 
 const RETRY_AFTER_MS = 1000;
 

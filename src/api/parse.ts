@@ -12,8 +12,8 @@ import type {
   RegisterMemoryRequest,
   SetMemTableRequest,
   UnmapRequest,
-} from '../service/types.ts';
-import { invalid, parseU32, parseU64, typeName, U64_LIMIT } from './u64.ts';
+} from '../core/types.ts';
+import { invalid, parseU32, parseU64, typeName, U64_LIMIT } from '../core/u64.ts';
 
 export interface ApiLimits {
   /** Largest request body (REST) or message (gRPC), in bytes. */

@@ -2,8 +2,8 @@
 import type { AgentOpResult } from '../agent/wire.ts';
 import { describeRange, type IotlbOp } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import type { AgentPort } from '../service/agent-port.ts';
-import { ServiceError } from '../service/errors.ts';
+import type { AgentPort } from '../core/agent-port.ts';
+import { ServiceError } from '../core/errors.ts';
 
 /** How long callers are told to wait after a change could not be done. */
 export const NOT_DONE_RETRY_AFTER_MS = 1000;

@@ -24,10 +24,10 @@
 import type { AddressSpaces } from '../iotlb/address-spaces.ts';
 import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import type { AgentPort } from '../service/agent-port.ts';
-import { ServiceError } from '../service/errors.ts';
+import type { AgentPort } from '../core/agent-port.ts';
+import { ServiceError } from '../core/errors.ts';
 import { nextTurn } from '../sys/next-turn.ts';
-import type { FlushResult, MappingEvent } from '../service/types.ts';
+import type { FlushResult, MappingEvent } from '../core/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
 import { type GroupRun, runGroup, type Step } from './group.ts';

@@ -17,8 +17,8 @@
 import type { AgentOpResult } from '../agent/wire.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import type { AgentPort } from '../service/agent-port.ts';
-import { ServiceError } from '../service/errors.ts';
+import type { AgentPort } from '../core/agent-port.ts';
+import { ServiceError } from '../core/errors.ts';
 import { applyAtAgent, describeOp, NotDone, notDone } from './agent-apply.ts';
 import { planConverge } from './converge.ts';
 import { type Quota, quotaError, usageOf } from './quota.ts';

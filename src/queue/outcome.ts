@@ -1,6 +1,6 @@
 /** The answer each request of a group gets from the outcome of its units. */
 import type { SubmitFailure } from '../state/desired.ts';
-import type { BatchOpResult, BatchResult } from '../service/types.ts';
+import type { BatchOpResult, BatchResult } from '../core/types.ts';
 import type { Step } from './group.ts';
 import type { Outcome, WriteAnswer, WriteEntry } from './types.ts';
 import { batchOpAt } from './validate.ts';

@@ -9,7 +9,7 @@
  */
 import type { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { hex } from '../iotlb/types.ts';
-import { ServiceError } from '../service/errors.ts';
+import { ServiceError } from '../core/errors.ts';
 
 export interface Quota {
   /** Most mapped bytes; undefined: no limit. */

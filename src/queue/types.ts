@@ -1,5 +1,5 @@
 /** What goes through a device queue. */
-import type { ServiceError } from '../service/errors.ts';
+import type { ServiceError } from '../core/errors.ts';
 import type {
   BatchOp,
   BatchResult,
@@ -9,7 +9,7 @@ import type {
   SetMemTableResult,
   UnmapResult,
   UnmapSpec,
-} from '../service/types.ts';
+} from '../core/types.ts';
 import type { Region } from '../iotlb/types.ts';
 
 export type WriteRequest =

@@ -14,7 +14,7 @@ import {
   type Mapping,
   type Region,
 } from '../iotlb/types.ts';
-import { ServiceError } from '../service/errors.ts';
+import { ServiceError } from '../core/errors.ts';
 import type {
   BatchOp,
   BatchOpResult,
@@ -24,7 +24,7 @@ import type {
   SetMemTableResult,
   UnmapResult,
   UnmapSpec,
-} from '../service/types.ts';
+} from '../core/types.ts';
 import type { WriteRequest } from './types.ts';
 import { nextTurn } from '../sys/next-turn.ts';
 import type { WorkingTables } from './working.ts';

@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto';
 import type { IdempotencyRecord } from '../state/desired.ts';
 import { encodeJson } from '../state/codec.ts';
 import type { StateStore } from '../state/store.ts';
-import { ServiceError, type ServiceErrorCode, type ServiceErrorInfo } from './errors.ts';
+import { ServiceError, type ServiceErrorCode, type ServiceErrorInfo } from '../core/errors.ts';
 
 /** How an answer is kept: the result, or the error's info. */
 export type StoredAnswer = { ok: unknown } | { error: ServiceErrorInfo };

@@ -14,7 +14,6 @@
  *   keep working: they need only the store;
  * - registering and unregistering memory need the agent: UNAVAILABLE.
  */
-import { AgentClient } from '../agent/client.ts';
 import type { AgentInfo } from '../agent/wire.ts';
 import { type DeviceCounters, type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
@@ -27,11 +26,11 @@ import { WorkingTables } from '../queue/working.ts';
 import { type Change, sortedMappings } from '../state/desired.ts';
 import type { StoreFs } from '../state/fs.ts';
 import { StateStore } from '../state/store.ts';
-import { type AgentPort, measuredPort } from './agent-port.ts';
-import { fromAgentError } from './agent-errors.ts';
-import { ServiceError } from './errors.ts';
+import { type AgentPort, measuredPort } from '../core/agent-port.ts';
+import { fromAgentError } from '../core/agent-errors.ts';
+import { ServiceError } from '../core/errors.ts';
 import { Idempotency, recordOf } from './idempotency.ts';
-import type { CoreLogger } from './logger.ts';
+import type { CoreLogger } from '../core/logger.ts';
 import { MemoryCatalog, memoryRemedy } from './memory.ts';
 import { reconcileDevice } from './reconcile.ts';
 import { batchOpsOf, mapSpecOf, memoriesOf, regionsOf, unmapSpecOf } from './requests.ts';
@@ -53,14 +52,12 @@ import type {
   SubmitResult,
   UnmapRequest,
   UnmapResult,
-} from './types.ts';
+} from '../core/types.ts';
 import { WatchHub } from './watch.ts';
 
 export interface MapdServiceOptions {
-  /** The agent: a port (AgentClient or an in-process one), owned by the caller... */
-  agent?: AgentPort;
-  /** ...or the agent's socket: the service makes its own AgentClient and closes it. */
-  agentSocket?: string;
+  /** The agent: a port (the main's AgentClient, or an in-process one in tests), owned by the caller. */
+  agent: AgentPort;
   /** Directory of the durable desired state. */
   stateDir: string;
   /** Default: a fresh registry (createMetrics()). */
@@ -126,7 +123,6 @@ class Mapd implements MapdCore {
     private readonly metrics: Metrics,
     rawPort: AgentPort,
     private readonly opts: MapdServiceOptions,
-    private readonly ownedClient: AgentClient | undefined,
   ) {
     this.port = measuredPort(rawPort, metrics);
     this.idempotency = new Idempotency(store);
@@ -298,7 +294,6 @@ class Mapd implements MapdCore {
     this.supervisor.stop();
     await Promise.all([...this.slots.values()].map((s) => s.queue.close()));
     await this.store.close();
-    this.ownedClient?.close();
   }
 
   // ---- internals ----
@@ -553,9 +548,6 @@ class Mapd implements MapdCore {
 
 /** Opens the desired state, restores journaled submits, and starts following the agent. */
 export async function createMapdService(opts: MapdServiceOptions): Promise<MapdCore> {
-  if ((opts.agent === undefined) === (opts.agentSocket === undefined)) {
-    throw new TypeError('createMapdService: give exactly one of agent or agentSocket');
-  }
   const metrics = opts.metrics ?? createMetrics();
   const { store, droppedBytes } = await StateStore.open({
     dir: opts.stateDir,
@@ -566,9 +558,7 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
     onCompactionError: (err) => opts.logger?.warn({ err: String(err) }, 'state compaction failed'),
   });
   if (droppedBytes > 0) opts.logger?.warn({ bytes: droppedBytes }, 'cut a torn tail off the state journal');
-  const client =
-    opts.agentSocket !== undefined ? new AgentClient({ socketPath: opts.agentSocket }) : undefined;
-  const service = new Mapd(store, metrics, (opts.agent ?? client)!, opts, client);
+  const service = new Mapd(store, metrics, opts.agent, opts);
   service.start();
   return service;
 }

@@ -19,11 +19,11 @@ import type { MemoryInfo } from '../memory/types.ts';
 import type { MemoryLookup } from '../queue/validate.ts';
 import type { MemoryRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
-import type { AgentPort } from './agent-port.ts';
-import { fromAgentError } from './agent-errors.ts';
-import { ServiceError } from './errors.ts';
-import type { CoreLogger } from './logger.ts';
-import type { MemoryView, RegisterMemoryRequest } from './types.ts';
+import type { AgentPort } from '../core/agent-port.ts';
+import { fromAgentError } from '../core/agent-errors.ts';
+import { ServiceError } from '../core/errors.ts';
+import type { CoreLogger } from '../core/logger.ts';
+import type { MemoryView, RegisterMemoryRequest } from '../core/types.ts';
 
 function recordOf(info: MemoryInfo): Omit<MemoryRecord, 'registeredAt'> {
   return { id: info.id, path: info.path, kind: info.kind, created: info.created, size: info.size };

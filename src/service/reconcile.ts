@@ -10,9 +10,9 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { applyAtAgent, describeOp, NotDone } from '../queue/agent-apply.ts';
 import { planConverge } from '../queue/converge.ts';
-import type { AgentPort } from './agent-port.ts';
-import { fromAgentError } from './agent-errors.ts';
-import { ServiceError } from './errors.ts';
+import type { AgentPort } from '../core/agent-port.ts';
+import { fromAgentError } from '../core/agent-errors.ts';
+import { ServiceError } from '../core/errors.ts';
 
 export interface ReconcileInput {
   port: Pick<AgentPort, 'apply' | 'listMapped'>;

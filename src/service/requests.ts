@@ -5,8 +5,8 @@
  */
 import type { Region } from '../iotlb/types.ts';
 import type { WriteRequest } from '../queue/types.ts';
-import { ServiceError } from './errors.ts';
-import type { BatchOp, MapSpec, UnmapSpec } from './types.ts';
+import { ServiceError } from '../core/errors.ts';
+import type { BatchOp, MapSpec, UnmapSpec } from '../core/types.ts';
 
 const fieldAt = (prefix: string, field: string): string => (prefix ? `${prefix}.${field}` : field);
 

@@ -6,8 +6,8 @@
  */
 import type { AgentInfo } from '../agent/wire.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import type { AgentPort, AgentPortEvents } from './agent-port.ts';
-import type { CoreLogger } from './logger.ts';
+import type { AgentPort, AgentPortEvents } from '../core/agent-port.ts';
+import type { CoreLogger } from '../core/logger.ts';
 
 export interface SupervisorOptions {
   port: AgentPort;

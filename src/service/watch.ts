@@ -8,9 +8,9 @@
  * the desired state left off (events before a restart are gone) and rises as old sequences are
  * dropped, whole sequences at a time, to keep at most `limit` events.
  */
-import { ServiceError } from './errors.ts';
-import type { CoreLogger } from './logger.ts';
-import type { MappingEvent, WatchPosition, WatchSubscription } from './types.ts';
+import { ServiceError } from '../core/errors.ts';
+import type { CoreLogger } from '../core/logger.ts';
+import type { MappingEvent, WatchPosition, WatchSubscription } from '../core/types.ts';
 
 /** Events kept per device unless configured otherwise. */
 export const DEFAULT_WATCH_HISTORY = 4096;

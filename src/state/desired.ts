@@ -5,8 +5,8 @@
  */
 import type { Mapping } from '../iotlb/types.ts';
 import type { MemoryKind } from '../memory/types.ts';
-import type { ServiceErrorInfo } from '../service/errors.ts';
-import type { BatchOp } from '../service/types.ts';
+import type { ServiceErrorInfo } from '../core/errors.ts';
+import type { BatchOp } from '../core/types.ts';
 
 export interface MemoryRecord {
   id: string;

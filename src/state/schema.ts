@@ -5,7 +5,7 @@
  */
 import { z } from 'zod';
 import { PERMS } from '../iotlb/types.ts';
-import type { ServiceErrorCode } from '../service/errors.ts';
+import type { ServiceErrorCode } from '../core/errors.ts';
 import type { Change, StateSnapshot } from './desired.ts';
 
 const U64_MAX = (1n << 64n) - 1n;

@@ -19,7 +19,7 @@
  *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
  *   crash during an append) is cut off, and `droppedBytes` says how much.
  */
-import { ServiceError } from '../service/errors.ts';
+import { ServiceError } from '../core/errors.ts';
 import {
   applyChange,
   type Change,

@@ -22,9 +22,9 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import { formatU64, parseU32, parseU64, U64_LIMIT } from '../../src/api/u64.ts';
-import { ServiceError } from '../../src/service/errors.ts';
-import type { DeviceView } from '../../src/service/types.ts';
+import { formatU64, parseU32, parseU64, U64_LIMIT } from '../../src/core/u64.ts';
+import { ServiceError } from '../../src/core/errors.ts';
+import type { DeviceView } from '../../src/core/types.ts';
 
 /** Runs `fn`, which must throw INVALID_ARGUMENT naming `field`. */
 function rejects(fn: () => unknown, field: string): void {

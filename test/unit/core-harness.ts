@@ -32,7 +32,7 @@ import type { MemoryInfo } from '../../src/memory/types.ts';
 import { createMetrics, type Metrics } from '../../src/metrics/metrics.ts';
 import { DeviceQueue } from '../../src/queue/device-queue.ts';
 import type { Outcome, WriteRequest } from '../../src/queue/types.ts';
-import type { AgentPort } from '../../src/service/agent-port.ts';
+import type { AgentPort } from '../../src/core/agent-port.ts';
 import { createMapdService, type MapdCore, type MapdServiceOptions } from '../../src/service/mapd.ts';
 import { reconcileDevice } from '../../src/service/reconcile.ts';
 import { type DesiredState, replayState, sortedMappings, stateLimits } from '../../src/state/desired.ts';

@@ -16,7 +16,7 @@ import type { IotlbOp, Region } from '../../src/iotlb/types.ts';
 import type { WriteRequest } from '../../src/queue/types.ts';
 import { applyStep } from '../../src/queue/validate.ts';
 import { WorkingTables } from '../../src/queue/working.ts';
-import { ServiceError } from '../../src/service/errors.ts';
+import { ServiceError } from '../../src/core/errors.ts';
 import { PAGE, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
 
 const region = (iova: bigint, size: bigint, offset = 0n): Region => ({

@@ -3,7 +3,7 @@ import { describe, test } from 'node:test';
 import { sortedMappings, toSnapshot } from '../../src/state/desired.ts';
 import type { Outcome, WriteRequest } from '../../src/queue/types.ts';
 import { IotlbMsgType } from '../../src/uapi/constants.ts';
-import type { BatchResult, MapResult } from '../../src/service/types.ts';
+import type { BatchResult, MapResult } from '../../src/core/types.ts';
 import { FaultyFs, holdNextApply, PAGE, queueFixture } from './core-harness.ts';
 
 const map = (iova: bigint, pages = 1n, offset = 0n): WriteRequest => ({

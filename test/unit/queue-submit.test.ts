@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import type { ServiceError } from '../../src/service/errors.ts';
-import type { BatchOp } from '../../src/service/types.ts';
+import type { ServiceError } from '../../src/core/errors.ts';
+import type { BatchOp } from '../../src/core/types.ts';
 import { harness, holdNextApply, mapReq, PAGE } from './core-harness.ts';
 
 const mapOp = (iova: bigint, pages = 1n): BatchOp => ({

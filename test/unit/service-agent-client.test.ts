@@ -1,6 +1,6 @@
 /**
  * The core over the real thing: the agent served on a unix socket (services/agent/main.ts) and the
- * real AgentClient, created by the service from `agentSocket`. The agent is stopped and started
+ * real AgentClient, built here as the API server's main builds it. The agent is stopped and started
  * again; the client's events must bring the device back to the desired state on their own.
  */
 import assert from 'node:assert/strict';
@@ -36,8 +36,9 @@ test('an agent restart behind AgentClient is noticed and reconciled without help
     logLevel: 'silent' as const,
   };
   let agent: RunningAgent = await startAgent(agentConfig);
+  const client = new AgentClient({ socketPath });
   const service = await createMapdService({
-    agentSocket: socketPath,
+    agent: client,
     stateDir: path.join(root, 'api'),
     metrics: createMetrics(),
     retryInitialMs: 50,
@@ -65,6 +66,7 @@ test('an agent restart behind AgentClient is noticed and reconciled without help
   } finally {
     probe.close();
     await service.close();
+    client.close();
     await agent.stop();
     fs.rmSync(root, { recursive: true, force: true });
   }

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import type { ServiceError } from '../../src/service/errors.ts';
+import type { ServiceError } from '../../src/core/errors.ts';
 import { harness, mapReq, PAGE } from './core-harness.ts';
 
 const code = (e: unknown) => (e as ServiceError).code;

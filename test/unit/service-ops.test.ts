@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, beforeEach, describe, test } from 'node:test';
-import type { ServiceError } from '../../src/service/errors.ts';
-import type { MappingEvent } from '../../src/service/types.ts';
+import type { ServiceError } from '../../src/core/errors.ts';
+import type { MappingEvent } from '../../src/core/types.ts';
 import { type Harness, harness, mapReq, PAGE } from './core-harness.ts';
 
 const U64_MAX = (1n << 64n) - 1n;

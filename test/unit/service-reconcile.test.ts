@@ -4,7 +4,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { diffSorted } from '../../src/iotlb/planner.ts';
 import { memoryDir } from '../../src/memory/allowlist.ts';
-import type { ServiceError } from '../../src/service/errors.ts';
+import type { ServiceError } from '../../src/core/errors.ts';
 import { harness, holdNextApply, mapReq, PAGE } from './core-harness.ts';
 
 const code = (e: unknown) => (e as ServiceError).code;

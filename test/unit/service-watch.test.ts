@@ -1,8 +1,8 @@
 /** WatchHub's history: whole requests are dropped, resume points are checked, positions reported. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { ServiceError } from '../../src/service/errors.ts';
-import type { MappingEvent } from '../../src/service/types.ts';
+import { ServiceError } from '../../src/core/errors.ts';
+import type { MappingEvent } from '../../src/core/types.ts';
 import { WatchHub } from '../../src/service/watch.ts';
 
 function event(sequence: bigint, iova: bigint, device = 'd0'): MappingEvent {

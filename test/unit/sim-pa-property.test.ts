@@ -19,7 +19,7 @@ import { AddressSpaces } from '../../src/iotlb/address-spaces.ts';
 import type { Mapping } from '../../src/iotlb/types.ts';
 import { applyStep } from '../../src/queue/validate.ts';
 import { WorkingTables } from '../../src/queue/working.ts';
-import { ServiceError } from '../../src/service/errors.ts';
+import { ServiceError } from '../../src/core/errors.ts';
 import { IotlbMsgType, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO } from '../../src/uapi/constants.ts';
 import { Ioctl } from '../../src/uapi/ioctl.ts';
 import {

@@ -9,7 +9,7 @@ import { Journal, StateDamageError, StateFormatError } from '../../src/state/jou
 import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
 import { StateStore } from '../../src/state/store.ts';
-import { ServiceError } from '../../src/service/errors.ts';
+import { ServiceError } from '../../src/core/errors.ts';
 import { FaultyFs, frameOffsets } from './core-harness.ts';
 
 const BIG = (1n << 64n) - 1n;

@@ -2,7 +2,7 @@
  * 64-bit quantities on the wire: strings in decimal or `0x` hex (JSON numbers only when they are
  * safe integers), always bigint in code, answered as `0x` hex.
  */
-import { ServiceError } from '../service/errors.ts';
+import { ServiceError } from './errors.ts';
 
 export const U64_LIMIT = 1n << 64n;
 export const U32_LIMIT = 1n << 32n;
