@@ -294,7 +294,7 @@ export class VhostUserBlkFrontend {
     }
     const addr = at.guestAddr ?? this.dataArea;
     if (addr < this.dataArea) throw new RangeError(`${what}: the buffer would overlap the ring`);
-    this.memory.address(addr, length); // throws when outside guest memory
+    this.memory.pieces(addr, length); // throws when outside guest memory
     return addr;
   }
 

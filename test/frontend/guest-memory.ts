@@ -71,12 +71,36 @@ export class GuestMemory {
     return r.userAddr + (gpa - r.guestAddr);
   }
 
+  /**
+   * Where guest physical `[gpa, gpa+length)` is in this process, piece by piece: a buffer may run
+   * from one region into the next when they are adjacent in guest physical space.
+   */
+  pieces(gpa: bigint, length: number): { addr: bigint; at: number; length: number }[] {
+    const out: { addr: bigint; at: number; length: number }[] = [];
+    let at = 0;
+    while (at < length) {
+      const cur = gpa + BigInt(at);
+      const r = this.list.find((x) => cur >= x.guestAddr && cur < x.guestAddr + x.size);
+      if (r === undefined) {
+        throw new RangeError(
+          `guest physical [0x${gpa.toString(16)}, +${length}): 0x${cur.toString(16)} is in no region`,
+        );
+      }
+      const n = Math.min(length - at, Number(r.guestAddr + r.size - cur));
+      out.push({ addr: r.userAddr + (cur - r.guestAddr), at, length: n });
+      at += n;
+    }
+    return out;
+  }
+
   write(gpa: bigint, data: Uint8Array): void {
-    copyToAddress(this.address(gpa, data.byteLength), data);
+    for (const p of this.pieces(gpa, data.byteLength)) {
+      copyToAddress(p.addr, data.subarray(p.at, p.at + p.length));
+    }
   }
 
   read(gpa: bigint, length: number): Buffer {
-    return copyFromAddress(this.address(gpa, length), length);
+    return Buffer.concat(this.pieces(gpa, length).map((p) => copyFromAddress(p.addr, p.length)));
   }
 
   /** Unmaps and closes every region. */

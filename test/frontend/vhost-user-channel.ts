@@ -111,7 +111,7 @@ export class VhostUserChannel {
   }
 
   private async reply(request: number): Promise<Buffer> {
-    const what = `the reply to ${requestName(request)}`;
+    const what = `reply to ${requestName(request)}`;
     const header = await this.read(HEADER_SIZE, what);
     const size = header.readUInt32LE(8);
     if (size > MAX_PAYLOAD) throw new WireError(`${what}: payload of ${size} bytes`, 'header.size');
@@ -125,7 +125,7 @@ export class VhostUserChannel {
     let have = 0;
     const deadline = Date.now() + this.replyWaitMs;
     while (have < length) {
-      if (!this.open) throw new Error(`vhost-user channel closed while waiting for ${what}`);
+      if (!this.open) throw new Error(`vhost-user channel closed while waiting for a ${what}`);
       if (this.failure) throw this.failure;
       const got = this.io.receive(this.fd, length - have);
       if (got === null) {
@@ -139,7 +139,7 @@ export class VhostUserChannel {
         throw new WireError(`${what} carried ${got.fds.length} fds`, 'fds');
       }
       if (got.eof)
-        throw new Error(`the vhost-user back-end closed the connection instead of sending ${what}`);
+        throw new Error(`the vhost-user back-end closed the connection instead of sending a ${what}`);
       chunks.push(got.data);
       have += got.data.byteLength;
     }
