@@ -476,6 +476,18 @@ const cConnect = lib.func('int connect(int fd, const void *addr, uint32_t addrle
 const ECONNREFUSED = 111;
 const ENOENT = 2;
 
+/** struct sockaddr_un for a filesystem path, and the length to pass with it. */
+function unixAddress(socketPath: string): { addr: Buffer; length: number } {
+  const name = Buffer.from(socketPath, 'utf8');
+  if (name.byteLength === 0 || name.byteLength >= UNIX_PATH_MAX || name.includes(0)) {
+    throw new RangeError(`socket path must be 1..${UNIX_PATH_MAX - 1} bytes without NUL: ${socketPath}`);
+  }
+  const addr = Buffer.alloc(2 + UNIX_PATH_MAX);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  name.copy(addr, 2);
+  return { addr, length: 2 + name.byteLength + 1 };
+}
+
 /**
  * connect() a socket from {@link unixSocket} to a filesystem path (the client side of
  * {@link bindListenUnix}). Returns false when the peer is not accepting yet (a non-blocking unix
@@ -484,14 +496,8 @@ const ENOENT = 2;
  */
 export function connectUnix(fd: number, socketPath: string): boolean {
   checkInt(fd, 0, 0x7fffffff, 'fd');
-  const name = Buffer.from(socketPath, 'utf8');
-  if (name.byteLength === 0 || name.byteLength >= UNIX_PATH_MAX || name.includes(0)) {
-    throw new RangeError(`socket path must be 1..${UNIX_PATH_MAX - 1} bytes without NUL: ${socketPath}`);
-  }
-  const addr = Buffer.alloc(2 + UNIX_PATH_MAX);
-  addr.writeUInt16LE(AF_UNIX, 0);
-  name.copy(addr, 2);
-  if (cConnect(fd, addr, 2 + name.byteLength + 1) === 0) return true;
+  const { addr, length } = unixAddress(socketPath);
+  if (cConnect(fd, addr, length) === 0) return true;
   const errnum = koffi.errno();
   if (errnum === EAGAIN || errnum === ECONNREFUSED || errnum === ENOENT) return false;
   throw new SysError('connect', errnum, socketPath);

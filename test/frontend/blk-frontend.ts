@@ -17,7 +17,7 @@ import {
   VIRTIO_BLK_T_IN,
   VIRTIO_BLK_T_OUT,
 } from '../../src/device/virtio-blk.ts';
-import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd, type FdWatch, watchReadable } from '../../src/sys/libc.ts';
+import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd } from '../../src/sys/libc.ts';
 import { closeFds } from '../../src/vhost-user/transport.ts';
 import {
   configPayload,
@@ -31,6 +31,7 @@ import {
   vringFdPayload,
   vringStatePayload,
 } from '../../src/vhost-user/wire.ts';
+import { FdWaiter } from './fd-wait.ts';
 import { GuestMemory, type GuestRegion } from './guest-memory.ts';
 import { type ChainBuffer, SplitRing } from './split-ring.ts';
 import { VhostUserChannel } from './vhost-user-channel.ts';
@@ -107,8 +108,7 @@ function hex(v: bigint): string {
 export class VhostUserBlkFrontend {
   private readonly kickFd: number;
   private readonly callFd: number;
-  private readonly callWatch: FdWatch;
-  private wake: (() => void) | null = null;
+  private readonly called: FdWaiter;
   private tail: Promise<unknown> = Promise.resolve();
   private wedged: string | null = null;
   private closed = false;
@@ -130,12 +130,7 @@ export class VhostUserBlkFrontend {
     this.dataArea = ring.end + PAGE;
     this.kickFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     this.callFd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    this.callWatch = watchReadable(
-      this.callFd,
-      () => this.wake?.(),
-      () => this.wake?.(),
-    );
-    this.callWatch.pause();
+    this.called = new FdWaiter(this.callFd);
   }
 
   /**
@@ -250,7 +245,7 @@ export class VhostUserBlkFrontend {
   private release(): void {
     if (this.closed) return;
     this.closed = true;
-    this.callWatch.stop();
+    this.called.stop();
     closeFds([this.kickFd, this.callFd]);
     this.channel.close();
     this.memory.free();
@@ -350,17 +345,7 @@ export class VhostUserBlkFrontend {
       if (used !== null) return used;
       const left = deadline - Date.now();
       if (left <= 0) return null;
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          clearTimeout(timer);
-          this.wake = null;
-          this.callWatch.pause();
-          resolve();
-        };
-        const timer = setTimeout(done, left);
-        this.wake = done;
-        this.callWatch.resume();
-      });
+      await this.called.wait(left);
     }
   }
 }

@@ -2,6 +2,9 @@
  * Debian's qemu-storage-daemon (package qemu-system-common) exporting a raw image as a
  * vhost-user-blk back-end on a unix socket: QEMU's own libvhost-user-based device, the reference a
  * test front-end is proven against. Its output is collected for failure messages.
+ *
+ * It serves one front-end at a time: a second connection is accepted by the kernel (backlog) but
+ * not answered until the first one has closed.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';

@@ -13,7 +13,8 @@ import {
   Request,
   WireError,
 } from '../../src/vhost-user/wire.ts';
-import { connectUnix, FdSocketBuffer, type FdWatch, unixSocket, watchReadable } from '../../src/sys/libc.ts';
+import { FdWaiter } from './fd-wait.ts';
+import { connectUnix, FdSocketBuffer, unixSocket } from '../../src/sys/libc.ts';
 
 const REQUEST_NAMES = new Map<number, string>(Object.entries(Request).map(([name, code]) => [code, name]));
 
@@ -27,9 +28,7 @@ function delay(ms: number): Promise<void> {
 
 export class VhostUserChannel {
   private readonly io = new FdSocketBuffer();
-  private readonly watch: FdWatch;
-  private wake: (() => void) | null = null;
-  private failure: Error | null = null;
+  private readonly readable: FdWaiter;
   private open = true;
   /** Set once REPLY_ACK is negotiated: requests without a reply then ask for an ack. */
   replyAck = false;
@@ -39,15 +38,7 @@ export class VhostUserChannel {
     /** Bound on every wait for a reply, in ms. */
     private readonly replyWaitMs: number,
   ) {
-    this.watch = watchReadable(
-      fd,
-      () => this.wake?.(),
-      (e) => {
-        this.failure = e instanceof Error ? e : new Error(String(e));
-        this.wake?.();
-      },
-    );
-    this.watch.pause();
+    this.readable = new FdWaiter(fd);
   }
 
   /** Connects to a listening back-end, retrying (bounded) while it is not accepting yet. */
@@ -95,7 +86,7 @@ export class VhostUserChannel {
   close(): void {
     if (!this.open) return;
     this.open = false;
-    this.watch.stop();
+    this.readable.stop();
     closeFds([this.fd]);
     this.io.free();
   }
@@ -126,12 +117,11 @@ export class VhostUserChannel {
     const deadline = Date.now() + this.replyWaitMs;
     while (have < length) {
       if (!this.open) throw new Error(`vhost-user channel closed while waiting for a ${what}`);
-      if (this.failure) throw this.failure;
       const got = this.io.receive(this.fd, length - have);
       if (got === null) {
         const left = deadline - Date.now();
         if (left <= 0) throw new Error(`no ${what} within ${this.replyWaitMs} ms`);
-        await this.readable(left);
+        await this.readable.wait(left);
         continue;
       }
       if (got.fds.length > 0) {
@@ -144,20 +134,5 @@ export class VhostUserChannel {
       have += got.data.byteLength;
     }
     return Buffer.concat(chunks);
-  }
-
-  /** Resolves when the socket is readable (or hung up) or after `ms`, whichever comes first. */
-  private readable(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.wake = null;
-        this.watch.pause();
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      this.wake = done;
-      this.watch.resume();
-    });
   }
 }
