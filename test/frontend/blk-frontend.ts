@@ -33,7 +33,7 @@ import {
 } from '../../src/vhost-user/wire.ts';
 import { FdWaiter } from './fd-wait.ts';
 import { GuestMemory, type GuestRegion } from './guest-memory.ts';
-import { type ChainBuffer, SplitRing } from './split-ring.ts';
+import { type ChainBuffer, SplitRing, type UsedEntry } from './split-ring.ts';
 import { VhostUserChannel } from './vhost-user-channel.ts';
 
 /** virtio-blk feature bits (virtio 5.2.3) the front-end understands. */
@@ -56,6 +56,8 @@ const OUTHDR = 16;
 const ID_BYTES = 20;
 const PAGE = 4096n;
 const QUEUE = 0;
+/** How often a request's wait looks whether the back-end has gone. */
+const PEER_CHECK_MS = 1000;
 
 export interface FrontendOptions {
   /** Size of the guest memory (region 0 at guest physical 0); a multiple of 4 KiB. */
@@ -322,6 +324,12 @@ export class VhostUserBlkFrontend {
     ]);
     fs.writeSync(this.kickFd, u64Payload(1n));
     const used = await this.waitUsed();
+    if (used === 'closed') {
+      this.wedged = `the back-end closed the connection during ${what} (avail index ${availIdx})`;
+      throw new Error(
+        `virtio-blk ${what} (avail index ${availIdx}): the vhost-user back-end closed the connection`,
+      );
+    }
     if (used === null) {
       this.wedged = `${what} (avail index ${availIdx}) got no used entry within ${this.requestWaitMs} ms`;
       throw new Error(
@@ -336,16 +344,20 @@ export class VhostUserBlkFrontend {
     }
   }
 
-  /** The next used entry, woken by the call eventfd; null after the request wait. */
-  private async waitUsed() {
+  /**
+   * The next used entry, woken by the call eventfd; null after the request wait, 'closed' as soon
+   * as the back-end is seen gone (looked at every second, so a dead back-end is not waited out).
+   */
+  private async waitUsed(): Promise<UsedEntry | null | 'closed'> {
     const deadline = Date.now() + this.requestWaitMs;
     for (;;) {
       drainEventfd(this.callFd);
       const used = this.ring.takeUsed();
       if (used !== null) return used;
+      if (this.channel.peerClosed()) return 'closed';
       const left = deadline - Date.now();
       if (left <= 0) return null;
-      await this.called.wait(left);
+      await this.called.wait(Math.min(left, PEER_CHECK_MS));
     }
   }
 }

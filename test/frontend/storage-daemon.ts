@@ -67,6 +67,17 @@ export class StorageDaemon {
     return this.output;
   }
 
+  /** Resolves once its output matches `re`; bounded by `waitMs` and by its life. */
+  async waitForOutput(re: RegExp, waitMs: number): Promise<void> {
+    const deadline = Date.now() + waitMs;
+    while (!re.test(this.output)) {
+      if (!this.running || Date.now() > deadline) {
+        throw new Error(`qemu-storage-daemon never wrote ${re}; its output:\n${this.output}`);
+      }
+      await delay(20);
+    }
+  }
+
   /** SIGTERM (it flushes and exits), SIGKILL if it has not exited within `waitMs`; the exit code. */
   async stop(waitMs: number): Promise<number | null> {
     if (this.running) this.child.kill('SIGTERM');

@@ -14,7 +14,7 @@ import {
   WireError,
 } from '../../src/vhost-user/wire.ts';
 import { FdWaiter } from './fd-wait.ts';
-import { connectUnix, FdSocketBuffer, unixSocket } from '../../src/sys/libc.ts';
+import { connectUnix, FdSocketBuffer, SysError, unixSocket } from '../../src/sys/libc.ts';
 
 const REQUEST_NAMES = new Map<number, string>(Object.entries(Request).map(([name, code]) => [code, name]));
 
@@ -81,6 +81,25 @@ export class VhostUserChannel {
     const status = ack.readBigUInt64LE(0);
     if (status !== 0n)
       throw new Error(`the vhost-user back-end refused ${requestName(request)} (ack ${status})`);
+  }
+
+  /**
+   * Whether the back-end has closed the connection, checked without waiting while no request is
+   * outstanding (nothing may arrive then: a message is a protocol error).
+   */
+  peerClosed(): boolean {
+    if (!this.open) return true;
+    let got: ReturnType<FdSocketBuffer['receive']>;
+    try {
+      got = this.io.receive(this.fd, 1);
+    } catch (e) {
+      if (e instanceof SysError && e.errno === 'ECONNRESET') return true;
+      throw e;
+    }
+    if (got === null) return false;
+    closeFds(got.fds);
+    if (got.eof) return true;
+    throw new WireError('the vhost-user back-end sent a message nobody asked for', 'header');
   }
 
   close(): void {
