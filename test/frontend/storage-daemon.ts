@@ -78,8 +78,19 @@ export class StorageDaemon {
     }
   }
 
+  /** SIGSTOP: the daemon keeps its connections but serves nothing (a device that went silent). */
+  freeze(): void {
+    if (this.running) this.child.kill('SIGSTOP');
+  }
+
+  /** SIGCONT after {@link freeze}. */
+  thaw(): void {
+    if (this.running) this.child.kill('SIGCONT');
+  }
+
   /** SIGTERM (it flushes and exits), SIGKILL if it has not exited within `waitMs`; the exit code. */
   async stop(waitMs: number): Promise<number | null> {
+    this.thaw(); // a stopped process would not act on SIGTERM
     if (this.running) this.child.kill('SIGTERM');
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<'late'>((resolve) => {

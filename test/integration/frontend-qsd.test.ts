@@ -181,6 +181,24 @@ describe('the vhost-user-blk test front-end against qemu-storage-daemon', {
     await close(next);
   });
 
+  test('a request the device never completes is an error naming it after the bound, not a hang', async (t) => {
+    // A short bound is enough: a stopped daemon completes nothing, however loaded the machine is.
+    const fe = await connect(t, { ...OPTIONS, requestWaitMs: 2000 });
+    daemon!.freeze();
+    try {
+      await assert.rejects(
+        fe.read(100n, 2 * SECTOR),
+        /READ of 1024 bytes at sector 100 \(avail index 0\): no used entry within 2000 ms/,
+      );
+    } finally {
+      daemon!.thaw();
+    }
+    assert.equal(await close(fe), null, 'a wedged ring is not asked for its base');
+    const next = await connect(t);
+    assert.ok((await next.read(0n, SECTOR)).equals(expected.subarray(0, SECTOR)), 'served again');
+    await close(next);
+  });
+
   test('ADD_MEM_REG: a buffer in memory added later', async (t) => {
     const fe = await connect(t);
     if (fe.negotiated.maxMemSlots === null) {
