@@ -214,9 +214,17 @@ export class VhostUserBlkFrontend {
       if (!(this.negotiated.protocolFeatures & protocolFeatureMask('CONFIGURE_MEM_SLOTS'))) {
         throw new Error('the back-end did not offer CONFIGURE_MEM_SLOTS: no ADD_MEM_REG');
       }
-      const top = this.memory.top;
-      const region = this.memory.add(top, size, `vhost-user-frontend-ram${this.memory.regions.length}`);
-      await this.channel.tell(Request.ADD_MEM_REG, memRegPayload(region), [region.fd]);
+      const region = this.memory.add(
+        this.memory.top,
+        size,
+        `vhost-user-frontend-ram${this.memory.regions.length}`,
+      );
+      try {
+        await this.channel.tell(Request.ADD_MEM_REG, memRegPayload(region), [region.fd]);
+      } catch (e) {
+        this.memory.remove(region); // never announced: no buffer may be placed in it
+        throw e;
+      }
       return region;
     });
   }

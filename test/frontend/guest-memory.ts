@@ -103,11 +103,17 @@ export class GuestMemory {
     return Buffer.concat(this.pieces(gpa, length).map((p) => copyFromAddress(p.addr, p.length)));
   }
 
+  /** Unmaps and closes one region. */
+  remove(region: GuestRegion): void {
+    const i = this.list.indexOf(region);
+    if (i < 0) throw new RangeError(`no guest memory region at 0x${region.guestAddr.toString(16)}`);
+    this.list.splice(i, 1);
+    munmap(region.userAddr, region.size);
+    fs.closeSync(region.fd);
+  }
+
   /** Unmaps and closes every region. */
   free(): void {
-    for (const r of this.list.splice(0)) {
-      munmap(r.userAddr, r.size);
-      fs.closeSync(r.fd);
-    }
+    for (const r of [...this.list]) this.remove(r);
   }
 }

@@ -40,7 +40,7 @@ const open = new Set<VhostUserBlkFrontend>();
 /** What the image must hold once the daemon has exited. */
 const expected = Buffer.alloc(IMAGE_BYTES, BACKGROUND);
 let bytesVerified = 0;
-const started = Date.now();
+let started = 0;
 
 /** The kinds of fd a front-end opens (memfds, eventfds, sockets), counted in this process. */
 function frontEndFds(): string {
@@ -97,6 +97,7 @@ describe('the vhost-user-blk test front-end against qemu-storage-daemon', {
   skip: !haveDaemon && `${STORAGE_DAEMON} is not installed (Debian package qemu-system-common)`,
 }, () => {
   before(async () => {
+    started = Date.now();
     fdsBefore = frontEndFds();
     work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-frontend-'));
     image = path.join(work, 'disk.img');
