@@ -50,7 +50,7 @@ export function sameRegion(a: Region, b: Region): boolean {
   );
 }
 
-const byIova = (a: Region, b: Region): number => (a.iova < b.iova ? -1 : a.iova > b.iova ? 1 : 0);
+const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
 
 /**
  * Diffs two IOVA-sorted, non-overlapping lists of one address space. O(n + m).
@@ -61,16 +61,16 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
   let unchanged = 0;
   let i = 0;
   let j = 0;
-  while (i < current.length || j < target.length) {
-    const cur = current[i];
-    const tgt = target[j];
-    if (cur && (!tgt || cur.iova < tgt.iova)) {
+  while (i < current.length && j < target.length) {
+    const cur = current[i]!;
+    const tgt = target[j]!;
+    if (cur.iova < tgt.iova) {
       invalidated.push(cur);
       i++;
-    } else if (tgt && (!cur || tgt.iova < cur.iova)) {
+    } else if (cur.iova > tgt.iova) {
       mapped.push(tgt);
       j++;
-    } else if (cur && tgt) {
+    } else {
       if (sameRegion(cur, tgt)) unchanged++;
       else {
         invalidated.push(cur);
@@ -80,24 +80,28 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
       j++;
     }
   }
-  const ops: IotlbOp[] = [
-    ...invalidated.map((r): IotlbOp => ({ type: 'invalidate', asid, iova: r.iova, size: r.size })),
-    ...mapped.map((r): IotlbOp => ({ type: 'update', asid, ...r })),
-  ];
+  for (; i < current.length; i++) invalidated.push(current[i]!);
+  for (; j < target.length; j++) mapped.push(target[j]!);
+  const ops: IotlbOp[] = [];
+  for (const r of invalidated) ops.push({ type: 'invalidate', asid, iova: r.iova, size: r.size });
+  for (const r of mapped) ops.push({ type: 'update', asid, ...r });
   return { ops, invalidated, mapped, unchanged };
 }
 
 /**
  * Validates a whole target table (shape of each region, no overlap between them) and returns it
- * sorted by IOVA. Errors name the region by its index in the request. `pinPageSize`: see
- * checkRegionShape.
+ * sorted by IOVA (a new array; a target that arrives sorted is not sorted again). Errors name the
+ * region by its index in the request: shape errors first, in index order, then the first overlap
+ * in IOVA order. `pinPageSize`: see checkRegionShape. O(n) for a sorted target, else O(n log n).
  */
 export function validateTarget(
   target: readonly Region[],
   range: IovaRange = FULL_IOVA_RANGE,
   pinPageSize?: bigint,
 ): Region[] {
-  target.forEach((r, index) => {
+  let sorted = true;
+  for (let index = 0; index < target.length; index++) {
+    const r = target[index]!;
     const bad = checkRegionShape(r, range, pinPageSize);
     if (bad)
       throw new PlanError(
@@ -106,26 +110,41 @@ export function validateTarget(
         `regions[${index}].${bad.field}`,
         bad.errno,
       );
-  });
-  const indexed = target.map((region, index) => ({ region, index }));
-  indexed.sort((a, b) => byIova(a.region, b.region));
-  for (let k = 1; k < indexed.length; k++) {
-    const prev = indexed[k - 1]!;
-    const next = indexed[k]!;
-    if (prev.region.iova + prev.region.size > next.region.iova) {
+    if (index > 0 && r.iova < target[index - 1]!.iova) sorted = false;
+  }
+  const order = sorted ? undefined : iovaOrder(target);
+  const out = order ? Array.from(order, (index) => target[index]!) : target.slice();
+  for (let k = 1; k < out.length; k++) {
+    const prev = out[k - 1]!;
+    const next = out[k]!;
+    if (prev.iova + prev.size > next.iova) {
+      const prevIndex = order ? order[k - 1]! : k - 1;
+      const nextIndex = order ? order[k]! : k;
       throw new PlanError(
         'TARGET_OVERLAP',
-        `regions[${next.index}] ${describeRange(next.region.iova, next.region.size)} overlaps regions[${prev.index}] ${describeRange(prev.region.iova, prev.region.size)}`,
-        `regions[${next.index}].iova`,
+        `regions[${nextIndex}] ${describeRange(next.iova, next.size)} overlaps regions[${prevIndex}] ${describeRange(prev.iova, prev.size)}`,
+        `regions[${nextIndex}].iova`,
       );
     }
   }
-  return indexed.map((x) => x.region);
+  return out;
 }
 
-/** set-mem-table: the plan that makes `table` equal `target`. O((n + m) log(n + m)). */
-export function planMemTable(table: IovaTable, target: readonly Region[]): Plan {
-  return diffSorted([...table.entries()], validateTarget(target, table.range, table.pinPageSize), table.asid);
+/**
+ * The indices of `regions` in IOVA order, equal IOVAs in index order. It sorts doubles, not
+ * bigints: Number() rounds monotonically, so only IOVAs that round to the same double (possible
+ * above 2^53) need comparing as bigints.
+ */
+function iovaOrder(regions: readonly Region[]): Uint32Array {
+  const keys = new Float64Array(regions.length);
+  const order = new Uint32Array(regions.length);
+  for (let i = 0; i < regions.length; i++) {
+    keys[i] = Number(regions[i]!.iova);
+    order[i] = i;
+  }
+  return order.sort(
+    (a, b) => keys[a]! - keys[b]! || compareBigint(regions[a]!.iova, regions[b]!.iova) || a - b,
+  );
 }
 
 /**
