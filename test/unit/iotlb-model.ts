@@ -68,6 +68,22 @@ export class IotlbModel {
     return removed;
   }
 
+  /**
+   * Applies `ops` in order, also refusing an INVALIDATE that does not remove exactly one whole
+   * entry: the planner never relies on partial invalidation (see src/iotlb/planner.ts).
+   */
+  applyWholeEntryOps(ops: readonly IotlbOp[]): void {
+    for (const op of ops) {
+      const removed = this.apply(op);
+      if (op.type !== 'invalidate') continue;
+      const [only, ...more] = removed;
+      if (!only || more.length > 0 || only.iova !== op.iova || only.size !== op.size)
+        throw new Error(
+          `INVALIDATE ${op.iova}+${op.size} removed ${removed.length} entries, not one whole entry`,
+        );
+    }
+  }
+
   mappings(): Mapping[] {
     return canonical(this.entries);
   }
