@@ -13,9 +13,9 @@ import { type BenchContext, compare, scaled, seconds } from '../harness.ts';
 const TIB = 1n << 40n;
 const ROUNDS = 7;
 
-/** A fixed permutation (callers may send tables in any order). */
-function shuffled<T>(xs: readonly T[]): T[] {
-  const out = [...xs];
+/** A fixed permutation of 0..n-1 (callers may send tables in any order). */
+function permutation(n: number): number[] {
+  const out = Array.from({ length: n }, (_, i) => i);
   let seed = 12345;
   for (let i = out.length - 1; i > 0; i--) {
     seed = (seed * 1103515245 + 12345) & 0x7fffffff;
@@ -24,6 +24,23 @@ function shuffled<T>(xs: readonly T[]): T[] {
   }
   return out;
 }
+
+/**
+ * `regions` in the order `at`, each a new object with new bigints, allocated in that order, as a
+ * request decoded off the wire is (reusing the sorted objects would make a shuffled walk a walk
+ * through scattered memory, which no real request is).
+ */
+const decoded = (regions: readonly Region[], at: readonly number[]): Region[] =>
+  at.map((i) => {
+    const r = regions[i]!;
+    return {
+      iova: BigInt(r.iova.toString()),
+      size: BigInt(r.size.toString()),
+      memory: r.memory,
+      offset: BigInt(r.offset.toString()),
+      perm: r.perm,
+    };
+  });
 
 const byIova = (a: Region, b: Region): number => (a.iova < b.iova ? -1 : a.iova > b.iova ? 1 : 0);
 
@@ -74,8 +91,14 @@ function runCase(ctx: BenchContext, c: Case): void {
     wantedSorted = live.map((r, i) => (i % every === 0 ? { ...r, offset: r.offset + 0x1000n } : r));
     minimal = 2 * Math.ceil(n / every);
   }
-  const shuffledTarget = shuffled(wantedSorted);
-  const target = c.arrival === 'sorted' ? wantedSorted : shuffledTarget;
+  const shuffledTarget = decoded(wantedSorted, permutation(n));
+  const target =
+    c.arrival === 'sorted'
+      ? decoded(
+          wantedSorted,
+          wantedSorted.map((_, i) => i),
+        )
+      : shuffledTarget;
 
   let plan: Plan | undefined;
   const [planSeconds, sortSeconds] = bestOfAlternating(

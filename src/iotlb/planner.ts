@@ -11,7 +11,7 @@
  * every target entry not already there must be written.
  */
 import type { IovaTable } from './table.ts';
-import { checkRegionShape } from './table.ts';
+import { checkRegionShape, compareBigint } from './table.ts';
 import { describeRange, FULL_IOVA_RANGE, hex, type IotlbOp, type IovaRange, type Region } from './types.ts';
 
 export interface Plan {
@@ -50,8 +50,6 @@ export function sameRegion(a: Region, b: Region): boolean {
   );
 }
 
-const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
-
 /**
  * Diffs two IOVA-sorted, non-overlapping lists of one address space. O(n + m).
  */
@@ -84,7 +82,17 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
   for (; j < target.length; j++) mapped.push(target[j]!);
   const ops: IotlbOp[] = [];
   for (const r of invalidated) ops.push({ type: 'invalidate', asid, iova: r.iova, size: r.size });
-  for (const r of mapped) ops.push({ type: 'update', asid, ...r });
+  for (const r of mapped) {
+    ops.push({
+      type: 'update',
+      asid,
+      iova: r.iova,
+      size: r.size,
+      memory: r.memory,
+      offset: r.offset,
+      perm: r.perm,
+    });
+  }
   return { ops, invalidated, mapped, unchanged };
 }
 
@@ -92,7 +100,7 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
  * Validates a whole target table (shape of each region, no overlap between them) and returns it
  * sorted by IOVA (a new array; a target that arrives sorted is not sorted again). Errors name the
  * region by its index in the request: shape errors first, in index order, then the first overlap
- * in IOVA order. `pinPageSize`: see checkRegionShape. O(n) for a sorted target, else O(n log n).
+ * in IOVA order. `pinPageSize`: see checkRegionShape. O(n), plus the sort of an unsorted target.
  */
 export function validateTarget(
   target: readonly Region[],
@@ -131,20 +139,60 @@ export function validateTarget(
 }
 
 /**
- * The indices of `regions` in IOVA order, equal IOVAs in index order. It sorts doubles, not
- * bigints: Number() rounds monotonically, so only IOVAs that round to the same double (possible
- * above 2^53) need comparing as bigints.
+ * The indices of `regions` (valid u64 IOVAs) in IOVA order, equal IOVAs in index order: a stable
+ * LSD radix sort, 16 bits a pass, of Number(iova), which rounds monotonically, so only IOVAs that
+ * round to the same double (possible above 2^53) are then compared as bigints. O(n), no bigint
+ * arithmetic and no comparator calls in the common case; a small table is simply sorted.
  */
 function iovaOrder(regions: readonly Region[]): Uint32Array {
-  const keys = new Float64Array(regions.length);
-  const order = new Uint32Array(regions.length);
-  for (let i = 0; i < regions.length; i++) {
-    keys[i] = Number(regions[i]!.iova);
-    order[i] = i;
+  const n = regions.length;
+  const byIova = (a: number, b: number) => compareBigint(regions[a]!.iova, regions[b]!.iova) || a - b;
+  // Below this, sorting costs less than the radix passes' 64 Ki counters.
+  if (n < 4096) return Uint32Array.from(regions.keys()).sort(byIova);
+  const high = new Uint32Array(n);
+  const low = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    const key = Number(regions[i]!.iova);
+    if (key >= 2 ** 64) {
+      // Only IOVAs near 2^64 - 1 round up to 2^64: keep them the greatest.
+      high[i] = 0xffff_ffff;
+      low[i] = 0xffff_ffff;
+    } else {
+      high[i] = Math.floor(key / 2 ** 32);
+      low[i] = key % 2 ** 32;
+    }
   }
-  return order.sort(
-    (a, b) => keys[a]! - keys[b]! || compareBigint(regions[a]!.iova, regions[b]!.iova) || a - b,
-  );
+  let order = new Uint32Array(n);
+  let spare = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  const counts = new Uint32Array(1 << 16);
+  for (const [word, shift] of [
+    [low, 0],
+    [low, 16],
+    [high, 0],
+    [high, 16],
+  ] as const) {
+    counts.fill(0);
+    for (let i = 0; i < n; i++) counts[(word[i]! >>> shift) & 0xffff]!++;
+    if (counts[(word[0]! >>> shift) & 0xffff] === n) continue; // one digit for all: order stays
+    for (let d = 0, sum = 0; d < counts.length; d++) {
+      const c = counts[d]!;
+      counts[d] = sum;
+      sum += c;
+    }
+    for (let i = 0; i < n; i++) {
+      const k = order[i]!;
+      spare[counts[(word[k]! >>> shift) & 0xffff]!++] = k;
+    }
+    [order, spare] = [spare, order];
+  }
+  // Equal doubles now sit together in index order; put each such run in bigint order.
+  for (let start = 0, end = 1; start < n; start = end, end = start + 1) {
+    const k = order[start]!;
+    while (end < n && high[order[end]!] === high[k] && low[order[end]!] === low[k]) end++;
+    if (end - start > 1) order.subarray(start, end).sort(byIova);
+  }
+  return order;
 }
 
 /**

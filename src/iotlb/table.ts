@@ -28,7 +28,7 @@ const BTree = sortedBtree.default;
 type BTree<K, V> = InstanceType<typeof BTree<K, V>>;
 
 const U64_MAX = U64_LIMIT - 1n;
-const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
+export const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
 
 export function violation(
   reason: IotlbViolationReason,

@@ -27,8 +27,11 @@ import { addressMap, canonical, IotlbModel, identical, sharesByte, withAsid } fr
 const LIMIT = 1n << 64n;
 /** Each case lives in [base, base + SPAN): a byte map of it stays small. */
 const SPAN = 64n;
-/** Bases around 2^53 and above, where IOVAs no longer fit a double exactly, and at the top of u64. */
-const BASES = [0n, (1n << 53n) - 24n, (1n << 60n) + 7n, LIMIT - SPAN];
+/**
+ * Bases around 2^53 and above, where IOVAs no longer fit a double exactly, across 2^64 - 1024
+ * (above it they round up to 2^64), and at the top of u64.
+ */
+const BASES = [0n, (1n << 53n) - 24n, (1n << 60n) + 7n, LIMIT - 1024n - SPAN / 2n, LIMIT - SPAN];
 const PERMS: Perm[] = ['ro', 'wo', 'rw'];
 
 /** set-mem-table as the queue's applySetMemTable plans it for one address space. */
@@ -141,6 +144,56 @@ test('property: set-mem-table ops turn the model of the live table into exactly 
       assert.deepEqual(canonical(withAsid(plan.mapped, 0)), canonical(withAsid(added, 0)));
     }),
     { numRuns: 600 },
+  );
+});
+
+/** A small seeded generator (a fast-check array of thousands of regions would shrink slowly). */
+function lcg(seed: number): { nextInt(min: number, max: number): number } {
+  let state = seed >>> 0;
+  return {
+    nextInt(min, max) {
+      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+      return min + (state % (max - min + 1));
+    },
+  };
+}
+
+test('property: a large target in any order is validated into IOVA order, across every digit boundary', () => {
+  // Large enough for validateTarget's radix sort; IOVAs across 2^32, 2^48, 2^53, and up to 2^64
+  // (across 2^64 - 1024, above which they round up to 2^64 as doubles).
+  const caseArb = fc.record({
+    start: fc.constantFrom(0n, (1n << 32n) - 9000n, (1n << 48n) - 9000n, (1n << 53n) - 9000n, 'top' as const),
+    count: fc.integer({ min: 4096, max: 5000 }),
+    seed: fc.integer(),
+  });
+  fc.assert(
+    fc.property(caseArb, ({ start, count, seed }) => {
+      const rng = lcg(seed);
+      const relative: [bigint, bigint][] = [];
+      let end = 0n;
+      for (let i = 0; i < count; i++) {
+        const at = end + BigInt(rng.nextInt(0, 3));
+        const size = BigInt(rng.nextInt(1, 3));
+        end = at + size;
+        relative.push([at, size]);
+      }
+      const base = start === 'top' ? LIMIT - end : start;
+      const sorted = relative.map(
+        ([at, size]): Region => ({ iova: base + at, size, memory: 'm0', offset: 0n, perm: 'rw' }),
+      );
+      const arrival = [...sorted];
+      for (let i = arrival.length - 1; i > 0; i--) {
+        const j = rng.nextInt(0, i);
+        [arrival[i], arrival[j]] = [arrival[j]!, arrival[i]!];
+      }
+      assert.deepEqual(validateTarget(arrival), sorted);
+      // Two regions on one IOVA are refused, whichever of them comes first.
+      const twin = rng.nextInt(0, count - 1);
+      assert.throws(() => validateTarget([...arrival, { ...arrival[twin]!, size: 1n }]), {
+        code: 'TARGET_OVERLAP',
+      });
+    }),
+    { numRuns: 25 },
   );
 });
 
