@@ -110,7 +110,7 @@ function runCase(ctx: BenchContext, c: Case): void {
   if (!plan || plan.ops.length !== minimal || plan.unchanged !== (c.from === 'empty' ? 0 : n - minimal / 2))
     throw new Error(`planner bench: ${plan?.ops.length} ops, expected the minimal ${minimal}`);
   const sortedInputSort = Math.min(...[1, 2, 3].map(() => seconds(() => [...wantedSorted].sort(byIova))));
-  const guest = c.regionSize * BigInt(c.regions) === TIB ? ', 1 TiB guest' : '';
+  const guest = c.regionSize * BigInt(n) === TIB ? ', 1 TiB guest' : '';
   compare(
     ctx,
     {
