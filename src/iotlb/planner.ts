@@ -11,7 +11,7 @@
  * every target entry not already there must be written.
  */
 import type { IovaTable } from './table.ts';
-import { checkRegionShape } from './table.ts';
+import { checkRegionShape, compareBigint } from './table.ts';
 import { describeRange, FULL_IOVA_RANGE, hex, type IotlbOp, type IovaRange, type Region } from './types.ts';
 
 export interface Plan {
@@ -50,8 +50,6 @@ export function sameRegion(a: Region, b: Region): boolean {
   );
 }
 
-const byIova = (a: Region, b: Region): number => (a.iova < b.iova ? -1 : a.iova > b.iova ? 1 : 0);
-
 /**
  * Diffs two IOVA-sorted, non-overlapping lists of one address space. O(n + m).
  */
@@ -61,16 +59,16 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
   let unchanged = 0;
   let i = 0;
   let j = 0;
-  while (i < current.length || j < target.length) {
-    const cur = current[i];
-    const tgt = target[j];
-    if (cur && (!tgt || cur.iova < tgt.iova)) {
+  while (i < current.length && j < target.length) {
+    const cur = current[i]!;
+    const tgt = target[j]!;
+    if (cur.iova < tgt.iova) {
       invalidated.push(cur);
       i++;
-    } else if (tgt && (!cur || tgt.iova < cur.iova)) {
+    } else if (cur.iova > tgt.iova) {
       mapped.push(tgt);
       j++;
-    } else if (cur && tgt) {
+    } else {
       if (sameRegion(cur, tgt)) unchanged++;
       else {
         invalidated.push(cur);
@@ -80,24 +78,38 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
       j++;
     }
   }
-  const ops: IotlbOp[] = [
-    ...invalidated.map((r): IotlbOp => ({ type: 'invalidate', asid, iova: r.iova, size: r.size })),
-    ...mapped.map((r): IotlbOp => ({ type: 'update', asid, ...r })),
-  ];
+  for (; i < current.length; i++) invalidated.push(current[i]!);
+  for (; j < target.length; j++) mapped.push(target[j]!);
+  const ops: IotlbOp[] = [];
+  for (const r of invalidated) ops.push({ type: 'invalidate', asid, iova: r.iova, size: r.size });
+  for (const r of mapped) {
+    ops.push({
+      type: 'update',
+      asid,
+      iova: r.iova,
+      size: r.size,
+      memory: r.memory,
+      offset: r.offset,
+      perm: r.perm,
+    });
+  }
   return { ops, invalidated, mapped, unchanged };
 }
 
 /**
  * Validates a whole target table (shape of each region, no overlap between them) and returns it
- * sorted by IOVA. Errors name the region by its index in the request. `pinPageSize`: see
- * checkRegionShape.
+ * sorted by IOVA (a new array; a target that arrives sorted is not sorted again). Errors name the
+ * region by its index in the request: shape errors first, in index order, then the first overlap
+ * in IOVA order. `pinPageSize`: see checkRegionShape. O(n), plus the sort of an unsorted target.
  */
 export function validateTarget(
   target: readonly Region[],
   range: IovaRange = FULL_IOVA_RANGE,
   pinPageSize?: bigint,
 ): Region[] {
-  target.forEach((r, index) => {
+  let sorted = true;
+  for (let index = 0; index < target.length; index++) {
+    const r = target[index]!;
     const bad = checkRegionShape(r, range, pinPageSize);
     if (bad)
       throw new PlanError(
@@ -106,26 +118,81 @@ export function validateTarget(
         `regions[${index}].${bad.field}`,
         bad.errno,
       );
-  });
-  const indexed = target.map((region, index) => ({ region, index }));
-  indexed.sort((a, b) => byIova(a.region, b.region));
-  for (let k = 1; k < indexed.length; k++) {
-    const prev = indexed[k - 1]!;
-    const next = indexed[k]!;
-    if (prev.region.iova + prev.region.size > next.region.iova) {
+    if (index > 0 && r.iova < target[index - 1]!.iova) sorted = false;
+  }
+  const order = sorted ? undefined : iovaOrder(target);
+  const out = order ? Array.from(order, (index) => target[index]!) : target.slice();
+  for (let k = 1; k < out.length; k++) {
+    const prev = out[k - 1]!;
+    const next = out[k]!;
+    if (prev.iova + prev.size > next.iova) {
+      const prevIndex = order ? order[k - 1]! : k - 1;
+      const nextIndex = order ? order[k]! : k;
       throw new PlanError(
         'TARGET_OVERLAP',
-        `regions[${next.index}] ${describeRange(next.region.iova, next.region.size)} overlaps regions[${prev.index}] ${describeRange(prev.region.iova, prev.region.size)}`,
-        `regions[${next.index}].iova`,
+        `regions[${nextIndex}] ${describeRange(next.iova, next.size)} overlaps regions[${prevIndex}] ${describeRange(prev.iova, prev.size)}`,
+        `regions[${nextIndex}].iova`,
       );
     }
   }
-  return indexed.map((x) => x.region);
+  return out;
 }
 
-/** set-mem-table: the plan that makes `table` equal `target`. O((n + m) log(n + m)). */
-export function planMemTable(table: IovaTable, target: readonly Region[]): Plan {
-  return diffSorted([...table.entries()], validateTarget(target, table.range, table.pinPageSize), table.asid);
+/**
+ * The indices of `regions` (valid u64 IOVAs) in IOVA order, equal IOVAs in index order: a stable
+ * LSD radix sort, 16 bits a pass, of Number(iova), which rounds monotonically, so only IOVAs that
+ * round to the same double (possible above 2^53) are then compared as bigints. O(n), no bigint
+ * arithmetic and no comparator calls in the common case; a small table is simply sorted.
+ */
+function iovaOrder(regions: readonly Region[]): Uint32Array {
+  const n = regions.length;
+  const byIova = (a: number, b: number) => compareBigint(regions[a]!.iova, regions[b]!.iova) || a - b;
+  // Below this, sorting costs less than the radix passes' 64 Ki counters.
+  if (n < 4096) return Uint32Array.from(regions.keys()).sort(byIova);
+  const high = new Uint32Array(n);
+  const low = new Uint32Array(n);
+  for (let i = 0; i < n; i++) {
+    const key = Number(regions[i]!.iova);
+    if (key >= 2 ** 64) {
+      // Only IOVAs near 2^64 - 1 round up to 2^64: keep them the greatest.
+      high[i] = 0xffff_ffff;
+      low[i] = 0xffff_ffff;
+    } else {
+      high[i] = Math.floor(key / 2 ** 32);
+      low[i] = key % 2 ** 32;
+    }
+  }
+  let order = new Uint32Array(n);
+  let spare = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  const counts = new Uint32Array(1 << 16);
+  for (const [word, shift] of [
+    [low, 0],
+    [low, 16],
+    [high, 0],
+    [high, 16],
+  ] as const) {
+    counts.fill(0);
+    for (let i = 0; i < n; i++) counts[(word[i]! >>> shift) & 0xffff]!++;
+    if (counts[(word[0]! >>> shift) & 0xffff] === n) continue; // one digit for all: order stays
+    for (let d = 0, sum = 0; d < counts.length; d++) {
+      const c = counts[d]!;
+      counts[d] = sum;
+      sum += c;
+    }
+    for (let i = 0; i < n; i++) {
+      const k = order[i]!;
+      spare[counts[(word[k]! >>> shift) & 0xffff]!++] = k;
+    }
+    [order, spare] = [spare, order];
+  }
+  // Equal doubles now sit together in index order; put each such run in bigint order.
+  for (let start = 0, end = 1; start < n; start = end, end = start + 1) {
+    const k = order[start]!;
+    while (end < n && high[order[end]!] === high[k] && low[order[end]!] === low[k]) end++;
+    if (end - start > 1) order.subarray(start, end).sort(byIova);
+  }
+  return order;
 }
 
 /**

@@ -28,7 +28,7 @@ const BTree = sortedBtree.default;
 type BTree<K, V> = InstanceType<typeof BTree<K, V>>;
 
 const U64_MAX = U64_LIMIT - 1n;
-const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
+export const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
 
 export function violation(
   reason: IotlbViolationReason,
@@ -61,11 +61,11 @@ export function checkRegionShape(
   }
   if (r.size <= 0n) return violation('ZERO_SIZE', `size must be greater than 0, got ${r.size}`);
   if (r.iova < 0n || r.iova > U64_MAX) return violation('OUT_OF_RANGE', `iova ${r.iova} is not a u64`);
-  if (r.iova + r.size > U64_LIMIT) {
+  const end = r.iova + r.size;
+  if (end > U64_LIMIT) {
     return violation('OVERFLOW', `iova ${hex(r.iova)} + size ${hex(r.size)} overflows 2^64`);
   }
-  const last = r.iova + r.size - 1n;
-  if (r.iova < range.first || last > range.last) {
+  if (r.iova < range.first || end - 1n > range.last) {
     return violation(
       'OUT_OF_RANGE',
       `${describeRange(r.iova, r.size)} is outside the device's IOVA range [${hex(range.first)}, ${hex(range.last)}]`,
@@ -207,9 +207,10 @@ export class IovaTable {
     return { region, memoryOffset: region.offset + delta, bytesToEnd: region.size - delta };
   }
 
-  /** Entries in IOVA order (a snapshot-safe generator: do not mutate while iterating). */
-  *entries(): IterableIterator<Region> {
-    for (const [, region] of this.tree.entries()) yield region;
+  /** Entries in IOVA order, a snapshot: the table may change while it is iterated. */
+  entries(): IterableIterator<Region> {
+    // valuesArray walks the leaves in one pass; the tree's own iterators build a pair per entry.
+    return (this.tree.size === 0 ? [] : this.tree.valuesArray()).values();
   }
 
   /** Removes everything (device close / reset without IOTLB_PERSIST); returns what was there. */

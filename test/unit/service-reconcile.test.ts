@@ -1,14 +1,42 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { describe, test } from 'node:test';
-import { diffSorted } from '../../src/iotlb/planner.ts';
-import { memoryDir } from '../../src/memory/allowlist.ts';
+import { after, before, describe, test } from 'node:test';
+import fc from 'fast-check';
 import type { ServiceError } from '../../src/core/errors.ts';
-import { harness, holdNextApply, mapReq, PAGE } from './core-harness.ts';
+import type { IotlbOp, Mapping, Perm, Region } from '../../src/iotlb/types.ts';
+import { memoryDir } from '../../src/memory/allowlist.ts';
+import { type Harness, harness, holdNextApply, mapReq, PAGE } from './core-harness.ts';
+import { addressMap, canonical, IotlbModel, identical, sharesByte } from './iotlb-model.ts';
 
 const code = (e: unknown) => (e as ServiceError).code;
 const iovas = (ms: { iova: bigint }[]) => ms.map((m) => m.iova);
+
+/**
+ * Checks, on the independent model, that `ops` take a device holding `held` to `desired`: entry by
+ * entry and page by page, every INVALIDATE dropping one whole entry, nothing already right touched,
+ * one op per entry that is not.
+ */
+function assertConverges(
+  held: readonly Mapping[],
+  ops: readonly IotlbOp[],
+  desired: readonly Mapping[],
+): void {
+  const model = new IotlbModel(held);
+  model.applyWholeEntryOps(ops);
+  assert.deepEqual(addressMap(model.mappings(), PAGE), addressMap(desired, PAGE), 'page by page');
+  assert.deepEqual(model.mappings(), canonical(desired), 'entry by entry');
+  const isIn = (m: Mapping, list: readonly Mapping[]) =>
+    list.some((o) => o.asid === m.asid && identical(m, o));
+  const right = held.filter((m) => isIn(m, desired));
+  for (const op of ops) {
+    const hit = right.find((m) => m.asid === op.asid && sharesByte(m, op));
+    assert.equal(hit, undefined, `${op.type} ${op.iova}+${op.size} touches a mapping that was right`);
+  }
+  const stale = held.length - right.length;
+  const missing = desired.filter((m) => !isIn(m, held)).length;
+  assert.equal(ops.length, stale + missing, 'one op per wrong or missing mapping');
+}
 
 async function populated() {
   const h = await harness([{ name: 'vdpa0' }, { name: 'vdpa1', iommu: 'onchip', asNum: 2 }]);
@@ -31,6 +59,7 @@ describe('reconciliation', () => {
       const desired1 = await s.listMappings('vdpa1');
 
       const hold = holdNextApply(h.agent);
+      const mark = h.agent.applies.length;
       await h.agent.restart();
       assert.deepEqual(h.agent.device('vdpa0').mappings(), [], 'the restarted agent lost every mapping');
       const done = s.reconcile();
@@ -45,19 +74,16 @@ describe('reconciliation', () => {
       assert.equal(s.isReady(), true);
       assert.deepEqual(h.agent.device('vdpa0').mappings(), desired0);
       assert.deepEqual(h.agent.device('vdpa1').mappings(), desired1);
-      // The ops that reached each device are the planner's: empty table -> desired.
-      const reconciles = h.agent.applies.slice(-2);
-      for (const call of reconciles) {
-        const want = call.device === 'vdpa0' ? desired0 : desired1;
-        const planned = [0, 1].flatMap(
-          (asid) =>
-            diffSorted(
-              [],
-              want.filter((m) => m.asid === asid),
-              asid,
-            ).ops,
-        );
-        assert.deepEqual(call.ops, planned);
+      // The ops that reached each device take its empty table to the desired one, one UPDATE each.
+      for (const [device, want] of [
+        ['vdpa0', desired0],
+        ['vdpa1', desired1],
+      ] as const) {
+        const ops = h.agent.applies
+          .slice(mark)
+          .filter((c) => c.device === device)
+          .flatMap((c) => c.ops);
+        assertConverges([], ops, want);
       }
       // File-backed memory was re-opened by path: what the device wrote is still there.
       assert.equal(h.agent.device('vdpa0').dmaRead(0, 0x20010n, 10).toString(), 'guest data');
@@ -213,5 +239,139 @@ describe('reconciliation', () => {
     } finally {
       await h.cleanup();
     }
+  });
+});
+
+describe('reconciliation, property', () => {
+  const MEMORY = { file: 64n, small: 16n } as const;
+  /** vdpa0: PA mode (pins pages), one address space; vdpa1: VA mode, two. */
+  const SPACES = [
+    { device: 'vdpa0', asid: 0 },
+    { device: 'vdpa1', asid: 0 },
+    { device: 'vdpa1', asid: 1 },
+  ];
+  const BASE = 0x10_0000n;
+
+  /** A non-overlapping table of one address space on a page grid of 32 pages. */
+  const regionsArb: fc.Arbitrary<Region[]> = fc
+    .array(
+      fc.record({
+        gap: fc.integer({ min: 0, max: 3 }),
+        pages: fc.integer({ min: 1, max: 4 }),
+        memory: fc.constantFrom<keyof typeof MEMORY>('file', 'small'),
+        at: fc.nat({ max: 15 }),
+        perm: fc.constantFrom<Perm>('ro', 'wo', 'rw'),
+      }),
+      { maxLength: 8 },
+    )
+    .map((parts) => {
+      const out: Region[] = [];
+      let page = 0n;
+      for (const { gap, pages, memory, at, perm } of parts) {
+        const first = page + BigInt(gap);
+        page = first + BigInt(pages);
+        if (page > 32n) break;
+        const offset = BigInt(at) % (MEMORY[memory] - BigInt(pages) + 1n);
+        out.push({
+          iova: BASE + first * PAGE,
+          size: BigInt(pages) * PAGE,
+          memory,
+          offset: offset * PAGE,
+          perm,
+        });
+      }
+      return out;
+    });
+
+  /** What happens to the devices behind the service's back before it reconciles. */
+  const upsetArb = fc.oneof(
+    fc.constant({ kind: 'none' as const }),
+    fc.constant({ kind: 'restart' as const }),
+    fc.record({
+      kind: fc.constant('drift' as const),
+      // Written straight to the devices: some are refused (EEXIST), which is fine.
+      ops: fc.array(
+        fc.tuple(fc.nat({ max: SPACES.length - 1 }), regionsArb, fc.boolean(), fc.nat({ max: 31 })),
+        { maxLength: 3 },
+      ),
+      // Desired mappings re-mapped in place with another offset or permission.
+      altered: fc.array(fc.tuple(fc.nat(), fc.boolean()), { maxLength: 3 }),
+    }),
+  );
+
+  /** `m` with its memory offset moved by a page (inside the memory) or, if it cannot, its perm changed. */
+  function altered(m: Mapping, offset: boolean): Mapping {
+    const limit = MEMORY[m.memory as keyof typeof MEMORY] * PAGE;
+    if (offset && m.offset + m.size + PAGE <= limit) return { ...m, offset: m.offset + PAGE };
+    if (offset && m.offset >= PAGE) return { ...m, offset: m.offset - PAGE };
+    return { ...m, perm: m.perm === 'rw' ? 'ro' : 'rw' };
+  }
+
+  let h: Harness;
+  before(async () => {
+    h = await harness([{ name: 'vdpa0' }, { name: 'vdpa1', iommu: 'onchip', asNum: 2 }]);
+    for (const [id, pages] of Object.entries(MEMORY))
+      await h.service.registerMemory({ id, size: pages * PAGE });
+  });
+  after(() => h.cleanup());
+
+  test('after reconcile, what the agent reports mapped equals the model of the desired state', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.tuple(...SPACES.map(() => regionsArb)),
+        upsetArb,
+        fc.infiniteStream(fc.nat()),
+        async (tables, upset, seeds) => {
+          const s = h.service;
+          const desired = new Map<string, Mapping[]>([
+            ['vdpa0', []],
+            ['vdpa1', []],
+          ]);
+          for (const [k, { device, asid }] of SPACES.entries()) {
+            const regions = tables[k]!;
+            // In any order: the request need not arrive sorted.
+            const shuffled = [...regions].sort(() => (seeds.next().value % 3) - 1);
+            await s.setMemTable({ device, asid, regions: shuffled });
+            desired.get(device)!.push(...regions.map((r) => ({ ...r, asid })));
+          }
+          if (upset.kind === 'restart') await h.agent.restart();
+          if (upset.kind === 'drift') {
+            for (const [k, regions, unmapFirst, page] of upset.ops) {
+              const { device, asid } = SPACES[k]!;
+              const ops: IotlbOp[] = regions.map((r) => ({ type: 'update', asid, ...r }));
+              if (unmapFirst)
+                ops.unshift({ type: 'invalidate', asid, iova: BASE + BigInt(page) * PAGE, size: 4n * PAGE });
+              await h.agent.device(device).apply(ops);
+            }
+            const all = [...desired].flatMap(([device, ms]) => ms.map((m) => ({ device, m })));
+            for (const [n, offset] of all.length > 0 ? upset.altered : []) {
+              const { device, m } = all[n % all.length]!;
+              await h.agent.device(device).apply([
+                { type: 'invalidate', asid: m.asid, iova: m.iova, size: m.size },
+                { type: 'update', ...altered(m, offset) },
+              ]);
+            }
+          }
+          const held = new Map<string, Mapping[]>();
+          for (const device of desired.keys()) held.set(device, (await h.agent.listMapped(device)).mappings);
+
+          const mark = h.agent.applies.length;
+          h.agent.goAway();
+          h.agent.comeBack();
+          await s.reconcile();
+          for (const [device, want] of desired) {
+            const { mappings } = await h.agent.listMapped(device);
+            assert.deepEqual(addressMap(mappings, PAGE), addressMap(want, PAGE), `${device}: page by page`);
+            assert.deepEqual(canonical(mappings), canonical(want), `${device}: entry by entry`);
+            const ops = h.agent.applies
+              .slice(mark)
+              .filter((c) => c.device === device)
+              .flatMap((c) => c.ops);
+            assertConverges(held.get(device)!, ops, want);
+          }
+        },
+      ),
+      { numRuns: 30 },
+    );
   });
 });
