@@ -1,0 +1,239 @@
+/**
+ * The simulated kernel's vring, feature, config and status ioctls refuse misuse with the errno
+ * drivers/vhost/vdpa.c and vhost.c give (vhost_vdpa_vring_ioctl, vhost_vring_ioctl,
+ * vhost_vdpa_set_features, vhost_vdpa_set_status, vhost_vdpa_config_validate), and a simulated
+ * blk device serves its ring only from DRIVER_OK on, until it is disabled or reset.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { afterEach, beforeEach, describe, it } from 'node:test';
+import { SimulatedVdpa } from '../../src/device/sim-kernel.ts';
+import type { VhostTransport } from '../../src/device/transport.ts';
+import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd } from '../../src/sys/libc.ts';
+import { DeviceStatus, Ioctl } from '../../src/uapi/index.ts';
+import {
+  decodeVringState,
+  encodeVdpaConfig,
+  encodeVringAddr,
+  encodeVringFile,
+  encodeVringState,
+} from '../../src/uapi/vring.ts';
+import { errnoOf, type TmpRegistry, tmpRegistry, vpVdpaConfig } from './device-helpers.ts';
+
+const ACCESS_PLATFORM = 1n << 33n;
+const VERSION_1 = 1n << 32n;
+
+let tmp: TmpRegistry;
+let parent: SimulatedVdpa;
+let t: VhostTransport;
+const fds: number[] = [];
+
+function efd(): number {
+  const fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  fds.push(fd);
+  return fd;
+}
+const state = (index: number, num: number) => encodeVringState({ index, num });
+const addr = (index: number, desc: bigint, avail: bigint, used: bigint, flags = 0) =>
+  encodeVringAddr({ index, flags, desc, avail, used, log: 0n });
+const u64 = (v: bigint) => {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(v);
+  return b;
+};
+const status = (s: number) => t.ioctl(Ioctl.VHOST_VDPA_SET_STATUS, Uint8Array.of(s));
+
+beforeEach(() => {
+  tmp = tmpRegistry();
+  parent = new SimulatedVdpa(vpVdpaConfig({ vqCount: 2, configSize: 16 }), tmp.registry);
+  t = parent.open();
+});
+afterEach(() => {
+  t.close();
+  for (const fd of fds.splice(0)) fs.closeSync(fd);
+  tmp.cleanup();
+});
+
+describe('simulated kernel: vring ioctls', () => {
+  it('refuses every vring ioctl before VHOST_SET_OWNER with EPERM (vhost_dev_check_owner)', () => {
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_NUM, state(0, 256))),
+      'EPERM',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_GET_VRING_BASE, state(0, 0))),
+      'EPERM',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_SET_VRING_ENABLE, state(0, 1))),
+      'EPERM',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_KICK, encodeVringFile({ index: 0, fd: efd() }))),
+      'EPERM',
+    );
+    // Features, config and status are vhost_vdpa_unlocked_ioctl's own: no owner needed.
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_GET_FEATURES, Buffer.alloc(8))),
+      undefined,
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_VRING_NUM, Buffer.alloc(2))),
+      undefined,
+    );
+  });
+
+  describe('once owned', () => {
+    beforeEach(() => t.ioctl(Ioctl.VHOST_SET_OWNER));
+
+    it('an index past the device vqs is ENOBUFS', () => {
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_NUM, state(2, 256))),
+        'ENOBUFS',
+      );
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_CALL, encodeVringFile({ index: 7, fd: -1 }))),
+        'ENOBUFS',
+      );
+    });
+
+    it('SET_VRING_NUM takes powers of two up to 32768 only (vhost_vring_set_num)', () => {
+      for (const bad of [0, 3, 100, 0x10000, 0x20000]) {
+        assert.equal(
+          errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_NUM, state(0, bad))),
+          'EINVAL',
+          `size ${bad}`,
+        );
+      }
+      // Not checked against the device's maximum: that is userspace's (GET_VRING_NUM) job.
+      for (const good of [1, 256, 1024, 0x8000]) {
+        assert.equal(
+          errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_NUM, state(0, good))),
+          undefined,
+        );
+      }
+      const max = Buffer.alloc(2);
+      t.ioctl(Ioctl.VHOST_VDPA_GET_VRING_NUM, max);
+      assert.equal(max.readUInt16LE(0), 256);
+    });
+
+    it('SET_VRING_ADDR: unknown flags EOPNOTSUPP, misaligned avail/used EINVAL (vhost_vring_set_addr)', () => {
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_ADDR, addr(0, 0n, 0x1000n, 0x2000n, 2))),
+        'EOPNOTSUPP',
+      );
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_ADDR, addr(0, 0n, 0x1001n, 0x2000n))),
+        'EINVAL',
+      );
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_ADDR, addr(0, 0n, 0x1000n, 0x2002n))),
+        'EINVAL',
+      );
+      // The descriptor table's alignment is not checked.
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_ADDR, addr(0, 0x8n, 0x1002n, 0x2004n))),
+        undefined,
+      );
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_ADDR, Buffer.alloc(16))),
+        'EFAULT',
+      );
+    });
+
+    it('SET_VRING_BASE takes a u16 and GET_VRING_BASE answers it', () => {
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_BASE, state(1, 0x10000))),
+        'EINVAL',
+      );
+      t.ioctl(Ioctl.VHOST_SET_VRING_BASE, state(1, 0xfffe));
+      const s = state(1, 0);
+      t.ioctl(Ioctl.VHOST_GET_VRING_BASE, s);
+      assert.deepEqual(decodeVringState(s), { index: 1, num: 0xfffe });
+    });
+
+    it('KICK/CALL take an eventfd or -1: a closed fd is EBADF, another file EINVAL', () => {
+      const closed = eventfd(0, EFD_CLOEXEC);
+      fs.closeSync(closed);
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_KICK, encodeVringFile({ index: 0, fd: closed }))),
+        'EBADF',
+      );
+      const file = fs.openSync('/dev/null', 'r');
+      fds.push(file);
+      assert.equal(
+        errnoOf(() => t.ioctl(Ioctl.VHOST_SET_VRING_CALL, encodeVringFile({ index: 0, fd: file }))),
+        'EINVAL',
+      );
+      t.ioctl(Ioctl.VHOST_SET_VRING_KICK, encodeVringFile({ index: 0, fd: efd() }));
+      t.ioctl(Ioctl.VHOST_SET_VRING_KICK, encodeVringFile({ index: 0, fd: -1 }));
+    });
+
+    it('holds its own reference to an eventfd until replaced or released', () => {
+      const count = () => fs.readdirSync('/proc/self/fd').length;
+      const before = count();
+      const fd = eventfd(0, EFD_CLOEXEC);
+      t.ioctl(Ioctl.VHOST_SET_VRING_CALL, encodeVringFile({ index: 0, fd }));
+      fs.closeSync(fd);
+      assert.equal(count(), before + 1, 'the kernel keeps the eventfd');
+      t.ioctl(Ioctl.VHOST_SET_VRING_CALL, encodeVringFile({ index: 0, fd: -1 }));
+      assert.equal(count(), before);
+    });
+  });
+});
+
+describe('simulated kernel: features, config, status', () => {
+  it('SET_FEATURES needs ACCESS_PLATFORM (EINVAL) and is EBUSY once FEATURES_OK is set', () => {
+    const offered = Buffer.alloc(8);
+    t.ioctl(Ioctl.VHOST_GET_FEATURES, offered);
+    assert.equal(offered.readBigUInt64LE() & (ACCESS_PLATFORM | VERSION_1), ACCESS_PLATFORM | VERSION_1);
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_SET_FEATURES, u64(VERSION_1))),
+      'EINVAL',
+    );
+    t.ioctl(Ioctl.VHOST_SET_FEATURES, u64(VERSION_1 | ACCESS_PLATFORM));
+    status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK);
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_SET_FEATURES, u64(VERSION_1 | ACCESS_PLATFORM))),
+      'EBUSY',
+    );
+    // Bits may only be added; 0 resets, and then the features may be set again.
+    assert.equal(
+      errnoOf(() => status(DeviceStatus.ACKNOWLEDGE)),
+      'EINVAL',
+    );
+    status(0);
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_SET_FEATURES, u64(VERSION_1 | ACCESS_PLATFORM))),
+      undefined,
+    );
+  });
+
+  it('GET/SET_CONFIG: empty or starting past the space EINVAL, running past it E2BIG', () => {
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_CONFIG, encodeVdpaConfig(0, 0))),
+      'EINVAL',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_CONFIG, encodeVdpaConfig(17, 1))),
+      'EINVAL',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_CONFIG, encodeVdpaConfig(8, 9))),
+      'E2BIG',
+    );
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_SET_CONFIG, encodeVdpaConfig(15, 2))),
+      'E2BIG',
+    );
+    // A header announcing more bytes than the argument holds fails the copy.
+    assert.equal(
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_CONFIG, encodeVdpaConfig(0, 8).subarray(0, 12))),
+      'EFAULT',
+    );
+    t.ioctl(Ioctl.VHOST_VDPA_SET_CONFIG, encodeVdpaConfig(4, 3, Buffer.from('abc')));
+    const got = encodeVdpaConfig(3, 5);
+    t.ioctl(Ioctl.VHOST_VDPA_GET_CONFIG, got);
+    assert.deepEqual([...got.subarray(8)], [0, 0x61, 0x62, 0x63, 0]);
+  });
+});
