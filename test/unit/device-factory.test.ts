@@ -38,6 +38,10 @@ describe('parseDeviceSpec', () => {
       },
     );
     assert.deepEqual(parseDeviceSpec('sim:a'), { kind: 'simulated', options: { name: 'a' } });
+    assert.deepEqual(parseDeviceSpec('sim:b,iommu=onchip,disk=/var/lib/disk.img,deviceId=blk'), {
+      kind: 'simulated',
+      options: { name: 'b', iommu: 'onchip', disk: '/var/lib/disk.img', deviceId: 2 },
+    });
     assert.deepEqual(parseDeviceSpec('sim:a,features=none'), {
       kind: 'simulated',
       options: { name: 'a', features: 0n },
@@ -73,6 +77,9 @@ describe('parseDeviceSpec', () => {
     ['sim:a,color=red', 'color', /unknown key "color"/],
     ['sim:a,iommu', 'iommu', /"iommu" is not key=value/],
     ['sim:a,asnum=1,ASNUM=2', 'asnum', /asnum given twice/],
+    ['sim:a,disk=disk.img', 'disk', /disk=disk.img: must be an absolute path/],
+    ['sim:a,disk=/d.img,deviceId=net', 'disk', /disk needs deviceId=blk/],
+    ['sim:a,deviceId=gpu', 'deviceid', /must be blk, net or a u32/],
     ['kernel:vhost-vdpa-0', 'node', /neither auto nor an absolute device path/],
     ['kernel:auto,name=x', 'name', /kernel:auto takes no options/],
     ['kernel:/dev/vhost-vdpa-0,iommu=onchip', 'iommu', /unknown key "iommu"/],
