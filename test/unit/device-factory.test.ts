@@ -14,6 +14,7 @@ import { DeviceError } from '../../src/device/errors.ts';
 import { openDevices, parseDeviceSpec } from '../../src/device/factory.ts';
 import { SimulatedVdpa } from '../../src/device/sim-kernel.ts';
 import { TransportError } from '../../src/device/transport.ts';
+import { VhostVdpaDevice } from '../../src/device/vhost-vdpa.ts';
 import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
 import { RecordingTransport, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
 
@@ -210,6 +211,21 @@ describe('openDevices', () => {
     return t;
   };
   const discovery = () => ({ devDir: path.join(root, 'dev'), sysDir: path.join(root, 'sys') });
+
+  test('sim:NAME,disk=/PATH opens a vdpa_sim_blk-like device that serves that disk', async () => {
+    const disk = path.join(root, 'disk.img');
+    fs.writeFileSync(disk, Buffer.alloc(64 * 512));
+    const [dev] = await openDevices([`sim:b0,iommu=onchip,disk=${disk}`], tmp.registry);
+    try {
+      assert.ok(dev instanceof VhostVdpaDevice);
+      const facts = dev.facts();
+      assert.deepEqual([facts.deviceId, facts.vqCount, facts.configSize], [2, 1, 60]);
+      // struct virtio_blk_config.capacity, in 512-byte sectors.
+      assert.equal(dev.vrings.config(0, 8).readBigUInt64LE(0), 64n);
+    } finally {
+      await dev?.close();
+    }
+  });
 
   test('simulated and auto-discovered kernel devices, named uniquely', async () => {
     const devices = await openDevices(['sim:s0,iommu=onchip', 'kernel:auto'], tmp.registry, undefined, {
