@@ -6,8 +6,11 @@
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import { SimulatedVdpa } from '../../src/device/sim-kernel.ts';
+import { SimulatedDevice } from '../../src/device/simulated.ts';
 import type { VhostTransport } from '../../src/device/transport.ts';
 import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd } from '../../src/sys/libc.ts';
 import { DeviceStatus, Ioctl } from '../../src/uapi/index.ts';
@@ -235,5 +238,87 @@ describe('simulated kernel: features, config, status', () => {
     const got = encodeVdpaConfig(3, 5);
     t.ioctl(Ioctl.VHOST_VDPA_GET_CONFIG, got);
     assert.deepEqual([...got.subarray(8)], [0, 0x61, 0x62, 0x63, 0]);
+  });
+});
+
+describe('simulated blk device: the data path', () => {
+  const BASE = 0x200000n;
+  const QSIZE = 8;
+  let reg: TmpRegistry;
+  let dir: string;
+  let dev: SimulatedDevice;
+  let kick: number;
+
+  beforeEach(async () => {
+    reg = tmpRegistry();
+    reg.registry.create({ id: 'ram', size: 0x100000n, kind: 'memfd' });
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-simblk-'));
+    fs.writeFileSync(path.join(dir, 'disk.img'), Buffer.alloc(64 * 512, 0xab));
+    dev = new SimulatedDevice(
+      { name: 'b0', disk: path.join(dir, 'disk.img'), iommu: 'onchip' },
+      reg.registry,
+    );
+    const [r] = await dev.apply([
+      { type: 'update', asid: 0, iova: BASE, size: 0x100000n, memory: 'ram', offset: 0n, perm: 'rw' },
+    ]);
+    assert.deepEqual(r, { ok: true });
+    kick = efd();
+    // One read of sector 0 into BASE+0x8000, published in the avail ring at BASE+0x1000.
+    const desc = Buffer.alloc(48);
+    const hdr = Buffer.alloc(16);
+    hdr.writeUInt32LE(0, 0); // VIRTIO_BLK_T_IN
+    reg.registry.write('ram', 0x4000n, hdr);
+    for (const [i, addr, len, flags] of [
+      [0, 0x4000n, 16, 1],
+      [1, 0x8000n, 512, 3],
+      [2, 0x9000n, 1, 2],
+    ] as const) {
+      desc.writeBigUInt64LE(BASE + addr, 16 * i);
+      desc.writeUInt32LE(len, 16 * i + 8);
+      desc.writeUInt16LE(flags, 16 * i + 12);
+      desc.writeUInt16LE(i + 1, 16 * i + 14);
+    }
+    reg.registry.write('ram', 0n, desc);
+    reg.registry.write('ram', 0x1000n, Buffer.from([0, 0, 1, 0, 0, 0]));
+    const v = dev.vrings;
+    v.setSize(0, QSIZE);
+    v.setAddresses(0, { desc: BASE, avail: BASE + 0x1000n, used: BASE + 0x2000n });
+    v.setKick(0, kick);
+    v.enable(0, true);
+    v.addStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER);
+    v.setFeatures(VERSION_1 | ACCESS_PLATFORM);
+    v.addStatus(DeviceStatus.FEATURES_OK);
+  });
+  afterEach(async () => {
+    await dev.close();
+    reg.cleanup();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const usedIdx = () => reg.registry.read('ram', 0x2002n, 2).readUInt16LE(0);
+  const settle = () => new Promise((r) => setTimeout(r, 20));
+
+  it('serves nothing before DRIVER_OK, the pending request at DRIVER_OK, nothing once disabled', async () => {
+    const blk = dev.simulator.vrings.blk!;
+    fs.writeSync(kick, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
+    await settle();
+    assert.equal(blk.counters.requests, 0, 'not DRIVER_OK yet');
+    dev.vrings.addStatus(DeviceStatus.DRIVER_OK);
+    assert.equal(blk.counters.requests, 1);
+    assert.equal(usedIdx(), 1);
+    assert.deepEqual([...reg.registry.read('ram', 0x8000n, 4)], [0xab, 0xab, 0xab, 0xab]);
+    assert.equal(reg.registry.read('ram', 0x9000n, 1)[0], 0, 'VIRTIO_BLK_S_OK');
+    assert.equal(dev.vrings.base(0), 1);
+
+    dev.vrings.enable(0, false);
+    reg.registry.write('ram', 0x1000n, Buffer.from([0, 0, 2, 0, 0, 0]));
+    fs.writeSync(kick, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
+    await settle();
+    assert.equal(blk.counters.requests, 1, 'a disabled ring is not served');
+    assert.equal(dev.vrings.base(0), 1);
+    // A reset forgets the ring: its base is 0 again.
+    dev.vrings.resetKeepingMappings();
+    assert.equal(dev.vrings.base(0), 0);
+    assert.equal(dev.simulator.deviceTable(0)?.count, 1, 'IOTLB_PERSIST: the parent keeps its mapping');
   });
 });
