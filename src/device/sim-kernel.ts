@@ -360,6 +360,7 @@ export class SimulatedVdpa {
 
   setSuspended(suspended: boolean): void {
     this.suspendedFlag = suspended;
+    this.vrings.setSuspended(suspended, this.status);
   }
 
   /** vhost_vdpa_release: reset, every address space removed (vhost_vdpa_remove_as), reset_map. */

@@ -53,6 +53,7 @@ export class SimVrings {
   private driverFeatures = 0n;
   private config: Buffer;
   private dma: DmaCapable | undefined;
+  private suspended = false;
 
   constructor(
     deviceId: number,
@@ -152,6 +153,13 @@ export class SimVrings {
     });
   }
 
+  /** vdpasim_suspend / vdpasim_resume: a suspended device serves nothing and keeps its ring state. */
+  setSuspended(suspended: boolean, status: number): void {
+    this.suspended = suspended;
+    if (!suspended) this.statusChanged(status);
+    else for (let i = 0; i < this.vqs.length; i++) this.stopRing(i);
+  }
+
   /** vdpasim_do_reset: rings, features and call callbacks go; the vhost kick eventfds stay. */
   reset(): void {
     this.vqs.forEach((vq, i) => {
@@ -160,6 +168,7 @@ export class SimVrings {
       this.vqs[i] = newVq(vq.kickFd);
     });
     this.driverFeatures = 0n;
+    this.suspended = false;
     this.blk?.setFeatures(0n);
     this.config = this.initialConfig();
   }
@@ -182,7 +191,7 @@ export class SimVrings {
   /** Runs the ring in the model when the device is DRIVER_OK and the ring ready and kickable. */
   private sync(index: number, status: number): void {
     const vq = this.vqs[index]!;
-    if (this.blk === undefined || this.blk.lastAvail(index) !== undefined) return;
+    if (this.blk === undefined || this.suspended || this.blk.lastAvail(index) !== undefined) return;
     if ((status & DeviceStatus.DRIVER_OK) === 0 || !vq.ready || vq.kickFd === null || vq.num === 0) return;
     const call = (): void => {
       if (vq.callFd !== null) signalEventfd(vq.callFd);

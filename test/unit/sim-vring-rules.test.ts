@@ -298,7 +298,7 @@ describe('simulated blk device: the data path', () => {
   const usedIdx = () => reg.registry.read('ram', 0x2002n, 2).readUInt16LE(0);
   const settle = () => new Promise((r) => setTimeout(r, 20));
 
-  it('serves nothing before DRIVER_OK, the pending request at DRIVER_OK, nothing once disabled', async () => {
+  it('serves nothing before DRIVER_OK or while suspended, nothing once disabled', async () => {
     const blk = dev.simulator.vrings.blk!;
     fs.writeSync(kick, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
     await settle();
@@ -310,12 +310,22 @@ describe('simulated blk device: the data path', () => {
     assert.equal(reg.registry.read('ram', 0x9000n, 1)[0], 0, 'VIRTIO_BLK_S_OK');
     assert.equal(dev.vrings.base(0), 1);
 
-    dev.vrings.enable(0, false);
+    // Suspended (vdpasim_suspend): kicks wait; resumed: the pending request is served.
+    await dev.suspend();
     reg.registry.write('ram', 0x1000n, Buffer.from([0, 0, 2, 0, 0, 0]));
     fs.writeSync(kick, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
     await settle();
-    assert.equal(blk.counters.requests, 1, 'a disabled ring is not served');
-    assert.equal(dev.vrings.base(0), 1);
+    assert.equal(blk.counters.requests, 1, 'a suspended device serves nothing');
+    await dev.resume();
+    assert.equal(blk.counters.requests, 2);
+    assert.equal(dev.vrings.base(0), 2);
+
+    dev.vrings.enable(0, false);
+    reg.registry.write('ram', 0x1000n, Buffer.from([0, 0, 3, 0, 0, 0]));
+    fs.writeSync(kick, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
+    await settle();
+    assert.equal(blk.counters.requests, 2, 'a disabled ring is not served');
+    assert.equal(dev.vrings.base(0), 2);
     // A reset forgets the ring: its base is 0 again.
     dev.vrings.resetKeepingMappings();
     assert.equal(dev.vrings.base(0), 0);
