@@ -2,7 +2,8 @@
  * The virtio side of a vhost-vdpa device, as its owner drives it (include/uapi/linux/vhost.h):
  * device features, vring size / base / addresses (IOVAs) / eventfds / enable, config space and
  * status. The same ioctls reach a kernel device and the simulated one; every refusal keeps its
- * errno (a DeviceError, see toDeviceError).
+ * errno (a DeviceError, see toDeviceError). The vq count (VHOST_VDPA_GET_VQS_COUNT) is one of the
+ * device's facts, read when it is opened.
  */
 import { Ioctl } from '../uapi/ioctl.ts';
 import {
@@ -45,11 +46,6 @@ export class VdpaVrings {
   /** VHOST_SET_FEATURES: EBUSY once FEATURES_OK is set. */
   setFeatures(features: bigint): void {
     this.call('SET_FEATURES', () => ioctlWriteU64(this.transport, Ioctl.VHOST_SET_FEATURES, features));
-  }
-
-  /** VHOST_VDPA_GET_VQS_COUNT */
-  count(): number {
-    return this.call('GET_VQS_COUNT', () => ioctlReadU32(this.transport, Ioctl.VHOST_VDPA_GET_VQS_COUNT));
   }
 
   /** VHOST_VDPA_GET_VRING_NUM: the largest vring size the device takes. */

@@ -47,7 +47,7 @@ export class VdpaRelay implements VhostUserDeviceSide {
     }
     const v = device.vrings;
     this.features = v.features() & ~ACCESS_PLATFORM;
-    this.queueCount = v.count();
+    this.queueCount = facts.vqCount;
     this.maxQueueSize = v.maxSize();
     this.configSize = facts.configSize;
   }
