@@ -3,14 +3,16 @@
  *   sim:<name>[,iommu=platform|onchip][,onchipMap=set_map|dma_map][,useVa=0|1][,asnum=N]
  *            [,range=FIRST-LAST][,features=A|B|0xMASK][,pushDelayMs=N][,deviceId=N][,vqs=N]
  *            [,configSize=N][,failIova=ADDR][,memlock=BYTES][,pageSize=BYTES]
- *            [,contiguousPages=N][,keepsMapOnReset=0|1]
+ *            [,contiguousPages=N][,keepsMapOnReset=0|1][,deviceId=blk|net|N][,disk=/PATH]
  *   kernel:auto                         every /dev/vhost-vdpa-* found
  *   kernel:/dev/vhost-vdpa-N[,name=NAME]
  * Keys are case-insensitive; numbers are decimal or 0x hex; each sim key is the
  * SimulatedDeviceOptions field of the same name (see there for meanings and defaults). The
  * parent kinds, e.g.: vp_vdpa behind intel-iommu `sim:n,range=0-0x7fffffffff` (platform, PA);
  * vdpa_sim batch_mapping=B use_va=U `sim:n,iommu=onchip,onchipMap=set_map|dma_map,useVa=U`; VDUSE
- * `sim:n,iommu=onchip,useVa=1,keepsMapOnReset=1,asnum=1`.
+ * `sim:n,iommu=onchip,useVa=1,keepsMapOnReset=1,asnum=1`. vdpa_sim_blk with a data path (a VMM
+ * can attach to it over vhost-user): `sim:n,iommu=onchip,disk=/PATH` (disk implies deviceId=blk;
+ * the file is the disk, opened read-write).
  * `failIova` is a fault-injection knob for tests and drills: every UPDATE message for IOVA ADDR
  * fails with EFAULT, as a failed pin would. `memlock` is the simulated RLIMIT_MEMLOCK; the
  * simulated devices of one agent pin for one process, so every pinning (PA-mode) one is charged
@@ -26,6 +28,7 @@ import {
   type BackendFeatureName,
   backendFeatureMask,
   IotlbMsgType,
+  VirtioDeviceId,
 } from '../uapi/constants.ts';
 import { type DiscoveredNode, type DiscoveryRoots, describeNode, discoverVhostVdpa } from './discovery.ts';
 import { DeviceError } from './errors.ts';
@@ -60,7 +63,11 @@ const SIM_KEYS = [
   'pagesize',
   'contiguouspages',
   'keepsmaponreset',
+  'disk',
 ] as const;
+
+/** deviceId= by name (virtio_ids.h). */
+const DEVICE_ID_NAMES: Record<string, number> = { net: VirtioDeviceId.NET, blk: VirtioDeviceId.BLOCK };
 
 export function parseDeviceSpec(spec: string): DeviceSpec {
   const fail = (message: string, field: string): never => {
@@ -117,7 +124,14 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
         options.pushDelayMs = parseInteger(value, 0, 3_600_000) ?? bad('must be an integer number of ms');
         break;
       case 'deviceid':
-        options.deviceId = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        options.deviceId =
+          DEVICE_ID_NAMES[value.toLowerCase()] ??
+          parseInteger(value, 0, 0xffffffff) ??
+          bad('must be blk, net or a u32');
+        break;
+      case 'disk':
+        if (!path.isAbsolute(value)) bad('must be an absolute path');
+        options.disk = value;
         break;
       case 'vqs':
         options.vqCount = parseInteger(value, 0, 0xffff) ?? bad('must be an integer in 0..65535');
@@ -157,6 +171,8 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
   }
   if (options.useVa && (options.iommu ?? 'platform') === 'platform')
     fail('useVa=1 needs iommu=onchip: a platform IOMMU maps only in PA mode', 'useva');
+  if (options.disk !== undefined && (options.deviceId ?? VirtioDeviceId.BLOCK) !== VirtioDeviceId.BLOCK)
+    fail('disk needs deviceId=blk: only a virtio-blk device serves a disk', 'disk');
   if (options.onchipMap !== undefined && options.iommu !== 'onchip')
     fail('onchipMap needs iommu=onchip', 'onchipmap');
   return { kind: 'simulated', options };

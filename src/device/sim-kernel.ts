@@ -22,6 +22,7 @@
  * VhostVdpaDevice, whose guard checks both first. `keepsMapOnReset` gives VDUSE's reset and
  * release, which keep the parent's table.
  */
+import fs from 'node:fs';
 import { IovaTable } from '../iotlb/table.ts';
 import { hex, type IovaRange, type Mapping, type Perm, type Region, U64_LIMIT } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
@@ -37,10 +38,25 @@ import {
 } from '../uapi/constants.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
 import { decodeVhostMsg, type IotlbMsg, UapiError, VHOST_MSG_SIZE, type VhostMsg } from '../uapi/message.ts';
+import {
+  decodeVdpaConfigHeader,
+  decodeVringAddr,
+  decodeVringFile,
+  decodeVringState,
+  VDPA_CONFIG_HEADER_SIZE,
+  VHOST_FILE_UNBIND,
+  VHOST_VRING_F_LOG,
+  VRING_ADDR_SIZE,
+  VRING_FILE_SIZE,
+  VRING_STATE_SIZE,
+  vdpaConfigBuf,
+} from '../uapi/vring.ts';
 import { RLIM_INFINITY } from '../sys/libc.ts';
 import { ownVmas, type Vma } from '../sys/proc-self.ts';
 import { PAGE_SIZE, PinnedMemory, pagesOf } from './memlock.ts';
+import { SIM_QUEUE_MAX, type SimDisk, SimVrings } from './sim-vrings.ts';
 import { TransportError, type VhostTransport } from './transport.ts';
+import type { DeviceLogger } from './types.ts';
 
 const U64_MAX = U64_LIMIT - 1n;
 /** The shortest write vhost_chr_write_iter takes: type, asid (or padding), vhost_iotlb_msg. */
@@ -109,6 +125,10 @@ export interface SimulatedVdpaConfig extends FaultInjection {
    * owner pushes one. Default false: the table goes with them, as with vdpa_sim and mlx5.
    */
   keepsMapOnReset?: boolean;
+  /** virtio-blk only: the disk its data path serves (see sim-vrings.ts). */
+  disk?: SimDisk;
+  /** Where the data path logs I/O errors. */
+  logger?: DeviceLogger;
 }
 
 export interface SimCounters {
@@ -157,6 +177,8 @@ export class SimulatedVdpa {
   readonly pageSize: bigint;
   /** Bytes of one physically contiguous run. */
   private readonly runBytes: bigint;
+  /** The virtqueues, driver features, config space and data path. */
+  readonly vrings: SimVrings;
 
   constructor(
     readonly config: SimulatedVdpaConfig,
@@ -170,6 +192,13 @@ export class SimulatedVdpa {
     if (!Number.isSafeInteger(contiguous) || contiguous < 1) {
       throw new RangeError(`contiguousPages must be a positive integer, got ${contiguous}`);
     }
+    this.vrings = new SimVrings(
+      config.deviceId,
+      config.vqCount,
+      config.configSize,
+      config.disk,
+      config.logger,
+    );
     this.pageSize = config.pageSize ?? PAGE_SIZE;
     this.runBytes = BigInt(contiguous) * this.pageSize;
     this.deviceTables = this.emptyTables();
@@ -313,6 +342,7 @@ export class SimulatedVdpa {
   reset(cleanMap: boolean): void {
     this.status = 0;
     this.suspendedFlag = false;
+    this.vrings.reset();
     if (cleanMap && !this.config.keepsMapOnReset) this.deviceTables = this.emptyTables();
   }
 
@@ -325,15 +355,18 @@ export class SimulatedVdpa {
       );
     }
     this.status = status;
+    this.vrings.statusChanged(status);
   }
 
   setSuspended(suspended: boolean): void {
     this.suspendedFlag = suspended;
+    this.vrings.setSuspended(suspended, this.status);
   }
 
   /** vhost_vdpa_release: reset, every address space removed (vhost_vdpa_remove_as), reset_map. */
   release(file: SimVhostFile, cleanMap: boolean): void {
     this.reset(cleanMap);
+    this.vrings.release();
     file.removeAllSpaces();
     if (!this.config.keepsMapOnReset) this.deviceTables = this.emptyTables();
     this.file = undefined;
@@ -402,6 +435,37 @@ class SimVhostFile implements VhostTransport {
         return;
       case Ioctl.VHOST_VDPA_GET_VQS_COUNT:
         putU32(arg, cfg.vqCount);
+        return;
+      case Ioctl.VHOST_GET_FEATURES:
+        putU64(arg, this.parent.vrings.supportedFeatures);
+        return;
+      case Ioctl.VHOST_SET_FEATURES:
+        // vhost_vdpa_set_features: the features may not change once negotiated.
+        if (this.parent.deviceStatus & DeviceStatus.FEATURES_OK) {
+          throw new TransportError('EBUSY', 'the features were negotiated already (FEATURES_OK is set)');
+        }
+        if (!this.parent.vrings.setDriverFeatures(getU64(arg))) {
+          throw new TransportError(
+            'EINVAL',
+            'the parent refused the features: VIRTIO_F_ACCESS_PLATFORM is required',
+          );
+        }
+        return;
+      case Ioctl.VHOST_VDPA_GET_VRING_NUM:
+        argBuffer(arg, 2).writeUInt16LE(SIM_QUEUE_MAX, 0);
+        return;
+      case Ioctl.VHOST_VDPA_GET_CONFIG:
+      case Ioctl.VHOST_VDPA_SET_CONFIG:
+        this.configIoctl(request === Ioctl.VHOST_VDPA_SET_CONFIG, arg);
+        return;
+      case Ioctl.VHOST_SET_VRING_NUM:
+      case Ioctl.VHOST_SET_VRING_ADDR:
+      case Ioctl.VHOST_SET_VRING_BASE:
+      case Ioctl.VHOST_GET_VRING_BASE:
+      case Ioctl.VHOST_SET_VRING_KICK:
+      case Ioctl.VHOST_SET_VRING_CALL:
+      case Ioctl.VHOST_VDPA_SET_VRING_ENABLE:
+        this.vringIoctl(request, arg);
         return;
       case Ioctl.VHOST_VDPA_SUSPEND:
       case Ioctl.VHOST_VDPA_RESUME: {
@@ -639,7 +703,88 @@ class SimVhostFile implements VhostTransport {
     return pieces;
   }
 
-  /** VHOST_SET_BACKEND_FEATURES: bits the parent does not offer are refused, as the kernel does. */
+  /**
+   * vhost_vdpa_get_config / vhost_vdpa_set_config, checked by vhost_vdpa_config_validate: an empty
+   * read or one starting past the config space is EINVAL, one running past its end E2BIG.
+   */
+  private configIoctl(set: boolean, arg: Uint8Array | undefined): void {
+    const { off, len } = decodeVdpaConfigHeader(argBuffer(arg, VDPA_CONFIG_HEADER_SIZE));
+    const size = this.parent.config.configSize;
+    if (len === 0 || off > size)
+      throw new TransportError('EINVAL', `config [${off}, +${len}) of ${size} bytes`);
+    if (len > size - off)
+      throw new TransportError('E2BIG', `config [${off}, +${len}) runs past ${size} bytes`);
+    const buf = vdpaConfigBuf(argBuffer(arg, VDPA_CONFIG_HEADER_SIZE + len)).subarray(0, len);
+    if (set) this.parent.vrings.setConfig(off, buf);
+    else buf.set(this.parent.vrings.getConfig(off, len));
+  }
+
+  /**
+   * The vring ioctls reach vhost_vdpa_vring_ioctl through vhost_dev_ioctl, which checks the owner
+   * first (vhost_dev_check_owner: EPERM); an index past the device's vqs is ENOBUFS. The checks
+   * on the values are vhost_vring_ioctl's; the device then gets set_vq_num / set_vq_address /
+   * set_vq_state / set_vq_cb / set_vq_ready. The size is not checked against the device's
+   * maximum (VHOST_VDPA_GET_VRING_NUM): that is userspace's job.
+   */
+  private vringIoctl(request: number, arg: Uint8Array | undefined): void {
+    if (!this.owner) throw new TransportError('EPERM', 'the caller is not the owner (VHOST_SET_OWNER first)');
+    const index = argBuffer(arg, 4).readUInt32LE(0);
+    const vqCount = this.parent.config.vqCount;
+    if (index >= vqCount) throw new TransportError('ENOBUFS', `vring ${index}: the device has ${vqCount}`);
+    const vrings = this.parent.vrings;
+    const status = this.parent.deviceStatus;
+    switch (request) {
+      case Ioctl.VHOST_SET_VRING_NUM: {
+        const { num } = decodeVringState(argBuffer(arg, VRING_STATE_SIZE));
+        // vhost_vring_set_num
+        if (num === 0 || num > 0xffff || (num & (num - 1)) !== 0) {
+          throw new TransportError('EINVAL', `vring ${index}: size ${num} is not a power of two up to 32768`);
+        }
+        vrings.setNum(index, num);
+        return;
+      }
+      case Ioctl.VHOST_SET_VRING_ADDR: {
+        const a = decodeVringAddr(argBuffer(arg, VRING_ADDR_SIZE));
+        // vhost_vring_set_addr: only VHOST_VRING_F_LOG is a flag; the avail ring is 2-byte and
+        // the used ring (and the log) 4-byte aligned. The descriptor table is not checked.
+        if ((a.flags & ~(1 << VHOST_VRING_F_LOG)) !== 0) {
+          throw new TransportError('EOPNOTSUPP', `vring ${index}: flags 0x${a.flags.toString(16)}`);
+        }
+        if ((a.avail & 1n) !== 0n || (a.used & 3n) !== 0n || (a.log & 3n) !== 0n) {
+          throw new TransportError(
+            'EINVAL',
+            `vring ${index}: avail ${hex(a.avail)} or used ${hex(a.used)} misaligned`,
+          );
+        }
+        vrings.setAddress(index, a.desc, a.avail, a.used);
+        return;
+      }
+      case Ioctl.VHOST_SET_VRING_BASE: {
+        const { num } = decodeVringState(argBuffer(arg, VRING_STATE_SIZE));
+        if (num > 0xffff) throw new TransportError('EINVAL', `vring ${index}: base ${num} is not a u16`);
+        vrings.setLastAvail(index, num);
+        return;
+      }
+      case Ioctl.VHOST_GET_VRING_BASE:
+        // vhost_vdpa_vring_ioctl asks the device (get_vq_state) before vhost answers.
+        argBuffer(arg, VRING_STATE_SIZE).writeUInt32LE(vrings.lastAvail(index), 4);
+        return;
+      case Ioctl.VHOST_SET_VRING_KICK:
+      case Ioctl.VHOST_SET_VRING_CALL: {
+        const { fd } = decodeVringFile(argBuffer(arg, VRING_FILE_SIZE));
+        if (fd !== VHOST_FILE_UNBIND) checkEventfd(fd);
+        const which = request === Ioctl.VHOST_SET_VRING_KICK ? 'kickFd' : 'callFd';
+        vrings.setEventfd(index, which, fd === VHOST_FILE_UNBIND ? null : fd, status);
+        return;
+      }
+      case Ioctl.VHOST_VDPA_SET_VRING_ENABLE: {
+        const { num } = decodeVringState(argBuffer(arg, VRING_STATE_SIZE));
+        vrings.setReady(index, num !== 0, status);
+        return;
+      }
+    }
+  }
+
   /**
    * VHOST_SET_BACKEND_FEATURES in vhost_vdpa_unlocked_ioctl's order: bits it does not know, then
    * SUSPEND / RESUME the parent cannot do (EOPNOTSUPP), DESC_ASID without IOTLB_ASID (EINVAL), then
@@ -684,6 +829,18 @@ class SimVhostFile implements VhostTransport {
   private checkOpen(): void {
     if (this.closed) throw new TransportError('EBADF', 'the vhost-vdpa file is closed');
   }
+}
+
+/** eventfd_fget / eventfd_ctx_fdget: EBADF for a closed fd, EINVAL for one that is no eventfd. */
+function checkEventfd(fd: number): void {
+  let target: string;
+  try {
+    target = fs.readlinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    throw new TransportError('EBADF', `fd ${fd} is not open`);
+  }
+  if (target !== 'anon_inode:[eventfd]')
+    throw new TransportError('EINVAL', `fd ${fd} is not an eventfd (${target})`);
 }
 
 function argBuffer(arg: Uint8Array | undefined, size: number): Buffer {

@@ -3,6 +3,7 @@
  * of sim-kernel.ts through the same ioctls and 72-byte messages a real device gets. Its DMA goes
  * through the parent's own IOTLB into the real shared memory, so translation can be verified.
  */
+import fs from 'node:fs';
 import { FULL_IOVA_RANGE, hex, type IovaRange, U64_LIMIT } from '../iotlb/types.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import { RLIM_INFINITY } from '../sys/libc.ts';
@@ -12,6 +13,9 @@ import { PinnedMemory } from './memlock.ts';
 import { type FaultInjection, type SimIommu, type SimOnchipMap, SimulatedVdpa } from './sim-kernel.ts';
 import type { DeviceCounters, DeviceLogger, DmaCapable } from './types.ts';
 import { VhostVdpaDevice } from './vhost-vdpa.ts';
+
+/** sizeof(struct virtio_blk_config). */
+const BLK_CONFIG_SIZE = 60;
 
 /** What a simulated onchip device offers unless told otherwise. */
 export const DEFAULT_SIM_FEATURES: bigint = backendFeatureMask(
@@ -87,6 +91,11 @@ export interface SimulatedDeviceOptions extends FaultInjection {
   contiguousPages?: number;
   /** The parent keeps its table across reset and close, as VDUSE does; default false. */
   keepsMapOnReset?: boolean;
+  /**
+   * virtio-blk (deviceId 2, which it implies) with a data path: the disk file it serves, opened
+   * read-write for the device's life; GET_ID answers `vdpa-mapd-<name>` (cut to 20 bytes).
+   */
+  disk?: string;
 }
 
 interface DmaPiece {
@@ -99,20 +108,26 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
   /** The simulated parent and kernel, for inspection (its own tables, counters, status). */
   readonly simulator: SimulatedVdpa;
   private readonly memory: MemoryRegistry;
+  private diskFd: number | undefined;
 
   constructor(options: SimulatedDeviceOptions, memory: MemoryRegistry, logger?: DeviceLogger) {
     const iommu = options.iommu ?? 'platform';
     const platform = iommu === 'platform';
     const asNum = options.asNum ?? (platform ? VP_VDPA_FACTS.asNum : 2);
+    const deviceId =
+      options.deviceId ?? (options.disk === undefined ? VirtioDeviceId.NET : VirtioDeviceId.BLOCK);
+    const blk = deviceId === VirtioDeviceId.BLOCK;
+    const diskFd = options.disk === undefined ? undefined : fs.openSync(options.disk, 'r+');
     const simulator = new SimulatedVdpa(
       {
-        deviceId: options.deviceId ?? VirtioDeviceId.NET,
+        deviceId,
         iommu,
         iovaRange: options.iovaRange ?? FULL_IOVA_RANGE,
         asNum,
         groupNum: options.groupNum ?? asNum,
-        vqCount: options.vqCount ?? (platform ? VP_VDPA_FACTS.vqCount : 2),
-        configSize: options.configSize ?? (platform ? VP_VDPA_FACTS.configSize : 64),
+        // vdpa_sim_blk: one request queue and the 60-byte struct virtio_blk_config.
+        vqCount: options.vqCount ?? (blk ? 1 : platform ? VP_VDPA_FACTS.vqCount : 2),
+        configSize: options.configSize ?? (blk ? BLK_CONFIG_SIZE : platform ? VP_VDPA_FACTS.configSize : 64),
         offeredFeatures: options.features ?? (platform ? VP_VDPA_FACTS.features : DEFAULT_SIM_FEATURES),
         pushDelayMs: options.pushDelayMs ?? 0,
         ...pick(options, [
@@ -126,6 +141,10 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
           'failAfter',
           'failOn',
         ]),
+        ...(diskFd === undefined
+          ? {}
+          : { disk: { fd: diskFd, serial: `vdpa-mapd-${options.name}`.slice(0, 20) } }),
+        ...(logger ? { logger } : {}),
       },
       memory,
     );
@@ -145,6 +164,15 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
     });
     this.simulator = simulator;
     this.memory = memory;
+    this.diskFd = diskFd;
+    simulator.vrings.attachDma(this);
+  }
+
+  override async close(): Promise<void> {
+    await super.close();
+    if (this.diskFd === undefined) return;
+    fs.closeSync(this.diskFd);
+    this.diskFd = undefined;
   }
 
   override counters(): DeviceCounters {

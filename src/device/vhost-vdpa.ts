@@ -43,6 +43,7 @@ import type {
   OpResult,
 } from './types.ts';
 import { pinPageSize } from './types.ts';
+import { VdpaVrings } from './vrings.ts';
 
 /** The backend features vdpa-mapd understands; it negotiates those the device offers. */
 export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
@@ -93,10 +94,21 @@ export class VhostVdpaDevice implements Device {
   /** Calls run one at a time, in order (a batch must not interleave with another). */
   private tail: Promise<unknown> = Promise.resolve();
 
+  /** The device's features, vrings, config and status (vrings.ts). */
+  readonly vrings: VdpaVrings;
+
   constructor(init: VhostVdpaDeviceInit) {
     this.name = init.name;
     this.transport = init.transport;
     this.logger = init.logger;
+    this.vrings = new VdpaVrings(init.transport, (what, fn) => {
+      this.assertOpen();
+      try {
+        return fn();
+      } catch (e) {
+        throw toDeviceError(e, `${this.name}: ${what}`);
+      }
+    });
     try {
       this.info = this.setUp(init);
     } catch (e) {

@@ -190,6 +190,11 @@ export class VirtioBlk {
     return run.lastAvail;
   }
 
+  /** The next avail index a running queue would serve; undefined when it does not run. */
+  lastAvail(index: number): number | undefined {
+    return this.queues.get(index)?.lastAvail;
+  }
+
   stopAll(): void {
     for (const index of [...this.queues.keys()]) this.stop(index);
   }

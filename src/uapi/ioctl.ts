@@ -34,6 +34,10 @@ const U64 = 8;
 const INT = 4;
 /** struct vhost_vring_state { unsigned int index; unsigned int num; } */
 const VRING_STATE = 8;
+/** struct vhost_vring_addr { unsigned int index, flags; __u64 desc, used, avail, log; } */
+const VRING_ADDR = 40;
+/** struct vhost_vring_file { unsigned int index; int fd; } */
+const VRING_FILE = 8;
 /** struct vhost_vdpa_config { __u32 off; __u32 len; __u8 buf[]; } */
 const VDPA_CONFIG = 8;
 /** struct vhost_vdpa_iova_range { __u64 first; __u64 last; } */
@@ -44,6 +48,12 @@ export const Ioctl = {
   VHOST_SET_FEATURES: iow(0x00, U64),
   VHOST_SET_OWNER: io(0x01),
   VHOST_RESET_OWNER: io(0x02),
+  VHOST_SET_VRING_NUM: iow(0x10, VRING_STATE),
+  VHOST_SET_VRING_ADDR: iow(0x11, VRING_ADDR),
+  VHOST_SET_VRING_BASE: iow(0x12, VRING_STATE),
+  VHOST_GET_VRING_BASE: iowr(0x12, VRING_STATE),
+  VHOST_SET_VRING_KICK: iow(0x20, VRING_FILE),
+  VHOST_SET_VRING_CALL: iow(0x21, VRING_FILE),
   VHOST_SET_BACKEND_FEATURES: iow(0x25, U64),
   VHOST_GET_BACKEND_FEATURES: ior(0x26, U64),
   VHOST_VDPA_GET_DEVICE_ID: ior(0x70, U32),

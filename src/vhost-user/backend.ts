@@ -63,6 +63,8 @@ export interface VhostUserDeviceSide {
   /** The front-end negotiated these features (before the device is started). */
   featuresNegotiated(features: bigint): void;
   startVring(vring: VringConfig): void;
+  /** A running vring got another call eventfd (null: none); the fd stays the backend's. */
+  callChanged?(index: number, fd: number | null): void;
   /** Stops a running vring; returns the next avail index the device would have processed. */
   stopVring(index: number): number;
 }
@@ -382,9 +384,12 @@ export class VhostUserBackend {
         this.maybeStart(msg.index);
         return this.ack(msg);
       }
-      case 'SET_VRING_CALL':
-        this.replaceFd(this.vring(msg.index), 'callFd', msg.fd);
+      case 'SET_VRING_CALL': {
+        const v = this.vring(msg.index);
+        this.replaceFd(v, 'callFd', msg.fd);
+        if (v.running) this.device.callChanged?.(msg.index, msg.fd);
         return this.ack(msg);
+      }
       case 'SET_VRING_ERR':
         this.replaceFd(this.vring(msg.index), 'errFd', msg.fd);
         return this.ack(msg);

@@ -1,8 +1,9 @@
 /**
- * Debian's QEMU boots a guest whose disk is served by our vhost-user backend: the guest RAM's
- * memfd arrives as fds, its regions become IOTLB entries of a simulated vDPA blk device (IOVA =
- * guest physical), and the virtio-blk model does every descriptor and data access by DMA through
- * that IOTLB. The guest reads what the host wrote, writes a pattern with O_DIRECT and reads it
+ * Debian's QEMU boots a guest whose disk is served by our vhost-user backend and vdpa relay: the
+ * guest RAM's memfd arrives as fds, its regions become IOTLB entries of a simulated vhost-vdpa blk
+ * device (IOVA = guest physical), the relay hands the vrings and eventfds to that device through
+ * its vring ioctls, and the device's own data path (vdpa_sim_blk-like) does every descriptor and
+ * data access by DMA through that IOTLB. The guest reads what the host wrote, writes a pattern with O_DIRECT and reads it
  * back; the host finds the pattern in the disk file. Memory hotplug maps exactly the new DIMM.
  * A mapping off by one page must make the guest fail and leave the disk without the pattern.
  */
@@ -19,8 +20,9 @@ import {
   VERDICT,
   WRITE_OFFSET,
 } from '../vhost-user/guest.ts';
+import { DeviceStatus } from '../../src/uapi/constants.ts';
 import { Qemu } from '../vhost-user/qemu.ts';
-import { SimBlkBackend } from '../vhost-user/sim-blk.ts';
+import { RelayBlkBackend } from '../vhost-user/relay-blk.ts';
 
 const DISK_BYTES = 64 << 20;
 const MiB = 1n << 20n;
@@ -76,7 +78,7 @@ const logger = {
   warn: (obj: object, msg: string) => console.log(`# ${msg} ${JSON.stringify(obj)}`),
 };
 
-describe('a QEMU guest does I/O through the vhost-user backend and a simulated device', () => {
+describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhost-vdpa blk device', () => {
   for (const memSlots of [false, true]) {
     const how = memSlots ? 'ADD_MEM_REG (CONFIGURE_MEM_SLOTS)' : 'SET_MEM_TABLE';
     test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps only the DIMM`, {
@@ -85,7 +87,7 @@ describe('a QEMU guest does I/O through the vhost-user backend and a simulated d
       const disk = makeDisk(`disk-${memSlots}.img`);
       const socketPath = path.join(work, `vu-${memSlots}.sock`);
       const fdsBefore = openFds();
-      const sim = new SimBlkBackend({ socketPath, diskPath: disk, backend: { memSlots }, logger });
+      const sim = new RelayBlkBackend({ socketPath, diskPath: disk, backend: { memSlots }, logger });
       assert.equal(fs.statSync(socketPath).mode & 0o777, 0o600);
       const started = performance.now();
       const qemu = new Qemu({ guest, socketPath, guestWait: GUEST_WAIT_OK, hold: true, slots: 2 });
@@ -99,6 +101,8 @@ describe('a QEMU guest does I/O through the vhost-user backend and a simulated d
           new RegExp(`${VERDICT} DEVICE ${DISK_BYTES / 512} sectors serial=vdpa-mapd-vublk0`),
         );
         console.log(`# ${how}: boot to verdict ${bootToVerdict.toFixed(1)} s (guest uptime ${uptime} s)`);
+        // The relay started the device: features negotiated, DRIVER_OK.
+        assert.equal(sim.device.simulator.deviceStatus & DeviceStatus.DRIVER_OK, DeviceStatus.DRIVER_OK);
 
         // The bytes are on the host's disk file, and the host's pattern is untouched.
         assert.ok(
@@ -179,6 +183,7 @@ describe('a QEMU guest does I/O through the vhost-user backend and a simulated d
         assert.deepEqual(sim.mappings(), []);
         assert.deepEqual(sim.registry.list(), []);
         assert.deepEqual(sim.listenerErrors, []);
+        assert.equal(sim.device.simulator.deviceStatus, 0, 'the relay reset the device');
       } finally {
         qemu.kill();
         await qemu.exited;
@@ -194,7 +199,7 @@ describe('a QEMU guest does I/O through the vhost-user backend and a simulated d
   }, async () => {
     const disk = makeDisk('disk-skewed.img');
     const socketPath = path.join(work, 'vu-skewed.sock');
-    const sim = new SimBlkBackend({ socketPath, diskPath: disk, iovaSkew: 0x1000n });
+    const sim = new RelayBlkBackend({ socketPath, diskPath: disk, iovaSkew: 0x1000n });
     const qemu = new Qemu({ guest, socketPath, guestWait: GUEST_WAIT_BROKEN });
     try {
       const verdict = await qemu.waitFor(new RegExp(`${VERDICT} (PASS|FAIL)[^\\n]*\\n`));

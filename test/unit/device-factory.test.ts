@@ -14,6 +14,7 @@ import { DeviceError } from '../../src/device/errors.ts';
 import { openDevices, parseDeviceSpec } from '../../src/device/factory.ts';
 import { SimulatedVdpa } from '../../src/device/sim-kernel.ts';
 import { TransportError } from '../../src/device/transport.ts';
+import { VhostVdpaDevice } from '../../src/device/vhost-vdpa.ts';
 import { FULL_IOVA_RANGE } from '../../src/iotlb/types.ts';
 import { RecordingTransport, type TmpRegistry, tmpRegistry } from './device-helpers.ts';
 
@@ -38,6 +39,10 @@ describe('parseDeviceSpec', () => {
       },
     );
     assert.deepEqual(parseDeviceSpec('sim:a'), { kind: 'simulated', options: { name: 'a' } });
+    assert.deepEqual(parseDeviceSpec('sim:b,iommu=onchip,disk=/var/lib/disk.img,deviceId=blk'), {
+      kind: 'simulated',
+      options: { name: 'b', iommu: 'onchip', disk: '/var/lib/disk.img', deviceId: 2 },
+    });
     assert.deepEqual(parseDeviceSpec('sim:a,features=none'), {
       kind: 'simulated',
       options: { name: 'a', features: 0n },
@@ -73,6 +78,9 @@ describe('parseDeviceSpec', () => {
     ['sim:a,color=red', 'color', /unknown key "color"/],
     ['sim:a,iommu', 'iommu', /"iommu" is not key=value/],
     ['sim:a,asnum=1,ASNUM=2', 'asnum', /asnum given twice/],
+    ['sim:a,disk=disk.img', 'disk', /disk=disk.img: must be an absolute path/],
+    ['sim:a,disk=/d.img,deviceId=net', 'disk', /disk needs deviceId=blk/],
+    ['sim:a,deviceId=gpu', 'deviceid', /must be blk, net or a u32/],
     ['kernel:vhost-vdpa-0', 'node', /neither auto nor an absolute device path/],
     ['kernel:auto,name=x', 'name', /kernel:auto takes no options/],
     ['kernel:/dev/vhost-vdpa-0,iommu=onchip', 'iommu', /unknown key "iommu"/],
@@ -203,6 +211,21 @@ describe('openDevices', () => {
     return t;
   };
   const discovery = () => ({ devDir: path.join(root, 'dev'), sysDir: path.join(root, 'sys') });
+
+  test('sim:NAME,disk=/PATH opens a vdpa_sim_blk-like device that serves that disk', async () => {
+    const disk = path.join(root, 'disk.img');
+    fs.writeFileSync(disk, Buffer.alloc(64 * 512));
+    const [dev] = await openDevices([`sim:b0,iommu=onchip,disk=${disk}`], tmp.registry);
+    try {
+      assert.ok(dev instanceof VhostVdpaDevice);
+      const facts = dev.facts();
+      assert.deepEqual([facts.deviceId, facts.vqCount, facts.configSize], [2, 1, 60]);
+      // struct virtio_blk_config.capacity, in 512-byte sectors.
+      assert.equal(dev.vrings.config(0, 8).readBigUInt64LE(0), 64n);
+    } finally {
+      await dev?.close();
+    }
+  });
 
   test('simulated and auto-discovered kernel devices, named uniquely', async () => {
     const devices = await openDevices(['sim:s0,iommu=onchip', 'kernel:auto'], tmp.registry, undefined, {

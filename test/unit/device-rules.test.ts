@@ -594,7 +594,7 @@ describe('the simulated kernel answers raw writes as vhost-vdpa does (kernel-vm.
     );
     u.close();
     assert.equal(
-      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_GET_VRING_NUM, Buffer.alloc(2))),
+      errnoOf(() => t.ioctl(Ioctl.VHOST_VDPA_SET_CONFIG_CALL, Buffer.alloc(4))),
       'ENOTTY',
     );
     // SUSPEND/RESUME do nothing and succeed before DRIVER_OK, even on a parent that cannot (R6).

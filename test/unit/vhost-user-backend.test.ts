@@ -12,13 +12,10 @@ import {
   EFD_CLOEXEC,
   EFD_NONBLOCK,
   eventfd,
-  FdSocketBuffer,
   ftruncate,
   MFD_CLOEXEC,
   memfdCreate,
-  SysError,
   unixSocketPair,
-  watchReadable,
 } from '../../src/sys/libc.ts';
 import {
   VhostUserBackend,
@@ -27,8 +24,8 @@ import {
 } from '../../src/vhost-user/backend.ts';
 import type { MemoryDiff } from '../../src/vhost-user/memory-table.ts';
 import { VhostUserConnection } from '../../src/vhost-user/transport.ts';
+import { FrontEnd } from '../vhost-user/front-end.ts';
 import {
-  decodeReply,
   encodeHeader,
   encodeRequest,
   F_PROTOCOL_FEATURES,
@@ -77,68 +74,6 @@ class RecordingDevice implements VhostUserDeviceSide {
   }
   stopVring() {
     return 7;
-  }
-}
-
-/** The front-end's end of the socketpair. */
-class FrontEnd {
-  readonly io = new FdSocketBuffer();
-  constructor(readonly fd: number) {}
-  send(request: number, payload: Buffer, fds: number[] = [], needReply = false): void {
-    this.io.send(this.fd, encodeRequest(request, payload, needReply), fds);
-  }
-  raw(frame: Buffer, fds: number[] = []): void {
-    this.io.send(this.fd, frame, fds);
-  }
-  /** The next reply (whole frame); null when the backend closed the connection instead. */
-  async reply(request: number): Promise<Buffer | null> {
-    const header = await this.read(12);
-    if (header === null) return null;
-    const size = header.readUInt32LE(8);
-    const payload = size === 0 ? Buffer.alloc(0) : await this.read(size);
-    assert.ok(payload, 'a whole reply');
-    return decodeReply(Buffer.concat([header, payload]), request);
-  }
-  /** Bytes, or null at EOF (a reset counts: the backend closed with our data unread). */
-  private receive(length: number): { data: Buffer; eof: boolean } | null {
-    try {
-      return this.io.receive(this.fd, length);
-    } catch (e) {
-      if (e instanceof SysError && e.errno === 'ECONNRESET') return { data: Buffer.alloc(0), eof: true };
-      throw e;
-    }
-  }
-  private read(length: number): Promise<Buffer | null> {
-    const now = this.receive(length);
-    if (now !== null) return Promise.resolve(now.eof ? null : now.data);
-    return new Promise((resolve, reject) => {
-      const w = watchReadable(
-        this.fd,
-        () => {
-          const got = this.receive(length);
-          if (got === null) return;
-          w.stop();
-          resolve(got.eof ? null : got.data);
-        },
-        reject,
-      );
-    });
-  }
-  async u64(request: number): Promise<bigint> {
-    const r = await this.reply(request);
-    assert.ok(r, `a reply to ${request}`);
-    return r.readBigUInt64LE(0);
-  }
-  /** Resolves when the backend has closed its end. */
-  async eof(): Promise<void> {
-    assert.equal(await this.reply(0), null);
-  }
-  private closed = false;
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    fs.closeSync(this.fd);
-    this.io.free();
   }
 }
 

@@ -1,0 +1,153 @@
+/**
+ * A vhost-user-blk backend for tests: the vhost-user backend with the vdpa relay over a simulated
+ * vhost-vdpa blk device (vdpa_sim_blk-like: its own data path serves a disk file by DMA through
+ * its IOTLB). The relay hands the memory table to `memory`, which here maps it straight into the
+ * device (IOVA = guest physical address, each region mapped from the file its fd names); in the
+ * agent it goes through the device queue.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { SimulatedDevice } from '../../src/device/simulated.ts';
+import type { VirtioBlk } from '../../src/device/virtio-blk.ts';
+import type { IotlbOp } from '../../src/iotlb/types.ts';
+import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
+import { dupCloexec } from '../../src/sys/libc.ts';
+import {
+  type BackendLogger,
+  VhostUserBackend,
+  type VhostUserBackendOptions,
+} from '../../src/vhost-user/backend.ts';
+import { fileKeyId, type MemoryDiff, type TableRegion } from '../../src/vhost-user/memory-table.ts';
+import { type VhostUserConnection, VhostUserListener } from '../../src/vhost-user/transport.ts';
+import { VdpaRelay } from '../../src/vhost-user/vdpa-relay.ts';
+
+export interface RelayBlkOptions {
+  /** Serve this socket; without it, connections are handed to serve(). */
+  socketPath?: string;
+  diskPath: string;
+  /** Deliberately wrong mapping (for the negative test): IOVA = guest physical + this. */
+  iovaSkew?: bigint;
+  backend?: Omit<VhostUserBackendOptions, 'logger'>;
+  logger?: BackendLogger;
+}
+
+export class RelayBlkBackend {
+  readonly registry: SharedMemoryRegistry;
+  readonly device: SimulatedDevice;
+  readonly relay: VdpaRelay;
+  /** Every IOTLB op the device was sent, in order, for assertions on what a change cost. */
+  readonly ops: IotlbOp[] = [];
+  readonly backends: VhostUserBackend[] = [];
+  private readonly listener: VhostUserListener | undefined;
+  private readonly stateDir: string;
+  /** Registered memory per file, with the number of table regions that use it. */
+  private readonly files = new Map<string, { id: string; regions: number }>();
+  private readonly errors: Error[] = [];
+
+  constructor(readonly options: RelayBlkOptions) {
+    this.stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-vu-'));
+    this.registry = new SharedMemoryRegistry({ allowedRoots: [], stateDir: this.stateDir });
+    // vdpa_sim_blk with batch_mapping=0 and use_va=1: one dma_map per UPDATE, nothing pinned.
+    this.device = new SimulatedDevice(
+      { name: 'vublk0', disk: options.diskPath, iommu: 'onchip', onchipMap: 'dma_map', useVa: true },
+      this.registry,
+      options.logger,
+    );
+    this.relay = new VdpaRelay(this.device, (diff) => this.memory(diff), options.logger);
+    const { socketPath } = options;
+    this.listener =
+      socketPath === undefined
+        ? undefined
+        : new VhostUserListener({
+            path: socketPath,
+            onConnection: (conn) => {
+              if (this.backends.some((b) => !b.closed)) {
+                conn.close(new Error('a front-end is already attached'));
+                return;
+              }
+              this.serve(conn);
+            },
+            onError: (e) => this.errors.push(e),
+          });
+  }
+
+  /** The device's data path (its counters show the I/O and every fault). */
+  get blk(): VirtioBlk {
+    return this.device.simulator.vrings.blk!;
+  }
+
+  get listenerErrors(): Error[] {
+    return this.errors;
+  }
+
+  serve(conn: VhostUserConnection): VhostUserBackend {
+    const backend = new VhostUserBackend(conn, this.relay, {
+      ...this.options.backend,
+      ...(this.options.logger ? { logger: this.options.logger } : {}),
+    });
+    this.backends.push(backend);
+    return backend;
+  }
+
+  /** The device's live IOTLB entries. */
+  mappings() {
+    return this.device.mappings();
+  }
+
+  async close(): Promise<void> {
+    this.listener?.close();
+    await Promise.all(this.backends.map((b) => b.done));
+    await this.device.close();
+    this.registry.closeAll();
+    fs.rmSync(this.stateDir, { recursive: true, force: true });
+  }
+
+  /** The relay's memory callback: the diff as IOTLB ops, applied to the device in one call. */
+  private async memory(diff: MemoryDiff): Promise<void> {
+    const skew = this.options.iovaSkew ?? 0n;
+    const ops: IotlbOp[] = [];
+    for (const r of diff.removed) {
+      ops.push({ type: 'invalidate', asid: 0, iova: r.guestAddr + skew, size: r.size });
+    }
+    for (const r of diff.added) {
+      ops.push({
+        type: 'update',
+        asid: 0,
+        iova: r.guestAddr + skew,
+        size: r.size,
+        memory: this.retain(r, r.fd),
+        offset: r.mmapOffset,
+        perm: 'rw',
+      });
+    }
+    this.ops.push(...ops);
+    const results = await this.device.apply(ops);
+    for (const r of diff.removed) this.release(r);
+    const failed = results.find((x) => !x.ok);
+    if (failed && !failed.ok) throw new Error(`${failed.errno}: ${failed.message}`);
+  }
+
+  /** The registry memory of a region's file, adopting a dup of the fd the first time. */
+  private retain(r: TableRegion, fd: number): string {
+    const key = fileKeyId(r.file);
+    let entry = this.files.get(key);
+    if (entry === undefined) {
+      entry = { id: `vu-${key.replace(':', '-')}`, regions: 0 };
+      this.registry.adopt({ id: entry.id, fd: dupCloexec(fd) });
+      this.files.set(key, entry);
+    }
+    entry.regions++;
+    return entry.id;
+  }
+
+  private release(r: TableRegion): void {
+    const key = fileKeyId(r.file);
+    const entry = this.files.get(key);
+    if (entry === undefined) return;
+    if (--entry.regions === 0) {
+      this.registry.release(entry.id);
+      this.files.delete(key);
+    }
+  }
+}
