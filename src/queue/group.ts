@@ -7,8 +7,8 @@
  * device refuses an op, the units before the refusing unit stand; the refusing unit fails with
  * DEVICE_ERROR; the device is put back to the working tables as they were before that unit (the
  * converge routine, converge.ts: this also takes back the units after it, which the same apply()
- * carried); and the units after it are validated and applied again. Every round
- * settles at least one unit, so the loop ends.
+ * carried); and the units after it are validated and applied again. Every round settles at least
+ * one unit, so the loop ends.
  *
  * Anything that leaves the device's state unknown (the agent unreachable or restarted, a failed
  * compensation) takes back the whole group from the working tables and returns it as not done:
