@@ -202,13 +202,8 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
   const port = measuredPort(opts.agent, metrics);
   // The link is made last: the pieces before it reach it only from callbacks.
   let link: AgentLink | undefined;
-  const memory = new MemoryCatalog(
-    store,
-    port,
-    () => link?.up === true,
-    logger,
-    () => void link?.sync(),
-  );
+  const agentUp = () => link?.up === true;
+  const memory = new MemoryCatalog(store, port, agentUp, logger, () => void link?.sync());
   const hub = new WatchHub(logger, opts.watchHistory);
   const devices = new DeviceRegistry({
     port,
@@ -241,7 +236,7 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
   }
   writes.restoreJournaled();
 
-  const views = new Views(devices, store, port, () => link.up, logger);
+  const views = new Views(devices, store, port, agentUp, logger);
   const service = new Mapd(store, devices, writes, views, memory, hub, link, opts.quotas);
   link.start();
   return service;
