@@ -1,7 +1,7 @@
 /**
  * Scenario 7: recovery. With 10k mappings desired on a device, the agent is killed (SIGKILL: the
  * device loses every mapping) and a new agent is started on the same socket; we time until /readyz
- * says every device is ready again (memory re-registered, the device reconciled and read back). The
+ * says every device is ready again (memory re-registered, the device reconciled). The
  * baseline, in the same run and alternating with it: the same 10k mappings applied as one
  * set-mem-table to the emptied device of a running agent.
  *

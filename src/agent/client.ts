@@ -1,15 +1,13 @@
 /**
  * The API server's client of the agent: typed calls over the agent's unix socket (bigints in,
- * bigints out), a deadline on every call, and notice of the agent going away or restarting.
+ * bigints out), a deadline on every call, and notice of the connection going away.
  *
- * Events:
- * - `connected` (info): connect() succeeded, or the connection came back after a loss.
- * - `disconnected` (error): the connection to the agent was lost; reconnection starts at once,
- *   with exponential backoff, for a bounded number of attempts.
- * - `restarted` ({ previousBootId, bootId }): an answer carried a boot id other than the one seen
- *   before: the agent restarted and every mapping it held is gone. Emitted before `connected`.
- * - `reconnectFailed` (error): every attempt failed; call connect() to start over.
- * Calls made while disconnected fail fast with UNAVAILABLE (they do not wait for the agent).
+ * It keeps no loop of its own: connect() waits (up to its deadline) for the channel to reach the
+ * agent, and whoever owns the client decides when to try again (the core: service/agent-link.ts).
+ * After connect(), the `disconnected` event says once that the connection was lost; the next
+ * connect() watches it again. Calls made while disconnected fail fast with UNAVAILABLE (they do not
+ * wait for the agent). Which agent answered is in every answer's boot id; the client does not
+ * compare them (the caller knows which agent its state was reconciled with).
  */
 import { EventEmitter } from 'node:events';
 import {
@@ -48,13 +46,12 @@ import {
   type WireMemoryInfo,
 } from './wire.ts';
 
+/** The channel's pacing of its attempts to reach the socket while the agent is away. */
 export interface ReconnectOptions {
-  /** First delay after a loss, ms (default 100); doubled after every failed attempt. */
+  /** First delay after a failed attempt, ms (default 100); doubled after every failed attempt. */
   initialDelayMs?: number;
-  /** Cap of the delay, ms (default 5000). */
+  /** Cap of the delay, ms (default 1000). */
   maxDelayMs?: number;
-  /** Attempts before giving up with `reconnectFailed` (default 20: about a minute). */
-  maxAttempts?: number;
 }
 
 export interface AgentClientOptions {
@@ -84,47 +81,31 @@ export interface MappedSnapshot {
 }
 
 export interface AgentClientEvents {
-  connected: [info: AgentInfo];
   disconnected: [error: AgentError];
-  restarted: [change: { previousBootId: string; bootId: string }];
-  reconnectFailed: [error: AgentError];
 }
 
-type Phase = 'idle' | 'ready' | 'reconnecting' | 'lost' | 'closed';
+type Phase = 'idle' | 'ready' | 'closed';
 
 const slicedService = withSlicedMethods(agentService);
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 export class AgentClient extends EventEmitter<AgentClientEvents> {
   private readonly client: Client;
   private readonly deadlineMs: number;
   private readonly applyDeadlineMs: number;
-  private readonly backoff: Required<ReconnectOptions>;
   private phase: Phase = 'idle';
-  private knownBootId: string | undefined;
 
   constructor(opts: AgentClientOptions) {
     super();
     this.deadlineMs = opts.deadlineMs ?? 10_000;
     this.applyDeadlineMs = opts.applyDeadlineMs ?? 120_000;
-    this.backoff = {
-      initialDelayMs: opts.reconnect?.initialDelayMs ?? 100,
-      maxDelayMs: opts.reconnect?.maxDelayMs ?? 5_000,
-      maxAttempts: opts.reconnect?.maxAttempts ?? 20,
-    };
     this.client = new Client(`unix://${opts.socketPath}`, credentials.createInsecure(), {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
-      // The channel's own reconnect pacing, kept in step with ours.
-      'grpc.initial_reconnect_backoff_ms': this.backoff.initialDelayMs,
-      'grpc.max_reconnect_backoff_ms': this.backoff.maxDelayMs,
+      // A channel that failed retries the socket on its own, with this backoff (grpc-js's
+      // default grows to 120 s): kept short, so a connect() finds an agent soon after it is back.
+      'grpc.initial_reconnect_backoff_ms': opts.reconnect?.initialDelayMs ?? 100,
+      'grpc.max_reconnect_backoff_ms': opts.reconnect?.maxDelayMs ?? 1_000,
     });
-  }
-
-  /** Boot id of the agent last heard from. */
-  get bootId(): string | undefined {
-    return this.knownBootId;
   }
 
   /** Whether the connection is up (after connect(), until a loss). */
@@ -137,7 +118,10 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     this.assertOpen();
     const info = await this.fetchInfo(opts, true);
     this.assertOpen();
-    if (this.phase !== 'ready') this.becomeReady(info);
+    if (this.phase !== 'ready') {
+      this.phase = 'ready';
+      this.watchConnection();
+    }
     return info;
   }
 
@@ -166,14 +150,12 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       true,
     );
     const res = await deserializeInSlices(def.responseDeserialize, raw, 'results');
-    this.noteBootId(res.bootId);
     const results = await mapInSlices(res.results, (r, i) => opResultFromWire(r, `results[${i}]`));
     return { results, bootId: res.bootId };
   }
 
   async listMapped(device: string, opts?: CallOptions): Promise<MappedSnapshot> {
     const res = await this.call<WireListMappedResponse>('ListMapped', { device }, opts);
-    this.noteBootId(res.bootId);
     return { mappings: res.mappings.map((m, i) => mappingFromWire(m, `mappings[${i}]`)), bootId: res.bootId };
   }
 
@@ -237,7 +219,6 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
 
   private async fetchInfo(opts: CallOptions | undefined, waitForReady: boolean): Promise<AgentInfo> {
     const info = await this.call<WireAgentInfo>('GetInfo', {}, opts, waitForReady);
-    this.noteBootId(info.bootId);
     return { bootId: info.bootId, version: info.version, pid: info.pid };
   }
 
@@ -270,20 +251,6 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     });
   }
 
-  private noteBootId(bootId: string): void {
-    const previousBootId = this.knownBootId;
-    this.knownBootId = bootId;
-    if (previousBootId !== undefined && previousBootId !== bootId) {
-      this.emit('restarted', { previousBootId, bootId });
-    }
-  }
-
-  private becomeReady(info: AgentInfo): void {
-    this.phase = 'ready';
-    this.watchConnection();
-    this.emit('connected', info);
-  }
-
   /** Fires `lost()` when the channel leaves READY. */
   private watchConnection(): void {
     const channel = this.client.getChannel();
@@ -298,37 +265,11 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   }
 
   private lost(): void {
-    this.phase = 'reconnecting';
+    this.phase = 'idle';
     this.emit(
       'disconnected',
       new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', 'lost the connection to the agent'),
     );
-    void this.reconnect();
-  }
-
-  /** Bounded exponential backoff; each attempt waits for the channel up to its own delay. */
-  private async reconnect(): Promise<void> {
-    const { initialDelayMs, maxDelayMs, maxAttempts } = this.backoff;
-    let last = 'no attempt made';
-    for (let attempt = 0; attempt < maxAttempts; attempt++) {
-      const delay = Math.min(initialDelayMs * 2 ** attempt, maxDelayMs);
-      const started = Date.now();
-      try {
-        const info = await this.fetchInfo({ deadlineMs: delay }, true);
-        if (this.phase !== 'reconnecting') return;
-        this.becomeReady(info);
-        return;
-      } catch (e) {
-        if (this.phase !== 'reconnecting') return;
-        last = e instanceof AgentError ? `${e.code}: ${e.message}` : String(e);
-        // A refused connection fails at once: wait out the rest of this attempt's delay.
-        await sleep(delay - (Date.now() - started));
-      }
-    }
-    if (this.phase !== 'reconnecting') return;
-    this.phase = 'lost';
-    const why = `the agent did not come back after ${maxAttempts} attempts (last: ${last})`;
-    this.emit('reconnectFailed', new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', why));
   }
 
   private assertOpen(): void {

@@ -11,18 +11,17 @@ import type { MemoryInfo } from '../memory/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 
 export interface AgentPortEvents {
-  /** The connection is (again) up. */
-  connected: [info: AgentInfo];
-  /** The connection was lost. */
+  /** The connection that connect() established was lost (said once; connect() again to retry). */
   disconnected: [error: AgentError];
-  /** An answer carried a new boot id: every mapping of the old agent is gone. */
-  restarted: [change: { previousBootId: string; bootId: string }];
-  /** The client gave up reconnecting; connect() starts over. */
-  reconnectFailed: [error: AgentError];
 }
 
+/**
+ * Which agent answered is in the answers that matter (connect, apply, listMapped: `bootId`); a boot
+ * id other than the one a device was reconciled with means the agent restarted and the device lost
+ * every mapping. The port neither compares them nor reconnects on its own.
+ */
 export interface AgentPort {
-  /** Waits for the agent and watches the connection from then on. */
+  /** Waits (up to a deadline) for the agent and watches the connection from then on. */
   connect(): Promise<AgentInfo>;
   listDevices(): Promise<DeviceFacts[]>;
   describeDevice(device: string): Promise<DeviceDescription>;

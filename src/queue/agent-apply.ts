@@ -36,6 +36,15 @@ export interface ApplyContext {
   metrics: Metrics;
 }
 
+/**
+ * The restart check, made on every answer that says which agent gave it: an agent other than the
+ * one the device was reconciled with started empty (the kernel dropped every mapping with the old
+ * agent's fds, vhost_vdpa_release), so nothing that answer says about the device may be trusted.
+ */
+export function expectSameAgent(ctx: Pick<ApplyContext, 'device' | 'bootId'>, bootId: string): void {
+  if (bootId !== ctx.bootId) throw notDone(ctx.device, 'the agent restarted');
+}
+
 /** Sends `ops` as one apply(); throws NotDone when the outcome cannot be trusted. */
 export async function applyAtAgent(ctx: ApplyContext, ops: readonly IotlbOp[]): Promise<AgentOpResult[]> {
   const started = process.hrtime.bigint();
@@ -45,7 +54,7 @@ export async function applyAtAgent(ctx: ApplyContext, ops: readonly IotlbOp[]): 
   } catch (e) {
     throw notDone(ctx.device, `the agent did not apply the ops (${(e as Error).message})`);
   }
-  if (res.bootId !== ctx.bootId) throw notDone(ctx.device, 'the agent restarted');
+  expectSameAgent(ctx, res.bootId);
   if (res.results.length !== ops.length) {
     throw notDone(ctx.device, `the agent answered ${res.results.length} results for ${ops.length} ops`);
   }

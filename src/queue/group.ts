@@ -6,9 +6,9 @@
  * A unit is a request, or one op of a non-atomic batch; its ops are all or nothing. When the
  * device refuses an op, the units before the refusing unit stand; the refusing unit fails with
  * DEVICE_ERROR; the device is put back to the working tables as they were before that unit (the
- * planner, from what the agent reports as mapped: this also takes back the units after it, which
- * the same apply() carried); and the units after it are validated and applied again. Every round
- * settles at least one unit, so the loop ends.
+ * converge routine, converge.ts: this also takes back the units after it, which the same apply()
+ * carried); and the units after it are validated and applied again. Every round settles at least
+ * one unit, so the loop ends.
  *
  * Anything that leaves the device's state unknown (the agent unreachable or restarted, a failed
  * compensation) takes back the whole group from the working tables and returns it as not done:
@@ -20,7 +20,7 @@ import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { ServiceError } from '../core/errors.ts';
 import { applyAtAgent, describeOp, NotDone, notDone } from './agent-apply.ts';
-import { planConverge } from './converge.ts';
+import { convergeAtAgent } from './converge.ts';
 import { type Quota, quotaError, usageOf } from './quota.ts';
 import type { WriteEntry } from './types.ts';
 import { applyStep, batchOpAt, type MemoryLookup, type StepPlan, stepCount } from './validate.ts';
@@ -57,18 +57,10 @@ export type GroupRun = { done: true; base: number; steps: Step[] } | { done: fal
 
 /** Puts the device back to the working tables (after it refused an op mid-group). */
 async function compensate(ctx: GroupContext): Promise<void> {
-  let snapshot: Awaited<ReturnType<GroupContext['port']['listMapped']>>;
-  try {
-    snapshot = await ctx.port.listMapped(ctx.device);
-  } catch (e) {
-    throw notDone(ctx.device, `cannot read the mappings back after a refused op (${(e as Error).message})`);
-  }
-  if (snapshot.bootId !== ctx.bootId) throw notDone(ctx.device, 'the agent restarted');
   const held = ctx.held;
   const wanted = ctx.work.spaces.mappings();
-  const ops = planConverge(snapshot.mappings, held ? wanted.filter(held) : wanted);
-  if (ops.length === 0) return;
-  const refused = (await applyAtAgent(ctx, ops)).find((r) => !r.ok);
+  const { results } = await convergeAtAgent(ctx, held ? wanted.filter(held) : wanted);
+  const refused = results.find((r) => !r.ok);
   if (refused && !refused.ok) {
     throw notDone(ctx.device, `cannot put the device back after a refused op (${refused.message})`);
   }

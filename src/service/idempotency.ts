@@ -4,19 +4,19 @@
  * are written in the same durable commit as the change they answer, so they survive restarts.
  * A retry that arrives while the first attempt is still queued waits for that attempt's answer.
  *
- * Transient refusals (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL) are not recorded: they mean
- * "nothing was done", and the retry they ask for must be able to do it.
+ * Only final answers are recorded: a refusal that asks for a retry (UNAVAILABLE, RESOURCE_EXHAUSTED)
+ * never gets here. A full queue or a device that is not ready refuses before anything is queued,
+ * and a group that could not be done answers its callers without committing (no record), so the
+ * retry can do what the first attempt did not.
  */
 import { createHash } from 'node:crypto';
 import type { IdempotencyRecord } from '../state/desired.ts';
 import { encodeJson } from '../state/codec.ts';
 import type { StateStore } from '../state/store.ts';
-import { ServiceError, type ServiceErrorCode, type ServiceErrorInfo } from '../core/errors.ts';
+import { ServiceError, type ServiceErrorInfo } from '../core/errors.ts';
 
 /** How an answer is kept: the result, or the error's info. */
 export type StoredAnswer = { ok: unknown } | { error: ServiceErrorInfo };
-
-const TRANSIENT: ReadonlySet<ServiceErrorCode> = new Set(['UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'INTERNAL']);
 
 function canonical(value: unknown): unknown {
   if (Array.isArray(value)) return value.map(canonical);
@@ -36,13 +36,12 @@ export function requestDigest(method: string, body: unknown): string {
     .digest('hex');
 }
 
-/** The record to keep for an answer, or undefined when it must not be kept. */
+/** The record that keeps an answer. */
 export function recordOf(
   requestId: string,
   digest: string,
   outcome: { ok: true; answer: unknown } | { ok: false; error: ServiceError },
-): IdempotencyRecord | undefined {
-  if (!outcome.ok && TRANSIENT.has(outcome.error.code)) return undefined;
+): IdempotencyRecord {
   const answer: StoredAnswer = outcome.ok ? { ok: outcome.answer } : { error: outcome.error.toInfo() };
   return { requestId, digest, answer };
 }

@@ -1,24 +1,24 @@
 /**
- * Reconciliation of one device: make what the agent has mapped equal the desired state, with the
- * same planner as set-mem-table (diffSorted per address space), then read it back to verify.
- * Runs on start and whenever the agent comes back or restarted, inside the device's queue (no
- * group is at the agent meanwhile), before the device takes writes again.
+ * Reconciliation of one device: check the desired state against the device's rules, leave off the
+ * mappings of memory the agent cannot open, and make the device equal the rest with the converge
+ * routine (queue/converge.ts, the same one a group uses to put a device back). Runs inside the
+ * device's queue (no group is at the agent meanwhile), before the device takes writes again.
  */
+import type { AgentPort } from '../core/agent-port.ts';
+import { ServiceError } from '../core/errors.ts';
 import { type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import { applyAtAgent, describeOp, NotDone } from '../queue/agent-apply.ts';
-import { planConverge } from '../queue/converge.ts';
-import type { AgentPort } from '../core/agent-port.ts';
-import { fromAgentError } from '../core/agent-errors.ts';
-import { ServiceError } from '../core/errors.ts';
+import { describeOp, NotDone } from '../queue/agent-apply.ts';
+import { convergeAtAgent } from '../queue/converge.ts';
 
 export interface ReconcileInput {
   port: Pick<AgentPort, 'apply' | 'listMapped'>;
   facts: DeviceFacts;
   /** The desired mappings of the device. */
   desired: readonly Mapping[];
+  /** The agent to reconcile with: an answer from another one means it restarted meanwhile. */
   bootId: string;
   metrics: Metrics;
   /** Why a memory cannot be mapped now (the agent does not hold it), if it cannot. */
@@ -34,22 +34,8 @@ export interface Reconciled {
   missing: Map<string, string>;
 }
 
-async function mapped(input: ReconcileInput): Promise<Mapping[]> {
-  const device = input.facts.name;
-  let snapshot: Awaited<ReturnType<AgentPort['listMapped']>>;
-  try {
-    snapshot = await input.port.listMapped(device);
-  } catch (e) {
-    throw fromAgentError(e, `reading the mappings of ${device}`);
-  }
-  if (snapshot.bootId !== input.bootId)
-    throw new ServiceError('UNAVAILABLE', 'the agent restarted meanwhile');
-  return snapshot.mappings;
-}
-
-export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled> {
-  const { facts, desired } = input;
-  const device = facts.name;
+/** The desired state as the device's tables; FAILED_PRECONDITION when a mapping no longer fits. */
+function desiredTables(facts: DeviceFacts, desired: readonly Mapping[]): AddressSpaces {
   const tables = new AddressSpaces(facts.asNum, facts.iovaRange, pinPageSize(facts));
   for (const m of desired) {
     const op = { type: 'update' as const, ...m };
@@ -57,14 +43,19 @@ export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled
     if (bad) {
       throw new ServiceError(
         'FAILED_PRECONDITION',
-        `a desired mapping no longer fits ${device}: ${bad.message}`,
-        {
-          errno: bad.errno,
-        },
+        `a desired mapping no longer fits ${facts.name}: ${bad.message}`,
+        { errno: bad.errno },
       );
     }
     tables.apply(op);
   }
+  return tables;
+}
+
+export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled> {
+  const { facts, desired } = input;
+  const device = facts.name;
+  const tables = desiredTables(facts, desired);
 
   const missing = new Map<string, string>();
   const restorable = desired.filter((m) => {
@@ -74,31 +65,22 @@ export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled
     return false;
   });
 
-  const ops = planConverge(await mapped(input), restorable);
-  if (ops.length > 0) {
-    let results: Awaited<ReturnType<typeof applyAtAgent>>;
-    try {
-      results = await applyAtAgent(
-        { device, port: input.port, bootId: input.bootId, metrics: input.metrics },
-        ops,
-      );
-    } catch (e) {
-      throw e instanceof NotDone ? e.error : e;
-    }
-    const i = results.findIndex((r) => !r.ok);
-    const r = results[i];
-    if (r && !r.ok) {
-      throw new ServiceError('DEVICE_ERROR', `${device} refused ${describeOp(ops[i]!)}: ${r.message}`, {
-        errno: r.errno,
-      });
-    }
-  }
-  const left = planConverge(await mapped(input), restorable);
-  if (left.length > 0) {
-    throw new ServiceError(
-      'INTERNAL',
-      `${device} still differs from the desired state by ${left.length} op(s)`,
+  let converged: Awaited<ReturnType<typeof convergeAtAgent>>;
+  try {
+    converged = await convergeAtAgent(
+      { device, port: input.port, bootId: input.bootId, metrics: input.metrics },
+      restorable,
     );
+  } catch (e) {
+    throw e instanceof NotDone ? e.error : e;
+  }
+  const { ops, results } = converged;
+  const i = results.findIndex((r) => !r.ok);
+  const r = results[i];
+  if (r && !r.ok) {
+    throw new ServiceError('DEVICE_ERROR', `${device} refused ${describeOp(ops[i]!)}: ${r.message}`, {
+      errno: r.errno,
+    });
   }
   return { tables, ops: ops.length, missing };
 }

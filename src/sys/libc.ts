@@ -104,42 +104,6 @@ export function ioctlNoArg(fd: number, request: number): number {
   return ioctlCall(fd, request, 'unsigned long', 0);
 }
 
-// Typed arrays are native-endian, exactly like the kernel's put_user of a __u64/__u32/...
-export function ioctlReadU64(fd: number, request: number): bigint {
-  const out = new BigUint64Array(1);
-  ioctlCall(fd, request, 'void *', out);
-  return out[0]!;
-}
-
-export function ioctlReadU32(fd: number, request: number): number {
-  const out = new Uint32Array(1);
-  ioctlCall(fd, request, 'void *', out);
-  return out[0]!;
-}
-
-export function ioctlReadU16(fd: number, request: number): number {
-  const out = new Uint16Array(1);
-  ioctlCall(fd, request, 'void *', out);
-  return out[0]!;
-}
-
-export function ioctlReadU8(fd: number, request: number): number {
-  const out = new Uint8Array(1);
-  ioctlCall(fd, request, 'void *', out);
-  return out[0]!;
-}
-
-/** The vhost "write" ioctls take a pointer to the value, not the value itself. */
-export function ioctlWriteU64(fd: number, request: number, value: bigint): void {
-  checkRange(value, U64_MAX, 'u64 value');
-  ioctlCall(fd, request, 'void *', BigUint64Array.of(value));
-}
-
-export function ioctlWriteU8(fd: number, request: number, value: number): void {
-  checkInt(value, 0, 0xff, 'u8 value');
-  ioctlCall(fd, request, 'void *', Uint8Array.of(value));
-}
-
 /**
  * ioctl with a pointer to `buf` (a struct the caller encodes/decodes, e.g. the 16-byte
  * vhost_vdpa_iova_range); the kernel reads and/or writes it in place. Returns the result.

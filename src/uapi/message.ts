@@ -2,11 +2,13 @@
  * Encode/decode of `struct vhost_msg` (v1) and `struct vhost_msg_v2`: the 72-byte records written
  * to /dev/vhost-vdpa-N. The only place that knows their byte offsets.
  *
- *   struct vhost_iotlb_msg { u64 iova; u64 size; u64 uaddr; u8 perm; u8 type; }   (packed, 26 bytes)
+ *   struct vhost_iotlb_msg { u64 iova; u64 size; u64 uaddr; u8 perm; u8 type; }
  *   struct vhost_msg    { int type;            union { vhost_iotlb_msg iotlb; u8 padding[64]; } }
  *   struct vhost_msg_v2 { u32 type; u32 asid;  union { vhost_iotlb_msg iotlb; u8 padding[64]; } }
  *
- * The union holds u64s, so it is 8-byte aligned and starts at offset 8 in both: 8 + 64 = 72 bytes.
+ * vhost_iotlb_msg is not packed: 26 bytes of fields, then tail padding to 32 (its u64 alignment);
+ * perm and type sit at iotlb offsets 24 and 25. The union holds u64s, so it is 8-byte aligned and
+ * starts at offset 8 in both: 8 + 64 = 72 bytes (include/uapi/linux/vhost_types.h).
  * Little-endian (x86_64, arm64).
  */
 import { IotlbMsgType, VHOST_IOTLB_MSG, VHOST_IOTLB_MSG_V2 } from './constants.ts';

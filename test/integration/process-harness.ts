@@ -203,7 +203,7 @@ export function createRig(t: Cleanup, prefix: string): Rig {
       return api;
     },
     agentClient() {
-      const client = new AgentClient({ socketPath: socket, reconnect: { maxAttempts: 3 } });
+      const client = new AgentClient({ socketPath: socket });
       closers.push(() => client.close());
       return client;
     },

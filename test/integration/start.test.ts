@@ -224,7 +224,7 @@ test('npm start: a SIGKILLed agent or API server is restarted and loses nothing;
   ]);
   /** The agent's own table of vdpa0, asked over its socket. */
   const agentTable = async () => {
-    const client = new AgentClient({ socketPath: socket, reconnect: { maxAttempts: 1 } });
+    const client = new AgentClient({ socketPath: socket });
     try {
       const info = await client.connect();
       return { pid: info.pid, table: mappingKeys('vdpa0', (await client.listMapped('vdpa0')).mappings) };

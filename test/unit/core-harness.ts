@@ -74,9 +74,12 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
     return d;
   }
 
-  /** The agent process dies and starts again: the kernel dropped every mapping, memory is unmapped. */
+  /**
+   * The agent process dies and starts again: the kernel dropped every mapping, memory is unmapped.
+   * `emit`: the connection is seen to drop (as AgentClient's channel sees the socket close);
+   * without it, only the next answer's boot id tells.
+   */
   async restart(emit = true): Promise<void> {
-    const previousBootId = this.info.bootId;
     await this.shutdown();
     this.boot();
     if (emit) {
@@ -84,8 +87,6 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
         'disconnected',
         new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', 'lost the connection to the agent'),
       );
-      this.emit('restarted', { previousBootId, bootId: this.info.bootId });
-      this.emit('connected', this.info);
     }
   }
 
@@ -97,9 +98,9 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
     );
   }
 
+  /** Reachable again: the core finds it on its next pass. */
   comeBack(): void {
     this.unreachable = false;
-    this.emit('connected', this.info);
   }
 
   async shutdown(): Promise<void> {

@@ -1,7 +1,8 @@
 /**
  * The core over the real thing: the agent served on a unix socket (services/agent/main.ts) and the
  * real AgentClient, built here as the API server's main builds it. The agent is stopped and started
- * again; the client's events must bring the device back to the desired state on their own.
+ * again; the core must notice the dropped connection and bring the device back to the desired state
+ * on its own.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';

@@ -332,6 +332,13 @@ describe('metrics', () => {
     assert.equal(value(/^vdpa_mapd_device_ready\{device="vdpa1"\}/), 1);
     assert.ok(value(/^vdpa_mapd_reconciliations_total\{result="ok"\}/) >= 2);
     assert.ok(value(/^vdpa_mapd_agent_roundtrip_seconds_count\{method="Apply",result="ok"\}/) >= 1);
+    // Every call is measured, the connect of each pass (GetInfo) too.
+    for (const method of ['GetInfo', 'ListDevices', 'ListMemory', 'ListMapped']) {
+      const count = new RegExp(
+        `^vdpa_mapd_agent_roundtrip_seconds_count\\{method="${method}",result="ok"\\}`,
+      );
+      assert.ok(value(count) >= 1, method);
+    }
     assert.ok(value(/^vdpa_mapd_batch_ops_count\{device="vdpa0"\}/) >= 1);
     assert.ok(value(/^vdpa_mapd_iotlb_message_write_seconds_count\{device="vdpa0"\}/) >= 1);
     assert.ok(value(/^vdpa_mapd_queue_wait_seconds_count\{device="vdpa0"\}/) >= 2);

@@ -68,7 +68,7 @@ await runChecks(
         // Under TCG on a busy host the client's first call (loading grpc-js, the first connection)
         // took up to 45 s: it starts with the agent (waitForReady until the socket is there), with
         // no deadline tighter than the tier's budget, rather than the production 10 s.
-        client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS, reconnect: { maxAttempts: 1 } });
+        client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS });
         const [started, info] = await Promise.all([
           Service.start('agent', 'agent', args, agentServing),
           client.connect(),

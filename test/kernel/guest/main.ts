@@ -13,9 +13,8 @@ import {
   copyFromAddress,
   copyToAddress,
   ftruncate,
+  ioctlBuffer,
   ioctlNoArg,
-  ioctlReadU64,
-  ioctlWriteU64,
   MAP_SHARED,
   MFD_CLOEXEC,
   memfdCreate,
@@ -35,6 +34,8 @@ import {
   VHOST_ACCESS_RW,
 } from '../../../src/uapi/index.ts';
 import { VduseClient } from './vduse.ts';
+import { ioctlReadU64, TransportError } from '../../../src/device/transport.ts';
+import { openVhostVdpaFd } from '../../../src/device/vhost-vdpa-fd.ts';
 
 const devicePath = process.env.VHOST_VDPA_DEV ?? '/dev/vhost-vdpa-0';
 const device = new VduseClient();
@@ -48,7 +49,7 @@ function errnoOf(fn: () => unknown): string {
     fn();
     return 'ok';
   } catch (err) {
-    if (err instanceof SysError) return err.errno;
+    if (err instanceof SysError || err instanceof TransportError) return err.errno;
     throw err;
   }
 }
@@ -62,18 +63,18 @@ function send(fd: number, type: IotlbMsgType, iova = 0n, size = 0n, uaddr = 0n, 
   assert(n === 72, `short write: ${n}`);
 }
 
-/** The project's koffi binding (src/sys/libc.ts) drives the owner ioctls of the real driver. */
+/** The project's koffi binding (src/sys/libc.ts), under the device transport, drives the owner ioctls of the real driver. */
 const koffiOwner: Check = async () => {
-  const fd = fs.openSync(devicePath, 'r+');
+  const t = openVhostVdpaFd(devicePath);
   try {
-    assert(errnoOf(() => ioctlNoArg(fd, Ioctl.VHOST_SET_OWNER)) === 'ok', 'VHOST_SET_OWNER failed');
-    const again = errnoOf(() => ioctlNoArg(fd, Ioctl.VHOST_SET_OWNER));
+    assert(errnoOf(() => t.ioctl(Ioctl.VHOST_SET_OWNER)) === 'ok', 'VHOST_SET_OWNER failed');
+    const again = errnoOf(() => t.ioctl(Ioctl.VHOST_SET_OWNER));
     assert(again === 'EBUSY', `second VHOST_SET_OWNER: ${again}`);
-    const features = ioctlReadU64(fd, Ioctl.VHOST_GET_BACKEND_FEATURES);
+    const features = ioctlReadU64(t, Ioctl.VHOST_GET_BACKEND_FEATURES);
     assert((features & wanted) === wanted, `backend features 0x${features.toString(16)}`);
     return `SET_OWNER ok, again EBUSY, backend features ${backendFeatureNames(features).join('|')}`;
   } finally {
-    fs.closeSync(fd);
+    t.close();
   }
 };
 
@@ -87,7 +88,7 @@ const dataPath: Check = async () => {
   const fd = fs.openSync(devicePath, 'r+');
   try {
     ioctlNoArg(fd, Ioctl.VHOST_SET_OWNER);
-    ioctlWriteU64(fd, Ioctl.VHOST_SET_BACKEND_FEATURES, wanted);
+    ioctlBuffer(fd, Ioctl.VHOST_SET_BACKEND_FEATURES, new Uint8Array(BigUint64Array.of(wanted).buffer));
     const pattern = Buffer.from('written by the owner, read by the device');
     copyToAddress(addr + 0x345n, pattern);
 

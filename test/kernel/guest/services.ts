@@ -93,7 +93,7 @@ const checks: [string, () => Promise<string>][] = [
       assert(!deviceBusy(), `${devicePath} is already held`);
       // All at once: under TCG each process's first steps (loading code, the first gRPC call) take
       // many seconds; the client waits for the agent's socket (waitForReady) meanwhile.
-      client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS, reconnect: { maxAttempts: 1 } });
+      client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS });
       const t = performance.now();
       const connected = client.connect().then((info) => ({ info, ms: Math.round(performance.now() - t) }));
       const [started, boot, first] = await Promise.all([
