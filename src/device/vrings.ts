@@ -15,14 +15,7 @@ import {
   VDPA_CONFIG_HEADER_SIZE,
   VHOST_FILE_UNBIND,
 } from '../uapi/vring.ts';
-import {
-  ioctlReadU8,
-  ioctlReadU32,
-  ioctlReadU64,
-  ioctlWriteU8,
-  ioctlWriteU64,
-  type VhostTransport,
-} from './transport.ts';
+import { ioctlReadU8, ioctlReadU64, ioctlWriteU8, ioctlWriteU64, type VhostTransport } from './transport.ts';
 
 /** A vring's addresses as the device DMAs to them: IOVAs. */
 export interface VringAddresses {
