@@ -471,3 +471,34 @@ export function watchReadable(fd: number, onReadable: () => void, onError: (e: u
     },
   };
 }
+
+// ---- groups ----
+
+const GroupEntry = koffi.struct('vdpa_mapd_group', {
+  gr_name: 'char *',
+  gr_passwd: 'char *',
+  gr_gid: 'uint32_t',
+  gr_mem: 'void *',
+});
+const getgrnam = lib.func('vdpa_mapd_group *getgrnam(const char *name)');
+
+/** The gid of a group by name (through NSS, like `chgrp`); null when there is no such group. */
+export function groupId(name: string): number | null {
+  if (name === '' || name.includes('\0')) return null;
+  const entry = getgrnam(name);
+  return entry === null ? null : (koffi.decode(entry, GroupEntry) as { gr_gid: number }).gr_gid;
+}
+
+const connectUnixCall = lib.func('int connect(int fd, const void *addr, uint32_t addrlen)');
+
+/** connect() of an AF_UNIX stream socket to a filesystem path (a vhost-user front-end's end). */
+export function connectUnix(fd: number, socketPath: string): void {
+  const name = Buffer.from(socketPath, 'utf8');
+  if (name.byteLength === 0 || name.byteLength >= UNIX_PATH_MAX || name.includes(0)) {
+    throw new RangeError(`socket path must be 1..${UNIX_PATH_MAX - 1} bytes without NUL: ${socketPath}`);
+  }
+  const addr = Buffer.alloc(2 + UNIX_PATH_MAX);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  name.copy(addr, 2);
+  if (connectUnixCall(fd, addr, 2 + name.byteLength + 1) < 0) fail('connect', socketPath);
+}
