@@ -73,7 +73,8 @@ interface Attachment {
 }
 
 interface Pending {
-  device: string;
+  /** The request, re-sent to a watcher that subscribes while it waits. */
+  event: AttachmentEvent;
   settle(answer: MemoryTableAnswer | Error): void;
 }
 
@@ -189,8 +190,13 @@ export class Attachments {
     return a === undefined ? undefined : this.info(a);
   }
 
-  /** Events from now on; returns the unsubscribe (true the first time). */
+  /**
+   * `watching` at once, then the requests still waiting for an answer, then events as they
+   * happen; returns the unsubscribe (true the first time).
+   */
   watch(watcher: AttachmentWatcher): () => boolean {
+    watcher.event({ type: 'watching', attached: [...this.attached.keys()] });
+    for (const p of this.pending.values()) watcher.event(p.event);
     this.watchers.add(watcher);
     return () => this.watchers.delete(watcher);
   }
@@ -362,8 +368,9 @@ export class Attachments {
         else if (outcome.ok) resolve();
         else reject(new Error(`${outcome.code}: ${outcome.message}`));
       };
-      this.pending.set(requestId, { device, settle });
-      this.emit({ type: 'memoryTable', device, requestId, entries });
+      const event: AttachmentEvent = { type: 'memoryTable', device, requestId, entries };
+      this.pending.set(requestId, { event, settle });
+      this.emit(event);
     });
   }
 }

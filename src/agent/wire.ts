@@ -480,7 +480,8 @@ export interface WireAttachRequest {
 
 export interface WireAttachmentEvent {
   device: string;
-  event?: 'connected' | 'memoryTable' | 'disconnected';
+  event?: 'connected' | 'memoryTable' | 'disconnected' | 'watching';
+  watching?: { attached: string[] } | null;
   connected?: Record<string, never> | null;
   memoryTable?: { requestId: string; entries: WireMapping[] } | null;
   disconnected?: { reason: string } | null;
@@ -542,6 +543,7 @@ export interface AttachRequest {
  * the VMM's whole new asid-0 table, waiting for an answer before the VMM gets its reply.
  */
 export type AttachmentEvent =
+  | { type: 'watching'; attached: string[] }
   | { type: 'connected'; device: string }
   | { type: 'memoryTable'; device: string; requestId: string; entries: Mapping[] }
   | { type: 'disconnected'; device: string; reason: string };
@@ -635,6 +637,8 @@ export function attachmentFromWire(w: WireAttachment, field = 'attachment'): Att
 
 export function attachmentEventToWire(e: AttachmentEvent): WireAttachmentEvent {
   switch (e.type) {
+    case 'watching':
+      return { device: '', watching: { attached: e.attached } };
     case 'connected':
       return { device: e.device, connected: {} };
     case 'disconnected':
@@ -651,6 +655,7 @@ export function attachmentEventToWire(e: AttachmentEvent): WireAttachmentEvent {
 }
 
 export function attachmentEventFromWire(w: WireAttachmentEvent): AttachmentEvent {
+  if (w.watching) return { type: 'watching', attached: w.watching.attached };
   if (w.connected) return { type: 'connected', device: w.device };
   if (w.disconnected) return { type: 'disconnected', device: w.device, reason: w.disconnected.reason };
   if (w.memoryTable) {
@@ -661,7 +666,7 @@ export function attachmentEventFromWire(w: WireAttachmentEvent): AttachmentEvent
       entries: w.memoryTable.entries.map((m, i) => mappingFromWire(m, `memoryTable.entries[${i}]`)),
     };
   }
-  throw badRequest('event', 'needs connected, memoryTable or disconnected');
+  throw badRequest('event', 'needs watching, connected, memoryTable or disconnected');
 }
 
 export function answerToWire(a: MemoryTableAnswer): WireMemoryTableAnswer {
