@@ -7,6 +7,7 @@
 import type { DeviceCounters, DeviceFacts, DeviceKind, IommuKind, OpResult } from '../device/types.ts';
 import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
 import type { CreateMemoryRequest, MemoryInfo, MemoryKind, OpenMemoryRequest } from '../memory/types.ts';
+import type { BackendStats, VringView } from '../vhost-user/backend.ts';
 import { status } from '@grpc/grpc-js';
 import { AgentError } from './errors.ts';
 
@@ -494,26 +495,6 @@ export interface WireMemoryTableAnswer {
   error?: { code: string; message: string } | null;
 }
 
-/** One vring as the VMM set it up: addresses are guest physical (= IOVA), absent until set. */
-export interface VringInfo {
-  index: number;
-  size: number;
-  lastAvail: number;
-  desc?: bigint;
-  avail?: bigint;
-  used?: bigint;
-  enabled: boolean;
-  running: boolean;
-}
-
-export interface VhostUserStats {
-  messages: Record<string, number>;
-  memoryUpdates: number;
-  regionsAdded: number;
-  regionsRemoved: number;
-  refusals: number;
-}
-
 /** A device's vhost-user socket and what the VMM on it (the current or last one) set up. */
 export interface AttachmentInfo {
   device: string;
@@ -524,10 +505,10 @@ export interface AttachmentInfo {
   vmmConnected: boolean;
   negotiatedFeatures: bigint;
   protocolFeatures: bigint;
-  vrings: VringInfo[];
+  vrings: VringView[];
   /** The asid-0 table the API server last accepted (iova = guest physical address). */
   memoryTable: Mapping[];
-  stats: VhostUserStats;
+  stats: BackendStats;
   /** VMM connections accepted since Attach. */
   connections: number;
 }
@@ -626,7 +607,7 @@ export function attachmentFromWire(w: WireAttachment, field = 'attachment'): Att
     stats: {
       ...(Object.fromEntries(
         STAT_KEYS.map((k) => [k, countFromWire(stats[k], `${field}.stats.${k}`)]),
-      ) as Omit<VhostUserStats, 'messages'>),
+      ) as Omit<BackendStats, 'messages'>),
       messages: Object.fromEntries(
         Object.entries(stats.messages).map(([k, n]) => [k, countFromWire(n, `${field}.stats.messages.${k}`)]),
       ),

@@ -25,19 +25,12 @@ import {
   vringStatePayload,
 } from '../../src/vhost-user/wire.ts';
 import { type RunningAgent, startAgent } from '../../services/agent/main.ts';
-import { FrontEnd, memfd, passedFds } from '../vhost-user/front-end.ts';
+import { FrontEnd, highRam, lowRam, memfd, passedFds } from '../vhost-user/front-end.ts';
 import { BLK_FEATURES, recordingSides } from '../vhost-user/recording-side.ts';
 import { negotiate, PROTOCOL, TableServer } from '../vhost-user/table-server.ts';
 
 const MiB = 1n << 20n;
 
-const lowRam: MemoryRegion = { guestAddr: 0n, size: 8n * MiB, userAddr: 0x7f00_0000_0000n, mmapOffset: 0n };
-const highRam: MemoryRegion = {
-  guestAddr: 0x1_0000_0000n,
-  size: 8n * MiB,
-  userAddr: 0x7f00_4000_0000n,
-  mmapOffset: 8n * MiB,
-};
 const dimmRegion: MemoryRegion = {
   guestAddr: 0x2_0000_0000n,
   size: 4n * MiB,

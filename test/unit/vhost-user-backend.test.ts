@@ -29,7 +29,7 @@ import {
   vringAddrPayload,
   vringFdPayload,
 } from '../../src/vhost-user/wire.ts';
-import { FrontEnd, memfd, passedFds } from '../vhost-user/front-end.ts';
+import { FrontEnd, highRam, lowRam, memfd, passedFds } from '../vhost-user/front-end.ts';
 
 const MiB = 1n << 20n;
 const FEATURES = 1n << 32n;
@@ -105,14 +105,6 @@ async function negotiate(protocol = ALL_PROTOCOL): Promise<void> {
     assert.equal(await fe.u64(r), 0n, `ack of ${r}`);
   }
 }
-
-const lowRam: MemoryRegion = { guestAddr: 0n, size: 8n * MiB, userAddr: 0x7f00_0000_0000n, mmapOffset: 0n };
-const highRam: MemoryRegion = {
-  guestAddr: 0x1_0000_0000n,
-  size: 8n * MiB,
-  userAddr: 0x7f00_4000_0000n,
-  mmapOffset: 8n * MiB,
-};
 
 async function hostile(send: () => void, reason: RegExp): Promise<void> {
   send();

@@ -15,7 +15,7 @@ import {
   unixSocket,
   watchReadable,
 } from '../../src/sys/libc.ts';
-import { decodeReply, encodeRequest } from '../../src/vhost-user/wire.ts';
+import { decodeReply, encodeRequest, type MemoryRegion } from '../../src/vhost-user/wire.ts';
 
 /** The name every test memfd carries, so {@link passedFds} can find them. */
 const MEMFD_NAME = 'vu-test';
@@ -117,3 +117,19 @@ export function passedFds(): number {
   }
   return n;
 }
+
+const MiB = 1n << 20n;
+
+/** Guest RAM as QEMU describes it: low memory at guest address 0, the rest above 4 GiB, one file. */
+export const lowRam: MemoryRegion = {
+  guestAddr: 0n,
+  size: 8n * MiB,
+  userAddr: 0x7f00_0000_0000n,
+  mmapOffset: 0n,
+};
+export const highRam: MemoryRegion = {
+  guestAddr: 0x1_0000_0000n,
+  size: 8n * MiB,
+  userAddr: 0x7f00_4000_0000n,
+  mmapOffset: 8n * MiB,
+};
