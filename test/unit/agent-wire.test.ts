@@ -185,7 +185,14 @@ describe('messages round trip', () => {
   });
 
   test('an attachment, its events and their answers survive the protobuf encoding', () => {
-    const entry = { asid: 0, iova: 1n << 32n, size: 8n << 20n, memory: 'vhost-user-1-2', offset: 0n, perm: 'rw' as const };
+    const entry = {
+      asid: 0,
+      iova: 1n << 32n,
+      size: 8n << 20n,
+      memory: 'vhost-user-1-2',
+      offset: 0n,
+      perm: 'rw' as const,
+    };
     const attachment = {
       device: 'vdpa0',
       socketPath: '/run/vdpa-mapd/vhost-user/vdpa0.sock',
@@ -195,15 +202,32 @@ describe('messages round trip', () => {
       negotiatedFeatures: U64_MAX,
       protocolFeatures: 0x209n,
       vrings: [
-        { index: 0, size: 256, lastAvail: 7, desc: 0x1000n, avail: 0x2000n, used: U64_MAX, enabled: true, running: true },
+        {
+          index: 0,
+          size: 256,
+          lastAvail: 7,
+          desc: 0x1000n,
+          avail: 0x2000n,
+          used: U64_MAX,
+          enabled: true,
+          running: true,
+        },
         { index: 1, size: 0, lastAvail: 0, enabled: false, running: false },
       ],
       memoryTable: [entry],
-      stats: { messages: { SET_MEM_TABLE: 2 }, memoryUpdates: 2, regionsAdded: 3, regionsRemoved: 1, refusals: 1 },
+      stats: {
+        messages: { SET_MEM_TABLE: 2 },
+        memoryUpdates: 2,
+        regionsAdded: 3,
+        regionsRemoved: 1,
+        refusals: 1,
+      },
       connections: 4,
     };
     const describe = agentService['DescribeDevice']!;
-    const wire = describe.responseDeserialize(describe.responseSerialize({ attachment: attachmentToWire(attachment) })) as {
+    const wire = describe.responseDeserialize(
+      describe.responseSerialize({ attachment: attachmentToWire(attachment) }),
+    ) as {
       attachment: Parameters<typeof attachmentFromWire>[0];
     };
     assert.deepEqual(attachmentFromWire(wire.attachment), attachment);
@@ -225,7 +249,10 @@ describe('messages round trip', () => {
       { requestId: 'r1', ok: true as const },
       { requestId: 'r2', ok: false as const, code: 'QUOTA_EXCEEDED', message: 'over' },
     ]) {
-      assert.deepEqual(answerFromWire(answer.requestDeserialize(answer.requestSerialize(answerToWire(a))) as never), a);
+      assert.deepEqual(
+        answerFromWire(answer.requestDeserialize(answer.requestSerialize(answerToWire(a))) as never),
+        a,
+      );
     }
     rejects(() => answerFromWire({ requestId: 'r' }), 'outcome');
   });
