@@ -17,7 +17,7 @@ import { type BackendLogger, VhostUserBackend, type VhostUserDeviceSide } from '
 import { fileKeyId, type MemoryDiff, regionIdentity, type TableRegion } from '../vhost-user/memory-table.ts';
 import type { VhostUserConnection, VhostUserListener } from '../vhost-user/transport.ts';
 import { AgentError } from './errors.ts';
-import { listenAttachSocket, type AttachSocket } from './attach-socket.ts';
+import { type AttachSocket, listenAttachSocket } from './attach-socket.ts';
 import type { AttachmentEvent, AttachmentInfo, AttachRequest, MemoryTableAnswer } from './wire.ts';
 
 /** How the device side of a backend hands the VMM's memory changes on (its `memoryChanged`). */
@@ -97,6 +97,9 @@ export class Attachments {
   private readonly files = new Map<string, string>();
   private readonly watchers = new Set<AttachmentWatcher>();
   private readonly pending = new Map<string, Pending>();
+  /** Devices and socket paths of Attach calls still under way. */
+  private readonly claimedDevices = new Set<string>();
+  private readonly claimedPaths = new Set<string>();
   private readonly answerTimeoutMs: number;
   private stopping = false;
 
@@ -116,32 +119,44 @@ export class Attachments {
       );
     }
     const taken = [...this.attached.values()].find((a) => a.socket.path === req.socketPath);
-    if (taken !== undefined) {
+    if (
+      taken !== undefined ||
+      this.claimedPaths.has(req.socketPath) ||
+      this.claimedDevices.has(device.name)
+    ) {
       throw new AgentError(
         status.ALREADY_EXISTS,
-        'PATH_IN_USE',
-        `${req.socketPath} is the socket of device ${taken.device.name}`,
-        'socketPath',
+        taken === undefined ? 'ALREADY_ATTACHED' : 'PATH_IN_USE',
+        taken === undefined
+          ? `device ${device.name} or ${req.socketPath} is being attached right now`
+          : `${req.socketPath} is the socket of device ${taken.device.name}`,
+        taken === undefined ? 'device' : 'socketPath',
       );
     }
+    // Claimed while the path is checked and probed: a second Attach must not replace the socket.
+    this.claimedPaths.add(req.socketPath);
+    this.claimedDevices.add(device.name);
     let attachment: Attachment | undefined;
-    const socket = await listenAttachSocket(
-      { attachDir: this.options.attachDir, socketPath: req.socketPath, group: req.group },
-      {
-        onConnection: (conn) => (attachment ? this.connected(attachment, conn) : conn.close()),
-        onError: (e) =>
-          this.options.logger.error({ device: device.name, reason: e.message }, 'vhost-user listener failed'),
-      },
-    );
-    // A second Attach may have won while the path was probed.
-    if (this.attached.has(device.name) || this.stopping) {
-      socket.listener.close();
-      throw new AgentError(
-        status.ABORTED,
-        'ALREADY_ATTACHED',
-        `device ${device.name} was attached meanwhile`,
-        'device',
+    let socket: AttachSocket;
+    try {
+      socket = await listenAttachSocket(
+        { attachDir: this.options.attachDir, socketPath: req.socketPath, group: req.group },
+        {
+          onConnection: (conn) => (attachment ? this.connected(attachment, conn) : conn.close()),
+          onError: (e) =>
+            this.options.logger.error(
+              { device: device.name, reason: e.message },
+              'vhost-user listener failed',
+            ),
+        },
       );
+    } finally {
+      this.claimedPaths.delete(req.socketPath);
+      this.claimedDevices.delete(device.name);
+    }
+    if (this.stopping) {
+      socket.listener.close();
+      throw new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', 'the agent is stopping');
     }
     attachment = {
       device,
@@ -229,7 +244,12 @@ export class Attachments {
       if (used.has(id)) continue;
       const m = registry.get(id);
       if (m !== undefined && m.mappedEntries > 0) continue;
-      if (m !== undefined) registry.release(id);
+      try {
+        if (m !== undefined) registry.release(id);
+      } catch (e) {
+        logger.error({ memory: id, reason: (e as Error).message }, 'releasing memory of a VMM failed');
+        continue;
+      }
       this.files.delete(key);
       logger.info({ memory: id }, 'released memory no attached VMM uses');
     }

@@ -359,6 +359,31 @@ describe('attach: the VMM memory table goes through the API server', () => {
     }
   });
 
+  it('two Attach calls racing for one path: one wins, and its socket stays served', async () => {
+    const socketPath = path.join(attachDir, 'race.sock');
+    const outcomes = await Promise.allSettled([
+      client.attach({ device: 'vdpa0', socketPath }),
+      client.attach({ device: 'vdpa1', socketPath }),
+    ]);
+    const won = outcomes.findIndex((o) => o.status === 'fulfilled');
+    assert.ok(won >= 0, 'one attach succeeds');
+    const lost = outcomes[1 - won]!;
+    assert.ok(lost.status === 'rejected' && lost.reason instanceof AgentError);
+    assert.equal(lost.reason.status, status.ALREADY_EXISTS);
+    const winner = won === 0 ? 'vdpa0' : 'vdpa1';
+    try {
+      const fe = FrontEnd.connect(socketPath);
+      try {
+        await negotiate(fe);
+      } finally {
+        fe.close();
+      }
+      assert.equal((await client.describeDevice(winner)).attachment?.connections, 1);
+    } finally {
+      await client.detach(winner);
+    }
+  });
+
   it('no answer within the deadline is a failure reply', async () => {
     const config = agentConfig('short', 200);
     const short = await startAgent(config, undefined, { deviceSide: sides.factory });
