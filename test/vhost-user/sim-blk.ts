@@ -111,48 +111,31 @@ export class SimBlkBackend {
   }
 
   private deviceSide(): VhostUserDeviceSide {
-    const blk = this.blk;
     const skew = this.options.iovaSkew ?? 0n;
-    return {
-      features: blk.features,
-      queueCount: blk.queueCount,
-      maxQueueSize: blk.maxQueueSize,
-      config: () => blk.config(),
-      featuresNegotiated: (features) => blk.setFeatures(features),
-      startVring: (v: VringConfig) =>
-        blk.start({
-          ...v,
-          notify: () => {
-            const fd = v.callFd();
-            if (fd !== null) signal(fd);
-          },
-        }),
-      stopVring: (index) => blk.stop(index),
-      memoryChanged: async (diff: MemoryDiff) => {
-        const ops: IotlbOp[] = [];
-        for (const r of diff.removed) {
-          ops.push({ type: 'invalidate', asid: 0, iova: r.guestAddr + skew, size: r.size });
-        }
-        for (const r of diff.added) {
-          ops.push({
-            type: 'update',
-            asid: 0,
-            iova: r.guestAddr + skew,
-            size: r.size,
-            memory: this.retain(r, r.fd),
-            offset: r.mmapOffset,
-            perm: 'rw',
-          });
-        }
-        this.ops.push(...ops);
-        const results = await this.device.apply(ops);
-        diff.removed.forEach((r) => {
-          this.release(r);
+    return blkDeviceSide(this.blk, async (diff: MemoryDiff) => {
+      const ops: IotlbOp[] = [];
+      for (const r of diff.removed) {
+        ops.push({ type: 'invalidate', asid: 0, iova: r.guestAddr + skew, size: r.size });
+      }
+      for (const r of diff.added) {
+        ops.push({
+          type: 'update',
+          asid: 0,
+          iova: r.guestAddr + skew,
+          size: r.size,
+          memory: this.retain(r, r.fd),
+          offset: r.mmapOffset,
+          perm: 'rw',
         });
-        const failed = results.find((x) => !x.ok);
-        if (failed && !failed.ok) throw new Error(`${failed.errno}: ${failed.message}`);
-      },
-    };
+      }
+      this.ops.push(...ops);
+      const results = await this.device.apply(ops);
+      diff.removed.forEach((r) => {
+        this.release(r);
+      });
+      const failed = results.find((x) => !x.ok);
+      if (failed && !failed.ok) throw new Error(`${failed.errno}: ${failed.message}`);
+    });
   }
 
   /** The registry memory of a region's file, adopting a dup of the fd the first time. */
@@ -177,6 +160,30 @@ export class SimBlkBackend {
       this.files.delete(key);
     }
   }
+}
+
+/** The virtio-blk model as a backend's device side; its memory changes go to `memoryChanged`. */
+export function blkDeviceSide(
+  blk: VirtioBlk,
+  memoryChanged: (diff: MemoryDiff) => Promise<void>,
+): VhostUserDeviceSide {
+  return {
+    features: blk.features,
+    queueCount: blk.queueCount,
+    maxQueueSize: blk.maxQueueSize,
+    config: () => blk.config(),
+    featuresNegotiated: (features) => blk.setFeatures(features),
+    startVring: (v: VringConfig) =>
+      blk.start({
+        ...v,
+        notify: () => {
+          const fd = v.callFd();
+          if (fd !== null) signal(fd);
+        },
+      }),
+    stopVring: (index) => blk.stop(index),
+    memoryChanged,
+  };
 }
 
 const ONE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
