@@ -15,7 +15,7 @@ import type { AdoptMemoryRequest, MemoryInfo, MemoryRegistry } from '../memory/t
 import { dupCloexec } from '../sys/libc.ts';
 import { type BackendLogger, VhostUserBackend, type VhostUserDeviceSide } from '../vhost-user/backend.ts';
 import { fileKeyId, type MemoryDiff, regionIdentity, type TableRegion } from '../vhost-user/memory-table.ts';
-import type { VhostUserConnection, VhostUserListener } from '../vhost-user/transport.ts';
+import type { VhostUserConnection } from '../vhost-user/transport.ts';
 import { AgentError } from './errors.ts';
 import { type AttachSocket, listenAttachSocket } from './attach-socket.ts';
 import type { AttachmentEvent, AttachmentInfo, AttachRequest, MemoryTableAnswer } from './wire.ts';
@@ -59,17 +59,22 @@ interface Entry {
   memory: string;
 }
 
+/** One VMM connection and the memory table it has. */
+interface Session {
+  conn: VhostUserConnection;
+  backend: VhostUserBackend;
+  /** The table the API server last accepted for this connection. */
+  table: Entry[];
+  /** Tables waiting for the API server's answer: their memory must not be released meanwhile. */
+  proposed: Set<Entry[]>;
+}
+
 interface Attachment {
   device: Device;
   socket: AttachSocket;
-  listener: VhostUserListener;
-  conn: VhostUserConnection | null;
-  backend: VhostUserBackend | null;
+  /** The current (or last) VMM connection. */
+  session: Session | null;
   connections: number;
-  /** The table the API server last accepted. */
-  table: Entry[];
-  /** A table waiting for the API server's answer: its memory must not be released meanwhile. */
-  proposed: Entry[] | null;
 }
 
 interface Pending {
@@ -91,8 +96,8 @@ function toMapping(e: Entry): Mapping {
 
 export class Attachments {
   private readonly attached = new Map<string, Attachment>();
-  /** Detached, their VMM connection still closing: their memory stays referenced until done. */
-  private readonly draining = new Set<Attachment>();
+  /** Every connection whose memory may still be in use: until closed with nothing in flight. */
+  private readonly sessions = new Set<Session>();
   /** Registered memory per file (fileKeyId). */
   private readonly files = new Map<string, string>();
   private readonly watchers = new Set<AttachmentWatcher>();
@@ -161,12 +166,8 @@ export class Attachments {
     attachment = {
       device,
       socket,
-      listener: socket.listener,
-      conn: null,
-      backend: null,
+      session: null,
       connections: 0,
-      table: [],
-      proposed: null,
     };
     this.attached.set(device.name, attachment);
     this.options.logger.info(
@@ -188,15 +189,8 @@ export class Attachments {
       );
     }
     this.attached.delete(deviceName);
-    a.listener.close();
-    if (a.backend !== null && !a.backend.closed) {
-      this.draining.add(a);
-      void a.backend.done.then(() => {
-        this.draining.delete(a);
-        this.releaseUnused();
-      });
-    }
-    a.conn?.close();
+    a.socket.listener.close();
+    a.session?.conn.close();
     this.options.logger.info({ device: deviceName, socket: a.socket.path }, 'detached vhost-user');
   }
 
@@ -236,8 +230,10 @@ export class Attachments {
    */
   releaseUnused(): void {
     const used = new Set<string>();
-    for (const a of [...this.attached.values(), ...this.draining]) {
-      for (const e of [...a.table, ...(a.proposed ?? [])]) used.add(e.memory);
+    for (const session of this.sessions) {
+      for (const table of [session.table, ...session.proposed]) {
+        for (const e of table) used.add(e.memory);
+      }
     }
     const { registry, logger } = this.options;
     for (const [key, id] of this.files) {
@@ -261,13 +257,13 @@ export class Attachments {
     for (const p of [...this.pending.values()]) p.settle(new Error('the agent is stopping'));
     const closing = [...this.attached.values()];
     for (const a of closing) this.detach(a.device.name);
-    await Promise.all(closing.map((a) => a.backend?.done));
+    await Promise.all(closing.map((a) => a.session?.backend.done));
     for (const w of this.watchers) w.end();
     this.watchers.clear();
   }
 
   private info(a: Attachment): AttachmentInfo {
-    const b = a.backend;
+    const b = a.session?.backend ?? null;
     return {
       device: a.device.name,
       socketPath: a.socket.path,
@@ -277,7 +273,7 @@ export class Attachments {
       negotiatedFeatures: b?.negotiatedFeatures ?? 0n,
       protocolFeatures: b?.negotiatedProtocolFeatures ?? 0n,
       vrings: b?.vringState() ?? [],
-      memoryTable: a.table.map(toMapping),
+      memoryTable: (a.session?.table ?? []).map(toMapping),
       stats:
         b === null
           ? { messages: {}, memoryUpdates: 0, regionsAdded: 0, regionsRemoved: 0, refusals: 0 }
@@ -306,25 +302,26 @@ export class Attachments {
       conn.close();
       return;
     }
-    if (a.backend !== null && !a.backend.closed) {
+    if (a.session !== null && !a.session.backend.closed) {
       logger.warn({ device }, 'refused a second VMM connection: one is attached');
       conn.close(new Error('a VMM is already connected'));
       return;
     }
-    let backend: VhostUserBackend | undefined;
+    let session: Session | undefined;
     let side: VhostUserDeviceSide;
     try {
-      side = this.options.deviceSide(a.device, (diff) => this.memoryChanged(a, backend!, diff));
+      side = this.options.deviceSide(a.device, (diff) => this.memoryChanged(device, session!, diff));
     } catch (e) {
       logger.error({ device, reason: (e as Error).message }, 'cannot serve the VMM: no device side');
       conn.close(e as Error);
       return;
     }
-    backend = new VhostUserBackend(conn, side, {
+    const backend = new VhostUserBackend(conn, side, {
       logger: { info: logger.info.bind(logger), warn: logger.warn.bind(logger) },
     });
-    a.conn = conn;
-    a.backend = backend;
+    session = { conn, backend, table: [], proposed: new Set() };
+    this.sessions.add(session);
+    a.session = session;
     a.connections++;
     logger.info({ device }, 'VMM connected');
     this.emit({ type: 'connected', device });
@@ -332,28 +329,46 @@ export class Attachments {
       const reason = backend.error?.message ?? '';
       logger.info({ device, reason }, 'VMM disconnected');
       this.emit({ type: 'disconnected', device, reason });
-      this.releaseUnused();
+      this.settled(session);
     });
   }
 
   /** The device side's memory: registers added files, asks the API server, settles the table. */
-  private async memoryChanged(a: Attachment, backend: VhostUserBackend, diff: MemoryDiff): Promise<void> {
-    // The connection closing: the backend has already forgotten its table, whatever the answer.
-    const closing = backend.closed;
+  private async memoryChanged(device: string, session: Session, diff: MemoryDiff): Promise<void> {
+    const removed = new Set(diff.removed.map(regionIdentity));
+    const next: Entry[] = session.table.filter((e) => !removed.has(regionIdentity(e.region)));
+    session.proposed.add(next);
     try {
-      const removed = new Set(diff.removed.map(regionIdentity));
-      const next = [
-        ...a.table.filter((e) => !removed.has(regionIdentity(e.region))),
-        ...diff.added.map(({ fd, ...region }) => ({ region, memory: this.adopt(region, fd) })),
-      ].sort((x, y) => (x.region.guestAddr < y.region.guestAddr ? -1 : 1));
-      a.proposed = next;
-      await this.request(a.device.name, next.map(toMapping));
-      a.table = next;
+      for (const { fd, ...region } of diff.added) next.push({ region, memory: this.adopt(region, fd) });
+      next.sort((x, y) => (x.region.guestAddr < y.region.guestAddr ? -1 : 1));
+      await this.request(device, next.map(toMapping));
+      session.table = next;
+      if (session.backend.closed && next.length > 0) {
+        // The VMM left while the API server applied this table: it must take it back.
+        await this.request(device, []).catch((e: unknown) =>
+          this.options.logger.warn(
+            { device, reason: (e as Error).message },
+            'the empty table was not applied',
+          ),
+        );
+      }
     } finally {
-      a.proposed = null;
-      if (closing) a.table = [];
-      this.releaseUnused();
+      session.proposed.delete(next);
+      this.settled(session);
     }
+  }
+
+  /**
+   * After a change or the end of a connection: a closed connection has no table any more (the
+   * backend forgot it, whatever the API server answered), and is forgotten once nothing is in
+   * flight; then memory nothing uses is released.
+   */
+  private settled(session: Session): void {
+    if (session.backend.closed) {
+      session.table = [];
+      if (session.proposed.size === 0) this.sessions.delete(session);
+    }
+    this.releaseUnused();
   }
 
   /** The registered memory of a region's file, adopting a dup of the VMM's fd the first time. */

@@ -80,7 +80,8 @@ after(async () => {
   fs.rmSync(root, { recursive: true, force: true });
 });
 
-describe('attach: the VMM memory table goes through the API server', () => {
+// A broken attach leaves a wait unanswered: each test is bounded, generously for a loaded machine.
+describe('attach: the VMM memory table goes through the API server', { timeout: 300_000 }, () => {
   it('a subscriber sees the table with one memory id per file; the VMM is answered only after it', async () => {
     const fdsBefore = passedFds();
     const server = await TableServer.start(client);
@@ -356,6 +357,41 @@ describe('attach: the VMM memory table goes through the API server', () => {
       );
     } finally {
       await client.detach('vdpa0');
+    }
+  });
+
+  it('a Detach while the API server applies a table: the table is taken back once applied', async () => {
+    const socketPath = path.join(attachDir, 'leaving.sock');
+    const server = await TableServer.start(client);
+    server.hold = true;
+    await client.attach({ device: 'vdpa1', socketPath });
+    const fe = FrontEnd.connect(socketPath);
+    const ram = memfd(16n * MiB);
+    try {
+      await server.next('connected', 'vdpa1');
+      await negotiate(fe);
+      fe.send(Request.SET_MEM_TABLE, memTablePayload([lowRam]), [ram], true);
+      const request = await server.next('memoryTable', 'vdpa1');
+      await client.detach('vdpa1');
+      await server.next('disconnected', 'vdpa1');
+      await fe.eof();
+      assert.ok(request.type === 'memoryTable');
+      await server.apply(request); // the API server finishes what it had started
+      const takeBack = await server.next('memoryTable', 'vdpa1');
+      assert.ok(takeBack.type === 'memoryTable');
+      assert.deepEqual(takeBack.entries, []);
+      await server.apply(takeBack);
+      assert.deepEqual((await client.listMapped('vdpa1')).mappings, []);
+      assert.equal(
+        (await client.listMemory()).some((m) => m.kind === 'memfd'),
+        false,
+        'its memory is released',
+      );
+    } finally {
+      fe.close();
+      fs.closeSync(ram);
+      await client.detach('vdpa1').catch(() => undefined);
+      await server.close();
     }
   });
 
