@@ -17,6 +17,8 @@ import type { DmaCapable } from '../../src/device/types.ts';
 import { type RunningAgent, startAgent } from '../../services/agent/main.ts';
 import {
   buildGuest,
+  diskBytes,
+  makeDisk,
   type Guest,
   PATTERN_BYTES,
   READ_OFFSET,
@@ -27,7 +29,6 @@ import { Qemu } from '../vhost-user/qemu.ts';
 import { blkDeviceSide } from '../vhost-user/sim-blk.ts';
 import { TableServer } from '../vhost-user/table-server.ts';
 
-const DISK_BYTES = 64 << 20;
 const MiB = 1n << 20n;
 
 let guest: Guest;
@@ -43,28 +44,10 @@ after(() => {
   if (work) fs.rmSync(work, { recursive: true, force: true });
 });
 
-function makeDisk(): string {
-  const disk = path.join(work, 'disk.img');
-  fs.writeFileSync(disk, Buffer.alloc(0));
-  fs.truncateSync(disk, DISK_BYTES);
-  const fd = fs.openSync(disk, 'r+');
-  fs.writeSync(fd, guest.readPattern, 0, guest.readPattern.length, READ_OFFSET);
-  fs.closeSync(fd);
-  return disk;
-}
-
-function diskBytes(disk: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(disk, 'r');
-  const out = Buffer.alloc(length);
-  fs.readSync(fd, out, 0, length, offset);
-  fs.closeSync(fd);
-  return out;
-}
-
 test('a QEMU guest does I/O through an attached device whose memory the API server mapped', {
   timeout: 600_000,
 }, async () => {
-  const disk = makeDisk();
+  const disk = makeDisk(guest, work, 'disk.img');
   const diskFd = fs.openSync(disk, 'r+');
   const models: VirtioBlk[] = [];
   // The virtio-blk model on the agent's own simulated device: its DMA goes through that IOTLB.
