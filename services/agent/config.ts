@@ -13,6 +13,11 @@ export interface AgentConfig {
   /** Roots memory may be opened under by path. */
   allowedRoots: string[];
   stateDir: string;
+  /** vhost-user sockets of attached devices may only be made under this directory
+   *  (default: {@link defaultAttachDir}). */
+  attachDir?: string;
+  /** How long a VMM's memory change waits for the API server's answer, ms (default 30 s). */
+  attachAnswerMs?: number;
   /** Memory registered at start, before the socket is served. */
   memory: RegisterMemoryRequest[];
   logLevel: LogLevel;
@@ -35,11 +40,18 @@ export const USAGE = `usage: agent [options]
                        (VDPA_MAPD_ALLOWED_ROOTS; default /dev/hugepages, /dev/shm/vdpa-mapd;
                        <state-dir>/memory, where created memory lives, is always allowed)
   --state-dir DIR      state directory            (VDPA_MAPD_STATE_DIR; default ${DEFAULT_STATE_DIR})
+  --attach-dir DIR     vhost-user sockets of attached devices only under DIR
+                       (VDPA_MAPD_ATTACH_DIR; default <state-dir>/vhost-user)
+  --attach-answer-ms N how long a VMM's memory change waits for the API server (default 30000)
   --memory ID=SIZE     create memory at start (SIZE: bytes, 0x hex, or with K/M/G/T), repeatable
   --memory ID=memfd:SIZE   same, as a memfd
   --memory ID=PATH     open an existing file (absolute or ./relative path)
   --log-level LEVEL    ${LOG_LEVELS.join('|')} (VDPA_MAPD_LOG_LEVEL; default info)
   --help`;
+
+export function defaultAttachDir(stateDir: string): string {
+  return path.join(stateDir, 'vhost-user');
+}
 
 export class ConfigError extends Error {
   constructor(message: string) {
@@ -100,6 +112,13 @@ export function parseMemorySpec(spec: string): RegisterMemoryRequest {
   }
 }
 
+function parseMs(value: string, flag: string): number {
+  if (!/^[0-9]+$/.test(value) || Number(value) < 1 || Number(value) > 3_600_000) {
+    throw new ConfigError(`${flag} ${JSON.stringify(value)} must be 1..3600000 milliseconds`);
+  }
+  return Number(value);
+}
+
 function parseLogLevel(value: string): LogLevel {
   const level = LOG_LEVELS.find((l) => l === value);
   if (level === undefined)
@@ -136,6 +155,10 @@ export function parseAgentConfig(argv: readonly string[], env: NodeJS.ProcessEnv
         ? [...roots.map((r) => path.resolve(r)), memoryDir(stateDir)]
         : defaultAllowedRoots(stateDir),
     stateDir,
+    attachDir: path.resolve(values['attach-dir'] ?? (env.VDPA_MAPD_ATTACH_DIR || defaultAttachDir(stateDir))),
+    ...(values['attach-answer-ms'] === undefined
+      ? {}
+      : { attachAnswerMs: parseMs(values['attach-answer-ms'], '--attach-answer-ms') }),
     memory: (values.memory ?? []).map(parseMemorySpec),
     logLevel: parseLogLevel(values['log-level'] ?? (env.VDPA_MAPD_LOG_LEVEL || 'info')),
   };
@@ -151,6 +174,8 @@ function parse(argv: readonly string[]) {
       device: { type: 'string', multiple: true },
       'allowed-root': { type: 'string', multiple: true },
       'state-dir': { type: 'string' },
+      'attach-dir': { type: 'string' },
+      'attach-answer-ms': { type: 'string' },
       memory: { type: 'string', multiple: true },
       'log-level': { type: 'string' },
       help: { type: 'boolean' },

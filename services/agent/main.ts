@@ -13,6 +13,8 @@ import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
+import { Attachments, type DeviceSideFactory } from '../../src/agent/attach.ts';
+import { deviceSideFor } from '../../src/agent/attach-device-side.ts';
 import { MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
 import type { AgentInfo, RegisterMemoryRequest } from '../../src/agent/wire.ts';
 import { openDevices } from '../../src/device/factory.ts';
@@ -20,7 +22,7 @@ import type { Device } from '../../src/device/types.ts';
 import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
 import { memoryDir } from '../../src/memory/allowlist.ts';
 import type { MemoryInfo, MemoryRegistry } from '../../src/memory/types.ts';
-import { type AgentConfig, ConfigError, parseAgentConfig, USAGE } from './config.ts';
+import { type AgentConfig, ConfigError, defaultAttachDir, parseAgentConfig, USAGE } from './config.ts';
 import { type AgentState, createHandlers, grpcImplementation, servedAgentService } from './server.ts';
 import { prepareSocketPath, restrictSocket } from './socket.ts';
 
@@ -84,10 +86,16 @@ async function release(devices: readonly Device[], registry: MemoryRegistry, log
   }
 }
 
-/** What one agent run owns, apart from its socket: identity, devices and backing memory. */
+/** What one agent run owns, apart from its socket: identity, devices, backing memory, attachments. */
 export interface AgentCore extends AgentState {
-  /** Closes every device (the kernel drops their mappings) and unmaps all memory. */
+  attachments: Attachments;
+  /** Detaches every VMM, closes every device (the kernel drops their mappings), unmaps all memory. */
   close(): Promise<void>;
+}
+
+export interface AgentWiring {
+  /** The device side of an attached device's vhost-user backend (default: deviceSideFor). */
+  deviceSide?: DeviceSideFactory;
 }
 
 /**
@@ -109,8 +117,15 @@ function registerAtStart(registry: MemoryRegistry, req: RegisterMemoryRequest, s
 }
 
 /** Opens the configured devices and registers the configured memory. */
-export async function openAgentCore(config: AgentConfig, logger: Logger): Promise<AgentCore> {
+export async function openAgentCore(
+  config: AgentConfig,
+  logger: Logger,
+  wiring: AgentWiring = {},
+): Promise<AgentCore> {
   const info: AgentInfo = { bootId: randomUUID(), version: VERSION, pid: process.pid };
+  // Traversable by a VMM of another user that a socket's group admits; not listable.
+  const attachDir = config.attachDir ?? defaultAttachDir(config.stateDir);
+  fs.mkdirSync(attachDir, { recursive: true, mode: 0o711 });
   const registry = new SharedMemoryRegistry({ allowedRoots: config.allowedRoots, stateDir: config.stateDir });
   let devices: Device[] = [];
   try {
@@ -127,22 +142,34 @@ export async function openAgentCore(config: AgentConfig, logger: Logger): Promis
     await release(devices, registry, logger);
     throw err;
   }
-  return { info, devices, registry, close: () => release(devices, registry, logger) };
+  const attachments = new Attachments({
+    attachDir,
+    registry,
+    deviceSide: wiring.deviceSide ?? deviceSideFor,
+    ...(config.attachAnswerMs === undefined ? {} : { answerTimeoutMs: config.attachAnswerMs }),
+    logger: logger.child({ part: 'vhost-user' }),
+  });
+  const close = async () => {
+    await attachments.close();
+    await release(devices, registry, logger);
+  };
+  return { info, devices, registry, attachments, close };
 }
 
 export async function startAgent(
   config: AgentConfig,
   logger = createLogger(config.logLevel),
+  wiring: AgentWiring = {},
 ): Promise<RunningAgent> {
   const address = `unix://${config.socketPath}`;
   await prepareSocketPath(config.socketPath, logger);
-  const core = await openAgentCore(config, logger);
+  const core = await openAgentCore(config, logger, wiring);
   const server = new Server({
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
     'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   });
   try {
-    server.addService(servedAgentService, grpcImplementation(createHandlers(core), logger));
+    server.addService(servedAgentService, grpcImplementation(createHandlers(core), logger, core.attachments));
     await bind(server, address);
     restrictSocket(config.socketPath);
   } catch (err) {
@@ -161,6 +188,8 @@ export async function startAgent(
   const stop = () => {
     stopping ??= (async () => {
       logger.info('agent stopping');
+      // First the VMMs and the attachment watchers, whose streams would hold up the shutdown.
+      await core.attachments.close();
       await shutdown(server);
       await core.close();
       fs.rmSync(config.socketPath, { force: true });

@@ -6,10 +6,12 @@
 import {
   type sendUnaryData,
   type ServerUnaryCall,
+  type ServerWritableStream,
   status,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import type { Attachments } from '../../src/agent/attach.ts';
 import { AgentError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
 import { agentService } from '../../src/agent/proto.ts';
 import {
@@ -20,6 +22,9 @@ import {
   withSlicedMethods,
 } from '../../src/agent/sliced-codec.ts';
 import {
+  answerFromWire,
+  attachmentEventToWire,
+  attachmentToWire,
   countersToWire,
   factsToWire,
   type AgentInfo,
@@ -31,6 +36,9 @@ import {
   u64FromWire,
   type WireAgentInfo,
   type WireApplyRequest,
+  type WireAttachment,
+  type WireAttachRequest,
+  type WireMemoryTableAnswer,
   type WireApplyResponse,
   type WireDeviceDescription,
   type WireDeviceFacts,
@@ -63,12 +71,17 @@ export interface AgentHandlers {
   Suspend(req: WireDeviceRequest): Promise<WireDeviceFacts>;
   Resume(req: WireDeviceRequest): Promise<WireDeviceFacts>;
   Reset(req: WireDeviceRequest): Promise<WireDeviceFacts>;
+  Attach(req: WireAttachRequest): Promise<WireAttachment>;
+  Detach(req: WireDeviceRequest): Promise<Empty>;
+  AnswerMemoryTable(req: WireMemoryTableAnswer): Promise<Empty>;
 }
 
 export interface AgentState {
   info: AgentInfo;
   devices: readonly Device[];
   registry: MemoryRegistry;
+  /** Attached VMMs (vhost-user); without it, Attach and its kin are refused. */
+  attachments?: Attachments;
 }
 
 function isDmaCapable(device: Device): device is Device & DmaCapable {
@@ -103,6 +116,13 @@ export function createHandlers(state: AgentState): AgentHandlers {
     return found;
   }
 
+  function attachments(): Attachments {
+    if (state.attachments === undefined) {
+      throw new AgentError(status.UNIMPLEMENTED, 'UNSUPPORTED', 'this agent serves no vhost-user sockets');
+    }
+    return state.attachments;
+  }
+
   function lifecycle(step: 'suspend' | 'resume' | 'reset') {
     return async (req: WireDeviceRequest) => {
       const found = device(req.device);
@@ -116,12 +136,19 @@ export function createHandlers(state: AgentState): AgentHandlers {
     ListDevices: async () => ({ devices: state.devices.map((d) => factsToWire(d.facts())) }),
     async DescribeDevice(req) {
       const d = device(req.device);
-      return { facts: factsToWire(d.facts()), counters: countersToWire(d.counters()) };
+      const attachment = state.attachments?.describe(d.name);
+      return {
+        facts: factsToWire(d.facts()),
+        counters: countersToWire(d.counters()),
+        ...(attachment === undefined ? {} : { attachment: attachmentToWire(attachment) }),
+      };
     },
     async Apply(req) {
       const d = device(req.device);
       const ops = await mapInSlices(req.ops, (op, i) => opFromWire(op, `ops[${i}]`));
       const results = await d.apply(ops);
+      // What the API server unmapped may have been the last use of a detached VMM's memory.
+      state.attachments?.releaseUnused();
       return { results: await mapInSlices(results, opResultToWire), bootId: info.bootId };
     },
     async ListMapped(req) {
@@ -157,6 +184,19 @@ export function createHandlers(state: AgentState): AgentHandlers {
     Suspend: lifecycle('suspend'),
     Resume: lifecycle('resume'),
     Reset: lifecycle('reset'),
+    async Attach(req) {
+      const d = device(req.device);
+      const group = req.group === undefined ? {} : { group: req.group };
+      return attachmentToWire(await attachments().attach(d, { socketPath: req.socketPath, ...group }));
+    },
+    async Detach(req) {
+      attachments().detach(device(req.device).name);
+      return {};
+    },
+    async AnswerMemoryTable(req) {
+      attachments().answer(answerFromWire(req));
+      return {};
+    },
   };
 }
 
@@ -167,7 +207,11 @@ export const servedAgentService = withSlicedMethods(agentService);
  * The handlers as a grpc-js implementation of servedAgentService: errors become status + metadata;
  * the messages of SLICED_METHODS are decoded and encoded here, in slices.
  */
-export function grpcImplementation(handlers: AgentHandlers, logger: Logger): UntypedServiceImplementation {
+export function grpcImplementation(
+  handlers: AgentHandlers,
+  logger: Logger,
+  attachments?: Attachments,
+): UntypedServiceImplementation {
   const impl: UntypedServiceImplementation = {};
   for (const [name, plain] of Object.entries(handlers) as [string, (req: unknown) => Promise<unknown>][]) {
     const sliced = SLICED_METHODS[name];
@@ -202,5 +246,23 @@ export function grpcImplementation(handlers: AgentHandlers, logger: Logger): Unt
       );
     };
   }
+  if (attachments !== undefined) impl.WatchAttachments = watchImplementation(attachments, logger);
   return impl;
+}
+
+/** WatchAttachments: every event from the subscription on, until the caller cancels or the agent stops. */
+function watchImplementation(attachments: Attachments, logger: Logger) {
+  return (call: ServerWritableStream<unknown, unknown>) => {
+    const unwatch = attachments.watch({
+      event: (e) => call.write(attachmentEventToWire(e)),
+      end: () => call.end(),
+    });
+    logger.debug('an attachment watcher subscribed');
+    const stop = () => {
+      if (unwatch()) logger.debug('an attachment watcher left');
+    };
+    call.on('cancelled', stop);
+    call.on('close', stop);
+    call.on('error', stop);
+  };
 }

@@ -3,10 +3,10 @@
  * socket files from a dead agent removed, and the socket itself 0600 once bound.
  */
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { AgentClient } from '../../src/agent/client.ts';
+import { probeSocket } from '../../src/agent/socket-probe.ts';
 
 /** The socket is held by a live process, or the path is something we must not remove. */
 export class SocketInUseError extends Error {
@@ -17,30 +17,6 @@ export class SocketInUseError extends Error {
 }
 
 const PROBE_TIMEOUT_MS = 2_000;
-
-type Probe = 'live' | 'stale' | 'absent';
-
-/** Connects to the path: `live` when something accepts, `stale` when nobody listens. */
-function probe(socketPath: string): Promise<Probe> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(socketPath);
-    const timer = setTimeout(() => {
-      socket.destroy();
-      resolve('live'); // it exists and did not refuse: someone holds it, if slowly
-    }, PROBE_TIMEOUT_MS);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve('live');
-    });
-    socket.once('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      if (err.code === 'ECONNREFUSED') resolve('stale');
-      else if (err.code === 'ENOENT') resolve('absent');
-      else reject(err);
-    });
-  });
-}
 
 /** Names whoever holds the socket, for the refusal message. */
 async function describeHolder(socketPath: string): Promise<string> {
@@ -78,7 +54,7 @@ export async function prepareSocketPath(socketPath: string, logger: Logger): Pro
   if (!st.isSocket()) {
     throw new SocketInUseError(`${socketPath} exists and is not a socket; refusing to replace it`);
   }
-  const state = await probe(socketPath);
+  const state = await probeSocket(socketPath, PROBE_TIMEOUT_MS);
   if (state === 'live') {
     const holder = await describeHolder(socketPath);
     throw new SocketInUseError(

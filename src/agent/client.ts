@@ -28,6 +28,15 @@ import { deserializeInSlices, mapInSlices, serializeInSlices, withSlicedMethods 
 import {
   type AgentInfo,
   type AgentOpResult,
+  type AttachmentEvent,
+  type AttachmentInfo,
+  type AttachRequest,
+  answerToWire,
+  attachmentEventFromWire,
+  attachmentFromWire,
+  type MemoryTableAnswer,
+  type WireAttachment,
+  type WireAttachmentEvent,
   type DeviceDescription,
   descriptionFromWire,
   factsFromWire,
@@ -275,5 +284,57 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   private assertOpen(): void {
     if (this.phase === 'closed')
       throw new AgentError(status.CANCELLED, 'CANCELLED', 'the agent client is closed');
+  }
+
+  // ---- attachments (a VMM over vhost-user) ----
+
+  async attach(req: AttachRequest, opts?: CallOptions): Promise<AttachmentInfo> {
+    return attachmentFromWire(await this.call<WireAttachment>('Attach', req, opts));
+  }
+
+  async detach(device: string, opts?: CallOptions): Promise<void> {
+    await this.call('Detach', { device }, opts);
+  }
+
+  /**
+   * Subscribes to the attached VMMs' events (no deadline: it lasts until cancelled). `ended` is
+   * called once, with the error when the stream failed (undefined when cancelled or the agent stopped).
+   */
+  watchAttachments(
+    onEvent: (e: AttachmentEvent) => void,
+    ended: (error: AgentError | undefined) => void,
+  ): { cancel(): void } {
+    const def = agentService['WatchAttachments'] as MethodDefinition<object, WireAttachmentEvent>;
+    const stream = this.client.makeServerStreamRequest(
+      def.path,
+      def.requestSerialize,
+      def.responseDeserialize,
+      {},
+      new Metadata(),
+      {},
+    );
+    let done = false;
+    const finish = (error: AgentError | undefined) => {
+      if (done) return;
+      done = true;
+      ended(error);
+    };
+    stream.on('data', (w: WireAttachmentEvent) => {
+      try {
+        onEvent(attachmentEventFromWire(w));
+      } catch (e) {
+        finish(e instanceof AgentError ? e : new AgentError(status.INTERNAL, 'INTERNAL', String(e)));
+        stream.cancel();
+      }
+    });
+    stream.on('error', (e: ServiceError) =>
+      finish(e.code === status.CANCELLED ? undefined : fromGrpcError(e)),
+    );
+    stream.on('end', () => finish(undefined));
+    return { cancel: () => stream.cancel() };
+  }
+
+  async answerMemoryTable(answer: MemoryTableAnswer, opts?: CallOptions): Promise<void> {
+    await this.call('AnswerMemoryTable', answerToWire(answer), opts);
   }
 }

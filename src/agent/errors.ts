@@ -17,6 +17,12 @@ export type AgentErrorCode =
   | 'DEVICE_NOT_FOUND'
   | 'NOT_SIMULATED' // DMA asked of a device that cannot do it
   | 'KERNEL' // an OS call failed; `errno` names it
+  | 'ALREADY_ATTACHED' // Attach of a device that already serves a vhost-user socket
+  | 'NOT_ATTACHED' // Detach of a device that serves none
+  | 'PATH_REFUSED' // a socket path outside the attach directory
+  | 'PATH_IN_USE' // a socket path another process serves, or that is not a socket
+  | 'UNKNOWN_GROUP'
+  | 'REQUEST_NOT_FOUND' // an answer to a memory-table request that is not pending
   | 'INTERNAL';
 
 export const ERROR_METADATA = {

@@ -7,6 +7,7 @@
 import type { DeviceCounters, DeviceFacts, DeviceKind, IommuKind, OpResult } from '../device/types.ts';
 import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
 import type { CreateMemoryRequest, MemoryInfo, MemoryKind, OpenMemoryRequest } from '../memory/types.ts';
+import type { BackendStats, VringView } from '../vhost-user/backend.ts';
 import { status } from '@grpc/grpc-js';
 import { AgentError } from './errors.ts';
 
@@ -138,6 +139,7 @@ export interface WireDeviceCounters {
 export interface WireDeviceDescription {
   facts?: WireDeviceFacts | null;
   counters?: WireDeviceCounters | null;
+  attachment?: WireAttachment | null;
 }
 
 export interface WireMapping {
@@ -227,10 +229,11 @@ export interface AgentInfo {
   pid: number;
 }
 
-/** A device's facts and counters, as DescribeDevice returns them. */
+/** A device's facts and counters, as DescribeDevice returns them; its attachment when attached. */
 export interface DeviceDescription {
   facts: DeviceFacts;
   counters: DeviceCounters;
+  attachment?: AttachmentInfo;
 }
 
 /** An op result; failures of an overlapping UPDATE name the live entry they collide with. */
@@ -312,6 +315,7 @@ export function descriptionFromWire(w: WireDeviceDescription): DeviceDescription
   return {
     facts: factsFromWire(required(w.facts, 'facts')),
     counters: countersFromWire(required(w.counters, 'counters')),
+    ...(w.attachment ? { attachment: attachmentFromWire(w.attachment) } : {}),
   };
 }
 
@@ -432,4 +436,227 @@ export function memoryFromWire(w: WireMemoryInfo, field = 'memory'): MemoryInfo 
     uaddr: u64FromWire(w.uaddr, `${field}.uaddr`),
     mappedEntries: w.mappedEntries,
   };
+}
+
+// ---- attachments (a VMM over vhost-user) ----
+
+export interface WireVringInfo {
+  index: number;
+  size: number;
+  lastAvail: number;
+  desc?: string;
+  avail?: string;
+  used?: string;
+  enabled: boolean;
+  running: boolean;
+}
+
+export interface WireVhostUserStats {
+  messages: Record<string, string>;
+  memoryUpdates: string;
+  regionsAdded: string;
+  regionsRemoved: string;
+  refusals: string;
+}
+
+export interface WireAttachment {
+  device: string;
+  socketPath: string;
+  mode: number;
+  group?: string;
+  vmmConnected: boolean;
+  negotiatedFeatures: string;
+  protocolFeatures: string;
+  vrings: WireVringInfo[];
+  memoryTable: WireMapping[];
+  stats?: WireVhostUserStats | null;
+  connections: string;
+}
+
+export interface WireAttachRequest {
+  device: string;
+  socketPath: string;
+  group?: string;
+}
+
+export interface WireAttachmentEvent {
+  device: string;
+  event?: 'connected' | 'memoryTable' | 'disconnected' | 'watching';
+  watching?: { attached: string[] } | null;
+  connected?: Record<string, never> | null;
+  memoryTable?: { requestId: string; entries: WireMapping[] } | null;
+  disconnected?: { reason: string } | null;
+}
+
+export interface WireMemoryTableAnswer {
+  requestId: string;
+  outcome?: 'ok' | 'error';
+  ok?: Record<string, never> | null;
+  error?: { code: string; message: string } | null;
+}
+
+/** A device's vhost-user socket and what the VMM on it (the current or last one) set up. */
+export interface AttachmentInfo {
+  device: string;
+  socketPath: string;
+  /** 0o600, or 0o660 with `group`. */
+  mode: number;
+  group?: string;
+  vmmConnected: boolean;
+  negotiatedFeatures: bigint;
+  protocolFeatures: bigint;
+  vrings: VringView[];
+  /** The asid-0 table the API server last accepted (iova = guest physical address). */
+  memoryTable: Mapping[];
+  stats: BackendStats;
+  /** VMM connections accepted since Attach. */
+  connections: number;
+}
+
+export interface AttachRequest {
+  device: string;
+  socketPath: string;
+  group?: string;
+}
+
+/**
+ * What the agent tells the API server about attached VMMs. A `memoryTable` event is a request:
+ * the VMM's whole new asid-0 table, waiting for an answer before the VMM gets its reply.
+ */
+export type AttachmentEvent =
+  | { type: 'watching'; attached: string[] }
+  | { type: 'connected'; device: string }
+  | { type: 'memoryTable'; device: string; requestId: string; entries: Mapping[] }
+  | { type: 'disconnected'; device: string; reason: string };
+
+export type MemoryTableAnswer =
+  | { requestId: string; ok: true }
+  | { requestId: string; ok: false; code: string; message: string };
+
+const STAT_KEYS = ['memoryUpdates', 'regionsAdded', 'regionsRemoved', 'refusals'] as const;
+
+function optionalU64ToWire(value: bigint | undefined, field: string): string | undefined {
+  return value === undefined ? undefined : u64ToWire(value, field);
+}
+
+export function attachmentToWire(a: AttachmentInfo): WireAttachment {
+  const stats = Object.fromEntries(
+    STAT_KEYS.map((k) => [k, countToWire(a.stats[k], `attachment.stats.${k}`)]),
+  ) as Omit<WireVhostUserStats, 'messages'>;
+  return {
+    device: a.device,
+    socketPath: a.socketPath,
+    mode: a.mode,
+    ...(a.group === undefined ? {} : { group: a.group }),
+    vmmConnected: a.vmmConnected,
+    negotiatedFeatures: u64ToWire(a.negotiatedFeatures, 'attachment.negotiatedFeatures'),
+    protocolFeatures: u64ToWire(a.protocolFeatures, 'attachment.protocolFeatures'),
+    vrings: a.vrings.map((v, i) => {
+      const field = `attachment.vrings[${i}]`;
+      const addr = (k: 'desc' | 'avail' | 'used') => optionalU64ToWire(v[k], `${field}.${k}`);
+      const [desc, avail, used] = [addr('desc'), addr('avail'), addr('used')];
+      return {
+        index: v.index,
+        size: v.size,
+        lastAvail: v.lastAvail,
+        ...(desc === undefined ? {} : { desc }),
+        ...(avail === undefined ? {} : { avail }),
+        ...(used === undefined ? {} : { used }),
+        enabled: v.enabled,
+        running: v.running,
+      };
+    }),
+    memoryTable: a.memoryTable.map((m, i) => mappingToWire(m, `attachment.memoryTable[${i}]`)),
+    stats: {
+      ...stats,
+      messages: Object.fromEntries(
+        Object.entries(a.stats.messages).map(([k, n]) => [
+          k,
+          countToWire(n, `attachment.stats.messages.${k}`),
+        ]),
+      ),
+    },
+    connections: countToWire(a.connections, 'attachment.connections'),
+  };
+}
+
+export function attachmentFromWire(w: WireAttachment, field = 'attachment'): AttachmentInfo {
+  const stats = required(w.stats, `${field}.stats`);
+  return {
+    device: w.device,
+    socketPath: w.socketPath,
+    mode: w.mode,
+    ...(w.group === undefined ? {} : { group: w.group }),
+    vmmConnected: w.vmmConnected,
+    negotiatedFeatures: u64FromWire(w.negotiatedFeatures, `${field}.negotiatedFeatures`),
+    protocolFeatures: u64FromWire(w.protocolFeatures, `${field}.protocolFeatures`),
+    vrings: w.vrings.map((v, i) => {
+      const at = `${field}.vrings[${i}]`;
+      return {
+        index: v.index,
+        size: v.size,
+        lastAvail: v.lastAvail,
+        ...(v.desc === undefined ? {} : { desc: u64FromWire(v.desc, `${at}.desc`) }),
+        ...(v.avail === undefined ? {} : { avail: u64FromWire(v.avail, `${at}.avail`) }),
+        ...(v.used === undefined ? {} : { used: u64FromWire(v.used, `${at}.used`) }),
+        enabled: v.enabled,
+        running: v.running,
+      };
+    }),
+    memoryTable: w.memoryTable.map((m, i) => mappingFromWire(m, `${field}.memoryTable[${i}]`)),
+    stats: {
+      ...(Object.fromEntries(
+        STAT_KEYS.map((k) => [k, countFromWire(stats[k], `${field}.stats.${k}`)]),
+      ) as Omit<BackendStats, 'messages'>),
+      messages: Object.fromEntries(
+        Object.entries(stats.messages).map(([k, n]) => [k, countFromWire(n, `${field}.stats.messages.${k}`)]),
+      ),
+    },
+    connections: countFromWire(w.connections, `${field}.connections`),
+  };
+}
+
+export function attachmentEventToWire(e: AttachmentEvent): WireAttachmentEvent {
+  switch (e.type) {
+    case 'watching':
+      return { device: '', watching: { attached: e.attached } };
+    case 'connected':
+      return { device: e.device, connected: {} };
+    case 'disconnected':
+      return { device: e.device, disconnected: { reason: e.reason } };
+    case 'memoryTable':
+      return {
+        device: e.device,
+        memoryTable: {
+          requestId: e.requestId,
+          entries: e.entries.map((m, i) => mappingToWire(m, `memoryTable.entries[${i}]`)),
+        },
+      };
+  }
+}
+
+export function attachmentEventFromWire(w: WireAttachmentEvent): AttachmentEvent {
+  if (w.watching) return { type: 'watching', attached: w.watching.attached };
+  if (w.connected) return { type: 'connected', device: w.device };
+  if (w.disconnected) return { type: 'disconnected', device: w.device, reason: w.disconnected.reason };
+  if (w.memoryTable) {
+    return {
+      type: 'memoryTable',
+      device: w.device,
+      requestId: w.memoryTable.requestId,
+      entries: w.memoryTable.entries.map((m, i) => mappingFromWire(m, `memoryTable.entries[${i}]`)),
+    };
+  }
+  throw badRequest('event', 'needs watching, connected, memoryTable or disconnected');
+}
+
+export function answerToWire(a: MemoryTableAnswer): WireMemoryTableAnswer {
+  if (a.ok) return { requestId: a.requestId, ok: {} };
+  return { requestId: a.requestId, error: { code: a.code, message: a.message } };
+}
+
+export function answerFromWire(w: WireMemoryTableAnswer): MemoryTableAnswer {
+  if (w.ok) return { requestId: w.requestId, ok: true };
+  if (w.error) return { requestId: w.requestId, ok: false, code: w.error.code, message: w.error.message };
+  throw badRequest('outcome', 'needs ok or error');
 }

@@ -231,14 +231,8 @@ export function unixSocketPair(): [number, number] {
 
 /** bind() to a filesystem path (struct sockaddr_un), then listen(). */
 export function bindListenUnix(fd: number, socketPath: string, backlog: number): void {
-  const name = Buffer.from(socketPath, 'utf8');
-  if (name.byteLength === 0 || name.byteLength >= UNIX_PATH_MAX || name.includes(0)) {
-    throw new RangeError(`socket path must be 1..${UNIX_PATH_MAX - 1} bytes without NUL: ${socketPath}`);
-  }
-  const addr = Buffer.alloc(2 + UNIX_PATH_MAX);
-  addr.writeUInt16LE(AF_UNIX, 0);
-  name.copy(addr, 2);
-  if (c.bind(fd, addr, 2 + name.byteLength + 1) < 0) fail('bind', socketPath);
+  const { addr, length } = unixAddress(socketPath);
+  if (c.bind(fd, addr, length) < 0) fail('bind', socketPath);
   if (c.listen(fd, backlog) < 0) fail('listen', socketPath);
 }
 
@@ -434,6 +428,23 @@ export function watchReadable(fd: number, onReadable: () => void, onError: (e: u
       handle = null;
     },
   };
+}
+
+// ---- groups ----
+
+const GroupEntry = koffi.struct('vdpa_mapd_group', {
+  gr_name: 'char *',
+  gr_passwd: 'char *',
+  gr_gid: 'uint32_t',
+  gr_mem: 'void *',
+});
+const getgrnam = lib.func('vdpa_mapd_group *getgrnam(const char *name)');
+
+/** The gid of a group by name (through NSS, like `chgrp`); null when there is no such group. */
+export function groupId(name: string): number | null {
+  if (name === '' || name.includes('\0')) return null;
+  const entry = getgrnam(name);
+  return entry === null ? null : (koffi.decode(entry, GroupEntry) as { gr_gid: number }).gr_gid;
 }
 
 const cConnect = lib.func('int connect(int fd, const void *addr, uint32_t addrlen)');

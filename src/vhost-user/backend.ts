@@ -82,6 +82,18 @@ export interface VhostUserBackendOptions {
   logger?: BackendLogger;
 }
 
+/** One vring as the front-end set it up: addresses are guest physical (= IOVA), absent until set. */
+export interface VringView {
+  index: number;
+  size: number;
+  lastAvail: number;
+  desc?: bigint;
+  avail?: bigint;
+  used?: bigint;
+  enabled: boolean;
+  running: boolean;
+}
+
 /** What the backend has seen, for tests and the attachment view. */
 export interface BackendStats {
   messages: Record<string, number>;
@@ -206,16 +218,7 @@ export class VhostUserBackend {
   }
 
   /** Each vring's state: size, next avail index, guest physical addresses, enabled, running. */
-  vringState(): {
-    index: number;
-    size: number;
-    lastAvail: number;
-    desc?: bigint;
-    avail?: bigint;
-    used?: bigint;
-    enabled: boolean;
-    running: boolean;
-  }[] {
+  vringState(): VringView[] {
     return this.vrings.map((v, index) => ({
       index,
       size: v.size,

@@ -47,7 +47,7 @@ export class RegionError extends Error {
 }
 
 /** Identity as the device sees it: same file, same place in it, same guest range. */
-function identity(r: TableRegion): string {
+export function regionIdentity(r: TableRegion): string {
   return `${fileKeyId(r.file)}@${r.mmapOffset}:${r.guestAddr}+${r.size}`;
 }
 
@@ -89,11 +89,11 @@ export class MemoryTable {
 
   /** What replacing the whole table with `next` changes (SET_MEM_TABLE). */
   diffReplace(next: readonly AddedRegion[]): MemoryDiff {
-    const old = new Set(this.regions.map(identity));
-    const kept = new Set(next.map(identity));
+    const old = new Set(this.regions.map(regionIdentity));
+    const kept = new Set(next.map(regionIdentity));
     return {
-      added: next.filter((r) => !old.has(identity(r))),
-      removed: this.regions.filter((r) => !kept.has(identity(r))),
+      added: next.filter((r) => !old.has(regionIdentity(r))),
+      removed: this.regions.filter((r) => !kept.has(regionIdentity(r))),
     };
   }
 
@@ -135,7 +135,7 @@ export class MemoryTable {
   }
 
   remove(region: TableRegion): void {
-    this.regions = this.regions.filter((r) => r !== region && identity(r) !== identity(region));
+    this.regions = this.regions.filter((r) => r !== region && regionIdentity(r) !== regionIdentity(region));
   }
 
   clear(): TableRegion[] {

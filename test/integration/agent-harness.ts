@@ -47,12 +47,17 @@ function withTimeout<T>(promise: Promise<T>, what: string): Promise<T> {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** Spawns the agent; it is killed (SIGKILL) after the test if still running. */
-export function spawnAgent(t: TestContext, args: string[], env: NodeJS.ProcessEnv = {}): AgentProcess {
+/** Spawns the agent (or another main, given by path); it is killed (SIGKILL) after the test if still running. */
+export function spawnAgent(
+  t: TestContext,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  main = MAIN,
+): AgentProcess {
   const cleanEnv = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !k.startsWith('VDPA_MAPD_')),
   );
-  const child = spawn(process.execPath, ['--import', 'tsx', MAIN, ...args], {
+  const child = spawn(process.execPath, ['--import', 'tsx', main, ...args], {
     cwd: REPO,
     env: { ...cleanEnv, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -112,8 +117,9 @@ export async function startAgentProcess(
   t: TestContext,
   args: string[],
   env: NodeJS.ProcessEnv = {},
+  main = MAIN,
 ): Promise<AgentProcess> {
-  const agent = spawnAgent(t, args, env);
+  const agent = spawnAgent(t, args, env, main);
   await untilServing(agent);
   return agent;
 }

@@ -14,6 +14,9 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
   buildGuest,
+  DISK_BYTES,
+  diskBytes,
+  makeDisk,
   type Guest,
   PATTERN_BYTES,
   READ_OFFSET,
@@ -24,7 +27,6 @@ import { DeviceStatus } from '../../src/uapi/constants.ts';
 import { Qemu } from '../vhost-user/qemu.ts';
 import { RelayBlkBackend } from '../vhost-user/relay-blk.ts';
 
-const DISK_BYTES = 64 << 20;
 const MiB = 1n << 20n;
 /** Guest seconds /init waits for its I/O: never reached when the device works. */
 const GUEST_WAIT_OK = 300;
@@ -47,24 +49,6 @@ function openFds(): number {
   return fs.readdirSync('/proc/self/fd').length;
 }
 
-function makeDisk(name: string): string {
-  const disk = path.join(work, name);
-  fs.writeFileSync(disk, Buffer.alloc(0));
-  fs.truncateSync(disk, DISK_BYTES);
-  const fd = fs.openSync(disk, 'r+');
-  fs.writeSync(fd, guest.readPattern, 0, guest.readPattern.length, READ_OFFSET);
-  fs.closeSync(fd);
-  return disk;
-}
-
-function diskBytes(disk: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(disk, 'r');
-  const out = Buffer.alloc(length);
-  fs.readSync(fd, out, 0, length, offset);
-  fs.closeSync(fd);
-  return out;
-}
-
 async function until(cond: () => boolean, qemu: Qemu, what: string): Promise<void> {
   // Bounded by the test's budget and by QEMU's life, not by a time limit of its own.
   while (!cond()) {
@@ -84,7 +68,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
     test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps only the DIMM`, {
       timeout: 600_000,
     }, async () => {
-      const disk = makeDisk(`disk-${memSlots}.img`);
+      const disk = makeDisk(guest, work, `disk-${memSlots}.img`);
       const socketPath = path.join(work, `vu-${memSlots}.sock`);
       const fdsBefore = openFds();
       const sim = new RelayBlkBackend({ socketPath, diskPath: disk, backend: { memSlots }, logger });
@@ -197,7 +181,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
   test('a mapping one page off corrupts the I/O: the guest fails and the disk lacks the pattern', {
     timeout: 600_000,
   }, async () => {
-    const disk = makeDisk('disk-skewed.img');
+    const disk = makeDisk(guest, work, 'disk-skewed.img');
     const socketPath = path.join(work, 'vu-skewed.sock');
     const sim = new RelayBlkBackend({ socketPath, diskPath: disk, iovaSkew: 0x1000n });
     const qemu = new Qemu({ guest, socketPath, guestWait: GUEST_WAIT_BROKEN });

@@ -8,7 +8,15 @@ test('defaults follow the state directory', () => {
   assert.deepEqual(c.devices, []);
   assert.ok(c.allowedRoots.includes('/srv/mapd/memory'));
   assert.equal(c.logLevel, 'info');
+  assert.equal(c.attachDir, '/srv/mapd/vhost-user');
   assert.equal(parseAgentConfig([], {})!.stateDir, '/var/lib/vdpa-mapd');
+  assert.equal(
+    parseAgentConfig(['--attach-dir', '/run/vu'], { VDPA_MAPD_ATTACH_DIR: '/e/vu' })!.attachDir,
+    '/run/vu',
+  );
+  assert.equal(parseAgentConfig([], { VDPA_MAPD_ATTACH_DIR: '/e/vu' })!.attachDir, '/e/vu');
+  assert.equal(parseAgentConfig(['--attach-answer-ms', '500'], {})!.attachAnswerMs, 500);
+  assert.throws(() => parseAgentConfig(['--attach-answer-ms', '0'], {}), ConfigError);
 });
 
 test('env is read, flags win over it', () => {

@@ -5,6 +5,12 @@ import fc from 'fast-check';
 import { AgentError, fromGrpcError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
 import { agentService } from '../../src/agent/proto.ts';
 import {
+  answerFromWire,
+  answerToWire,
+  attachmentEventFromWire,
+  attachmentEventToWire,
+  attachmentFromWire,
+  attachmentToWire,
   factsFromWire,
   factsToWire,
   memoryFromWire,
@@ -176,6 +182,79 @@ describe('messages round trip', () => {
     });
     assert.deepEqual(registerFromWire(registerToWire({ id: 'a', size: 4096n })), { id: 'a', size: 4096n });
     rejects(() => registerFromWire({ id: 'a' }), 'source');
+  });
+
+  test('an attachment, its events and their answers survive the protobuf encoding', () => {
+    const entry = {
+      asid: 0,
+      iova: 1n << 32n,
+      size: 8n << 20n,
+      memory: 'vhost-user-1-2',
+      offset: 0n,
+      perm: 'rw' as const,
+    };
+    const attachment = {
+      device: 'vdpa0',
+      socketPath: '/run/vdpa-mapd/vhost-user/vdpa0.sock',
+      mode: 0o660,
+      group: 'kvm',
+      vmmConnected: true,
+      negotiatedFeatures: U64_MAX,
+      protocolFeatures: 0x209n,
+      vrings: [
+        {
+          index: 0,
+          size: 256,
+          lastAvail: 7,
+          desc: 0x1000n,
+          avail: 0x2000n,
+          used: U64_MAX,
+          enabled: true,
+          running: true,
+        },
+        { index: 1, size: 0, lastAvail: 0, enabled: false, running: false },
+      ],
+      memoryTable: [entry],
+      stats: {
+        messages: { SET_MEM_TABLE: 2 },
+        memoryUpdates: 2,
+        regionsAdded: 3,
+        regionsRemoved: 1,
+        refusals: 1,
+      },
+      connections: 4,
+    };
+    const describe = agentService['DescribeDevice']!;
+    const wire = describe.responseDeserialize(
+      describe.responseSerialize({ attachment: attachmentToWire(attachment) }),
+    ) as {
+      attachment: Parameters<typeof attachmentFromWire>[0];
+    };
+    assert.deepEqual(attachmentFromWire(wire.attachment), attachment);
+
+    const watch = agentService['WatchAttachments']!;
+    const events = [
+      { type: 'watching' as const, attached: ['vdpa0'] },
+      { type: 'connected' as const, device: 'vdpa0' },
+      { type: 'memoryTable' as const, device: 'vdpa0', requestId: 'r1', entries: [entry] },
+      { type: 'memoryTable' as const, device: 'vdpa0', requestId: 'r2', entries: [] },
+      { type: 'disconnected' as const, device: 'vdpa0', reason: 'EOF inside a message' },
+    ];
+    for (const e of events) {
+      const back = watch.responseDeserialize(watch.responseSerialize(attachmentEventToWire(e)));
+      assert.deepEqual(attachmentEventFromWire(back as never), e);
+    }
+    const answer = agentService['AnswerMemoryTable']!;
+    for (const a of [
+      { requestId: 'r1', ok: true as const },
+      { requestId: 'r2', ok: false as const, code: 'QUOTA_EXCEEDED', message: 'over' },
+    ]) {
+      assert.deepEqual(
+        answerFromWire(answer.requestDeserialize(answer.requestSerialize(answerToWire(a))) as never),
+        a,
+      );
+    }
+    rejects(() => answerFromWire({ requestId: 'r' }), 'outcome');
   });
 });
 

@@ -7,16 +7,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { afterEach, beforeEach, describe, it } from 'node:test';
-import {
-  dupCloexec,
-  EFD_CLOEXEC,
-  EFD_NONBLOCK,
-  eventfd,
-  ftruncate,
-  MFD_CLOEXEC,
-  memfdCreate,
-  unixSocketPair,
-} from '../../src/sys/libc.ts';
+import { dupCloexec, EFD_CLOEXEC, EFD_NONBLOCK, eventfd, unixSocketPair } from '../../src/sys/libc.ts';
 import {
   VhostUserBackend,
   type VhostUserDeviceSide,
@@ -24,7 +15,6 @@ import {
 } from '../../src/vhost-user/backend.ts';
 import type { MemoryDiff } from '../../src/vhost-user/memory-table.ts';
 import { VhostUserConnection } from '../../src/vhost-user/transport.ts';
-import { FrontEnd } from '../vhost-user/front-end.ts';
 import {
   encodeHeader,
   encodeRequest,
@@ -39,6 +29,7 @@ import {
   vringAddrPayload,
   vringFdPayload,
 } from '../../src/vhost-user/wire.ts';
+import { FrontEnd, highRam, lowRam, memfd, passedFds } from '../vhost-user/front-end.ts';
 
 const MiB = 1n << 20n;
 const FEATURES = 1n << 32n;
@@ -75,31 +66,6 @@ class RecordingDevice implements VhostUserDeviceSide {
   stopVring() {
     return 7;
   }
-}
-
-function memfd(size: bigint): number {
-  const fd = memfdCreate('vu-test', MFD_CLOEXEC);
-  ftruncate(fd, size);
-  return fd;
-}
-
-/**
- * The fds this file passes to the backend, by what they are: received copies of our memfds and
- * eventfds. Counting every fd of the process would also count what the runtime opens and closes
- * on its own (libuv, the test runner), which is not the backend's doing.
- */
-function passedFds(): number {
-  let n = 0;
-  for (const fd of fs.readdirSync('/proc/self/fd')) {
-    let target: string;
-    try {
-      target = fs.readlinkSync(`/proc/self/fd/${fd}`);
-    } catch {
-      continue; // closed while we looked (the directory's own fd, a runtime fd)
-    }
-    if (target.startsWith('/memfd:vu-test') || target === 'anon_inode:[eventfd]') n++;
-  }
-  return n;
 }
 
 let device: RecordingDevice;
@@ -139,14 +105,6 @@ async function negotiate(protocol = ALL_PROTOCOL): Promise<void> {
     assert.equal(await fe.u64(r), 0n, `ack of ${r}`);
   }
 }
-
-const lowRam: MemoryRegion = { guestAddr: 0n, size: 8n * MiB, userAddr: 0x7f00_0000_0000n, mmapOffset: 0n };
-const highRam: MemoryRegion = {
-  guestAddr: 0x1_0000_0000n,
-  size: 8n * MiB,
-  userAddr: 0x7f00_4000_0000n,
-  mmapOffset: 8n * MiB,
-};
 
 async function hostile(send: () => void, reason: RegExp): Promise<void> {
   send();

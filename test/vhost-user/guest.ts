@@ -156,3 +156,25 @@ function runBuffer(cmd: string, args: string[]): Promise<Buffer> {
     );
   });
 }
+
+/** Size of the guest's disk image. */
+export const DISK_BYTES = 64 << 20;
+
+/** A sparse disk image in `dir` holding the guest's read pattern at READ_OFFSET. */
+export function makeDisk(guest: Guest, dir: string, name: string): string {
+  const disk = path.join(dir, name);
+  fs.writeFileSync(disk, Buffer.alloc(0));
+  fs.truncateSync(disk, DISK_BYTES);
+  const fd = fs.openSync(disk, 'r+');
+  fs.writeSync(fd, guest.readPattern, 0, guest.readPattern.length, READ_OFFSET);
+  fs.closeSync(fd);
+  return disk;
+}
+
+export function diskBytes(disk: string, offset: number, length: number): Buffer {
+  const fd = fs.openSync(disk, 'r');
+  const out = Buffer.alloc(length);
+  fs.readSync(fd, out, 0, length, offset);
+  fs.closeSync(fd);
+  return out;
+}
