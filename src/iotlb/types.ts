@@ -1,4 +1,5 @@
 /** Shared vocabulary of IOVA mappings, used by the table, the planner, devices and both services. */
+import { U64_MAX } from '../u64.ts';
 
 /** Access a device gets to a mapping. The kernel only looks at the WO bit; we accept only these. */
 export type Perm = 'ro' | 'wo' | 'rw';
@@ -24,8 +25,7 @@ export interface IovaRange {
   last: bigint;
 }
 
-export const U64_LIMIT = 1n << 64n;
-export const FULL_IOVA_RANGE: IovaRange = { first: 0n, last: U64_LIMIT - 1n };
+export const FULL_IOVA_RANGE: IovaRange = { first: 0n, last: U64_MAX };
 
 /** One IOTLB change: UPDATE (map) or INVALIDATE (unmap every entry the range touches, whole). */
 export type IotlbOp =

@@ -7,8 +7,8 @@ import { z } from 'zod';
 import { PERMS } from '../iotlb/types.ts';
 import type { ServiceErrorCode } from '../core/errors.ts';
 import type { Change, StateSnapshot } from './desired.ts';
+import { U64_MAX } from '../u64.ts';
 
-const U64_MAX = (1n << 64n) - 1n;
 const u64 = z.bigint().min(0n).max(U64_MAX);
 const nonZeroU64 = z.bigint().min(1n).max(U64_MAX);
 /** Sequence numbers are handed out from 1. */

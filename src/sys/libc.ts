@@ -9,6 +9,7 @@
  */
 import util from 'node:util';
 import koffi from 'koffi';
+import { U64_MAX } from '../u64.ts';
 
 if (process.platform !== 'linux' || koffi.sizeof('void *') !== 8) {
   throw new Error('src/sys/libc: only 64-bit Linux is supported');
@@ -43,9 +44,8 @@ export const PROT_WRITE = 0x2;
 export const MAP_SHARED = 0x01;
 export const MFD_CLOEXEC = 0x1;
 export const RLIMIT_MEMLOCK = 8;
-export const RLIM_INFINITY = (1n << 64n) - 1n;
+export const RLIM_INFINITY = U64_MAX;
 
-const U64_MAX = (1n << 64n) - 1n;
 const I64_MAX = (1n << 63n) - 1n;
 /** (void *)-1 */
 const MAP_FAILED = U64_MAX;

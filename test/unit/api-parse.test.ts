@@ -22,7 +22,8 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import { formatU64, parseU32, parseU64, U64_LIMIT } from '../../src/core/u64.ts';
+import { formatU64, parseU32, parseU64 } from '../../src/core/u64.ts';
+import { U64_LIMIT } from '../../src/u64.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { DeviceView } from '../../src/core/types.ts';
 
