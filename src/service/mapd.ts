@@ -28,7 +28,7 @@ import type { StoreFs } from '../state/fs.ts';
 import { StateStore } from '../state/store.ts';
 import { type AgentPort, measuredPort } from '../core/agent-port.ts';
 import { fromAgentError } from '../core/agent-errors.ts';
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import { Idempotency, recordOf } from './idempotency.ts';
 import type { CoreLogger } from '../core/logger.ts';
 import { MemoryCatalog, memoryRemedy } from './memory.ts';
@@ -405,7 +405,7 @@ class Mapd implements MapdCore {
   private unknownDevice(device: string): ServiceError {
     if (!this.listed) {
       return new ServiceError('UNAVAILABLE', `device ${device} is unknown until the agent has been reached`, {
-        retryAfterMs: 1000,
+        retryAfterMs: ERROR_CATALOG.UNAVAILABLE.retryAfterMs,
       });
     }
     const known = [...this.slots.values()].filter((s) => s.present).map((s) => s.name);

@@ -17,7 +17,7 @@ const u32 = z.number().int().min(0).max(0xffff_ffff);
 const name = z.string().min(1);
 
 const errorInfo = z.strictObject({
-  // The codes are the service's (service/errors.ts); their spelling is what is checked here.
+  // The codes are the error catalog's (core/errors.ts); their spelling is what is checked here.
   code: z.custom<ServiceErrorCode>(
     (v) => typeof v === 'string' && /^[A-Z][A-Z_]*$/.test(v),
     'expected an error code',
