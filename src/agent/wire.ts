@@ -4,6 +4,7 @@
  * `longs: String, enums: String, defaults: true, oneofs: true`: every uint64 is a decimal string,
  * converted to bigint here and nowhere else (never through a JS number), enums are their names.
  */
+import { COUNTER_KEYS } from '../device/counters.ts';
 import type { DeviceCounters, DeviceFacts, DeviceKind, IommuKind, OpResult } from '../device/types.ts';
 import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
 import type { CreateMemoryRequest, MemoryInfo, MemoryKind, OpenMemoryRequest } from '../memory/types.ts';
@@ -283,15 +284,6 @@ export function factsFromWire(w: WireDeviceFacts, field = 'facts'): DeviceFacts 
     pageSize: pageSizeFromWire(w.pageSize, `${field}.pageSize`),
   };
 }
-
-const COUNTER_KEYS = [
-  'messagesWritten',
-  'batches',
-  'dmaMapCalls',
-  'dmaUnmapCalls',
-  'setMapPushes',
-  'setMapEntriesPushed',
-] as const satisfies readonly (keyof DeviceCounters & keyof WireDeviceCounters)[];
 
 export function countersToWire(c: DeviceCounters): WireDeviceCounters {
   return Object.fromEntries(

@@ -44,6 +44,7 @@ import type {
   OpResult,
 } from './types.ts';
 import { pinPageSize } from './types.ts';
+import { ZERO_COUNTERS } from './counters.ts';
 
 /** The backend features vdpa-mapd understands; it negotiates those the device offers. */
 export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
@@ -118,7 +119,7 @@ export class VhostVdpaDevice implements Device {
   }
 
   counters(): DeviceCounters {
-    return { ...this.stats, dmaMapCalls: 0, dmaUnmapCalls: 0, setMapPushes: 0, setMapEntriesPushed: 0 };
+    return { ...ZERO_COUNTERS, ...this.stats };
   }
 
   mappings(): Mapping[] {
