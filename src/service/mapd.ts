@@ -15,6 +15,7 @@
  * - registering and unregistering memory need the agent: UNAVAILABLE.
  */
 import type { AgentInfo } from '../agent/wire.ts';
+import { ZERO_COUNTERS } from '../device/counters.ts';
 import { type DeviceCounters, type DeviceFacts, pinPageSize } from '../device/types.ts';
 import { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { createMetrics, type Metrics } from '../metrics/metrics.ts';
@@ -98,15 +99,6 @@ interface Slot {
   counters: DeviceCounters;
   queue: DeviceQueue;
 }
-
-const ZERO_COUNTERS: DeviceCounters = {
-  messagesWritten: 0,
-  batches: 0,
-  dmaMapCalls: 0,
-  dmaUnmapCalls: 0,
-  setMapPushes: 0,
-  setMapEntriesPushed: 0,
-};
 
 class Mapd implements MapdCore {
   private readonly slots = new Map<string, Slot>();
