@@ -33,6 +33,11 @@ export function u64FromText(text: string, options: { leadingZeros?: boolean } = 
   return value < U64_LIMIT ? value : undefined;
 }
 
+/** A u64 as the service answers it: `0x` hex. */
+export function formatU64(value: bigint): string {
+  return `0x${value.toString(16)}`;
+}
+
 const SIZE = /^(0[xX][0-9a-fA-F]+|[0-9]+)([kmgtKMGT]?)$/;
 const SHIFT: Record<string, bigint> = { '': 0n, k: 10n, m: 20n, g: 30n, t: 40n };
 

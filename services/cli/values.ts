@@ -2,8 +2,7 @@
  * Command-line values: u64 quantities typed by a person (decimal, 0x hex, or with a K/M/G/T suffix)
  * become the wire's 0x hex strings; small counts become numbers. A bad value is a usage error.
  */
-import { formatU64 } from '../../src/core/u64.ts';
-import { sizeFromText, U32_LIMIT, u64FromText } from '../../src/u64.ts';
+import { formatU64, sizeFromText, U32_LIMIT, u64FromText } from '../../src/u64.ts';
 
 export class UsageError extends Error {
   constructor(message: string) {

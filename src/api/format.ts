@@ -17,7 +17,7 @@ import type {
   UnmapResult,
   WatchPosition,
 } from '../core/types.ts';
-import { formatU64 as hex } from '../core/u64.ts';
+import { formatU64 as hex } from '../u64.ts';
 
 export function formatMapping(m: Mapping | ListedMapping) {
   return {

@@ -36,10 +36,6 @@ export function parseU32(value: unknown, field: string): number {
   return Number(parsed);
 }
 
-export function formatU64(value: bigint): string {
-  return `0x${value.toString(16)}`;
-}
-
 export function typeName(value: unknown): string {
   if (value === null) return 'null';
   if (Array.isArray(value)) return 'array';

@@ -22,8 +22,8 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import { formatU64, parseU32, parseU64 } from '../../src/core/u64.ts';
-import { U64_LIMIT } from '../../src/u64.ts';
+import { parseU32, parseU64 } from '../../src/core/u64.ts';
+import { formatU64, U64_LIMIT } from '../../src/u64.ts';
 import { ERROR_CATALOG, ServiceError, type ServiceErrorCode } from '../../src/core/errors.ts';
 import type { DeviceView } from '../../src/core/types.ts';
 
