@@ -9,6 +9,8 @@ export const U64_LIMIT = 1n << 64n;
 export const U64_MAX = U64_LIMIT - 1n;
 /** 2^32: one past the largest u32 (asid). */
 export const U32_LIMIT = 1n << 32n;
+/** The largest u32, as a number (u32s are numbers in code). */
+export const U32_MAX = 0xffff_ffff;
 
 const DECIMAL = /^[0-9]+$/;
 const CANONICAL_DECIMAL = /^(0|[1-9][0-9]*)$/;

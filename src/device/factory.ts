@@ -37,7 +37,7 @@ import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
 import type { VhostTransport } from './transport.ts';
 import type { Device, DeviceLogger } from './types.ts';
 import { openVhostVdpaFd } from './vhost-vdpa-fd.ts';
-import { u64FromText } from '../u64.ts';
+import { U32_MAX, u64FromText } from '../u64.ts';
 
 export type DeviceSpec =
   | { kind: 'simulated'; options: SimulatedDeviceOptions }
@@ -117,7 +117,7 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
         options.pushDelayMs = parseInteger(value, 0, 3_600_000) ?? bad('must be an integer number of ms');
         break;
       case 'deviceid':
-        options.deviceId = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        options.deviceId = parseInteger(value, 0, U32_MAX) ?? bad('must be a u32');
         break;
       case 'vqs':
         options.vqCount = parseInteger(value, 0, 0xffff) ?? bad('must be an integer in 0..65535');
@@ -138,7 +138,7 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
         options.useVa = parseFlag(value) ?? bad('must be 0 or 1');
         break;
       case 'configsize':
-        options.configSize = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        options.configSize = parseInteger(value, 0, U32_MAX) ?? bad('must be a u32');
         break;
       case 'pagesize': {
         const size = u64FromText(value);

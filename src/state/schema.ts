@@ -7,13 +7,13 @@ import { z } from 'zod';
 import { PERMS } from '../iotlb/types.ts';
 import type { ServiceErrorCode } from '../core/errors.ts';
 import type { Change, StateSnapshot } from './desired.ts';
-import { U64_MAX } from '../u64.ts';
+import { U32_MAX, U64_MAX } from '../u64.ts';
 
 const u64 = z.bigint().min(0n).max(U64_MAX);
 const nonZeroU64 = z.bigint().min(1n).max(U64_MAX);
 /** Sequence numbers are handed out from 1. */
 const sequence = nonZeroU64;
-const u32 = z.number().int().min(0).max(0xffff_ffff);
+const u32 = z.number().int().min(0).max(U32_MAX);
 const name = z.string().min(1);
 
 const errorInfo = z.strictObject({

@@ -9,7 +9,7 @@
  */
 import util from 'node:util';
 import koffi from 'koffi';
-import { U64_MAX } from '../u64.ts';
+import { U32_MAX, U64_MAX } from '../u64.ts';
 
 if (process.platform !== 'linux' || koffi.sizeof('void *') !== 8) {
   throw new Error('src/sys/libc: only 64-bit Linux is supported');
@@ -93,7 +93,7 @@ function checkInt(value: number, min: number, max: number, what: string): void {
 
 function ioctlCall(fd: number, request: number, argType: string, arg: unknown): number {
   checkInt(fd, 0, 0x7fffffff, 'fd');
-  checkInt(request, 0, 0xffffffff, 'ioctl request');
+  checkInt(request, 0, U32_MAX, 'ioctl request');
   const ret: number = c.ioctl(fd, request, argType, arg);
   if (ret < 0) fail('ioctl', `0x${request.toString(16)}`);
   return ret;
@@ -296,7 +296,7 @@ export function dupCloexec(fd: number): number {
 }
 
 export function eventfd(initval: number, flags: number): number {
-  checkInt(initval, 0, 0xffffffff, 'eventfd initval');
+  checkInt(initval, 0, U32_MAX, 'eventfd initval');
   const fd: number = c.eventfd(initval, flags);
   if (fd < 0) fail('eventfd');
   return fd;

@@ -10,7 +10,7 @@
  * Little-endian (x86_64, arm64).
  */
 import { IotlbMsgType, VHOST_IOTLB_MSG, VHOST_IOTLB_MSG_V2 } from './constants.ts';
-import { U64_MAX } from '../u64.ts';
+import { U32_MAX, U64_MAX } from '../u64.ts';
 
 export const VHOST_MSG_SIZE = 72;
 
@@ -62,7 +62,7 @@ function checkU64(field: string, value: bigint): void {
 }
 
 function checkUint(field: string, value: number, bits: 8 | 32): void {
-  const max = bits === 8 ? 0xff : 0xffffffff;
+  const max = bits === 8 ? 0xff : U32_MAX;
   if (!Number.isInteger(value) || value < 0 || value > max) {
     throw new UapiError('FIELD_RANGE', `${field} must be a u${bits}, got ${String(value)}`, field);
   }
