@@ -12,8 +12,11 @@ export const U32_LIMIT = 1n << 32n;
 /** The largest u32, as a number (u32s are numbers in code). */
 export const U32_MAX = 0xffff_ffff;
 
+/** The public API's u64 text as a JSON Schema / RegExp pattern: decimal without leading zeros, or `0x` hex. */
+export const U64_TEXT_PATTERN = '^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$';
+
+const CANONICAL_TEXT = new RegExp(U64_TEXT_PATTERN);
 const DECIMAL = /^[0-9]+$/;
-const CANONICAL_DECIMAL = /^(0|[1-9][0-9]*)$/;
 const HEX = /^0[xX][0-9a-fA-F]+$/;
 /** Long enough for 2^64-1 in either base with a few leading zeros; refuses huge strings cheaply. */
 const MAX_TEXT = 40;
@@ -24,7 +27,8 @@ export const CANONICAL = { leadingZeros: false } as const;
 /** Whether `text` is a number in decimal or `0x` hex, short enough to be a u64 (its value unchecked). */
 export function isU64Text(text: string, { leadingZeros = true }: { leadingZeros?: boolean } = {}): boolean {
   return (
-    text.length <= MAX_TEXT && (HEX.test(text) || (leadingZeros ? DECIMAL : CANONICAL_DECIMAL).test(text))
+    text.length <= MAX_TEXT &&
+    (leadingZeros ? HEX.test(text) || DECIMAL.test(text) : CANONICAL_TEXT.test(text))
   );
 }
 
