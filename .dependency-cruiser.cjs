@@ -2,7 +2,7 @@
  * The layers, bottom to top. A module may import its own layer and the layers listed as below it;
  * anything else fails `npm run check`. The mains (services/) wire the layers together.
  *
- *   foundation  src/sys, src/uapi, src/iotlb, src/metrics, src/id.ts   (no project imports)
+ *   foundation  src/sys, src/uapi, src/iotlb, src/metrics, src/id.ts, src/u64.ts
  *   memory      src/memory                                             registered backing memory
  *   device      src/device                                             kernel and simulated devices
  *   agent       src/agent, src/vhost-user                              the agent's wire and client, vhost-user
@@ -14,7 +14,7 @@
  *   mains       services/                                              processes and transports
  */
 const layers = [
-  { name: 'foundation', path: '^src/(sys|uapi|iotlb|metrics)/|^src/id\\.ts$', below: [] },
+  { name: 'foundation', path: '^src/(sys|uapi|iotlb|metrics)/|^src/(id|u64)\\.ts$', below: [] },
   { name: 'memory', path: '^src/memory/', below: ['foundation'] },
   { name: 'device', path: '^src/device/', below: ['memory', 'foundation'] },
   { name: 'agent', path: '^src/(agent|vhost-user)/', below: ['device', 'memory', 'foundation'] },

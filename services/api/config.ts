@@ -8,6 +8,7 @@ import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
 import { type ApiLimits, DEFAULT_LIMITS } from '../../src/api/parse.ts';
 import { isValidId } from '../../src/id.ts';
+import { CANONICAL, u64FromText } from '../../src/u64.ts';
 import type { Quota, QuotaConfig } from '../../src/queue/quota.ts';
 import type { MapdServiceOptions } from '../../src/service/index.ts';
 import { DEFAULT_WATCH_HISTORY } from '../../src/service/watch.ts';
@@ -474,12 +475,9 @@ function parseGrpcTls(
   };
 }
 
-const U64_TEXT = /^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$/;
-
 function parseBytes(text: string, what: string): bigint {
-  const value = U64_TEXT.test(text) && text.length <= 40 ? BigInt(text) : -1n;
-  if (value < 0n || value >= 1n << 64n)
-    throw new ConfigError(`${what} ${JSON.stringify(text)}: expected a u64`);
+  const value = u64FromText(text, CANONICAL);
+  if (value === undefined) throw new ConfigError(`${what} ${JSON.stringify(text)}: expected a u64`);
   return value;
 }
 

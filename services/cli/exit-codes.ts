@@ -1,54 +1,58 @@
 /**
- * vdpactl's exit codes: one per kind of outcome a script would branch on, derived from the gRPC
- * status (and, where one status covers two kinds, the service's `error-code`).
+ * vdpactl's exit codes: the error catalog's (src/core/errors.ts), by the service's `error-code`;
+ * a failure without one (the server never answered) by its gRPC status.
  */
 import { status } from '@grpc/grpc-js';
+import {
+  catalogEntry,
+  ERROR_CATALOG,
+  EXIT,
+  isServiceErrorCode,
+  type ServiceErrorCode,
+} from '../../src/core/errors.ts';
 
-export const EXIT = {
-  OK: 0,
-  /** Anything else: INTERNAL (a device error among them), UNKNOWN, a bug. */
-  OTHER: 1,
-  /** A bad command line, or an argument the server refused (INVALID_ARGUMENT, OUT_OF_RANGE). */
-  USAGE: 2,
-  NOT_FOUND: 3,
-  /** The request clashes with the current state: ALREADY_EXISTS, ABORTED, FAILED_PRECONDITION, a quota. */
-  CONFLICT: 4,
-  /** Try again later: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (back-pressure). */
-  UNAVAILABLE: 5,
-  /** UNAUTHENTICATED, PERMISSION_DENIED. */
-  DENIED: 6,
-} as const;
+export { EXIT };
 
-const BY_STATUS: Partial<Record<status, number>> = {
+const CODES = Object.keys(ERROR_CATALOG) as ServiceErrorCode[];
+
+/** Statuses only grpc-js produces (the call failed on the client's side), with what they mean here. */
+const CLIENT_SIDE: Partial<Record<status, number>> = {
   [status.OK]: EXIT.OK,
-  [status.INVALID_ARGUMENT]: EXIT.USAGE,
-  [status.OUT_OF_RANGE]: EXIT.USAGE,
-  [status.NOT_FOUND]: EXIT.NOT_FOUND,
-  [status.ALREADY_EXISTS]: EXIT.CONFLICT,
-  [status.ABORTED]: EXIT.CONFLICT,
-  [status.FAILED_PRECONDITION]: EXIT.CONFLICT,
-  [status.UNAVAILABLE]: EXIT.UNAVAILABLE,
   [status.DEADLINE_EXCEEDED]: EXIT.UNAVAILABLE,
-  [status.RESOURCE_EXHAUSTED]: EXIT.UNAVAILABLE,
-  [status.UNAUTHENTICATED]: EXIT.DENIED,
-  [status.PERMISSION_DENIED]: EXIT.DENIED,
+  [status.OUT_OF_RANGE]: EXIT.USAGE,
 };
 
+/** A status as the code of its own name, else the first code the catalog sends it for (ABORTED: CONFLICT). */
+function codeOfStatus(code: status): ServiceErrorCode | undefined {
+  const name = status[code];
+  if (isServiceErrorCode(name) && ERROR_CATALOG[name].grpc === name) return name;
+  return CODES.find((c) => status[ERROR_CATALOG[c].grpc] === code);
+}
+
 /**
- * The exit code for a failed call. RESOURCE_EXHAUSTED is both back-pressure (retry later) and an
- * exceeded quota (retrying cannot help until something is unmapped): `error-code` tells them apart.
+ * The exit code for a failed call. `errorCode` (the service's code) decides where it is known:
+ * RESOURCE_EXHAUSTED is both back-pressure (retry later) and an exceeded quota (retrying cannot
+ * help until something is unmapped).
  */
 export function exitCodeFor(code: status, errorCode?: string): number {
-  if (errorCode === 'QUOTA_EXCEEDED') return EXIT.CONFLICT;
-  return BY_STATUS[code] ?? EXIT.OTHER;
+  if (isServiceErrorCode(errorCode)) return ERROR_CATALOG[errorCode].exit;
+  const own = CLIENT_SIDE[code];
+  if (own !== undefined) return own;
+  const byStatus = codeOfStatus(code);
+  return byStatus === undefined ? EXIT.OTHER : ERROR_CATALOG[byStatus].exit;
+}
+
+/** The service codes (of the gRPC API vdpactl calls) that lead to `exit`, for `--help`. */
+function codesFor(exit: number): string {
+  return CODES.filter((c) => ERROR_CATALOG[c].exit === exit && !catalogEntry(c).restOnly).join(', ');
 }
 
 /** The table for `--help` and the README. */
 export const EXIT_CODES_HELP = `exit codes:
   0  ok
-  1  other failure (INTERNAL, e.g. a device error; UNKNOWN)
-  2  usage: bad command line, or the server refused an argument (INVALID_ARGUMENT)
-  3  not found (NOT_FOUND)
-  4  conflict with the current state (ALREADY_EXISTS, ABORTED, FAILED_PRECONDITION, quota exceeded)
-  5  unavailable, retry later (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED)
-  6  not allowed (UNAUTHENTICATED, PERMISSION_DENIED)`;
+  1  other failure (${codesFor(EXIT.OTHER)}; UNKNOWN)
+  2  usage: bad command line, or the server refused an argument (${codesFor(EXIT.USAGE)})
+  3  not found (${codesFor(EXIT.NOT_FOUND)})
+  4  conflict with the current state (${codesFor(EXIT.CONFLICT)})
+  5  unavailable, retry later (${codesFor(EXIT.UNAVAILABLE)}, DEADLINE_EXCEEDED)
+  6  not allowed (${codesFor(EXIT.DENIED)})`;

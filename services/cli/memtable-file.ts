@@ -8,6 +8,7 @@
  * refused here: gRPC would drop them silently, and a misspelt "offset" must not quietly map offset 0.
  */
 import { parseU32, parseU64 } from '../../src/core/u64.ts';
+import { formatU64 } from '../../src/u64.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import { UsageError } from './values.ts';
 
@@ -22,7 +23,7 @@ function asRest<T>(read: () => T): T {
 }
 
 function u64Field(value: unknown, where: string): string {
-  return `0x${asRest(() => parseU64(value, where)).toString(16)}`;
+  return formatU64(asRest(() => parseU64(value, where)));
 }
 
 export interface MemTableRegion {

@@ -4,11 +4,13 @@
  * `longs: String, enums: String, defaults: true, oneofs: true`: every uint64 is a decimal string,
  * converted to bigint here and nowhere else (never through a JS number), enums are their names.
  */
+import { COUNTER_KEYS } from '../device/counters.ts';
 import type { DeviceCounters, DeviceFacts, DeviceKind, IommuKind, OpResult } from '../device/types.ts';
 import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
 import type { CreateMemoryRequest, MemoryInfo, MemoryKind, OpenMemoryRequest } from '../memory/types.ts';
 import type { BackendStats, VringView } from '../vhost-user/backend.ts';
 import { status } from '@grpc/grpc-js';
+import { isU64Text, U64_MAX } from '../u64.ts';
 import { AgentError } from './errors.ts';
 
 /** Options for proto-loader (and protobufjs' toObject) that produce the shapes below. */
@@ -18,10 +20,6 @@ export const WIRE_OBJECT_OPTIONS = {
   defaults: true,
   oneofs: true,
 } as const;
-
-const U64_MAX = (1n << 64n) - 1n;
-const DECIMAL = /^[0-9]+$/;
-const HEX = /^0x[0-9a-f]+$/i;
 
 function badRequest(field: string, message: string): AgentError {
   return new AgentError(status.INVALID_ARGUMENT, 'BAD_REQUEST', `${field}: ${message}`, field);
@@ -35,7 +33,7 @@ export function u64ToWire(value: bigint, field: string): string {
 
 /** A u64 from the wire: decimal or 0x hex, 0..2^64-1; anything else is a BAD_REQUEST naming the field. */
 export function u64FromWire(value: unknown, field: string): bigint {
-  if (typeof value !== 'string' || !(DECIMAL.test(value) || HEX.test(value))) {
+  if (typeof value !== 'string' || !isU64Text(value)) {
     throw badRequest(field, `expected a u64 as a decimal or 0x hex string, got ${JSON.stringify(value)}`);
   }
   const n = BigInt(value);
@@ -289,15 +287,6 @@ export function factsFromWire(w: WireDeviceFacts, field = 'facts'): DeviceFacts 
     pageSize: pageSizeFromWire(w.pageSize, `${field}.pageSize`),
   };
 }
-
-const COUNTER_KEYS = [
-  'messagesWritten',
-  'batches',
-  'dmaMapCalls',
-  'dmaUnmapCalls',
-  'setMapPushes',
-  'setMapEntriesPushed',
-] as const satisfies readonly (keyof DeviceCounters & keyof WireDeviceCounters)[];
 
 export function countersToWire(c: DeviceCounters): WireDeviceCounters {
   return Object.fromEntries(

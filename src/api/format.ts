@@ -17,7 +17,7 @@ import type {
   UnmapResult,
   WatchPosition,
 } from '../core/types.ts';
-import { formatU64 as hex } from '../core/u64.ts';
+import { formatU64 as hex } from '../u64.ts';
 
 export function formatMapping(m: Mapping | ListedMapping) {
   return {
@@ -75,14 +75,8 @@ export function formatDevice(d: DeviceView) {
       remedy: m.remedy,
     })),
     queueDepth: d.queueDepth,
-    counters: {
-      messagesWritten: d.counters.messagesWritten,
-      batches: d.counters.batches,
-      dmaMapCalls: d.counters.dmaMapCalls,
-      dmaUnmapCalls: d.counters.dmaUnmapCalls,
-      setMapPushes: d.counters.setMapPushes,
-      setMapEntriesPushed: d.counters.setMapEntriesPushed,
-    },
+    // The agent's wire decodes exactly the DeviceCounters keys (agent/wire.ts), so a copy is the answer.
+    counters: { ...d.counters },
   };
 }
 

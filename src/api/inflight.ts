@@ -3,9 +3,9 @@
  * takes many times its body's size in memory until it is answered, so beyond the bound a request
  * is refused with RESOURCE_EXHAUSTED (HTTP 429, Retry-After) before it is parsed, not queued.
  */
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 
-const RETRY_AFTER_MS = 1000;
+const RETRY_AFTER_MS = ERROR_CATALOG.RESOURCE_EXHAUSTED.retryAfterMs;
 
 export class InFlightBytes {
   private used = 0;

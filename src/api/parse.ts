@@ -13,7 +13,8 @@ import type {
   SetMemTableRequest,
   UnmapRequest,
 } from '../core/types.ts';
-import { invalid, parseU32, parseU64, typeName, U64_LIMIT } from '../core/u64.ts';
+import { invalid, parseU32, parseU64, typeName } from '../core/u64.ts';
+import { U64_LIMIT } from '../u64.ts';
 
 export interface ApiLimits {
   /** Largest request body (REST) or message (gRPC), in bytes. */

@@ -1,8 +1,6 @@
 /** The agent's errors (AgentError: a code, a gRPC status, field, errno) as the core's ServiceError. */
 import { AgentError } from '../agent/errors.ts';
-import { ServiceError, type ServiceErrorCode } from './errors.ts';
-
-export const AGENT_RETRY_AFTER_MS = 1000;
+import { catalogEntry, ServiceError, type ServiceErrorCode } from './errors.ts';
 
 /** Agent codes (MemoryErrorCode and the agent's own) with the ServiceError code they become. */
 const BY_CODE: Record<string, ServiceErrorCode> = {
@@ -36,13 +34,13 @@ export function fromAgentError(err: unknown, context: string): ServiceError {
     ...(err.field !== undefined ? { field: err.field } : {}),
     ...(err.errno !== undefined ? { errno: err.errno } : {}),
   };
-  if (UNREACHED.has(err.code)) {
-    return new ServiceError('UNAVAILABLE', message, { ...details, retryAfterMs: AGENT_RETRY_AFTER_MS });
-  }
-  const code =
-    BY_CODE[err.code] ?? (err.code === 'SYSTEM' ? BY_STATUS[err.statusName] : undefined) ?? 'INTERNAL';
+  const code = UNREACHED.has(err.code)
+    ? 'UNAVAILABLE'
+    : (BY_CODE[err.code] ?? (err.code === 'SYSTEM' ? BY_STATUS[err.statusName] : undefined) ?? 'INTERNAL');
+  // The agent gives no retry hint of its own: "later" is the catalog's default for the code.
+  const retryAfterMs = catalogEntry(code).retryAfterMs;
   return new ServiceError(code, message, {
     ...details,
-    ...(code === 'RESOURCE_EXHAUSTED' ? { retryAfterMs: AGENT_RETRY_AFTER_MS } : {}),
+    ...(retryAfterMs !== undefined ? { retryAfterMs } : {}),
   });
 }

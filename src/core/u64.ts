@@ -2,15 +2,8 @@
  * 64-bit quantities on the wire: strings in decimal or `0x` hex (JSON numbers only when they are
  * safe integers), always bigint in code, answered as `0x` hex.
  */
+import { CANONICAL, isU64Text, U32_LIMIT, U64_LIMIT } from '../u64.ts';
 import { ServiceError } from './errors.ts';
-
-export const U64_LIMIT = 1n << 64n;
-export const U32_LIMIT = 1n << 32n;
-
-const DECIMAL = /^(0|[1-9][0-9]*)$/;
-const HEX = /^0[xX][0-9a-fA-F]+$/;
-/** Long enough for 2^64-1 in either base with a few leading zeros; refuses huge strings cheaply. */
-const MAX_TEXT = 40;
 
 export function invalid(field: string, message: string): ServiceError {
   return new ServiceError('INVALID_ARGUMENT', `${field}: ${message}`, { field });
@@ -25,7 +18,7 @@ export function parseU64(value: unknown, field: string): bigint {
     }
     parsed = BigInt(value);
   } else if (typeof value === 'string') {
-    if (value.length > MAX_TEXT || !(DECIMAL.test(value) || HEX.test(value))) {
+    if (!isU64Text(value, CANONICAL)) {
       throw invalid(field, `must be a u64 as a decimal or 0x hex string, got ${JSON.stringify(clip(value))}`);
     }
     parsed = BigInt(value);
@@ -41,10 +34,6 @@ export function parseU32(value: unknown, field: string): number {
   const parsed = parseU64(value, field);
   if (parsed >= U32_LIMIT) throw invalid(field, 'exceeds 2^32-1');
   return Number(parsed);
-}
-
-export function formatU64(value: bigint): string {
-  return `0x${value.toString(16)}`;
 }
 
 export function typeName(value: unknown): string {

@@ -40,13 +40,13 @@ import { SimulatedDevice, type SimulatedDeviceOptions } from './simulated.ts';
 import type { VhostTransport } from './transport.ts';
 import type { Device, DeviceLogger } from './types.ts';
 import { openVhostVdpaFd } from './vhost-vdpa-fd.ts';
+import { U32_MAX, u64FromText } from '../u64.ts';
 
 export type DeviceSpec =
   | { kind: 'simulated'; options: SimulatedDeviceOptions }
   /** `node` 'auto': every vhost-vdpa node discovery finds. */
   | { kind: 'kernel'; node: string; name?: string };
 
-const U64_MAX = (1n << 64n) - 1n;
 const SIM_KEYS = [
   'iommu',
   'asnum',
@@ -126,7 +126,7 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
       case 'deviceid':
         options.deviceId =
           DEVICE_ID_NAMES[value.toLowerCase()] ??
-          parseInteger(value, 0, 0xffffffff) ??
+          parseInteger(value, 0, U32_MAX) ??
           bad('must be blk, net or a u32');
         break;
       case 'disk':
@@ -137,12 +137,12 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
         options.vqCount = parseInteger(value, 0, 0xffff) ?? bad('must be an integer in 0..65535');
         break;
       case 'failiova': {
-        const iova = parseU64(value) ?? bad('must be a u64');
+        const iova = u64FromText(value) ?? bad('must be a u64');
         options.failOn = (msg) => msg.iotlb.type === IotlbMsgType.UPDATE && msg.iotlb.iova === iova;
         break;
       }
       case 'memlock':
-        options.memlock = parseU64(value) ?? bad('must be a number of bytes (a u64)');
+        options.memlock = u64FromText(value) ?? bad('must be a number of bytes (a u64)');
         break;
       case 'onchipmap':
         if (value !== 'set_map' && value !== 'dma_map') bad('must be set_map or dma_map');
@@ -152,10 +152,10 @@ export function parseDeviceSpec(spec: string): DeviceSpec {
         options.useVa = parseFlag(value) ?? bad('must be 0 or 1');
         break;
       case 'configsize':
-        options.configSize = parseInteger(value, 0, 0xffffffff) ?? bad('must be a u32');
+        options.configSize = parseInteger(value, 0, U32_MAX) ?? bad('must be a u32');
         break;
       case 'pagesize': {
-        const size = parseU64(value);
+        const size = u64FromText(value);
         if (size === undefined || size < 4096n || size > 1n << 30n || (size & (size - 1n)) !== 0n)
           bad('must be a power of two from 4096 to 2^30');
         options.pageSize = size;
@@ -321,12 +321,6 @@ function summary(device: Device): Record<string, string | number> {
   };
 }
 
-function parseU64(text: string): bigint | undefined {
-  if (!/^(0[xX][0-9a-fA-F]+|\d+)$/.test(text)) return undefined;
-  const value = BigInt(text);
-  return value <= U64_MAX ? value : undefined;
-}
-
 function parseFlag(text: string): boolean | undefined {
   if (text === '1' || text.toLowerCase() === 'true') return true;
   if (text === '0' || text.toLowerCase() === 'false') return false;
@@ -334,14 +328,14 @@ function parseFlag(text: string): boolean | undefined {
 }
 
 function parseInteger(text: string, min: number, max: number): number | undefined {
-  const value = parseU64(text);
+  const value = u64FromText(text);
   return value !== undefined && value >= BigInt(min) && value <= BigInt(max) ? Number(value) : undefined;
 }
 
 function parseRange(text: string): IovaRange | undefined {
   const dash = text.indexOf('-');
-  const first = parseU64(text.slice(0, dash));
-  const last = parseU64(text.slice(dash + 1));
+  const first = u64FromText(text.slice(0, dash));
+  const last = u64FromText(text.slice(dash + 1));
   if (dash < 0 || first === undefined || last === undefined || first > last) return undefined;
   return { first, last };
 }
@@ -351,7 +345,7 @@ function parseFeatures(text: string, bad: (what: string) => never): bigint {
   if (text.toLowerCase() === 'none') return 0n;
   let mask = 0n;
   for (const token of text.split(/[|+]/)) {
-    const number = parseU64(token);
+    const number = u64FromText(token);
     if (number !== undefined) {
       mask |= number;
       continue;

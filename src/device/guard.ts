@@ -15,8 +15,8 @@ import {
   type IotlbViolation,
   type IovaRange,
   type Mapping,
-  U64_LIMIT,
 } from '../iotlb/types.ts';
+import { U64_LIMIT } from '../u64.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import { hasBackendFeature } from '../uapi/constants.ts';
 import type { PinnedMemory } from './memlock.ts';

@@ -24,6 +24,7 @@ import {
 import { ownVmPin } from '../sys/proc-self.ts';
 import fs from 'node:fs';
 import { ioctlReadIovaRange, isErrno, TransportError, type VhostTransport } from './transport.ts';
+import { U64_MAX } from '../u64.ts';
 
 export interface PinProbe {
   /** Opens the node (a fresh owner: nothing mapped). */
@@ -73,7 +74,7 @@ export async function probePinning(probe: PinProbe): Promise<boolean | undefined
 /** The first whole page of the device's IOVA range (GET_IOVA_RANGE; the whole space without it). */
 function lowestPage(t: VhostTransport, page: bigint): bigint {
   let first = 0n;
-  let last = (1n << 64n) - 1n;
+  let last = U64_MAX;
   try {
     ({ first, last } = ioctlReadIovaRange(t, Ioctl.VHOST_VDPA_GET_IOVA_RANGE));
   } catch (e) {

@@ -24,7 +24,8 @@
  */
 import fs from 'node:fs';
 import { IovaTable } from '../iotlb/table.ts';
-import { hex, type IovaRange, type Mapping, type Perm, type Region, U64_LIMIT } from '../iotlb/types.ts';
+import { hex, type IovaRange, type Mapping, type Perm, type Region } from '../iotlb/types.ts';
+import { U64_MAX } from '../u64.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import {
   type BackendFeatureName,
@@ -58,7 +59,6 @@ import { SIM_QUEUE_MAX, type SimDisk, SimVrings } from './sim-vrings.ts';
 import { TransportError, type VhostTransport } from './transport.ts';
 import type { DeviceLogger } from './types.ts';
 
-const U64_MAX = U64_LIMIT - 1n;
 /** The shortest write vhost_chr_write_iter takes: type, asid (or padding), vhost_iotlb_msg. */
 const MIN_WRITE = 40;
 /** vhost_vdpa_pa_map pins at most PAGE_SIZE / sizeof(struct page *) pages per pin_user_pages call. */

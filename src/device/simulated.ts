@@ -4,7 +4,8 @@
  * through the parent's own IOTLB into the real shared memory, so translation can be verified.
  */
 import fs from 'node:fs';
-import { FULL_IOVA_RANGE, hex, type IovaRange, U64_LIMIT } from '../iotlb/types.ts';
+import { FULL_IOVA_RANGE, hex, type IovaRange } from '../iotlb/types.ts';
+import { U64_LIMIT } from '../u64.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import { RLIM_INFINITY } from '../sys/libc.ts';
 import { backendFeatureMask, VirtioDeviceId } from '../uapi/constants.ts';

@@ -4,7 +4,8 @@
  * messages, each checked first by the guard. Only the transport differs between a kernel device
  * (a real fd) and a simulated one (sim-kernel.ts).
  */
-import { FULL_IOVA_RANGE, type IotlbOp, type IovaRange, type Mapping, U64_LIMIT } from '../iotlb/types.ts';
+import { FULL_IOVA_RANGE, type IotlbOp, type IovaRange, type Mapping } from '../iotlb/types.ts';
+import { U64_LIMIT, U64_MAX } from '../u64.ts';
 import type { MemoryRegistry } from '../memory/types.ts';
 import {
   type BackendFeatureName,
@@ -43,6 +44,7 @@ import type {
   OpResult,
 } from './types.ts';
 import { pinPageSize } from './types.ts';
+import { ZERO_COUNTERS } from './counters.ts';
 import { VdpaVrings } from './vrings.ts';
 
 /** The backend features vdpa-mapd understands; it negotiates those the device offers. */
@@ -55,7 +57,6 @@ export const UNDERSTOOD_BACKEND_FEATURES: bigint = backendFeatureMask(
   'IOTLB_PERSIST',
 );
 
-const U64_MAX = U64_LIMIT - 1n;
 const OK: OpResult = { ok: true };
 /**
  * Ops applied between two turns of the event loop. Every device shares the agent's one event loop,
@@ -130,7 +131,7 @@ export class VhostVdpaDevice implements Device {
   }
 
   counters(): DeviceCounters {
-    return { ...this.stats, dmaMapCalls: 0, dmaUnmapCalls: 0, setMapPushes: 0, setMapEntriesPushed: 0 };
+    return { ...ZERO_COUNTERS, ...this.stats };
   }
 
   mappings(): Mapping[] {

@@ -17,17 +17,16 @@ import {
   type Mapping,
   PERMS,
   type Region,
-  U64_LIMIT,
   VIOLATION_ERRNO,
   VIOLATION_FIELD,
   IotlbError,
 } from './types.ts';
+import { U64_LIMIT, U64_MAX } from '../u64.ts';
 
 // sorted-btree is CommonJS with `exports.default`; Node's ESM loader hands us module.exports.
 const BTree = sortedBtree.default;
 type BTree<K, V> = InstanceType<typeof BTree<K, V>>;
 
-const U64_MAX = U64_LIMIT - 1n;
 export const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
 
 export function violation(

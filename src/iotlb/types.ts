@@ -1,4 +1,5 @@
 /** Shared vocabulary of IOVA mappings, used by the table, the planner, devices and both services. */
+import { formatU64 as hex, U64_MAX } from '../u64.ts';
 
 /** Access a device gets to a mapping. The kernel only looks at the WO bit; we accept only these. */
 export type Perm = 'ro' | 'wo' | 'rw';
@@ -24,8 +25,7 @@ export interface IovaRange {
   last: bigint;
 }
 
-export const U64_LIMIT = 1n << 64n;
-export const FULL_IOVA_RANGE: IovaRange = { first: 0n, last: U64_LIMIT - 1n };
+export const FULL_IOVA_RANGE: IovaRange = { first: 0n, last: U64_MAX };
 
 /** One IOTLB change: UPDATE (map) or INVALIDATE (unmap every entry the range touches, whole). */
 export type IotlbOp =
@@ -89,9 +89,8 @@ export class IotlbError extends Error {
   }
 }
 
-export function hex(value: bigint): string {
-  return `0x${value.toString(16)}`;
-}
+/** A u64 as `0x` hex (src/u64.ts), under the short name the IOVA code uses. */
+export { hex };
 
 export function describeRange(iova: bigint, size: bigint): string {
   return `[${hex(iova)}, ${hex(iova + size)})`;

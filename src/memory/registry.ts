@@ -29,6 +29,7 @@ import {
   type MemoryRegistry,
   type OpenMemoryRequest,
 } from './types.ts';
+import { U64_MAX } from '../u64.ts';
 
 export interface SharedMemoryRegistryOptions {
   /** Roots for `open` by path; `<stateDir>/memory` is always added. */
@@ -37,7 +38,6 @@ export interface SharedMemoryRegistryOptions {
 }
 
 const PAGE_SIZE = 4096n;
-const U64_MAX = (1n << 64n) - 1n;
 /** off_t is signed 64-bit: the largest page multiple ftruncate accepts. */
 const MAX_SIZE = (1n << 63n) - PAGE_SIZE;
 const MAX_COPY = 2 ** 31;

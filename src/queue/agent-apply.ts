@@ -3,10 +3,10 @@ import type { AgentOpResult } from '../agent/wire.ts';
 import { describeRange, type IotlbOp } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 
 /** How long callers are told to wait after a change could not be done. */
-export const NOT_DONE_RETRY_AFTER_MS = 1000;
+export const NOT_DONE_RETRY_AFTER_MS = ERROR_CATALOG.UNAVAILABLE.retryAfterMs;
 
 /** The device's state is unknown (agent gone or restarted, ...): nothing may be acknowledged. */
 export class NotDone extends Error {

@@ -25,7 +25,7 @@ import type { AddressSpaces } from '../iotlb/address-spaces.ts';
 import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import { nextTurn } from '../sys/next-turn.ts';
 import type { FlushResult, MappingEvent } from '../core/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
@@ -37,7 +37,7 @@ import type { FlushEntry, Outcome, QueueEntry, WriteEntry } from './types.ts';
 import type { MemoryLookup } from './validate.ts';
 import { WorkingTables } from './working.ts';
 
-export const NOT_READY_RETRY_AFTER_MS = 1000;
+export const NOT_READY_RETRY_AFTER_MS = ERROR_CATALOG.UNAVAILABLE.retryAfterMs;
 
 /** The desired mappings of one memory that the device does not hold. */
 export interface MissingMappings {

@@ -205,11 +205,8 @@ async function applyBatchOp(
   op: BatchOp,
   at: At,
 ): Promise<IotlbOp[]> {
-  if (op.op === 'map') return applyMap(work, memory, op, at).ops;
-  if (op.op === 'unmap') return (await applyUnmap(work, op, at)).ops;
-  throw new ServiceError('INVALID_ARGUMENT', `${at.label}op must be map or unmap`, {
-    field: fieldAt(at, 'op'),
-  });
+  // The transports' parse (src/api/parse.ts) is where `op` is checked; a BatchOp is one or the other.
+  return op.op === 'map' ? applyMap(work, memory, op, at).ops : (await applyUnmap(work, op, at)).ops;
 }
 
 /** The request field of the unit that asked for `op`, an UPDATE (for an error naming it). */

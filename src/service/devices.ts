@@ -5,8 +5,9 @@
  * ever reached: until then no device is unknown).
  */
 import type { AgentPort } from '../core/agent-port.ts';
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import type { CoreLogger } from '../core/logger.ts';
+import { ZERO_COUNTERS } from '../device/counters.ts';
 import type { DeviceCounters, DeviceFacts } from '../device/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { DeviceQueue } from '../queue/device-queue.ts';
@@ -25,15 +26,6 @@ export interface Slot {
   counters: DeviceCounters;
   queue: DeviceQueue;
 }
-
-const ZERO_COUNTERS: DeviceCounters = {
-  messagesWritten: 0,
-  batches: 0,
-  dmaMapCalls: 0,
-  dmaUnmapCalls: 0,
-  setMapPushes: 0,
-  setMapEntriesPushed: 0,
-};
 
 export interface DeviceRegistryOptions {
   port: AgentPort;
@@ -150,7 +142,7 @@ export class DeviceRegistry {
   private unknown(device: string): ServiceError {
     if (!this.listed) {
       return new ServiceError('UNAVAILABLE', `device ${device} is unknown until the agent has been reached`, {
-        retryAfterMs: 1000,
+        retryAfterMs: ERROR_CATALOG.UNAVAILABLE.retryAfterMs,
       });
     }
     const known = this.present().map((s) => s.name);

@@ -21,7 +21,7 @@ import type { MemoryRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { fromAgentError } from '../core/agent-errors.ts';
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import type { CoreLogger } from '../core/logger.ts';
 import type { MemoryView, RegisterMemoryRequest } from '../core/types.ts';
 
@@ -252,7 +252,9 @@ export class MemoryCatalog implements MemoryLookup {
 
   private requireAgent(): void {
     if (!this.agentUp()) {
-      throw new ServiceError('UNAVAILABLE', 'the agent is not connected', { retryAfterMs: 1000 });
+      throw new ServiceError('UNAVAILABLE', 'the agent is not connected', {
+        retryAfterMs: ERROR_CATALOG.UNAVAILABLE.retryAfterMs,
+      });
     }
   }
 

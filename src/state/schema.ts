@@ -7,17 +7,17 @@ import { z } from 'zod';
 import { PERMS } from '../iotlb/types.ts';
 import type { ServiceErrorCode } from '../core/errors.ts';
 import type { Change, StateSnapshot } from './desired.ts';
+import { U32_MAX, U64_MAX } from '../u64.ts';
 
-const U64_MAX = (1n << 64n) - 1n;
 const u64 = z.bigint().min(0n).max(U64_MAX);
 const nonZeroU64 = z.bigint().min(1n).max(U64_MAX);
 /** Sequence numbers are handed out from 1. */
 const sequence = nonZeroU64;
-const u32 = z.number().int().min(0).max(0xffff_ffff);
+const u32 = z.number().int().min(0).max(U32_MAX);
 const name = z.string().min(1);
 
 const errorInfo = z.strictObject({
-  // The codes are the service's (service/errors.ts); their spelling is what is checked here.
+  // The codes are the error catalog's (core/errors.ts); their spelling is what is checked here.
   code: z.custom<ServiceErrorCode>(
     (v) => typeof v === 'string' && /^[A-Z][A-Z_]*$/.test(v),
     'expected an error code',

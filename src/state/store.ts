@@ -19,7 +19,7 @@
  *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
  *   crash during an append) is cut off, and `droppedBytes` says how much.
  */
-import { ServiceError } from '../core/errors.ts';
+import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import {
   applyChange,
   type Change,
@@ -57,7 +57,7 @@ interface Waiter {
 }
 
 /** How long a caller should wait before retrying after a failed write. */
-export const STORE_RETRY_AFTER_MS = 1000;
+export const STORE_RETRY_AFTER_MS = ERROR_CATALOG.UNAVAILABLE.retryAfterMs;
 
 export class StateStore {
   private waiting: Waiter[] = [];

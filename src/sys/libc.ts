@@ -9,6 +9,7 @@
  */
 import util from 'node:util';
 import koffi from 'koffi';
+import { U32_MAX, U64_MAX } from '../u64.ts';
 
 if (process.platform !== 'linux' || koffi.sizeof('void *') !== 8) {
   throw new Error('src/sys/libc: only 64-bit Linux is supported');
@@ -43,9 +44,8 @@ export const PROT_WRITE = 0x2;
 export const MAP_SHARED = 0x01;
 export const MFD_CLOEXEC = 0x1;
 export const RLIMIT_MEMLOCK = 8;
-export const RLIM_INFINITY = (1n << 64n) - 1n;
+export const RLIM_INFINITY = U64_MAX;
 
-const U64_MAX = (1n << 64n) - 1n;
 const I64_MAX = (1n << 63n) - 1n;
 /** (void *)-1 */
 const MAP_FAILED = U64_MAX;
@@ -93,7 +93,7 @@ function checkInt(value: number, min: number, max: number, what: string): void {
 
 function ioctlCall(fd: number, request: number, argType: string, arg: unknown): number {
   checkInt(fd, 0, 0x7fffffff, 'fd');
-  checkInt(request, 0, 0xffffffff, 'ioctl request');
+  checkInt(request, 0, U32_MAX, 'ioctl request');
   const ret: number = c.ioctl(fd, request, argType, arg);
   if (ret < 0) fail('ioctl', `0x${request.toString(16)}`);
   return ret;
@@ -254,7 +254,7 @@ export function dupCloexec(fd: number): number {
 }
 
 export function eventfd(initval: number, flags: number): number {
-  checkInt(initval, 0, 0xffffffff, 'eventfd initval');
+  checkInt(initval, 0, U32_MAX, 'eventfd initval');
   const fd: number = c.eventfd(initval, flags);
   if (fd < 0) fail('eventfd');
   return fd;

@@ -12,6 +12,7 @@
  * Little-endian (x86_64, arm64).
  */
 import { IotlbMsgType, VHOST_IOTLB_MSG, VHOST_IOTLB_MSG_V2 } from './constants.ts';
+import { U32_MAX, U64_MAX } from '../u64.ts';
 
 export const VHOST_MSG_SIZE = 72;
 
@@ -23,8 +24,6 @@ const OFF_SIZE = OFF_IOTLB + 8;
 const OFF_UADDR = OFF_IOTLB + 16;
 const OFF_PERM = OFF_IOTLB + 24;
 const OFF_IOTLB_TYPE = OFF_IOTLB + 25;
-
-export const U64_MAX = (1n << 64n) - 1n;
 
 /** `struct vhost_iotlb_msg` with 64-bit fields as bigint. */
 export interface IotlbMsg {
@@ -65,7 +64,7 @@ function checkU64(field: string, value: bigint): void {
 }
 
 function checkUint(field: string, value: number, bits: 8 | 32): void {
-  const max = bits === 8 ? 0xff : 0xffffffff;
+  const max = bits === 8 ? 0xff : U32_MAX;
   if (!Number.isInteger(value) || value < 0 || value > max) {
     throw new UapiError('FIELD_RANGE', `${field} must be a u${bits}, got ${String(value)}`, field);
   }

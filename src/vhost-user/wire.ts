@@ -7,6 +7,7 @@
  * that wraps or overlaps another, a vring index or config range out of bounds is a {@link WireError}
  * naming the field, and the connection is to be closed.
  */
+import { U64_LIMIT } from '../u64.ts';
 
 export const HEADER_SIZE = 12;
 /** Flags: bits 0-1 the protocol version (1), bit 2 a reply, bit 3 the front-end wants a reply. */
@@ -22,7 +23,6 @@ const CONFIG_HEADER_SIZE = 12;
 /** The largest payload of any request this decoder knows (GET_CONFIG/SET_CONFIG of 256 bytes). */
 export const MAX_PAYLOAD = CONFIG_HEADER_SIZE + MAX_CONFIG_SIZE;
 const REGION_SIZE = 32;
-const U64_LIMIT = 1n << 64n;
 
 /** Front-end requests (vhost-user.rst "Front-end message types"), the ones a blk backend serves. */
 export const Request = {

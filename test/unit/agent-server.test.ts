@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import { AgentError } from '../../src/agent/errors.ts';
+import { ZERO_COUNTERS } from '../../src/device/counters.ts';
 import type { Device, DeviceFacts } from '../../src/device/types.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
 import type { MemoryRegistry } from '../../src/memory/types.ts';
@@ -31,14 +32,7 @@ function fakeKernelDevice(applied: IotlbOp[][]): Device {
   return {
     name: FACTS.name,
     facts: () => FACTS,
-    counters: () => ({
-      messagesWritten: 0,
-      batches: 0,
-      dmaMapCalls: 0,
-      dmaUnmapCalls: 0,
-      setMapPushes: 0,
-      setMapEntriesPushed: 0,
-    }),
+    counters: () => ({ ...ZERO_COUNTERS }),
     async apply(ops) {
       applied.push([...ops]);
       return ops.map(() => ({ ok: true }));

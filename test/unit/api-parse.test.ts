@@ -3,8 +3,8 @@ import { describe, test } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import fc from 'fast-check';
 import {
-  ERROR_TABLE,
   errorBody,
+  grpcStatus,
   httpStatus,
   retryAfterSeconds,
   toServiceError,
@@ -22,8 +22,9 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import { formatU64, parseU32, parseU64, U64_LIMIT } from '../../src/core/u64.ts';
-import { ServiceError } from '../../src/core/errors.ts';
+import { parseU32, parseU64 } from '../../src/core/u64.ts';
+import { formatU64, U64_LIMIT } from '../../src/u64.ts';
+import { ERROR_CATALOG, ServiceError, type ServiceErrorCode } from '../../src/core/errors.ts';
 import type { DeviceView } from '../../src/core/types.ts';
 
 /** Runs `fn`, which must throw INVALID_ARGUMENT naming `field`. */
@@ -409,7 +410,12 @@ describe('error table', () => {
       INTERNAL: [500, GrpcStatus.INTERNAL],
     };
     assert.deepEqual(
-      Object.fromEntries(Object.entries(ERROR_TABLE).map(([code, w]) => [code, [w.http, w.grpc]])),
+      Object.fromEntries(
+        Object.keys(ERROR_CATALOG).map((code) => {
+          const err = new ServiceError(code as ServiceErrorCode, 'x');
+          return [code, [httpStatus(err), grpcStatus(err)]];
+        }),
+      ),
       expected,
     );
   });

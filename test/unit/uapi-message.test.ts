@@ -7,12 +7,12 @@ import {
   encodeMsgV2,
   encodeVhostMsg,
   IotlbMsgType,
-  U64_MAX,
   UapiError,
   VHOST_ACCESS_RW,
   VHOST_MSG_SIZE,
   type VhostMsg,
 } from '../../src/uapi/index.ts';
+import { U64_MAX } from '../../src/u64.ts';
 
 test('vhost_msg_v2 UPDATE has the kernel layout, byte for byte', () => {
   const buf = encodeMsgV2(1, {
