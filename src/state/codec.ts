@@ -3,6 +3,7 @@
  * framed as `u32 LE length | u32 LE crc32(payload) | payload`. `scanFrames` tells the frames
  * apart: intact ones, a torn tail (a crash during an append), and damage (anything else).
  */
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { crc32 } from 'node:zlib';
 
 export const FRAME_HEADER_BYTES = 8;
@@ -28,12 +29,39 @@ export function decodeJson(text: string): unknown {
 }
 
 export function frame(value: unknown): Buffer {
-  const payload = Buffer.from(encodeJson(value), 'utf8');
-  const out = Buffer.allocUnsafe(FRAME_HEADER_BYTES + payload.length);
-  out.writeUInt32LE(payload.length, 0);
-  out.writeUInt32LE(crc32(payload), 4);
-  payload.copy(out, FRAME_HEADER_BYTES);
-  return out;
+  return framePieces([Buffer.from(encodeJson(value), 'utf8')]);
+}
+
+/** One frame whose payload is `pieces` one after another: frame() of their concatenation. */
+export function framePieces(pieces: readonly Buffer[]): Buffer {
+  let length = 0;
+  let crc = 0;
+  for (const piece of pieces) {
+    length += piece.length;
+    crc = crc32(piece, crc);
+  }
+  const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  head.writeUInt32LE(length, 0);
+  head.writeUInt32LE(crc, 4);
+  return Buffer.concat([head, ...pieces], FRAME_HEADER_BYTES + length);
+}
+
+/** Items per slice of {@link encodeElements}: a few milliseconds of encoding at most. */
+const ITEMS_PER_SLICE = 512;
+
+/**
+ * The elements of encodeJson(items), byte for byte what it writes between the brackets, in
+ * UTF-8 pieces of a slice of items each. Between slices it yields to the event loop, so that
+ * encoding a large record (a 65,536-region table is about 10 MB) never holds it for long.
+ */
+export async function encodeElements(items: readonly unknown[]): Promise<Buffer[]> {
+  const pieces: Buffer[] = [];
+  for (let start = 0; start < items.length; start += ITEMS_PER_SLICE) {
+    if (start > 0) await nextTurn();
+    const slice = items.slice(start, start + ITEMS_PER_SLICE).map((item) => encodeJson(item) ?? 'null');
+    pieces.push(Buffer.from(`${start > 0 ? ',' : ''}${slice.join(',')}`, 'utf8'));
+  }
+  return pieces;
 }
 
 /** One frame whose CRC matched and whose content `decode` accepted. */
