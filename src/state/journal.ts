@@ -27,6 +27,7 @@ import {
   decodeJsonPayload,
   encodeElements,
   encodeJson,
+  encodeJsonPieces,
   frame,
   framePieces,
   scanFrames,
@@ -429,7 +430,8 @@ export async function writeGeneration(
   const next = await fs.open(nextPath, 'w+');
   try {
     const snapshot = { magic: SNAPSHOT_MAGIC, version: FORMAT_VERSION, gen, seq, state };
-    await writeFileSynced(fs, tmpPath, frame(snapshot));
+    // Encoded in slices: a snapshot of large tables must not hold the event loop either.
+    await writeFileSynced(fs, tmpPath, framePieces(await encodeJsonPieces(snapshot)));
     await fs.rename(tmpPath, path.join(dir, SNAPSHOT));
   } catch (e) {
     await next.close().catch(() => undefined);

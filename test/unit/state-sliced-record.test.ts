@@ -7,14 +7,16 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { crc32 } from 'node:zlib';
 import fc from 'fast-check';
-import { decodeJsonPayload, encodeElements, scanFrames } from '../../src/state/codec.ts';
+import { decodeJsonPayload, encodeElements, encodeJsonPieces, scanFrames } from '../../src/state/codec.ts';
 import type { Change } from '../../src/state/desired.ts';
 import { encodeChanges, recordFrame } from '../../src/state/journal.ts';
 
 /** The format as journal.ts documents it: `u32 LE length | u32 LE crc32 | JSON`, bigints as {"$n": "..."}. */
+const referenceJson = (value: unknown): string | undefined =>
+  JSON.stringify(value, (_k, v: unknown) => (typeof v === 'bigint' ? { $n: v.toString() } : v));
+
 function referenceFrame(value: unknown): Buffer {
-  const json = JSON.stringify(value, (_k, v: unknown) => (typeof v === 'bigint' ? { $n: v.toString() } : v));
-  const payload = Buffer.from(json, 'utf8');
+  const payload = Buffer.from(referenceJson(value)!, 'utf8');
   const head = Buffer.alloc(8);
   head.writeUInt32LE(payload.length, 0);
   head.writeUInt32LE(crc32(payload), 4);
@@ -112,4 +114,29 @@ test('a large commit is encoded in slices: other work runs before it is done', a
     return e;
   });
   assert.ok((await encoding).pieces.length > 1);
+});
+
+test('encodeJsonPieces writes what the one-piece JSON.stringify writes, byte for byte, in pieces', async () => {
+  const value = fc.letrec((tie) => ({
+    node: fc.oneof(
+      { depthSize: 'small', withCrossShrink: true },
+      leaf,
+      fc.array(tie('node'), { maxLength: 6 }),
+      fc.dictionary(fc.string({ unit: 'binary', maxLength: 6 }), tie('node'), { maxKeys: 6 }),
+      fc.array(leaf, { minLength: 3000, maxLength: 6000 }),
+    ),
+  })).node;
+  await fc.assert(
+    fc.asyncProperty(value, async (v) => {
+      const pieces = await encodeJsonPieces(v);
+      assert.equal(Buffer.concat(pieces).toString('utf8'), referenceJson(v) ?? '');
+    }),
+    { numRuns: 80 },
+  );
+});
+
+test('encodeJsonPieces refuses a circular structure, as JSON.stringify does', async () => {
+  const a: unknown[] = [1];
+  a.push({ a });
+  await assert.rejects(encodeJsonPieces(a), TypeError);
 });
