@@ -8,37 +8,67 @@ type Frame = { keys: Set<string>; key: string | undefined } | { index: number };
 
 /** The field path (`ops[2].memory`) of the first key that repeats in its object, or undefined. */
 export function findDuplicateKey(text: string): string | undefined {
-  const stack: Frame[] = [];
-  let expectKey = false;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (c === 0x22 /* " */) {
-      const end = stringEnd(text, i);
-      const top = stack.at(-1);
-      if (expectKey && top && 'keys' in top) {
-        const raw = text.slice(i + 1, end);
-        const key = raw.includes('\\') ? (JSON.parse(text.slice(i, end + 1)) as string) : raw;
-        if (top.keys.has(key)) return pathOf(stack, key);
-        top.keys.add(key);
-        top.key = key;
-        expectKey = false;
-      }
-      i = end;
-    } else if (c === 0x7b /* { */) {
-      stack.push({ keys: new Set(), key: undefined });
-      expectKey = true;
-    } else if (c === 0x5b /* [ */) {
-      stack.push({ index: 0 });
-    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
-      stack.pop();
-      expectKey = false;
-    } else if (c === 0x2c /* , */) {
-      const top = stack.at(-1);
-      if (top && 'index' in top) top.index++;
-      else expectKey = true;
-    }
+  return new DuplicateKeyScan(text).scanTo(text.length);
+}
+
+/** findDuplicateKey in steps: each scanTo() reads on from where the last one stopped. */
+export class DuplicateKeyScan {
+  private readonly stack: Frame[] = [];
+  private expectKey = false;
+  private at = 0;
+
+  constructor(private readonly text: string) {}
+
+  get done(): boolean {
+    return this.at >= this.text.length;
   }
-  return undefined;
+
+  /** Where the next scanTo() reads on from: after a comma between two values, or the end. */
+  get position(): number {
+    return this.at;
+  }
+
+  /**
+   * Reads on to just after the first comma between two values at or past `until` (or to the end):
+   * the first repeated key's path, or undefined.
+   */
+  scanTo(until: number): string | undefined {
+    const { text, stack } = this;
+    for (let i = this.at; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (c === 0x22 /* " */) {
+        const end = stringEnd(text, i);
+        const top = stack.at(-1);
+        if (this.expectKey && top && 'keys' in top) {
+          const raw = text.slice(i + 1, end);
+          const key = raw.includes('\\') ? (JSON.parse(text.slice(i, end + 1)) as string) : raw;
+          if (top.keys.has(key)) return pathOf(stack, key);
+          top.keys.add(key);
+          top.key = key;
+          this.expectKey = false;
+        }
+        i = end;
+      } else if (c === 0x7b /* { */) {
+        stack.push({ keys: new Set(), key: undefined });
+        this.expectKey = true;
+      } else if (c === 0x5b /* [ */) {
+        stack.push({ index: 0 });
+      } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+        stack.pop();
+        this.expectKey = false;
+      } else if (c === 0x2c /* , */) {
+        const top = stack.at(-1);
+        if (top && 'index' in top) top.index++;
+        else this.expectKey = true;
+        if (i >= until) {
+          this.at = i + 1;
+          return undefined;
+        }
+      }
+    }
+    this.at = text.length;
+    return undefined;
+  }
 }
 
 /** Index of the quote closing the string that opens at `start`. */

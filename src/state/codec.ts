@@ -3,6 +3,7 @@
  * framed as `u32 LE length | u32 LE crc32(payload) | payload`. `scanFrames` tells the frames
  * apart: intact ones, a torn tail (a crash during an append), and damage (anything else).
  */
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { crc32 } from 'node:zlib';
 
 export const FRAME_HEADER_BYTES = 8;
@@ -28,12 +29,155 @@ export function decodeJson(text: string): unknown {
 }
 
 export function frame(value: unknown): Buffer {
-  const payload = Buffer.from(encodeJson(value), 'utf8');
-  const out = Buffer.allocUnsafe(FRAME_HEADER_BYTES + payload.length);
-  out.writeUInt32LE(payload.length, 0);
-  out.writeUInt32LE(crc32(payload), 4);
-  payload.copy(out, FRAME_HEADER_BYTES);
-  return out;
+  return framePieces([Buffer.from(encodeJson(value), 'utf8')]);
+}
+
+/** One frame whose payload is `pieces` one after another: frame() of their concatenation. */
+export function framePieces(pieces: readonly Buffer[]): Buffer {
+  let length = 0;
+  let crc = 0;
+  for (const piece of pieces) {
+    length += piece.length;
+    crc = crc32(piece, crc);
+  }
+  const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  head.writeUInt32LE(length, 0);
+  head.writeUInt32LE(crc, 4);
+  return Buffer.concat([head, ...pieces], FRAME_HEADER_BYTES + length);
+}
+
+/** JSON text of a bigint, as encodeJson writes it. */
+const taggedBigint = (v: bigint): string => `{"$n":"${v}"}`;
+
+/** A container being written: the next element or key to write. */
+type Open =
+  | { array: readonly unknown[]; next: number }
+  | { object: Record<string, unknown>; keys: string[]; next: number; wrote: boolean };
+
+/**
+ * encodeJson in steps: `write(budget)` writes on about `budget` characters of JSON, without the
+ * replacer's allocation per bigint. For the plain data the state holds; a value of another kind
+ * (a toJSON, a boxed primitive) is left to encodeJson in one piece.
+ */
+class JsonWriter {
+  private parts: string[] = [];
+  private readonly open: Open[] = [];
+  private readonly containers = new Set<object>();
+
+  constructor(value: unknown) {
+    const text = this.start(value);
+    if (text !== undefined) this.parts.push(text);
+  }
+
+  /** Writes on for about `budget` characters; the JSON written since the last call; done when nothing is left. */
+  write(budget: number): { text: string; done: boolean } {
+    const { parts, open } = this;
+    let chars = 0;
+    while (open.length > 0 && chars < budget) {
+      const top = open[open.length - 1]!;
+      let text: string | undefined;
+      if ('array' in top) {
+        if (top.next === top.array.length) {
+          text = ']';
+          this.close();
+        } else {
+          const at = top.next++;
+          text = (at > 0 ? ',' : '') + (this.start(top.array[at]) ?? 'null');
+        }
+      } else if (top.next === top.keys.length) {
+        text = '}';
+        this.close();
+      } else {
+        const key = top.keys[top.next++]!;
+        const value = top.object[key];
+        if (!written(value)) continue;
+        const comma = top.wrote ? ',' : '';
+        top.wrote = true;
+        text = `${comma}${JSON.stringify(key)}:${this.start(value)}`;
+      }
+      parts.push(text);
+      chars += text.length;
+    }
+    const text = parts.join('');
+    this.parts = [];
+    return { text, done: open.length === 0 };
+  }
+
+  /** The JSON of `value`, or its opening bracket (the rest comes from write()); undefined for nothing. */
+  private start(value: unknown): string | undefined {
+    switch (typeof value) {
+      case 'bigint':
+        return taggedBigint(value);
+      case 'string':
+      case 'number':
+        return JSON.stringify(value);
+      case 'boolean':
+        return value ? 'true' : 'false';
+      case 'object':
+        break;
+      default:
+        return undefined;
+    }
+    if (value === null) return 'null';
+    if (!plain(value)) return encodeJson(value);
+    if (this.containers.has(value)) throw new TypeError('Converting circular structure to JSON');
+    this.containers.add(value);
+    if (Array.isArray(value)) {
+      this.open.push({ array: value, next: 0 });
+      return '[';
+    }
+    const object = value as Record<string, unknown>;
+    this.open.push({ object, keys: Object.keys(object), next: 0, wrote: false });
+    return '{';
+  }
+
+  private close(): void {
+    const top = this.open.pop()!;
+    this.containers.delete('array' in top ? top.array : top.object);
+  }
+}
+
+/** Whether JSON.stringify writes an object's property holding `value` (it skips these). */
+function written(value: unknown): boolean {
+  return value !== undefined && typeof value !== 'function' && typeof value !== 'symbol';
+}
+
+/** An array or object JSON.stringify writes member by member (no toJSON, no boxed primitive). */
+function plain(value: object): boolean {
+  if (typeof (value as { toJSON?: unknown }).toJSON === 'function') return false;
+  return !(
+    value instanceof Number ||
+    value instanceof String ||
+    value instanceof Boolean ||
+    value instanceof BigInt
+  );
+}
+
+/** Characters of JSON per slice of {@link encodeJsonPieces}: well under a millisecond each. */
+const SLICE_CHARS = 64 * 1024;
+
+/**
+ * encodeJson(value) as UTF-8 pieces, written a slice at a time with a turn of the event loop
+ * between slices, so that a large record or snapshot (a 65,536-region table is about 10 MB)
+ * never holds it for long. Byte for byte what encodeJson writes.
+ */
+export async function encodeJsonPieces(value: unknown): Promise<Buffer[]> {
+  const writer = new JsonWriter(value);
+  const pieces: Buffer[] = [];
+  for (;;) {
+    const { text, done } = writer.write(SLICE_CHARS);
+    pieces.push(Buffer.from(text, 'utf8'));
+    if (done) return pieces;
+    await nextTurn();
+  }
+}
+
+/** The elements of encodeJson(items): what it writes between the brackets, in pieces (see encodeJsonPieces). */
+export async function encodeElements(items: readonly unknown[]): Promise<Buffer[]> {
+  const pieces = await encodeJsonPieces(items);
+  pieces[0] = pieces[0]!.subarray(1);
+  pieces[pieces.length - 1] = pieces.at(-1)!.subarray(0, -1);
+  return pieces.filter((piece) => piece.length > 0);
 }
 
 /** One frame whose CRC matched and whose content `decode` accepted. */

@@ -21,7 +21,17 @@
  * header) are still read; the store compacts them into the current format as soon as it opens.
  */
 import path from 'node:path';
-import { type BadSpan, type Decoded, decodeJsonPayload, frame, scanFrames } from './codec.ts';
+import {
+  type BadSpan,
+  type Decoded,
+  decodeJsonPayload,
+  encodeElements,
+  encodeJson,
+  encodeJsonPieces,
+  frame,
+  framePieces,
+  scanFrames,
+} from './codec.ts';
 import type { Change, StateSnapshot } from './desired.ts';
 import { errnoCode, nodeStoreFs, type StoreFile, type StoreFs } from './fs.ts';
 import {
@@ -371,6 +381,35 @@ export async function syncDir(fs: StoreFs, dir: string): Promise<void> {
   }
 }
 
+/**
+ * The changes of one commit, encoded ahead of the append (in slices that yield: see
+ * encodeElements); a record of several is the record of their changes one after another.
+ */
+export interface EncodedChanges {
+  /** The changes as JSON array elements, in UTF-8 pieces; none for no changes. */
+  readonly pieces: readonly Buffer[];
+}
+
+export async function encodeChanges(changes: readonly Change[]): Promise<EncodedChanges> {
+  return { pieces: await encodeElements(changes) };
+}
+
+const COMMA = Buffer.from(',');
+
+/** The frame of `{ seq, changes }`, the changes being those of `commits` in order: frame() of it, byte for byte. */
+export function recordFrame(seq: bigint, commits: readonly EncodedChanges[]): Buffer {
+  const pieces: Buffer[] = [Buffer.from(`{"seq":${encodeJson(seq)},"changes":[`)];
+  let any = false;
+  for (const { pieces: more } of commits) {
+    if (more.length === 0) continue;
+    if (any) pieces.push(COMMA);
+    pieces.push(...more);
+    any = true;
+  }
+  pieces.push(Buffer.from(']}'));
+  return framePieces(pieces);
+}
+
 const header = (gen: number, after: bigint): Buffer =>
   frame({ magic: JOURNAL_MAGIC, version: FORMAT_VERSION, gen, after } satisfies JournalHeader);
 
@@ -391,7 +430,8 @@ export async function writeGeneration(
   const next = await fs.open(nextPath, 'w+');
   try {
     const snapshot = { magic: SNAPSHOT_MAGIC, version: FORMAT_VERSION, gen, seq, state };
-    await writeFileSynced(fs, tmpPath, frame(snapshot));
+    // Encoded in slices: a snapshot of large tables must not hold the event loop either.
+    await writeFileSynced(fs, tmpPath, framePieces(await encodeJsonPieces(snapshot)));
     await fs.rename(tmpPath, path.join(dir, SNAPSHOT));
   } catch (e) {
     await next.close().catch(() => undefined);
@@ -470,12 +510,17 @@ export class Journal {
 
   /** Appends one record and makes it durable; on failure the file is as before and it throws. */
   async append(changes: Change[]): Promise<void> {
+    await this.appendEncoded([await encodeChanges(changes)]);
+  }
+
+  /** append() of the changes of `commits`, one after another, encoded already (encodeChanges). */
+  async appendEncoded(commits: readonly EncodedChanges[]): Promise<void> {
     if (this.legacy) throw new Error('an unversioned journal takes no records: compact it first');
     if (this.dirSyncPending) await this.syncDir();
     if (this.dirtyTail) await this.cutTail();
     const seq = this.seq + 1n;
     // The header goes with the first record: an empty journal is a sound one.
-    const record = frame({ seq, changes });
+    const record = recordFrame(seq, commits);
     const data = this.bytes === 0 ? Buffer.concat([header(this.gen, this.seq), record]) : record;
     try {
       await writeAll(this.file, data, this.bytes);

@@ -11,7 +11,8 @@
  * Contract:
  * - `commit(changes)` resolves only after the record holding them is on disk (fdatasync returned);
  *   commits that arrive while a write is in flight are written together as the next record (group
- *   commit: one fdatasync for all of them).
+ *   commit: one fdatasync for all of them). Each commit's changes are encoded as it is made, in
+ *   slices that yield (a large table never holds the event loop), and written in commit order.
  * - A failed write (ENOSPC, EIO, ...) rejects every commit of that record with UNAVAILABLE and
  *   leaves the in-memory state untouched: changes are applied in memory only after the sync.
  * - The journal is compacted into a snapshot when it grows past `compactBytes`.
@@ -30,7 +31,7 @@ import {
   toSnapshot,
 } from './desired.ts';
 import { errnoCode, nodeStoreFs, type StoreFs } from './fs.ts';
-import { Journal } from './journal.ts';
+import { type EncodedChanges, encodeChanges, Journal } from './journal.ts';
 
 export interface StateStoreOptions {
   dir: string;
@@ -52,6 +53,7 @@ export interface OpenedStore {
 
 interface Waiter {
   changes: Change[];
+  encoded: Promise<EncodedChanges>;
   resolve: () => void;
   reject: (err: ServiceError) => void;
 }
@@ -94,8 +96,11 @@ export class StateStore {
   /** Makes `changes` durable, then applies them to `state`. Rejects with UNAVAILABLE on failure. */
   commit(changes: Change[]): Promise<void> {
     if (this.closed) return Promise.reject(new ServiceError('UNAVAILABLE', 'the state store is closed'));
+    const encoded = encodeChanges(changes);
+    // Awaited by the write loop; a failure there rejects the commit, never the process.
+    encoded.catch(() => undefined);
     return new Promise((resolve, reject) => {
-      this.waiting.push({ changes, resolve, reject });
+      this.waiting.push({ changes, encoded, resolve, reject });
       this.writing ??= this.writeLoop();
     });
   }
@@ -110,9 +115,11 @@ export class StateStore {
     while (this.waiting.length > 0) {
       const group = this.waiting;
       this.waiting = [];
-      const started = process.hrtime.bigint();
+      let started = process.hrtime.bigint();
       try {
-        await this.journal.append(group.flatMap((w) => w.changes));
+        const commits = await Promise.all(group.map((w) => w.encoded));
+        started = process.hrtime.bigint();
+        await this.journal.appendEncoded(commits);
       } catch (e) {
         this.opts.onWrite?.(elapsed(started), false);
         const err = new ServiceError(
