@@ -63,8 +63,8 @@ const REQUEST_ID: WireFormat = {
   explain: parseRequestId,
 };
 const DECIMAL: WireFormat = {
-  request: { type: 'string', pattern: '^(0|[1-9][0-9]*)$', description: 'decimal' },
-  response: { type: 'string', pattern: '^(0|[1-9][0-9]*)$', description: 'decimal' },
+  request: { type: 'string', pattern: '^(0|[1-9][0-9]*)$' },
+  response: { type: 'string', pattern: '^(0|[1-9][0-9]*)$' },
 };
 const oneOf = (...words: string[]): WireFormat => ({
   request: { type: 'string', enum: words },
@@ -128,7 +128,8 @@ function fieldSchema(type: protobuf.Type, field: protobuf.Field, direction: Dire
       : format !== undefined
         ? format[direction]
         : scalar(field, direction);
-  const described = field.comment ? { ...one, description: field.comment } : one;
+  const words = [field.comment, one.description].filter((w) => typeof w === 'string' && w !== '');
+  const described = words.length > 0 ? { ...one, description: words.join(' ') } : one;
   return field.repeated ? { type: 'array', items: described } : described;
 }
 
