@@ -22,28 +22,29 @@ interface WireFormat {
   explain?(value: unknown, field: string): void;
 }
 
-/** src/core/u64.ts: decimal or 0x hex text, or a JSON number that is a safe integer. */
-const U64_TEXT = '^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$';
-const U64: WireFormat = {
-  request: {
+/**
+ * What src/core/u64.ts parses: decimal or 0x hex text (its range checked by parseU64), or a JSON
+ * number up to `max` (numbers beyond 2^53-1 are not exact in JSON).
+ */
+function unsignedText(max: number): Schema {
+  return {
     type: ['string', 'integer'],
-    pattern: U64_TEXT,
+    pattern: '^(0|[1-9][0-9]*|0[xX][0-9a-fA-F]+)$',
     maxLength: 40,
     minimum: 0,
-    maximum: Number.MAX_SAFE_INTEGER,
+    maximum: max,
+  };
+}
+const U64: WireFormat = {
+  request: {
+    ...unsignedText(Number.MAX_SAFE_INTEGER),
     description: 'u64: a decimal or 0x hex string (or a JSON number up to 2^53-1)',
   },
   response: { type: 'string', pattern: '^0x[0-9a-f]+$', description: 'u64 as 0x hex' },
   explain: parseU64,
 };
 const U32: WireFormat = {
-  request: {
-    type: ['string', 'integer'],
-    pattern: U64_TEXT,
-    maxLength: 40,
-    minimum: 0,
-    maximum: 2 ** 32 - 1,
-  },
+  request: unsignedText(2 ** 32 - 1),
   response: { type: 'integer', minimum: 0, maximum: 2 ** 32 - 1 },
   explain: parseU32,
 };
@@ -62,10 +63,8 @@ const REQUEST_ID: WireFormat = {
   response: { type: 'string' },
   explain: parseRequestId,
 };
-const DECIMAL: WireFormat = {
-  request: { type: 'string', pattern: '^(0|[1-9][0-9]*)$' },
-  response: { type: 'string', pattern: '^(0|[1-9][0-9]*)$' },
-};
+const decimal = { type: 'string', pattern: '^(0|[1-9][0-9]*)$' };
+const DECIMAL: WireFormat = { request: decimal, response: decimal };
 const oneOf = (...words: string[]): WireFormat => ({
   request: { type: 'string', enum: words },
   response: { type: 'string', enum: words },
@@ -195,6 +194,9 @@ export function schemaError(error: SchemaError, part: string): ServiceError {
       if (e instanceof ServiceError) return e;
       throw e;
     }
+  }
+  if (error.keyword === 'type' && part === 'querystring' && error.params.type === 'boolean') {
+    return invalid(field, 'must be true or false');
   }
   if (error.keyword === 'type') {
     const types = [error.params.type].flat().map((t) => ARTICLE[String(t)] ?? `a ${String(t)}`);

@@ -1,6 +1,8 @@
 /**
- * The REST transport: fastify routes over the MapdService. Bodies are parsed as JSON by fastify
- * (with its prototype-poisoning guards and the body limit) and validated by src/api, like gRPC.
+ * The REST transport: fastify routes over the MapdService, one per `google.api.http` rule of the
+ * proto (services/api/api-table.ts). Bodies are parsed as JSON by fastify (with its
+ * prototype-poisoning guards and the body limit), checked against the route's schema (generated
+ * from the proto), then read by src/api like gRPC's messages.
  */
 import { Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
