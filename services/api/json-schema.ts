@@ -6,6 +6,7 @@
  * src/api/parse.ts validates with. The schemas check shape; parse.ts keeps the semantics (ranges,
  * which fields go together) behind them.
  */
+import { Ajv, type ValidateFunction } from 'ajv';
 import protobuf from 'protobufjs';
 import { parseId, parseRequestId, MAX_REQUEST_ID } from '../../src/api/parse.ts';
 import { ServiceError } from '../../src/core/errors.ts';
@@ -65,8 +66,9 @@ const REQUEST_ID: WireFormat = {
 };
 const decimal = { type: 'string', pattern: '^(0|[1-9][0-9]*)$' };
 const DECIMAL: WireFormat = { request: decimal, response: decimal };
+/** One of a few words; in requests without `type`, so that any other value gets the enum's message. */
 const oneOf = (...words: string[]): WireFormat => ({
-  request: { type: 'string', enum: words },
+  request: { enum: words },
   response: { type: 'string', enum: words },
 });
 
@@ -203,4 +205,17 @@ export function schemaError(error: SchemaError, part: string): ServiceError {
     return invalid(field, `must be ${types.join(' or ')}, got ${typeName(error.data)}`);
   }
   return invalid(field, error.message ?? 'is not valid');
+}
+
+const REQUEST_AJV = { verbose: true, allowUnionTypes: true };
+const exact = new Ajv({ ...REQUEST_AJV, coerceTypes: false });
+const coercing = new Ajv({ ...REQUEST_AJV, coerceTypes: true });
+
+/**
+ * The validator of one part of a request, first error only: a body as sent ("true" is no boolean),
+ * query and path values, always text, coerced to what the schema says (`?dryRun=true`).
+ * src/api/parse.ts then checks what a schema cannot (ranges, which fields go together).
+ */
+export function compileRequestSchema(schema: object, part: string): ValidateFunction {
+  return (part === 'body' ? exact : coercing).compile(schema);
 }

@@ -30,7 +30,7 @@ import { REST_METHODS, routerPath } from './api-table.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import { withJsonNames } from './json-names.ts';
-import { schemaError } from './json-schema.ts';
+import { compileRequestSchema, schemaError } from './json-schema.ts';
 import { apiHandlers } from './methods.ts';
 import type { Telemetry } from './observe.ts';
 import { routeSchema } from './openapi.ts';
@@ -96,18 +96,9 @@ function parseJsonBodies(app: App): void {
   });
 }
 
-/**
- * Requests are checked against their route's schema (built from the proto), first error only:
- * bodies as sent ("true" is no boolean), query and path values, always text, coerced to what the
- * schema says (`?dryRun=true`). src/api/parse.ts then checks what a schema cannot (ranges, rules).
- */
+/** Requests are checked against their route's schema (built from the proto). */
 function validateBySchema(app: App): void {
-  const options = { verbose: true, allowUnionTypes: true };
-  const exact = new Ajv({ ...options, coerceTypes: false });
-  const coercing = new Ajv({ ...options, coerceTypes: true });
-  app.setValidatorCompiler(({ schema, httpPart }) =>
-    (httpPart === 'body' ? exact : coercing).compile(schema),
-  );
+  app.setValidatorCompiler(({ schema, httpPart }) => compileRequestSchema(schema, httpPart ?? 'body'));
 }
 
 /**
