@@ -22,42 +22,17 @@ import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { grpcStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
 import type { InFlightBytes } from '../../src/api/inflight.ts';
-import {
-  formatBatchResult,
-  formatDevice,
-  formatEvent,
-  formatFlushResult,
-  formatMapping,
-  formatMapResult,
-  formatMemory,
-  formatSetMemTableResult,
-  formatSubmitResult,
-  formatSubscribed,
-  formatUnmapResult,
-} from '../../src/api/format.ts';
-import {
-  type ApiLimits,
-  parseAsidFilter,
-  parseBatch,
-  parseId,
-  parseMap,
-  parseRegisterMemory,
-  parseSetMemTable,
-  parseUnmap,
-} from '../../src/api/parse.ts';
+import { formatEvent, formatSubscribed } from '../../src/api/format.ts';
+import { type ApiLimits, parseId } from '../../src/api/parse.ts';
 import { parseU64 } from '../../src/core/u64.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { MapdService } from '../../src/core/types.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
-import {
-  API_SERVICES,
-  DeviceServiceClient,
-  MappingServiceClient,
-  MemoryServiceClient,
-  reflectionDefinition,
-} from './proto.ts';
+import { API_METHODS } from './api-table.ts';
+import { apiHandlers } from './methods.ts';
+import { API_SERVICES, packageDefinition, reflectionDefinition } from './proto.ts';
 
 export interface GrpcOptions {
   service: MapdService;
@@ -87,12 +62,12 @@ const TOO_SLOW = new ServiceError('RESOURCE_EXHAUSTED', `watcher fell ${MAX_PEND
 
 /**
  * A decoded message as src/api reads a JSON body. proto3 cannot tell an unset string from an empty
- * one (many clients never send ''), so '' is absent; `omit` drops fields the caller read already.
+ * one (many clients never send ''), so '' is absent.
  */
-function body(message: object, omit: readonly string[] = []): Message {
+function body(message: object): Message {
   const out: Message = {};
   for (const [key, value] of Object.entries(message)) {
-    if (omit.includes(key) || value === '') continue;
+    if (value === '') continue;
     out[key] = Array.isArray(value)
       ? value.map((v: unknown) => (typeof v === 'object' && v !== null ? body(v) : v))
       : value;
@@ -100,14 +75,9 @@ function body(message: object, omit: readonly string[] = []): Message {
   return out;
 }
 
-/** An id field read on its own ('' is unset, as in {@link body}). */
-function id(message: Message, field: string): string {
-  const value = message[field];
-  return parseId(value === '' ? undefined : value, field);
-}
-
+/** The device field read on its own ('' is unset, as in {@link body}). */
 function device(message: Message): string {
-  return id(message, 'device');
+  return parseId(message.device === '' ? undefined : message.device, 'device');
 }
 
 /** The status, message and metadata (`error-code`, `field`, `errno`, `retry-after-ms`) of a failure. */
@@ -250,54 +220,23 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     subscribe().catch((err: unknown) => call.emit('error', fail('WatchMappings', started, err)));
   };
 
-  const deviceService: UntypedServiceImplementation = {
-    listDevices: unary('ListDevices', async () => ({
-      devices: (await service.listDevices()).map(formatDevice),
-    })),
-    getDevice: unary('GetDevice', async (r) => ({
-      device: formatDevice(await service.getDevice(device(r))),
-    })),
+  // Every RPC of the proto: the unary ones by the handlers REST shares, the stream by its own.
+  const handlers = apiHandlers(service, limits);
+  const streams: Readonly<Record<string, UntypedServiceImplementation[string]>> = {
+    WatchMappings: watchMappings,
   };
-
-  const mappingService: UntypedServiceImplementation = {
-    map: unary('Map', async (r) =>
-      formatMapResult(await service.map(parseMap(device(r), body(r, ['device'])))),
-    ),
-    unmap: unary('Unmap', async (r) =>
-      formatUnmapResult(await service.unmap(parseUnmap(device(r), body(r, ['device'])))),
-    ),
-    setMemTable: unary('SetMemTable', async (r) => {
-      const req = parseSetMemTable(device(r), body(r, ['device', 'dryRun']), r.dryRun === true, limits);
-      return formatSetMemTableResult(await service.setMemTable(req));
-    }),
-    batch: unary('Batch', async (r) =>
-      formatBatchResult(await service.batch(parseBatch(device(r), body(r, ['device']), limits))),
-    ),
-    submit: unary('Submit', async (r) =>
-      formatSubmitResult(await service.submit(parseBatch(device(r), body(r, ['device']), limits))),
-    ),
-    flush: unary('Flush', async (r) => formatFlushResult(await service.flush(device(r)))),
-    listMappings: unary('ListMappings', async (r) => {
-      const mappings = await service.listMappings(device(r), parseAsidFilter(r.asid));
-      return { mappings: mappings.map(formatMapping) };
-    }),
-    watchMappings,
-  };
-
-  const memoryService: UntypedServiceImplementation = {
-    registerMemory: unary('RegisterMemory', async (r) => ({
-      memory: formatMemory(await service.registerMemory(parseRegisterMemory(body(r)))),
-    })),
-    listMemory: unary('ListMemory', async () => ({ memory: (await service.listMemory()).map(formatMemory) })),
-    unregisterMemory: unary('UnregisterMemory', async (r) => {
-      await service.unregisterMemory(id(r, 'id'));
-      return {};
-    }),
-  };
-
-  server.addService(measured(DeviceServiceClient.service), deviceService);
-  server.addService(measured(MappingServiceClient.service), mappingService);
-  server.addService(measured(MemoryServiceClient.service), memoryService);
+  for (const name of new Set(API_METHODS.map((m) => m.service))) {
+    const implementation: UntypedServiceImplementation = {};
+    for (const method of API_METHODS.filter((m) => m.service === name)) {
+      const stream = streams[method.name];
+      const handle = handlers[method.name];
+      if (method.serverStreaming && stream) implementation[method.name] = stream;
+      else if (!method.serverStreaming && handle)
+        implementation[method.name] = unary(method.name, (r) => handle(body(r)));
+      else throw new Error(`${name}/${method.name} has no implementation`);
+    }
+    server.addService(measured(packageDefinition[name] as ServiceDefinition), implementation);
+  }
 
   const health = new HealthImplementation();
   let serving: ServingStatus | undefined;

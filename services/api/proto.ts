@@ -2,14 +2,20 @@
  * The public API's gRPC definitions, loaded once from proto/vdpa/mapd/v1/mapd.proto together with
  * grpc.health.v1 (so that reflection describes both). Servers and clients (tests) load the same.
  */
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadPackageDefinition, type ServiceClientConstructor } from '@grpc/grpc-js';
 import { loadSync, type Options } from '@grpc/proto-loader';
 import { protoPath as healthProtoPath } from 'grpc-health-check';
 
-const PROTO_ROOT = fileURLToPath(new URL('../../proto/', import.meta.url));
+export const PROTO_ROOT = fileURLToPath(new URL('../../proto/', import.meta.url));
 const HEALTH_ROOT = path.resolve(path.dirname(healthProtoPath), '../..');
+/** protobufjs ships google/api/{annotations,http}.proto and google/protobuf/descriptor.proto. */
+export const GOOGLE_API_ROOT = path.resolve(
+  path.dirname(createRequire(import.meta.url).resolve('protobufjs/google/api/annotations.proto')),
+  '../..',
+);
 
 export const MAPD_PROTO_FILE = 'vdpa/mapd/v1/mapd.proto';
 export const MAPD_PACKAGE = 'vdpa.mapd.v1';
@@ -27,7 +33,7 @@ export const LOADER_OPTIONS: Options = {
   defaults: false,
   arrays: true,
   oneofs: false,
-  includeDirs: [PROTO_ROOT, HEALTH_ROOT],
+  includeDirs: [PROTO_ROOT, HEALTH_ROOT, GOOGLE_API_ROOT],
 };
 
 const PROTO_FILES = [MAPD_PROTO_FILE, 'health/v1/health.proto'];

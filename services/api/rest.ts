@@ -1,6 +1,8 @@
 /**
- * The REST transport: fastify routes over the MapdService. Bodies are parsed as JSON by fastify
- * (with its prototype-poisoning guards and the body limit) and validated by src/api, like gRPC.
+ * The REST transport: fastify routes over the MapdService, one per `google.api.http` rule of the
+ * proto (services/api/api-table.ts). Bodies are parsed as JSON by fastify (with its
+ * prototype-poisoning guards and the body limit), checked against the route's schema (generated
+ * from the proto), then read by src/api like gRPC's messages.
  */
 import { Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
@@ -16,39 +18,22 @@ import Fastify, {
   type RawServerDefault,
 } from 'fastify';
 import type { Logger } from 'pino';
+import { Ajv, type ValidateFunction } from 'ajv';
 import { errorBody, httpStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
-import {
-  formatBatchResult,
-  formatDevice,
-  formatFlushResult,
-  formatMapping,
-  formatMapResult,
-  formatMemory,
-  formatSetMemTableResult,
-  formatSubmitResult,
-  formatUnmapResult,
-} from '../../src/api/format.ts';
-import {
-  type ApiLimits,
-  parseAsidFilter,
-  parseBatch,
-  parseBoolParam,
-  parseId,
-  parseMap,
-  parseRegisterMemory,
-  parseSetMemTable,
-  parseUnmap,
-} from '../../src/api/parse.ts';
+import type { ApiLimits } from '../../src/api/parse.ts';
 import type { InFlightBytes } from '../../src/api/inflight.ts';
 import { findDuplicateKey } from '../../src/api/json-keys.ts';
 import { invalid } from '../../src/core/u64.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { MapdService } from '../../src/core/types.ts';
+import { REST_METHODS, routerPath } from './api-table.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import { withJsonNames } from './json-names.ts';
+import { compileRequestSchema, schemaError } from './json-schema.ts';
+import { apiHandlers } from './methods.ts';
 import type { Telemetry } from './observe.ts';
-import { SCHEMAS } from './openapi.ts';
+import { routeSchema } from './openapi.ts';
 
 export interface RestOptions {
   service: MapdService;
@@ -68,159 +53,13 @@ interface RouteConfig {
   probe?: boolean;
 }
 
-interface Input {
-  params: Readonly<Record<string, string | undefined>>;
-  query: Readonly<Record<string, unknown>>;
-  body: unknown;
-}
-
-interface Route {
-  method: 'GET' | 'POST' | 'PUT' | 'DELETE';
-  url: string;
-  /** The API method, as in the proto (and the metrics' `method` label). */
-  name: string;
-  /** Status of a successful answer. */
-  status: number;
-  /** Query parameters the route takes; any other is refused. */
-  query?: readonly string[];
-  schema: object;
-  handle(input: Input): Promise<unknown>;
-}
-
 /** Methods a known path answers 405 to when it does not take them. */
 const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS'] as const;
 
-/** A device id in the path, followed in the same segment by a `:verb` (find-my-way needs a regex). */
-const DEVICE_VERB = ':device(^[^/:]+)';
-
-function device(input: Input): string {
-  return parseId(input.params.device, 'device');
-}
-
-function routes(service: MapdService, limits: ApiLimits): Route[] {
-  return [
-    {
-      method: 'GET',
-      url: '/v1/devices',
-      name: 'ListDevices',
-      status: 200,
-      schema: SCHEMAS.listDevices,
-      handle: async () => ({ devices: (await service.listDevices()).map(formatDevice) }),
-    },
-    {
-      method: 'GET',
-      url: '/v1/devices/:device',
-      name: 'GetDevice',
-      status: 200,
-      schema: SCHEMAS.getDevice,
-      handle: async (i) => ({ device: formatDevice(await service.getDevice(device(i))) }),
-    },
-    {
-      method: 'GET',
-      url: '/v1/devices/:device/mappings',
-      name: 'ListMappings',
-      status: 200,
-      query: ['asid'],
-      schema: SCHEMAS.listMappings,
-      handle: async (i) => {
-        const id = device(i);
-        const mappings = await service.listMappings(id, parseAsidFilter(i.query.asid));
-        return { mappings: mappings.map(formatMapping) };
-      },
-    },
-    {
-      method: 'POST',
-      url: '/v1/devices/:device/mappings',
-      name: 'Map',
-      status: 201,
-      schema: SCHEMAS.map,
-      handle: async (i) => formatMapResult(await service.map(parseMap(device(i), i.body))),
-    },
-    {
-      method: 'POST',
-      url: '/v1/devices/:device/mappings::unmap',
-      name: 'Unmap',
-      status: 200,
-      schema: SCHEMAS.unmap,
-      handle: async (i) => formatUnmapResult(await service.unmap(parseUnmap(device(i), i.body))),
-    },
-    {
-      method: 'PUT',
-      url: '/v1/devices/:device/memtable',
-      name: 'SetMemTable',
-      status: 200,
-      query: ['dryRun'],
-      schema: SCHEMAS.setMemTable,
-      handle: async (i) => {
-        const dryRun = parseBoolParam(i.query.dryRun, 'dryRun');
-        const req = parseSetMemTable(device(i), i.body, dryRun, limits);
-        return formatSetMemTableResult(await service.setMemTable(req));
-      },
-    },
-    {
-      method: 'POST',
-      url: `/v1/devices/${DEVICE_VERB}::batch`,
-      name: 'Batch',
-      status: 200,
-      schema: SCHEMAS.batch,
-      handle: async (i) => formatBatchResult(await service.batch(parseBatch(device(i), i.body, limits))),
-    },
-    {
-      method: 'POST',
-      url: `/v1/devices/${DEVICE_VERB}::submit`,
-      name: 'Submit',
-      status: 202,
-      schema: SCHEMAS.submit,
-      handle: async (i) => formatSubmitResult(await service.submit(parseBatch(device(i), i.body, limits))),
-    },
-    {
-      method: 'POST',
-      url: `/v1/devices/${DEVICE_VERB}::flush`,
-      name: 'Flush',
-      status: 200,
-      schema: SCHEMAS.flush,
-      handle: async (i) => formatFlushResult(await service.flush(device(i))),
-    },
-    {
-      method: 'GET',
-      url: '/v1/memory',
-      name: 'ListMemory',
-      status: 200,
-      schema: SCHEMAS.listMemory,
-      handle: async () => ({ memory: (await service.listMemory()).map(formatMemory) }),
-    },
-    {
-      method: 'POST',
-      url: '/v1/memory',
-      name: 'RegisterMemory',
-      status: 201,
-      schema: SCHEMAS.registerMemory,
-      handle: async (i) => ({
-        memory: formatMemory(await service.registerMemory(parseRegisterMemory(i.body))),
-      }),
-    },
-    {
-      method: 'DELETE',
-      url: '/v1/memory/:id',
-      name: 'UnregisterMemory',
-      status: 204,
-      schema: SCHEMAS.unregisterMemory,
-      handle: async (i) => {
-        await service.unregisterMemory(parseId(i.params.id, 'id'));
-        return undefined;
-      },
-    },
-  ];
-}
-
-function checkQuery(query: Readonly<Record<string, unknown>>, allowed: readonly string[]): void {
-  for (const key of Object.keys(query)) {
-    if (!allowed.includes(key)) throw invalid(key, 'unknown query parameter');
-  }
-}
-
 /** Errors fastify raises before a handler runs (JSON syntax, body limit, media type, poisoning). */
 function fromFastify(err: FastifyError, request: FastifyRequest): ServiceError | undefined {
+  const failed = err.validation?.[0];
+  if (failed !== undefined) return schemaError(failed, err.validationContext ?? 'body');
   if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
     const type = request.headers['content-type'];
     return new ServiceError(
@@ -237,6 +76,55 @@ function fromFastify(err: FastifyError, request: FastifyRequest): ServiceError |
 
 /** The app as built here (its logger is pino's). */
 type App = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawReplyDefaultExpression, Logger>;
+
+/**
+ * JSON bodies only: a key given twice is refused by name, an empty body is "no body" (curl -X POST
+ * -H 'content-type: application/json'), and any other content type (text/plain included) is 415.
+ */
+function parseJsonBodies(app: App): void {
+  app.removeAllContentTypeParsers();
+  const json = app.getDefaultJsonParser('error', 'error');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
+    const text = body.toString();
+    if (text === '') return done(null, undefined);
+    json(req, text, (err, value) => {
+      if (err) return done(err);
+      const duplicate = findDuplicateKey(text);
+      if (duplicate !== undefined) return done(invalid(duplicate, 'given twice'));
+      done(null, value);
+    });
+  });
+}
+
+/** Requests are checked against their route's schema (built from the proto). */
+function validateBySchema(app: App): void {
+  app.setValidatorCompiler(({ schema, httpPart }) => compileRequestSchema(schema, httpPart ?? 'body'));
+}
+
+/**
+ * fastify serializes each answer by its schema, which would quietly reshape one that drifted from
+ * the proto (drop a field, print a number as text): such an answer is refused (500) instead.
+ */
+function checkAnswers(app: App): void {
+  const ajv = new Ajv({ allowUnionTypes: true });
+  const checks = new WeakMap<object, ValidateFunction>();
+  app.addHook('preSerialization', async (request, reply, payload) => {
+    if (reply.statusCode >= 300) return payload;
+    const responses = request.routeOptions.schema?.response as Record<string, object> | undefined;
+    const schema = responses?.[reply.statusCode];
+    if (schema === undefined) return payload;
+    let check = checks.get(schema);
+    if (check === undefined) {
+      check = ajv.compile(schema);
+      checks.set(schema, check);
+    }
+    if (!check(payload)) {
+      const name = (request.routeOptions.config as RouteConfig).name;
+      throw new Error(`the ${name} answer does not match its schema: ${ajv.errorsText(check.errors)}`);
+    }
+    return payload;
+  });
+}
 
 /**
  * Bodies count against the in-flight bound from before they are read until the answer is sent:
@@ -277,7 +165,9 @@ function refuseOtherMethods(
 ): void {
   const allowed = new Map<string, string[]>();
   for (const { method, url } of paths) allowed.set(url, [...(allowed.get(url) ?? []), method]);
+  const order = (m: string) => HTTP_METHODS.indexOf(m as (typeof HTTP_METHODS)[number]);
   for (const [url, methods] of allowed) {
+    methods.sort((a, b) => order(a) - order(b));
     const allow = methods.includes('GET') ? [...methods, 'HEAD'] : methods;
     app.route({
       method: HTTP_METHODS.filter((m) => !allow.includes(m)),
@@ -310,24 +200,9 @@ export async function buildRestApp(opts: RestOptions) {
     return503OnClosing: true,
   });
   app.server.maxConnections = connections.maxConnections;
-  // Schemas document the API; src/api validates and the answers are plain JSON.
-  app.setValidatorCompiler(() => () => true);
-  app.setSerializerCompiler(() => (data) => JSON.stringify(data));
-
-  // An empty body (curl -X POST -H 'content-type: application/json') is "no body", not an error.
-  // JSON only: any other content type (text/plain included) is 415.
-  app.removeAllContentTypeParsers();
-  const json = app.getDefaultJsonParser('error', 'error');
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
-    const text = body.toString();
-    if (text === '') return done(null, undefined);
-    json(req, text, (err, value) => {
-      if (err) return done(err);
-      const duplicate = findDuplicateKey(text);
-      if (duplicate !== undefined) return done(invalid(duplicate, 'given twice'));
-      done(null, value);
-    });
-  });
+  parseJsonBodies(app);
+  validateBySchema(app);
+  checkAnswers(app);
 
   const outcome = new WeakMap<FastifyRequest, string>();
   const sendError = (err: ServiceError, request: FastifyRequest, reply: FastifyReply) => {
@@ -375,7 +250,8 @@ export async function buildRestApp(opts: RestOptions) {
     openapi: {
       info: {
         title: 'vdpa-mapd',
-        description: 'DMA mappings (IOTLB) of vhost-vDPA devices. u64 fields are decimal or 0x hex strings.',
+        description:
+          'DMA mappings (IOTLB) of vhost-vDPA devices. u64 fields are decimal or 0x hex strings (requests also take JSON numbers up to 2^53-1); answers give them in 0x hex.',
         version: 'v1',
       },
     },
@@ -388,27 +264,25 @@ export async function buildRestApp(opts: RestOptions) {
   });
   await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { validatorUrl: null } });
 
-  const table = routes(service, limits);
-  for (const route of table) {
+  const handlers = apiHandlers(service, limits);
+  for (const method of REST_METHODS) {
+    const { http } = method;
+    const handle = handlers[method.name]!;
     app.route({
-      method: route.method,
-      url: route.url,
-      config: { name: route.name },
-      schema: {
-        ...route.schema,
-        operationId: route.name,
-        response: { ...(route.schema as { response?: object }).response, default: SCHEMAS.error },
+      method: http.verb,
+      url: routerPath(http.template),
+      config: { name: method.name },
+      schema: routeSchema(method),
+      // Proto field names (`request_id`) become JSON names before the schema reads them.
+      preValidation: async (request) => {
+        request.body = withJsonNames(request.body);
+        request.query = withJsonNames(request.query);
       },
       handler: async (request, reply) => {
-        const query = withJsonNames(request.query) as Input['query'];
-        checkQuery(query, route.query ?? []);
-        const answer = await route.handle({
-          params: request.params as Input['params'],
-          query,
-          body: withJsonNames(request.body),
-        });
-        reply.code(route.status);
-        return answer === undefined ? reply.send() : answer;
+        const parts = [request.body, request.query, request.params] as (object | undefined)[];
+        const answer = await handle(Object.assign({}, ...parts));
+        reply.code(http.status);
+        return http.status === 204 ? reply.send() : answer;
       },
     });
   }
@@ -430,7 +304,10 @@ export async function buildRestApp(opts: RestOptions) {
     return reply.header('content-type', telemetry.registry.contentType).send(text);
   });
 
-  const paths = [...table, ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url }))];
+  const paths = [
+    ...REST_METHODS.map((m) => ({ method: m.http.verb, url: routerPath(m.http.template) })),
+    ...['/healthz', '/readyz', '/metrics'].map((url) => ({ method: 'GET', url })),
+  ];
   refuseOtherMethods(app, paths, sendError);
 
   return app;

@@ -37,7 +37,8 @@ export const DEFAULT_LIMITS: ApiLimits = {
   maxInflightBytes: 16 * 1024 * 1024,
 };
 
-const MAX_REQUEST_ID = 128;
+/** The longest idempotency key (requestId) taken. */
+export const MAX_REQUEST_ID = 128;
 const PERM_VALUES: readonly Perm[] = ['ro', 'wo', 'rw'];
 
 /** A JSON object's own fields, checked against the fields the message has. */
@@ -105,11 +106,7 @@ class Fields {
 
   requestId(): { requestId?: string } {
     const value = this.get('requestId');
-    if (value === undefined) return {};
-    if (typeof value !== 'string' || value.length === 0 || value.length > MAX_REQUEST_ID) {
-      throw invalid(this.field('requestId'), `must be a string of 1 to ${MAX_REQUEST_ID} characters`);
-    }
-    return { requestId: value };
+    return value === undefined ? {} : { requestId: parseRequestId(value, this.field('requestId')) };
   }
 
   array(key: string, max: number): unknown[] {
@@ -140,15 +137,22 @@ export function parseId(value: unknown, field: string): string {
   return value;
 }
 
+export function parseRequestId(value: unknown, field: string): string {
+  if (typeof value !== 'string' || value.length === 0 || value.length > MAX_REQUEST_ID) {
+    throw invalid(field, `must be a string of 1 to ${MAX_REQUEST_ID} characters`);
+  }
+  return value;
+}
+
 /** The optional `asid` filter of ListMappings (a query string value or a number). */
 export function parseAsidFilter(value: unknown): number | undefined {
   return value === undefined ? undefined : parseU32(value, 'asid');
 }
 
-/** `?dryRun=true|false`. */
+/** `?dryRun=true|false` (as text, or as the boolean the query's schema made of it). */
 export function parseBoolParam(value: unknown, field: string): boolean {
-  if (value === undefined || value === 'false') return false;
-  if (value === 'true') return true;
+  if (value === undefined || value === false || value === 'false') return false;
+  if (value === true || value === 'true') return true;
   throw invalid(field, 'must be true or false');
 }
 

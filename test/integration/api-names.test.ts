@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import protobuf from 'protobufjs';
-import { MAPD_PROTO_FILE } from '../../services/api/proto.ts';
+import { loadRoot } from '../../services/api/api-table.ts';
 import { startStack } from './api-harness.ts';
 import { grpcurlCommand } from './grpcurl-tool.ts';
 
@@ -35,10 +35,7 @@ async function grpcurl(...args: string[]): Promise<{ stdout: string; stderr: str
 }
 
 test('reflection describes every message with the field names of mapd.proto', async () => {
-  const proto = new protobuf.Root().loadSync(
-    fileURLToPath(new URL(`../../proto/${MAPD_PROTO_FILE}`, import.meta.url)),
-    { keepCase: true },
-  );
+  const proto = loadRoot({ keepCase: true });
   const pkg = proto.lookup('vdpa.mapd.v1') as protobuf.Namespace;
   // The requests with a field whose proto name is not its JSON name (`request_id`, `dry_run`), and
   // Device (`iova_range`, `mapped_bytes`, ...): one grpcurl run each.

@@ -1,0 +1,81 @@
+/**
+ * What each RPC of vdpa.mapd.v1 does, for both transports: parse (src/api), call the service,
+ * format the answer. A message is the request as one plain object by JSON names (gRPC: the decoded
+ * message; REST: path, query and body fields together). WatchMappings streams: gRPC's own.
+ */
+import {
+  formatBatchResult,
+  formatDevice,
+  formatFlushResult,
+  formatMapping,
+  formatMapResult,
+  formatMemory,
+  formatSetMemTableResult,
+  formatSubmitResult,
+  formatUnmapResult,
+} from '../../src/api/format.ts';
+import {
+  type ApiLimits,
+  parseAsidFilter,
+  parseBatch,
+  parseBoolParam,
+  parseId,
+  parseMap,
+  parseRegisterMemory,
+  parseSetMemTable,
+  parseUnmap,
+} from '../../src/api/parse.ts';
+import type { MapdService } from '../../src/core/types.ts';
+import { API_METHODS } from './api-table.ts';
+
+export type Message = Readonly<Record<string, unknown>>;
+export type Handler = (message: Message) => Promise<object>;
+
+/** The message without the fields read on their own (the device, dryRun). */
+function rest(message: Message, ...read: string[]): Message {
+  return Object.fromEntries(Object.entries(message).filter(([key]) => !read.includes(key)));
+}
+
+function device(message: Message): string {
+  return parseId(message.device, 'device');
+}
+
+export function apiHandlers(service: MapdService, limits: ApiLimits): Readonly<Record<string, Handler>> {
+  const handlers: Record<string, Handler> = {
+    ListDevices: async () => ({ devices: (await service.listDevices()).map(formatDevice) }),
+    GetDevice: async (m) => ({ device: formatDevice(await service.getDevice(device(m))) }),
+    Map: async (m) => formatMapResult(await service.map(parseMap(device(m), rest(m, 'device')))),
+    Unmap: async (m) => formatUnmapResult(await service.unmap(parseUnmap(device(m), rest(m, 'device')))),
+    SetMemTable: async (m) => {
+      const dryRun = parseBoolParam(m.dryRun, 'dryRun');
+      const req = parseSetMemTable(device(m), rest(m, 'device', 'dryRun'), dryRun, limits);
+      return formatSetMemTableResult(await service.setMemTable(req));
+    },
+    Batch: async (m) =>
+      formatBatchResult(await service.batch(parseBatch(device(m), rest(m, 'device'), limits))),
+    Submit: async (m) =>
+      formatSubmitResult(await service.submit(parseBatch(device(m), rest(m, 'device'), limits))),
+    Flush: async (m) => formatFlushResult(await service.flush(device(m))),
+    ListMappings: async (m) => {
+      const mappings = await service.listMappings(device(m), parseAsidFilter(m.asid));
+      return { mappings: mappings.map(formatMapping) };
+    },
+    RegisterMemory: async (m) => ({
+      memory: formatMemory(await service.registerMemory(parseRegisterMemory(m))),
+    }),
+    ListMemory: async () => ({ memory: (await service.listMemory()).map(formatMemory) }),
+    UnregisterMemory: async (m) => {
+      await service.unregisterMemory(parseId(m.id, 'id'));
+      return {};
+    },
+  };
+  const unary = API_METHODS.filter((m) => !m.serverStreaming).map((m) => m.name);
+  const missing = unary.filter((name) => handlers[name] === undefined);
+  const extra = Object.keys(handlers).filter((name) => !unary.includes(name));
+  if (missing.length > 0 || extra.length > 0) {
+    throw new Error(
+      `handlers and the proto differ: missing ${missing.join(', ')}; unknown ${extra.join(', ')}`,
+    );
+  }
+  return handlers;
+}
