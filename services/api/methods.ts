@@ -4,6 +4,7 @@
  * message; REST: path, query and body fields together). WatchMappings streams: gRPC's own.
  */
 import {
+  formatAttachment,
   formatBatchResult,
   formatDevice,
   formatFlushResult,
@@ -17,6 +18,7 @@ import {
 import {
   type ApiLimits,
   parseAsidFilter,
+  parseAttach,
   parseBatch,
   parseBoolParam,
   parseId,
@@ -44,6 +46,13 @@ export function apiHandlers(service: MapdService, limits: ApiLimits): Readonly<R
   const handlers: Record<string, Handler> = {
     ListDevices: async () => ({ devices: (await service.listDevices()).map(formatDevice) }),
     GetDevice: async (m) => ({ device: formatDevice(await service.getDevice(device(m))) }),
+    AttachDevice: async (m) => ({
+      attachment: formatAttachment(await service.attachDevice(parseAttach(device(m), rest(m, 'device')))),
+    }),
+    DetachDevice: async (m) => {
+      await service.detachDevice(device(m));
+      return {};
+    },
     Map: async (m) => formatMapResult(await service.map(parseMap(device(m), rest(m, 'device')))),
     Unmap: async (m) => formatUnmapResult(await service.unmap(parseUnmap(device(m), rest(m, 'device')))),
     SetMemTable: async (m) => {

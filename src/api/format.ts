@@ -5,6 +5,7 @@
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { ServiceErrorInfo } from '../core/errors.ts';
 import type {
+  AttachmentInfo,
   BatchResult,
   DeviceView,
   FlushResult,
@@ -77,6 +78,41 @@ export function formatDevice(d: DeviceView) {
     queueDepth: d.queueDepth,
     // The agent's wire decodes exactly the DeviceCounters keys (agent/wire.ts), so a copy is the answer.
     counters: { ...d.counters },
+    ...(d.attachment === undefined ? {} : { attachment: formatAttachment(d.attachment) }),
+  };
+}
+
+/** A vring's guest physical addresses are left out until the VMM set them. */
+export function formatAttachment(a: AttachmentInfo) {
+  const address = (k: 'desc' | 'avail' | 'used', v: bigint | undefined) =>
+    v === undefined ? {} : { [k]: hex(v) };
+  return {
+    socketPath: a.socketPath,
+    mode: a.mode,
+    ...(a.group === undefined ? {} : { group: a.group }),
+    vmmConnected: a.vmmConnected,
+    negotiatedFeatures: hex(a.negotiatedFeatures),
+    protocolFeatures: hex(a.protocolFeatures),
+    vrings: a.vrings.map((v) => ({
+      index: v.index,
+      size: v.size,
+      lastAvail: v.lastAvail,
+      ...address('desc', v.desc),
+      ...address('avail', v.avail),
+      ...address('used', v.used),
+      enabled: v.enabled,
+      running: v.running,
+    })),
+    memoryTableEntries: a.memoryTable.length,
+    memoryTableBytes: hex(a.memoryTable.reduce((sum, m) => sum + m.size, 0n)),
+    stats: {
+      messages: Object.entries(a.stats.messages).map(([request, count]) => ({ request, count })),
+      memoryUpdates: a.stats.memoryUpdates,
+      regionsAdded: a.stats.regionsAdded,
+      regionsRemoved: a.stats.regionsRemoved,
+      refusals: a.stats.refusals,
+    },
+    connections: a.connections,
   };
 }
 

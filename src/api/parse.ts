@@ -6,6 +6,7 @@
 import { ID_RULE, isValidId } from '../id.ts';
 import type { Perm, Region } from '../iotlb/types.ts';
 import type {
+  AttachDeviceRequest,
   BatchOp,
   BatchRequest,
   MapRequest,
@@ -225,4 +226,19 @@ export function parseRegisterMemory(body: unknown): RegisterMemoryRequest {
   const size = f.u64('size');
   if (size === 0n) throw invalid('size', 'must be greater than 0');
   return { id, size };
+}
+
+/** `{socketPath, group?}` of AttachDevice (the agent checks the path is under its attach directory). */
+export function parseAttach(device: string, body: unknown): AttachDeviceRequest {
+  const f = Fields.of(body, '', ['socketPath', 'group']);
+  const socketPath = f.get('socketPath');
+  if (typeof socketPath !== 'string' || socketPath.length === 0 || socketPath.length > 4096) {
+    throw invalid('socketPath', 'must be a non-empty socket path');
+  }
+  if (socketPath.includes('\0')) throw invalid('socketPath', 'must not contain NUL');
+  const group = f.get('group');
+  // proto3: an empty group is no group.
+  if (group === undefined || group === '') return { device, socketPath };
+  if (typeof group !== 'string') throw invalid('group', 'must be a group name');
+  return { device, socketPath, group };
 }

@@ -12,6 +12,11 @@ const BY_CODE: Record<string, ServiceErrorCode> = {
   OUT_OF_BOUNDS: 'INVALID_ARGUMENT',
   IN_USE: 'FAILED_PRECONDITION',
   DEVICE_NOT_FOUND: 'NOT_FOUND',
+  // Attach / Detach (agent/attach.ts, attach-socket.ts); the field (device, socketPath, group) is kept.
+  ALREADY_ATTACHED: 'ALREADY_EXISTS',
+  PATH_IN_USE: 'ALREADY_EXISTS',
+  NOT_ATTACHED: 'FAILED_PRECONDITION',
+  UNKNOWN_GROUP: 'INVALID_ARGUMENT',
 };
 
 /** gRPC statuses of a failed OS call (SYSTEM, KERNEL) with the ServiceError code they become. */

@@ -4,7 +4,15 @@
  */
 import type { ApplyResult, MappedSnapshot } from '../agent/client.ts';
 import type { AgentError } from '../agent/errors.ts';
-import type { AgentInfo, DeviceDescription, RegisterMemoryRequest } from '../agent/wire.ts';
+import type {
+  AgentInfo,
+  AttachmentEvent,
+  AttachmentInfo,
+  AttachRequest,
+  DeviceDescription,
+  MemoryTableAnswer,
+  RegisterMemoryRequest,
+} from '../agent/wire.ts';
 import type { DeviceFacts } from '../device/types.ts';
 import type { IotlbOp } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
@@ -30,6 +38,15 @@ export interface AgentPort {
   registerMemory(req: RegisterMemoryRequest): Promise<MemoryInfo>;
   releaseMemory(id: string): Promise<void>;
   listMemory(): Promise<MemoryInfo[]>;
+  /** Serves a vhost-user socket for the device (agent/attach.ts). */
+  attach(req: AttachRequest): Promise<AttachmentInfo>;
+  detach(device: string): Promise<void>;
+  /** The attached VMMs' events, from `watching` on; `ended` once (with the error if it failed). */
+  watchAttachments(
+    onEvent: (e: AttachmentEvent) => void,
+    ended: (error: AgentError | undefined) => void,
+  ): { cancel(): void };
+  answerMemoryTable(answer: MemoryTableAnswer): Promise<void>;
   on<K extends keyof AgentPortEvents>(event: K, listener: (...args: AgentPortEvents[K]) => void): unknown;
   off<K extends keyof AgentPortEvents>(event: K, listener: (...args: AgentPortEvents[K]) => void): unknown;
 }
@@ -59,6 +76,10 @@ export function measuredPort(port: AgentPort, metrics: Metrics): AgentPort {
     registerMemory: (req) => timed(metrics, 'RegisterMemory', () => port.registerMemory(req)),
     releaseMemory: (id) => timed(metrics, 'ReleaseMemory', () => port.releaseMemory(id)),
     listMemory: () => timed(metrics, 'ListMemory', () => port.listMemory()),
+    attach: (req) => timed(metrics, 'Attach', () => port.attach(req)),
+    detach: (device) => timed(metrics, 'Detach', () => port.detach(device)),
+    watchAttachments: (onEvent, ended) => port.watchAttachments(onEvent, ended),
+    answerMemoryTable: (answer) => timed(metrics, 'AnswerMemoryTable', () => port.answerMemoryTable(answer)),
     on: (event, listener) => port.on(event, listener),
     off: (event, listener) => port.off(event, listener),
   };

@@ -59,7 +59,7 @@ export const ERROR_CATALOG = {
     exit: EXIT.NOT_FOUND,
   },
   ALREADY_EXISTS: {
-    meaning: 'the memory id is taken',
+    meaning: 'the memory id is taken; the device is attached already, or its socket path is served',
     http: 409,
     grpc: 'ALREADY_EXISTS',
     exit: EXIT.CONFLICT,
@@ -72,13 +72,13 @@ export const ERROR_CATALOG = {
   },
   FAILED_PRECONDITION: {
     meaning:
-      'the state does not allow it yet: memory still mapped or queued, or unavailable at the agent; a watch resumed from a sequence no longer kept; a desired mapping the device no longer takes',
+      'the state does not allow it yet: memory still mapped or queued, or unavailable at the agent; a watch resumed from a sequence no longer kept; a desired mapping the device no longer takes; asid 0 of a device attached to a VMM; detaching a device not attached',
     http: 409,
     grpc: 'FAILED_PRECONDITION',
     exit: EXIT.CONFLICT,
   },
   PERMISSION_DENIED: {
-    meaning: 'memory path outside the allowed roots',
+    meaning: 'memory path outside the allowed roots, or a socket path outside the attach directory',
     http: 403,
     grpc: 'PERMISSION_DENIED',
     exit: EXIT.DENIED,

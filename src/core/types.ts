@@ -2,6 +2,7 @@
  * Requests and answers of the application core (src/service), shared by the gRPC and REST
  * transports. Every 64-bit quantity is a bigint here; the transports parse and print them.
  */
+import type { AttachmentInfo } from '../agent/wire.ts';
 import type { DeviceCounters, DeviceFacts } from '../device/types.ts';
 import type { IotlbOp, Mapping, Perm, Region } from '../iotlb/types.ts';
 import type { ServiceErrorInfo } from './errors.ts';
@@ -137,6 +138,19 @@ export interface DeviceView extends DeviceFacts {
   degraded: DegradedMemory[];
   queueDepth: number;
   counters: DeviceCounters;
+  /** The VMM attached over vhost-user (the agent's DescribeDevice), when the device is attached. */
+  attachment?: AttachmentInfo;
+}
+
+/** The agent's view of an attachment, as the API shows it (src/api cannot reach the agent's layer). */
+export type { AttachmentInfo };
+
+export interface AttachDeviceRequest {
+  device: string;
+  /** Under the agent's attach directory. */
+  socketPath: string;
+  /** The socket is 0660 owned by this group; 0600 without it. */
+  group?: string;
 }
 
 export interface MemoryView {
@@ -181,6 +195,9 @@ export interface MapdService {
   registerMemory(req: RegisterMemoryRequest): Promise<MemoryView>;
   listMemory(): Promise<MemoryView[]>;
   unregisterMemory(id: string): Promise<void>;
+  /** The agent serves a vhost-user socket for the device; the VMM's memory table then owns asid 0. */
+  attachDevice(req: AttachDeviceRequest): Promise<AttachmentInfo>;
+  detachDevice(device: string): Promise<void>;
   /**
    * Ready = agent connected and every device reconciled. A degraded device (some memory cannot be
    * opened) is ready: it serves every other mapping.

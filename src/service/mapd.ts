@@ -2,7 +2,7 @@
  * The application core: createMapdService() wires its pieces behind `MapdService`, each with one job:
  * the device registry (devices.ts: a slot and a queue per device), the write path (writes.ts),
  * dry runs (dry-run.ts), the views (views.ts), the memory catalog (memory.ts), watches (watch.ts),
- * and the agent's lifecycle: the link that reaches it (agent-link.ts) and the pass that reconciles
+ * attached VMMs (attachments.ts: their memory tables as asid 0), and the agent's lifecycle: the link that reaches it (agent-link.ts) and the pass that reconciles
  * after every (re)connection (agent-pass.ts, reconcile.ts).
  *
  * While the agent is down (or a device is being reconciled):
@@ -19,7 +19,9 @@
  */
 import { type AgentPort, measuredPort } from '../core/agent-port.ts';
 import type { CoreLogger } from '../core/logger.ts';
+import type { AttachmentInfo } from '../agent/wire.ts';
 import type {
+  AttachDeviceRequest,
   BatchRequest,
   BatchResult,
   DeviceView,
@@ -44,6 +46,7 @@ import type { StoreFs } from '../state/fs.ts';
 import { StateStore } from '../state/store.ts';
 import { AgentLink } from './agent-link.ts';
 import { AgentPass } from './agent-pass.ts';
+import { Attachments } from './attachments.ts';
 import { DeviceRegistry } from './devices.ts';
 import { dryRunSetMemTable } from './dry-run.ts';
 import { Idempotency } from './idempotency.ts';
@@ -97,6 +100,7 @@ class Mapd implements MapdCore {
     private readonly memory: MemoryCatalog,
     private readonly hub: WatchHub,
     private readonly link: AgentLink,
+    private readonly attachments: Attachments,
     private readonly quotas: QuotaConfig | undefined,
   ) {}
 
@@ -163,6 +167,14 @@ class Mapd implements MapdCore {
     return this.memory.unregister(id);
   }
 
+  attachDevice(req: AttachDeviceRequest): Promise<AttachmentInfo> {
+    return this.attachments.attach(req);
+  }
+
+  detachDevice(device: string): Promise<void> {
+    return this.attachments.detach(device);
+  }
+
   /** The agent is reached and every device it reports is reconciled with it. */
   isReady(): boolean {
     const { link } = this;
@@ -180,6 +192,7 @@ class Mapd implements MapdCore {
 
   async close(): Promise<void> {
     this.link.stop();
+    this.attachments.stop();
     await this.devices.close();
     await this.store.close();
   }
@@ -202,6 +215,7 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
   const port = measuredPort(opts.agent, metrics);
   // The link is made last: the pieces before it reach it only from callbacks.
   let link: AgentLink | undefined;
+  let attachments: Attachments | undefined;
   const agentUp = () => link?.up === true;
   const memory = new MemoryCatalog(store, port, agentUp, logger, () => void link?.sync());
   const hub = new WatchHub(logger, opts.watchHistory);
@@ -222,12 +236,21 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
     port,
     metrics,
     logger,
-    onConnected: (info) => pass.run(info),
+    // Attachments are followed once the devices are reconciled, so their tables meet ready queues.
+    onConnected: (info) => pass.run(info).finally(() => attachments?.follow()),
     onLost: (reason) => devices.setAllNotReady(reason),
     retryInitialMs: opts.retryInitialMs ?? 200,
     retryMaxMs: opts.retryMaxMs ?? 5000,
   });
-  const writes = new WritePath(devices, store, memory, new Idempotency(store), opts.flushTimeoutMs ?? 30_000);
+  const writes = new WritePath(
+    devices,
+    store,
+    memory,
+    new Idempotency(store),
+    opts.flushTimeoutMs ?? 30_000,
+    (device) => attachments?.owns(device) === true,
+  );
+  attachments = new Attachments(port, devices, store, writes, memory, logger, () => link?.retryLater());
 
   for (const [name, d] of store.state.devices) {
     // Events before this start are gone; restored submits still to apply keep their sequences.
@@ -237,7 +260,7 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
   writes.restoreJournaled();
 
   const views = new Views(devices, store, port, agentUp, logger);
-  const service = new Mapd(store, devices, writes, views, memory, hub, link, opts.quotas);
+  const service = new Mapd(store, devices, writes, views, memory, hub, link, attachments, opts.quotas);
   link.start();
   return service;
 }

@@ -210,6 +210,30 @@ export class MemoryCatalog implements MemoryLookup {
     });
   }
 
+  /**
+   * Memory an attached VMM's table names is memory the agent adopted from the VMM's fds: unknown
+   * ids are learnt from the agent's listing (syncWithAgent adopts them).
+   */
+  async learnFromAgent(ids: readonly string[]): Promise<void> {
+    if (ids.every((id) => this.store.state.memory.has(id))) return;
+    await this.syncWithAgent();
+  }
+
+  /**
+   * A VMM's memory its table no longer names is released by the agent once unmapped: forgotten
+   * here too when nothing maps it or waits to (the agent could not open it again after a restart).
+   */
+  forgetVmmMemory(ids: readonly string[]): Promise<void> {
+    return this.serialized(async () => {
+      for (const id of ids) {
+        if (!this.store.state.memory.has(id)) continue;
+        if ((this.store.state.memoryUse.get(id) ?? 0) > 0 || (this.pins.get(id) ?? 0) > 0) continue;
+        await this.store.commit([{ t: 'memory.delete', id }]);
+        this.markAvailable(id);
+      }
+    });
+  }
+
   /** Registers desired memory `want` again by its path; marks it unavailable (and throws) if it cannot. */
   private async reopen(want: MemoryRecord): Promise<void> {
     let info: MemoryInfo;

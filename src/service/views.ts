@@ -3,6 +3,7 @@
  * the desired state maps and what is missing) and the desired mappings. Reads need only the store:
  * they keep working while the agent is down, with the last known facts.
  */
+import type { AttachmentInfo } from '../agent/wire.ts';
 import { fromAgentError } from '../core/agent-errors.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import type { CoreLogger } from '../core/logger.ts';
@@ -48,11 +49,13 @@ export class Views {
   }
 
   private async view(slot: Slot): Promise<DeviceView> {
+    let attachment: AttachmentInfo | undefined;
     if (this.agentUp() && slot.present) {
       try {
         const d = await this.port.describeDevice(slot.name);
         slot.facts = d.facts;
         slot.counters = d.counters;
+        attachment = d.attachment;
       } catch (e) {
         this.logger?.warn(
           { device: slot.name, err: fromAgentError(e, 'describe').message },
@@ -80,6 +83,7 @@ export class Views {
       degraded,
       queueDepth: slot.queue.depth,
       counters: slot.counters,
+      ...(attachment === undefined ? {} : { attachment }),
     };
   }
 }

@@ -16,11 +16,12 @@ import type {
   UnmapRequest,
   UnmapResult,
 } from '../core/types.ts';
+import { ServiceError } from '../core/errors.ts';
 import type { Region } from '../iotlb/types.ts';
 import type { Outcome, WriteAnswer, WriteEntry, WriteRequest } from '../queue/types.ts';
 import type { Change } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
-import type { DeviceRegistry } from './devices.ts';
+import type { DeviceRegistry, Slot } from './devices.ts';
 import { type Idempotency, recordOf } from './idempotency.ts';
 import type { MemoryCatalog } from './memory.ts';
 import { batchOpsOf, mapSpecOf, memoriesOf, unmapSpecOf } from './requests.ts';
@@ -32,6 +33,8 @@ export class WritePath {
     private readonly memory: MemoryCatalog,
     private readonly idempotency: Idempotency,
     private readonly flushTimeoutMs: number,
+    /** Whether an attached VMM's memory table owns asid 0 of the device (attachments.ts). */
+    private readonly vmmOwnsAsid0: (device: string) => boolean = () => false,
   ) {}
 
   /** Puts the submits journaled before a restart back into their queues, in sequence order. */
@@ -80,6 +83,7 @@ export class WritePath {
     const request = { kind: 'batch' as const, ops: batchOpsOf(req.ops), atomic: req.atomic === true };
     const slot = this.devices.existing(req.device);
     return this.idempotency.run(req.device, req.requestId, 'Submit', request, async (digest) => {
+      this.refuseVmmOwned(slot.name, request);
       slot.queue.checkAccepts('submit');
       const sequence = slot.queue.allocateSequence();
       const changes: Change[] = [
@@ -119,22 +123,54 @@ export class WritePath {
   ): Promise<WriteAnswer> {
     const slot = this.devices.existing(device);
     return this.idempotency.run(device, requestId, method, request, (digest) => {
-      slot.queue.checkAccepts('sync');
-      const unpin = this.memory.pin(memoriesOf(request));
-      return new Promise<WriteAnswer>((resolve, reject) => {
-        slot.queue.enqueue({
-          kind: 'write',
-          sequence: slot.queue.allocateSequence(),
-          request,
-          mode: 'sync',
-          ...(requestId !== undefined && digest !== undefined ? { requestId, digest } : {}),
-          enqueuedAt: process.hrtime.bigint(),
-          settle: (outcome: Outcome) => {
-            unpin();
-            if (outcome.ok) resolve(outcome.answer);
-            else reject(outcome.error);
-          },
-        });
+      this.refuseVmmOwned(device, request);
+      return this.enqueueSync(slot, request, requestId, digest);
+    });
+  }
+
+  /**
+   * An attached VMM's memory table as the whole of asid 0 (attachments.ts): ordered, journaled and
+   * diffed like any set-mem-table, with no idempotency key, and past the asid-0 refusal.
+   */
+  vmmMemoryTable(device: string, regions: Region[]): Promise<SetMemTableResult> {
+    const request: WriteRequest = { kind: 'setMemTable', asid: 0, regions };
+    return this.enqueueSync(this.devices.existing(device), request) as Promise<SetMemTableResult>;
+  }
+
+  /** The VMM owns asid 0 of an attached device: the orchestrator's writes there are refused. */
+  private refuseVmmOwned(device: string, request: WriteRequest): void {
+    if (!this.vmmOwnsAsid0(device)) return;
+    const field = asid0FieldOf(request);
+    if (field === undefined) return;
+    throw new ServiceError(
+      'FAILED_PRECONDITION',
+      `device ${device} is attached to a VMM over vhost-user, whose memory table owns address space 0: ` +
+        'use another asid, or detach the device first',
+      { field },
+    );
+  }
+
+  private enqueueSync(
+    slot: Slot,
+    request: WriteRequest,
+    requestId?: string,
+    digest?: string,
+  ): Promise<WriteAnswer> {
+    slot.queue.checkAccepts('sync');
+    const unpin = this.memory.pin(memoriesOf(request));
+    return new Promise<WriteAnswer>((resolve, reject) => {
+      slot.queue.enqueue({
+        kind: 'write',
+        sequence: slot.queue.allocateSequence(),
+        request,
+        mode: 'sync',
+        ...(requestId !== undefined && digest !== undefined ? { requestId, digest } : {}),
+        enqueuedAt: process.hrtime.bigint(),
+        settle: (outcome: Outcome) => {
+          unpin();
+          if (outcome.ok) resolve(outcome.answer);
+          else reject(outcome.error);
+        },
       });
     });
   }
@@ -149,5 +185,21 @@ export class WritePath {
       enqueuedAt: process.hrtime.bigint(),
       settle: unpin,
     };
+  }
+}
+
+/** The request field that touches address space 0, if any. */
+function asid0FieldOf(request: WriteRequest): string | undefined {
+  switch (request.kind) {
+    case 'map':
+      return request.spec.asid === 0 ? 'asid' : undefined;
+    case 'unmap':
+      return request.spec.asid === 0 ? 'asid' : undefined;
+    case 'setMemTable':
+      return request.asid === 0 ? 'asid' : undefined;
+    case 'batch': {
+      const i = request.ops.findIndex((op) => op.asid === 0);
+      return i < 0 ? undefined : `ops[${i}].asid`;
+    }
   }
 }

@@ -14,7 +14,11 @@ import type { AgentClientEvents, ApplyResult, MappedSnapshot } from '../../src/a
 import { AgentError, toAgentError } from '../../src/agent/errors.ts';
 import {
   type AgentInfo,
+  type AttachmentEvent,
+  type AttachmentInfo,
+  type AttachRequest,
   type DeviceDescription,
+  type MemoryTableAnswer,
   descriptionFromWire,
   factsFromWire,
   mappingFromWire,
@@ -149,6 +153,55 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
 
   listMemory(): Promise<MemoryInfo[]> {
     return this.call(async () => (await this.handlers.ListMemory({})).memory.map((m) => memoryFromWire(m)));
+  }
+
+  /** The core's WatchAttachments subscribers (a test plays the agent's events to them). */
+  readonly attachmentWatchers = new Set<(e: AttachmentEvent) => void>();
+  readonly answers: MemoryTableAnswer[] = [];
+  readonly attached = new Set<string>();
+
+  attach(req: AttachRequest): Promise<AttachmentInfo> {
+    return this.call(async () => {
+      this.device(req.device);
+      this.attached.add(req.device);
+      return {
+        device: req.device,
+        socketPath: req.socketPath,
+        mode: 0o600,
+        vmmConnected: false,
+        negotiatedFeatures: 0n,
+        protocolFeatures: 0n,
+        vrings: [],
+        memoryTable: [],
+        stats: { messages: {}, memoryUpdates: 0, regionsAdded: 0, regionsRemoved: 0, refusals: 0 },
+        connections: 0,
+      };
+    });
+  }
+
+  detach(device: string): Promise<void> {
+    return this.call(async () => {
+      if (!this.attached.delete(device)) {
+        throw new AgentError(
+          status.FAILED_PRECONDITION,
+          'NOT_ATTACHED',
+          `${device} is not attached`,
+          'device',
+        );
+      }
+    });
+  }
+
+  watchAttachments(onEvent: (e: AttachmentEvent) => void): { cancel(): void } {
+    this.attachmentWatchers.add(onEvent);
+    queueMicrotask(() => onEvent({ type: 'watching', attached: [...this.attached] }));
+    return { cancel: () => this.attachmentWatchers.delete(onEvent) };
+  }
+
+  answerMemoryTable(answer: MemoryTableAnswer): Promise<void> {
+    return this.call(async () => {
+      this.answers.push(answer);
+    });
   }
 
   private boot(): void {

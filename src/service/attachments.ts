@@ -1,0 +1,190 @@
+/**
+ * The API server's side of attach (docs/vhost-user.md): Attach / Detach at the agent, and the
+ * attached VMMs' memory tables. The agent holds no policy: it sends each VMM's whole asid-0 table
+ * as a `memoryTable` request on WatchAttachments and replies to the VMM only once answered. Here
+ * each one becomes a set-mem-table of asid 0 through the device's queue (ordered with every other
+ * write, journaled, diffed by the planner, applied in one batch), answered ok once applied, or
+ * with the refusal. While a device is attached its asid 0 is the VMM's (writes.ts refuses the
+ * orchestrator's writes there).
+ *
+ * The subscription is made after every pass of the agent link that finds none live (a new agent, a
+ * reconnection); the agent re-sends every request still waiting, so one an API server restart
+ * left unanswered is answered by the next.
+ */
+import type { AgentError } from '../agent/errors.ts';
+import type { AttachmentEvent, AttachmentInfo } from '../agent/wire.ts';
+import { fromAgentError } from '../core/agent-errors.ts';
+import type { AgentPort } from '../core/agent-port.ts';
+import { ServiceError } from '../core/errors.ts';
+import type { CoreLogger } from '../core/logger.ts';
+import type { AttachDeviceRequest } from '../core/types.ts';
+import type { Region } from '../iotlb/types.ts';
+import type { StateStore } from '../state/store.ts';
+import type { DeviceRegistry } from './devices.ts';
+import type { MemoryCatalog } from './memory.ts';
+import type { WritePath } from './writes.ts';
+
+/** A table that meets a device not ready (being reconciled) is tried again this often... */
+const NOT_READY_RETRY_MS = 250;
+/** ...for at most this long: below the agent's default answer deadline (--attach-answer-ms, 30 s). */
+const NOT_READY_PATIENCE_MS = 20_000;
+
+type MemoryTableEvent = Extract<AttachmentEvent, { type: 'memoryTable' }>;
+
+export class Attachments {
+  /** Devices the agent serves a vhost-user socket for. */
+  private readonly attached = new Set<string>();
+  private watch: { cancel(): void } | undefined;
+  private stopped = false;
+
+  constructor(
+    private readonly port: AgentPort,
+    private readonly devices: DeviceRegistry,
+    private readonly store: StateStore,
+    private readonly writes: WritePath,
+    private readonly memory: MemoryCatalog,
+    private readonly logger: CoreLogger | undefined,
+    /** The subscription failed: the link should run a pass (which subscribes again). */
+    private readonly onEnded: () => void,
+  ) {}
+
+  /** Whether asid 0 of the device is an attached VMM's. */
+  owns(device: string): boolean {
+    return this.attached.has(device);
+  }
+
+  async attach(req: AttachDeviceRequest): Promise<AttachmentInfo> {
+    const slot = this.devices.withFacts(req.device);
+    const asid0 = [...(this.store.state.devices.get(slot.name)?.mappings.values() ?? [])].filter(
+      (m) => m.asid === 0,
+    ).length;
+    if (asid0 > 0 && !this.attached.has(slot.name)) {
+      throw new ServiceError(
+        'FAILED_PRECONDITION',
+        `address space 0 of device ${slot.name} holds ${asid0} mapping(s): an attached VMM's memory ` +
+          'table replaces the whole of it, so unmap them first',
+        { field: 'device' },
+      );
+    }
+    try {
+      const info = await this.port.attach(req);
+      this.attached.add(slot.name);
+      return info;
+    } catch (e) {
+      throw fromAgentError(e, `attaching device ${slot.name}`);
+    }
+  }
+
+  async detach(device: string): Promise<void> {
+    const slot = this.devices.existing(device);
+    try {
+      await this.port.detach(slot.name);
+    } catch (e) {
+      throw fromAgentError(e, `detaching device ${slot.name}`);
+    }
+    // asid 0 stays the VMM's until its last table (empty, on the disconnect) is applied.
+    this.attached.delete(slot.name);
+  }
+
+  /** Subscribes to the agent's WatchAttachments unless a subscription is live. */
+  follow(): void {
+    if (this.stopped || this.watch !== undefined) return;
+    const watch = this.port.watchAttachments(
+      (e) => this.event(e),
+      (error: AgentError | undefined) => {
+        if (this.watch === watch) this.watch = undefined;
+        if (this.stopped) return;
+        this.logger?.warn(
+          { err: error?.message ?? 'the stream ended' },
+          'attachment watch ended: subscribing again',
+        );
+        this.onEnded();
+      },
+    );
+    this.watch = watch;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.watch?.cancel();
+    this.watch = undefined;
+  }
+
+  private event(e: AttachmentEvent): void {
+    switch (e.type) {
+      case 'watching':
+        this.attached.clear();
+        for (const d of e.attached) this.attached.add(d);
+        this.logger?.info({ attached: e.attached }, 'following attachments');
+        return;
+      case 'connected':
+        this.logger?.info({ device: e.device }, 'a VMM connected');
+        return;
+      case 'disconnected':
+        this.logger?.info({ device: e.device, reason: e.reason }, 'the VMM disconnected');
+        return;
+      case 'memoryTable':
+        void this.answer(e);
+        return;
+    }
+  }
+
+  private async answer(e: MemoryTableEvent): Promise<void> {
+    let answer: { ok: true } | { ok: false; code: string; message: string };
+    try {
+      const result = await this.apply(e);
+      this.logger?.info(
+        {
+          device: e.device,
+          entries: e.entries.length,
+          mapped: result.mapped.length,
+          invalidated: result.invalidated.length,
+        },
+        'VMM memory table applied',
+      );
+      answer = { ok: true };
+    } catch (err) {
+      const refusal = err instanceof ServiceError ? err : fromAgentError(err, 'applying the memory table');
+      this.logger?.warn({ device: e.device, err: refusal.message }, 'VMM memory table refused');
+      answer = { ok: false, code: refusal.code, message: refusal.message };
+    }
+    try {
+      await this.port.answerMemoryTable({ requestId: e.requestId, ...answer });
+    } catch (err) {
+      // The agent is gone or forgot the request (it refuses the VMM on its own); a new agent re-sends.
+      this.logger?.warn(
+        { device: e.device, err: fromAgentError(err, 'answering').message },
+        'memory table answer lost',
+      );
+    }
+  }
+
+  private async apply(e: MemoryTableEvent) {
+    const regions: Region[] = e.entries.map((m) => ({
+      iova: m.iova,
+      size: m.size,
+      memory: m.memory,
+      offset: m.offset,
+      perm: m.perm,
+    }));
+    await this.memory.learnFromAgent(regions.map((r) => r.memory));
+    const before = new Set(
+      [...(this.store.state.devices.get(e.device)?.mappings.values() ?? [])]
+        .filter((m) => m.asid === 0)
+        .map((m) => m.memory),
+    );
+    const deadline = Date.now() + NOT_READY_PATIENCE_MS;
+    for (;;) {
+      try {
+        const result = await this.writes.vmmMemoryTable(e.device, regions);
+        const kept = new Set(regions.map((r) => r.memory));
+        await this.memory.forgetVmmMemory([...before].filter((id) => !kept.has(id)));
+        return result;
+      } catch (err) {
+        const retry = err instanceof ServiceError && err.code === 'UNAVAILABLE' && Date.now() < deadline;
+        if (!retry || this.stopped) throw err;
+        await new Promise((resolve) => setTimeout(resolve, NOT_READY_RETRY_MS));
+      }
+    }
+  }
+}
