@@ -95,7 +95,7 @@ export function formatAttachment(a: AttachmentInfo) {
     protocolFeatures: hex(a.protocolFeatures),
     vrings: a.vrings.map((v) => ({
       index: v.index,
-      size: v.size,
+      num: v.size,
       lastAvail: v.lastAvail,
       ...address('desc', v.desc),
       ...address('avail', v.avail),

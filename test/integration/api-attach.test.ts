@@ -1,0 +1,198 @@
+/**
+ * Attach through the public API, with real processes on loopback: the agent (its own vring relay
+ * over a simulated virtio-blk device whose data path DMAs through its IOTLB) and the API server.
+ * A scripted virtio-blk front-end (test/frontend/blk-frontend.ts) is the VMM: its memory table
+ * becomes asid 0 of the device through the API server's queue before it gets its reply, and its
+ * block I/O only works if those mappings are right. Hotplug maps exactly the new region; the
+ * disconnect empties asid 0; the orchestrator's own writes to asid 0 are refused meanwhile.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { status } from '@grpc/grpc-js';
+import { VhostUserBlkFrontend } from '../frontend/blk-frontend.ts';
+import { grpcFails, tempDir } from './api-harness.ts';
+import { createRig, desiredMappings, deviceCounters, until } from './process-harness.ts';
+
+const MiB = 1n << 20n;
+const DEVICE = 'vublk0';
+
+interface Watched {
+  kind: string;
+  asid: number;
+  iova: bigint;
+  size: bigint;
+}
+
+test('a VMM attached over REST: its memory table is asid 0, hotplug maps only the new region', {
+  timeout: 240_000,
+}, async (t) => {
+  const dir = tempDir('attach-api');
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const disk = path.join(dir, 'disk.img');
+  fs.writeFileSync(disk, Buffer.alloc(Number(4n * MiB)));
+  const rig = createRig(t, 'attach-api');
+  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`]);
+  const api = await rig.startApi();
+  const agent = rig.agentClient();
+  // The agent's default attach directory (<state-dir>/vhost-user); the rig's agent state is beside the API's.
+  const socketPath = path.join(path.dirname(rig.apiStateDir), 'agent', 'vhost-user', `${DEVICE}.sock`);
+
+  const refused = await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath: '/tmp/x.sock' });
+  assert.equal(refused.status, 403, JSON.stringify(refused.body));
+  assert.equal(refused.body.error.field, 'socketPath');
+
+  const attached = await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath });
+  assert.equal(attached.status, 200, JSON.stringify(attached.body));
+  assert.deepEqual([attached.body.attachment.socketPath, attached.body.attachment.mode], [socketPath, 0o600]);
+  const again = await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath });
+  assert.deepEqual(
+    [again.status, again.body.error.code, again.body.error.field],
+    [409, 'ALREADY_EXISTS', 'device'],
+  );
+
+  // Every applied change of the device, from WatchMappings (subscribed before the VMM comes).
+  const events: Watched[] = [];
+  const stream = api.grpc.watch({ device: DEVICE });
+  t.after(() => stream.cancel());
+  stream.on('error', () => undefined);
+  const subscribed = new Promise<void>((resolve) =>
+    stream.on('data', (e: { kind: string; mapping?: { asid?: number; iova: string; size: string } }) => {
+      if (e.kind === 'subscribed') resolve();
+      else if (e.mapping) {
+        events.push({
+          kind: e.kind,
+          asid: e.mapping.asid ?? 0,
+          iova: BigInt(e.mapping.iova),
+          size: BigInt(e.mapping.size),
+        });
+      }
+    }),
+  );
+  await subscribed;
+
+  // connect() negotiates REPLY_ACK and waits for SET_MEM_TABLE's ack: by then the table is applied.
+  const fe = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB });
+  t.after(() => fe.close());
+  const [ram] = fe.memory.regions;
+  assert.ok(ram);
+  const asid0 = (await desiredMappings(api, DEVICE)).filter((m) => m.asid === 0);
+  assert.equal(asid0.length, 1, 'acked only once the table was the desired state');
+  const vmmMemory = asid0[0]!.memory;
+  assert.match(vmmMemory, /^vhost-user-/);
+  assert.deepEqual(asid0, [{ asid: 0, iova: 0n, size: 2n * MiB, memory: vmmMemory, offset: 0n, perm: 'rw' }]);
+  const onDevice = (await agent.listMapped(DEVICE)).mappings.filter((m) => m.asid === 0);
+  assert.deepEqual(onDevice, asid0, 'the device maps exactly the table');
+  await until('the table on the watch', () => events.length === 1);
+  assert.deepEqual(events, [{ kind: 'mapped', asid: 0, iova: 0n, size: 2n * MiB }]);
+
+  // Real block I/O through those mappings.
+  const sector = Buffer.alloc(512, 0x5a);
+  await fe.write(8n, sector);
+  assert.ok((await fe.read(8n, 512)).equals(sector));
+  assert.ok(
+    fs
+      .readFileSync(disk)
+      .subarray(8 * 512, 9 * 512)
+      .equals(sector),
+    'the bytes are on the disk',
+  );
+
+  // The orchestrator's own writes: asid 0 is the VMM's, asid 1 stays the orchestrator's.
+  assert.equal((await api.http('POST', '/v1/memory', { id: 'orch', size: String(MiB) })).status, 201);
+  const map = (asid: number) =>
+    api.http('POST', `/v1/devices/${DEVICE}/mappings`, {
+      iova: '0x40000000',
+      size: '0x1000',
+      memory: 'orch',
+      asid,
+    });
+  const owned = await map(0);
+  assert.deepEqual(
+    [owned.status, owned.body.error.code, owned.body.error.field],
+    [409, 'FAILED_PRECONDITION', 'asid'],
+  );
+  const batch = await api.http('POST', `/v1/devices/${DEVICE}:batch`, {
+    ops: [
+      { op: 'map', iova: '0x50000000', size: '0x1000', memory: 'orch', asid: 1 },
+      { op: 'unmap', iova: '0x0', size: '0x1000', asid: 0 },
+    ],
+  });
+  assert.deepEqual([batch.status, batch.body.error.field], [409, 'ops[1].asid']);
+  const viaGrpcMap = await grpcFails(
+    api.grpc.mapping('map', { device: DEVICE, iova: '0x40000000', size: '0x1000', memory: 'orch' }),
+  );
+  assert.deepEqual(
+    [viaGrpcMap.code, viaGrpcMap.metadata.get('field')[0]],
+    [status.FAILED_PRECONDITION, 'asid'],
+  );
+  const table = await api.http('PUT', `/v1/devices/${DEVICE}/memtable`, { regions: [] });
+  assert.deepEqual([table.status, table.body.error.field], [409, 'asid']);
+  assert.equal((await map(1)).status, 201, 'asid 1 is still the orchestrator');
+  await until('the asid-1 map on the watch', () => events.some((e) => e.asid === 1));
+  events.length = 0;
+
+  // Hotplug: one UPDATE of the new region, nothing else invalidated or mapped again.
+  const before = await deviceCounters(agent, DEVICE);
+  const added = await fe.addMemory(MiB);
+  const after = await deviceCounters(agent, DEVICE);
+  const sent = {
+    messages: after.messagesWritten - before.messagesWritten,
+    batches: after.batches - before.batches,
+    pagesPinned: after.dmaMapCalls - before.dmaMapCalls,
+    pagesUnpinned: after.dmaUnmapCalls - before.dmaUnmapCalls,
+  };
+  console.log(`# hotplug of 1 MiB sent ${JSON.stringify(sent)}`);
+  // BATCH_BEGIN, one UPDATE, BATCH_END; the platform IOMMU pins the new region's pages only.
+  assert.deepEqual(
+    sent,
+    { messages: 3, batches: 1, pagesPinned: Number(MiB / 4096n), pagesUnpinned: 0 },
+    'ADD_MEM_REG maps the new region only',
+  );
+  await until('the hotplug on the watch', () => events.length >= 1);
+  assert.deepEqual(events, [{ kind: 'mapped', asid: 0, iova: added.guestAddr, size: MiB }]);
+  const grown = await api.http('GET', `/v1/devices/${DEVICE}/mappings?asid=0`);
+  assert.equal(grown.body.mappings.length, 2);
+  // A buffer in the hotplugged memory is reachable by the device.
+  await fe.write(16n, sector, { guestAddr: added.guestAddr });
+  assert.ok((await fe.read(16n, 512, { guestAddr: added.guestAddr + 0x1000n })).equals(sector));
+
+  // GetDevice shows the attachment.
+  const shown = await api.http('GET', `/v1/devices/${DEVICE}`);
+  assert.equal(shown.status, 200, JSON.stringify(shown.body));
+  const a = shown.body.device.attachment;
+  assert.ok(a, JSON.stringify(shown.body));
+  assert.deepEqual(
+    [a.socketPath, a.vmmConnected, a.memoryTableEntries, a.memoryTableBytes, a.connections],
+    [socketPath, true, 2, `0x${(3n * MiB).toString(16)}`, 1],
+  );
+  assert.ok(a.vrings[0]?.running, 'vring 0 runs');
+  assert.notEqual(a.negotiatedFeatures, '0x0');
+  const listed = await api.http('GET', '/v1/devices');
+  assert.ok(listed.body.devices[0].attachment.vmmConnected);
+  const { device: viaGrpc } = await api.grpc.device('getDevice', { device: DEVICE });
+  assert.equal(viaGrpc.attachment?.vmmConnected, true);
+  assert.equal(viaGrpc.attachment?.memoryTableEntries, 2);
+
+  // The VMM goes: asid 0 is emptied, its memory forgotten; asid 1 is untouched.
+  events.length = 0;
+  await fe.close();
+  await until('asid 0 emptied', async () => (await desiredMappings(api, DEVICE)).every((m) => m.asid !== 0));
+  assert.deepEqual(
+    (await agent.listMapped(DEVICE)).mappings.map((m) => m.asid),
+    [1],
+    'the device keeps only asid 1',
+  );
+  await until('the VMM memory forgotten', async () => {
+    const memory = (await api.http('GET', '/v1/memory')).body.memory as { id: string }[];
+    return memory.every((m) => !m.id.startsWith('vhost-user-'));
+  });
+
+  const detached = await api.http('POST', `/v1/devices/${DEVICE}:detach`);
+  assert.equal(detached.status, 200, JSON.stringify(detached.body));
+  assert.equal((await api.http('GET', `/v1/devices/${DEVICE}`)).body.device.attachment, undefined);
+  assert.equal((await map(0)).status, 201, 'asid 0 is the orchestrator again');
+  const twice = await api.http('POST', `/v1/devices/${DEVICE}:detach`);
+  assert.deepEqual([twice.status, twice.body.error.code], [409, 'FAILED_PRECONDITION']);
+});
