@@ -215,7 +215,8 @@ export class MemoryCatalog implements MemoryLookup {
    * ids are learnt from the agent's listing (syncWithAgent adopts them).
    */
   async learnFromAgent(ids: readonly string[]): Promise<void> {
-    if (ids.every((id) => this.store.state.memory.has(id))) return;
+    // An id the agent held before it restarted is unavailable until the listing shows it again.
+    if (ids.every((id) => this.store.state.memory.has(id) && !this.unreachable.has(id))) return;
     await this.syncWithAgent();
   }
 

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { type TestContext, test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import { VhostUserBlkFrontend } from '../frontend/blk-frontend.ts';
 import { grpcFails, tempDir } from './api-harness.ts';
@@ -25,19 +25,25 @@ interface Watched {
   size: bigint;
 }
 
-test('a VMM attached over REST: its memory table is asid 0, hotplug maps only the new region', {
-  timeout: 240_000,
-}, async (t) => {
+/** An agent serving a simulated blk device with a disk (two address spaces) and an API server. */
+async function start(t: TestContext, agentArgs: readonly string[] = []) {
   const dir = tempDir('attach-api');
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   const disk = path.join(dir, 'disk.img');
   fs.writeFileSync(disk, Buffer.alloc(Number(4n * MiB)));
   const rig = createRig(t, 'attach-api');
-  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`]);
+  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`], agentArgs);
   const api = await rig.startApi();
-  const agent = rig.agentClient();
   // The agent's default attach directory (<state-dir>/vhost-user); the rig's agent state is beside the API's.
   const socketPath = path.join(path.dirname(rig.apiStateDir), 'agent', 'vhost-user', `${DEVICE}.sock`);
+  return { rig, api, disk, socketPath };
+}
+
+test('a VMM attached over REST: its memory table is asid 0, hotplug maps only the new region', {
+  timeout: 240_000,
+}, async (t) => {
+  const { rig, api, disk, socketPath } = await start(t);
+  const agent = rig.agentClient();
 
   const refused = await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath: '/tmp/x.sock' });
   assert.equal(refused.status, 403, JSON.stringify(refused.body));
@@ -195,4 +201,55 @@ test('a VMM attached over REST: its memory table is asid 0, hotplug maps only th
   assert.equal((await map(0)).status, 201, 'asid 0 is the orchestrator again');
   const twice = await api.http('POST', `/v1/devices/${DEVICE}:detach`);
   assert.deepEqual([twice.status, twice.body.error.code], [409, 'FAILED_PRECONDITION']);
+});
+
+test('a memory change left unanswered by an API server that died is answered by the next one', {
+  timeout: 240_000,
+}, async (t) => {
+  // The agent waits long for an answer: a new API server has to start meanwhile on a busy machine.
+  const { rig, api, socketPath } = await start(t, ['--attach-answer-ms', '180000']);
+  const agent = rig.agentClient();
+  assert.equal((await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath })).status, 200);
+  const fe = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB });
+  t.after(() => fe.close());
+
+  // Stopped, the API server still holds its WatchAttachments stream: the agent sends it the request.
+  process.kill(api.proc.pid, 'SIGSTOP');
+  const hotplug = fe.addMemory(MiB);
+  let answered = false;
+  void hotplug.then(() => {
+    answered = true;
+  });
+  await until('the agent received ADD_MEM_REG', async () => {
+    const { attachment } = await agent.describeDevice(DEVICE);
+    return (attachment?.stats.messages.ADD_MEM_REG ?? 0) === 1;
+  });
+  await api.kill('SIGKILL');
+  assert.equal(answered, false, 'no reply while nobody answered');
+
+  const next = await rig.startApi();
+  const added = await hotplug;
+  const asid0 = (await desiredMappings(next, DEVICE)).filter((m) => m.asid === 0);
+  assert.deepEqual(
+    asid0.map((m) => [m.iova, m.size]),
+    [
+      [0n, 2n * MiB],
+      [added.guestAddr, MiB],
+    ],
+  );
+  assert.deepEqual(
+    (await agent.listMapped(DEVICE)).mappings.filter((m) => m.asid === 0),
+    asid0,
+    'the device maps the table',
+  );
+  // The new server knows the device is attached (from `watching`): asid 0 is still refused.
+  const owned = await next.http('POST', `/v1/devices/${DEVICE}/mappings`, {
+    iova: '0x40000000',
+    size: '0x1000',
+    memory: asid0[0]!.memory,
+  });
+  assert.deepEqual([owned.status, owned.body.error.field], [409, 'asid']);
+  const sector = Buffer.alloc(512, 0xc3);
+  await fe.write(3n, sector, { guestAddr: added.guestAddr });
+  assert.ok((await fe.read(3n, 512)).equals(sector));
 });

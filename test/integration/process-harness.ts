@@ -115,7 +115,7 @@ export interface Rig {
   /** The API server's state directory, the same for every API server started here. */
   apiStateDir: string;
   /** Starts an agent (on the same socket and state directory every time) and waits until it serves. */
-  startAgent(devices?: readonly string[]): Promise<Proc>;
+  startAgent(devices?: readonly string[], args?: readonly string[]): Promise<Proc>;
   /** Starts an API server on 127.0.0.1 port 0 (`args` added to its own) and waits until it is ready. */
   startApi(args?: readonly string[]): Promise<ApiProcess>;
   /** A client of whatever agent serves the socket; closed after the test. */
@@ -151,7 +151,7 @@ export function createRig(t: Cleanup, prefix: string): Rig {
 
   return {
     apiStateDir,
-    async startAgent(devices = DEFAULT_DEVICES) {
+    async startAgent(devices = DEFAULT_DEVICES, args = []) {
       fs.mkdirSync(memoryDir(agentStateDir), { recursive: true });
       const proc = spawnNode('services/agent/main.ts', [
         ...devices.flatMap((d) => ['--device', d]),
@@ -163,6 +163,7 @@ export function createRig(t: Cleanup, prefix: string): Rig {
         memoryDir(agentStateDir),
         '--log-level',
         'info',
+        ...args,
       ]);
       procs.push(proc);
       await proc.waitForLog((r) => r.msg === 'agent serving', 'serving');
