@@ -2,7 +2,9 @@
  * `npm start`: the whole system on the embedded default, on one machine, without privileges.
  *
  * Starts the agent with two simulated devices (vdpa0 behind a platform IOMMU, vdpa1 with an
- * on-chip IOMMU) and a 1 GiB sparse backing file `ram0`, then the API server on 127.0.0.1 (REST
+ * on-chip IOMMU), a simulated virtio-blk device vblk0 with a data path on the disk image
+ * `<dir>/vblk0.img` (64 MiB sparse, made if absent; a VMM attaches to it over vhost-user, see
+ * README) and a 1 GiB sparse backing file `ram0`, then the API server on 127.0.0.1 (REST
  * 8080, gRPC 50051). Both run as their own processes, as in production, supervised as systemd's
  * Restart=on-failure would (scripts/supervise.ts): one that dies is restarted with backoff, and the
  * API server reconciles a restarted agent. Ctrl-C (or SIGTERM) stops the API server first, then the
@@ -24,6 +26,8 @@ import { DEFAULT_RESTART_POLICY, type RestartPolicy, Supervisor } from './superv
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const READY_TIMEOUT_MS = 60_000;
+/** The attachable blk device's disk image, made sparse when absent. */
+const DISK_BYTES = 64 * 1024 * 1024;
 
 const POLICY_FLAGS: Record<string, keyof RestartPolicy> = {
   '--restart-sec': 'restartSec',
@@ -93,6 +97,15 @@ async function main(): Promise<void> {
   const agentDir = path.join(dir, 'agent');
   const socket = path.join(agentDir, 'agent.sock');
   fs.mkdirSync(agentDir, { recursive: true, mode: 0o700 });
+  const disk = path.join(dir, 'vblk0.img');
+  if (!fs.existsSync(disk)) {
+    const fd = fs.openSync(disk, 'wx', 0o600);
+    try {
+      fs.ftruncateSync(fd, DISK_BYTES);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
 
   const supervisor = new Supervisor({
     cwd: ROOT,
@@ -124,6 +137,7 @@ async function main(): Promise<void> {
       script: 'services/agent/main.ts',
       args: [
         ...['--device', 'sim:vdpa0,iommu=platform', '--device', 'sim:vdpa1,iommu=onchip'],
+        ...['--device', `sim:vblk0,iommu=onchip,disk=${disk}`],
         ...['--memory', 'ram0=1G', '--state-dir', agentDir, '--socket', socket],
       ],
       readyMsg: 'agent serving',

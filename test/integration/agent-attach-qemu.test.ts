@@ -1,9 +1,9 @@
 /**
- * Debian's QEMU boots a guest on a device attached through the agent's Attach: the guest RAM's memfd
- * reaches the agent, its table goes to a WatchAttachments subscriber standing in for the API server,
- * which maps it with Apply and answers; only then does QEMU get its reply. The virtio-blk model does
- * every access by DMA through the simulated device's IOTLB, so the guest reads back what it wrote
- * only if those mappings are right. QEMU quitting sends the empty table; its memory is released.
+ * Debian's QEMU boots a guest on a device attached through the API server (POST :attach): the guest
+ * RAM's memfd reaches the agent, its table goes to the API server, which applies it as asid 0
+ * through the device's queue and answers; only then does QEMU get its reply. The virtio-blk model
+ * does every access by DMA through the simulated device's IOTLB, so the guest reads back what it
+ * wrote only if those mappings are right. QEMU quitting sends the empty table; its memory is released.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -26,7 +26,8 @@ import {
   WRITE_OFFSET,
 } from '../vhost-user/guest.ts';
 import { Qemu } from '../vhost-user/qemu.ts';
-import { TableServer } from '../vhost-user/table-server.ts';
+import { apiConfig, rest, startReadyApi } from './api-harness.ts';
+import { until } from './process-harness.ts';
 
 const MiB = 1n << 20n;
 
@@ -71,12 +72,13 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
   );
   const client = new AgentClient({ socketPath: socket });
   let qemu: Qemu | undefined;
-  let server: TableServer | undefined;
+  const api = await startReadyApi(apiConfig(work, socket));
+  const http = rest(api.restAddress);
   try {
     await client.connect();
-    server = await TableServer.start(client);
     const socketPath = path.join(attachDir, 'vublk0.sock');
-    await client.attach({ device: 'vublk0', socketPath });
+    const attached = await http('POST', '/v1/devices/vublk0:attach', { socketPath });
+    assert.equal(attached.status, 200, JSON.stringify(attached.body));
     const started = performance.now();
     qemu = new Qemu({ guest, socketPath, guestWait: 300, hold: true });
     const verdict = await qemu.waitFor(new RegExp(`${VERDICT} (PASS|FAIL)[^\\n]*\\n`));
@@ -94,29 +96,46 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
       `# attached: boot to verdict ${seconds.toFixed(1)} s; ${blk.counters.requests} requests, read ${blk.counters.bytesRead} B, wrote ${blk.counters.bytesWritten} B`,
     );
 
-    // The API server's view: the attachment, and asid 0 holding exactly what it was asked to map.
+    // The attachment, and asid 0 holding exactly the VMM's table, in the API server and on the device.
     const { attachment } = await client.describeDevice('vublk0');
     assert.ok(attachment?.vmmConnected);
     assert.ok(attachment.vrings[0]?.running);
     const { mappings } = await client.listMapped('vublk0');
     assert.deepEqual(mappings, attachment.memoryTable);
+    const desired = (await http('GET', '/v1/devices/vublk0/mappings')).body.mappings as {
+      iova: string;
+      size: string;
+      memory: string;
+    }[];
+    assert.deepEqual(
+      desired.map((m) => [BigInt(m.iova), BigInt(m.size), m.memory]),
+      mappings.map((m) => [m.iova, m.size, m.memory]),
+    );
+    const shown = (await http('GET', '/v1/devices/vublk0')).body.device.attachment;
+    assert.deepEqual([shown.vmmConnected, shown.memoryTableEntries], [true, mappings.length]);
     const bootBytes = mappings.reduce((n, m) => n + m.size, 0n);
     assert.ok(bootBytes > 255n * MiB && bootBytes <= 256n * MiB, `boot RAM mapped: ${bootBytes}`);
     assert.ok(mappings.every((m) => m.iova === m.offset && m.memory === mappings[0]!.memory));
 
     assert.equal(await qemu.quit(), 0);
-    await server.next('disconnected', 'vublk0');
-    assert.deepEqual((await client.listMapped('vublk0')).mappings, [], 'the empty table was applied');
-    assert.deepEqual(
-      (await client.listMemory()).filter((m) => m.id.startsWith('vhost-user-')),
-      [],
-      "the guest's memory is released",
+    await until(
+      'the empty table applied',
+      async () => (await client.listMapped('vublk0')).mappings.length === 0,
+    );
+    assert.deepEqual((await http('GET', '/v1/devices/vublk0/mappings')).body.mappings, []);
+    await until("the guest's memory released", async () =>
+      (await client.listMemory()).every((m) => !m.id.startsWith('vhost-user-')),
+    );
+    const memory = (await http('GET', '/v1/memory')).body.memory as { id: string }[];
+    assert.ok(
+      memory.every((m) => !m.id.startsWith('vhost-user-')),
+      "the API server forgot the guest's memory",
     );
   } finally {
     qemu?.kill();
     await qemu?.exited;
-    await server?.close();
-    await client.detach('vublk0').catch(() => undefined);
+    await http('POST', '/v1/devices/vublk0:detach').catch(() => undefined);
+    await api.stop();
     client.close();
     await agent.stop();
   }

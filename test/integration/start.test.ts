@@ -149,6 +149,7 @@ test('npm start: both processes serve, stop on Ctrl-C in order, and keep what th
     [
       ['vdpa0', 'platform'],
       ['vdpa1', 'onchip'],
+      ['vblk0', 'onchip'],
     ],
   );
   const memory = (await (await fetch(`${first.rest}/v1/memory`)).json()) as {
