@@ -112,11 +112,16 @@ export class Attachments {
 
   private event(e: AttachmentEvent): void {
     switch (e.type) {
-      case 'watching':
+      case 'watching': {
+        // An attachment this agent does not serve was lost with the agent before it (its VMM's
+        // connection and memory are gone): the VMM's table goes too.
+        const lost = [...this.attached].filter((d) => !e.attached.includes(d));
         this.attached.clear();
         for (const d of e.attached) this.attached.add(d);
         this.logger?.info({ attached: e.attached }, 'following attachments');
+        for (const device of lost) void this.dropLost(device);
         return;
+      }
       case 'connected':
         this.logger?.info({ device: e.device }, 'a VMM connected');
         return;
@@ -159,7 +164,20 @@ export class Attachments {
     }
   }
 
-  private async apply(e: MemoryTableEvent) {
+  private async dropLost(device: string): Promise<void> {
+    try {
+      await this.applyTable(device, []);
+      this.logger?.warn(
+        { device },
+        'the agent no longer serves the attachment (it restarted): the VMM memory is unmapped; attach the device again',
+      );
+    } catch (err) {
+      const why = err instanceof ServiceError ? err.message : String(err);
+      this.logger?.warn({ device, err: why }, 'the memory of a lost attachment is still mapped');
+    }
+  }
+
+  private apply(e: MemoryTableEvent) {
     const regions: Region[] = e.entries.map((m) => ({
       iova: m.iova,
       size: m.size,
@@ -167,16 +185,21 @@ export class Attachments {
       offset: m.offset,
       perm: m.perm,
     }));
+    return this.applyTable(e.device, regions);
+  }
+
+  /** Makes asid 0 of `device` hold exactly `regions`; forgets the VMM memory it no longer names. */
+  private async applyTable(device: string, regions: Region[]) {
     await this.memory.learnFromAgent(regions.map((r) => r.memory));
     const before = new Set(
-      [...(this.store.state.devices.get(e.device)?.mappings.values() ?? [])]
+      [...(this.store.state.devices.get(device)?.mappings.values() ?? [])]
         .filter((m) => m.asid === 0)
         .map((m) => m.memory),
     );
     const deadline = Date.now() + NOT_READY_PATIENCE_MS;
     for (;;) {
       try {
-        const result = await this.writes.vmmMemoryTable(e.device, regions);
+        const result = await this.writes.vmmMemoryTable(device, regions);
         const kept = new Set(regions.map((r) => r.memory));
         await this.memory.forgetVmmMemory([...before].filter((id) => !kept.has(id)));
         return result;

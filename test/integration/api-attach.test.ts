@@ -32,11 +32,11 @@ async function start(t: TestContext, agentArgs: readonly string[] = []) {
   const disk = path.join(dir, 'disk.img');
   fs.writeFileSync(disk, Buffer.alloc(Number(4n * MiB)));
   const rig = createRig(t, 'attach-api');
-  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`], agentArgs);
+  const agentProc = await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`], agentArgs);
   const api = await rig.startApi();
   // The agent's default attach directory (<state-dir>/vhost-user); the rig's agent state is beside the API's.
   const socketPath = path.join(path.dirname(rig.apiStateDir), 'agent', 'vhost-user', `${DEVICE}.sock`);
-  return { rig, api, disk, socketPath };
+  return { rig, agentProc, api, disk, socketPath };
 }
 
 test('a VMM attached over REST: its memory table is asid 0, hotplug maps only the new region', {
@@ -252,4 +252,33 @@ test('a memory change left unanswered by an API server that died is answered by 
   const sector = Buffer.alloc(512, 0xc3);
   await fe.write(3n, sector, { guestAddr: added.guestAddr });
   assert.ok((await fe.read(3n, 512)).equals(sector));
+});
+
+test('an attachment lost with a SIGKILLed agent: the new agent reconciled, asid 0 emptied', {
+  timeout: 240_000,
+}, async (t) => {
+  const { rig, agentProc, api, disk, socketPath } = await start(t);
+  assert.equal((await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath })).status, 200);
+  const fe = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB });
+  t.after(() => fe.close());
+  assert.equal((await desiredMappings(api, DEVICE)).length, 1);
+
+  await agentProc.kill('SIGKILL');
+  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`]);
+  await until('asid 0 emptied', async () => (await desiredMappings(api, DEVICE)).length === 0);
+  await until('the VMM memory forgotten', async () => {
+    const memory = (await api.http('GET', '/v1/memory')).body.memory as { id: string }[];
+    return memory.every((m) => !m.id.startsWith('vhost-user-'));
+  });
+  await api.untilReady();
+  const shown = (await api.http('GET', `/v1/devices/${DEVICE}`)).body.device;
+  assert.deepEqual([shown.attachment, shown.degraded], [undefined, []]);
+  // asid 0 is the orchestrator's again, until the device is attached again.
+  assert.equal((await api.http('POST', '/v1/memory', { id: 'orch', size: String(MiB) })).status, 201);
+  const map = await api.http('POST', `/v1/devices/${DEVICE}/mappings`, {
+    iova: '0x0',
+    size: '0x1000',
+    memory: 'orch',
+  });
+  assert.equal(map.status, 201, JSON.stringify(map.body));
 });
