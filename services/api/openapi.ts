@@ -11,9 +11,9 @@ import { MAPD_PACKAGE } from './proto.ts';
 const ERRORS = {
   400: 'Invalid argument: error.field names the field at fault; nothing changed',
   401: 'Missing or wrong bearer token (when the server is started with one)',
-  403: 'Permission denied (a memory path outside the allowed roots)',
+  403: 'Permission denied (a memory path outside the allowed roots, a socket path outside the attach directory)',
   404: 'No such device or memory',
-  409: 'Conflicts with the current state (overlap, a split refused by exact, memory still mapped, quota exceeded); nothing changed',
+  409: 'Conflicts with the current state (overlap, a split refused by exact, memory still mapped, quota exceeded, asid 0 of a device attached to a VMM); nothing changed',
   429: 'Too many requests queued for the device: retry after Retry-After',
   502: "The device refused: error.errno is the kernel's errno",
   503: 'The agent is unavailable: nothing was done; retry after Retry-After',
