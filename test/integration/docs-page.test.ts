@@ -37,7 +37,7 @@ async function documentedOperations(): Promise<Operation[]> {
 
 test('every operation has a summary and documents its success and error answers', async () => {
   const operations = await documentedOperations();
-  assert.equal(operations.length, 12, "every REST operation of README's table (WatchMappings is gRPC only)");
+  assert.equal(operations.length, 14, "every REST operation of README's table (WatchMappings is gRPC only)");
   for (const op of operations) {
     const where = `${op.method} ${op.path}`;
     assert.ok(op.summary, `${where} has a summary`);
