@@ -72,18 +72,18 @@ export function median(xs: readonly number[]): number {
  * Runs every side once per round, in reversed order on every other round (A B, B A, A B, ...), so
  * that drift on a shared machine hits every side alike. Returns each side's results, round by round.
  */
-export async function alternate<K extends string, T>(
+export async function alternate<S extends Record<string, () => Promise<unknown>>>(
   rounds: number,
-  sides: Record<K, () => Promise<T>>,
-): Promise<Record<K, T[]>> {
-  const names = Object.keys(sides) as K[];
-  const results = Object.fromEntries(names.map((n) => [n, [] as T[]])) as Record<K, T[]>;
+  sides: S,
+): Promise<{ [K in keyof S]: Awaited<ReturnType<S[K]>>[] }> {
+  const names = Object.keys(sides) as (keyof S)[];
+  const results = Object.fromEntries(names.map((n) => [n, [] as unknown[]])) as Record<keyof S, unknown[]>;
   for (let round = 0; round < rounds; round++) {
     for (const name of round % 2 === 0 ? names : [...names].reverse()) {
-      results[name].push(await sides[name]());
+      results[name].push(await sides[name]!());
     }
   }
-  return results;
+  return results as { [K in keyof S]: Awaited<ReturnType<S[K]>>[] };
 }
 
 /** Latency percentiles (ms) of `samples` (ms). */

@@ -7,6 +7,8 @@
  * (src/agent/wire.ts) and the same protobuf (de)serializers (proto-loader's, from
  * src/agent/proto.ts). Only the transport differs. The two are measured in alternating rounds;
  * each figure is the median over rounds of the mean round trip of sequential calls (one in flight).
+ * The 256-op Apply is also counted in messages per second beside the raw write floor (writeSync of
+ * one 72-byte message to /dev/null), measured in the same rounds.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -27,7 +29,7 @@ import type { IotlbOp } from '../../src/iotlb/types.ts';
 import type { AgentConfig } from '../../services/agent/config.ts';
 import { createLogger, openAgentCore, startAgent } from '../../services/agent/main.ts';
 import { type AgentHandlers, createHandlers } from '../../services/agent/server.ts';
-import { alternate, type BenchContext, compare, median, scaled } from '../harness.ts';
+import { alternate, type BenchContext, compare, median, rate, scaled } from '../harness.ts';
 
 type Transport = 'grpc' | 'framed';
 const ROUNDS = 5;
@@ -35,6 +37,8 @@ const BATCH = 256;
 const PAGE = 4096n;
 const BASE_IOVA = 0x100000n;
 const DEVICE = 'bench0';
+/** The size of one struct vhost_msg_v2. */
+const RAW_MESSAGE = Buffer.alloc(72);
 
 // ---- the framed transport: [u32 length][u32 call id][u8 method | status][protobuf payload] ----
 
@@ -254,8 +258,18 @@ export async function benchAgentTransport(ctx: BenchContext): Promise<void> {
         small: await meanMicros(clients[t], smallCalls, (i) => SMALL[i % 2]!),
         large: await meanMicros(clients[t], largeCalls, () => LARGE),
       });
+      // What one apply costs per message at the floor: BEGIN, the ops, END, each one raw write.
+      const messages = largeCalls * (BATCH + 2);
+      const floor = async () => {
+        const fd = fs.openSync('/dev/null', 'w');
+        try {
+          return rate(messages, () => fs.writeSync(fd, RAW_MESSAGE), 1);
+        } finally {
+          fs.closeSync(fd);
+        }
+      };
       await alternate(1, { grpc: round('grpc'), framed: round('framed') }); // warm-up
-      const figures = await alternate(ROUNDS, { grpc: round('grpc'), framed: round('framed') });
+      const figures = await alternate(ROUNDS, { grpc: round('grpc'), framed: round('framed'), floor });
       for (const [label, key] of [
         ['Apply, 1 op, 1 in flight', 'small'],
         [`Apply, ${BATCH} ops, 1 in flight`, 'large'],
@@ -273,6 +287,19 @@ export async function benchAgentTransport(ctx: BenchContext): Promise<void> {
           median(figures.framed.map((f) => f[key])),
         );
       }
+      compare(
+        ctx,
+        {
+          scenario: 'agent transport',
+          case: `Apply, ${BATCH} ops, 1 in flight`,
+          metric: 'msgs/s through the agent',
+          value: median(figures.grpc.map((f) => (BATCH + 2) / (f.large / 1e6))),
+          unit: 'msg/s',
+          note: 'BEGIN + ops + END per call, over gRPC',
+        },
+        'writeSync 72 B to /dev/null',
+        median(figures.floor),
+      );
     } finally {
       grpcClient.close();
       framedClient.close();

@@ -8,6 +8,10 @@
  * Then Batch: 256 ops per call, one call in flight, vs the same 256 ops as single Map/Unmap calls
  * with 64 in flight (the best the single-call path does).
  *
+ * At one in flight, the p50 is also set beside the floor of one durable Map, measured in the same
+ * rounds: the bare server's p50 + one append+fdatasync of the journal's record size per op (measured
+ * from the journal's growth) + one raw unix-socket round trip to another process (bench/floor.ts).
+ *
  * Every worker owns its own IOVA, so pairs never conflict and every pair leaves the table as it was.
  */
 import fs from 'node:fs';
@@ -31,6 +35,7 @@ import {
   startReadyApi,
   tempDir,
 } from '../../test/integration/api-harness.ts';
+import { appendSyncSamples, type EchoPeer, journalBytes, startEchoPeer } from '../floor.ts';
 import { alternate, type BenchContext, compare, median, percentiles, scaled } from '../harness.ts';
 
 const ROUNDS = 5;
@@ -41,6 +46,8 @@ const PAIR_BASE = 0x100000;
 const BATCH_BASE = 0x40000000;
 const BATCH = 256;
 const hex = (n: number) => `0x${n.toString(16)}`;
+/** About one Apply request of one op on the agent's socket. */
+const ROUND_TRIP_BYTES = 64;
 
 type Op = 'map' | 'unmap';
 /** One call; rejects unless the server answered with success. */
@@ -203,6 +210,52 @@ function addRows(ctx: BenchContext, label: string, real: Figures[], bare: Figure
   }
 }
 
+interface FloorFigures {
+  recordBytes: number;
+  syncP50: number;
+  roundTripP50: number;
+}
+
+/**
+ * One round of the floor's own pieces, as many samples as a round of the real side has ops. The
+ * record size is the journal's growth per op so far (the real side ran before, in the warm-up).
+ */
+function floorRound(dir: string, echo: EchoPeer, ops: number, recordBytes: () => number) {
+  return async (): Promise<FloorFigures> => {
+    const bytes = recordBytes();
+    const sync = percentiles(await appendSyncSamples(dir, bytes, ops));
+    const trip = percentiles(await echo.samples(ROUND_TRIP_BYTES, ops));
+    return { recordBytes: bytes, syncP50: sync.p50, roundTripP50: trip.p50 };
+  };
+}
+
+function addFloorRow(
+  ctx: BenchContext,
+  label: string,
+  real: Figures[],
+  bare: Figures[],
+  floor: FloorFigures[],
+  baseline: string,
+): void {
+  const pick = <T>(xs: T[], f: (x: T) => number) => median(xs.map(f));
+  const sync = pick(floor, (f) => f.syncP50);
+  const trip = pick(floor, (f) => f.roundTripP50);
+  const bytes = pick(floor, (f) => f.recordBytes);
+  compare(
+    ctx,
+    {
+      scenario: 'e2e',
+      case: label,
+      metric: 'p50 latency vs durable floor',
+      value: pick(real, (f) => f.p50),
+      unit: 'ms',
+      note: `floor: bare ${pick(bare, (f) => f.p50).toFixed(3)} + append+fdatasync ${Math.round(bytes)} B ${sync.toFixed(3)} + unix round trip ${trip.toFixed(3)}`,
+    },
+    `${baseline} + fdatasync + unix round trip`,
+    pick(bare, (f) => f.p50) + sync + trip,
+  );
+}
+
 export async function benchE2e(ctx: BenchContext): Promise<void> {
   const dir = tempDir('bench-e2e');
   const agent = await spawnAgent(dir);
@@ -239,12 +292,27 @@ export async function benchE2e(ctx: BenchContext): Promise<void> {
       { concurrency: 1, pairs: scaled(ctx, 200, 2) },
       { concurrency: 64, pairs: scaled(ctx, 8, 1) },
     ];
+    const echo = await startEchoPeer(dir);
+    stops.unshift(() => echo.stop());
+    const journalDir = apiConfig(dir, agent.socket).stateDir;
     for (const [name, t] of Object.entries(transports)) {
       for (const { concurrency, pairs } of sizes) {
         const run = (call: Caller) => () => runPairs(call, concurrency, pairs);
         await alternate(1, { real: run(t.real), bare: run(t.bare) }); // warm-up
-        const figures = await alternate(ROUNDS, { real: run(t.real), bare: run(t.bare) });
-        addRows(ctx, `${name} Map+Unmap, ${concurrency} in flight`, figures.real, figures.bare, t.baseline);
+        const label = `${name} Map+Unmap, ${concurrency} in flight`;
+        if (concurrency > 1) {
+          const figures = await alternate(ROUNDS, { real: run(t.real), bare: run(t.bare) });
+          addRows(ctx, label, figures.real, figures.bare, t.baseline);
+          continue;
+        }
+        const before = journalBytes(journalDir);
+        const figures = await alternate(ROUNDS, {
+          real: run(t.real),
+          bare: run(t.bare),
+          floor: floorRound(dir, echo, 2 * pairs, () => (journalBytes(journalDir) - before) / (2 * pairs)),
+        });
+        addRows(ctx, label, figures.real, figures.bare, t.baseline);
+        addFloorRow(ctx, label, figures.real, figures.bare, figures.floor, t.baseline);
       }
     }
 

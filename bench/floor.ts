@@ -1,0 +1,99 @@
+/**
+ * The pieces of the floor of one durable Map, each measured on its own: one append+fdatasync of a
+ * journal record's size (the same disk, the same fs/promises calls as src/state/journal.ts), and
+ * one raw round trip on a unix socket to another process (an echo server, no protocol at all).
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+
+/** Bytes of every journal generation (journal.<gen>, src/state/journal.ts) in a state directory. */
+export function journalBytes(stateDir: string): number {
+  return fs
+    .readdirSync(stateDir)
+    .filter((name) => /^journal\.\d+$/.test(name))
+    .reduce((n, name) => n + fs.statSync(path.join(stateDir, name)).size, 0);
+}
+
+/** `count` sequential appends of `bytes` bytes, each followed by fdatasync; per-append ms. */
+export async function appendSyncSamples(dir: string, bytes: number, count: number): Promise<number[]> {
+  const file = await fsp.open(path.join(dir, 'floor.journal'), 'w', 0o600);
+  const record = Buffer.alloc(Math.max(1, Math.round(bytes)), 0x5a);
+  const samples: number[] = [];
+  try {
+    let position = 0;
+    for (let i = 0; i < count; i++) {
+      const t = performance.now();
+      await file.write(record, 0, record.length, position);
+      await file.datasync();
+      samples.push(performance.now() - t);
+      position += record.length;
+    }
+  } finally {
+    await file.close();
+  }
+  return samples;
+}
+
+const ECHO = `
+const net = require('node:net');
+net.createServer((s) => s.on('data', (d) => s.write(d))).listen(process.argv[1], () => process.stdout.write('ready\\n'));
+`;
+
+export interface EchoPeer {
+  /** `count` sequential round trips of `bytes` bytes; per-trip ms. */
+  samples(bytes: number, count: number): Promise<number[]>;
+  stop(): Promise<void>;
+}
+
+/** An echo server in a child process on a unix socket in `dir`, and one connection to it. */
+export async function startEchoPeer(dir: string): Promise<EchoPeer> {
+  const socketPath = path.join(dir, 'echo.sock');
+  const child: ChildProcess = spawn(process.execPath, ['-e', ECHO, socketPath], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('echo peer did not start in 30 s')), 30_000);
+    child.stdout!.once('data', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    void exited.then(() => reject(new Error('echo peer exited')));
+  });
+  const socket = await new Promise<net.Socket>((resolve, reject) => {
+    const s = net.connect(socketPath, () => resolve(s));
+    s.once('error', reject);
+  });
+  socket.setNoDelay(true);
+  return {
+    async samples(bytes, count) {
+      const payload = Buffer.alloc(bytes, 0x33);
+      const out: number[] = [];
+      for (let i = 0; i < count; i++) {
+        const t = performance.now();
+        await new Promise<void>((resolve) => {
+          let got = 0;
+          const onData = (d: Buffer) => {
+            got += d.length;
+            if (got < bytes) return;
+            socket.off('data', onData);
+            resolve();
+          };
+          socket.on('data', onData);
+          socket.write(payload);
+        });
+        out.push(performance.now() - t);
+      }
+      return out;
+    },
+    async stop() {
+      socket.destroy();
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
