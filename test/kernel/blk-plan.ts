@@ -30,8 +30,18 @@ export const BLK_WRITES: readonly BlkWrite[] = [
   { sector: BigInt(BLK_IMAGE_BYTES / SECTOR_BYTES - 8), bytes: 4096 },
 ];
 
+/** Written through an owner that is then killed; read back through the next owner. */
+export const BLK_BEFORE_KILL: BlkWrite = { sector: 8192n, bytes: 64 << 10 };
+/**
+ * In flight when the owner is killed (it may or may not land), then written again through the
+ * next owner: the image holds it either way. 1 MiB in one descriptor, so that it takes a while.
+ */
+export const BLK_IN_FLIGHT: BlkWrite = { sector: 16384n, bytes: 1 << 20 };
+
+const ALL_WRITES = [...BLK_WRITES, BLK_BEFORE_KILL, BLK_IN_FLIGHT];
+
 /** Bytes the plan writes (and the guest reads back, and the host finds). */
-export const BLK_PLAN_BYTES = BLK_WRITES.reduce((n, w) => n + w.bytes, 0);
+export const BLK_PLAN_BYTES = ALL_WRITES.reduce((n, w) => n + w.bytes, 0);
 
 export const blkImageName = (kind: BlkKind): string => `${kind}.img`;
 
@@ -51,16 +61,16 @@ export function blkPattern(kind: BlkKind, w: BlkWrite): Buffer {
 export function checkBlkImage(kind: BlkKind, image: Buffer): string {
   if (image.length !== BLK_IMAGE_BYTES) throw new Error(`${kind}: image of ${image.length} bytes`);
   const want = Buffer.alloc(BLK_IMAGE_BYTES);
-  for (const w of BLK_WRITES) blkPattern(kind, w).copy(want, Number(w.sector) * SECTOR_BYTES);
+  for (const w of ALL_WRITES) blkPattern(kind, w).copy(want, Number(w.sector) * SECTOR_BYTES);
   if (!image.equals(want)) {
     let at = 0;
     while (image[at] === want[at]) at++;
-    const w = BLK_WRITES.find(
+    const w = ALL_WRITES.find(
       (x) => at >= Number(x.sector) * SECTOR_BYTES && at < Number(x.sector) * SECTOR_BYTES + x.bytes,
     );
     throw new Error(
       `${kind}: image byte 0x${at.toString(16)} is 0x${image[at]!.toString(16)}, expected 0x${want[at]!.toString(16)} (${w ? `write at sector ${w.sector}` : 'outside every write'})`,
     );
   }
-  return `${BLK_PLAN_BYTES} bytes written at ${BLK_WRITES.length} places found, the other ${BLK_IMAGE_BYTES - BLK_PLAN_BYTES} bytes still zero`;
+  return `${BLK_PLAN_BYTES} bytes written at ${ALL_WRITES.length} places found, the other ${BLK_IMAGE_BYTES - BLK_PLAN_BYTES} bytes still zero`;
 }
