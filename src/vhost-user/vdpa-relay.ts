@@ -12,7 +12,8 @@
  *   its own references), enable; then DRIVER_OK.
  * - Stop: the vring is disabled and its base read from the device; when the last one stops the
  *   device is reset, so the next start negotiates again. That reset must keep the mappings, which
- *   only IOTLB_PERSIST guarantees: a device without it is refused.
+ *   only IOTLB_PERSIST guarantees: a device without it is refused, unless the caller knows its
+ *   parent keeps them anyway (VDUSE: see {@link VdpaRelayOptions}).
  * - The memory table goes to `memory`, which applies it wherever the device's mappings are kept
  *   (the agent's device queue); the relay never maps anything itself.
  */
@@ -23,6 +24,15 @@ import type { BackendLogger, VhostUserDeviceSide, VringConfig } from './backend.
 import type { MemoryDiff } from './memory-table.ts';
 
 const ACCESS_PLATFORM = 1n << BigInt(VIRTIO_F_ACCESS_PLATFORM);
+
+export interface VdpaRelayOptions {
+  /**
+   * The parent keeps its mappings at a reset without IOTLB_PERSIST, as VDUSE does (6.12 offers
+   * no IOTLB_PERSIST, and vduse_vdpa_reset() ignores VDPA_RESET_F_CLEAN_MAP: the table survives;
+   * docs/kernel-notes.md R7). Only the caller can know this; default false.
+   */
+  parentKeepsMappingsAtReset?: boolean;
+}
 
 export class VdpaRelay implements VhostUserDeviceSide {
   readonly features: bigint;
@@ -36,9 +46,11 @@ export class VdpaRelay implements VhostUserDeviceSide {
     private readonly device: VhostVdpaDevice,
     private readonly memory: (diff: MemoryDiff) => Promise<void>,
     private readonly logger?: BackendLogger,
+    options: VdpaRelayOptions = {},
   ) {
     const facts = device.facts();
-    if (!hasBackendFeature(facts.negotiatedFeatures, 'IOTLB_PERSIST')) {
+    const persists = hasBackendFeature(facts.negotiatedFeatures, 'IOTLB_PERSIST');
+    if (!persists && options.parentKeepsMappingsAtReset !== true) {
       throw new DeviceError(
         'UNSUPPORTED',
         `${device.name}: relaying vrings needs IOTLB_PERSIST (a reset at stop must keep the guest's memory mapped)`,

@@ -60,8 +60,14 @@ const QUEUE = 0;
 const PEER_CHECK_MS = 1000;
 
 export interface FrontendOptions {
-  /** Size of the guest memory (region 0 at guest physical 0); a multiple of 4 KiB. */
+  /** Size of the guest memory (region 0 at `memoryBase`); a multiple of 4 KiB. */
   memoryBytes: bigint;
+  /**
+   * Guest physical address of region 0, where the ring starts; a multiple of 4 KiB, default 0.
+   * QEMU's virtio devices take a queue whose descriptor table is at address 0 for one not set up
+   * (virtio_queue_notify_vq ignores it): a real device behind vp_vdpa needs the ring elsewhere.
+   */
+  memoryBase?: bigint;
   /** Entries of the virtqueue, a power of two; default 128. */
   queueSize?: number;
   /** Bound on each request's wait for its used entry; default 60 s (a loaded machine is slow). */
@@ -148,9 +154,12 @@ export class VhostUserBlkFrontend {
     const memory = new GuestMemory();
     let frontend: VhostUserBlkFrontend | null = null;
     try {
-      memory.add(0n, options.memoryBytes, 'vhost-user-frontend-ram');
-      const ring = new SplitRing(memory, 0n, queueSize);
-      if (ring.end + 2n * PAGE > options.memoryBytes) {
+      const base = options.memoryBase ?? 0n;
+      if (base < 0n || base % PAGE !== 0n)
+        throw new RangeError(`memoryBase must be a multiple of 4 KiB, not ${base}`);
+      memory.add(base, options.memoryBytes, 'vhost-user-frontend-ram');
+      const ring = new SplitRing(memory, base, queueSize);
+      if (ring.end + 2n * PAGE > base + options.memoryBytes) {
         throw new RangeError(`memoryBytes ${options.memoryBytes} leaves no room for data after the ring`);
       }
       const negotiated = await negotiate(channel, memory);

@@ -16,6 +16,10 @@
 #   sim-dma-va     vdpa_sim batch_mapping=0 use_va=1: dma_map per entry, VA mode
 #   sim-setmap-pa  vdpa_sim batch_mapping=1 use_va=0: set_map, PA mode
 #   sim-setmap-va  vdpa_sim batch_mapping=1 use_va=1: set_map, VA mode
+#   vduse-blk      VDUSE with QEMU's own device: qemu-storage-daemon's vduse-blk export of
+#                  /job/vduse-blk.img (the host checks the image after the run)
+#   vp-vdpa-blk    vp_vdpa on QEMU's virtio-blk-pci behind intel-iommu, backed by the host's
+#                  image (run-vm.ts)
 # No step has a time limit of its own: the host bounds the whole run.
 #
 # One API server (services/api/main.ts, bundled) runs for the whole boot, started here before
@@ -91,20 +95,24 @@ kind_up() {
     # With virtio_vdpa not loaded, the new vDPA device binds to vhost_vdpa.
     vdpa dev add name "$VDUSE_NAME" mgmtdev vduse || { echo 'vdpa dev add (vduse)'; return 1; }
     ;;
-  vp-vdpa)
-    [ -e /sys/module/vp_vdpa ] || insmod "$extra/vp_vdpa.ko" || { echo 'insmod vp_vdpa'; return 1; }
-    # QEMU's virtio-net-pci (1af4:1041), bound to the built-in virtio-pci at boot: hand it to vp-vdpa.
-    bdf=''
-    for d in /sys/bus/pci/devices/*; do
-      [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x1af4:0x1041 ] && bdf=${d##*/}
+  vp-vdpa) vp_vdpa_up 0x1041 vp0 ;;     # QEMU's virtio-net-pci
+  vp-vdpa-blk) vp_vdpa_up 0x1042 vpb0 ;; # QEMU's virtio-blk-pci
+  vduse-blk)
+    # QEMU's own VDUSE virtio-blk device (libvduse) on an image of the read-write job share.
+    qemu-storage-daemon --blockdev driver=file,filename=/job/vduse-blk.img,node-name=d0 \
+      --export type=vduse-blk,id=e0,node-name=d0,name=vduse-blk0,writable=on \
+      </dev/null >/tmp/qsd.log 2>&1 &
+    qsd_pid=$!
+    i=0
+    while [ ! -e /sys/class/vduse/vduse-blk0 ]; do
+      i=$((i + 1))
+      [ "$i" -gt 1200 ] && { echo 'qemu-storage-daemon made no VDUSE device:'; cat /tmp/qsd.log; return 1; }
+      sleep 0.1
     done
-    [ -n "$bdf" ] || { echo 'no virtio-net-pci device'; return 1; }
-    d=/sys/bus/pci/devices/$bdf
-    [ -e "$d/driver" ] && echo "$bdf" >"$d/driver/unbind"
-    echo vp-vdpa >"$d/driver_override"
-    echo "$bdf" >/sys/bus/pci/drivers_probe
-    vdpa dev add name vp0 mgmtdev "pci/$bdf" || { echo "vdpa dev add (pci/$bdf)"; return 1; }
-    echo "vp_vdpa on $bdf, iommu group $(basename "$(readlink "$d/iommu_group")")"
+    # 0: the kernel waits for the daemon's answer (no limit tighter than the tier's budget).
+    echo 0 >/sys/class/vduse/vduse-blk0/msg_timeout
+    vdpa dev add name vduse-blk0 mgmtdev vduse || { echo 'vdpa dev add (vduse-blk0)'; return 1; }
+    echo "qemu-storage-daemon $(qemu-storage-daemon --version | head -1 | cut -d' ' -f3) pid $qsd_pid, vduse-blk0"
     ;;
   sim-*)
     case $1 in
@@ -122,6 +130,23 @@ kind_up() {
   wait_node || { echo "$VHOST_VDPA_DEV did not appear"; return 1; }
 }
 
+# Binds the modern virtio PCI device 1af4:$1 (bound to the built-in virtio-pci at boot) to
+# vp_vdpa and adds it as vDPA device $2.
+vp_vdpa_up() {
+  [ -e /sys/module/vp_vdpa ] || insmod "$extra/vp_vdpa.ko" || { echo 'insmod vp_vdpa'; return 1; }
+  bdf=''
+  for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor"):$(cat "$d/device")" = "0x1af4:$1" ] && bdf=${d##*/}
+  done
+  [ -n "$bdf" ] || { echo "no PCI device 1af4:$1"; return 1; }
+  d=/sys/bus/pci/devices/$bdf
+  [ -e "$d/driver" ] && echo "$bdf" >"$d/driver/unbind"
+  echo vp-vdpa >"$d/driver_override"
+  echo "$bdf" >/sys/bus/pci/drivers_probe
+  vdpa dev add name "$2" mgmtdev "pci/$bdf" || { echo "vdpa dev add (pci/$bdf)"; return 1; }
+  echo "vp_vdpa on $bdf, iommu group $(basename "$(readlink "$d/iommu_group")")"
+}
+
 # Deletes kind $1's device (and unloads vdpa_sim, whose parameters differ per kind).
 kind_down() {
   case $1 in
@@ -130,6 +155,11 @@ kind_down() {
     [ -n "${daemon_pid:-}" ] && kill "$daemon_pid"
     ;;
   vp-vdpa) vdpa dev del vp0 ;;
+  vp-vdpa-blk) vdpa dev del vpb0 ;;
+  vduse-blk)
+    vdpa dev del vduse-blk0
+    kill "$qsd_pid" && wait "$qsd_pid"
+    ;;
   sim-*) vdpa dev del sim0 && rmmod vdpa_sim_net vdpa_sim ;;
   esac
   i=0

@@ -1,7 +1,9 @@
 /**
  * The real-kernel tier: builds (cached) and boots a TCG VM running Debian's 6.12 kernel, in
  * which every vDPA parent kind in turn (VDUSE, vp_vdpa behind intel-iommu, vdpa_sim in its four
- * modes) is bound to vhost_vdpa; runs the guest steps of each and asserts the console verdict.
+ * modes, and the blk kinds: QEMU's own virtio-blk as VDUSE and under vp_vdpa) is bound to
+ * vhost_vdpa; runs the guest steps of each and asserts the console verdict; then checks every
+ * byte of the blk kinds' disk images against what the guest wrote (blk-plan.ts).
  * Never skips: no qemu, no kernel package, a kind that cannot be set up or no verdict is a failure.
  *
  * Run: node --import tsx --test test/kernel/kernel-tier.test.ts
@@ -14,6 +16,7 @@ import { appendFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
+import { BLK_KINDS, checkBlkImage } from './blk-plan.ts';
 import {
   buildVm,
   bundleSteps,
@@ -46,15 +49,22 @@ function tierPlan(): GuestStep[] {
   const differential = 'test/kernel/guest/differential.ts';
   // The agent + the boot's API server: map, batch, unmap, set-mem-table, pins, discovery.
   const services = 'test/kernel/guest/services.ts';
+  // Block I/O from a vhost-user front-end through our relay to QEMU's virtio-blk (blk-plan.ts).
+  const blkIo = 'test/kernel/guest/blk-io.ts';
   return [
     ...tierSteps(),
     ...vduse.map((script) => guestScriptStep(script, 'vduse')),
     guestScriptStep(differential, 'vduse'),
-    ...KINDS.filter((k) => k !== 'vduse').flatMap((kind) => [
+    ...KINDS.filter((k) => k !== 'vduse' && !isBlkKind(k)).flatMap((kind) => [
       guestScriptStep(differential, kind),
       guestScriptStep(services, kind),
     ]),
+    ...BLK_KINDS.map((kind) => guestScriptStep(blkIo, kind)),
   ];
+}
+
+function isBlkKind(kind: string): boolean {
+  return (BLK_KINDS as readonly string[]).includes(kind);
 }
 
 /** init.sh's own verdict on the API server that ran for the whole boot (see init.sh). */
@@ -89,6 +99,12 @@ test('real kernel tier (every vDPA parent kind under vhost_vdpa, TCG VM)', {
         r.pass,
         `step ${step.name} failed (${r.detail}); its console:\n${stepConsole(result.console, step.name)}`,
       );
+    });
+  }
+  // What the guest's I/O left in each image, checked after QEMU exited.
+  for (const kind of BLK_KINDS) {
+    await t.test(`${kind}.image`, () => {
+      t.diagnostic(`image ${kind}: ${checkBlkImage(kind, result.images[kind]!)}`);
     });
   }
   assert.ok(result.pass, `${result.reason}; console:\n${result.console.slice(-6000)}`);

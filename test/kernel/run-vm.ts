@@ -6,8 +6,10 @@
  *
  * The guest sees three virtio-9p shares: the host's /usr (read-only: node and its
  * libraries), the project tree at its host path (read-only, the steps' working directory)
- * and a per-run job folder at /job (the env file and the step list). It also has QEMU's
- * intel-iommu and a virtio-net-pci device behind it, which the `vp-vdpa` kind hands to vp_vdpa.
+ * and a per-run job folder at /job (the env file, the step list and the blk kinds' disk images).
+ * It also has QEMU's intel-iommu with a virtio-net-pci and a virtio-blk-pci device behind it,
+ * which the `vp-vdpa` and `vp-vdpa-blk` kinds hand to vp_vdpa. The disk images are read back
+ * after the run (VmResult.images), so the host can check what the guest's I/O wrote.
  *
  * No step has a time limit: a guest under TCG on a loaded machine runs several times slower
  * than on a quiet one, so the only limit is the whole run's (the tier's budget). A step that
@@ -18,10 +20,11 @@
  * checks first for vduse) and streams the console.
  */
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { BLK_IMAGE_BYTES, BLK_KINDS, blkImageName, checkBlkImage } from './blk-plan.ts';
 import { bundleForGuest, bundleName } from './bundle.ts';
 import { bundlePath } from './guest-js.ts';
 
@@ -36,6 +39,7 @@ export const KINDS = [
   'sim-dma-va',
   'sim-setmap-pa',
   'sim-setmap-va',
+  ...BLK_KINDS,
 ] as const;
 export type Kind = (typeof KINDS)[number];
 
@@ -71,6 +75,8 @@ export interface VmResult {
   seconds: number;
   /** The console, escape sequences and carriage returns removed. */
   console: string;
+  /** The blk kinds' disk images (by kind) as they were when QEMU exited. */
+  images: Record<string, Buffer>;
 }
 
 export interface RunVmOptions {
@@ -171,6 +177,11 @@ export async function runVm(opts: RunVmOptions): Promise<VmResult> {
       path.join(job, 'steps'),
       opts.steps.map((s) => `${s.kind}\t${s.name}\t${s.command}\n`).join(''),
     );
+    // The blk kinds' disks: zeros, BLK_IMAGE_BYTES each, checked by the host after the run.
+    for (const kind of BLK_KINDS) {
+      await writeFile(path.join(job, blkImageName(kind)), '');
+      await truncate(path.join(job, blkImageName(kind)), BLK_IMAGE_BYTES);
+    }
     const share = (dir: string, tag: string, ro: boolean) => [
       '-virtfs',
       `local,path=${dir},mount_tag=${tag},security_model=none${ro ? ',readonly=on' : ''}`,
@@ -182,6 +193,9 @@ export async function runVm(opts: RunVmOptions): Promise<VmResult> {
       // (39-bit address width: GET_IOVA_RANGE [0, 0x7fffffffff]).
       ...['-device', 'intel-iommu,intremap=off'],
       ...['-device', 'virtio-net-pci,iommu_platform=on,disable-legacy=on'],
+      // The vp-vdpa-blk kind: the same for a virtio-blk-pci on a host image.
+      ...['-drive', `file=${path.join(job, blkImageName('vp-vdpa-blk'))},format=raw,if=none,id=vb0`],
+      ...['-device', 'virtio-blk-pci,drive=vb0,iommu_platform=on,disable-legacy=on'],
       ...['-kernel', path.join(opts.vmDir, 'vmlinuz'), '-initrd', path.join(opts.vmDir, 'initramfs.gz')],
       ...['-append', 'console=ttyS0 panic=-1 quiet intel_iommu=on'],
       ...share('/usr', 'usr', true),
@@ -198,6 +212,7 @@ export async function runVm(opts: RunVmOptions): Promise<VmResult> {
     const seconds = (performance.now() - started) / 1000;
     const result = parseConsole(cleanConsole(stdout + stderr), opts.steps);
     result.seconds = seconds;
+    for (const kind of BLK_KINDS) result.images[kind] = await readFile(path.join(job, blkImageName(kind)));
     if (timedOut) fail(result, `qemu killed after ${timeoutMs / 1000} s (hard timeout)`);
     else if (code !== 0) fail(result, `qemu exited with ${code}`);
     return result;
@@ -226,6 +241,7 @@ export function parseConsole(text: string, steps: GuestStep[]): VmResult {
     guestTimes: {},
     seconds: 0,
     console: text,
+    images: {},
   };
   let verdict: string | undefined;
   for (const line of text.split('\n')) {
@@ -315,6 +331,14 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.a
   ]);
   await bundleSteps(steps);
   const result = await runVm({ vmDir, steps, onConsole: (text) => process.stdout.write(text) });
+  for (const kind of BLK_KINDS.filter((k) => kinds.includes(k))) {
+    try {
+      console.log(`image ${kind}: ${checkBlkImage(kind, result.images[kind]!)}`);
+    } catch (e) {
+      console.log(`image ${kind}: FAIL ${(e as Error).message}`);
+      result.pass = false;
+    }
+  }
   console.log(`\n${result.pass ? 'PASS' : `FAIL: ${result.reason}`} (${result.seconds.toFixed(1)} s)`);
   process.exitCode = result.pass ? 0 : 1;
 }

@@ -275,4 +275,20 @@ describe('vdpa relay over a simulated blk vhost-vdpa device', () => {
       tmp.cleanup();
     }
   });
+
+  it('takes a device without IOTLB_PERSIST whose parent the caller knows keeps its mappings (VDUSE)', async () => {
+    const tmp = tmpRegistry();
+    const features = backendFeatureMask('IOTLB_MSG_V2', 'IOTLB_BATCH', 'IOTLB_ASID');
+    const dev = new SimulatedDevice(
+      { name: 'vd0', disk: diskPath, iommu: 'onchip', useVa: true, keepsMapOnReset: true, features },
+      tmp.registry,
+    );
+    try {
+      const relay = new VdpaRelay(dev, async () => {}, undefined, { parentKeepsMappingsAtReset: true });
+      assert.equal(relay.queueCount, dev.facts().vqCount);
+    } finally {
+      await dev.close();
+      tmp.cleanup();
+    }
+  });
 });

@@ -1,7 +1,7 @@
 /**
  * A vhost-user-blk backend for tests: the vhost-user backend with the vdpa relay over a simulated
  * vhost-vdpa blk device (vdpa_sim_blk-like: its own data path serves a disk file by DMA through
- * its IOTLB). The relay hands the memory table to `memory`, which here maps it straight into the
+ * its IOTLB), or over any vhost-vdpa blk device `openDevice` gives (the kernel tier's). The relay hands the memory table to `memory`, which here maps it straight into the
  * device (IOVA = guest physical address, each region mapped from the file its fd names); in the
  * agent it goes through the device queue.
  */
@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { SimulatedDevice } from '../../src/device/simulated.ts';
+import type { VhostVdpaDevice } from '../../src/device/vhost-vdpa.ts';
 import type { VirtioBlk } from '../../src/device/virtio-blk.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
 import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
@@ -20,21 +21,27 @@ import {
 } from '../../src/vhost-user/backend.ts';
 import { fileKeyId, type MemoryDiff, type TableRegion } from '../../src/vhost-user/memory-table.ts';
 import { type VhostUserConnection, VhostUserListener } from '../../src/vhost-user/transport.ts';
-import { VdpaRelay } from '../../src/vhost-user/vdpa-relay.ts';
+import { VdpaRelay, type VdpaRelayOptions } from '../../src/vhost-user/vdpa-relay.ts';
 
-export interface RelayBlkOptions {
+export interface RelayBlkOptions<D extends VhostVdpaDevice> {
   /** Serve this socket; without it, connections are handed to serve(). */
   socketPath?: string;
-  diskPath: string;
+  /** The simulated device's disk (when there is no `openDevice`). */
+  diskPath?: string;
+  /** Opens the device to relay to, its memory in the backend's registry; default the simulated one. */
+  openDevice?: (registry: SharedMemoryRegistry) => D;
+  relay?: VdpaRelayOptions;
   /** Deliberately wrong mapping (for the negative test): IOVA = guest physical + this. */
   iovaSkew?: bigint;
+  /** Deliberately missing mapping (for the negative test): regions from this guest physical address on are not mapped. */
+  unmappedFrom?: bigint;
   backend?: Omit<VhostUserBackendOptions, 'logger'>;
   logger?: BackendLogger;
 }
 
-export class RelayBlkBackend {
+export class RelayBlkBackend<D extends VhostVdpaDevice = SimulatedDevice> {
   readonly registry: SharedMemoryRegistry;
-  readonly device: SimulatedDevice;
+  readonly device: D;
   readonly relay: VdpaRelay;
   /** Every IOTLB op the device was sent, in order, for assertions on what a change cost. */
   readonly ops: IotlbOp[] = [];
@@ -45,16 +52,12 @@ export class RelayBlkBackend {
   private readonly files = new Map<string, { id: string; regions: number }>();
   private readonly errors: Error[] = [];
 
-  constructor(readonly options: RelayBlkOptions) {
+  constructor(readonly options: RelayBlkOptions<D>) {
     this.stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-vu-'));
     this.registry = new SharedMemoryRegistry({ allowedRoots: [], stateDir: this.stateDir });
-    // vdpa_sim_blk with batch_mapping=0 and use_va=1: one dma_map per UPDATE, nothing pinned.
-    this.device = new SimulatedDevice(
-      { name: 'vublk0', disk: options.diskPath, iommu: 'onchip', onchipMap: 'dma_map', useVa: true },
-      this.registry,
-      options.logger,
-    );
-    this.relay = new VdpaRelay(this.device, (diff) => this.memory(diff), options.logger);
+    // Without openDevice, D is its default, SimulatedDevice.
+    this.device = options.openDevice?.(this.registry) ?? (this.simulatedDevice() as unknown as D);
+    this.relay = new VdpaRelay(this.device, (diff) => this.memory(diff), options.logger, options.relay);
     const { socketPath } = options;
     this.listener =
       socketPath === undefined
@@ -72,8 +75,9 @@ export class RelayBlkBackend {
           });
   }
 
-  /** The device's data path (its counters show the I/O and every fault). */
+  /** The simulated device's data path (its counters show the I/O and every fault). */
   get blk(): VirtioBlk {
+    if (!(this.device instanceof SimulatedDevice)) throw new Error(`${this.device.name} is not simulated`);
     return this.device.simulator.vrings.blk!;
   }
 
@@ -103,9 +107,20 @@ export class RelayBlkBackend {
     fs.rmSync(this.stateDir, { recursive: true, force: true });
   }
 
+  /** vdpa_sim_blk with batch_mapping=0 and use_va=1: one dma_map per UPDATE, nothing pinned. */
+  private simulatedDevice(): SimulatedDevice {
+    const disk = this.options.diskPath;
+    if (disk === undefined) throw new Error('RelayBlkBackend: diskPath or openDevice is needed');
+    const spec = { name: 'vublk0', disk, iommu: 'onchip', onchipMap: 'dma_map', useVa: true } as const;
+    return new SimulatedDevice(spec, this.registry, this.options.logger);
+  }
+
   /** The relay's memory callback: the diff as IOTLB ops, applied to the device in one call. */
   private async memory(diff: MemoryDiff): Promise<void> {
     const skew = this.options.iovaSkew ?? 0n;
+    const unmappedFrom = this.options.unmappedFrom;
+    const mapped = (r: TableRegion) => unmappedFrom === undefined || r.guestAddr < unmappedFrom;
+    diff = { ...diff, removed: diff.removed.filter(mapped), added: diff.added.filter(mapped) };
     const ops: IotlbOp[] = [];
     for (const r of diff.removed) {
       ops.push({ type: 'invalidate', asid: 0, iova: r.guestAddr + skew, size: r.size });

@@ -182,7 +182,8 @@ export class Service {
    */
   static async start(
     name: string,
-    bundle: 'agent' | 'api',
+    /** `agent`, `api` or a guest script's bundle (bundle.ts). */
+    bundle: string,
     args: string[],
     ready: (line: string) => boolean,
     timeoutMs = WAIT_MS,
