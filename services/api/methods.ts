@@ -42,7 +42,7 @@ function device(message: Message): string {
 
 /** How a transport words an answer where it differs (REST streams a large SetMemTable answer). */
 export interface AnswerFormats {
-  setMemTable: (r: SetMemTableResult) => object;
+  setMemTable: (r: SetMemTableResult) => object | Promise<object>;
 }
 
 export function apiHandlers(
