@@ -15,37 +15,12 @@ import {
 import { MAPD_PACKAGE, packageDefinition } from '../../services/api/proto.ts';
 import { formatSetMemTableResult } from '../../src/api/format.ts';
 import type { SetMemTableResult } from '../../src/core/types.ts';
-import type { IotlbOp, Mapping } from '../../src/iotlb/types.ts';
+import { setMemTableResult } from './api-arbitraries.ts';
 
 const mappingService = packageDefinition[`${MAPD_PACKAGE}.MappingService`] as ServiceDefinition;
 const grpcJs = mappingService.SetMemTable as MethodDefinition<object, object>;
 
-const u64 = fc.bigInt({ min: 0n, max: (1n << 64n) - 1n });
-const mapping: fc.Arbitrary<Mapping> = fc.record({
-  asid: fc.nat(),
-  iova: u64,
-  size: u64,
-  memory: fc.string({ maxLength: 8 }),
-  offset: u64,
-  perm: fc.constantFrom('ro' as const, 'wo' as const, 'rw' as const),
-});
-const op: fc.Arbitrary<IotlbOp> = fc.oneof(
-  mapping.map((m) => ({ type: 'update' as const, ...m })),
-  fc.record({ type: fc.constant('invalidate' as const), asid: fc.nat(), iova: u64, size: u64 }),
-);
-/** Short lists mostly, and now and then one longer than a slice (2,048 elements). */
-const list = <T>(item: fc.Arbitrary<T>) =>
-  fc.oneof(
-    { weight: 4, arbitrary: fc.array(item, { maxLength: 8 }) },
-    { weight: 1, arbitrary: fc.array(item, { minLength: 2_049, maxLength: 5_000 }) },
-  );
-const result: fc.Arbitrary<SetMemTableResult> = fc.record({
-  dryRun: fc.boolean(),
-  ops: list(op),
-  invalidated: list(mapping),
-  mapped: list(mapping),
-  unchanged: fc.nat(),
-});
+const result = setMemTableResult({ minLength: 2_049, maxLength: 5_000 });
 
 test('the answer is coded to the bytes grpc-js writes for it', async () => {
   await fc.assert(
