@@ -31,6 +31,11 @@ import { type ApiAuth, AuthError } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
 import { API_METHODS } from './api-table.ts';
+import {
+  decodeSetMemTableRequest,
+  encodeSetMemTableAnswer,
+  withBytesSetMemTable,
+} from './grpc-set-mem-table.ts';
 import { apiHandlers } from './methods.ts';
 import { API_SERVICES, packageDefinition, reflectionDefinition } from './proto.ts';
 
@@ -221,7 +226,8 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
   };
 
   // Every RPC of the proto: the unary ones by the handlers REST shares, the stream by its own.
-  const handlers = apiHandlers(service, limits);
+  // SetMemTable's messages pass grpc-js as bytes, coded in slices (grpc-set-mem-table.ts).
+  const handlers = apiHandlers(service, limits, { setMemTable: encodeSetMemTableAnswer });
   const streams: Readonly<Record<string, UntypedServiceImplementation[string]>> = {
     WatchMappings: watchMappings,
   };
@@ -231,11 +237,18 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
       const stream = streams[method.name];
       const handle = handlers[method.name];
       if (method.serverStreaming && stream) implementation[method.name] = stream;
+      else if (method.name === 'SetMemTable' && handle)
+        implementation[method.name] = unary(method.name, async (r) =>
+          handle(body(await decodeSetMemTableRequest(r as unknown as Buffer))),
+        );
       else if (!method.serverStreaming && handle)
         implementation[method.name] = unary(method.name, (r) => handle(body(r)));
       else throw new Error(`${name}/${method.name} has no implementation`);
     }
-    server.addService(measured(packageDefinition[name] as ServiceDefinition), implementation);
+    server.addService(
+      measured(withBytesSetMemTable(packageDefinition[name] as ServiceDefinition)),
+      implementation,
+    );
   }
 
   const health = new HealthImplementation();

@@ -10,17 +10,37 @@ function join(path: string, key: string): string {
   return path === '' ? key : `${path}.${key}`;
 }
 
+/** Whether any key of `value`, at any depth, is a proto name to rename: a walk that builds nothing. */
+function hasProtoNames(value: unknown, names: ReadonlyMap<string, string>): boolean {
+  if (Array.isArray(value)) {
+    for (const item of value) if (hasProtoNames(item, names)) return true;
+    return false;
+  }
+  if (typeof value !== 'object' || value === null) return false;
+  const record = value as Record<string, unknown>;
+  for (const key in record) {
+    if (!Object.hasOwn(record, key)) continue;
+    if (names.has(key) || hasProtoNames(record[key], names)) return true;
+  }
+  return false;
+}
+
 /**
  * `value` with every proto field name renamed to its JSON name, at any depth; the same value when
- * none is there. A field given under both names is refused, naming it.
+ * none is there (found without rebuilding it: a 65,536-region table has none). A field given under
+ * both names is refused, naming it.
  */
-export function withJsonNames(value: unknown, path = ''): unknown {
+export function withJsonNames(value: unknown): unknown {
+  return hasProtoNames(value, originalFieldNames()) ? renamed(value, '') : value;
+}
+
+function renamed(value: unknown, path: string): unknown {
   if (Array.isArray(value)) {
     let changed = false;
     const out = value.map((item, i) => {
-      const renamed = withJsonNames(item, `${path}[${i}]`);
-      changed ||= renamed !== item;
-      return renamed;
+      const next = renamed(item, `${path}[${i}]`);
+      changed ||= next !== item;
+      return next;
     });
     return changed ? out : value;
   }
@@ -32,7 +52,7 @@ export function withJsonNames(value: unknown, path = ''): unknown {
     if (name !== key && Object.hasOwn(record, name)) {
       throw invalid(join(path, name), `given twice, as ${key} and as ${name}`);
     }
-    const item = withJsonNames(record[key], join(path, name));
+    const item = renamed(record[key], join(path, name));
     changed ||= name !== key || item !== record[key];
     return [name, item];
   });

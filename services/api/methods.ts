@@ -27,7 +27,7 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import type { MapdService } from '../../src/core/types.ts';
+import type { MapdService, SetMemTableResult } from '../../src/core/types.ts';
 import { API_METHODS } from './api-table.ts';
 
 export type Message = Readonly<Record<string, unknown>>;
@@ -42,7 +42,16 @@ function device(message: Message): string {
   return parseId(message.device, 'device');
 }
 
-export function apiHandlers(service: MapdService, limits: ApiLimits): Readonly<Record<string, Handler>> {
+/** How a transport words an answer where it differs (REST streams a large SetMemTable answer). */
+export interface AnswerFormats {
+  setMemTable: (r: SetMemTableResult) => object | Promise<object>;
+}
+
+export function apiHandlers(
+  service: MapdService,
+  limits: ApiLimits,
+  formats: AnswerFormats = { setMemTable: formatSetMemTableResult },
+): Readonly<Record<string, Handler>> {
   const handlers: Record<string, Handler> = {
     ListDevices: async () => ({ devices: (await service.listDevices()).map(formatDevice) }),
     GetDevice: async (m) => ({ device: formatDevice(await service.getDevice(device(m))) }),
@@ -58,7 +67,7 @@ export function apiHandlers(service: MapdService, limits: ApiLimits): Readonly<R
     SetMemTable: async (m) => {
       const dryRun = parseBoolParam(m.dryRun, 'dryRun');
       const req = parseSetMemTable(device(m), rest(m, 'device', 'dryRun'), dryRun, limits);
-      return formatSetMemTableResult(await service.setMemTable(req));
+      return formats.setMemTable(await service.setMemTable(req));
     },
     Batch: async (m) =>
       formatBatchResult(await service.batch(parseBatch(device(m), rest(m, 'device'), limits))),

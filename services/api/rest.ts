@@ -1,10 +1,10 @@
 /**
  * The REST transport: fastify routes over the MapdService, one per `google.api.http` rule of the
- * proto (services/api/api-table.ts). Bodies are parsed as JSON by fastify (with its
- * prototype-poisoning guards and the body limit), checked against the route's schema (generated
- * from the proto), then read by src/api like gRPC's messages.
+ * proto (services/api/api-table.ts). Bodies are parsed as JSON (src/api/json-body.ts: fastify's
+ * prototype-poisoning guards, large bodies in slices) within fastify's body limit, checked against
+ * the route's schema (generated from the proto), then read by src/api like gRPC's messages.
  */
-import { Transform } from 'node:stream';
+import { Readable, Transform } from 'node:stream';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import Fastify, {
@@ -22,8 +22,8 @@ import { Ajv, type ValidateFunction } from 'ajv';
 import { errorBody, httpStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
 import type { ApiLimits } from '../../src/api/parse.ts';
 import type { InFlightBytes } from '../../src/api/inflight.ts';
-import { findDuplicateKey } from '../../src/api/json-keys.ts';
-import { invalid } from '../../src/core/u64.ts';
+import { setMemTableAnswer } from '../../src/api/json-answer.ts';
+import { parseJsonBody } from '../../src/api/json-body.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { MapdService } from '../../src/core/types.ts';
 import { REST_METHODS, routerPath } from './api-table.ts';
@@ -83,17 +83,7 @@ type App = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawRep
  */
 function parseJsonBodies(app: App): void {
   app.removeAllContentTypeParsers();
-  const json = app.getDefaultJsonParser('error', 'error');
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
-    const text = body.toString();
-    if (text === '') return done(null, undefined);
-    json(req, text, (err, value) => {
-      if (err) return done(err);
-      const duplicate = findDuplicateKey(text);
-      if (duplicate !== undefined) return done(invalid(duplicate, 'given twice'));
-      done(null, value);
-    });
-  });
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, parseJsonBody);
 }
 
 /** Requests are checked against their route's schema (built from the proto). */
@@ -264,7 +254,9 @@ export async function buildRestApp(opts: RestOptions) {
   });
   await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { validatorUrl: null } });
 
-  const handlers = apiHandlers(service, limits);
+  // A large SetMemTable answer is a stream of its JSON: fastify neither serializes nor checks it
+  // (checkAnswers) but sends it as read; json-answer.ts writes the bytes the schema'd answer has.
+  const handlers = apiHandlers(service, limits, { setMemTable: setMemTableAnswer });
   for (const method of REST_METHODS) {
     const { http } = method;
     const handle = handlers[method.name]!;
@@ -282,6 +274,7 @@ export async function buildRestApp(opts: RestOptions) {
         const parts = [request.body, request.query, request.params] as (object | undefined)[];
         const answer = await handle(Object.assign({}, ...parts));
         reply.code(http.status);
+        if (answer instanceof Readable) void reply.type('application/json; charset=utf-8');
         return http.status === 204 ? reply.send() : answer;
       },
     });

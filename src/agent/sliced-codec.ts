@@ -82,7 +82,8 @@ export async function deserializeInSlices<T extends object>(
     parts.push(deserialize(piece));
   }
   const merged = { ...parts[0]! } as Record<string, unknown>;
-  for (const key of Object.keys(merged)) {
+  // A field may come after the repeated one (in a later part only): the keys of every part.
+  for (const key of new Set(parts.flatMap((p) => Object.keys(p)))) {
     if (key === field) continue;
     const set = parts.find((p) => {
       const v = (p as Record<string, unknown>)[key];

@@ -62,6 +62,8 @@ async function* slices(text: string, keys: DuplicateKeyScan): AsyncGenerator<str
     const to = keys.position;
     AFTER_COMMA.lastIndex = to;
     if (to < text.length && !AFTER_COMMA.test(text)) throw new Refused();
+    // json-ext takes a text that stops inside an object or array as if it were closed there.
+    if (to === text.length && keys.openDepth !== 0) throw new Refused();
     yield text.slice(from, to);
     from = to;
   }

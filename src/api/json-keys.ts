@@ -23,6 +23,11 @@ export class DuplicateKeyScan {
     return this.at >= this.text.length;
   }
 
+  /** Objects and arrays opened and not closed yet, up to where the scan stopped. */
+  get openDepth(): number {
+    return this.stack.length;
+  }
+
   /** Where the next scanTo() reads on from: after a comma between two values, or the end. */
   get position(): number {
     return this.at;

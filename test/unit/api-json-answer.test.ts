@@ -8,33 +8,10 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { SLICED_ANSWER_ITEMS, setMemTableAnswer, setMemTableJson } from '../../src/api/json-answer.ts';
 import type { SetMemTableResult } from '../../src/core/types.ts';
-import type { IotlbOp, Mapping } from '../../src/iotlb/types.ts';
+import type { Mapping } from '../../src/iotlb/types.ts';
+import { mapping, setMemTableResult } from './api-arbitraries.ts';
 
-const u64 = fc.bigInt({ min: 0n, max: (1n << 64n) - 1n });
-const mapping: fc.Arbitrary<Mapping> = fc.record({
-  asid: fc.nat(),
-  iova: u64,
-  size: u64,
-  memory: fc.string({ unit: 'binary', maxLength: 8 }),
-  offset: u64,
-  perm: fc.constantFrom('ro' as const, 'wo' as const, 'rw' as const),
-});
-const op: fc.Arbitrary<IotlbOp> = fc.oneof(
-  mapping.map((m) => ({ type: 'update' as const, ...m })),
-  fc.record({ type: fc.constant('invalidate' as const), asid: fc.nat(), iova: u64, size: u64 }),
-);
-const list = <T>(item: fc.Arbitrary<T>) =>
-  fc.oneof(
-    { weight: 4, arbitrary: fc.array(item, { maxLength: 8 }) },
-    { weight: 1, arbitrary: fc.array(item, { minLength: 300, maxLength: 700 }) },
-  );
-const result: fc.Arbitrary<SetMemTableResult> = fc.record({
-  dryRun: fc.boolean(),
-  ops: list(op),
-  invalidated: list(mapping),
-  mapped: list(mapping),
-  unchanged: fc.nat(),
-});
+const result = setMemTableResult({ minLength: 300, maxLength: 700 });
 
 /** The answer as the REST layer formats it, written independently: u64 as 0x hex. */
 const hex = (v: bigint) => `0x${v.toString(16)}`;

@@ -61,6 +61,16 @@ test('a large body with a syntax error is refused as JSON.parse words it, with s
   }
 });
 
+test('a large body cut short inside its objects or arrays is refused as JSON.parse refuses it', async () => {
+  const full = table(65_536);
+  for (const text of [full.slice(0, -1), full.slice(0, -2), `${full.slice(0, -2)},{"iova":"0x0"`]) {
+    const { err, value } = await parse(text);
+    assert.equal(value, undefined);
+    assert.equal(err?.statusCode, 400);
+    assert.throws(() => JSON.parse(text), { message: err?.message });
+  }
+});
+
 for (const [what, edit] of [
   ['__proto__', (r: string) => r.replace('"memory"', '"__proto__":{"x":1},"memory"')],
   ['constructor.prototype', (r: string) => r.replace('"memory"', '"constructor":{"prototype":{}},"memory"')],

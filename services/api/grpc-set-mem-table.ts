@@ -1,0 +1,51 @@
+/**
+ * SetMemTable over gRPC carries a whole memory table each way (65,536 regions in; 65,536 ops and
+ * as many mappings out), which grpc-js would decode and encode in one synchronous piece each,
+ * holding every other device's calls for as long. Its messages pass grpc-js as bytes instead, and
+ * are decoded and encoded here in slices with the agent hop's codec (src/agent/sliced-codec.ts):
+ * the same bytes as grpc-js's own serializer, the same decoded request.
+ */
+import type { MethodDefinition, ServiceDefinition } from '@grpc/grpc-js';
+import { deserializeInSlices, mapInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
+import { formatMapping, formatOp } from '../../src/api/format.ts';
+import { ServiceError } from '../../src/core/errors.ts';
+import type { SetMemTableResult } from '../../src/core/types.ts';
+import { MAPD_PACKAGE, packageDefinition } from './proto.ts';
+
+const passThrough = (b: Buffer): Buffer => b;
+
+const method = (packageDefinition[`${MAPD_PACKAGE}.MappingService`] as ServiceDefinition)
+  .SetMemTable as MethodDefinition<object, object>;
+
+/** `definition` with SetMemTable (when it has it) taking and giving bytes. */
+export function withBytesSetMemTable(definition: ServiceDefinition): ServiceDefinition {
+  if (definition.SetMemTable !== method) return definition;
+  const bytes = { ...method, requestDeserialize: passThrough, responseSerialize: passThrough };
+  return { ...definition, SetMemTable: bytes as unknown as MethodDefinition<object, object> };
+}
+
+/** The request as grpc-js would have decoded it; bytes that are no SetMemTableRequest as it refuses them. */
+export async function decodeSetMemTableRequest(bytes: Buffer): Promise<object> {
+  try {
+    return await deserializeInSlices(method.requestDeserialize, bytes, 'regions' as keyof object);
+  } catch (e) {
+    throw new ServiceError('INTERNAL', `Error deserializing request: ${(e as Error).message}`);
+  }
+}
+
+/**
+ * The answer's bytes, field by field in field-number order as protobufjs writes them (dry_run,
+ * ops, invalidated, mapped, unchanged), each list formatted and encoded a slice at a time.
+ */
+export async function encodeSetMemTableAnswer(r: SetMemTableResult): Promise<Buffer> {
+  const encode = method.responseSerialize as (message: object) => Buffer;
+  const list = async (field: string, items: Promise<object[]>) =>
+    serializeInSlices(encode, { [field]: await items } as Record<string, unknown>, field);
+  return Buffer.concat([
+    encode({ dryRun: r.dryRun }),
+    await list('ops', mapInSlices(r.ops, formatOp)),
+    await list('invalidated', mapInSlices(r.invalidated, formatMapping)),
+    await list('mapped', mapInSlices(r.mapped, formatMapping)),
+    encode({ unchanged: r.unchanged }),
+  ]);
+}
