@@ -8,7 +8,8 @@
  */
 import { Ajv, type ValidateFunction } from 'ajv';
 import protobuf from 'protobufjs';
-import { parseId, parseRequestId, MAX_REQUEST_ID } from '../../src/api/parse.ts';
+import { parseId, parseRequestId } from '../../src/api/parse.ts';
+import { MAX_REQUEST_ID } from '../../src/core/types.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import { invalid, parseU32, parseU64, typeName } from '../../src/core/u64.ts';
 import { ID_PATTERN } from '../../src/id.ts';

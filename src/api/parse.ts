@@ -5,14 +5,15 @@
  */
 import { ID_RULE, isValidId } from '../id.ts';
 import type { Perm, Region } from '../iotlb/types.ts';
-import type {
-  AttachDeviceRequest,
-  BatchOp,
-  BatchRequest,
-  MapRequest,
-  RegisterMemoryRequest,
-  SetMemTableRequest,
-  UnmapRequest,
+import {
+  type AttachDeviceRequest,
+  type BatchOp,
+  type BatchRequest,
+  MAX_REQUEST_ID,
+  type MapRequest,
+  type RegisterMemoryRequest,
+  type SetMemTableRequest,
+  type UnmapRequest,
 } from '../core/types.ts';
 import { invalid, parseU32, parseU64, typeName } from '../core/u64.ts';
 import { U64_LIMIT } from '../u64.ts';
@@ -39,7 +40,6 @@ export const DEFAULT_LIMITS: ApiLimits = {
 };
 
 /** The longest idempotency key (requestId) taken. */
-export const MAX_REQUEST_ID = 128;
 const PERM_VALUES: readonly Perm[] = ['ro', 'wo', 'rw'];
 
 /** A JSON object's own fields, checked against the fields the message has. */

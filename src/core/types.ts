@@ -31,6 +31,9 @@ export interface Idempotent {
   requestId?: string;
 }
 
+/** The longest requestId a caller may give (characters). */
+export const MAX_REQUEST_ID = 128;
+
 export interface MapRequest extends MapSpec, Idempotent {
   device: string;
 }

@@ -14,6 +14,7 @@ import type { IdempotencyRecord } from '../state/desired.ts';
 import { encodeJson } from '../state/codec.ts';
 import type { StateStore } from '../state/store.ts';
 import { ServiceError, type ServiceErrorInfo } from '../core/errors.ts';
+import { MAX_REQUEST_ID } from '../core/types.ts';
 
 /** How an answer is kept: the result, or the error's info. */
 export type StoredAnswer = { ok: unknown } | { error: ServiceErrorInfo };
@@ -74,8 +75,8 @@ export class Idempotency {
     execute: (digest: string | undefined) => Promise<T>,
   ): Promise<T> {
     if (requestId === undefined) return execute(undefined);
-    if (typeof requestId !== 'string' || requestId === '' || requestId.length > 256) {
-      throw new ServiceError('INVALID_ARGUMENT', 'requestId must be 1 to 256 characters', {
+    if (typeof requestId !== 'string' || requestId === '' || requestId.length > MAX_REQUEST_ID) {
+      throw new ServiceError('INVALID_ARGUMENT', `requestId must be 1 to ${MAX_REQUEST_ID} characters`, {
         field: 'requestId',
       });
     }
