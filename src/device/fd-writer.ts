@@ -47,7 +47,10 @@ const control = new Int32Array(shared, 0, ${CONTROL_BYTES / 4});
 const message = new Uint8Array(shared, ${CONTROL_BYTES}, ${MESSAGE_BYTES});
 const errno = new Uint8Array(shared, ${CONTROL_BYTES + MESSAGE_BYTES}, ${ERRNO_BYTES});
 for (;;) {
-  Atomics.wait(control, ${STATE}, ${IDLE});
+  // A wake-up is not a request: the caller's notify can land after this thread already served
+  // that request and went back to waiting (the caller was descheduled between its store and its
+  // notify). Writing then would send the last message twice, or one the caller is still filling.
+  while (Atomics.load(control, ${STATE}) === ${IDLE}) Atomics.wait(control, ${STATE}, ${IDLE});
   if (Atomics.load(control, ${STATE}) === ${STOP}) break;
   try {
     control[${RESULT}] = fs.writeSync(fd, message, 0, control[${LENGTH}]);
