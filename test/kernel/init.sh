@@ -111,7 +111,14 @@ kind_up() {
     done
     # 0: the kernel waits for the daemon's answer (no limit tighter than the tier's budget).
     echo 0 >/sys/class/vduse/vduse-blk0/msg_timeout
-    vdpa dev add name vduse-blk0 mgmtdev vduse || { echo 'vdpa dev add (vduse-blk0)'; return 1; }
+    # The node appears at VDUSE_CREATE_DEV, before the daemon has set up its queues
+    # (VDUSE_VQ_SETUP): until then vduse_dev_is_ready() is false and vdpa_dev_add() answers EINVAL.
+    i=0
+    until vdpa dev add name vduse-blk0 mgmtdev vduse 2>/tmp/vdpa-add.err; do
+      i=$((i + 1))
+      [ "$i" -gt 1200 ] && { echo 'vdpa dev add (vduse-blk0)'; cat /tmp/vdpa-add.err; return 1; }
+      sleep 0.1
+    done
     echo "qemu-storage-daemon $(qemu-storage-daemon --version | head -1 | cut -d' ' -f3) pid $qsd_pid, vduse-blk0"
     ;;
   sim-*)
