@@ -122,14 +122,18 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
       'the empty table applied',
       async () => (await client.listMapped('vublk0')).mappings.length === 0,
     );
-    assert.deepEqual((await http('GET', '/v1/devices/vublk0/mappings')).body.mappings, []);
+    // The API server learns of the new table from the agent's attachment watch, a moment later.
+    await until(
+      'the API server holds the empty table',
+      async () => (await http('GET', '/v1/devices/vublk0/mappings')).body.mappings.length === 0,
+    );
     await until("the guest's memory released", async () =>
       (await client.listMemory()).every((m) => !m.id.startsWith('vhost-user-')),
     );
-    const memory = (await http('GET', '/v1/memory')).body.memory as { id: string }[];
-    assert.ok(
-      memory.every((m) => !m.id.startsWith('vhost-user-')),
-      "the API server forgot the guest's memory",
+    await until("the API server forgot the guest's memory", async () =>
+      ((await http('GET', '/v1/memory')).body.memory as { id: string }[]).every(
+        (m) => !m.id.startsWith('vhost-user-'),
+      ),
     );
   } finally {
     qemu?.kill();
