@@ -10,8 +10,17 @@
  * The subscription is made after every pass of the agent link that finds none live (a new agent, a
  * reconnection); the agent re-sends every request still waiting, so one an API server restart
  * left unanswered is answered by the next.
+ *
+ * Each attachment is kept in the desired state (what Attach asked for), so it outlives the agent
+ * and the API server: when a subscription's `watching` lacks a recorded device (its agent died, or
+ * an API server restarted meanwhile), the device is attached again at this agent on the same
+ * socket, for the VMM to reconnect to. Before that, asid 0 is emptied: the VMM's connection died
+ * with the old agent and the kernel unmapped everything its owner had mapped (vhost_vdpa_release
+ * frees the IOTLB), so the device maps none of it; the VMM sends its whole table again when it
+ * reconnects (vhost_user_blk_connect restarts a started device). While no VMM is connected asid 0
+ * is therefore empty, and still the VMM's: the orchestrator is refused there until Detach.
  */
-import type { AgentError } from '../agent/errors.ts';
+import { AgentError } from '../agent/errors.ts';
 import type { AttachmentEvent, AttachmentInfo } from '../agent/wire.ts';
 import { fromAgentError } from '../core/agent-errors.ts';
 import type { AgentPort } from '../core/agent-port.ts';
@@ -19,6 +28,7 @@ import { ServiceError } from '../core/errors.ts';
 import type { CoreLogger } from '../core/logger.ts';
 import type { AttachDeviceRequest } from '../core/types.ts';
 import type { Region } from '../iotlb/types.ts';
+import type { AttachmentRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
 import type { DeviceRegistry } from './devices.ts';
 import type { MemoryCatalog } from './memory.ts';
@@ -32,8 +42,10 @@ const NOT_READY_PATIENCE_MS = 20_000;
 type MemoryTableEvent = Extract<AttachmentEvent, { type: 'memoryTable' }>;
 
 export class Attachments {
-  /** Devices the agent serves a vhost-user socket for. */
+  /** Devices whose asid 0 is a VMM's: the recorded ones, and any the agent serves. */
   private readonly attached = new Set<string>();
+  /** Attach, Detach and restores of one device, one after another. */
+  private readonly turns = new Map<string, Promise<unknown>>();
   private watch: { cancel(): void } | undefined;
   private stopped = false;
 
@@ -46,44 +58,68 @@ export class Attachments {
     private readonly logger: CoreLogger | undefined,
     /** The subscription failed: the link should run a pass (which subscribes again). */
     private readonly onEnded: () => void,
-  ) {}
+  ) {
+    for (const device of store.state.attachments.keys()) this.attached.add(device);
+  }
 
   /** Whether asid 0 of the device is an attached VMM's. */
   owns(device: string): boolean {
     return this.attached.has(device);
   }
 
-  async attach(req: AttachDeviceRequest): Promise<AttachmentInfo> {
+  attach(req: AttachDeviceRequest): Promise<AttachmentInfo> {
     const slot = this.devices.withFacts(req.device);
-    const asid0 = [...(this.store.state.devices.get(slot.name)?.mappings.values() ?? [])].filter(
-      (m) => m.asid === 0,
-    ).length;
-    if (asid0 > 0 && !this.attached.has(slot.name)) {
-      throw new ServiceError(
-        'FAILED_PRECONDITION',
-        `address space 0 of device ${slot.name} holds ${asid0} mapping(s): an attached VMM's memory ` +
-          'table replaces the whole of it, so unmap them first',
-        { field: 'device' },
-      );
-    }
-    try {
-      const info = await this.port.attach(req);
+    return this.inTurn(slot.name, async () => {
+      const asid0 = [...(this.store.state.devices.get(slot.name)?.mappings.values() ?? [])].filter(
+        (m) => m.asid === 0,
+      ).length;
+      if (asid0 > 0 && !this.attached.has(slot.name)) {
+        throw new ServiceError(
+          'FAILED_PRECONDITION',
+          `address space 0 of device ${slot.name} holds ${asid0} mapping(s): an attached VMM's memory ` +
+            'table replaces the whole of it, so unmap them first',
+          { field: 'device' },
+        );
+      }
+      const record: AttachmentRecord = {
+        device: slot.name,
+        socketPath: req.socketPath,
+        ...(req.group === undefined ? {} : { group: req.group }),
+      };
+      let info: AttachmentInfo;
+      try {
+        info = await this.port.attach(record);
+      } catch (e) {
+        throw fromAgentError(e, `attaching device ${slot.name}`);
+      }
       this.attached.add(slot.name);
+      try {
+        await this.store.commit([{ t: 'attachment.put', attachment: record }]);
+      } catch (e) {
+        // Not durable, so not acknowledged: the agent stops serving it.
+        await this.port.detach(slot.name).catch(() => undefined);
+        if (!this.store.state.attachments.has(slot.name)) this.attached.delete(slot.name);
+        throw e;
+      }
       return info;
-    } catch (e) {
-      throw fromAgentError(e, `attaching device ${slot.name}`);
-    }
+    });
   }
 
-  async detach(device: string): Promise<void> {
+  detach(device: string): Promise<void> {
     const slot = this.devices.existing(device);
-    try {
-      await this.port.detach(slot.name);
-    } catch (e) {
-      throw fromAgentError(e, `detaching device ${slot.name}`);
-    }
-    // asid 0 stays the VMM's until its last table (empty, on the disconnect) is applied.
-    this.attached.delete(slot.name);
+    return this.inTurn(slot.name, async () => {
+      const recorded = this.store.state.attachments.has(slot.name);
+      try {
+        await this.port.detach(slot.name);
+      } catch (e) {
+        // A recorded attachment the agent no longer serves (it could not be restored) is removed all the same.
+        const notServed = e instanceof AgentError && e.code === 'NOT_ATTACHED';
+        if (!(recorded && notServed)) throw fromAgentError(e, `detaching device ${slot.name}`);
+      }
+      if (recorded) await this.store.commit([{ t: 'attachment.delete', device: slot.name }]);
+      // asid 0 stays the VMM's until its last table (empty, on the disconnect) is applied.
+      this.attached.delete(slot.name);
+    });
   }
 
   /** Subscribes to the agent's WatchAttachments unless a subscription is live. */
@@ -114,12 +150,18 @@ export class Attachments {
     switch (e.type) {
       case 'watching': {
         // An attachment this agent does not serve was lost with the agent before it (its VMM's
-        // connection and memory are gone): the VMM's table goes too.
+        // connection and memory are gone): the VMM's table goes too, and a recorded one is served again.
+        const recorded = this.store.state.attachments;
         const lost = [...this.attached].filter((d) => !e.attached.includes(d));
         this.attached.clear();
-        for (const d of e.attached) this.attached.add(d);
+        for (const d of [...e.attached, ...recorded.keys()]) this.attached.add(d);
         this.logger?.info({ attached: e.attached }, 'following attachments');
-        for (const device of lost) void this.dropLost(device);
+        for (const device of lost) {
+          void this.inTurn(device, async () => {
+            await this.dropLost(device);
+            await this.restore(device);
+          });
+        }
         return;
       }
       case 'connected':
@@ -169,12 +211,44 @@ export class Attachments {
       await this.applyTable(device, []);
       this.logger?.warn(
         { device },
-        'the agent no longer serves the attachment (it restarted): the VMM memory is unmapped; attach the device again',
+        this.store.state.attachments.has(device)
+          ? 'the agent no longer serves the attachment (it restarted): the VMM memory is unmapped until the VMM reconnects'
+          : 'the agent no longer serves the attachment (it restarted): the VMM memory is unmapped; attach the device again',
       );
     } catch (err) {
       const why = err instanceof ServiceError ? err.message : String(err);
       this.logger?.warn({ device, err: why }, 'the memory of a lost attachment is still mapped');
     }
+  }
+
+  /** Asks the agent to serve a recorded attachment again (after its table was emptied). */
+  private async restore(device: string): Promise<void> {
+    const record = this.store.state.attachments.get(device);
+    if (record === undefined || this.stopped) return;
+    try {
+      await this.port.attach(record);
+      this.logger?.info({ device, socket: record.socketPath }, 'attachment restored at the agent');
+    } catch (e) {
+      const err = fromAgentError(e, `attaching device ${device} again`);
+      // Unreachable: the next subscription's `watching` tries again. Anything else stays as it is:
+      // the device stays reserved for its VMM until it is detached or attached again.
+      this.logger?.[err.code === 'UNAVAILABLE' ? 'warn' : 'error'](
+        { device, socket: record.socketPath, err: err.message },
+        'the attachment was not restored: detach the device, or attach it again',
+      );
+    }
+  }
+
+  /** Runs `job` after every earlier Attach, Detach or restore of `device`. */
+  private inTurn<T>(device: string, job: () => Promise<T>): Promise<T> {
+    const before = this.turns.get(device) ?? Promise.resolve();
+    const run = before.then(job, job);
+    const settled = run.catch(() => undefined);
+    this.turns.set(device, settled);
+    void settled.then(() => {
+      if (this.turns.get(device) === settled) this.turns.delete(device);
+    });
+    return run;
   }
 
   private apply(e: MemoryTableEvent) {

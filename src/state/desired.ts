@@ -19,6 +19,18 @@ export interface MemoryRecord {
   registeredAt: string;
 }
 
+/**
+ * An attached device: what its Attach asked for, so that a new agent is asked to serve the same
+ * socket again (service/attachments.ts). The VMM's table itself is asid 0 of the device's mappings.
+ */
+export interface AttachmentRecord {
+  device: string;
+  /** The vhost-user socket the agent serves. */
+  socketPath: string;
+  /** The socket is 0660 owned by this group; 0600 without one. */
+  group?: string;
+}
+
 /** A submitted request that is durably queued but not applied yet. */
 export interface PendingSubmit {
   sequence: bigint;
@@ -73,6 +85,8 @@ export interface DesiredState {
   devices: Map<string, DeviceState>;
   /** Desired mappings per memory id, over all devices. */
   memoryUse: Map<string, number>;
+  /** Attached devices, by device name. */
+  attachments: Map<string, AttachmentRecord>;
 }
 
 export type Change =
@@ -85,12 +99,14 @@ export type Change =
   | { t: 'pending.delete'; device: string; sequence: bigint }
   | { t: 'failure.add'; device: string; failure: SubmitFailure }
   | { t: 'failures.clear'; device: string; through: bigint }
-  | { t: 'idempotency.put'; device: string; record: IdempotencyRecord };
+  | { t: 'idempotency.put'; device: string; record: IdempotencyRecord }
+  | { t: 'attachment.put'; attachment: AttachmentRecord }
+  | { t: 'attachment.delete'; device: string };
 
 export const mappingKey = (asid: number, iova: bigint): string => `${asid}:${iova}`;
 
 export function emptyState(limits: StateLimits): DesiredState {
-  return { limits, memory: new Map(), devices: new Map(), memoryUse: new Map() };
+  return { limits, memory: new Map(), devices: new Map(), memoryUse: new Map(), attachments: new Map() };
 }
 
 export function deviceState(state: DesiredState, device: string): DeviceState {
@@ -170,6 +186,12 @@ export function applyChange(state: DesiredState, c: Change): void {
       }
       return;
     }
+    case 'attachment.put':
+      state.attachments.set(c.attachment.device, c.attachment);
+      return;
+    case 'attachment.delete':
+      state.attachments.delete(c.device);
+      return;
   }
 }
 
@@ -194,6 +216,8 @@ interface DeviceSnapshot {
 export interface StateSnapshot {
   memory: MemoryRecord[];
   devices: DeviceSnapshot[];
+  /** Absent in snapshots written before attachments were kept, and when there is none. */
+  attachments?: AttachmentRecord[];
 }
 
 export function toSnapshot(state: DesiredState): StateSnapshot {
@@ -207,6 +231,7 @@ export function toSnapshot(state: DesiredState): StateSnapshot {
       failures: d.failures,
       idempotency: [...d.idempotency.values()],
     })),
+    ...(state.attachments.size > 0 ? { attachments: [...state.attachments.values()] } : {}),
   };
 }
 
@@ -221,6 +246,7 @@ export function fromSnapshot(snap: StateSnapshot, limits: StateLimits): DesiredS
     d.failures = [...s.failures];
     for (const record of s.idempotency) applyChange(state, { t: 'idempotency.put', device: s.name, record });
   }
+  for (const attachment of snap.attachments ?? []) applyChange(state, { t: 'attachment.put', attachment });
   return state;
 }
 

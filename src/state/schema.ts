@@ -59,6 +59,12 @@ const idempotencyRecord = z.strictObject({
   answer: z.union([z.strictObject({ ok: z.unknown().optional() }), z.strictObject({ error: errorInfo })]),
 });
 
+const attachmentRecord = z.strictObject({
+  device: name,
+  socketPath: name,
+  group: name.optional(),
+});
+
 const change: z.ZodType<Change> = z.discriminatedUnion('t', [
   z.strictObject({ t: z.literal('memory.put'), memory: memoryRecord }),
   z.strictObject({ t: z.literal('memory.delete'), id: name }),
@@ -70,6 +76,8 @@ const change: z.ZodType<Change> = z.discriminatedUnion('t', [
   z.strictObject({ t: z.literal('failure.add'), device: name, failure: submitFailure }),
   z.strictObject({ t: z.literal('failures.clear'), device: name, through: u64 }),
   z.strictObject({ t: z.literal('idempotency.put'), device: name, record: idempotencyRecord }),
+  z.strictObject({ t: z.literal('attachment.put'), attachment: attachmentRecord }),
+  z.strictObject({ t: z.literal('attachment.delete'), device: name }),
 ]);
 
 export const changesSchema = z.array(change).min(1);
@@ -86,6 +94,8 @@ export const stateSchema: z.ZodType<StateSnapshot> = z.strictObject({
       idempotency: z.array(idempotencyRecord),
     }),
   ),
+  // Snapshots written before attachments were kept have none.
+  attachments: z.array(attachmentRecord).optional(),
 });
 
 /** The format every file of the state directory is written in; other versions are refused. */

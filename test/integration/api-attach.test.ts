@@ -254,31 +254,74 @@ test('a memory change left unanswered by an API server that died is answered by 
   assert.ok((await fe.read(3n, 512)).equals(sector));
 });
 
-test('an attachment lost with a SIGKILLed agent: the new agent reconciled, asid 0 emptied', {
+test('an attachment outlives a SIGKILLed agent and API server: served again on the same socket, asid 0 empty until the VMM is back', {
   timeout: 240_000,
 }, async (t) => {
   const { rig, agentProc, api, disk, socketPath } = await start(t);
+  const agent = rig.agentClient();
   assert.equal((await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath })).status, 200);
   const fe = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB });
   t.after(() => fe.close());
   assert.equal((await desiredMappings(api, DEVICE)).length, 1);
 
-  await agentProc.kill('SIGKILL');
-  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`]);
-  await until('asid 0 emptied', async () => (await desiredMappings(api, DEVICE)).length === 0);
-  await until('the VMM memory forgotten', async () => {
-    const memory = (await api.http('GET', '/v1/memory')).body.memory as { id: string }[];
-    return memory.every((m) => !m.id.startsWith('vhost-user-'));
-  });
-  await api.untilReady();
-  const shown = (await api.http('GET', `/v1/devices/${DEVICE}`)).body.device;
-  assert.deepEqual([shown.attachment, shown.degraded], [undefined, []]);
-  // asid 0 is the orchestrator's again, until the device is attached again.
+  const orchMap = (server: typeof api) =>
+    server.http('POST', `/v1/devices/${DEVICE}/mappings`, {
+      iova: '0x0',
+      size: '0x1000',
+      memory: 'orch',
+    });
+  /** The new agent serves the socket again, asid 0 holds nothing, the VMM's memory is forgotten. */
+  const restored = async (server: typeof api) => {
+    await until('the attachment served again', async () => {
+      const { attachment } = await agent.describeDevice(DEVICE).catch(() => ({ attachment: undefined }));
+      return attachment?.socketPath === socketPath;
+    });
+    await until('asid 0 emptied', async () => (await desiredMappings(server, DEVICE)).length === 0);
+    assert.deepEqual((await agent.listMapped(DEVICE)).mappings, []);
+    await until('the VMM memory forgotten', async () => {
+      const memory = (await server.http('GET', '/v1/memory')).body.memory as { id: string }[];
+      return memory.every((m) => !m.id.startsWith('vhost-user-'));
+    });
+    assert.ok((await agent.listMemory()).every((m) => !m.id.startsWith('vhost-user-')));
+    await server.untilReady();
+    const shown = (await server.http('GET', `/v1/devices/${DEVICE}`)).body.device;
+    assert.deepEqual(
+      [shown.attachment?.socketPath, shown.attachment?.vmmConnected, shown.degraded],
+      [socketPath, false, []],
+    );
+    // asid 0 is still the VMM's.
+    const owned = await orchMap(server);
+    assert.deepEqual([owned.status, owned.body.error?.field], [409, 'asid']);
+  };
+
   assert.equal((await api.http('POST', '/v1/memory', { id: 'orch', size: String(MiB) })).status, 201);
-  const map = await api.http('POST', `/v1/devices/${DEVICE}/mappings`, {
-    iova: '0x0',
-    size: '0x1000',
-    memory: 'orch',
-  });
+  await agentProc.kill('SIGKILL');
+  const second = await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`]);
+  await restored(api);
+  // A VMM connecting again gets its table mapped and does I/O.
+  const again = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB });
+  t.after(() => again.close());
+  assert.deepEqual(
+    (await desiredMappings(api, DEVICE)).map((m) => [m.asid, m.iova, m.size]),
+    [[0, 0n, 2n * MiB]],
+  );
+  const sector = Buffer.alloc(512, 0x3c);
+  await again.write(5n, sector);
+  assert.ok((await again.read(5n, 512)).equals(sector));
+
+  // Both die: the next API server restores the attachment from its state alone.
+  await api.kill('SIGKILL');
+  await second.kill('SIGKILL');
+  await rig.startAgent([`sim:${DEVICE},asnum=2,disk=${disk}`]);
+  const next = await rig.startApi();
+  await restored(next);
+
+  // Detach removes it from the state: the next agent does not serve it, asid 0 is the orchestrator's.
+  assert.equal((await next.http('POST', `/v1/devices/${DEVICE}:detach`)).status, 200);
+  assert.equal(fs.existsSync(socketPath), false);
+  await next.kill('SIGKILL');
+  const last = await rig.startApi();
+  assert.equal((await last.http('GET', `/v1/devices/${DEVICE}`)).body.device.attachment, undefined);
+  const map = await orchMap(last);
   assert.equal(map.status, 201, JSON.stringify(map.body));
 });

@@ -85,6 +85,12 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
    */
   async restart(emit = true): Promise<void> {
     await this.shutdown();
+    // A new agent process serves no attachment; the streams of the old one end.
+    this.attached.clear();
+    const ends = [...this.watchEnds.values()];
+    this.attachmentWatchers.clear();
+    this.watchEnds.clear();
+    for (const end of ends) end(new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', 'the agent is gone'));
     this.boot();
     if (emit) {
       this.emit(
@@ -159,10 +165,21 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
   readonly attachmentWatchers = new Set<(e: AttachmentEvent) => void>();
   readonly answers: MemoryTableAnswer[] = [];
   readonly attached = new Set<string>();
+  /** Every Attach that reached the agent, in order. */
+  readonly attachCalls: AttachRequest[] = [];
 
   attach(req: AttachRequest): Promise<AttachmentInfo> {
     return this.call(async () => {
       this.device(req.device);
+      if (this.attached.has(req.device)) {
+        throw new AgentError(
+          status.ALREADY_EXISTS,
+          'ALREADY_ATTACHED',
+          `${req.device} is already attached`,
+          'device',
+        );
+      }
+      this.attachCalls.push(req);
       this.attached.add(req.device);
       return {
         device: req.device,
@@ -192,11 +209,26 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
     });
   }
 
-  watchAttachments(onEvent: (e: AttachmentEvent) => void): { cancel(): void } {
+  watchAttachments(
+    onEvent: (e: AttachmentEvent) => void,
+    ended: (error: AgentError | undefined) => void,
+  ): { cancel(): void } {
     this.attachmentWatchers.add(onEvent);
+    this.watchEnds.set(onEvent, ended);
     queueMicrotask(() => onEvent({ type: 'watching', attached: [...this.attached] }));
-    return { cancel: () => this.attachmentWatchers.delete(onEvent) };
+    return {
+      cancel: () => {
+        this.attachmentWatchers.delete(onEvent);
+        this.watchEnds.delete(onEvent);
+      },
+    };
   }
+
+  /** How each WatchAttachments stream is told it ended. */
+  private readonly watchEnds = new Map<
+    (e: AttachmentEvent) => void,
+    (error: AgentError | undefined) => void
+  >();
 
   answerMemoryTable(answer: MemoryTableAnswer): Promise<void> {
     return this.call(async () => {

@@ -110,3 +110,82 @@ test('an attached VMM owns asid 0: its tables are applied as diffs, the orchestr
   await h.service.map(mapReq({ ...orch, asid: 0 }));
   await assert.rejects(h.service.detachDevice(DEVICE), refused('device'));
 });
+
+/** Another VMM's memory (the agent still holds the first test's). */
+const VMM2 = 'vhost-user-1-3';
+
+/** Waits (bounded by the test runner's budget) until `check` holds. */
+async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 4000; i++) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+test('an attachment is durable: a new agent and a new API server serve it again; asid 0 is empty until the VMM is back', async () => {
+  // The test before left the orchestrator's page in asid 0.
+  await h.service.unmap({ device: DEVICE, asid: 0, iova: 0x4000_0000n, size: PAGE });
+  const attach = { device: DEVICE, socketPath: '/run/vm2.sock', group: 'kvm' };
+  await h.service.attachDevice(attach);
+  assert.deepEqual([...h.reopenState().attachments.values()], [attach], 'journaled before the answer');
+  h.agent.registry.create({ id: VMM2, size: 64n * PAGE, kind: 'memfd' });
+  assert.equal((await table([{ iova: 0n, size: 32n * PAGE, memory: VMM2, offset: 0n }])).ok, true);
+  assert.equal((await h.service.listMappings(DEVICE, 0)).length, 1);
+
+  // The agent dies with its VMM connection: the kernel dropped its mappings, the socket is gone.
+  h.agent.attachCalls.length = 0;
+  await h.agent.restart();
+  await h.service.reconcile();
+  await until('the attachment served again', () => h.agent.attached.has(DEVICE));
+  assert.deepEqual(h.agent.attachCalls, [attach], 'the same socket, the same group');
+  assert.deepEqual(await h.service.listMappings(DEVICE, 0), [], 'asid 0 is empty while no VMM is connected');
+  assert.deepEqual(
+    (await h.agent.listMapped(DEVICE)).mappings.filter((m) => m.asid === 0),
+    [],
+  );
+  await until('the VMM memory forgotten', async () =>
+    (await h.service.listMemory()).every((m) => m.id !== VMM2),
+  );
+  await assert.rejects(h.service.map(mapReq({ asid: 0, iova: 0x4000_0000n })), refused('asid'));
+  // The VMM reconnects and sends its whole table again.
+  h.agent.registry.create({ id: VMM2, size: 64n * PAGE, kind: 'memfd' });
+  assert.equal((await table([{ iova: 0n, size: 32n * PAGE, memory: VMM2, offset: 0n }])).ok, true);
+  assert.equal((await h.agent.listMapped(DEVICE)).mappings.filter((m) => m.asid === 0).length, 1);
+
+  // An API server restart while the agent serves it: nothing to do, asid 0 stays the VMM's at once.
+  h.agent.attachCalls.length = 0;
+  await h.reopen();
+  await assert.rejects(h.service.map(mapReq({ asid: 0, iova: 0x4000_0000n })), refused('asid'));
+  await until('the core follows attachments', () => h.agent.attachmentWatchers.size === 1);
+  assert.deepEqual(h.agent.attachCalls, []);
+  assert.equal((await h.service.listMappings(DEVICE, 0)).length, 1);
+
+  // Both restart: the new API server restores it from its state.
+  await h.service.close();
+  await h.agent.restart(false);
+  await h.reopen();
+  await until('the attachment served again', () => h.agent.attached.has(DEVICE));
+  assert.deepEqual(h.agent.attachCalls, [attach]);
+  await until('asid 0 emptied', async () => (await h.service.listMappings(DEVICE, 0)).length === 0);
+
+  // Detach removes the record: the next agent is not asked to serve it.
+  await h.service.detachDevice(DEVICE);
+  assert.equal(h.reopenState().attachments.size, 0);
+  h.agent.attachCalls.length = 0;
+  await h.agent.restart();
+  await h.service.reconcile();
+  await until('the core follows attachments', () => h.agent.attachmentWatchers.size === 1);
+  assert.deepEqual(h.agent.attachCalls, []);
+  await h.service.map(mapReq({ asid: 0, iova: 0x4000_0000n }));
+  await h.service.unmap({ device: DEVICE, asid: 0, iova: 0x4000_0000n, size: PAGE });
+});
+
+test('a recorded attachment the agent does not serve is detached all the same; unknown ones are refused', async () => {
+  await h.service.attachDevice({ device: DEVICE, socketPath: '/run/vm3.sock' });
+  // The agent lost it without the core hearing of it yet.
+  h.agent.attached.delete(DEVICE);
+  await h.service.detachDevice(DEVICE);
+  assert.equal(h.reopenState().attachments.size, 0);
+  await assert.rejects(h.service.detachDevice(DEVICE), refused('device'));
+});
