@@ -4,7 +4,8 @@
  * device (IOVA = guest physical), the relay hands the vrings and eventfds to that device through
  * its vring ioctls, and the device's own data path (vdpa_sim_blk-like) does every descriptor and
  * data access by DMA through that IOTLB. The guest reads what the host wrote, writes a pattern with O_DIRECT and reads it
- * back; the host finds the pattern in the disk file. Memory hotplug maps exactly the new DIMM.
+ * back; the host finds the pattern in the disk file. Memory hotplug maps exactly the new DIMM, and
+ * device_del of it invalidates exactly that DIMM.
  * A mapping off by one page must make the guest fail and leave the disk without the pattern.
  */
 import assert from 'node:assert/strict';
@@ -65,7 +66,7 @@ const logger = {
 describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhost-vdpa blk device', () => {
   for (const memSlots of [false, true]) {
     const how = memSlots ? 'ADD_MEM_REG (CONFIGURE_MEM_SLOTS)' : 'SET_MEM_TABLE';
-    test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps only the DIMM`, {
+    test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps only the DIMM, device_del unmaps only it`, {
       timeout: 600_000,
     }, async () => {
       const disk = makeDisk(guest, work, `disk-${memSlots}.img`);
@@ -158,6 +159,27 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
         assert.equal(sim.registry.list().length, 2);
         console.log(
           `# ${how}: hotplug sent ${hotplugOps.length} op (UPDATE iova 0x${dimm.iova.toString(16)} size 0x${dimm.size.toString(16)})`,
+        );
+
+        // device_del: the guest ejects the DIMM (ACPI; it never onlined it, so it always can) and
+        // QEMU sends the table without it, or one REM_MEM_REG: exactly that region is invalidated.
+        const opsBeforeDel = sim.ops.length;
+        const delCounters = sim.device.counters();
+        await qemu.qmp([{ execute: 'device_del', arguments: { id: 'dimm1' } }]);
+        await until(() => sim.mappings().length === boot.length, qemu, 'the DIMM to be unmapped');
+        const delOps = sim.ops.slice(opsBeforeDel);
+        assert.deepEqual(
+          delOps.map((op) => [op.type, op.iova, op.size]),
+          [['invalidate', dimm.iova, dimm.size]],
+          'device_del invalidates the DIMM only',
+        );
+        assert.deepEqual(sim.mappings(), boot, 'the boot RAM is untouched');
+        assert.equal(sim.device.counters().dmaUnmapCalls - delCounters.dmaUnmapCalls, 1);
+        assert.equal(sim.device.counters().dmaMapCalls - delCounters.dmaMapCalls, 0);
+        assert.equal(sim.registry.list().length, 1, "the DIMM's memory is released");
+        assert.equal(backend.stats.messages[memSlots ? 'REM_MEM_REG' : 'SET_MEM_TABLE'] !== undefined, true);
+        console.log(
+          `# ${how}: device_del sent ${delOps.length} op (INVALIDATE iova 0x${dimm.iova.toString(16)} size 0x${dimm.size.toString(16)})`,
         );
 
         assert.equal(await qemu.quit(), 0);

@@ -380,6 +380,28 @@ describe('store', () => {
     await again.close();
   });
 
+  test('attachments survive replay and compaction; a detach removes them', async () => {
+    const attachment = { device: 'vublk0', socketPath: '/run/vdpa-mapd/vublk0.sock', group: 'kvm' };
+    const { store } = await StateStore.open({ dir, compactBytes: 2048 });
+    await store.commit([{ t: 'attachment.put', attachment }]);
+    await store.commit([
+      { t: 'attachment.put', attachment: { device: 'vublk1', socketPath: '/run/b.sock' } },
+    ]);
+    await store.close();
+    const { store: replayed } = await StateStore.open({ dir, compactBytes: 2048 });
+    assert.deepEqual(
+      [...replayed.state.attachments.values()].map((a) => a.device),
+      ['vublk0', 'vublk1'],
+    );
+    await replayed.commit([{ t: 'attachment.delete', device: 'vublk1' }]);
+    for (let i = 1n; i <= 40n; i++) await replayed.commit([put(i * 0x1000n)]);
+    assert.ok(fs.existsSync(path.join(dir, 'snapshot')), 'compacted');
+    await replayed.close();
+    const { store: again } = await StateStore.open({ dir });
+    assert.deepEqual([...again.state.attachments.values()], [attachment]);
+    await again.close();
+  });
+
   test('a failed compaction leaves the store working on the old journal', async () => {
     const faulty = new FaultyFs();
     const errors: unknown[] = [];

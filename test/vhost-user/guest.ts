@@ -5,7 +5,12 @@
  * reads it back, and prints a verdict on the serial console.
  *
  * The I/O runs in the background and /init waits for it up to `vu.wait` seconds of guest time
- * (kernel command line), so a device that never completes a request still ends in a verdict.
+ * (kernel command line; 300 without it), so a device that never completes a request still ends in
+ * a verdict. With `vu.rounds` it then writes and reads back patterns without end, one round after
+ * the other (odd rounds the write pattern at ROUND_OFFSETS[1], even ones the read pattern at
+ * ROUND_OFFSETS[0]), printing `ROUND n PASS|FAIL` after each: I/O in flight whenever the host
+ *  breaks something. Hotplugged memory stays offline (qemu.ts boots with `memhp_default_state=offline`; no
+ * udev to online it), so the guest can always give a DIMM back when the host unplugs it.
  */
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -22,6 +27,8 @@ export const VERDICT = 'VHOST-USER-GUEST:';
 export const READ_OFFSET = 1 << 20;
 export const WRITE_OFFSET = 4 << 20;
 export const PATTERN_BYTES = 1 << 20;
+/** Where even and odd rounds (`vu.rounds`) write: never the region of the round before. */
+export const ROUND_OFFSETS = [8 << 20, 12 << 20] as const;
 
 export interface Guest {
   vmlinuz: string;
@@ -39,6 +46,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 wait_s=$(sed -n 's/.*vu.wait=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+wait_s=\${wait_s:-300}
 say() { echo "${VERDICT} $*" > /dev/console; }
 (
   insmod /lib/virtio_blk.ko || { echo "FAIL insmod" > /tmp/result; exit; }
@@ -56,6 +64,20 @@ i=0
 while [ ! -s /tmp/result ] && [ $i -lt $wait_s ]; do sleep 1; i=$((i+1)); done
 if [ -s /tmp/result ]; then say "$(cat /tmp/result)"; else say "FAIL no result after $wait_s s"; fi
 say "UPTIME $(cut -d' ' -f1 /proc/uptime)"
+if grep -q vu.rounds /proc/cmdline; then
+  n=0
+  while true; do
+    n=$((n+1))
+    if [ $((n % 2)) -eq 1 ]; then p=/p-write.bin; at=${ROUND_OFFSETS[1] / 65536}; else p=/p-read.bin; at=${ROUND_OFFSETS[0] / 65536}; fi
+    if dd if=$p of=/dev/vda bs=64k seek=$at oflag=direct conv=fsync,notrunc 2>/dev/null &&
+       dd if=/dev/vda of=/tmp/r3 bs=64k skip=$at count=${PATTERN_BYTES / 65536} iflag=direct 2>/dev/null &&
+       cmp -s /tmp/r3 $p; then
+      say "ROUND $n PASS"
+    else
+      say "ROUND $n FAIL"
+    fi
+  done
+fi
 if grep -q vu.hold /proc/cmdline; then
   say "HOLDING"
   while true; do sleep 1; done

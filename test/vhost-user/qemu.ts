@@ -18,6 +18,10 @@ export interface QemuOptions {
   hold?: boolean;
   /** Memory hotplug: DIMM slots (and maxmem 1G). */
   slots?: number;
+  /** Write and read back patterns without end after the verdict (guest.ts, `vu.rounds`). */
+  rounds?: boolean;
+  /** Seconds between QEMU's attempts to connect the chardev again after the backend went away. */
+  reconnect?: number;
 }
 
 export class Qemu {
@@ -35,12 +39,18 @@ export class Qemu {
     const args = [
       ...['-machine', 'q35,accel=tcg', '-cpu', 'max', '-smp', '1', '-m', mem],
       ...['-object', 'memory-backend-memfd,id=mem,size=256M,share=on', '-numa', 'node,memdev=mem'],
-      ...['-chardev', `socket,id=c0,path=${opts.socketPath}`],
+      ...[
+        '-chardev',
+        `socket,id=c0,path=${opts.socketPath}${opts.reconnect ? `,reconnect=${opts.reconnect}` : ''}`,
+      ],
       ...['-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1'],
       ...['-bios', '/usr/share/qemu/qboot.rom', '-nographic', '-no-reboot', '-nic', 'none'],
       ...['-qmp', `unix:${this.qmpPath},server=on,wait=off`],
       ...['-kernel', opts.guest.vmlinuz, '-initrd', opts.guest.initramfs],
-      ...['-append', `console=ttyS0 panic=-1 quiet vu.wait=${opts.guestWait}${opts.hold ? ' vu.hold' : ''}`],
+      ...[
+        '-append',
+        `console=ttyS0 panic=-1 quiet memhp_default_state=offline vu.wait=${opts.guestWait}${opts.hold ? ' vu.hold' : ''}${opts.rounds ? ' vu.rounds' : ''}`,
+      ],
     ];
     this.child = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const onData = (d: string) => {
