@@ -3,7 +3,8 @@
  * RAM's memfd reaches the agent, its table goes to the API server, which applies it as asid 0
  * through the device's queue and answers; only then does QEMU get its reply. The virtio-blk model
  * does every access by DMA through the simulated device's IOTLB, so the guest reads back what it
- * wrote only if those mappings are right. QEMU quitting sends the empty table; its memory is released.
+ * wrote only if those mappings are right. Memory hotplug maps exactly the DIMM, device_del invalidates
+ * exactly it. QEMU quitting sends the empty table; its memory is released.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -26,7 +27,7 @@ import {
   WRITE_OFFSET,
 } from '../vhost-user/guest.ts';
 import { Qemu } from '../vhost-user/qemu.ts';
-import { apiConfig, rest, startReadyApi } from './api-harness.ts';
+import { apiConfig, grpcClients, rest, startReadyApi } from './api-harness.ts';
 import { until } from './process-harness.ts';
 
 const MiB = 1n << 20n;
@@ -80,7 +81,7 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
     const attached = await http('POST', '/v1/devices/vublk0:attach', { socketPath });
     assert.equal(attached.status, 200, JSON.stringify(attached.body));
     const started = performance.now();
-    qemu = new Qemu({ guest, socketPath, guestWait: 300, hold: true });
+    qemu = new Qemu({ guest, socketPath, guestWait: 300, hold: true, slots: 2 });
     const verdict = await qemu.waitFor(new RegExp(`${VERDICT} (PASS|FAIL)[^\\n]*\\n`));
     const seconds = (performance.now() - started) / 1000;
     assert.equal(verdict[1], 'PASS', `${verdict[0]}\n${qemu.console.slice(-3000)}`);
@@ -116,6 +117,64 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
     const bootBytes = mappings.reduce((n, m) => n + m.size, 0n);
     assert.ok(bootBytes > 255n * MiB && bootBytes <= 256n * MiB, `boot RAM mapped: ${bootBytes}`);
     assert.ok(mappings.every((m) => m.iova === m.offset && m.memory === mappings[0]!.memory));
+
+    // Memory hotplug through the API server's queue, seen on WatchMappings and the device counters:
+    // device_add maps exactly the DIMM, device_del invalidates exactly it.
+    const events: { kind: string; iova: bigint; size: bigint }[] = [];
+    const grpc = grpcClients(api.grpcAddress);
+    const stream = grpc.watch({ device: 'vublk0' });
+    stream.on('error', () => undefined);
+    await new Promise<void>((resolve) =>
+      stream.on('data', (e: { kind: string; mapping?: { iova: string; size: string } }) => {
+        if (e.kind === 'subscribed') resolve();
+        else if (e.mapping)
+          events.push({ kind: e.kind, iova: BigInt(e.mapping.iova), size: BigInt(e.mapping.size) });
+      }),
+    );
+    const sent = async (since: { messagesWritten: number; batches: number }) => {
+      const now = (await client.describeDevice('vublk0')).counters;
+      return { messages: now.messagesWritten - since.messagesWritten, batches: now.batches - since.batches };
+    };
+    try {
+      const beforeAdd = (await client.describeDevice('vublk0')).counters;
+      await qemu.qmp([
+        {
+          execute: 'object-add',
+          arguments: {
+            'qom-type': 'memory-backend-memfd',
+            id: 'mem1',
+            size: Number(128n * MiB),
+            share: true,
+          },
+        },
+        { execute: 'device_add', arguments: { driver: 'pc-dimm', id: 'dimm1', memdev: 'mem1' } },
+      ]);
+      await qemu.until(() => events.length > 0, 'the DIMM on the watch');
+      const [dimm] = events;
+      assert.deepEqual(
+        events.map((e) => [e.kind, e.size]),
+        [['mapped', 128n * MiB]],
+      );
+      assert.ok(dimm!.iova >= 4096n * MiB, `the DIMM sits above 4 GiB: 0x${dimm!.iova.toString(16)}`);
+      const addSent = await sent(beforeAdd);
+      // BATCH_BEGIN, one UPDATE, BATCH_END.
+      assert.deepEqual(addSent, { messages: 3, batches: 1 });
+      events.length = 0;
+      const beforeDel = (await client.describeDevice('vublk0')).counters;
+      // The guest never onlined the DIMM (memhp_default_state=offline): it can always eject it.
+      await qemu.qmp([{ execute: 'device_del', arguments: { id: 'dimm1' } }]);
+      await qemu.until(() => events.length > 0, 'the DIMM unmapped on the watch');
+      assert.deepEqual(events, [{ kind: 'unmapped', iova: dimm!.iova, size: 128n * MiB }]);
+      const delSent = await sent(beforeDel);
+      assert.deepEqual(delSent, { messages: 3, batches: 1 }, 'BATCH_BEGIN, one INVALIDATE, BATCH_END');
+      assert.deepEqual((await client.listMapped('vublk0')).mappings, mappings, 'the boot RAM is untouched');
+      console.log(
+        `# attached: hotplug add sent ${JSON.stringify(addSent)} (UPDATE 0x${dimm!.iova.toString(16)}+128 MiB), device_del sent ${JSON.stringify(delSent)} (INVALIDATE of it)`,
+      );
+    } finally {
+      stream.cancel();
+      grpc.close();
+    }
 
     assert.equal(await qemu.quit(), 0);
     await until(

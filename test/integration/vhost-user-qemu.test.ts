@@ -50,14 +50,6 @@ function openFds(): number {
   return fs.readdirSync('/proc/self/fd').length;
 }
 
-async function until(cond: () => boolean, qemu: Qemu, what: string): Promise<void> {
-  // Bounded by the test's budget and by QEMU's life, not by a time limit of its own.
-  while (!cond()) {
-    if (qemu.child.exitCode !== null) throw new Error(`QEMU exited while waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 const logger = {
   info: () => {},
   warn: (obj: object, msg: string) => console.log(`# ${msg} ${JSON.stringify(obj)}`),
@@ -136,7 +128,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
           },
           { execute: 'device_add', arguments: { driver: 'pc-dimm', id: 'dimm1', memdev: 'mem1' } },
         ]);
-        await until(() => sim.mappings().length === boot.length + 1, qemu, 'the DIMM to be mapped');
+        await qemu.until(() => sim.mappings().length === boot.length + 1, 'the DIMM to be mapped');
         const hotplugOps = sim.ops.slice(opsBefore);
         assert.equal(
           hotplugOps.length,
@@ -166,7 +158,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
         const opsBeforeDel = sim.ops.length;
         const delCounters = sim.device.counters();
         await qemu.qmp([{ execute: 'device_del', arguments: { id: 'dimm1' } }]);
-        await until(() => sim.mappings().length === boot.length, qemu, 'the DIMM to be unmapped');
+        await qemu.until(() => sim.mappings().length === boot.length, 'the DIMM to be unmapped');
         const delOps = sim.ops.slice(opsBeforeDel);
         assert.deepEqual(
           delOps.map((op) => [op.type, op.iova, op.size]),

@@ -88,6 +88,14 @@ export class Qemu {
     });
   }
 
+  /** Resolves once `cond` holds (polled): bounded by QEMU's life and the test's budget, no limit of its own. */
+  async until(cond: () => boolean, what: string): Promise<void> {
+    while (!cond()) {
+      if (this.child.exitCode !== null) throw new Error(`QEMU exited while waiting for ${what}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
   /** Runs QMP commands in order over one connection; returns their answers. */
   async qmp(commands: { execute: string; arguments?: object }[]): Promise<unknown[]> {
     const sock = net.connect(this.qmpPath);
