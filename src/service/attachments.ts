@@ -90,7 +90,9 @@ export class Attachments {
       try {
         info = await this.port.attach(record);
       } catch (e) {
-        throw fromAgentError(e, `attaching device ${slot.name}`);
+        const unrecorded = await this.unrecorded(e, record);
+        if (unrecorded === undefined) throw fromAgentError(e, `attaching device ${slot.name}`);
+        info = unrecorded;
       }
       this.attached.add(slot.name);
       try {
@@ -103,6 +105,21 @@ export class Attachments {
       }
       return info;
     });
+  }
+
+  /**
+   * The agent's own attachment of the device when it is exactly `record` and the desired state
+   * lacks it: an Attach whose answer an API server crash lost (served, never journaled). Its retry
+   * journals it instead of being refused.
+   */
+  private async unrecorded(e: unknown, record: AttachmentRecord): Promise<AttachmentInfo | undefined> {
+    if (!(e instanceof AgentError && e.code === 'ALREADY_ATTACHED')) return undefined;
+    if (this.store.state.attachments.has(record.device)) return undefined;
+    const { attachment } = await this.port
+      .describeDevice(record.device)
+      .catch(() => ({ attachment: undefined }));
+    const same = attachment?.socketPath === record.socketPath && attachment.group === record.group;
+    return same ? attachment : undefined;
   }
 
   detach(device: string): Promise<void> {

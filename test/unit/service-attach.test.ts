@@ -189,3 +189,22 @@ test('a recorded attachment the agent does not serve is detached all the same; u
   assert.equal(h.reopenState().attachments.size, 0);
   await assert.rejects(h.service.detachDevice(DEVICE), refused('device'));
 });
+
+test('an Attach the agent serves but the state lacks (its answer lost in a crash) is journaled by its retry', async () => {
+  const req = { device: DEVICE, socketPath: '/run/vm4.sock' };
+  const served = await h.agent.attach(req);
+  const describe = h.agent.describeDevice.bind(h.agent);
+  h.agent.describeDevice = async (d) => ({ ...(await describe(d)), attachment: served });
+  try {
+    assert.equal((await h.service.attachDevice(req)).socketPath, req.socketPath);
+    assert.deepEqual([...h.reopenState().attachments.values()], [req]);
+    await assert.rejects(
+      h.service.attachDevice({ device: DEVICE, socketPath: '/run/other.sock' }),
+      (e: unknown) => (e as ServiceError).code === 'ALREADY_EXISTS',
+    );
+  } finally {
+    h.agent.describeDevice = describe;
+  }
+  await h.service.detachDevice(DEVICE);
+  assert.equal(h.reopenState().attachments.size, 0);
+});
