@@ -210,7 +210,8 @@ test('a memory change left unanswered by an API server that died is answered by 
   const { rig, api, socketPath } = await start(t, ['--attach-answer-ms', '180000']);
   const agent = rig.agentClient();
   assert.equal((await api.http('POST', `/v1/devices/${DEVICE}:attach`, { socketPath })).status, 200);
-  const fe = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB });
+  // Its replies wait as long as the agent does (a new API server answers them).
+  const fe = await VhostUserBlkFrontend.connect(socketPath, { memoryBytes: 2n * MiB, replyWaitMs: 180_000 });
   t.after(() => fe.close());
 
   // Stopped, the API server still holds its WatchAttachments stream: the agent sends it the request.
