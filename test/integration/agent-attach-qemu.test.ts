@@ -137,18 +137,7 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
     };
     try {
       const beforeAdd = (await client.describeDevice('vublk0')).counters;
-      await qemu.qmp([
-        {
-          execute: 'object-add',
-          arguments: {
-            'qom-type': 'memory-backend-memfd',
-            id: 'mem1',
-            size: Number(128n * MiB),
-            share: true,
-          },
-        },
-        { execute: 'device_add', arguments: { driver: 'pc-dimm', id: 'dimm1', memdev: 'mem1' } },
-      ]);
+      await qemu.plugDimm('dimm1', 128n * MiB);
       await qemu.until(() => events.length > 0, 'the DIMM on the watch');
       const [dimm] = events;
       assert.deepEqual(
@@ -162,7 +151,7 @@ test('a QEMU guest does I/O through an attached device whose memory the API serv
       events.length = 0;
       const beforeDel = (await client.describeDevice('vublk0')).counters;
       // The guest never onlined the DIMM (memhp_default_state=offline): it can always eject it.
-      await qemu.qmp([{ execute: 'device_del', arguments: { id: 'dimm1' } }]);
+      await qemu.unplugDimm('dimm1');
       await qemu.until(() => events.length > 0, 'the DIMM unmapped on the watch');
       assert.deepEqual(events, [{ kind: 'unmapped', iova: dimm!.iova, size: 128n * MiB }]);
       const delSent = await sent(beforeDel);

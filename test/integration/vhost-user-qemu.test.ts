@@ -116,18 +116,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
         const opsBefore = sim.ops.length;
         const dmaMapBefore = sim.device.counters().dmaMapCalls;
         const dmaUnmapBefore = sim.device.counters().dmaUnmapCalls;
-        await qemu.qmp([
-          {
-            execute: 'object-add',
-            arguments: {
-              'qom-type': 'memory-backend-memfd',
-              id: 'mem1',
-              size: Number(128n * MiB),
-              share: true,
-            },
-          },
-          { execute: 'device_add', arguments: { driver: 'pc-dimm', id: 'dimm1', memdev: 'mem1' } },
-        ]);
+        await qemu.plugDimm('dimm1', 128n * MiB);
         await qemu.until(() => sim.mappings().length === boot.length + 1, 'the DIMM to be mapped');
         const hotplugOps = sim.ops.slice(opsBefore);
         assert.equal(
@@ -157,7 +146,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
         // QEMU sends the table without it, or one REM_MEM_REG: exactly that region is invalidated.
         const opsBeforeDel = sim.ops.length;
         const delCounters = sim.device.counters();
-        await qemu.qmp([{ execute: 'device_del', arguments: { id: 'dimm1' } }]);
+        await qemu.unplugDimm('dimm1');
         await qemu.until(() => sim.mappings().length === boot.length, 'the DIMM to be unmapped');
         const delOps = sim.ops.slice(opsBeforeDel);
         assert.deepEqual(

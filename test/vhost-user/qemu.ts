@@ -140,6 +140,23 @@ export class Qemu {
     }
   }
 
+  /** Hotplugs a DIMM `id` of `size` bytes, backed by a shared memfd (object `<id>-mem`). */
+  async plugDimm(id: string, size: bigint): Promise<void> {
+    const memdev = `${id}-mem`;
+    await this.qmp([
+      {
+        execute: 'object-add',
+        arguments: { 'qom-type': 'memory-backend-memfd', id: memdev, size: Number(size), share: true },
+      },
+      { execute: 'device_add', arguments: { driver: 'pc-dimm', id, memdev } },
+    ]);
+  }
+
+  /** Asks the guest to give DIMM `id` back (ACPI eject); QEMU removes it once the guest has. */
+  async unplugDimm(id: string): Promise<void> {
+    await this.qmp([{ execute: 'device_del', arguments: { id } }]);
+  }
+
   /** QMP quit: QEMU tells the backend (vrings stopped, socket closed) and exits. */
   async quit(): Promise<number | null> {
     // The answer may be lost when QEMU closes the socket first; its exit is what counts.
