@@ -125,6 +125,12 @@ export interface SimulatedVdpaConfig extends FaultInjection {
    * owner pushes one. Default false: the table goes with them, as with vdpa_sim and mlx5.
    */
   keepsMapOnReset?: boolean;
+  /**
+   * The parent cannot tell a vring's state, as vp_vdpa: vp_vdpa_get_vq_state answers -EOPNOTSUPP
+   * (the virtio spec has no way to read a device's avail index), so VHOST_GET_VRING_BASE is
+   * EOPNOTSUPP. Default false: the parent answers it (vdpa_sim, VDUSE, mlx5).
+   */
+  lacksVqState?: boolean;
   /** virtio-blk only: the disk its data path serves (see sim-vrings.ts). */
   disk?: SimDisk;
   /** Where the data path logs I/O errors. */
@@ -766,7 +772,11 @@ class SimVhostFile implements VhostTransport {
         return;
       }
       case Ioctl.VHOST_GET_VRING_BASE:
-        // vhost_vdpa_vring_ioctl asks the device (get_vq_state) before vhost answers.
+        // vhost_vdpa_vring_ioctl asks the device (get_vq_state) before vhost answers, and
+        // returns its error as it is.
+        if (this.parent.config.lacksVqState) {
+          throw new TransportError('EOPNOTSUPP', `vring ${index}: the parent cannot tell its state`);
+        }
         argBuffer(arg, VRING_STATE_SIZE).writeUInt32LE(vrings.lastAvail(index), 4);
         return;
       case Ioctl.VHOST_SET_VRING_KICK:

@@ -155,6 +155,21 @@ describe('simulated kernel: vring ioctls', () => {
       assert.deepEqual(decodeVringState(s), { index: 1, num: 0xfffe });
     });
 
+    it('GET_VRING_BASE of a parent without vq state is EOPNOTSUPP (vp_vdpa_get_vq_state)', () => {
+      const vp = new SimulatedVdpa(vpVdpaConfig({ vqCount: 2, lacksVqState: true }), tmp.registry);
+      const f = vp.open();
+      try {
+        f.ioctl(Ioctl.VHOST_SET_OWNER);
+        f.ioctl(Ioctl.VHOST_SET_VRING_BASE, state(0, 0));
+        assert.equal(
+          errnoOf(() => f.ioctl(Ioctl.VHOST_GET_VRING_BASE, state(0, 0))),
+          'EOPNOTSUPP',
+        );
+      } finally {
+        f.close();
+      }
+    });
+
     it('KICK/CALL take an eventfd or -1: a closed fd is EBADF, another file EINVAL', () => {
       const closed = eventfd(0, EFD_CLOEXEC);
       fs.closeSync(closed);

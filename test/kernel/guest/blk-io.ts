@@ -77,9 +77,9 @@ function serveInProcess(socketPath: string): BlkServer {
         memory,
         pinned: pa,
         iommu: pa ? 'platform' : 'onchip',
+        // VDUSE offers no IOTLB_PERSIST but keeps its table at reset (docs/kernel-notes.md R7).
+        parentKeepsMapOnReset: !pa,
       }),
-    // VDUSE offers no IOTLB_PERSIST but keeps its table at reset (docs/kernel-notes.md R7).
-    relay: { parentKeepsMappingsAtReset: kind === 'vduse-blk' },
     unmappedFrom: UNMAPPED_FROM,
   });
   return {
