@@ -32,8 +32,6 @@ export interface RelayBlkOptions<D extends VhostVdpaDevice> {
   openDevice?: (registry: SharedMemoryRegistry) => D;
   /** Deliberately wrong mapping (for the negative test): IOVA = guest physical + this. */
   iovaSkew?: bigint;
-  /** Deliberately missing mapping (for the negative test): regions from this guest physical address on are not mapped. */
-  unmappedFrom?: bigint;
   backend?: Omit<VhostUserBackendOptions, 'logger'>;
   logger?: BackendLogger;
 }
@@ -117,9 +115,6 @@ export class RelayBlkBackend<D extends VhostVdpaDevice = SimulatedDevice> {
   /** The relay's memory callback: the diff as IOTLB ops, applied to the device in one call. */
   private async memory(diff: MemoryDiff): Promise<void> {
     const skew = this.options.iovaSkew ?? 0n;
-    const unmappedFrom = this.options.unmappedFrom;
-    const mapped = (r: TableRegion) => unmappedFrom === undefined || r.guestAddr < unmappedFrom;
-    diff = { ...diff, removed: diff.removed.filter(mapped), added: diff.added.filter(mapped) };
     const ops: IotlbOp[] = [];
     for (const r of diff.removed) {
       ops.push({ type: 'invalidate', asid: 0, iova: r.guestAddr + skew, size: r.size });
