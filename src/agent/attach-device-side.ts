@@ -5,16 +5,21 @@
 import { status } from '@grpc/grpc-js';
 import type { Device } from '../device/types.ts';
 import { VhostVdpaDevice } from '../device/vhost-vdpa.ts';
-import type { VhostUserDeviceSide } from '../vhost-user/backend.ts';
+import type { BackendLogger, VhostUserDeviceSide } from '../vhost-user/backend.ts';
 import { VdpaRelay } from '../vhost-user/vdpa-relay.ts';
 import type { AttachMemory } from './attach.ts';
 import { AgentError } from './errors.ts';
 
 /**
  * The vring relay for `device` (kernel or simulated vhost-vdpa alike); `memory` is where it hands
- * the VMM's memory changes.
+ * the VMM's memory changes. Which parents it takes is the relay's rule (IOTLB_PERSIST, or a parent
+ * that keeps its mappings at reset: VhostVdpaDevice.parentKeepsMapOnReset, from sysfs).
  */
-export function deviceSideFor(device: Device, memory: AttachMemory): VhostUserDeviceSide {
+export function deviceSideFor(
+  device: Device,
+  memory: AttachMemory,
+  logger?: BackendLogger,
+): VhostUserDeviceSide {
   if (!(device instanceof VhostVdpaDevice)) {
     throw new AgentError(
       status.FAILED_PRECONDITION,
@@ -23,5 +28,5 @@ export function deviceSideFor(device: Device, memory: AttachMemory): VhostUserDe
       'device',
     );
   }
-  return new VdpaRelay(device, memory);
+  return new VdpaRelay(device, memory, logger);
 }

@@ -24,7 +24,11 @@ import type { AttachmentEvent, AttachmentInfo, AttachRequest, MemoryTableAnswer 
 export type AttachMemory = (diff: MemoryDiff) => Promise<void>;
 
 /** Makes the device side of one VMM connection: what relays the vrings to `device`. */
-export type DeviceSideFactory = (device: Device, memory: AttachMemory) => VhostUserDeviceSide;
+export type DeviceSideFactory = (
+  device: Device,
+  memory: AttachMemory,
+  logger: BackendLogger,
+) => VhostUserDeviceSide;
 
 /** The registry, with the adoption of memory a VMM shares by fd. */
 export type AdoptingRegistry = MemoryRegistry & { adopt(req: AdoptMemoryRequest): MemoryInfo };
@@ -310,7 +314,7 @@ export class Attachments {
     let session: Session | undefined;
     let side: VhostUserDeviceSide;
     try {
-      side = this.options.deviceSide(a.device, (diff) => this.memoryChanged(device, session!, diff));
+      side = this.options.deviceSide(a.device, (diff) => this.memoryChanged(device, session!, diff), logger);
     } catch (e) {
       logger.error({ device, reason: (e as Error).message }, 'cannot serve the VMM: no device side');
       conn.close(e as Error);

@@ -49,6 +49,11 @@ export interface DiscoveredNode {
    */
   pinned: boolean;
   iommu: IommuKind;
+  /**
+   * Whether the parent keeps its mappings at a reset without IOTLB_PERSIST: a VDUSE parent does
+   * (vduse_vdpa_reset ignores VDPA_RESET_F_CLEAN_MAP); false where sysfs cannot tell.
+   */
+  keepsMapOnReset: boolean;
 }
 
 const NODE_RE = /^vhost-vdpa-(\d+)$/;
@@ -89,11 +94,13 @@ export function discoverVhostVdpa(roots: DiscoveryRoots = {}): DiscoveredNode[] 
 export function describeNode(node: string, roots: DiscoveryRoots = {}): DiscoveredNode {
   const real = path.resolve(node);
   const d = listVdpaDevices(roots).find((v) => v.node !== null && path.resolve(v.node) === real);
+  const vduse = d?.vduse ?? false;
   return {
     node,
     name: d?.name ?? path.basename(node),
-    pinned: !(d?.vduse ?? false),
+    pinned: !vduse,
     iommu: d?.iommu ?? 'unknown',
+    keepsMapOnReset: vduse,
   };
 }
 

@@ -252,6 +252,7 @@ export async function openDevices(
           name,
           pinned: await pinsMemory(node, sysfs.pinned),
           iommu: sysfs.iommu,
+          parentKeepsMapOnReset: sysfs.keepsMapOnReset,
           memory: registry,
           ...(logger ? { logger } : {}),
           ...(opts.openTransport ? { openTransport: opts.openTransport } : {}),

@@ -21,6 +21,8 @@ export interface KernelDeviceOptions {
   pinned?: boolean;
   /** What sysfs tells (discovery.ts); default 'unknown'. */
   iommu?: IommuKind;
+  /** Whether the parent keeps its mappings at reset (discovery.ts: VDUSE); default false. */
+  parentKeepsMapOnReset?: boolean;
   /** Opens the transport; default the real fd (tests inject a recorder). */
   openTransport?: (node: string) => VhostTransport;
 }
@@ -40,6 +42,7 @@ export class KernelDevice extends VhostVdpaDevice {
       node: opts.node,
       iommu: opts.iommu ?? 'unknown',
       pinned: opts.pinned ?? true,
+      parentKeepsMapOnReset: opts.parentKeepsMapOnReset ?? false,
       transport,
       memory: opts.memory,
       ...(opts.logger ? { logger: opts.logger } : {}),

@@ -125,6 +125,14 @@ export interface SimulatedVdpaConfig extends FaultInjection {
    * owner pushes one. Default false: the table goes with them, as with vdpa_sim and mlx5.
    */
   keepsMapOnReset?: boolean;
+  /**
+   * The parent cannot tell a vring's state, as vp_vdpa: vp_vdpa_get_vq_state answers -EOPNOTSUPP
+   * (the virtio spec has no way to read a device's avail index), so VHOST_GET_VRING_BASE is
+   * EOPNOTSUPP; and VHOST_SET_VRING_BASE takes only avail index 0, with FEATURES_OK set and the
+   * queue not enabled (vp_vdpa_set_vq_state). Default false: the parent keeps any state (vdpa_sim,
+   * VDUSE, mlx5).
+   */
+  lacksVqState?: boolean;
   /** virtio-blk only: the disk its data path serves (see sim-vrings.ts). */
   disk?: SimDisk;
   /** Where the data path logs I/O errors. */
@@ -762,11 +770,23 @@ class SimVhostFile implements VhostTransport {
       case Ioctl.VHOST_SET_VRING_BASE: {
         const { num } = decodeVringState(argBuffer(arg, VRING_STATE_SIZE));
         if (num > 0xffff) throw new TransportError('EINVAL', `vring ${index}: base ${num} is not a u16`);
+        // Then the device's set_vq_state. vp_vdpa_set_vq_state takes only what a device starts
+        // with: avail index 0, once FEATURES_OK is set and before the queue is enabled.
+        if (
+          this.parent.config.lacksVqState &&
+          (num !== 0 || (status & DeviceStatus.FEATURES_OK) === 0 || vrings.isReady(index))
+        ) {
+          throw new TransportError('EOPNOTSUPP', `vring ${index}: the parent cannot set base ${num}`);
+        }
         vrings.setLastAvail(index, num);
         return;
       }
       case Ioctl.VHOST_GET_VRING_BASE:
-        // vhost_vdpa_vring_ioctl asks the device (get_vq_state) before vhost answers.
+        // vhost_vdpa_vring_ioctl asks the device (get_vq_state) before vhost answers, and
+        // returns its error as it is.
+        if (this.parent.config.lacksVqState) {
+          throw new TransportError('EOPNOTSUPP', `vring ${index}: the parent cannot tell its state`);
+        }
         argBuffer(arg, VRING_STATE_SIZE).writeUInt32LE(vrings.lastAvail(index), 4);
         return;
       case Ioctl.VHOST_SET_VRING_KICK:

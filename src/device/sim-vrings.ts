@@ -131,6 +131,11 @@ export class SimVrings {
     this.sync(index, status);
   }
 
+  /** Whether the vring is enabled (set_vq_ready). */
+  isReady(index: number): boolean {
+    return this.vqs[index]!.ready;
+  }
+
   setReady(index: number, ready: boolean, status: number): void {
     const vq = this.vqs[index]!;
     if (!ready) this.stopRing(index);

@@ -45,7 +45,8 @@ export const IOVA_RANGE_39_BITS: IovaRange = { first: 0n, last: (1n << 39n) - 1n
 /**
  * The kinds of parent the simulator can be, and how (defaults in brackets):
  * - vp_vdpa behind a platform IOMMU, PA mode: `{ iommu: 'platform' }` [the default; facts of
- *   {@link VP_VDPA_FACTS}; add `iovaRange: IOVA_RANGE_39_BITS` for intel-iommu's aperture];
+ *   {@link VP_VDPA_FACTS}; add `iovaRange: IOVA_RANGE_39_BITS` for intel-iommu's aperture and
+ *   `lacksVqState: true` for its vrings' state];
  * - vdpa_sim batch_mapping=1 (set_map): `{ iommu: 'onchip', useVa: false | true }`;
  * - vdpa_sim batch_mapping=0 (dma_map): `{ iommu: 'onchip', onchipMap: 'dma_map', useVa }`;
  * - VDUSE: `{ iommu: 'onchip', useVa: true, keepsMapOnReset: true, asNum: 1 }`.
@@ -92,6 +93,8 @@ export interface SimulatedDeviceOptions extends FaultInjection {
   contiguousPages?: number;
   /** The parent keeps its table across reset and close, as VDUSE does; default false. */
   keepsMapOnReset?: boolean;
+  /** GET_VRING_BASE is EOPNOTSUPP, as on vp_vdpa (SimulatedVdpaConfig.lacksVqState); default false. */
+  lacksVqState?: boolean;
   /**
    * virtio-blk (deviceId 2, which it implies) with a data path: the disk file it serves, opened
    * read-write for the device's life; GET_ID answers `vdpa-mapd-<name>` (cut to 20 bytes).
@@ -139,6 +142,7 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
           'pageSize',
           'contiguousPages',
           'keepsMapOnReset',
+          'lacksVqState',
           'failAfter',
           'failOn',
         ]),
@@ -157,6 +161,7 @@ export class SimulatedDevice extends VhostVdpaDevice implements DmaCapable {
       node: null,
       iommu,
       pinned,
+      parentKeepsMapOnReset: simulator.config.keepsMapOnReset ?? false,
       pageSize: simulator.pageSize,
       transport: simulator.open(),
       memory,

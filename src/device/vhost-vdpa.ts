@@ -74,6 +74,8 @@ export interface VhostVdpaDeviceInit {
   node: string | null;
   iommu: IommuKind;
   pinned: boolean;
+  /** See {@link VhostVdpaDevice.parentKeepsMapOnReset}; default false. */
+  parentKeepsMapOnReset?: boolean;
   /** An open transport; the device owns it from here on (and closes it if setup fails). */
   transport: VhostTransport;
   memory: MemoryRegistry;
@@ -97,11 +99,21 @@ export class VhostVdpaDevice implements Device {
 
   /** The device's features, vrings, config and status (vrings.ts). */
   readonly vrings: VdpaVrings;
+  /**
+   * The parent keeps its mappings at a virtio reset even without IOTLB_PERSIST, as VDUSE does
+   * (vduse_vdpa_reset ignores VDPA_RESET_F_CLEAN_MAP: docs/kernel-notes.md R7). Known from where
+   * the device sits (discovery.ts: under /sys/devices/virtual/vduse), never from its name. Not one
+   * of the reported facts: only the agent's vring relay needs it.
+   */
+  readonly parentKeepsMapOnReset: boolean;
+  private readonly registry: MemoryRegistry;
 
   constructor(init: VhostVdpaDeviceInit) {
     this.name = init.name;
     this.transport = init.transport;
     this.logger = init.logger;
+    this.parentKeepsMapOnReset = init.parentKeepsMapOnReset ?? false;
+    this.registry = init.memory;
     this.vrings = new VdpaVrings(init.transport, (what, fn) => {
       this.assertOpen();
       try {
@@ -136,6 +148,25 @@ export class VhostVdpaDevice implements Device {
 
   mappings(): Mapping[] {
     return this.guard.mappings();
+  }
+
+  /**
+   * `length` bytes at `iova` of address space `asid` as the owner sees them: read from the memory
+   * the owner mapped there (its own mmap of it, not a DMA). They must lie in one mapping.
+   */
+  readMapped(asid: number, iova: bigint, length: number): Buffer {
+    const end = iova + BigInt(length);
+    const m = this.guard
+      .mappings()
+      .find((x) => x.asid === this.guard.effectiveAsid(asid) && x.iova <= iova && end <= x.iova + x.size);
+    if (m === undefined) {
+      throw new DeviceError(
+        'KERNEL',
+        `${this.name}: [0x${iova.toString(16)}, +${length}) of asid ${asid} lies in no one mapping`,
+        { errno: 'EFAULT' },
+      );
+    }
+    return this.registry.read(m.memory, m.offset + (iova - m.iova), length);
   }
 
   /**

@@ -12,8 +12,13 @@
  *   its own references), enable; then DRIVER_OK.
  * - Stop: the vring is disabled and its base read from the device; when the last one stops the
  *   device is reset, so the next start negotiates again. That reset must keep the mappings, which
- *   only IOTLB_PERSIST guarantees: a device without it is refused, unless the caller knows its
- *   parent keeps them anyway (VDUSE: see {@link VdpaRelayOptions}).
+ *   IOTLB_PERSIST guarantees, and so does a parent that keeps them anyway (VDUSE:
+ *   VhostVdpaDevice.parentKeepsMapOnReset); any other device is refused.
+ * - A device that cannot tell a vring's base (vp_vdpa: VHOST_GET_VRING_BASE is EOPNOTSUPP) is
+ *   answered for as QEMU's vhost_virtqueue_stop() does when vhost_get_vring_base fails
+ *   (virtio_queue_restore_last_avail_idx): with the used ring's idx, read from the VMM's memory
+ *   where the relay mapped it, after the device was disabled (and reset, for the last ring) so
+ *   it moves no more. Every request the device took is then one it completed; logged and counted.
  * - The memory table goes to `memory`, which applies it wherever the device's mappings are kept
  *   (the agent's device queue); the relay never maps anything itself.
  */
@@ -24,14 +29,13 @@ import type { BackendLogger, VhostUserDeviceSide, VringConfig } from './backend.
 import type { MemoryDiff } from './memory-table.ts';
 
 const ACCESS_PLATFORM = 1n << BigInt(VIRTIO_F_ACCESS_PLATFORM);
+/** struct vring_used: u16 flags, then u16 idx. */
+const USED_IDX_OFFSET = 2n;
 
-export interface VdpaRelayOptions {
-  /**
-   * The parent keeps its mappings at a reset without IOTLB_PERSIST, as VDUSE does (6.12 offers
-   * no IOTLB_PERSIST, and vduse_vdpa_reset() ignores VDPA_RESET_F_CLEAN_MAP: the table survives;
-   * docs/kernel-notes.md R7). Only the caller can know this; default false.
-   */
-  parentKeepsMappingsAtReset?: boolean;
+/** What the relay had to make up for. */
+export interface VdpaRelayStats {
+  /** GET_VRING_BASE answered with the used index: the device could not tell (EOPNOTSUPP). */
+  basesFromUsedIndex: number;
 }
 
 export class VdpaRelay implements VhostUserDeviceSide {
@@ -39,18 +43,19 @@ export class VdpaRelay implements VhostUserDeviceSide {
   readonly queueCount: number;
   readonly maxQueueSize: number;
   private readonly configSize: number;
+  readonly stats: VdpaRelayStats = { basesFromUsedIndex: 0 };
   private negotiated = 0n;
-  private readonly running = new Set<number>();
+  /** The running vrings, with their used ring's address (an IOVA of asid 0). */
+  private readonly running = new Map<number, bigint>();
 
   constructor(
     private readonly device: VhostVdpaDevice,
     private readonly memory: (diff: MemoryDiff) => Promise<void>,
     private readonly logger?: BackendLogger,
-    options: VdpaRelayOptions = {},
   ) {
     const facts = device.facts();
     const persists = hasBackendFeature(facts.negotiatedFeatures, 'IOTLB_PERSIST');
-    if (!persists && options.parentKeepsMappingsAtReset !== true) {
+    if (!persists && !device.parentKeepsMapOnReset) {
       throw new DeviceError(
         'UNSUPPORTED',
         `${device.name}: relaying vrings needs IOTLB_PERSIST (a reset at stop must keep the guest's memory mapped)`,
@@ -94,7 +99,7 @@ export class VdpaRelay implements VhostUserDeviceSide {
     v.setKick(index, vring.kickFd);
     v.setCall(index, vring.callFd());
     v.enable(index, true);
-    this.running.add(index);
+    this.running.set(index, vring.used);
     if ((v.status() & DeviceStatus.DRIVER_OK) === 0) v.addStatus(DeviceStatus.DRIVER_OK);
     this.logger?.info(
       { device: this.device.name, vring: index, size: vring.size },
@@ -109,9 +114,30 @@ export class VdpaRelay implements VhostUserDeviceSide {
   stopVring(index: number): number {
     const v = this.device.vrings;
     v.enable(index, false);
-    const base = v.base(index);
+    const base = this.deviceBase(index);
+    const used = this.running.get(index);
     this.running.delete(index);
     if (this.running.size === 0) v.resetKeepingMappings();
-    return base;
+    if (base !== undefined) return base;
+    if (used === undefined) {
+      throw new DeviceError('KERNEL', `${this.device.name}: vring ${index} was not started by the relay`);
+    }
+    const idx = this.device.readMapped(0, used + USED_IDX_OFFSET, 2).readUInt16LE(0);
+    this.stats.basesFromUsedIndex++;
+    this.logger?.warn(
+      { device: this.device.name, vring: index, base: idx },
+      'the device cannot tell the vring base (EOPNOTSUPP): answered with the used index',
+    );
+    return idx;
+  }
+
+  /** VHOST_GET_VRING_BASE; undefined when the parent cannot tell (vp_vdpa_get_vq_state). */
+  private deviceBase(index: number): number | undefined {
+    try {
+      return this.device.vrings.base(index);
+    } catch (e) {
+      if (e instanceof DeviceError && e.errno === 'EOPNOTSUPP') return undefined;
+      throw e;
+    }
   }
 }

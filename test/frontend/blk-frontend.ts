@@ -239,6 +239,15 @@ export class VhostUserBlkFrontend {
   }
 
   /**
+   * Hot-unplug with REM_MEM_REG (needs CONFIGURE_MEM_SLOTS), once the back-end acknowledged it.
+   * The region stays mapped in this process, so a buffer may still be placed in it: a guest that
+   * points the device at memory its VMM took away, which only the IOMMU can refuse.
+   */
+  unplugMemory(region: GuestRegion): Promise<void> {
+    return this.serialised(() => this.channel.tell(Request.REM_MEM_REG, memRegPayload(region)));
+  }
+
+  /**
    * Stops the ring (SET_VRING_ENABLE 0, GET_VRING_BASE) and closes every fd and mapping. Returns the
    * avail index the back-end reported, or null when the back-end could not be asked (gone, or a
    * request was wedged). Never throws: the fds are closed whatever the back-end does.

@@ -49,7 +49,7 @@ function tierPlan(): GuestStep[] {
   const differential = 'test/kernel/guest/differential.ts';
   // The agent + the boot's API server: map, batch, unmap, set-mem-table, pins, discovery.
   const services = 'test/kernel/guest/services.ts';
-  // Block I/O from a vhost-user front-end through our relay to QEMU's virtio-blk (blk-plan.ts).
+  // Block I/O from a vhost-user front-end through the agent's attach to QEMU's virtio-blk (blk-plan.ts).
   const blkIo = 'test/kernel/guest/blk-io.ts';
   return [
     ...tierSteps(),

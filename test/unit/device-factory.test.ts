@@ -153,17 +153,19 @@ describe('discovery', () => {
       { name: 'vdpa3', node: null, driver: null, vduse: false, iommu: 'platform' },
       { name: 'vdpa4', node: null, driver: null, vduse: false, iommu: 'unknown' },
     ]);
-    // VDUSE maps in VA mode (nothing pinned); sysfs takes any other parent to pin (openDevices
-    // asks the kernel).
+    // VDUSE maps in VA mode (nothing pinned) and keeps its mappings at reset; sysfs takes any
+    // other parent to pin (openDevices asks the kernel) and to drop them.
+    const node = (n: number) => path.join(root, 'dev', `vhost-vdpa-${n}`);
     assert.deepEqual(discoverVhostVdpa(roots()), [
-      { node: path.join(root, 'dev', 'vhost-vdpa-2'), name: 'vdpa0', pinned: true, iommu: 'onchip' },
-      { node: path.join(root, 'dev', 'vhost-vdpa-10'), name: 'vdpa2', pinned: false, iommu: 'onchip' },
+      { node: node(2), name: 'vdpa0', pinned: true, iommu: 'onchip', keepsMapOnReset: false },
+      { node: node(10), name: 'vdpa2', pinned: false, iommu: 'onchip', keepsMapOnReset: true },
     ]);
-    assert.deepEqual(describeNode(path.join(root, 'dev', 'vhost-vdpa-3'), roots()), {
-      node: path.join(root, 'dev', 'vhost-vdpa-3'),
+    assert.deepEqual(describeNode(node(3), roots()), {
+      node: node(3),
       name: 'vhost-vdpa-3',
       pinned: true,
       iommu: 'unknown',
+      keepsMapOnReset: false,
     });
   });
 

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import { DeviceError } from '../../src/device/errors.ts';
-import { SimulatedDevice } from '../../src/device/simulated.ts';
+import { IOVA_RANGE_39_BITS, SimulatedDevice } from '../../src/device/simulated.ts';
 import {
   SECTOR,
   VIRTIO_BLK_S_IOERR,
@@ -276,7 +276,7 @@ describe('vdpa relay over a simulated blk vhost-vdpa device', () => {
     }
   });
 
-  it('takes a device without IOTLB_PERSIST whose parent the caller knows keeps its mappings (VDUSE)', async () => {
+  it('takes a device without IOTLB_PERSIST whose parent keeps its mappings at reset (VDUSE-like)', async () => {
     const tmp = tmpRegistry();
     const features = backendFeatureMask('IOTLB_MSG_V2', 'IOTLB_BATCH', 'IOTLB_ASID');
     const dev = new SimulatedDevice(
@@ -284,11 +284,48 @@ describe('vdpa relay over a simulated blk vhost-vdpa device', () => {
       tmp.registry,
     );
     try {
-      const relay = new VdpaRelay(dev, async () => {}, undefined, { parentKeepsMappingsAtReset: true });
+      assert.equal(dev.parentKeepsMapOnReset, true);
+      const relay = new VdpaRelay(dev, async () => {});
       assert.equal(relay.queueCount, dev.facts().vqCount);
     } finally {
       await dev.close();
       tmp.cleanup();
     }
+  });
+
+  it('a device that cannot tell a vring base (vp_vdpa: EOPNOTSUPP) is answered with the used index', async () => {
+    // The vp_vdpa-like parent: platform IOMMU (PA mode, IOTLB_PERSIST offered), no get_vq_state.
+    fe.close();
+    await backend.done;
+    await sim.close();
+    sim = new RelayBlkBackend({
+      openDevice: (registry) =>
+        new SimulatedDevice(
+          {
+            name: 'vpb0',
+            disk: diskPath,
+            iommu: 'platform',
+            iovaRange: IOVA_RANGE_39_BITS,
+            lacksVqState: true,
+          },
+          registry,
+        ),
+    });
+    const [a, b] = unixSocketPair();
+    backend = sim.serve(new VhostUserConnection(a));
+    fe = new FrontEnd(b);
+    await start();
+    for (let i = 0; i < 3; i++) {
+      assert.equal(await request(VIRTIO_BLK_T_IN, 0n, { gpa: ring(DATA), len: 512 }), VIRTIO_BLK_S_OK);
+    }
+    assert.equal(sim.relay.stats.basesFromUsedIndex, 0);
+    fe.send(Request.GET_VRING_BASE, vringStatePayload(0, 0));
+    const base = await fe.reply(Request.GET_VRING_BASE);
+    // QEMU's vhost_virtqueue_stop() answers for such a device with the used index: 3 requests.
+    assert.deepEqual([...(base ?? [])], [0, 0, 0, 0, 3, 0, 0, 0]);
+    assert.equal(sim.relay.stats.basesFromUsedIndex, 1);
+    assert.equal(backend.closed, false, 'the relay did not hang up');
+    assert.equal(sim.device.simulator.deviceStatus, 0, 'the last ring stopped: the device was reset');
+    assert.equal(sim.mappings().length, 1, 'the mappings stay (IOTLB_PERSIST)');
   });
 });

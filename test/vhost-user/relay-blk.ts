@@ -21,7 +21,7 @@ import {
 } from '../../src/vhost-user/backend.ts';
 import { fileKeyId, type MemoryDiff, type TableRegion } from '../../src/vhost-user/memory-table.ts';
 import { type VhostUserConnection, VhostUserListener } from '../../src/vhost-user/transport.ts';
-import { VdpaRelay, type VdpaRelayOptions } from '../../src/vhost-user/vdpa-relay.ts';
+import { VdpaRelay } from '../../src/vhost-user/vdpa-relay.ts';
 
 export interface RelayBlkOptions<D extends VhostVdpaDevice> {
   /** Serve this socket; without it, connections are handed to serve(). */
@@ -30,11 +30,8 @@ export interface RelayBlkOptions<D extends VhostVdpaDevice> {
   diskPath?: string;
   /** Opens the device to relay to, its memory in the backend's registry; default the simulated one. */
   openDevice?: (registry: SharedMemoryRegistry) => D;
-  relay?: VdpaRelayOptions;
   /** Deliberately wrong mapping (for the negative test): IOVA = guest physical + this. */
   iovaSkew?: bigint;
-  /** Deliberately missing mapping (for the negative test): regions from this guest physical address on are not mapped. */
-  unmappedFrom?: bigint;
   backend?: Omit<VhostUserBackendOptions, 'logger'>;
   logger?: BackendLogger;
 }
@@ -57,7 +54,7 @@ export class RelayBlkBackend<D extends VhostVdpaDevice = SimulatedDevice> {
     this.registry = new SharedMemoryRegistry({ allowedRoots: [], stateDir: this.stateDir });
     // Without openDevice, D is its default, SimulatedDevice.
     this.device = options.openDevice?.(this.registry) ?? (this.simulatedDevice() as unknown as D);
-    this.relay = new VdpaRelay(this.device, (diff) => this.memory(diff), options.logger, options.relay);
+    this.relay = new VdpaRelay(this.device, (diff) => this.memory(diff), options.logger);
     const { socketPath } = options;
     this.listener =
       socketPath === undefined
@@ -118,9 +115,6 @@ export class RelayBlkBackend<D extends VhostVdpaDevice = SimulatedDevice> {
   /** The relay's memory callback: the diff as IOTLB ops, applied to the device in one call. */
   private async memory(diff: MemoryDiff): Promise<void> {
     const skew = this.options.iovaSkew ?? 0n;
-    const unmappedFrom = this.options.unmappedFrom;
-    const mapped = (r: TableRegion) => unmappedFrom === undefined || r.guestAddr < unmappedFrom;
-    diff = { ...diff, removed: diff.removed.filter(mapped), added: diff.added.filter(mapped) };
     const ops: IotlbOp[] = [];
     for (const r of diff.removed) {
       ops.push({ type: 'invalidate', asid: 0, iova: r.guestAddr + skew, size: r.size });

@@ -358,6 +358,18 @@ export function kernelAgentArgs(stateDir: string, socket: string, allowedRoot: s
   ];
 }
 
+/**
+ * Stops the agent with SIGTERM (its client closed first): it must exit 0 and leave the device node
+ * free. Returns the ms it took.
+ */
+export async function stopAgent(agent: Service, client: { close(): void }): Promise<number> {
+  client.close();
+  const exit = await agent.stop('SIGTERM');
+  assert(exit.code === 0, `agent exit ${exit.code ?? exit.signal}:\n${agent.tail()}`);
+  assert(!deviceBusy(), 'the device node cannot be opened after the agent exited');
+  return exit.ms;
+}
+
 /** The agent's line that says it serves. */
 export const agentServing = (line: string): boolean => line.includes('"agent serving"');
 

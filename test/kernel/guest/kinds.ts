@@ -33,6 +33,8 @@ export interface KindFacts {
   iovaRange: IovaRange;
   /** VDUSE keeps its table across reset and release (docs/kernel-notes.md R1, R7). */
   keepsMapOnReset: boolean;
+  /** vp_vdpa cannot tell or set a vring's state (docs/kernel-notes.md B3). */
+  lacksVqState: boolean;
 }
 
 const VDPA_SIM_FEATURES = backendFeatureMask(
@@ -59,6 +61,7 @@ const vdpaSim = (name: KindName, batchMapping: boolean, useVa: boolean): KindFac
   configSize: 24,
   iovaRange: FULL_IOVA_RANGE,
   keepsMapOnReset: false,
+  lacksVqState: false,
 });
 
 export const KIND_FACTS: Record<KindName, KindFacts> = {
@@ -77,6 +80,7 @@ export const KIND_FACTS: Record<KindName, KindFacts> = {
     configSize: 72,
     iovaRange: FULL_IOVA_RANGE,
     keepsMapOnReset: true,
+    lacksVqState: false,
   },
   'vp-vdpa': {
     name: 'vp-vdpa',
@@ -93,6 +97,7 @@ export const KIND_FACTS: Record<KindName, KindFacts> = {
     // QEMU's intel-iommu with aw-bits 39: the domain's aperture.
     iovaRange: { first: 0n, last: (1n << 39n) - 1n },
     keepsMapOnReset: false,
+    lacksVqState: true,
   },
   'sim-dma-pa': vdpaSim('sim-dma-pa', false, false),
   'sim-dma-va': vdpaSim('sim-dma-va', false, true),
@@ -122,6 +127,7 @@ export function simulatorFor(kind: KindFacts, memory: MemoryRegistry): Simulated
       offeredFeatures: kind.offeredFeatures,
       pushDelayMs: 0,
       keepsMapOnReset: kind.keepsMapOnReset,
+      lacksVqState: kind.lacksVqState,
       useVa: !kind.pinned,
       ...(kind.onchipMap ? { onchipMap: kind.onchipMap } : {}),
       ...(kind.pinned ? { memlock: getrlimit(RLIMIT_MEMLOCK).cur } : {}),
