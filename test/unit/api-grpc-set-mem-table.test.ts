@@ -14,7 +14,6 @@ import {
 } from '../../services/api/grpc-set-mem-table.ts';
 import { MAPD_PACKAGE, packageDefinition } from '../../services/api/proto.ts';
 import { formatSetMemTableResult } from '../../src/api/format.ts';
-import type { SetMemTableResult } from '../../src/core/types.ts';
 import { setMemTableResult } from './api-arbitraries.ts';
 
 const mappingService = packageDefinition[`${MAPD_PACKAGE}.MappingService`] as ServiceDefinition;

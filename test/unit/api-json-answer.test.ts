@@ -9,7 +9,7 @@ import fc from 'fast-check';
 import { SLICED_ANSWER_ITEMS, setMemTableAnswer, setMemTableJson } from '../../src/api/json-answer.ts';
 import type { SetMemTableResult } from '../../src/core/types.ts';
 import type { Mapping } from '../../src/iotlb/types.ts';
-import { mapping, setMemTableResult } from './api-arbitraries.ts';
+import { setMemTableResult } from './api-arbitraries.ts';
 
 const result = setMemTableResult({ minLength: 300, maxLength: 700 });
 

@@ -11,7 +11,7 @@
  * disk image after the VM exits. On vp-vdpa-blk the guest's log must show no DMAR fault, and a
  * buffer in memory the VMM unplugged (so the agent unmapped it) must fault (judged by dmesg and
  * data: QEMU still answers such a request OK). Then the agent is SIGKILLed with a write in flight,
- * and a new agent, reconciled by the API server and attached again, serves the device.
+ * and a new agent, reconciled by the API server, which attaches it again, serves the device.
  *
  *   node --import tsx test/kernel/run-vm.ts --kind vduse-blk,vp-vdpa-blk test/kernel/guest/blk-io.ts
  */
@@ -406,12 +406,19 @@ checks.push(
     'new-agent-serves',
     async () => {
       const started = await startAgent();
-      // The new agent does not serve the lost attachment: the API server empties its table.
+      // The new agent does not serve the lost attachment: the API server empties its table and,
+      // since the attachment is in its desired state, has the new agent serve the same socket.
       const dropped = await until(
         "the lost attachment's table emptied",
         async () => (await desiredCount()) === 0,
       );
-      const attached = await attach();
+      const restored = await until(
+        'the attachment restored at the new agent',
+        async () =>
+          (await expect('GET', `/v1/devices/${DEVICE}`, 200)).body.device.attachment?.socketPath ===
+          vmmSocket,
+      );
+      const attached = `the API server attached it again after ${restored} ms`;
       fe = await connect();
       const mapped = await vmmMemoryMapped('the new agent');
       await readsBack(BLK_BEFORE_KILL, 'the write before the kill');
