@@ -500,8 +500,13 @@ class SimVhostFile implements VhostTransport {
     if (bytes.length < MIN_WRITE) {
       throw new TransportError('EINVAL', `a write of ${bytes.length} bytes is shorter than ${MIN_WRITE}`);
     }
-    const framed = new Uint8Array(VHOST_MSG_SIZE);
-    framed.set(bytes.subarray(0, VHOST_MSG_SIZE));
+    // A write of exactly one record (every device write) is read where it is; a shorter one is
+    // padded with zeros, a longer one cut.
+    let framed = bytes;
+    if (bytes.length !== VHOST_MSG_SIZE) {
+      framed = new Uint8Array(VHOST_MSG_SIZE);
+      framed.set(bytes.subarray(0, VHOST_MSG_SIZE));
+    }
     let msg: VhostMsg;
     try {
       msg = decodeVhostMsg(framed);
