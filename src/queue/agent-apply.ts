@@ -61,10 +61,19 @@ export async function applyAtAgent(ctx: ApplyContext, ops: readonly IotlbOp[]): 
   const perOp = Number(process.hrtime.bigint() - started) / 1e9 / ops.length;
   const { metrics, device } = ctx;
   metrics.batchOps.observe({ device }, ops.length);
+  // Per op, but each label set looked up once per apply (prom-client hashes the labels per call).
+  const perOpWrite = metrics.iotlbMessageWrite.labels({ device });
+  const counts = new Map<string, { type: IotlbOp['type']; result: string; errno: string; n: number }>();
   ops.forEach((op, i) => {
     const r = res.results[i]!;
-    metrics.iotlbMessageWrite.observe({ device }, perOp);
-    metrics.ops.inc({ type: op.type, result: r.ok ? 'ok' : 'device_error', errno: r.ok ? '' : r.errno });
+    perOpWrite.observe(perOp);
+    const result = r.ok ? 'ok' : 'device_error';
+    const errno = r.ok ? '' : r.errno;
+    const key = `${op.type} ${result} ${errno}`;
+    const seen = counts.get(key);
+    if (seen) seen.n++;
+    else counts.set(key, { type: op.type, result, errno, n: 1 });
   });
+  for (const { type, result, errno, n } of counts.values()) metrics.ops.inc({ type, result, errno }, n);
   return res.results;
 }
