@@ -27,6 +27,7 @@ import { type ApiLimits, parseId } from '../../src/api/parse.ts';
 import { parseU64 } from '../../src/core/u64.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { MapdService } from '../../src/core/types.ts';
+import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
@@ -75,6 +76,18 @@ function body(message: object): Message {
     if (value === '') continue;
     out[key] = Array.isArray(value)
       ? value.map((v: unknown) => (typeof v === 'object' && v !== null ? body(v) : v))
+      : value;
+  }
+  return out;
+}
+
+/** {@link body} of a message whose lists are long (a SetMemTable's 65,536 regions), in time slices. */
+async function bodyInSlices(message: object): Promise<Message> {
+  const out: Message = {};
+  for (const [key, value] of Object.entries(message)) {
+    if (value === '') continue;
+    out[key] = Array.isArray(value)
+      ? await mapInTimeSlices(value, (v: unknown) => (typeof v === 'object' && v !== null ? body(v) : v))
       : value;
   }
   return out;
@@ -239,7 +252,7 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
       if (method.serverStreaming && stream) implementation[method.name] = stream;
       else if (method.name === 'SetMemTable' && handle)
         implementation[method.name] = unary(method.name, async (r) =>
-          handle(body(await decodeSetMemTableRequest(r as unknown as Buffer))),
+          handle(await bodyInSlices(await decodeSetMemTableRequest(r as unknown as Buffer))),
         );
       else if (!method.serverStreaming && handle)
         implementation[method.name] = unary(method.name, (r) => handle(body(r)));

@@ -4,6 +4,7 @@
  * vdpa.mapd.v1 in a body or query to them, so that REST takes what a gRPC JSON client sends.
  */
 import { invalid } from '../../src/core/u64.ts';
+import { TimeSlices } from '../../src/sys/next-turn.ts';
 import { originalFieldNames } from './proto.ts';
 
 function join(path: string, key: string): string {
@@ -32,6 +33,31 @@ function hasProtoNames(value: unknown, names: ReadonlyMap<string, string>): bool
  */
 export function withJsonNames(value: unknown): unknown {
   return hasProtoNames(value, originalFieldNames()) ? renamed(value, '') : value;
+}
+
+/** withJsonNames of a body, whose lists (65,536 regions) are looked through in time slices. */
+export async function withJsonNamesInSlices(value: unknown): Promise<unknown> {
+  return (await hasProtoNamesInSlices(value, originalFieldNames())) ? renamed(value, '') : value;
+}
+
+async function hasProtoNamesInSlices(value: unknown, names: ReadonlyMap<string, string>): Promise<boolean> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return hasProtoNames(value, names);
+  const record = value as Record<string, unknown>;
+  for (const key in record) {
+    if (!Object.hasOwn(record, key)) continue;
+    if (names.has(key)) return true;
+    const field = record[key];
+    if (!Array.isArray(field)) {
+      if (hasProtoNames(field, names)) return true;
+      continue;
+    }
+    const slices = new TimeSlices();
+    for (const item of field) {
+      if (slices.due()) await slices.next();
+      if (hasProtoNames(item, names)) return true;
+    }
+  }
+  return false;
 }
 
 function renamed(value: unknown, path: string): unknown {

@@ -66,7 +66,7 @@ export function apiHandlers(
     Unmap: async (m) => formatUnmapResult(await service.unmap(parseUnmap(device(m), rest(m, 'device')))),
     SetMemTable: async (m) => {
       const dryRun = parseBoolParam(m.dryRun, 'dryRun');
-      const req = parseSetMemTable(device(m), rest(m, 'device', 'dryRun'), dryRun, limits);
+      const req = await parseSetMemTable(device(m), rest(m, 'device', 'dryRun'), dryRun, limits);
       return formats.setMemTable(await service.setMemTable(req));
     },
     Batch: async (m) =>

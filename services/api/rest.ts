@@ -29,7 +29,7 @@ import type { MapdService } from '../../src/core/types.ts';
 import { REST_METHODS, routerPath } from './api-table.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
-import { withJsonNames } from './json-names.ts';
+import { withJsonNames, withJsonNamesInSlices } from './json-names.ts';
 import { compileRequestSchema, schemaError } from './json-schema.ts';
 import { apiHandlers } from './methods.ts';
 import type { Telemetry } from './observe.ts';
@@ -267,7 +267,7 @@ export async function buildRestApp(opts: RestOptions) {
       schema: routeSchema(method),
       // Proto field names (`request_id`) become JSON names before the schema reads them.
       preValidation: async (request) => {
-        request.body = withJsonNames(request.body);
+        request.body = await withJsonNamesInSlices(request.body);
         request.query = withJsonNames(request.query);
       },
       handler: async (request, reply) => {

@@ -44,6 +44,9 @@ function parseWhole(text: string): unknown {
 const needsWhole = (text: string): boolean =>
   text.includes('__proto__') || text.includes('constructor') || text.includes('\\u');
 
+/** The longest text needsWhole looks for, less one: what a slice's look starts before the slice. */
+const NEEDS_WHOLE_OVERLAP = 'constructor'.length - 1;
+
 /** Characters that may follow a comma between two values (json-ext would let `,]` and `,}` pass at a slice's end). */
 const AFTER_COMMA = /\s*[^\s\]}]/y;
 
@@ -60,6 +63,7 @@ async function* slices(text: string, keys: DuplicateKeyScan): AsyncGenerator<str
     if (from > 0) await nextTurn();
     if (keys.scanTo(from + SLICE_CHARS) !== undefined) throw new Refused();
     const to = keys.position;
+    if (needsWhole(text.slice(Math.max(0, from - NEEDS_WHOLE_OVERLAP), to))) throw new Refused();
     AFTER_COMMA.lastIndex = to;
     if (to < text.length && !AFTER_COMMA.test(text)) throw new Refused();
     // json-ext takes a text that stops inside an object or array as if it were closed there.
@@ -92,7 +96,8 @@ export function parseJsonBody(
     done(null, undefined);
     return;
   }
-  if (text.length < SLICED_BODY_CHARS || needsWhole(text)) {
+  // A large one that needsWhole is refused by the slices as they meet it, and then parsed whole.
+  if (text.length < SLICED_BODY_CHARS) {
     let value: unknown;
     try {
       value = parseWhole(text);

@@ -16,6 +16,7 @@ import {
   type UnmapRequest,
 } from '../core/types.ts';
 import { invalid, parseU32, parseU64, typeName } from '../core/u64.ts';
+import { mapInTimeSlices } from '../sys/next-turn.ts';
 import { U64_LIMIT } from '../u64.ts';
 
 export interface ApiLimits {
@@ -176,16 +177,22 @@ export function parseUnmap(device: string, body: unknown): UnmapRequest {
   return { device, asid: f.asid(), ...f.range(), exact: f.bool('exact'), ...f.requestId() };
 }
 
-export function parseSetMemTable(
+const SET_MEM_TABLE_FIELDS = ['asid', 'regions', 'requestId'] as const;
+
+const tableRegion = (r: unknown, i: number): Region => region(Fields.of(r, `regions[${i}]`, REGION_FIELDS));
+
+/**
+ * Body of SetMemTable, read in time slices that give the event loop back (65,536 regions take
+ * over 100 ms to read); the first bad region is the error.
+ */
+export async function parseSetMemTable(
   device: string,
   body: unknown,
   dryRun: boolean,
   limits: ApiLimits,
-): SetMemTableRequest {
-  const f = Fields.of(body, '', ['asid', 'regions', 'requestId']);
-  const regions = f
-    .array('regions', limits.maxRegions)
-    .map((r, i) => region(Fields.of(r, `regions[${i}]`, REGION_FIELDS)));
+): Promise<SetMemTableRequest> {
+  const f = Fields.of(body, '', SET_MEM_TABLE_FIELDS);
+  const regions = await mapInTimeSlices(f.array('regions', limits.maxRegions), tableRegion);
   return { device, asid: f.asid(), regions, dryRun, ...f.requestId() };
 }
 

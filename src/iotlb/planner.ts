@@ -12,6 +12,7 @@
  */
 import type { IovaTable } from './table.ts';
 import { checkRegionShape, compareBigint } from './table.ts';
+import { runInTimeSlices, runWhole } from '../sys/next-turn.ts';
 import { describeRange, FULL_IOVA_RANGE, hex, type IotlbOp, type IovaRange, type Region } from './types.ts';
 
 export interface Plan {
@@ -50,16 +51,37 @@ export function sameRegion(a: Region, b: Region): boolean {
   );
 }
 
+/** Items between two points where a sliced run may pause (runInTimeSlices). */
+const PAUSE_EVERY = 64;
+
 /**
  * Diffs two IOVA-sorted, non-overlapping lists of one address space. O(n + m).
  */
 export function diffSorted(current: readonly Region[], target: readonly Region[], asid: number): Plan {
+  return runWhole(diffSteps(current, target, asid));
+}
+
+/** diffSorted giving the event loop back every slice (a table of 65,536 regions). */
+export function diffSortedInSlices(
+  current: readonly Region[],
+  target: readonly Region[],
+  asid: number,
+): Promise<Plan> {
+  return runInTimeSlices(diffSteps(current, target, asid));
+}
+
+function* diffSteps(
+  current: readonly Region[],
+  target: readonly Region[],
+  asid: number,
+): Generator<void, Plan> {
   const invalidated: Region[] = [];
   const mapped: Region[] = [];
   let unchanged = 0;
   let i = 0;
   let j = 0;
   while (i < current.length && j < target.length) {
+    if ((i + j) % PAUSE_EVERY === 0) yield;
     const cur = current[i]!;
     const tgt = target[j]!;
     if (cur.iova < tgt.iova) {
@@ -78,11 +100,21 @@ export function diffSorted(current: readonly Region[], target: readonly Region[]
       j++;
     }
   }
-  for (; i < current.length; i++) invalidated.push(current[i]!);
-  for (; j < target.length; j++) mapped.push(target[j]!);
+  for (; i < current.length; i++) {
+    if (i % PAUSE_EVERY === 0) yield;
+    invalidated.push(current[i]!);
+  }
+  for (; j < target.length; j++) {
+    if (j % PAUSE_EVERY === 0) yield;
+    mapped.push(target[j]!);
+  }
   const ops: IotlbOp[] = [];
-  for (const r of invalidated) ops.push({ type: 'invalidate', asid, iova: r.iova, size: r.size });
+  for (const r of invalidated) {
+    if (ops.length % PAUSE_EVERY === 0) yield;
+    ops.push({ type: 'invalidate', asid, iova: r.iova, size: r.size });
+  }
   for (const r of mapped) {
+    if (ops.length % PAUSE_EVERY === 0) yield;
     ops.push({
       type: 'update',
       asid,
@@ -107,8 +139,26 @@ export function validateTarget(
   range: IovaRange = FULL_IOVA_RANGE,
   pinPageSize?: bigint,
 ): Region[] {
+  return runWhole(validateTargetSteps(target, range, pinPageSize));
+}
+
+/** validateTarget giving the event loop back every slice (a table of 65,536 regions). */
+export function validateTargetInSlices(
+  target: readonly Region[],
+  range: IovaRange = FULL_IOVA_RANGE,
+  pinPageSize?: bigint,
+): Promise<Region[]> {
+  return runInTimeSlices(validateTargetSteps(target, range, pinPageSize));
+}
+
+function* validateTargetSteps(
+  target: readonly Region[],
+  range: IovaRange,
+  pinPageSize: bigint | undefined,
+): Generator<void, Region[]> {
   let sorted = true;
   for (let index = 0; index < target.length; index++) {
+    if (index % PAUSE_EVERY === 0) yield;
     const r = target[index]!;
     const bad = checkRegionShape(r, range, pinPageSize);
     if (bad)
@@ -123,6 +173,7 @@ export function validateTarget(
   const order = sorted ? undefined : iovaOrder(target);
   const out = order ? Array.from(order, (index) => target[index]!) : target.slice();
   for (let k = 1; k < out.length; k++) {
+    if (k % PAUSE_EVERY === 0) yield;
     const prev = out[k - 1]!;
     const next = out[k]!;
     if (prev.iova + prev.size > next.iova) {

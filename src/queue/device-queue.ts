@@ -26,7 +26,7 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
-import { nextTurn } from '../sys/next-turn.ts';
+import { forEachInTimeSlices, nextTurn } from '../sys/next-turn.ts';
 import type { FlushResult, MappingEvent } from '../core/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
@@ -378,16 +378,16 @@ export class DeviceQueue {
     const byEntry = new Map<WriteEntry, Step[]>(live.map((e) => [e, []]));
     for (const s of run.steps) byEntry.get(s.entry)!.push(s);
     const outcomes = live.map((e) => outcomeOf(e, byEntry.get(e)!));
-    const events = run.steps.flatMap((s) =>
-      s.error
-        ? []
-        : work
-            .changes(s.mark, s.end)
-            .map((c): MappingEvent => ({ device, ...c, sequence: s.entry.sequence })),
-    );
-    await nextTurn();
+    const events: MappingEvent[] = [];
+    for (const s of run.steps) {
+      if (s.error) continue;
+      const { sequence } = s.entry;
+      await work.forEachChange(s.mark, s.end, (kind, mapping) => {
+        events.push({ device, kind, mapping, sequence });
+      });
+    }
     try {
-      await this.opts.store.commit(this.changesOf(run, live, byEntry, outcomes));
+      await this.opts.store.commit(await this.changesOf(run, live, byEntry, outcomes));
     } catch (e) {
       work.rollback(run.base);
       this.notDone(live, e instanceof ServiceError ? e : new ServiceError('UNAVAILABLE', String(e)));
@@ -403,18 +403,21 @@ export class DeviceQueue {
     });
   }
 
-  private changesOf(
+  private async changesOf(
     run: Extract<GroupRun, { done: true }>,
     live: WriteEntry[],
     byEntry: Map<WriteEntry, Step[]>,
     outcomes: Outcome[],
-  ): Change[] {
+  ): Promise<Change[]> {
     const { device } = this.opts;
-    const { deleted, put } = this.work!.netDelta(run.base);
-    const changes: Change[] = [
-      ...deleted.map((m): Change => ({ t: 'mapping.delete', device, asid: m.asid, iova: m.iova })),
-      ...put.map((mapping): Change => ({ t: 'mapping.put', device, mapping })),
-    ];
+    const { deleted, put } = await this.work!.netDelta(run.base);
+    const changes: Change[] = [];
+    await forEachInTimeSlices(deleted, (m) => {
+      changes.push({ t: 'mapping.delete', device, asid: m.asid, iova: m.iova });
+    });
+    await forEachInTimeSlices(put, (mapping) => {
+      changes.push({ t: 'mapping.put', device, mapping });
+    });
     let last = 0n;
     live.forEach((entry, i) => {
       if (entry.sequence > last) last = entry.sequence;

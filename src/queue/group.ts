@@ -19,6 +19,7 @@ import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { ServiceError } from '../core/errors.ts';
+import { forEachInTimeSlices } from '../sys/next-turn.ts';
 import { applyAtAgent, describeOp, NotDone, notDone } from './agent-apply.ts';
 import { convergeAtAgent } from './converge.ts';
 import { type Quota, quotaError, usageOf } from './quota.ts';
@@ -149,7 +150,7 @@ export async function runGroup(ctx: GroupContext, entries: readonly WriteEntry[]
       const owner: { step: number; op: number }[] = [];
       for (const [k, step] of round.entries()) {
         await validate(ctx, step);
-        step.plan?.ops.forEach((op, i) => {
+        await forEachInTimeSlices(step.plan?.ops ?? [], (op, i) => {
           ops.push(op);
           owner.push({ step: from + k, op: i });
         });

@@ -4,7 +4,13 @@
  * A valid request's ops are applied to the working tables at once, so the next request of the
  * group is checked against the state this one produces. On error nothing is left applied.
  */
-import { diffSorted, type Plan, PlanError, planUnmap, validateTarget } from '../iotlb/planner.ts';
+import {
+  diffSortedInSlices,
+  type Plan,
+  PlanError,
+  planUnmap,
+  validateTargetInSlices,
+} from '../iotlb/planner.ts';
 import { checkRegionShape } from '../iotlb/table.ts';
 import {
   describeRange,
@@ -26,7 +32,7 @@ import type {
   UnmapSpec,
 } from '../core/types.ts';
 import type { WriteRequest } from './types.ts';
-import { nextTurn } from '../sys/next-turn.ts';
+import { forEachInTimeSlices, mapInTimeSlices } from '../sys/next-turn.ts';
 import type { WorkingTables } from './working.ts';
 
 /** The desired memory a request may map. */
@@ -133,18 +139,15 @@ function applyMap(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: 
   return { mapping: { asid: spec.asid, ...region }, ops: [op] };
 }
 
-function withAsid(regions: readonly Region[], asid: number): Mapping[] {
-  return regions.map((r) => ({ asid, ...r }));
+/** In time slices, as everything here that walks a whole table (of up to 65,536 entries). */
+function withAsid(regions: readonly Region[], asid: number): Promise<Mapping[]> {
+  return mapInTimeSlices(regions, (r) => ({ asid, ...r }));
 }
 
-/** Ops applied to the working tables between two turns of the event loop (a table of 65,536). */
-const OPS_PER_SLICE = 2048;
-
-async function applyPlan(work: WorkingTables, plan: Plan): Promise<void> {
-  for (let i = 0; i < plan.ops.length; i++) {
-    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
-    work.apply(plan.ops[i]!);
-  }
+function applyPlan(work: WorkingTables, plan: Plan): Promise<void> {
+  return forEachInTimeSlices(plan.ops, (op) => {
+    work.apply(op);
+  });
 }
 
 async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise<UnmapResult> {
@@ -165,8 +168,8 @@ async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise
   }
   await applyPlan(work, plan);
   return {
-    removed: withAsid(plan.invalidated, spec.asid),
-    remapped: withAsid(plan.mapped, spec.asid),
+    removed: await withAsid(plan.invalidated, spec.asid),
+    remapped: await withAsid(plan.mapped, spec.asid),
     ops: plan.ops,
   };
 }
@@ -181,20 +184,20 @@ export async function applySetMemTable(
   checkAsid(work, asid, TOP);
   let target: Region[];
   try {
-    target = validateTarget(regions, work.spaces.range, work.spaces.pinPageSize);
+    target = await validateTargetInSlices(regions, work.spaces.range, work.spaces.pinPageSize);
   } catch (e) {
     throw planError(e, TOP);
   }
-  regions.forEach((r, i) => {
+  await forEachInTimeSlices(regions, (r, i) => {
     checkMemory(memory, r, atRegion(i));
   });
-  const plan = diffSorted([...work.spaces.table(asid).entries()], target, asid);
+  const plan = await diffSortedInSlices([...work.spaces.table(asid).entries()], target, asid);
   await applyPlan(work, plan);
   return {
     dryRun: false,
     ops: plan.ops,
-    invalidated: withAsid(plan.invalidated, asid),
-    mapped: withAsid(plan.mapped, asid),
+    invalidated: await withAsid(plan.invalidated, asid),
+    mapped: await withAsid(plan.mapped, asid),
     unchanged: plan.unchanged,
   };
 }
@@ -234,9 +237,14 @@ function fieldOfUpdate(request: WriteRequest, index: number, plan: StepPlan, opI
  * Every UPDATE a unit sends must be into memory the agent holds: one whose file cannot be opened
  * again is refused by name (mappings already in it stay desired; unmapping them needs no memory).
  */
-function checkAvailable(memory: MemoryLookup, request: WriteRequest, index: number, plan: StepPlan): void {
+async function checkAvailable(
+  memory: MemoryLookup,
+  request: WriteRequest,
+  index: number,
+  plan: StepPlan,
+): Promise<void> {
   if (memory.unavailable === undefined) return;
-  plan.ops.forEach((op, i) => {
+  await forEachInTimeSlices(plan.ops, (op, i) => {
     if (op.type !== 'update') return;
     const why = memory.unavailable!(op.memory);
     if (why === undefined) return;
@@ -265,7 +273,7 @@ export async function applyStep(
   const mark = work.mark();
   try {
     const plan = await planStep(work, memory, request, index);
-    checkAvailable(memory, request, index, plan);
+    await checkAvailable(memory, request, index, plan);
     return plan;
   } catch (e) {
     work.rollback(mark);

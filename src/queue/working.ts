@@ -8,13 +8,11 @@ import type { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { sameRegion } from '../iotlb/planner.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import { mappingKey } from '../state/desired.ts';
+import { TimeSlices } from '../sys/next-turn.ts';
 
 type LogEntry = { added: Mapping } | { removed: Mapping[] };
 
-export interface TableChange {
-  kind: 'mapped' | 'unmapped';
-  mapping: Mapping;
-}
+export type ChangeKind = 'mapped' | 'unmapped';
 
 export class WorkingTables {
   private log: LogEntry[] = [];
@@ -50,38 +48,46 @@ export class WorkingTables {
     }
   }
 
-  /** The changes between two marks, in the order they happened (for watch events). */
-  changes(from: number, to: number): TableChange[] {
-    return this.log
-      .slice(from, to)
-      .flatMap((entry): TableChange[] =>
-        'added' in entry
-          ? [{ kind: 'mapped', mapping: entry.added }]
-          : entry.removed.map((mapping) => ({ kind: 'unmapped', mapping })),
-      );
-  }
-
   /**
    * The net effect since `from`: entries to delete (by asid and iova) and entries to put, such that
-   * deleting then putting turns the table at `from` into the current one.
+   * deleting then putting turns the table at `from` into the current one. In time slices.
    */
-  netDelta(from: number): { deleted: Mapping[]; put: Mapping[] } {
+  async netDelta(from: number): Promise<{ deleted: Mapping[]; put: Mapping[] }> {
     const put = new Map<string, Mapping>();
     const deleted = new Map<string, Mapping>();
-    for (const change of this.changes(from, this.log.length)) {
-      const key = mappingKey(change.mapping.asid, change.mapping.iova);
-      if (change.kind === 'mapped') {
+    await this.forEachChange(from, this.log.length, (kind, mapping) => {
+      const key = mappingKey(mapping.asid, mapping.iova);
+      if (kind === 'mapped') {
         const gone = deleted.get(key);
-        if (gone && sameRegion(gone, change.mapping)) deleted.delete(key);
-        else put.set(key, change.mapping);
+        if (gone && sameRegion(gone, mapping)) deleted.delete(key);
+        else put.set(key, mapping);
       } else if (put.has(key)) {
         // What is removed at `key` is what was last put there.
         put.delete(key);
       } else {
-        deleted.set(key, change.mapping);
+        deleted.set(key, mapping);
       }
-    }
+    });
     return { deleted: [...deleted.values()], put: [...put.values()] };
+  }
+
+  /**
+   * `fn` on every change between two marks, in the order they happened (for watch events), giving
+   * the event loop back every slice. The queue that owns these tables is the only one to change
+   * them, and it awaits this: the log stands still meanwhile.
+   */
+  async forEachChange(
+    from: number,
+    to: number,
+    fn: (kind: ChangeKind, mapping: Mapping) => void,
+  ): Promise<void> {
+    const slices = new TimeSlices();
+    for (let k = from; k < to; k++) {
+      if (slices.due()) await slices.next();
+      const entry = this.log[k]!;
+      if ('added' in entry) fn('mapped', entry.added);
+      else for (const m of entry.removed) fn('unmapped', m);
+    }
   }
 
   /** Forgets the log: what is applied now is the new base. */

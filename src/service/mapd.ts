@@ -121,7 +121,7 @@ class Mapd implements MapdCore {
   }
 
   async setMemTable(req: SetMemTableRequest): Promise<SetMemTableResult> {
-    const regions = regionsOf(req.regions);
+    const regions = await regionsOf(req.regions);
     if (!req.dryRun) return this.writes.setMemTable(req.device, req.requestId, req.asid, regions);
     const { facts } = this.devices.withFacts(req.device);
     const desired = this.store.state.devices.get(req.device);

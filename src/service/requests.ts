@@ -6,6 +6,7 @@
 import type { Region } from '../iotlb/types.ts';
 import type { WriteRequest } from '../queue/types.ts';
 import { ServiceError } from '../core/errors.ts';
+import { mapInTimeSlices } from '../sys/next-turn.ts';
 import type { BatchOp, MapSpec, UnmapSpec } from '../core/types.ts';
 
 const fieldAt = (prefix: string, field: string): string => (prefix ? `${prefix}.${field}` : field);
@@ -51,10 +52,11 @@ export function unmapSpecOf(r: UnmapSpec, prefix = ''): UnmapSpec {
   };
 }
 
-export function regionsOf(regions: readonly Region[]): Region[] {
+/** In time slices: a memory table has up to 65,536 regions. */
+export function regionsOf(regions: readonly Region[]): Promise<Region[]> {
   if (!Array.isArray(regions))
     throw new ServiceError('INVALID_ARGUMENT', 'regions must be a list', { field: 'regions' });
-  return regions.map((r, i) => regionOf(r, `regions[${i}]`));
+  return mapInTimeSlices(regions, (r, i) => regionOf(r, `regions[${i}]`));
 }
 
 export function batchOpsOf(ops: readonly BatchOp[]): BatchOp[] {
@@ -77,7 +79,8 @@ export function memoriesOf(request: WriteRequest): string[] {
     case 'unmap':
       return [];
     case 'setMemTable':
-      return request.regions.map((r) => r.memory);
+      // Each once: a table names few memories in many regions.
+      return [...new Set(request.regions.map((r) => r.memory))];
     case 'batch':
       return request.ops.flatMap((op) => (op.op === 'map' ? [op.memory] : []));
   }

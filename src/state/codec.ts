@@ -5,6 +5,7 @@
  */
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import { crc32 } from 'node:zlib';
+import { runInTimeSlices, runWhole } from '../sys/next-turn.ts';
 
 export const FRAME_HEADER_BYTES = 8;
 /** Larger lengths are garbage, not records (a 1 GiB record would be a bug elsewhere). */
@@ -34,16 +35,36 @@ export function frame(value: unknown): Buffer {
 
 /** One frame whose payload is `pieces` one after another: frame() of their concatenation. */
 export function framePieces(pieces: readonly Buffer[]): Buffer {
+  return runWhole(frameSteps(pieces));
+}
+
+/**
+ * framePieces giving the event loop back between pieces (a record of a 65,536-region table is
+ * 10 MB), after `lead` (bytes that go before the frame in the same write) when given.
+ */
+export function framePiecesInSlices(pieces: readonly Buffer[], lead?: Buffer): Promise<Buffer> {
+  return runInTimeSlices(frameSteps(pieces, lead));
+}
+
+function* frameSteps(pieces: readonly Buffer[], lead: Buffer = Buffer.alloc(0)): Generator<void, Buffer> {
   let length = 0;
   let crc = 0;
   for (const piece of pieces) {
     length += piece.length;
     crc = crc32(piece, crc);
+    yield;
   }
-  const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
-  head.writeUInt32LE(length, 0);
-  head.writeUInt32LE(crc, 4);
-  return Buffer.concat([head, ...pieces], FRAME_HEADER_BYTES + length);
+  const out = Buffer.allocUnsafe(lead.length + FRAME_HEADER_BYTES + length);
+  out.set(lead, 0);
+  out.writeUInt32LE(length, lead.length);
+  out.writeUInt32LE(crc, lead.length + 4);
+  let at = lead.length + FRAME_HEADER_BYTES;
+  for (const piece of pieces) {
+    out.set(piece, at);
+    at += piece.length;
+    yield;
+  }
+  return out;
 }
 
 /** JSON text of a bigint, as encodeJson writes it. */

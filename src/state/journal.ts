@@ -30,6 +30,7 @@ import {
   encodeJsonPieces,
   frame,
   framePieces,
+  framePiecesInSlices,
   scanFrames,
 } from './codec.ts';
 import type { Change, StateSnapshot } from './desired.ts';
@@ -398,6 +399,11 @@ const COMMA = Buffer.from(',');
 
 /** The frame of `{ seq, changes }`, the changes being those of `commits` in order: frame() of it, byte for byte. */
 export function recordFrame(seq: bigint, commits: readonly EncodedChanges[]): Buffer {
+  return framePieces(recordPieces(seq, commits));
+}
+
+/** The payload of recordFrame, in pieces. */
+function recordPieces(seq: bigint, commits: readonly EncodedChanges[]): Buffer[] {
   const pieces: Buffer[] = [Buffer.from(`{"seq":${encodeJson(seq)},"changes":[`)];
   let any = false;
   for (const { pieces: more } of commits) {
@@ -407,7 +413,7 @@ export function recordFrame(seq: bigint, commits: readonly EncodedChanges[]): Bu
     any = true;
   }
   pieces.push(Buffer.from(']}'));
-  return framePieces(pieces);
+  return pieces;
 }
 
 const header = (gen: number, after: bigint): Buffer =>
@@ -431,7 +437,7 @@ export async function writeGeneration(
   try {
     const snapshot = { magic: SNAPSHOT_MAGIC, version: FORMAT_VERSION, gen, seq, state };
     // Encoded in slices: a snapshot of large tables must not hold the event loop either.
-    await writeFileSynced(fs, tmpPath, framePieces(await encodeJsonPieces(snapshot)));
+    await writeFileSynced(fs, tmpPath, await framePiecesInSlices(await encodeJsonPieces(snapshot)));
     await fs.rename(tmpPath, path.join(dir, SNAPSHOT));
   } catch (e) {
     await next.close().catch(() => undefined);
@@ -520,8 +526,9 @@ export class Journal {
     if (this.dirtyTail) await this.cutTail();
     const seq = this.seq + 1n;
     // The header goes with the first record: an empty journal is a sound one.
-    const record = recordFrame(seq, commits);
-    const data = this.bytes === 0 ? Buffer.concat([header(this.gen, this.seq), record]) : record;
+    // Framed in slices: the record of a 65,536-region table is about 10 MB.
+    const lead = this.bytes === 0 ? header(this.gen, this.seq) : undefined;
+    const data = await framePiecesInSlices(recordPieces(seq, commits), lead);
     try {
       await writeAll(this.file, data, this.bytes);
       await this.file.datasync();

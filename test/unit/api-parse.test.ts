@@ -28,6 +28,15 @@ import { ERROR_CATALOG, ServiceError, type ServiceErrorCode } from '../../src/co
 import type { DeviceView } from '../../src/core/types.ts';
 
 /** Runs `fn`, which must throw INVALID_ARGUMENT naming `field`. */
+async function rejectsAsync(fn: () => Promise<unknown>, field: string): Promise<void> {
+  await assert.rejects(fn, (err: unknown) => {
+    assert.ok(err instanceof ServiceError, `expected a ServiceError, got ${String(err)}`);
+    assert.equal(err.code, 'INVALID_ARGUMENT');
+    assert.equal(err.field, field, err.message);
+    return true;
+  });
+}
+
 function rejects(fn: () => unknown, field: string): void {
   assert.throws(fn, (err: unknown) => {
     assert.ok(err instanceof ServiceError, `expected a ServiceError, got ${String(err)}`);
@@ -237,26 +246,26 @@ describe('requests', () => {
     rejects(() => parseUnmap('d', { iova: '0', size: '0' }), 'size');
   });
 
-  test('set-mem-table names the region at fault', () => {
-    const ok = parseSetMemTable('d', { asid: 1, regions: [{ ...MAP }] }, true, LIMITS);
+  test('set-mem-table names the region at fault', async () => {
+    const ok = await parseSetMemTable('d', { asid: 1, regions: [{ ...MAP }] }, true, LIMITS);
     assert.equal(ok.dryRun, true);
     assert.equal(ok.asid, 1);
     assert.deepEqual(ok.regions, [
       { iova: 0x100000n, size: 0x200000n, memory: 'ram0', offset: 0n, perm: 'rw' },
     ]);
-    assert.deepEqual(parseSetMemTable('d', { regions: [] }, false, LIMITS).regions, []);
-    rejects(
+    assert.deepEqual((await parseSetMemTable('d', { regions: [] }, false, LIMITS)).regions, []);
+    await rejectsAsync(
       () => parseSetMemTable('d', { regions: [MAP, { ...MAP, size: '0x' }] }, false, LIMITS),
       'regions[1].size',
     );
-    rejects(
+    await rejectsAsync(
       () => parseSetMemTable('d', { regions: [MAP, { ...MAP, asid: 0 }] }, false, LIMITS),
       'regions[1].asid',
     );
-    rejects(() => parseSetMemTable('d', { regions: [MAP, 'x'] }, false, LIMITS), 'regions[1]');
-    rejects(() => parseSetMemTable('d', { regions: [MAP, MAP, MAP] }, false, LIMITS), 'regions');
-    rejects(() => parseSetMemTable('d', { regions: {} }, false, LIMITS), 'regions');
-    rejects(() => parseSetMemTable('d', {}, false, LIMITS), 'regions');
+    await rejectsAsync(() => parseSetMemTable('d', { regions: [MAP, 'x'] }, false, LIMITS), 'regions[1]');
+    await rejectsAsync(() => parseSetMemTable('d', { regions: [MAP, MAP, MAP] }, false, LIMITS), 'regions');
+    await rejectsAsync(() => parseSetMemTable('d', { regions: {} }, false, LIMITS), 'regions');
+    await rejectsAsync(() => parseSetMemTable('d', {}, false, LIMITS), 'regions');
   });
 
   test('batch names the op at fault', () => {
