@@ -11,8 +11,12 @@ import { fileURLToPath } from 'node:url';
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 const MAIN = path.join(REPO, 'services', 'agent', 'main.ts');
-/** Bound on every wait here: generous, since `tsx` compiles the agent at start. */
-export const WAIT_MS = 30_000;
+/**
+ * Bound on every wait of the harnesses: the shortest test timeout of the tier (120 s), so that a
+ * wait never fails a test that a busy machine would have let pass (`tsx` compiles every process at
+ * start, which takes seconds on a loaded 2-core machine).
+ */
+export const WAIT_MS = 120_000;
 
 export interface Exit {
   code: number | null;

@@ -262,9 +262,10 @@ export function output(child: ChildProcess, killAfterMs?: number): Promise<Child
   );
 }
 
-/** Polls `check` every 50 ms until it holds; fails after about 30 s. */
+/** Polls `check` every 50 ms until it holds; fails after WAIT_MS. */
 export async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  for (let i = 0; i < 600; i++) {
+  const deadline = performance.now() + WAIT_MS;
+  while (performance.now() < deadline) {
     if (await check()) return;
     await new Promise((r) => setTimeout(r, 50));
   }
