@@ -9,6 +9,15 @@ import net from 'node:net';
 import path from 'node:path';
 import type { Guest } from './guest.ts';
 
+/** One entry of QMP query-acpi-ospm-status: the guest's last _OST for a hotplugged device. */
+interface OspmStatus {
+  device: string;
+  slot: string;
+  'slot-type': string;
+  source: number;
+  status: number;
+}
+
 export interface QemuOptions {
   guest: Guest;
   socketPath: string;
@@ -152,8 +161,20 @@ export class Qemu {
     ]);
   }
 
-  /** Asks the guest to give DIMM `id` back (ACPI eject); QEMU removes it once the guest has. */
+  /**
+   * Asks the guest to give DIMM `id` back (ACPI eject); QEMU removes it once the guest has. The
+   * request goes once the guest has handled the DIMM's arrival (its _OST for the device check,
+   * source 1, is in QEMU's OSPM status): an eject request sent while the guest still handles the
+   * arrival can go unanswered.
+   */
   async unplugDimm(id: string): Promise<void> {
+    for (;;) {
+      if (this.child.exitCode !== null)
+        throw new Error(`QEMU exited while waiting for the guest to take ${id}`);
+      const [status] = (await this.qmp([{ execute: 'query-acpi-ospm-status' }])) as OspmStatus[][];
+      if (status!.some((s) => s.device === id && s.source === 1 && s.status === 0)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
     await this.qmp([{ execute: 'device_del', arguments: { id } }]);
   }
 
