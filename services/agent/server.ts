@@ -16,7 +16,6 @@ import { AgentError, toAgentError, toGrpcStatus } from '../../src/agent/errors.t
 import { agentService } from '../../src/agent/proto.ts';
 import {
   deserializeInSlices,
-  mapInSlices,
   SLICED_METHODS,
   serializeInSlices,
   withSlicedMethods,
@@ -51,6 +50,7 @@ import {
 } from '../../src/agent/wire.ts';
 import type { Device, DmaCapable } from '../../src/device/types.ts';
 import { MemoryError, type MemoryRegistry } from '../../src/memory/types.ts';
+import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
 
 /** Largest DmaRead answer (well under MAX_MESSAGE_BYTES). */
 const MAX_DMA_BYTES = 16 << 20;
@@ -145,11 +145,11 @@ export function createHandlers(state: AgentState): AgentHandlers {
     },
     async Apply(req) {
       const d = device(req.device);
-      const ops = await mapInSlices(req.ops, (op, i) => opFromWire(op, `ops[${i}]`));
+      const ops = await mapInTimeSlices(req.ops, (op, i) => opFromWire(op, `ops[${i}]`));
       const results = await d.apply(ops);
       // What the API server unmapped may have been the last use of a detached VMM's memory.
       state.attachments?.releaseUnused();
-      return { results: await mapInSlices(results, opResultToWire), bootId: info.bootId };
+      return { results: await mapInTimeSlices(results, opResultToWire), bootId: info.bootId };
     },
     async ListMapped(req) {
       const d = device(req.device);

@@ -6,11 +6,12 @@
  * the same bytes as grpc-js's own serializer, the same decoded request.
  */
 import type { MethodDefinition, ServiceDefinition } from '@grpc/grpc-js';
-import { deserializeInSlices, mapInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
+import { deserializeInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
 import { formatMapping, formatOp } from '../../src/api/format.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { SetMemTableResult } from '../../src/core/types.ts';
 import { MAPD_PACKAGE, packageDefinition } from './proto.ts';
+import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
 
 const passThrough = (b: Buffer): Buffer => b;
 
@@ -43,9 +44,9 @@ export async function encodeSetMemTableAnswer(r: SetMemTableResult): Promise<Buf
     serializeInSlices(encode, { [field]: await items } as Record<string, unknown>, field);
   return Buffer.concat([
     encode({ dryRun: r.dryRun }),
-    await list('ops', mapInSlices(r.ops, formatOp)),
-    await list('invalidated', mapInSlices(r.invalidated, formatMapping)),
-    await list('mapped', mapInSlices(r.mapped, formatMapping)),
+    await list('ops', mapInTimeSlices(r.ops, formatOp)),
+    await list('invalidated', mapInTimeSlices(r.invalidated, formatMapping)),
+    await list('mapped', mapInTimeSlices(r.mapped, formatMapping)),
     encode({ unchanged: r.unchanged }),
   ]);
 }

@@ -24,7 +24,7 @@ import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
 import { AgentError, fromGrpcError } from './errors.ts';
 import { agentService, MAX_MESSAGE_BYTES } from './proto.ts';
-import { deserializeInSlices, mapInSlices, serializeInSlices, withSlicedMethods } from './sliced-codec.ts';
+import { deserializeInSlices, serializeInSlices, withSlicedMethods } from './sliced-codec.ts';
 import {
   type AgentInfo,
   type AgentOpResult,
@@ -54,6 +54,7 @@ import {
   type WireListMappedResponse,
   type WireMemoryInfo,
 } from './wire.ts';
+import { mapInTimeSlices } from '../sys/next-turn.ts';
 
 /** The channel's pacing of its attempts to reach the socket while the agent is away. */
 export interface ReconnectOptions {
@@ -150,7 +151,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   /** Coded in slices (sliced-codec.ts): a big table at one device leaves the event loop to the others. */
   async apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
     const def = agentService['Apply'] as MethodDefinition<object, WireApplyResponse>;
-    const req = { device, ops: await mapInSlices(ops, (op, i) => opToWire(op, `ops[${i}]`)) };
+    const req = { device, ops: await mapInTimeSlices(ops, (op, i) => opToWire(op, `ops[${i}]`)) };
     const raw = await this.call<Buffer>(
       'Apply',
       await serializeInSlices(def.requestSerialize, req, 'ops'),
@@ -159,7 +160,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       true,
     );
     const res = await deserializeInSlices(def.responseDeserialize, raw, 'results');
-    const results = await mapInSlices(res.results, (r, i) => opResultFromWire(r, `results[${i}]`));
+    const results = await mapInTimeSlices(res.results, (r, i) => opResultFromWire(r, `results[${i}]`));
     return { results, bootId: res.bootId };
   }
 

@@ -95,16 +95,6 @@ export async function deserializeInSlices<T extends object>(
   return merged as T;
 }
 
-/** `items.map(fn)`, giving the event loop back every slice. */
-export async function mapInSlices<T, U>(items: readonly T[], fn: (item: T, i: number) => U): Promise<U[]> {
-  const out: U[] = new Array(items.length);
-  for (let i = 0; i < items.length; i++) {
-    if (i > 0 && i % ELEMENTS_PER_SLICE === 0) await nextTurn();
-    out[i] = fn(items[i]!, i);
-  }
-  return out;
-}
-
 const passThrough = (b: Buffer): Buffer => b;
 
 /**
