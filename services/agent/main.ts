@@ -9,13 +9,11 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { type Logger, pino } from 'pino';
 import { runUntilSignal } from '../../src/sys/run-until-signal.ts';
 import { stdoutLog } from '../../src/sys/stdout-log.ts';
 import { Attachments, type DeviceSideFactory } from '../../src/agent/attach.ts';
 import { deviceSideFor } from '../../src/agent/attach-device-side.ts';
-import { MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
 import type { AgentInfo, RegisterMemoryRequest } from '../../src/agent/wire.ts';
 import { openDevices } from '../../src/device/factory.ts';
 import type { Device } from '../../src/device/types.ts';
@@ -23,7 +21,8 @@ import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
 import { memoryDir } from '../../src/memory/allowlist.ts';
 import type { MemoryInfo, MemoryRegistry } from '../../src/memory/types.ts';
 import { type AgentConfig, ConfigError, defaultAttachDir, parseAgentConfig, USAGE } from './config.ts';
-import { type AgentState, createHandlers, grpcImplementation, servedAgentService } from './server.ts';
+import { type FrameServer, serveFrames } from './frame-server.ts';
+import { type AgentState, createHandlers } from './server.ts';
 import { prepareSocketPath, restrictSocket } from './socket.ts';
 
 export interface RunningAgent {
@@ -43,25 +42,6 @@ const VERSION: string = JSON.parse(
 
 export function createLogger(level: AgentConfig['logLevel']): Logger {
   return pino({ level, base: { service: 'vdpa-mapd-agent', pid: process.pid } }, stdoutLog());
-}
-
-function bind(server: Server, address: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.bindAsync(address, ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve()));
-  });
-}
-
-function shutdown(server: Server): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => {
-      server.forceShutdown();
-      resolve();
-    }, SHUTDOWN_GRACE_MS);
-    server.tryShutdown(() => {
-      clearTimeout(timer);
-      resolve();
-    });
-  });
 }
 
 /** Closes every device, logging what the kernel drops with it; then unmaps all memory. */
@@ -164,20 +144,17 @@ export async function startAgent(
   const address = `unix://${config.socketPath}`;
   await prepareSocketPath(config.socketPath, logger);
   const core = await openAgentCore(config, logger, wiring);
-  const server = new Server({
-    'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
-    'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
-  });
+  let server: FrameServer | undefined;
   try {
-    server.addService(servedAgentService, grpcImplementation(createHandlers(core), logger, core.attachments));
-    await bind(server, address);
+    server = await serveFrames(config.socketPath, createHandlers(core), logger, core.attachments);
     restrictSocket(config.socketPath);
   } catch (err) {
-    server.forceShutdown();
+    await server?.close(0);
     fs.rmSync(config.socketPath, { force: true });
     await core.close();
     throw err;
   }
+  const serving = server;
   const { bootId, version } = core.info;
   logger.info(
     { socket: config.socketPath, bootId, version, devices: core.devices.map((d) => d.name) },
@@ -190,7 +167,7 @@ export async function startAgent(
       logger.info('agent stopping');
       // First the VMMs and the attachment watchers, whose streams would hold up the shutdown.
       await core.attachments.close();
-      await shutdown(server);
+      await serving.close(SHUTDOWN_GRACE_MS);
       await core.close();
       fs.rmSync(config.socketPath, { force: true });
       logger.info('agent stopped');

@@ -1,28 +1,13 @@
 /**
  * The agent protocol's handlers (transport-neutral: wire object in, wire object out, AgentError
- * thrown) and their binding to a grpc-js server. Devices serialize their own changes (apply,
+ * thrown); frame-server.ts serves them on the socket. Devices serialize their own changes (apply,
  * suspend, resume, reset run one at a time, in call order), so the handlers add no locking.
  */
-import {
-  type sendUnaryData,
-  type ServerUnaryCall,
-  type ServerWritableStream,
-  status,
-  type UntypedServiceImplementation,
-} from '@grpc/grpc-js';
-import type { Logger } from 'pino';
+import { status } from '@grpc/grpc-js';
 import type { Attachments } from '../../src/agent/attach.ts';
-import { AgentError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
-import { agentService } from '../../src/agent/proto.ts';
-import {
-  deserializeInSlices,
-  SLICED_METHODS,
-  serializeInSlices,
-  withSlicedMethods,
-} from '../../src/agent/sliced-codec.ts';
+import { AgentError } from '../../src/agent/errors.ts';
 import {
   answerFromWire,
-  attachmentEventToWire,
   attachmentToWire,
   countersToWire,
   factsToWire,
@@ -49,7 +34,7 @@ import {
   type WireRegisterMemoryRequest,
 } from '../../src/agent/wire.ts';
 import type { Device, DmaCapable } from '../../src/device/types.ts';
-import { MemoryError, type MemoryRegistry } from '../../src/memory/types.ts';
+import type { MemoryRegistry } from '../../src/memory/types.ts';
 import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
 
 /** Largest DmaRead answer (well under MAX_MESSAGE_BYTES). */
@@ -197,72 +182,5 @@ export function createHandlers(state: AgentState): AgentHandlers {
       attachments().answer(answerFromWire(req));
       return {};
     },
-  };
-}
-
-/** The agent service as served: the methods of SLICED_METHODS take and give bytes (see below). */
-export const servedAgentService = withSlicedMethods(agentService);
-
-/**
- * The handlers as a grpc-js implementation of servedAgentService: errors become status + metadata;
- * the messages of SLICED_METHODS are decoded and encoded here, in slices.
- */
-export function grpcImplementation(
-  handlers: AgentHandlers,
-  logger: Logger,
-  attachments?: Attachments,
-): UntypedServiceImplementation {
-  const impl: UntypedServiceImplementation = {};
-  for (const [name, plain] of Object.entries(handlers) as [string, (req: unknown) => Promise<unknown>][]) {
-    const sliced = SLICED_METHODS[name];
-    const def = agentService[name]!;
-    const handler = sliced
-      ? async (bytes: unknown) => {
-          const req = await deserializeInSlices(
-            def.requestDeserialize as (b: Buffer) => object,
-            bytes as Buffer,
-            sliced.request as never,
-          );
-          return serializeInSlices(
-            def.responseSerialize as (m: object) => Buffer,
-            (await plain(req)) as object,
-            sliced.response as never,
-          );
-        }
-      : plain;
-    impl[name] = (call: ServerUnaryCall<unknown, unknown>, callback: sendUnaryData<unknown>) => {
-      handler(call.request).then(
-        (response) => callback(null, response),
-        (err: unknown) => {
-          const e = toAgentError(err);
-          const log = { rpc: name, code: e.code, status: e.statusName, field: e.field, errno: e.errno };
-          if (e.status === status.INTERNAL) logger.error({ ...log, err }, e.message);
-          // The caller was told less than this (src/memory/allowlist.ts): the log keeps the whole story.
-          else if (err instanceof MemoryError && err.detail !== undefined)
-            logger.warn({ ...log, detail: err.detail }, e.message);
-          else logger.debug(log, e.message);
-          callback(toGrpcStatus(e));
-        },
-      );
-    };
-  }
-  if (attachments !== undefined) impl.WatchAttachments = watchImplementation(attachments, logger);
-  return impl;
-}
-
-/** WatchAttachments: every event from the subscription on, until the caller cancels or the agent stops. */
-function watchImplementation(attachments: Attachments, logger: Logger) {
-  return (call: ServerWritableStream<unknown, unknown>) => {
-    const unwatch = attachments.watch({
-      event: (e) => call.write(attachmentEventToWire(e)),
-      end: () => call.end(),
-    });
-    logger.debug('an attachment watcher subscribed');
-    const stop = () => {
-      if (unwatch()) logger.debug('an attachment watcher left');
-    };
-    call.on('cancelled', stop);
-    call.on('close', stop);
-    call.on('error', stop);
   };
 }

@@ -10,21 +10,14 @@
  * compare them (the caller knows which agent its state was reconciled with).
  */
 import { EventEmitter } from 'node:events';
-import {
-  Client,
-  connectivityState,
-  credentials,
-  Metadata,
-  type MethodDefinition,
-  type ServiceError,
-  status,
-} from '@grpc/grpc-js';
+import { status } from '@grpc/grpc-js';
 import type { DeviceFacts } from '../device/types.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
-import { AgentError, fromGrpcError } from './errors.ts';
-import { agentService, MAX_MESSAGE_BYTES } from './proto.ts';
-import { deserializeInSlices, serializeInSlices, withSlicedMethods } from './sliced-codec.ts';
+import { AgentError, callFailed } from './errors.ts';
+import { FrameClient } from './frame-client.ts';
+import { agentService } from './proto.ts';
+import { decodeMessage, encodeMessage } from './sliced-codec.ts';
 import {
   type AgentInfo,
   type AgentOpResult,
@@ -56,7 +49,7 @@ import {
 } from './wire.ts';
 import { mapInTimeSlices } from '../sys/next-turn.ts';
 
-/** The channel's pacing of its attempts to reach the socket while the agent is away. */
+/** connect()'s pacing of its attempts to reach the socket while the agent is away. */
 export interface ReconnectOptions {
   /** First delay after a failed attempt, ms (default 100); doubled after every failed attempt. */
   initialDelayMs?: number;
@@ -96,10 +89,8 @@ export interface AgentClientEvents {
 
 type Phase = 'idle' | 'ready' | 'closed';
 
-const slicedService = withSlicedMethods(agentService);
-
 export class AgentClient extends EventEmitter<AgentClientEvents> {
-  private readonly client: Client;
+  private readonly transport: FrameClient;
   private readonly deadlineMs: number;
   private readonly applyDeadlineMs: number;
   private phase: Phase = 'idle';
@@ -108,13 +99,12 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     super();
     this.deadlineMs = opts.deadlineMs ?? 10_000;
     this.applyDeadlineMs = opts.applyDeadlineMs ?? 120_000;
-    this.client = new Client(`unix://${opts.socketPath}`, credentials.createInsecure(), {
-      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
-      'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
-      // A channel that failed retries the socket on its own, with this backoff (grpc-js's
-      // default grows to 120 s): kept short, so a connect() finds an agent soon after it is back.
-      'grpc.initial_reconnect_backoff_ms': opts.reconnect?.initialDelayMs ?? 100,
-      'grpc.max_reconnect_backoff_ms': opts.reconnect?.maxDelayMs ?? 1_000,
+    this.transport = new FrameClient(opts.socketPath, {
+      initialDelayMs: opts.reconnect?.initialDelayMs ?? 100,
+      maxDelayMs: opts.reconnect?.maxDelayMs ?? 1_000,
+    });
+    this.transport.on('lost', (error) => {
+      if (this.phase === 'ready') this.lost(error);
     });
   }
 
@@ -128,10 +118,9 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     this.assertOpen();
     const info = await this.fetchInfo(opts, true);
     this.assertOpen();
-    if (this.phase !== 'ready') {
-      this.phase = 'ready';
-      this.watchConnection();
-    }
+    if (!this.transport.connected)
+      this.lost(callFailed(status.UNAVAILABLE, 'lost the connection to the agent'));
+    else this.phase = 'ready';
     return info;
   }
 
@@ -150,16 +139,10 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
 
   /** Coded in slices (sliced-codec.ts): a big table at one device leaves the event loop to the others. */
   async apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
-    const def = agentService['Apply'] as MethodDefinition<object, WireApplyResponse>;
     const req = { device, ops: await mapInTimeSlices(ops, (op, i) => opToWire(op, `ops[${i}]`)) };
-    const raw = await this.call<Buffer>(
-      'Apply',
-      await serializeInSlices(def.requestSerialize, req, 'ops'),
-      { deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs },
-      false,
-      true,
-    );
-    const res = await deserializeInSlices(def.responseDeserialize, raw, 'results');
+    const res = await this.call<WireApplyResponse>('Apply', req, {
+      deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs,
+    });
     const results = await mapInTimeSlices(res.results, (r, i) => opResultFromWire(r, `results[${i}]`));
     return { results, bootId: res.bootId };
   }
@@ -217,10 +200,10 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return this.deviceStep('Reset', device, opts);
   }
 
-  /** Closes the channel; pending calls fail, no more events. */
+  /** Closes the connection; pending calls fail, no more events. */
   close(): void {
     this.phase = 'closed';
-    this.client.close();
+    this.transport.close();
   }
 
   private async deviceStep(method: string, device: string, opts?: CallOptions): Promise<DeviceFacts> {
@@ -232,59 +215,34 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return { bootId: info.bootId, version: info.version, pid: info.pid };
   }
 
-  /** `raw`: the request is already encoded and the answer is returned as bytes. */
-  private call<Res>(
-    method: string,
-    req: object,
-    opts?: CallOptions,
-    waitForReady = false,
-    raw = false,
-  ): Promise<Res> {
-    const def = (raw ? slicedService : agentService)[method] as MethodDefinition<object, Res> | undefined;
-    if (def === undefined) throw new Error(`the agent protocol has no method ${method}`);
+  private async call<Res>(name: string, req: object, opts?: CallOptions, waitForReady = false): Promise<Res> {
+    const method = this.method(name);
     const deadline = Date.now() + (opts?.deadlineMs ?? this.deadlineMs);
-    const metadata = new Metadata();
-    metadata.setOptions({ waitForReady });
-    return new Promise((resolve, reject) => {
-      this.client.makeUnaryRequest(
-        def.path,
-        def.requestSerialize,
-        def.responseDeserialize,
-        req,
-        metadata,
-        { deadline },
-        (err: ServiceError | null, res?: Res) => {
-          if (err) reject(fromGrpcError(err));
-          else resolve(res as Res);
-        },
+    const payload = await encodeMessage(method, 'request', req);
+    const answer = await this.transport.call(name, payload, { deadline, waitForReady });
+    try {
+      return (await decodeMessage(method, 'response', answer)) as Res;
+    } catch (e) {
+      throw callFailed(
+        status.INTERNAL,
+        `${name}: the agent's answer could not be decoded: ${(e as Error).message}`,
       );
-    });
-  }
-
-  /** Fires `lost()` when the channel leaves READY. */
-  private watchConnection(): void {
-    const channel = this.client.getChannel();
-    const state = channel.getConnectivityState(false);
-    if (state !== connectivityState.READY) {
-      this.lost();
-      return;
     }
-    channel.watchConnectivityState(state, Infinity, () => {
-      if (this.phase === 'ready') this.watchConnection();
-    });
   }
 
-  private lost(): void {
+  private method(name: string) {
+    const method = agentService[name];
+    if (method === undefined) throw new Error(`the agent protocol has no method ${name}`);
+    return method;
+  }
+
+  private lost(error: AgentError): void {
     this.phase = 'idle';
-    this.emit(
-      'disconnected',
-      new AgentError(status.UNAVAILABLE, 'UNAVAILABLE', 'lost the connection to the agent'),
-    );
+    this.emit('disconnected', error);
   }
 
   private assertOpen(): void {
-    if (this.phase === 'closed')
-      throw new AgentError(status.CANCELLED, 'CANCELLED', 'the agent client is closed');
+    if (this.phase === 'closed') throw callFailed(status.CANCELLED, 'the agent client is closed');
   }
 
   // ---- attachments (a VMM over vhost-user) ----
@@ -305,34 +263,29 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     onEvent: (e: AttachmentEvent) => void,
     ended: (error: AgentError | undefined) => void,
   ): { cancel(): void } {
-    const def = agentService['WatchAttachments'] as MethodDefinition<object, WireAttachmentEvent>;
-    const stream = this.client.makeServerStreamRequest(
-      def.path,
-      def.requestSerialize,
-      def.responseDeserialize,
-      {},
-      new Metadata(),
-      {},
-    );
+    const method = this.method('WatchAttachments');
+    const deadline = Date.now() + this.deadlineMs; // for reaching the agent only
     let done = false;
     const finish = (error: AgentError | undefined) => {
       if (done) return;
       done = true;
       ended(error);
     };
-    stream.on('data', (w: WireAttachmentEvent) => {
-      try {
-        onEvent(attachmentEventFromWire(w));
-      } catch (e) {
-        finish(e instanceof AgentError ? e : new AgentError(status.INTERNAL, 'INTERNAL', String(e)));
-        stream.cancel();
-      }
-    });
-    stream.on('error', (e: ServiceError) =>
-      finish(e.code === status.CANCELLED ? undefined : fromGrpcError(e)),
+    const stream = this.transport.stream(
+      method.name,
+      method.requestSerialize({}),
+      { deadline },
+      (payload) => {
+        try {
+          onEvent(attachmentEventFromWire(method.responseDeserialize(payload) as WireAttachmentEvent));
+        } catch (e) {
+          finish(e instanceof AgentError ? e : new AgentError(status.INTERNAL, 'INTERNAL', String(e)));
+          stream.cancel();
+        }
+      },
+      finish,
     );
-    stream.on('end', () => finish(undefined));
-    return { cancel: () => stream.cancel() };
+    return stream;
   }
 
   async answerMemoryTable(answer: MemoryTableAnswer, opts?: CallOptions): Promise<void> {

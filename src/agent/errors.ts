@@ -2,10 +2,10 @@
  * Errors of the agent protocol. The agent turns whatever a handler throws into an AgentError: a
  * gRPC status plus our own code (a MemoryErrorCode, DeviceErrorCode, DmaErrorCode,
  * IotlbViolationReason, or one of the agent codes below), the request field at fault, and the
- * errno name when there is one. They travel as the status and trailing metadata (the message is
- * prefixed with the code too); the client rebuilds the same AgentError from them.
+ * errno name when there is one. They travel as a CallError (proto/vdpa/agent/v1) in an error
+ * frame (frames.ts); the client rebuilds the same AgentError from it.
  */
-import { Metadata, type ServiceError, status } from '@grpc/grpc-js';
+import { status } from '@grpc/grpc-js';
 import { DeviceError, type DeviceErrorCode, DmaError, type DmaErrorCode } from '../device/errors.ts';
 import { TransportError } from '../device/transport.ts';
 import { IotlbError } from '../iotlb/types.ts';
@@ -24,12 +24,6 @@ export type AgentErrorCode =
   | 'UNKNOWN_GROUP'
   | 'REQUEST_NOT_FOUND' // an answer to a memory-table request that is not pending
   | 'INTERNAL';
-
-export const ERROR_METADATA = {
-  code: 'vdpa-error-code',
-  field: 'vdpa-error-field',
-  errno: 'vdpa-errno',
-} as const;
 
 export class AgentError extends Error {
   constructor(
@@ -142,35 +136,33 @@ export function toAgentError(err: unknown): AgentError {
   return new AgentError(status.INTERNAL, 'INTERNAL', String(err));
 }
 
-/** Agent side: the status object grpc-js sends for an AgentError. */
-export function toGrpcStatus(err: AgentError): Partial<ServiceError> {
-  const metadata = new Metadata();
-  metadata.set(ERROR_METADATA.code, err.code);
-  if (err.field !== undefined) metadata.set(ERROR_METADATA.field, err.field);
-  if (err.errno !== undefined) metadata.set(ERROR_METADATA.errno, err.errno);
-  return { code: err.status, details: `${err.code}: ${err.message}`, metadata };
+/** A CallError (proto/vdpa/agent/v1) as protobufjs gives it: '' for an absent field or errno. */
+export interface WireCallError {
+  status: number;
+  code: string;
+  message: string;
+  field: string;
+  errno: string;
 }
 
-function metadataString(metadata: Metadata | undefined, key: string): string | undefined {
-  const value = metadata?.get(key)[0];
-  return typeof value === 'string' && value !== '' ? value : undefined;
+/** Agent side: an AgentError as the CallError of an error frame (proto.ts). */
+export function errorToWire(err: AgentError): WireCallError {
+  return {
+    status: err.status,
+    code: err.code,
+    message: err.message,
+    field: err.field ?? '',
+    errno: err.errno ?? '',
+  };
 }
 
-/** Client side: a failed call as an AgentError; without our metadata (the agent is unreachable,
- *  the deadline passed) the code is the status name: UNAVAILABLE, DEADLINE_EXCEEDED, ... */
-export function fromGrpcError(err: ServiceError): AgentError {
-  const code = metadataString(err.metadata, ERROR_METADATA.code);
-  if (code === undefined) {
-    const name = status[err.code] ?? 'UNKNOWN';
-    return new AgentError(err.code, name, err.details || err.message);
-  }
-  const prefix = `${code}: `;
-  const message = err.details.startsWith(prefix) ? err.details.slice(prefix.length) : err.details;
-  return new AgentError(
-    err.code,
-    code,
-    message,
-    metadataString(err.metadata, ERROR_METADATA.field),
-    metadataString(err.metadata, ERROR_METADATA.errno),
-  );
+/** Client side: the AgentError an error frame carries, as the agent raised it. */
+export function errorFromWire(w: WireCallError): AgentError {
+  const code = w.code === '' ? (status[w.status] ?? 'UNKNOWN') : w.code;
+  return new AgentError(w.status, code, w.message, w.field || undefined, w.errno || undefined);
+}
+
+/** A call that got no answer from the agent (unreachable, too late, cancelled): the code is the status name. */
+export function callFailed(code: status, message: string): AgentError {
+  return new AgentError(code, status[code] ?? 'UNKNOWN', message);
 }

@@ -7,8 +7,8 @@
  * fields, so parts each holding some elements of a repeated field concatenate into one message
  * with all of them (and the same bytes split at field boundaries decode into parts that merge back).
  */
-import type { MethodDefinition, ServiceDefinition } from '@grpc/grpc-js';
 import { nextTurn } from '../sys/next-turn.ts';
+import type { AgentMethod } from './proto.ts';
 
 /** Elements of the repeated field per slice. */
 const ELEMENTS_PER_SLICE = 2048;
@@ -95,28 +95,25 @@ export async function deserializeInSlices<T extends object>(
   return merged as T;
 }
 
-const passThrough = (b: Buffer): Buffer => b;
-
-/**
- * The agent methods whose messages are coded in slices, with their repeated fields: their gRPC
- * (de)serializers pass bytes through, and both ends code them with the functions above.
- */
+/** The agent methods whose messages are coded in slices, with their repeated fields. */
 export const SLICED_METHODS: Readonly<Record<string, { request: string; response: string }>> = {
   Apply: { request: 'ops', response: 'results' },
 };
 
-/** `service` with the methods of SLICED_METHODS taking and giving raw bytes. */
-export function withSlicedMethods(service: ServiceDefinition): ServiceDefinition {
-  const out: Record<string, MethodDefinition<unknown, unknown>> = { ...service };
-  for (const name of Object.keys(SLICED_METHODS)) {
-    const def = service[name]!;
-    out[name] = {
-      ...def,
-      requestSerialize: passThrough as (v: unknown) => Buffer,
-      requestDeserialize: passThrough,
-      responseSerialize: passThrough as (v: unknown) => Buffer,
-      responseDeserialize: passThrough,
-    };
-  }
-  return out as ServiceDefinition;
+type Side = 'request' | 'response';
+
+/** A method's request or answer as protobuf bytes: in slices for SLICED_METHODS, in one go otherwise. */
+export async function encodeMessage(method: AgentMethod, side: Side, message: object): Promise<Buffer> {
+  const serialize = side === 'request' ? method.requestSerialize : method.responseSerialize;
+  const field = SLICED_METHODS[method.name]?.[side];
+  if (field === undefined) return serialize(message);
+  return serializeInSlices(serialize, message, field as never);
+}
+
+/** The inverse of encodeMessage. */
+export async function decodeMessage(method: AgentMethod, side: Side, bytes: Buffer): Promise<object> {
+  const deserialize = side === 'request' ? method.requestDeserialize : method.responseDeserialize;
+  const field = SLICED_METHODS[method.name]?.[side];
+  if (field === undefined) return deserialize(bytes);
+  return deserializeInSlices(deserialize, bytes, field as never);
 }

@@ -5,8 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import type { MethodDefinition } from '@grpc/grpc-js';
-import { agentService } from '../../src/agent/proto.ts';
+import { type AgentMethod, agentService } from '../../src/agent/proto.ts';
 import { deserializeInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
 import {
   opResultToWire,
@@ -15,7 +14,7 @@ import {
   type WireApplyResponse,
 } from '../../src/agent/wire.ts';
 
-const apply = agentService.Apply as MethodDefinition<WireApplyRequest, WireApplyResponse>;
+const apply = agentService.Apply as AgentMethod<WireApplyRequest, WireApplyResponse>;
 
 function request(n: number): WireApplyRequest {
   return {

@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { type ServiceError, status } from '@grpc/grpc-js';
+import { status } from '@grpc/grpc-js';
 import fc from 'fast-check';
-import { AgentError, fromGrpcError, toAgentError, toGrpcStatus } from '../../src/agent/errors.ts';
-import { agentService } from '../../src/agent/proto.ts';
+import { AgentError, errorFromWire, errorToWire, toAgentError } from '../../src/agent/errors.ts';
+import { agentService, callErrorCoding } from '../../src/agent/proto.ts';
 import {
   answerFromWire,
   answerToWire,
@@ -259,7 +259,9 @@ describe('messages round trip', () => {
 });
 
 describe('errors', () => {
-  const roundTrip = (e: AgentError) => fromGrpcError(toGrpcStatus(e) as ServiceError);
+  /** Through the CallError of an error frame, as the client sees it. */
+  const roundTrip = (e: AgentError) =>
+    errorFromWire(callErrorCoding.deserialize(callErrorCoding.serialize(errorToWire(e))));
 
   test('library errors map to precise statuses and survive the trip to the client', () => {
     const cases: [unknown, status, string, string | undefined][] = [
