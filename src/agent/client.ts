@@ -2,8 +2,9 @@
  * The API server's client of the agent: typed calls over the agent's unix socket (bigints in,
  * bigints out), a deadline on every call, and notice of the connection going away.
  *
- * It keeps no loop of its own: connect() waits (up to its deadline) for the channel to reach the
- * agent, and whoever owns the client decides when to try again (the core: service/agent-link.ts).
+ * The calls travel in frames (frames.ts) on one connection (frame-client.ts). It keeps no loop of
+ * its own: connect() waits (up to its deadline) for the agent, trying the socket with the reconnect
+ * backoff, and whoever owns the client decides when to try again (the core: service/agent-link.ts).
  * After connect(), the `disconnected` event says once that the connection was lost; the next
  * connect() watches it again. Calls made while disconnected fail fast with UNAVAILABLE (they do not
  * wait for the agent). Which agent answered is in every answer's boot id; the client does not

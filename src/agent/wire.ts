@@ -1,6 +1,6 @@
 /**
  * The agent protocol's wire shapes and their conversion to and from the library's types, used by
- * both the agent and its client. Wire objects are what @grpc/proto-loader hands out with
+ * both the agent and its client. Wire objects are what protobufjs' toObject hands out (proto.ts) with
  * `longs: String, enums: String, defaults: true, oneofs: true`: every uint64 is a decimal string,
  * converted to bigint here and nowhere else (never through a JS number), enums are their names.
  */
@@ -13,7 +13,7 @@ import { status } from '@grpc/grpc-js';
 import { isU64Text, U64_MAX } from '../u64.ts';
 import { AgentError } from './errors.ts';
 
-/** Options for proto-loader (and protobufjs' toObject) that produce the shapes below. */
+/** Options for protobufjs' toObject that produce the shapes below. */
 export const WIRE_OBJECT_OPTIONS = {
   longs: String,
   enums: String,
