@@ -16,7 +16,7 @@ import type { DeviceFacts } from '../device/types.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
 import { AgentError, callFailed } from './errors.ts';
-import { FrameClient } from './frame-client.ts';
+import { FrameClient, type ReconnectOptions } from './frame-client.ts';
 import { agentService } from './proto.ts';
 import { decodeMessage, encodeMessage } from './sliced-codec.ts';
 import {
@@ -50,13 +50,7 @@ import {
 } from './wire.ts';
 import { mapInTimeSlices } from '../sys/next-turn.ts';
 
-/** connect()'s pacing of its attempts to reach the socket while the agent is away. */
-export interface ReconnectOptions {
-  /** First delay after a failed attempt, ms (default 100); doubled after every failed attempt. */
-  initialDelayMs?: number;
-  /** Cap of the delay, ms (default 1000). */
-  maxDelayMs?: number;
-}
+export type { ReconnectOptions } from './frame-client.ts';
 
 export interface AgentClientOptions {
   /** Path of the agent's unix socket. */
@@ -100,10 +94,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     super();
     this.deadlineMs = opts.deadlineMs ?? 10_000;
     this.applyDeadlineMs = opts.applyDeadlineMs ?? 120_000;
-    this.transport = new FrameClient(opts.socketPath, {
-      initialDelayMs: opts.reconnect?.initialDelayMs ?? 100,
-      maxDelayMs: opts.reconnect?.maxDelayMs ?? 1_000,
-    });
+    this.transport = new FrameClient(opts.socketPath, opts.reconnect);
     this.transport.on('lost', (error) => {
       if (this.phase === 'ready') this.lost(error);
     });

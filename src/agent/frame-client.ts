@@ -17,11 +17,12 @@ import { type AgentError, callFailed, errorFromWire } from './errors.ts';
 import { type Frame, FrameError, FrameKind, FrameWriter, readFrames } from './frames.ts';
 import { callErrorCoding } from './proto.ts';
 
-export interface Backoff {
-  /** First delay after a failed attempt, ms; doubled after every failed attempt. */
-  initialDelayMs: number;
-  /** Cap of the delay, ms. */
-  maxDelayMs: number;
+/** The pacing of a waiting call's attempts to reach the socket while the agent is away. */
+export interface ReconnectOptions {
+  /** First delay after a failed attempt, ms (default 100); doubled after every failed attempt. */
+  initialDelayMs?: number;
+  /** Cap of the delay, ms (default 1000). */
+  maxDelayMs?: number;
 }
 
 export interface FrameCallOptions {
@@ -69,12 +70,17 @@ export class FrameClient extends EventEmitter<FrameClientEvents> {
   private lastId = 0;
   private readonly calls = new Map<number, PendingCall>();
   private readonly streams = new Map<number, OpenStream>();
+  private readonly backoff: Required<ReconnectOptions>;
 
   constructor(
     private readonly socketPath: string,
-    private readonly backoff: Backoff,
+    reconnect: ReconnectOptions = {},
   ) {
     super();
+    this.backoff = {
+      initialDelayMs: reconnect.initialDelayMs ?? 100,
+      maxDelayMs: reconnect.maxDelayMs ?? 1_000,
+    };
   }
 
   get connected(): boolean {
