@@ -60,6 +60,9 @@ interface Connection {
   reason?: string;
 }
 
+/** The longest delay setTimeout takes (a longer one fires at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** The largest id before wrapping round (ids are u32 on the wire; 0 is never used). */
 const MAX_ID = 0xffff_ffff;
 
@@ -104,7 +107,7 @@ export class FrameClient extends EventEmitter<FrameClientEvents> {
             callFailed(status.DEADLINE_EXCEEDED, `${method}: no answer from the agent within its deadline`),
           );
         },
-        Math.max(0, opts.deadline - Date.now()),
+        Math.min(Math.max(0, opts.deadline - Date.now()), MAX_TIMER_MS),
       );
       this.calls.set(id, { resolve, reject, timer });
       try {
@@ -320,7 +323,7 @@ const TOO_LATE = Symbol('too late');
 function withinMs<T>(promise: Promise<T>, ms: number): Promise<T> {
   if (ms <= 0) return Promise.reject(TOO_LATE);
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(TOO_LATE), ms);
+    const timer = setTimeout(() => reject(TOO_LATE), Math.min(ms, MAX_TIMER_MS));
     promise.then(
       (v) => {
         clearTimeout(timer);

@@ -70,6 +70,15 @@ async function refusedWith(promise: Promise<unknown>, code: status): Promise<Age
   return err;
 }
 
+/** Waits for `done` (a bound, not a timing assertion: 120 s, the tier's budget). */
+async function until(done: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 12_000; i++) {
+    if (done()) return;
+    await sleep(10);
+  }
+  assert.fail(`still waiting: ${what}`);
+}
+
 /** A promise and its resolve, for handlers the test releases. */
 function gate<T = void>() {
   let open!: (v: T) => void;
@@ -114,50 +123,46 @@ test('an error keeps its status, code, field and errno', async (t) => {
   );
 });
 
-/** A peer that speaks frames by hand: answers GetInfo at once and ListMemory after `lateMs`, ignoring cancels. */
-function rawPeer(t: TestContext, socket: string, lateMs: number) {
-  const received: Frame[] = [];
+/**
+ * A peer that speaks frames by hand: answers GetInfo at once, and ListMemory only once the client
+ * has given up on it (its cancel), as an agent too slow to drop it would.
+ */
+function rawPeer(t: TestContext, socket: string) {
+  const peer = { received: [] as Frame[], lateAnswers: 0 };
   const server = net.createServer((conn) => {
     const decoder = new FrameDecoder();
+    const answer = (id: number, method: string, m: object) => {
+      const payload = agentService[method]!.responseSerialize(m);
+      for (const part of encodeFrame({ id, kind: FrameKind.answer, method: '', payload })) conn.write(part);
+    };
     conn.on('data', (chunk: Buffer) => {
       for (const f of decoder.push(chunk)) {
-        received.push(f);
-        if (f.kind !== FrameKind.request) continue;
-        const method = agentService[f.method]!;
-        const answer = (m: object) => {
-          if (!conn.destroyed) {
-            for (const part of encodeFrame({
-              id: f.id,
-              kind: FrameKind.answer,
-              method: '',
-              payload: method.responseSerialize(m),
-            }))
-              conn.write(part);
-          }
-        };
-        if (f.method === 'ListMemory') setTimeout(() => answer({ memory: [] }), lateMs);
-        else answer({ ...INFO, bootId: `answer to call ${f.id}` });
+        peer.received.push(f);
+        if (f.kind === FrameKind.cancel) {
+          answer(f.id, 'ListMemory', { memory: [] });
+          peer.lateAnswers++;
+        } else if (f.method === 'GetInfo') {
+          answer(f.id, 'GetInfo', { ...INFO, bootId: `answer to call ${f.id}` });
+        }
       }
     });
   });
   t.after(() => server.close());
-  return new Promise<{ received: Frame[]; server: net.Server }>((resolve) =>
-    server.listen(socket, () => resolve({ received, server })),
-  );
+  return new Promise<typeof peer>((resolve) => server.listen(socket, () => resolve(peer)));
 }
 
 test('past its deadline a call fails with DEADLINE_EXCEEDED, the agent is told, and the late answer is dropped', async (t) => {
   const socket = socketIn(t);
-  const peer = await rawPeer(t, socket, 300);
+  const peer = await rawPeer(t, socket);
   const c = client(t, socket);
   await c.connect();
   const err = await refusedWith(c.listMemory({ deadlineMs: 50 }), status.DEADLINE_EXCEEDED);
   assert.equal(err.code, 'DEADLINE_EXCEEDED');
-  const call = peer.received.find((f) => f.method === 'ListMemory')!;
   // The late answer comes (the peer ignores the cancel); the next call gets its own answer, not it.
-  await sleep(400);
+  await until(() => peer.lateAnswers > 0, 'the late answer');
   const info = await c.getInfo();
-  const next = peer.received.at(-1)!;
+  const call = peer.received.find((f) => f.method === 'ListMemory')!;
+  const next = peer.received.filter((f) => f.method === 'GetInfo').at(-1)!;
   assert.equal(info.bootId, `answer to call ${next.id}`);
   assert.notEqual(next.id, call.id);
   assert.ok(
@@ -182,8 +187,7 @@ test('the agent drops the answer of a cancelled call and keeps serving the conne
   await c.connect();
   await refusedWith(c.listMemory({ deadlineMs: 50 }), status.DEADLINE_EXCEEDED);
   slow.open();
-  await sleep(50);
-  assert.equal(answered, 1, 'the handler ran');
+  await until(() => answered === 1, 'the handler ran');
   assert.equal((await c.getInfo()).bootId, INFO.bootId);
 });
 
@@ -195,7 +199,7 @@ test('a lost connection is told once, calls then fail fast with UNAVAILABLE, and
   const notices: AgentError[] = [];
   c.on('disconnected', (e) => notices.push(e));
   await first.server.close(0);
-  await sleep(100);
+  await until(() => notices.length > 0, 'the disconnect notice');
   assert.equal(notices.length, 1);
   assert.equal(notices[0]!.status, status.UNAVAILABLE);
   assert.equal(c.connected, false);
@@ -240,16 +244,16 @@ test('a stream delivers its events in order, and cancel ends it at the agent too
     (e) => events.push(e),
     (e) => ended.push(e),
   );
-  while (events.length === 0) await sleep(10);
+  await until(() => events.length > 0, 'the first event');
   emit!({ type: 'connected', device: 'vdpa0' });
   emit!({ type: 'disconnected', device: 'vdpa0', reason: 'EOF' });
-  while (events.length < 3) await sleep(10);
+  await until(() => events.length >= 3, 'three events');
   assert.deepEqual(
     events.map((e) => e.type),
     ['watching', 'connected', 'disconnected'],
   );
   watch.cancel();
-  while (watching > 0) await sleep(10);
+  await until(() => watching === 0, 'the agent to drop the cancelled watch');
   await sleep(20);
   assert.deepEqual(ended, [undefined], 'ended once, without an error');
 
@@ -259,9 +263,9 @@ test('a stream delivers its events in order, and cancel ends it at the agent too
     () => {},
     (e) => second.push(e),
   );
-  while (watching === 0) await sleep(10);
+  await until(() => watching > 0, 'the second watch');
   end!();
-  while (second.length === 0) await sleep(10);
+  await until(() => second.length > 0, 'the end of the second watch');
   assert.deepEqual(second, [undefined]);
 });
 
@@ -282,10 +286,10 @@ test('a stream cut with the connection ends with UNAVAILABLE', async (t) => {
     () => seen++,
     (e) => ended.push(e),
   );
-  while (seen === 0) await sleep(10);
+  await until(() => seen > 0, 'the first event');
   // The agent stopping ends its streams first (an `end` each), then the connection.
   await server.close(0);
-  while (ended.length === 0) await sleep(10);
+  await until(() => ended.length > 0, 'the end of the watch');
   assert.deepEqual(ended, [undefined]);
 
   const peer = net.createServer((conn) => setTimeout(() => conn.destroy(), 50));
@@ -296,7 +300,7 @@ test('a stream cut with the connection ends with UNAVAILABLE', async (t) => {
     () => {},
     (e) => cut.push(e),
   );
-  while (cut.length === 0) await sleep(10);
+  await until(() => cut.length > 0, 'the end of the cut watch');
   assert.equal(cut[0]?.status, status.UNAVAILABLE);
 });
 
