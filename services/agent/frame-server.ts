@@ -54,7 +54,7 @@ class Connection {
     });
   }
 
-  /** Ends the connection once no call is in flight. */
+  /** At shutdown: ends the subscriptions now, and the connection once no call is in flight. */
   endWhenIdle(): void {
     for (const [id, unwatch] of this.watches) {
       unwatch();
@@ -70,7 +70,7 @@ class Connection {
       this.inFlight.delete(id);
       this.watches.get(id)?.();
       this.watches.delete(id);
-      if (this.serving.stopping) this.endWhenIdle();
+      this.idle();
       return;
     }
     if (kind !== FrameKind.request) {
