@@ -1,6 +1,6 @@
 /**
- * The pieces of the floor of one durable Map, each measured on its own: one append+fdatasync of a
- * journal record's size (the same disk, the same fs/promises calls as src/state/journal.ts), and
+ * The pieces of the floor of one durable Map, each measured on its own: one durable append of a
+ * journal record's size (the same disk, fs/promises calls as src/state/journal.ts makes), and
  * one raw round trip on a unix socket to another process (an echo server, no protocol at all).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -9,6 +9,7 @@ import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { median } from './harness.ts';
 
 /** Bytes of every journal generation (journal.<gen>, src/state/journal.ts) in a state directory. */
 export function journalBytes(stateDir: string): number {
@@ -18,24 +19,41 @@ export function journalBytes(stateDir: string): number {
     .reduce((n, name) => n + fs.statSync(path.join(stateDir, name)).size, 0);
 }
 
-/** `count` sequential appends of `bytes` bytes, each followed by fdatasync; per-append ms. */
+/**
+ * `count` sequential durable appends of `bytes` bytes; per-append ms. The cheapest durable append
+ * of that size on this disk: appends are made both ways a journal can make them, one after the
+ * other in turn (so both see the same load), and the samples of the way with the lower median are
+ * returned: write then fdatasync, or one write to a file opened O_DSYNC (what src/state/journal.ts
+ * does), which returns once the data and the file's new size are on disk.
+ */
 export async function appendSyncSamples(dir: string, bytes: number, count: number): Promise<number[]> {
-  const file = await fsp.open(path.join(dir, 'floor.journal'), 'w', 0o600);
   const record = Buffer.alloc(Math.max(1, Math.round(bytes)), 0x5a);
-  const samples: number[] = [];
+  const { O_WRONLY, O_CREAT, O_TRUNC, O_DSYNC } = fs.constants;
+  const ways = [
+    { file: await fsp.open(path.join(dir, 'floor.journal'), 'w', 0o600), sync: true },
+    {
+      file: await fsp.open(
+        path.join(dir, 'floor-dsync.journal'),
+        O_WRONLY | O_CREAT | O_TRUNC | O_DSYNC,
+        0o600,
+      ),
+      sync: false,
+    },
+  ].map((way) => ({ ...way, position: 0, samples: [] as number[] }));
   try {
-    let position = 0;
     for (let i = 0; i < count; i++) {
-      const t = performance.now();
-      await file.write(record, 0, record.length, position);
-      await file.datasync();
-      samples.push(performance.now() - t);
-      position += record.length;
+      for (const way of ways) {
+        const t = performance.now();
+        await way.file.write(record, 0, record.length, way.position);
+        if (way.sync) await way.file.datasync();
+        way.samples.push(performance.now() - t);
+        way.position += record.length;
+      }
     }
   } finally {
-    await file.close();
+    for (const way of ways) await way.file.close();
   }
-  return samples;
+  return ways.map((way) => way.samples).sort((a, b) => median(a) - median(b))[0]!;
 }
 
 const ECHO = `

@@ -8,7 +8,10 @@
  *   parent, which the agent waits out;
  * - at the agent alone (its protocol, no API server): one Apply of 65,536 UPDATEs to agent0 while
  *   one-op Applies go to agent1, against the same one-op Applies alone (agent0 and agent1 are
- *   devices the API server leaves alone).
+ *   devices the API server leaves alone);
+ * - at the state store alone (src/state, its own directory): the commit of a 65,536-mapping table
+ *   of vdpa0 (then the one clearing it) while vdpa1 commits one mapping and its sequence number at
+ *   a time, as its queue commits a Map, against the same small commits alone.
  * The latencies of every round are pooled; p50 and p99 beside the idle ones. Real API server, real
  * agent process, both on the same 2 cores as the client. The API server runs in this process, so
  * the busy request's own client work is kept off this event loop: its body is encoded (to bytes)
@@ -22,6 +25,8 @@ import { Client, credentials } from '@grpc/grpc-js';
 import { AgentClient } from '../../src/agent/client.ts';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
+import type { Change } from '../../src/state/desired.ts';
+import { StateStore } from '../../src/state/store.ts';
 import { MAPD_PACKAGE, packageDefinition } from '../../services/api/proto.ts';
 import {
   apiConfig,
@@ -79,6 +84,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
       'grpc.max_receive_message_length': -1,
     });
     const agentClient = new AgentClient({ socketPath: agent.socket });
+    const { store } = await StateStore.open({ dir: path.join(dir, 'store-only') });
     try {
       await agentClient.connect();
       const expect = async (method: string, url: string, body?: unknown) => {
@@ -200,6 +206,45 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         return ms;
       };
 
+      // At the state store alone: the changes are made before the clock starts.
+      const pageAt = (device: string, iova: bigint): Change => ({
+        t: 'mapping.put',
+        device,
+        mapping: { asid: 0, iova, size: BigInt(PAGE), memory: 'ram0', offset: 0n, perm: 'rw' },
+      });
+      const tableCommit: Change[] = Array.from({ length: regions }, (_, k) =>
+        pageAt('vdpa0', BigInt(2 * k * PAGE)),
+      );
+      const clearCommit: Change[] = Array.from({ length: regions }, (_, k) => ({
+        t: 'mapping.delete',
+        device: 'vdpa0',
+        asid: 0,
+        iova: BigInt(2 * k * PAGE),
+      }));
+      let storeSequence = 1n;
+      const smallCommits = async (busy: Promise<unknown> | undefined, min: number): Promise<number[]> => {
+        const ms = await timedWhile(busy, min, async (i) => {
+          storeSequence++;
+          await store.commit([
+            pageAt('vdpa1', BigInt(SMALL_BASE + 2 * i * PAGE)),
+            { t: 'sequence', device: 'vdpa1', next: storeSequence },
+          ]);
+        });
+        await store.commit(
+          ms.map((_, i) => ({
+            t: 'mapping.delete',
+            device: 'vdpa1',
+            asid: 0,
+            iova: BigInt(SMALL_BASE + 2 * i * PAGE),
+          })),
+        );
+        return ms;
+      };
+      const storeBusy = async () => [
+        ...(await smallCommits(store.commit(tableCommit), 1)),
+        ...(await smallCommits(store.commit(clearCommit), 1)),
+      ];
+
       const samples = await alternate(ROUNDS, {
         idle: () => smallMaps(undefined, idleMaps),
         bigTable: busyWith('vdpa0', big),
@@ -207,6 +252,8 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         slowSetMap: busyWith('vdpa2', slow),
         agentIdle: () => smallApplies(undefined, idleMaps),
         agentBigApply: agentBusy,
+        storeIdle: () => smallCommits(undefined, idleMaps),
+        storeBigCommit: storeBusy,
       });
       const cases = [
         {
@@ -228,6 +275,11 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
           key: 'agentBigApply',
           idle: 'agentIdle',
           label: `agent only: 1-op Applies to agent1 during a ${regions.toLocaleString('en-US')}-op Apply to agent0`,
+        },
+        {
+          key: 'storeBigCommit',
+          idle: 'storeIdle',
+          label: `store only: 1-mapping commits of vdpa1 during a ${regions.toLocaleString('en-US')}-mapping commit of vdpa0`,
         },
       ] as const;
       for (const { key, idle: idleKey, label } of cases) {
@@ -252,6 +304,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         }
       }
     } finally {
+      await store.close();
       agentClient.close();
       raw.close();
       grpc.close();

@@ -7,6 +7,7 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { MemoryKind } from '../memory/types.ts';
 import type { ServiceErrorInfo } from '../core/errors.ts';
 import type { BatchOp } from '../core/types.ts';
+import { TimeSlices } from '../sys/next-turn.ts';
 
 export interface MemoryRecord {
   id: string;
@@ -193,6 +194,98 @@ export function applyChange(state: DesiredState, c: Change): void {
       state.attachments.delete(c.device);
       return;
   }
+}
+
+/**
+ * The device whose records a change writes, or undefined for a change of the records every device
+ * depends on (memory). Changes of different devices commute: applied in either order they leave
+ * the same state (the per-memory use counts are sums).
+ */
+export function deviceOf(c: Change): string | undefined {
+  switch (c.t) {
+    case 'memory.put':
+    case 'memory.delete':
+      return undefined;
+    case 'attachment.put':
+      return c.attachment.device;
+    default:
+      return c.device;
+  }
+}
+
+/** Commits with more mapping changes than this are staged on a copy in slices; smaller ones apply in one piece. */
+export const APPLY_WHOLE_MAX = 1024;
+
+/** A commit's changes made ready to apply: `install()` applies all of them at once. */
+export interface StagedChanges {
+  install(): void;
+}
+
+/**
+ * Prepares `changes` for applyChange of each in order, without changing `state` until `install()`.
+ * A commit of many mapping changes (a large table) has its devices' mapping tables built as copies
+ * in slices that give the event loop back, with the per-memory use it adds up; `install()` then
+ * puts the copies in place and applies the few other changes, so it costs little, holds the event
+ * loop for no table, and nobody sees a table half applied. A small commit is applied by `install()`
+ * in one piece. Between this and `install()` nothing else may change the devices the changes write
+ * (the store applies the commits of one device in order).
+ */
+export async function stageChanges(state: DesiredState, changes: readonly Change[]): Promise<StagedChanges> {
+  let mappingChanges = 0;
+  for (const c of changes) if (c.t === 'mapping.put' || c.t === 'mapping.delete') mappingChanges++;
+  if (mappingChanges <= APPLY_WHOLE_MAX) {
+    return {
+      install: () => {
+        for (const c of changes) applyChange(state, c);
+      },
+    };
+  }
+  const tables = new Map<string, Map<string, Mapping>>();
+  const use = new Map<string, number>();
+  const count = (memory: string, delta: number) => use.set(memory, (use.get(memory) ?? 0) + delta);
+  const others: Change[] = [];
+  const slices = new TimeSlices();
+  const tableOf = async (device: string) => {
+    let table = tables.get(device);
+    if (table === undefined) {
+      table = new Map();
+      tables.set(device, table);
+      for (const [key, m] of state.devices.get(device)?.mappings ?? []) {
+        if (slices.due()) await slices.next();
+        table.set(key, m);
+      }
+    }
+    return table;
+  };
+  for (const c of changes) {
+    if (slices.due()) await slices.next();
+    if (c.t === 'mapping.put') {
+      const table = await tableOf(c.device);
+      const key = mappingKey(c.mapping.asid, c.mapping.iova);
+      const old = table.get(key);
+      if (old) count(old.memory, -1);
+      table.set(key, c.mapping);
+      count(c.mapping.memory, 1);
+    } else if (c.t === 'mapping.delete') {
+      const table = await tableOf(c.device);
+      const key = mappingKey(c.asid, c.iova);
+      const old = table.get(key);
+      if (old) {
+        count(old.memory, -1);
+        table.delete(key);
+      }
+    } else {
+      others.push(c);
+    }
+  }
+  return {
+    install: () => {
+      for (const [device, table] of tables) deviceState(state, device).mappings = table;
+      for (const [memory, delta] of use) if (delta !== 0) countUse(state, memory, delta);
+      // None of these reads or writes a mapping table: their order against the mapping changes is free.
+      for (const c of others) applyChange(state, c);
+    },
+  };
 }
 
 /** Every desired mapping of a device, ordered by asid then iova. */

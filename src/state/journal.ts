@@ -5,8 +5,9 @@
  *                   `seq`, as of the start of journal.<gen>
  *   journal.<gen>   empty, or a header frame { magic, version, gen, after: seq } (written with the
  *                   first record), then one frame per group commit { seq, changes }, numbered on
- *                   from the snapshot's seq without gaps; each made durable (fdatasync) before
- *                   append() returns
+ *                   from the snapshot's seq without gaps; each durable before append() returns
+ *                   (the file is opened O_DSYNC: the write returns once its data and the file's
+ *                   new size are on disk, what write + fdatasync does in one system call)
  *
  * Opening reads everything first and writes nothing unless all of it is sound: a torn tail (the
  * last frame short or partial, as a crash during an append leaves) is cut off; anything else bad
@@ -433,7 +434,7 @@ export async function writeGeneration(
 ): Promise<StoreFile> {
   const nextPath = path.join(dir, journalName(gen));
   const tmpPath = path.join(dir, SNAPSHOT_TMP);
-  const next = await fs.open(nextPath, 'w+');
+  const next = await fs.open(nextPath, 'w+', DURABLE_WRITES);
   try {
     const snapshot = { magic: SNAPSHOT_MAGIC, version: FORMAT_VERSION, gen, seq, state };
     // Encoded in slices: a snapshot of large tables must not hold the event loop either.
@@ -447,6 +448,9 @@ export async function writeGeneration(
   }
   return next;
 }
+
+/** How the journal files are opened: every write durable when it returns (see StoreFs.open). */
+const DURABLE_WRITES = { durableWrites: true };
 
 export class Journal {
   /** Set after a failed append whose bytes could not be cut off yet. */
@@ -480,9 +484,9 @@ export class Journal {
     let bytes = data?.length ?? 0;
     let file: StoreFile;
     if (data === undefined) {
-      file = await fs.open(journalPath, 'w+');
+      file = await fs.open(journalPath, 'w+', DURABLE_WRITES);
     } else {
-      file = await fs.open(journalPath, 'r+');
+      file = await fs.open(journalPath, 'r+', DURABLE_WRITES);
       if (j.torn !== undefined) {
         bytes = j.torn.offset;
         await file.truncate(bytes);
@@ -530,12 +534,12 @@ export class Journal {
     const lead = this.bytes === 0 ? header(this.gen, this.seq) : undefined;
     const data = await framePiecesInSlices(recordPieces(seq, commits), lead);
     try {
+      // Durable when it returns (O_DSYNC): no fdatasync after it.
       await writeAll(this.file, data, this.bytes);
-      await this.file.datasync();
     } catch (e) {
-      // The record may be partly (or, after a failed sync, wholly) in the file: cut it off so it
-      // is neither replayed nor followed by later records. If that fails too, retry before the
-      // next append.
+      // The record may be partly (or, after a failed sync of its data, wholly) in the file: cut it
+      // off so it is neither replayed nor followed by later records. If that fails too, retry
+      // before the next append.
       this.dirtyTail = true;
       await this.cutTail().catch(() => undefined);
       throw e;

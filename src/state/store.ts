@@ -9,24 +9,43 @@
  * crash behaviour we can state exactly (see journal.ts) and test by injecting failures.
  *
  * Contract:
- * - `commit(changes)` resolves only after the record holding them is on disk (fdatasync returned);
- *   commits that arrive while a write is in flight are written together as the next record (group
- *   commit: one fdatasync for all of them). Each commit's changes are encoded as it is made, in
- *   slices that yield (a large table never holds the event loop), and written in commit order.
+ * - `commit(changes)` resolves only after the record holding them is on disk (the append returned
+ *   durable) and they are applied to `state`. Each commit's changes are encoded as it is made, in
+ *   slices that yield (a large table never holds the event loop); commits whose encoding is done
+ *   when the journal is free are written together as one record (group commit: one durable write
+ *   for all of them), in commit order.
+ * - Order: two commits depend on each other when they write the records of a common device, or
+ *   when either writes records every device depends on (memory). Of two dependent commits the
+ *   later one is written in the same record after the earlier one or in a later record, is
+ *   applied to `state` only after the earlier one was, and so resolves after it. Independent
+ *   commits keep no order: a small commit of one device is written, applied and resolved while a
+ *   large one of another device is still being encoded or applied. This is sound because
+ *   commits of different devices commute (desired.ts deviceOf): the file's order and any order
+ *   of applying them lead to the same state, and every state `state` passes through is one that
+ *   applying the commits one by one in some order that keeps the dependent ones in order reaches.
+ *   (A device's queue is the only writer of its mappings and awaits each commit before the next.)
+ * - A large commit is staged on copies of its devices' tables in slices (desired.ts stageChanges)
+ *   as soon as every commit it depends on is applied, overlapping its encoding and write, and
+ *   installed in one step once durable: `state` never shows a table half applied.
  * - A failed write (ENOSPC, EIO, ...) rejects every commit of that record with UNAVAILABLE and
- *   leaves the in-memory state untouched: changes are applied in memory only after the sync.
- * - The journal is compacted into a snapshot when it grows past `compactBytes`.
+ *   leaves `state` untouched: nothing is installed before its record is durable. Commits in other
+ *   records go on.
+ * - A commit of no changes resolves at once: there is nothing to make durable.
+ * - The journal is compacted into a snapshot when it grows past `compactBytes`, once every
+ *   written record is applied (the snapshot holds the state through the last record).
  * - Opening refuses a damaged state directory (StateDamageError, nothing written): starting from
  *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
  *   crash during an append) is cut off, and `droppedBytes` says how much.
  */
 import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import {
-  applyChange,
   type Change,
   type DesiredState,
+  deviceOf,
   replayState,
+  type StagedChanges,
   type StateLimits,
+  stageChanges,
   stateLimits,
   toSnapshot,
 } from './desired.ts';
@@ -39,7 +58,7 @@ export interface StateStoreOptions {
   /** Compact when the journal grows past this many bytes (default 64 MiB). */
   compactBytes?: number;
   limits?: Partial<StateLimits>;
-  /** Called with the seconds each group write (write + fdatasync) took. */
+  /** Called with the seconds each group write (the durable append) took. */
   onWrite?: (seconds: number, ok: boolean) => void;
   /** Called when a compaction fails (the store keeps working on the old journal). */
   onCompactionError?: (err: unknown) => void;
@@ -51,19 +70,66 @@ export interface OpenedStore {
   droppedBytes: number;
 }
 
-interface Waiter {
-  changes: Change[];
-  encoded: Promise<EncodedChanges>;
+/** One commit on its way to disk and into `state`. */
+interface Commit {
+  readonly changes: Change[];
+  /** The devices whose records it writes; undefined when it writes records all devices depend on. */
+  readonly devices: ReadonlySet<string> | undefined;
+  /** Set when its encoding is done: it may be written. */
+  encoded: EncodedChanges | undefined;
+  /** Whether its staging has begun (it begins once every commit it depends on is applied). */
+  staging: boolean;
+  staged: StagedChanges | undefined;
+  /** Its record is on disk. */
+  durable: boolean;
   resolve: () => void;
   reject: (err: ServiceError) => void;
+}
+
+/** The devices of the commits met so far, in commit order, that a later commit must not overtake. */
+class Held {
+  private all = false;
+  private readonly devices = new Set<string>();
+
+  /** Whether `c` depends on one of them. */
+  holds(c: Commit): boolean {
+    if (this.all) return true;
+    if (c.devices === undefined) return this.devices.size > 0;
+    for (const d of c.devices) if (this.devices.has(d)) return true;
+    return false;
+  }
+
+  add(c: Commit): void {
+    if (c.devices === undefined) this.all = true;
+    else for (const d of c.devices) this.devices.add(d);
+  }
+}
+
+function devicesOf(changes: readonly Change[]): Set<string> | undefined {
+  const devices = new Set<string>();
+  let last: string | undefined;
+  for (const c of changes) {
+    const device = deviceOf(c);
+    if (device === undefined) return undefined;
+    if (device !== last) devices.add(device);
+    last = device;
+  }
+  return devices;
 }
 
 /** How long a caller should wait before retrying after a failed write. */
 export const STORE_RETRY_AFTER_MS = ERROR_CATALOG.UNAVAILABLE.retryAfterMs;
 
 export class StateStore {
-  private waiting: Waiter[] = [];
+  /** Commits not written yet, in commit order. */
+  private unwritten: Commit[] = [];
+  /** Commits not applied yet (written or not), in commit order. */
+  private unapplied: Commit[] = [];
   private writing: Promise<void> | undefined;
+  /** Wakes the write loop when it waits for an encoding or a commit. */
+  private wake: (() => void) | undefined;
+  /** Called once no written commit is left to apply. */
+  private whenApplied: (() => void)[] = [];
   private closed = false;
 
   private constructor(
@@ -96,46 +162,68 @@ export class StateStore {
   /** Makes `changes` durable, then applies them to `state`. Rejects with UNAVAILABLE on failure. */
   commit(changes: Change[]): Promise<void> {
     if (this.closed) return Promise.reject(new ServiceError('UNAVAILABLE', 'the state store is closed'));
-    const encoded = encodeChanges(changes);
-    // Awaited by the write loop; a failure there rejects the commit, never the process.
-    encoded.catch(() => undefined);
+    if (changes.length === 0) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      this.waiting.push({ changes, encoded, resolve, reject });
+      const c: Commit = {
+        changes,
+        devices: devicesOf(changes),
+        encoded: undefined,
+        staging: false,
+        staged: undefined,
+        durable: false,
+        resolve,
+        reject,
+      };
+      this.unwritten.push(c);
+      this.unapplied.push(c);
+      encodeChanges(changes).then(
+        (encoded) => {
+          c.encoded = encoded;
+          this.poke();
+        },
+        (e: unknown) => {
+          this.drop(c);
+          c.reject(writeError(e));
+        },
+      );
+      this.applyReady();
       this.writing ??= this.writeLoop();
+      this.poke();
     });
   }
 
   async close(): Promise<void> {
     this.closed = true;
     await this.writing;
+    await this.applied();
     await this.journal.close();
   }
 
   private async writeLoop(): Promise<void> {
-    while (this.waiting.length > 0) {
-      const group = this.waiting;
-      this.waiting = [];
-      let started = process.hrtime.bigint();
+    while (this.unwritten.length > 0) {
+      const record = this.nextRecord();
+      if (record.length === 0) {
+        await new Promise<void>((resolve) => {
+          this.wake = resolve;
+        });
+        continue;
+      }
+      const started = process.hrtime.bigint();
       try {
-        const commits = await Promise.all(group.map((w) => w.encoded));
-        started = process.hrtime.bigint();
-        await this.journal.appendEncoded(commits);
+        await this.journal.appendEncoded(record.map((c) => c.encoded!));
       } catch (e) {
         this.opts.onWrite?.(elapsed(started), false);
-        const err = new ServiceError(
-          'UNAVAILABLE',
-          `the state store cannot write (${errnoCode(e) ?? String(e)}): nothing was changed`,
-          { ...(errnoCode(e) ? { errno: errnoCode(e) } : {}), retryAfterMs: STORE_RETRY_AFTER_MS },
-        );
-        for (const w of group) w.reject(err);
+        const err = writeError(e);
+        for (const c of record) this.drop(c);
+        for (const c of record) c.reject(err);
         continue;
       }
       this.opts.onWrite?.(elapsed(started), true);
-      for (const w of group) {
-        for (const change of w.changes) applyChange(this.desired, change);
-        w.resolve();
-      }
+      for (const c of record) c.durable = true;
+      this.applyReady();
       if (this.journal.size > (this.opts.compactBytes ?? 64 << 20)) {
+        // The snapshot holds the state through the last record written: every record must be in it.
+        await this.applied();
         await this.journal
           .compact(toSnapshot(this.desired))
           .catch((e: unknown) => this.opts.onCompactionError?.(e));
@@ -143,6 +231,81 @@ export class StateStore {
     }
     this.writing = undefined;
   }
+
+  /** The next record: every commit encoded already that overtakes no commit it depends on. */
+  private nextRecord(): Commit[] {
+    const held = new Held();
+    const record: Commit[] = [];
+    const later: Commit[] = [];
+    for (const c of this.unwritten) {
+      if (c.encoded !== undefined && !held.holds(c)) record.push(c);
+      else {
+        held.add(c);
+        later.push(c);
+      }
+    }
+    this.unwritten = later;
+    return record;
+  }
+
+  /**
+   * Stages every commit whose dependencies are applied and installs (then resolves) those of
+   * them that are staged and durable, in commit order.
+   */
+  private applyReady(): void {
+    const held = new Held();
+    const left: Commit[] = [];
+    for (const c of this.unapplied) {
+      if (!held.holds(c)) {
+        if (!c.staging) this.stage(c);
+        if (c.staged !== undefined && c.durable) {
+          c.staged.install();
+          c.resolve();
+          continue;
+        }
+      }
+      held.add(c);
+      left.push(c);
+    }
+    this.unapplied = left;
+    if (!left.some((c) => c.durable)) for (const done of this.whenApplied.splice(0)) done();
+  }
+
+  private stage(c: Commit): void {
+    c.staging = true;
+    void stageChanges(this.desired, c.changes).then((staged) => {
+      c.staged = staged;
+      this.applyReady();
+    });
+  }
+
+  /** Resolves once no written commit is left to apply. */
+  private applied(): Promise<void> {
+    if (!this.unapplied.some((c) => c.durable)) return Promise.resolve();
+    return new Promise((resolve) => this.whenApplied.push(resolve));
+  }
+
+  /** Forgets a commit that will not be written: nothing waits for it any more. */
+  private drop(c: Commit): void {
+    this.unwritten = this.unwritten.filter((w) => w !== c);
+    this.unapplied = this.unapplied.filter((w) => w !== c);
+    this.applyReady();
+    this.poke();
+  }
+
+  private poke(): void {
+    const wake = this.wake;
+    this.wake = undefined;
+    wake?.();
+  }
+}
+
+function writeError(e: unknown): ServiceError {
+  return new ServiceError(
+    'UNAVAILABLE',
+    `the state store cannot write (${errnoCode(e) ?? String(e)}): nothing was changed`,
+    { ...(errnoCode(e) ? { errno: errnoCode(e) } : {}), retryAfterMs: STORE_RETRY_AFTER_MS },
+  );
 }
 
 function elapsed(started: bigint): number {

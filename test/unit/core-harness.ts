@@ -41,7 +41,7 @@ import { createMapdService, type MapdCore, type MapdServiceOptions } from '../..
 import { reconcileDevice } from '../../src/service/reconcile.ts';
 import { type DesiredState, replayState, sortedMappings, stateLimits } from '../../src/state/desired.ts';
 import { journalName, parseJournal, parseSnapshot, SNAPSHOT } from '../../src/state/journal.ts';
-import { nodeStoreFs, type StoreFile, type StoreFs } from '../../src/state/fs.ts';
+import { nodeStoreFs, type OpenFlags, type StoreFile, type StoreFs } from '../../src/state/fs.ts';
 import { StateStore } from '../../src/state/store.ts';
 import { type AgentHandlers, createHandlers } from '../../services/agent/server.ts';
 
@@ -412,7 +412,9 @@ export type FsOp = 'open' | 'write' | 'datasync' | 'sync' | 'truncate' | 'rename
 
 /**
  * The real file operations, with failures on demand: fail('write', 'ENOSPC') makes the next write
- * fail (after writing half of its bytes when `partial`), and so on.
+ * fail (after writing half of its bytes when `partial`), and so on. On a file opened for durable
+ * writes (O_DSYNC) a write includes its sync: it counts as a datasync too, and a datasync failure
+ * strikes it after all of its bytes went to the file, as a failed sync of them leaves it.
  */
 export class FaultyFs implements StoreFs {
   private readonly armed: { op: FsOp; code: string; partial: boolean; file: RegExp | undefined }[] = [];
@@ -430,15 +432,18 @@ export class FaultyFs implements StoreFs {
     return this.armed.length;
   }
 
-  async open(file: string, flags: string): Promise<StoreFile> {
+  async open(file: string, flags: OpenFlags, opts?: { durableWrites?: boolean }): Promise<StoreFile> {
     this.trip('open', file);
-    const inner = await nodeStoreFs.open(file, flags);
+    const inner = await nodeStoreFs.open(file, flags, opts);
     return {
       write: async (buffer, offset, length, position) => {
         const fault = this.take('write', file);
         if (fault?.partial) await inner.write(buffer, offset, Math.floor(length / 2), position);
         if (fault) throw errnoError(fault.code);
-        return inner.write(buffer, offset, length, position);
+        if (!opts?.durableWrites) return inner.write(buffer, offset, length, position);
+        const written = await inner.write(buffer, offset, length, position);
+        this.trip('datasync', file);
+        return written;
       },
       datasync: async () => {
         this.trip('datasync', file);

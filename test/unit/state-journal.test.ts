@@ -238,6 +238,36 @@ describe('journal', () => {
     await again.close();
   });
 
+  test('the journal is opened O_DSYNC, after compaction too: an append is durable when its write returns', async () => {
+    const { store } = await StateStore.open({ dir, compactBytes: 1 });
+    /** The open flags of this process's descriptors of the current journal (Linux: /proc/self/fdinfo). */
+    const journalFlags = () =>
+      fs.readdirSync('/proc/self/fd').flatMap((fd) => {
+        let target: string;
+        try {
+          target = fs.readlinkSync(`/proc/self/fd/${fd}`);
+        } catch {
+          return [];
+        }
+        if (target !== journalFile()) return [];
+        const info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+        return [Number.parseInt(/^flags:\s+([0-7]+)/m.exec(info)![1]!, 8)];
+      });
+    await store.commit(at(0x1000n));
+    await store.commit(at(0x2000n));
+    assert.notEqual(journalFile(), path.join(dir, 'journal.0'), 'compacted');
+    const flags = journalFlags();
+    assert.equal(flags.length, 1);
+    assert.equal(flags[0]! & fs.constants.O_DSYNC, fs.constants.O_DSYNC);
+    await store.close();
+    const { store: again } = await StateStore.open({ dir });
+    assert.deepEqual(
+      journalFlags().map((f) => f & fs.constants.O_DSYNC),
+      [fs.constants.O_DSYNC],
+    );
+    await again.close();
+  });
+
   test('state files are 0600 in a 0700 directory; a looser journal or snapshot is tightened on open', async () => {
     const sub = path.join(dir, 'state');
     const { store } = await StateStore.open({ dir: sub, compactBytes: 1 });
@@ -319,19 +349,22 @@ describe('store', () => {
     await again.close();
   });
 
-  test('concurrent commits share one write and one fdatasync (group commit)', async () => {
+  test('commits made while a write is in flight share the next durable write (group commit)', async () => {
     const faulty = new FaultyFs();
     const { store } = await StateStore.open({ dir, fs: faulty });
     await store.commit([put(0x1000n)]);
     const before = faulty.calls.get('datasync') ?? 0;
+    const first = store.commit([put(0x2000n)]);
+    // Its write is at the file now: the three below wait for it and go together.
+    await new Promise((resolve) => setImmediate(resolve));
     await Promise.all([
-      store.commit([put(0x2000n)]),
+      first,
       store.commit([put(0x3000n)]),
       store.commit([put(0x4000n)]),
+      store.commit([put(0x5000n)]),
     ]);
-    // The first of the three starts a write at once; the other two wait and go together.
     assert.equal((faulty.calls.get('datasync') ?? 0) - before, 2);
-    assert.equal(store.state.devices.get('vdpa0')?.mappings.size, 4);
+    assert.equal(store.state.devices.get('vdpa0')?.mappings.size, 5);
     await store.close();
   });
 
