@@ -9,6 +9,7 @@ import { checkRegionShape } from '../iotlb/table.ts';
 import {
   describeRange,
   hex,
+  IotlbError,
   type IotlbOp,
   type IotlbViolation,
   type Mapping,
@@ -145,9 +146,12 @@ function mapOp(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At)
   const shape = checkRegionShape(op, work.spaces.range, work.spaces.pinPageSize);
   if (shape) throw violationError(shape, at);
   checkMemory(memory, op, at);
-  const clash = work.spaces.check(op);
-  if (clash) throw violationError(clash, at);
-  work.apply(op);
+  // The table checks the UPDATE as it applies it (IovaTable.map): an overlap is refused there.
+  try {
+    work.apply(op);
+  } catch (e) {
+    throw e instanceof IotlbError ? violationError(e.violation, at) : e;
+  }
   return op;
 }
 
