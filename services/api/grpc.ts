@@ -72,23 +72,23 @@ const TOO_SLOW = new ServiceError('RESOURCE_EXHAUSTED', `watcher fell ${MAX_PEND
  */
 function body(message: object): Message {
   const out: Message = {};
-  for (const [key, value] of Object.entries(message)) {
+  const fields = message as Message;
+  for (const key of Object.keys(fields)) {
+    const value = fields[key];
     if (value === '') continue;
-    out[key] = Array.isArray(value)
-      ? value.map((v: unknown) => (typeof v === 'object' && v !== null ? body(v) : v))
-      : value;
+    out[key] = Array.isArray(value) ? value.map(element) : value;
   }
   return out;
 }
+
+const element = (v: unknown): unknown => (typeof v === 'object' && v !== null ? body(v) : v);
 
 /** {@link body} of a message whose lists are long (a SetMemTable's 65,536 regions), in time slices. */
 async function bodyInSlices(message: object): Promise<Message> {
   const out: Message = {};
   for (const [key, value] of Object.entries(message)) {
     if (value === '') continue;
-    out[key] = Array.isArray(value)
-      ? await mapInTimeSlices(value, (v: unknown) => (typeof v === 'object' && v !== null ? body(v) : v))
-      : value;
+    out[key] = Array.isArray(value) ? await mapInTimeSlices(value, element) : value;
   }
   return out;
 }

@@ -35,7 +35,14 @@ export type Handler = (message: Message) => Promise<object>;
 
 /** The message without the fields read on their own (the device, dryRun). */
 function rest(message: Message, ...read: string[]): Message {
-  return Object.fromEntries(Object.entries(message).filter(([key]) => !read.includes(key)));
+  const out: Record<string, unknown> = {};
+  for (const key of Object.keys(message)) {
+    if (read.includes(key)) continue;
+    // A JSON body's own `__proto__` stays a field (and is refused as unknown), never a prototype.
+    if (key === '__proto__') Object.defineProperty(out, key, { value: message[key], enumerable: true });
+    else out[key] = message[key];
+  }
+  return out;
 }
 
 function device(message: Message): string {

@@ -32,11 +32,20 @@ export function formatMapping(m: Mapping | ListedMapping) {
   };
 }
 
+/** An UPDATE's fields are a mapping's, in formatMapping's order (an op is never `missing`). */
 export function formatOp(op: IotlbOp) {
   if (op.type === 'invalidate') {
     return { type: op.type, asid: op.asid, iova: hex(op.iova), size: hex(op.size) };
   }
-  return { type: op.type, ...formatMapping(op) };
+  return {
+    type: op.type,
+    iova: hex(op.iova),
+    size: hex(op.size),
+    memory: op.memory,
+    offset: hex(op.offset),
+    perm: op.perm,
+    asid: op.asid,
+  };
 }
 
 export function formatError(e: ServiceErrorInfo) {
@@ -154,11 +163,11 @@ export function formatBatchResult(r: BatchResult) {
   return {
     atomic: r.atomic,
     committed: r.committed,
-    results: r.results.map((op) => ({
-      ok: op.ok,
-      ...(op.error !== undefined ? { error: formatError(op.error) } : {}),
-      ops: op.ops.map(formatOp),
-    })),
+    results: r.results.map((op) =>
+      op.error === undefined
+        ? { ok: op.ok, ops: op.ops.map(formatOp) }
+        : { ok: op.ok, error: formatError(op.error), ops: op.ops.map(formatOp) },
+    ),
   };
 }
 

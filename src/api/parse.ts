@@ -50,13 +50,20 @@ class Fields {
     private readonly path: string,
   ) {}
 
-  static of(value: unknown, path: string, allowed: readonly string[]): Fields {
+  /**
+   * `value`'s fields, all of them among `allowed`. With `narrower` (a subset of `allowed`): also
+   * all among `narrower`, an unknown field of `allowed` named before one only `narrower` refuses.
+   */
+  static of(value: unknown, path: string, allowed: readonly string[], narrower?: readonly string[]): Fields {
     if (typeof value !== 'object' || value === null || Array.isArray(value)) {
       throw invalid(path || 'body', `must be an object, got ${typeName(value)}`);
     }
+    let outside: string | undefined;
     for (const key of Object.keys(value)) {
       if (!allowed.includes(key)) throw invalid(join(path, key), 'unknown field');
+      if (outside === undefined && narrower !== undefined && !narrower.includes(key)) outside = key;
     }
+    if (outside !== undefined) throw invalid(join(path, outside), 'unknown field');
     return new Fields(value, path);
   }
 
@@ -119,13 +126,12 @@ class Fields {
     return value;
   }
 
-  /** iova and size of a range: size > 0 and iova + size <= 2^64, else an error on `size`. */
-  range(): { iova: bigint; size: bigint } {
-    const iova = this.u64('iova');
+  /** `size` of a range at `iova`: size > 0 and iova + size <= 2^64, else an error on `size`. */
+  rangeSize(iova: bigint): bigint {
     const size = this.u64('size');
     if (size === 0n) throw invalid(this.field('size'), 'must be greater than 0');
     if (iova + size > U64_LIMIT) throw invalid(this.field('size'), 'iova + size exceeds 2^64');
-    return { iova, size };
+    return size;
   }
 }
 
@@ -162,19 +168,29 @@ const MAP_FIELDS = ['iova', 'size', 'memory', 'offset', 'perm', 'asid'] as const
 const UNMAP_FIELDS = ['iova', 'size', 'asid', 'exact'] as const;
 const REGION_FIELDS = ['iova', 'size', 'memory', 'offset', 'perm'] as const;
 
+// The fields in the order they are read (and their errors found): asid, iova, size, the rest.
 function region(f: Fields): Region {
-  const { iova, size } = f.range();
+  const iova = f.u64('iova');
+  const size = f.rangeSize(iova);
   return { iova, size, memory: f.id('memory'), offset: f.u64('offset', 0n), perm: f.perm() };
 }
 
+const MAP_REQUEST_FIELDS = [...MAP_FIELDS, 'requestId'];
+const UNMAP_REQUEST_FIELDS = [...UNMAP_FIELDS, 'requestId'];
+
 export function parseMap(device: string, body: unknown): MapRequest {
-  const f = Fields.of(body, '', [...MAP_FIELDS, 'requestId']);
-  return { device, asid: f.asid(), ...region(f), ...f.requestId() };
+  const f = Fields.of(body, '', MAP_REQUEST_FIELDS);
+  const asid = f.asid();
+  const { iova, size, memory, offset, perm } = region(f);
+  return { device, asid, iova, size, memory, offset, perm, ...f.requestId() };
 }
 
 export function parseUnmap(device: string, body: unknown): UnmapRequest {
-  const f = Fields.of(body, '', [...UNMAP_FIELDS, 'requestId']);
-  return { device, asid: f.asid(), ...f.range(), exact: f.bool('exact'), ...f.requestId() };
+  const f = Fields.of(body, '', UNMAP_REQUEST_FIELDS);
+  const asid = f.asid();
+  const iova = f.u64('iova');
+  const size = f.rangeSize(iova);
+  return { device, asid, iova, size, exact: f.bool('exact'), ...f.requestId() };
 }
 
 const SET_MEM_TABLE_FIELDS = ['asid', 'regions', 'requestId'] as const;
@@ -196,23 +212,38 @@ export async function parseSetMemTable(
   return { device, asid: f.asid(), regions, dryRun, ...f.requestId() };
 }
 
+const BATCH_OP_FIELDS = ['op', ...MAP_FIELDS, 'exact'];
+const BATCH_MAP_FIELDS = ['op', ...MAP_FIELDS];
+const BATCH_UNMAP_FIELDS = ['op', ...UNMAP_FIELDS];
+
 function batchOp(value: unknown, path: string): BatchOp {
-  const kind = Fields.of(value, path, ['op', ...MAP_FIELDS, 'exact']).get('op');
+  const kind =
+    typeof value === 'object' && value !== null && Object.hasOwn(value, 'op')
+      ? (value as { op: unknown }).op
+      : undefined;
   if (kind === 'map') {
-    const f = Fields.of(value, path, ['op', ...MAP_FIELDS]);
-    return { op: 'map', asid: f.asid(), ...region(f) };
+    const f = Fields.of(value, path, BATCH_OP_FIELDS, BATCH_MAP_FIELDS);
+    const asid = f.asid();
+    const { iova, size, memory, offset, perm } = region(f);
+    return { op: 'map', asid, iova, size, memory, offset, perm };
   }
   if (kind === 'unmap') {
-    const f = Fields.of(value, path, ['op', ...UNMAP_FIELDS]);
-    return { op: 'unmap', asid: f.asid(), ...f.range(), exact: f.bool('exact') };
+    const f = Fields.of(value, path, BATCH_OP_FIELDS, BATCH_UNMAP_FIELDS);
+    const asid = f.asid();
+    const iova = f.u64('iova');
+    const size = f.rangeSize(iova);
+    return { op: 'unmap', asid, iova, size, exact: f.bool('exact') };
   }
+  Fields.of(value, path, BATCH_OP_FIELDS);
   throw invalid(join(path, 'op'), 'must be map or unmap');
 }
 
 /** Body of Batch and Submit: `{ops: [{op: 'map'|'unmap', ...}], atomic?, requestId?}`. */
 export function parseBatch(device: string, body: unknown, limits: ApiLimits): BatchRequest {
   const f = Fields.of(body, '', ['ops', 'atomic', 'requestId']);
-  const ops = f.array('ops', limits.maxBatchOps).map((op, i) => batchOp(op, `ops[${i}]`));
+  const list = f.array('ops', limits.maxBatchOps);
+  const ops: BatchOp[] = new Array(list.length);
+  for (let i = 0; i < list.length; i++) ops[i] = batchOp(list[i], `ops[${i}]`);
   return { device, ops, atomic: f.bool('atomic'), ...f.requestId() };
 }
 

@@ -70,7 +70,8 @@ export function diffSortedInSlices(
   return runInTimeSlices(diffSteps(current, target, asid));
 }
 
-function* diffSteps(
+/** diffSorted as steps, for a caller that runs it inside its own sliced computation. */
+export function* diffSteps(
   current: readonly Region[],
   target: readonly Region[],
   asid: number,
@@ -151,7 +152,8 @@ export function validateTargetInSlices(
   return runInTimeSlices(validateTargetSteps(target, range, pinPageSize));
 }
 
-function* validateTargetSteps(
+/** validateTarget as steps, for a caller that runs it inside its own sliced computation. */
+export function* validateTargetSteps(
   target: readonly Region[],
   range: IovaRange,
   pinPageSize: bigint | undefined,

@@ -224,10 +224,10 @@ export class IovaTable {
     const found: Region[] = [];
     const before = this.tree.getPairOrNextLower(first)?.[1];
     if (before && before.iova + before.size > first) found.push(before);
-    for (const [start, region] of this.tree.entries(first)) {
-      if (start > last) break;
+    // forRange visits the entries in place; the tree's iterators build a pair per entry.
+    this.tree.forRange(first, last, true, (_start, region) => {
       if (region !== before) found.push(region);
-    }
+    });
     return found;
   }
 }

@@ -77,15 +77,24 @@ async function countOps(
   metrics.batchOps.observe({ device }, ops.length);
   // The label set looked up once per apply (prom-client hashes the labels on every call).
   const perOpWrite = metrics.iotlbMessageWrite.labels({ device });
-  const outcomes = new Map<string, { labels: { type: string; result: string; errno: string }; n: number }>();
+  type Outcome = { labels: { type: string; result: string; errno: string }; n: number };
+  const outcomes = new Map<string, Outcome>();
+  // Ops come in runs of one outcome (all ok, mostly): the map is looked at when the outcome changes.
+  let last: Outcome | undefined;
   await forEachInTimeSlices(ops, (op, i) => {
     const r = results[i]!;
     perOpWrite.observe(perOp);
-    const labels = { type: op.type, result: r.ok ? 'ok' : 'device_error', errno: r.ok ? '' : r.errno };
-    const key = `${labels.type} ${labels.result} ${labels.errno}`;
-    const seen = outcomes.get(key);
-    if (seen) seen.n++;
-    else outcomes.set(key, { labels, n: 1 });
+    const result = r.ok ? 'ok' : 'device_error';
+    const errno = r.ok ? '' : r.errno;
+    if (last?.labels.type !== op.type || last.labels.result !== result || last.labels.errno !== errno) {
+      const key = `${op.type} ${result} ${errno}`;
+      last = outcomes.get(key);
+      if (last === undefined) {
+        last = { labels: { type: op.type, result, errno }, n: 0 };
+        outcomes.set(key, last);
+      }
+    }
+    last.n++;
   });
   for (const { labels, n } of outcomes.values()) metrics.ops.inc(labels, n);
 }

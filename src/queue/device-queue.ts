@@ -26,7 +26,7 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
-import { forEachInTimeSlices, nextTurn } from '../sys/next-turn.ts';
+import { forEachInTimeSlices, nextTurn, runInTimeSlices } from '../sys/next-turn.ts';
 import type { FlushResult, MappingEvent } from '../core/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
@@ -66,6 +66,23 @@ export interface DeviceQueueOptions {
   onApplied: (events: MappingEvent[]) => void;
   /** A group could not be done: the device is not ready and must be reconciled. */
   onTrouble: (error: ServiceError) => void;
+}
+
+/** The watch events of a group's units that stand, in order, as steps (runInTimeSlices). */
+function* eventsOf(
+  device: string,
+  work: WorkingTables,
+  steps: readonly Step[],
+): Generator<void, MappingEvent[]> {
+  const events: MappingEvent[] = [];
+  for (const s of steps) {
+    if (s.error) continue;
+    const { sequence } = s.entry;
+    yield* work.changes(s.mark, s.end, (kind, mapping) => {
+      events.push({ device, kind, mapping, sequence });
+    });
+  }
+  return events;
 }
 
 export class DeviceQueue {
@@ -378,14 +395,7 @@ export class DeviceQueue {
     const byEntry = new Map<WriteEntry, Step[]>(live.map((e) => [e, []]));
     for (const s of run.steps) byEntry.get(s.entry)!.push(s);
     const outcomes = live.map((e) => outcomeOf(e, byEntry.get(e)!));
-    const events: MappingEvent[] = [];
-    for (const s of run.steps) {
-      if (s.error) continue;
-      const { sequence } = s.entry;
-      await work.forEachChange(s.mark, s.end, (kind, mapping) => {
-        events.push({ device, kind, mapping, sequence });
-      });
-    }
+    const events = await runInTimeSlices(eventsOf(device, work, run.steps));
     try {
       await this.opts.store.commit(await this.changesOf(run, live, byEntry, outcomes));
     } catch (e) {

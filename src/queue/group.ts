@@ -19,12 +19,12 @@ import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { ServiceError } from '../core/errors.ts';
-import { forEachInTimeSlices } from '../sys/next-turn.ts';
+import { runInTimeSlices } from '../sys/next-turn.ts';
 import { applyAtAgent, describeOp, NotDone, notDone } from './agent-apply.ts';
 import { convergeAtAgent } from './converge.ts';
 import { type Quota, quotaError, usageOf } from './quota.ts';
 import type { WriteEntry } from './types.ts';
-import { applyStep, batchOpAt, type MemoryLookup, type StepPlan, stepCount } from './validate.ts';
+import { batchOpAt, type MemoryLookup, type StepPlan, stepCount, stepSteps } from './validate.ts';
 import type { WorkingTables } from './working.ts';
 
 export interface GroupContext {
@@ -47,6 +47,8 @@ export interface Step {
   /** Working-table marks around this unit's ops. */
   mark: number;
   end: number;
+  /** Where this unit's ops start in the ops its round sent. */
+  opsAt: number;
   /** Set when validation passed (kept when the device then refused an op). */
   plan: StepPlan | undefined;
   error: ServiceError | undefined;
@@ -89,17 +91,22 @@ function refusal(ctx: GroupContext, step: Step, opIndex: number, r: AgentOpResul
   );
 }
 
-async function validate(ctx: GroupContext, step: Step): Promise<void> {
+/** Whether the quota limits anything (if not, usage need not be taken around every unit). */
+function limits(quota: Quota): boolean {
+  return quota.maxBytes !== undefined || quota.maxEntries !== undefined;
+}
+
+function* validate(ctx: GroupContext, step: Step): Generator<void, void> {
   step.mark = ctx.work.mark();
   step.plan = undefined;
   step.error = undefined;
   step.refusedOp = undefined;
-  const before = usageOf(ctx.work.spaces);
+  const before = limits(ctx.quota) ? usageOf(ctx.work.spaces) : undefined;
   try {
-    step.plan = await applyStep(ctx.work, ctx.memory, step.entry.request, step.index);
+    step.plan = yield* stepSteps(ctx.work, ctx.memory, step.entry.request, step.index);
     const { request } = step.entry;
     const field = request.kind === 'batch' && !request.atomic ? `ops[${step.index}]` : undefined;
-    const over = quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), field);
+    const over = before && quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), field);
     if (over) {
       step.plan = undefined;
       ctx.work.rollback(step.mark);
@@ -112,6 +119,35 @@ async function validate(ctx: GroupContext, step: Step): Promise<void> {
         : new ServiceError('INTERNAL', `validation failed: ${(e as Error).message}`);
   }
   step.end = ctx.work.mark();
+}
+
+/**
+ * Validates `steps[from..]` in order (each against what the ones before it left) and gathers the
+ * valid ones' ops: each step's ops start at its `opsAt` in them.
+ */
+function* validateRound(ctx: GroupContext, steps: readonly Step[], from: number): Generator<void, IotlbOp[]> {
+  const ops: IotlbOp[] = [];
+  for (let k = from; k < steps.length; k++) {
+    const step = steps[k]!;
+    yield* validate(ctx, step);
+    step.opsAt = ops.length;
+    const own = step.plan?.ops ?? [];
+    for (let i = 0; i < own.length; i++) {
+      ops.push(own[i]!);
+      if (i % 64 === 63) yield;
+    }
+    yield;
+  }
+  return ops;
+}
+
+/** The step of `steps[from..]` that op `opIndex` of the round's ops belongs to. */
+function ownerOf(steps: readonly Step[], from: number, opIndex: number): number {
+  for (let k = from; k < steps.length; k++) {
+    const { opsAt, plan } = steps[k]!;
+    if (plan !== undefined && opsAt <= opIndex && opIndex < opsAt + plan.ops.length) return k;
+  }
+  throw new Error(`no unit sent op ${opIndex}`);
 }
 
 function countRefusals(ctx: GroupContext, steps: Step[]): void {
@@ -131,42 +167,39 @@ function countRefusals(ctx: GroupContext, steps: Step[]): void {
 
 export async function runGroup(ctx: GroupContext, entries: readonly WriteEntry[]): Promise<GroupRun> {
   const base = ctx.work.mark();
-  const steps: Step[] = entries.flatMap((entry) =>
-    Array.from({ length: stepCount(entry.request) }, (_, index) => ({
-      entry,
-      index,
-      mark: base,
-      end: base,
-      plan: undefined,
-      error: undefined,
-      refusedOp: undefined,
-    })),
-  );
+  const steps: Step[] = [];
+  for (const entry of entries) {
+    const count = stepCount(entry.request);
+    for (let index = 0; index < count; index++) {
+      steps.push({
+        entry,
+        index,
+        mark: base,
+        end: base,
+        opsAt: 0,
+        plan: undefined,
+        error: undefined,
+        refusedOp: undefined,
+      });
+    }
+  }
   try {
     let from = 0;
     while (from < steps.length) {
-      const round = steps.slice(from);
-      const ops: IotlbOp[] = [];
-      const owner: { step: number; op: number }[] = [];
-      for (const [k, step] of round.entries()) {
-        await validate(ctx, step);
-        await forEachInTimeSlices(step.plan?.ops ?? [], (op, i) => {
-          ops.push(op);
-          owner.push({ step: from + k, op: i });
-        });
-      }
+      const ops = await runInTimeSlices(validateRound(ctx, steps, from));
       if (ops.length === 0) break;
       const results = await applyAtAgent(ctx, ops);
       const first = results.findIndex((r) => !r.ok);
       if (first < 0) break;
-      const at = owner[first]!;
-      const failed = steps[at.step]!;
+      const at = ownerOf(steps, from, first);
+      const failed = steps[at]!;
+      const refusedOp = first - failed.opsAt;
       ctx.work.rollback(failed.mark);
       failed.end = failed.mark;
-      failed.refusedOp = at.op;
-      failed.error = refusal(ctx, failed, at.op, results[first]!);
+      failed.refusedOp = refusedOp;
+      failed.error = refusal(ctx, failed, refusedOp, results[first]!);
       await compensate(ctx);
-      from = at.step + 1;
+      from = at + 1;
     }
   } catch (e) {
     ctx.work.rollback(base);

@@ -4,17 +4,12 @@
  * A valid request's ops are applied to the working tables at once, so the next request of the
  * group is checked against the state this one produces. On error nothing is left applied.
  */
-import {
-  diffSortedInSlices,
-  type Plan,
-  PlanError,
-  planUnmap,
-  validateTargetInSlices,
-} from '../iotlb/planner.ts';
+import { diffSteps, type Plan, PlanError, planUnmap, validateTargetSteps } from '../iotlb/planner.ts';
 import { checkRegionShape } from '../iotlb/table.ts';
 import {
   describeRange,
   hex,
+  IotlbError,
   type IotlbOp,
   type IotlbViolation,
   type Mapping,
@@ -32,7 +27,7 @@ import type {
   UnmapSpec,
 } from '../core/types.ts';
 import type { WriteRequest } from './types.ts';
-import { forEachInTimeSlices, mapInTimeSlices } from '../sys/next-turn.ts';
+import { runInTimeSlices } from '../sys/next-turn.ts';
 import type { WorkingTables } from './working.ts';
 
 /** The desired memory a request may map. */
@@ -51,16 +46,32 @@ export interface StepPlan {
   opStarts?: number[];
 }
 
-/** Where an error is: the request field prefix (`ops[2]`) and a message prefix (`ops[2]: `). */
-interface At {
-  prefix: string;
-  label: string;
+/**
+ * Where an error is: the request field prefix (`ops[2]`) and a message prefix (`ops[2]: `), made
+ * only when an error needs them (a batch checks thousands of ops that are fine).
+ */
+class At {
+  constructor(
+    private readonly list: 'ops' | 'regions' | undefined,
+    private readonly index = 0,
+  ) {}
+
+  get prefix(): string {
+    return this.list === undefined ? '' : `${this.list}[${this.index}]`;
+  }
+
+  get label(): string {
+    return this.list === undefined ? '' : `${this.prefix}: `;
+  }
 }
 
-const TOP: At = { prefix: '', label: '' };
-const atOp = (i: number): At => ({ prefix: `ops[${i}]`, label: `ops[${i}]: ` });
-const atRegion = (i: number): At => ({ prefix: `regions[${i}]`, label: `regions[${i}]: ` });
-const fieldAt = (at: At, field: string): string => (at.prefix ? `${at.prefix}.${field}` : field);
+const TOP = new At(undefined);
+const atOp = (i: number): At => new At('ops', i);
+const atRegion = (i: number): At => new At('regions', i);
+const fieldAt = (at: At, field: string): string => {
+  const prefix = at.prefix;
+  return prefix ? `${prefix}.${field}` : field;
+};
 
 function describeMapping(m: Mapping): string {
   return `asid ${m.asid} [${hex(m.iova)}, ${hex(m.iova + m.size)}) -> ${m.memory}+${hex(m.offset)} ${m.perm}`;
@@ -120,37 +131,71 @@ function checkMemory(memory: MemoryLookup, r: Region, at: At): void {
   }
 }
 
-function applyMap(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At): MapResult {
+/** Checks a map and applies its one UPDATE; returns it. */
+function mapOp(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At): IotlbOp {
   checkAsid(work, spec.asid, at);
-  const region: Region = {
+  const op: IotlbOp = {
+    type: 'update',
+    asid: spec.asid,
     iova: spec.iova,
     size: spec.size,
     memory: spec.memory,
     offset: spec.offset,
     perm: spec.perm,
   };
-  const shape = checkRegionShape(region, work.spaces.range, work.spaces.pinPageSize);
+  const shape = checkRegionShape(op, work.spaces.range, work.spaces.pinPageSize);
   if (shape) throw violationError(shape, at);
-  checkMemory(memory, region, at);
-  const op: IotlbOp = { type: 'update', asid: spec.asid, ...region };
-  const clash = work.spaces.check(op);
-  if (clash) throw violationError(clash, at);
-  work.apply(op);
-  return { mapping: { asid: spec.asid, ...region }, ops: [op] };
-}
-
-/** In time slices, as everything here that walks a whole table (of up to 65,536 entries). */
-function withAsid(regions: readonly Region[], asid: number): Promise<Mapping[]> {
-  return mapInTimeSlices(regions, (r) => ({ asid, ...r }));
-}
-
-function applyPlan(work: WorkingTables, plan: Plan): Promise<void> {
-  return forEachInTimeSlices(plan.ops, (op) => {
+  checkMemory(memory, op, at);
+  // The table checks the UPDATE as it applies it (IovaTable.map): an overlap is refused there.
+  try {
     work.apply(op);
-  });
+  } catch (e) {
+    throw e instanceof IotlbError ? violationError(e.violation, at) : e;
+  }
+  return op;
 }
 
-async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise<UnmapResult> {
+function applyMap(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At): MapResult {
+  const op = mapOp(work, memory, spec, at);
+  const mapping: Mapping = {
+    asid: op.asid,
+    iova: op.iova,
+    size: op.size,
+    memory: spec.memory,
+    offset: spec.offset,
+    perm: spec.perm,
+  };
+  return { mapping, ops: [op] };
+}
+
+/**
+ * Items between two points where a sliced run may pause. The steps below nest deep (a group, its
+ * unit, the unit's plan), so a unit of a few ops must not pause at all: each pause passes through
+ * every level.
+ */
+const PAUSE_EVERY = 64;
+const pauseAt = (i: number): boolean => i % PAUSE_EVERY === PAUSE_EVERY - 1;
+
+/** The regions as mappings of `asid` (a table has up to 65,536). */
+function* withAsid(regions: readonly Region[], asid: number): Generator<void, Mapping[]> {
+  const out: Mapping[] = new Array(regions.length);
+  for (let i = 0; i < regions.length; i++) {
+    const r = regions[i]!;
+    out[i] = { asid, iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm };
+    if (pauseAt(i)) yield;
+  }
+  return out;
+}
+
+function* applyPlan(work: WorkingTables, plan: Plan): Generator<void, void> {
+  for (let i = 0; i < plan.ops.length; i++) {
+    work.apply(plan.ops[i]!);
+    if (pauseAt(i)) yield;
+  }
+}
+
+/** Checks an unmap and applies its plan; returns the plan. */
+function* unmapPlan(work: WorkingTables, spec: UnmapSpec, at: At): Generator<void, Plan> {
   checkAsid(work, spec.asid, at);
   let plan: Plan;
   try {
@@ -166,50 +211,67 @@ async function applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Promise
       { field: fieldAt(at, 'iova') },
     );
   }
-  await applyPlan(work, plan);
+  yield* applyPlan(work, plan);
+  return plan;
+}
+
+function* applyUnmap(work: WorkingTables, spec: UnmapSpec, at: At): Generator<void, UnmapResult> {
+  const plan = yield* unmapPlan(work, spec, at);
   return {
-    removed: await withAsid(plan.invalidated, spec.asid),
-    remapped: await withAsid(plan.mapped, spec.asid),
+    removed: yield* withAsid(plan.invalidated, spec.asid),
+    remapped: yield* withAsid(plan.mapped, spec.asid),
     ops: plan.ops,
   };
 }
 
 /** Validates a whole target table and applies the plan that gets there (same planner as reconcile). */
-export async function applySetMemTable(
+function* setMemTableSteps(
+  work: WorkingTables,
+  memory: MemoryLookup,
+  asid: number,
+  regions: readonly Region[],
+): Generator<void, SetMemTableResult> {
+  checkAsid(work, asid, TOP);
+  let target: Region[];
+  try {
+    target = yield* validateTargetSteps(regions, work.spaces.range, work.spaces.pinPageSize);
+  } catch (e) {
+    throw planError(e, TOP);
+  }
+  for (let i = 0; i < regions.length; i++) {
+    checkMemory(memory, regions[i]!, atRegion(i));
+    if (pauseAt(i)) yield;
+  }
+  const plan = yield* diffSteps([...work.spaces.table(asid).entries()], target, asid);
+  yield* applyPlan(work, plan);
+  return {
+    dryRun: false,
+    ops: plan.ops,
+    invalidated: yield* withAsid(plan.invalidated, asid),
+    mapped: yield* withAsid(plan.mapped, asid),
+    unchanged: plan.unchanged,
+  };
+}
+
+/** {@link setMemTableSteps} on its own, in time slices (a dry run's copy of the tables). */
+export function applySetMemTable(
   work: WorkingTables,
   memory: MemoryLookup,
   asid: number,
   regions: readonly Region[],
 ): Promise<SetMemTableResult> {
-  checkAsid(work, asid, TOP);
-  let target: Region[];
-  try {
-    target = await validateTargetInSlices(regions, work.spaces.range, work.spaces.pinPageSize);
-  } catch (e) {
-    throw planError(e, TOP);
-  }
-  await forEachInTimeSlices(regions, (r, i) => {
-    checkMemory(memory, r, atRegion(i));
-  });
-  const plan = await diffSortedInSlices([...work.spaces.table(asid).entries()], target, asid);
-  await applyPlan(work, plan);
-  return {
-    dryRun: false,
-    ops: plan.ops,
-    invalidated: await withAsid(plan.invalidated, asid),
-    mapped: await withAsid(plan.mapped, asid),
-    unchanged: plan.unchanged,
-  };
+  return runInTimeSlices(setMemTableSteps(work, memory, asid, regions));
 }
 
-async function applyBatchOp(
+function* applyBatchOp(
   work: WorkingTables,
   memory: MemoryLookup,
   op: BatchOp,
   at: At,
-): Promise<IotlbOp[]> {
+): Generator<void, IotlbOp[]> {
   // The transports' parse (src/api/parse.ts) is where `op` is checked; a BatchOp is one or the other.
-  return op.op === 'map' ? applyMap(work, memory, op, at).ops : (await applyUnmap(work, op, at)).ops;
+  if (op.op === 'map') return [mapOp(work, memory, op, at)];
+  return (yield* unmapPlan(work, op, at)).ops;
 }
 
 /** The request field of the unit that asked for `op`, an UPDATE (for an error naming it). */
@@ -237,17 +299,19 @@ function fieldOfUpdate(request: WriteRequest, index: number, plan: StepPlan, opI
  * Every UPDATE a unit sends must be into memory the agent holds: one whose file cannot be opened
  * again is refused by name (mappings already in it stay desired; unmapping them needs no memory).
  */
-async function checkAvailable(
+function* checkAvailable(
   memory: MemoryLookup,
   request: WriteRequest,
   index: number,
   plan: StepPlan,
-): Promise<void> {
+): Generator<void, void> {
   if (memory.unavailable === undefined) return;
-  await forEachInTimeSlices(plan.ops, (op, i) => {
-    if (op.type !== 'update') return;
+  for (let i = 0; i < plan.ops.length; i++) {
+    const op = plan.ops[i]!;
+    if (pauseAt(i)) yield;
+    if (op.type !== 'update') continue;
     const why = memory.unavailable!(op.memory);
-    if (why === undefined) return;
+    if (why === undefined) continue;
     const field = fieldOfUpdate(request, index, plan, i);
     // An unmap asks for an UPDATE only to map again the rest of a mapping it covers in part.
     const split = field === 'iova' || field.endsWith('.iova');
@@ -257,23 +321,33 @@ async function checkAvailable(
       `memory ${op.memory} is unavailable at the agent (${why})${hint}`,
       { field },
     );
-  });
+  }
 }
 
 /**
  * Validates one unit and applies its ops to `work`: the whole request, or op `index` of a
- * non-atomic batch. Throws ServiceError with nothing left applied.
+ * non-atomic batch. Throws ServiceError with nothing left applied. In time slices.
  */
-export async function applyStep(
+export function applyStep(
   work: WorkingTables,
   memory: MemoryLookup,
   request: WriteRequest,
   index: number,
 ): Promise<StepPlan> {
+  return runInTimeSlices(stepSteps(work, memory, request, index));
+}
+
+/** {@link applyStep} as steps, for a caller that runs it inside its own sliced computation (a group). */
+export function* stepSteps(
+  work: WorkingTables,
+  memory: MemoryLookup,
+  request: WriteRequest,
+  index: number,
+): Generator<void, StepPlan> {
   const mark = work.mark();
   try {
-    const plan = await planStep(work, memory, request, index);
-    await checkAvailable(memory, request, index, plan);
+    const plan = yield* planStep(work, memory, request, index);
+    yield* checkAvailable(memory, request, index, plan);
     return plan;
   } catch (e) {
     work.rollback(mark);
@@ -281,38 +355,39 @@ export async function applyStep(
   }
 }
 
-async function planStep(
+function* planStep(
   work: WorkingTables,
   memory: MemoryLookup,
   request: WriteRequest,
   index: number,
-): Promise<StepPlan> {
+): Generator<void, StepPlan> {
   switch (request.kind) {
     case 'map': {
       const answer = applyMap(work, memory, request.spec, TOP);
       return { ops: answer.ops, answer };
     }
     case 'unmap': {
-      const answer = await applyUnmap(work, request.spec, TOP);
+      const answer = yield* applyUnmap(work, request.spec, TOP);
       return { ops: answer.ops, answer };
     }
     case 'setMemTable': {
-      const answer = await applySetMemTable(work, memory, request.asid, request.regions);
+      const answer = yield* setMemTableSteps(work, memory, request.asid, request.regions);
       return { ops: answer.ops, answer };
     }
     case 'batch': {
       if (!request.atomic) {
-        const ops = await applyBatchOp(work, memory, request.ops[index]!, atOp(index));
+        const ops = yield* applyBatchOp(work, memory, request.ops[index]!, atOp(index));
         return { ops, answer: { ok: true, ops } };
       }
-      const opStarts: number[] = [];
+      const opStarts: number[] = new Array(request.ops.length);
       const ops: IotlbOp[] = [];
-      const results: BatchOpResult[] = [];
-      for (const [i, op] of request.ops.entries()) {
-        opStarts.push(ops.length);
-        const own = await applyBatchOp(work, memory, op, atOp(i));
-        ops.push(...own);
-        results.push({ ok: true, ops: own });
+      const results: BatchOpResult[] = new Array(request.ops.length);
+      for (let i = 0; i < request.ops.length; i++) {
+        opStarts[i] = ops.length;
+        const own = yield* applyBatchOp(work, memory, request.ops[i]!, atOp(i));
+        for (const op of own) ops.push(op);
+        results[i] = { ok: true, ops: own };
+        if (pauseAt(i)) yield;
       }
       return { ops, opStarts, answer: { atomic: true, committed: true, results } };
     }

@@ -8,7 +8,7 @@ import type { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { sameRegion } from '../iotlb/planner.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import { mappingKey } from '../state/desired.ts';
-import { TimeSlices } from '../sys/next-turn.ts';
+import { runInTimeSlices } from '../sys/next-turn.ts';
 
 type LogEntry = { added: Mapping } | { removed: Mapping[] };
 
@@ -24,16 +24,26 @@ export class WorkingTables {
     return this.log.length;
   }
 
-  /** Applies a valid op (throws IotlbError if it is not); returns the entries it removed. */
-  apply(op: IotlbOp): Mapping[] {
-    const removed = this.spaces.apply(op).map((r) => ({ ...r, asid: op.asid }));
+  /** Applies a valid op (throws IotlbError if it is not). */
+  apply(op: IotlbOp): void {
+    const removed = this.spaces.apply(op);
     if (op.type === 'update') {
-      const { type: _, ...mapping } = op;
-      this.log.push({ added: mapping });
+      const { asid, iova, size, memory, offset, perm } = op;
+      this.log.push({ added: { asid, iova, size, memory, offset, perm } });
     } else if (removed.length > 0) {
-      this.log.push({ removed });
+      const asid = op.asid;
+      const mappings = removed.map(
+        (r): Mapping => ({
+          asid,
+          iova: r.iova,
+          size: r.size,
+          memory: r.memory,
+          offset: r.offset,
+          perm: r.perm,
+        }),
+      );
+      this.log.push({ removed: mappings });
     }
-    return removed;
   }
 
   /** Undoes every op applied since `mark`, newest first. */
@@ -76,17 +86,21 @@ export class WorkingTables {
    * the event loop back every slice. The queue that owns these tables is the only one to change
    * them, and it awaits this: the log stands still meanwhile.
    */
-  async forEachChange(
+  forEachChange(from: number, to: number, fn: (kind: ChangeKind, mapping: Mapping) => void): Promise<void> {
+    return runInTimeSlices(this.changes(from, to, fn));
+  }
+
+  /** {@link forEachChange} as steps, for a caller that runs it inside its own sliced computation. */
+  *changes(
     from: number,
     to: number,
     fn: (kind: ChangeKind, mapping: Mapping) => void,
-  ): Promise<void> {
-    const slices = new TimeSlices();
+  ): Generator<void, void> {
     for (let k = from; k < to; k++) {
-      if (slices.due()) await slices.next();
       const entry = this.log[k]!;
       if ('added' in entry) fn('mapped', entry.added);
       else for (const m of entry.removed) fn('unmapped', m);
+      if ((k - from) % 64 === 63) yield;
     }
   }
 

@@ -11,43 +11,55 @@ import type { BatchOp, MapSpec, UnmapSpec } from '../core/types.ts';
 
 const fieldAt = (prefix: string, field: string): string => (prefix ? `${prefix}.${field}` : field);
 
-function u64(value: unknown, field: string): bigint {
-  if (typeof value !== 'bigint')
+// Each check names its field only when it fails: a batch checks thousands that do not.
+
+function u64(value: unknown, prefix: string, key: string): bigint {
+  if (typeof value !== 'bigint') {
+    const field = fieldAt(prefix, key);
     throw new ServiceError('INVALID_ARGUMENT', `${field} must be a u64`, { field });
+  }
   return value;
 }
 
-function asidOf(value: unknown, field: string): number {
-  if (typeof value !== 'number')
+function asidOf(value: unknown, prefix: string): number {
+  if (typeof value !== 'number') {
+    const field = fieldAt(prefix, 'asid');
     throw new ServiceError('INVALID_ARGUMENT', `${field} must be a number`, { field });
+  }
   return value;
 }
 
-function text(value: unknown, field: string): string {
-  if (typeof value !== 'string')
+function text(value: unknown, prefix: string, key: string): string {
+  if (typeof value !== 'string') {
+    const field = fieldAt(prefix, key);
     throw new ServiceError('INVALID_ARGUMENT', `${field} must be a string`, { field });
+  }
   return value;
 }
 
 function regionOf(r: Region, prefix: string): Region {
   return {
-    iova: u64(r.iova, fieldAt(prefix, 'iova')),
-    size: u64(r.size, fieldAt(prefix, 'size')),
-    memory: text(r.memory, fieldAt(prefix, 'memory')),
-    offset: u64(r.offset, fieldAt(prefix, 'offset')),
+    iova: u64(r.iova, prefix, 'iova'),
+    size: u64(r.size, prefix, 'size'),
+    memory: text(r.memory, prefix, 'memory'),
+    offset: u64(r.offset, prefix, 'offset'),
     perm: r.perm,
   };
 }
 
 export function mapSpecOf(r: MapSpec, prefix = ''): MapSpec {
-  return { asid: asidOf(r.asid, fieldAt(prefix, 'asid')), ...regionOf(r, prefix) };
+  const asid = asidOf(r.asid, prefix);
+  const iova = u64(r.iova, prefix, 'iova');
+  const size = u64(r.size, prefix, 'size');
+  const memory = text(r.memory, prefix, 'memory');
+  return { asid, iova, size, memory, offset: u64(r.offset, prefix, 'offset'), perm: r.perm };
 }
 
 export function unmapSpecOf(r: UnmapSpec, prefix = ''): UnmapSpec {
   return {
-    asid: asidOf(r.asid, fieldAt(prefix, 'asid')),
-    iova: u64(r.iova, fieldAt(prefix, 'iova')),
-    size: u64(r.size, fieldAt(prefix, 'size')),
+    asid: asidOf(r.asid, prefix),
+    iova: u64(r.iova, prefix, 'iova'),
+    size: u64(r.size, prefix, 'size'),
     exact: r.exact === true,
   };
 }
@@ -61,14 +73,19 @@ export function regionsOf(regions: readonly Region[]): Promise<Region[]> {
 
 export function batchOpsOf(ops: readonly BatchOp[]): BatchOp[] {
   if (!Array.isArray(ops)) throw new ServiceError('INVALID_ARGUMENT', 'ops must be a list', { field: 'ops' });
-  return ops.map((op, i): BatchOp => {
+  const out: BatchOp[] = new Array(ops.length);
+  for (let i = 0; i < ops.length; i++) {
+    const op = ops[i]!;
     const prefix = `ops[${i}]`;
-    if (op.op === 'map') return { op: 'map', ...mapSpecOf(op, prefix) };
-    if (op.op === 'unmap') return { op: 'unmap', ...unmapSpecOf(op, prefix) };
-    throw new ServiceError('INVALID_ARGUMENT', `${prefix}.op must be map or unmap`, {
-      field: `${prefix}.op`,
-    });
-  });
+    if (op.op === 'map') out[i] = { op: 'map', ...mapSpecOf(op, prefix) };
+    else if (op.op === 'unmap') out[i] = { op: 'unmap', ...unmapSpecOf(op, prefix) };
+    else {
+      throw new ServiceError('INVALID_ARGUMENT', `${prefix}.op must be map or unmap`, {
+        field: `${prefix}.op`,
+      });
+    }
+  }
+  return out;
 }
 
 /** The memory ids a request maps (to pin while it is queued). */
@@ -81,7 +98,11 @@ export function memoriesOf(request: WriteRequest): string[] {
     case 'setMemTable':
       // Each once: a table names few memories in many regions.
       return [...new Set(request.regions.map((r) => r.memory))];
-    case 'batch':
-      return request.ops.flatMap((op) => (op.op === 'map' ? [op.memory] : []));
+    case 'batch': {
+      // Each once, as a table's.
+      const ids = new Set<string>();
+      for (const op of request.ops) if (op.op === 'map') ids.add(op.memory);
+      return [...ids];
+    }
   }
 }
