@@ -2,7 +2,8 @@
  * An in-memory vhost-vdpa: the vDPA parent (its own IOTLB, which simulated DMA goes through, and
  * its cost counters) and the vhost-vdpa driver's per-open state. It answers the same ioctl
  * requests and the same 72-byte messages as drivers/vhost/vdpa.c and vhost.c (around v6.12),
- * decoding them with src/uapi, so every device write is exercised end to end.
+ * decoding them with src/uapi. A SimulatedDevice hands it each message's fields instead
+ * (writeFields), which run the same checks on the same values without an encode and a decode.
  *
  * The parent works in one of the kernel's two modes:
  * - PA mode (pinning; the only mode of a platform IOMMU, and vdpa_sim use_va=0, mlx5):
