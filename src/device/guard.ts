@@ -74,7 +74,9 @@ export class IotlbGuard {
   admit(op: IotlbOp): GuardDecision {
     const asid = this.effectiveAsid(op.asid);
     const bad =
-      op.type === 'update' ? this.spaces.check({ ...op, asid }) : checkInvalidate(this.spaces, asid, op);
+      op.type === 'update'
+        ? this.spaces.check(asid === op.asid ? op : { ...op, asid })
+        : checkInvalidate(this.spaces, asid, op);
     if (bad) return { action: 'refuse', result: violationResult(bad) };
     if (op.type === 'invalidate') {
       return this.allocated.has(asid) ? { action: 'write', asid, uaddr: 0n } : { action: 'skip', asid };
@@ -115,10 +117,19 @@ export class IotlbGuard {
     this.allocated.add(asid);
   }
 
-  /** The kernel accepted the op: apply it to the mirror (an INVALIDATE may remove several entries). */
+  /**
+   * The kernel accepted the op: apply it to the mirror (an INVALIDATE may remove several entries).
+   * An UPDATE is added as `admit` checked it: the device's calls run one at a time, so the table
+   * has not changed since.
+   */
   commit(op: IotlbOp, asid: number): void {
-    for (const r of this.spaces.apply({ ...op, asid })) this.release(r);
-    if (op.type === 'update') this.pins?.pin(op.iova, op.size);
+    const table = this.spaces.table(asid);
+    if (op.type === 'update') {
+      table.add(op);
+      this.pins?.pin(op.iova, op.size);
+      return;
+    }
+    for (const r of table.invalidate(op.iova, op.size)) this.release(r);
   }
 
   /** The kernel refused an admitted op: drop the reference `admit` took for an UPDATE. */

@@ -2,7 +2,8 @@
  * An in-memory vhost-vdpa: the vDPA parent (its own IOTLB, which simulated DMA goes through, and
  * its cost counters) and the vhost-vdpa driver's per-open state. It answers the same ioctl
  * requests and the same 72-byte messages as drivers/vhost/vdpa.c and vhost.c (around v6.12),
- * decoding them with src/uapi, so every device write is exercised end to end.
+ * decoding them with src/uapi. A SimulatedDevice hands it each message's fields instead
+ * (writeFields), which run the same checks on the same values without an encode and a decode.
  *
  * The parent works in one of the kernel's two modes:
  * - PA mode (pinning; the only mode of a platform IOMMU, and vdpa_sim use_va=0, mlx5):
@@ -237,7 +238,7 @@ export class SimulatedVdpa {
   ): { runs: Region[]; pinnedPages: bigint } {
     const page = this.pageSize;
     const end = uaddr + npages * page;
-    const registered = this.memory.list().sort((a, b) => (a.uaddr < b.uaddr ? -1 : 1));
+    const registered = this.memory.list();
     let vmas: Vma[] | undefined;
     const runs: Region[] = [];
     let at = uaddr;
@@ -253,7 +254,9 @@ export class SimulatedVdpa {
         // too; FOLL_WRITE (a WO or RW entry) needs a writable one.
         vmas ??= ownVmas();
         const vma = vmas.find((v) => v.start <= at && at < v.end && v.read && (v.write || perm === 'ro'));
-        const next = registered.find((m) => m.uaddr > at)?.uaddr;
+        let next: bigint | undefined;
+        for (const m of registered)
+          if (m.uaddr > at && (next === undefined || m.uaddr < next)) next = m.uaddr;
         if (vma) {
           const stop = next !== undefined && next < vma.end ? next : vma.end;
           segment = { memory: `unregistered@${hex(vma.start)}`, base: vma.start, blocksFrom: 0n, stop };
@@ -276,6 +279,7 @@ export class SimulatedVdpa {
         at = runEnd;
       }
     }
+    if (at >= end) return { runs, pinnedPages: npages };
     // Only whole pages pin: a run may not end inside a page that is partly outside memory.
     const pinnedPages = (at - uaddr) / page;
     const limit = iova + pinnedPages * page;
@@ -315,30 +319,36 @@ export class SimulatedVdpa {
     return this.opSeq++;
   }
 
-  shouldFail(msg: VhostMsg, seq: number): boolean {
+  shouldFail(version: 1 | 2, asid: number, iotlb: IotlbMsg, seq: number): boolean {
     const { failAfter, failOn } = this.config;
-    return (failAfter !== undefined && seq >= failAfter) || (failOn?.(msg, seq) ?? false);
+    if (failAfter !== undefined && seq >= failAfter) return true;
+    return failOn?.({ version, asid, iotlb }, seq) ?? false;
   }
 
-  /** ops->dma_map, or iommu_map for a platform IOMMU: one call per entry. */
+  /**
+   * ops->dma_map, or iommu_map for a platform IOMMU: one call per entry. The parent's table holds
+   * only entries the vhost table holds (dma_unmap follows every removal, and a reset only empties
+   * it), and this one was just added there without overlap: nothing to check again.
+   */
   dmaMap(asid: number, entry: Region): void {
     this.counters.dmaMapCalls++;
-    this.deviceTables[asid]!.map(entry);
+    this.deviceTables[asid]!.add(entry);
   }
 
-  /** ops->dma_unmap / iommu_unmap, per entry (vhost_vdpa_general_unmap). */
+  /**
+   * ops->dma_unmap / iommu_unmap, per entry (vhost_vdpa_general_unmap): the entry dma_map added,
+   * unless a reset emptied the table since.
+   */
   dmaUnmap(asid: number, entry: Region): void {
     this.counters.dmaUnmapCalls++;
-    this.deviceTables[asid]!.invalidate(entry.iova, entry.size);
+    this.deviceTables[asid]!.remove(entry);
   }
 
   /** ops->set_map: the parent rebuilds its table from the whole vhost table. Returns the delay. */
   setMap(asid: number, table: IovaTable): number {
     this.counters.setMapPushes++;
     this.counters.setMapEntriesPushed += table.count;
-    const copy = new IovaTable(asid);
-    for (const r of table.entries()) copy.map(r);
-    this.deviceTables[asid] = copy;
+    this.deviceTables[asid] = table.clone();
     return this.config.pushDelayMs;
   }
 
@@ -390,6 +400,8 @@ class SimVhostFile implements VhostTransport {
   private owner = false;
   private closed = false;
   private features = 0n;
+  /** vhost_chr_write_iter reads a v2 message's asid only with IOTLB_ASID (set with the features). */
+  private asidHonoured = false;
   /** Address spaces allocated so far (vhost_vdpa_find_alloc_as); none right after open. */
   private readonly spaces = new Map<number, IovaTable>();
   private inBatch = false;
@@ -516,16 +528,21 @@ class SimVhostFile implements VhostTransport {
       // type reaches the handler's default case, whose EINVAL becomes EFAULT.
       throw new TransportError(e.code === 'UNKNOWN_IOTLB_TYPE' ? 'EFAULT' : 'EINVAL', e.message);
     }
+    return this.writeFields(msg.version, msg.asid, msg.iotlb);
+  }
+
+  /** What a write of the record encoding these fields does, past its framing and decoding. */
+  writeFields(version: 1 | 2, msgAsid: number, m: IotlbMsg): void | Promise<void> {
+    this.checkOpen();
     // v1 has no asid; a v2 asid is read only with IOTLB_ASID, else address space 0 is used.
-    const asid = msg.version === 2 && this.has('IOTLB_ASID') ? msg.asid : 0;
-    const m = msg.iotlb;
+    const asid = version === 2 && this.asidHonoured ? msgAsid : 0;
     if (m.type === IotlbMsgType.UPDATE && m.size === 0n) {
       throw new TransportError('EINVAL', 'UPDATE with size 0');
     }
     const seq =
       m.type === IotlbMsgType.UPDATE || m.type === IotlbMsgType.INVALIDATE ? this.parent.nextOpSeq() : -1;
     try {
-      this.processIotlbMsg(asid, m, seq >= 0 && this.parent.shouldFail({ ...msg, asid }, seq));
+      this.processIotlbMsg(asid, m, seq >= 0 && this.parent.shouldFail(version, asid, m, seq));
     } catch (e) {
       if (!(e instanceof HandlerError)) throw e;
       throw new TransportError(
@@ -535,8 +552,9 @@ class SimVhostFile implements VhostTransport {
       );
     }
     const delay = this.pendingDelayMs;
+    if (delay === 0) return;
     this.pendingDelayMs = 0;
-    if (delay > 0) return new Promise((resolve) => setTimeout(resolve, delay));
+    return new Promise((resolve) => setTimeout(resolve, delay));
   }
 
   close(): void {
@@ -658,7 +676,8 @@ class SimVhostFile implements VhostTransport {
 
   /** vhost_vdpa_map: add to the vhost table, then dma_map / iommu_map, or set_map outside a batch. */
   private map(asid: number, table: IovaTable, entry: Region): void {
-    table.map(entry);
+    // The UPDATE's whole range was tested for overlap (processIotlbUpdate), as the kernel does.
+    table.add(entry);
     this.parent.pins?.pin(entry.iova, entry.size);
     if (!this.parent.hasSetMap) this.parent.dmaMap(asid, entry);
     else if (!this.inBatch) this.push(asid, table);
@@ -845,6 +864,7 @@ class SimVhostFile implements VhostTransport {
       );
     }
     this.features = features;
+    this.asidHonoured = hasBackendFeature(features, 'IOTLB_ASID');
   }
 
   private has(name: BackendFeatureName): boolean {

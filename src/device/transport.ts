@@ -5,6 +5,7 @@
  * copy_from_user / copy_to_user (native endian: little-endian on x86_64 and arm64).
  */
 import type { IovaRange } from '../iotlb/types.ts';
+import type { IotlbMsg } from '../uapi/message.ts';
 
 export interface VhostTransport {
   /** One ioctl; `arg` is the in/out argument (absent for `_IO` requests). Throws TransportError. */
@@ -14,6 +15,12 @@ export interface VhostTransport {
    * userspace sees (EFAULT for almost every refusal, see vhost_chr_write_iter).
    */
   write(msg: Uint8Array): void | Promise<void>;
+  /**
+   * The same write, handed over as the fields the 72 bytes would carry (`asid` is 0 for v1), for
+   * a transport that would only decode them again: the simulator, which then runs the very checks
+   * `write(encode(...))` runs, on the same values. A real fd has none, and gets the bytes.
+   */
+  writeFields?(version: 1 | 2, asid: number, iotlb: IotlbMsg): void | Promise<void>;
   /** Closes the file; the kernel resets the device and drops every mapping (vhost_vdpa_release). */
   close(): void;
 }

@@ -107,6 +107,9 @@ export class VhostVdpaDevice implements Device {
    */
   readonly parentKeepsMapOnReset: boolean;
   private readonly registry: MemoryRegistry;
+  /** IOTLB_MSG_V2 and IOTLB_BATCH were negotiated (read once: every message asks). */
+  private readonly msgV2: boolean;
+  private readonly batching: boolean;
 
   constructor(init: VhostVdpaDeviceInit) {
     this.name = init.name;
@@ -128,6 +131,8 @@ export class VhostVdpaDevice implements Device {
       init.transport.close();
       throw toDeviceError(e, `${init.name}: setting up the device`);
     }
+    this.msgV2 = this.has('IOTLB_MSG_V2');
+    this.batching = this.has('IOTLB_BATCH');
     this.guard = new IotlbGuard(
       this.info.asNum,
       this.info.iovaRange,
@@ -313,7 +318,7 @@ export class VhostVdpaDevice implements Device {
             results[i] = decision.action === 'refuse' ? decision.result : OK;
             continue;
           }
-          if (!batchOpen && this.has('IOTLB_BATCH')) {
+          if (!batchOpen && this.batching) {
             batchOpen = await this.batchMessage(IotlbMsgType.BATCH_BEGIN, asid);
           }
           // A write the transport finished at once (the simulator's) costs no turn of the microtask queue.
@@ -384,11 +389,16 @@ export class VhostVdpaDevice implements Device {
     return true;
   }
 
-  /** One message, one write(): v2 (with the asid) once IOTLB_MSG_V2 is negotiated, else v1. */
+  /**
+   * One message, one write(): v2 (with the asid) once IOTLB_MSG_V2 is negotiated, else v1. A
+   * transport that takes the fields (the simulator) gets them instead of bytes it would decode.
+   */
   private send(iotlb: IotlbMsg, asid: number): void | Promise<void> {
-    const bytes = this.has('IOTLB_MSG_V2') ? encodeMsgV2(asid, iotlb) : encodeMsgV1(iotlb);
     this.stats.messagesWritten++;
-    return this.transport.write(bytes);
+    const v2 = this.msgV2;
+    const t = this.transport;
+    if (t.writeFields !== undefined) return t.writeFields(v2 ? 2 : 1, v2 ? asid : 0, iotlb);
+    return t.write(v2 ? encodeMsgV2(asid, iotlb) : encodeMsgV1(iotlb));
   }
 
   /**

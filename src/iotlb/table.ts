@@ -82,6 +82,7 @@ export function checkRegionShape(
  * plus the offset, so the offset is what must be aligned.
  */
 export function checkPageAligned(r: Region, pageSize: bigint): IotlbViolation | undefined {
+  if (r.iova % pageSize === 0n && r.size % pageSize === 0n && r.offset % pageSize === 0n) return undefined;
   const why = `a pinning (PA-mode) parent maps whole pages of ${hex(pageSize)} bytes`;
   if (r.iova % pageSize !== 0n) {
     return violation('UNALIGNED', `iova ${hex(r.iova)} is not page aligned: ${why}`, undefined, 'iova');
@@ -106,8 +107,10 @@ export function checkPageAligned(r: Region, pageSize: bigint): IotlbViolation | 
 }
 
 export class IovaTable {
-  private readonly tree: BTree<bigint, Region> = new BTree<bigint, Region>(undefined, compareBigint);
+  private tree: BTree<bigint, Region> = new BTree<bigint, Region>(undefined, compareBigint);
   private mappedBytes = 0n;
+  /** The tree's lookups return their [key, value] in it rather than in a new array each. */
+  private readonly pair: [bigint, Region] = [0n, undefined as unknown as Region];
 
   constructor(
     readonly asid = 0,
@@ -146,8 +149,25 @@ export class IovaTable {
   map(r: Region): void {
     const bad = this.checkMap(r);
     if (bad) throw new IotlbError(bad);
+    this.add(r);
+  }
+
+  /**
+   * Adds an entry the caller has checked already (checkMap, or it lies inside a range that was
+   * checked), as vhost_iotlb_add_range does: the kernel tests overlap once per UPDATE, not per
+   * entry it adds for it.
+   */
+  add(r: Region): void {
     this.tree.set(r.iova, { iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm });
     this.mappedBytes += r.size;
+  }
+
+  /** An independent copy (copy-on-write: cheap until either side changes). */
+  clone(): IovaTable {
+    const copy = new IovaTable(this.asid, this.range, this.pinPageSize);
+    copy.tree = this.tree.clone();
+    copy.mappedBytes = this.mappedBytes;
+    return copy;
   }
 
   /**
@@ -163,6 +183,18 @@ export class IovaTable {
       this.tree.delete(r.iova);
       this.mappedBytes -= r.size;
     }
+    return removed;
+  }
+
+  /** Removes the entry `entry` names (the same start and size) if the table holds it: one walk of the tree. */
+  remove(entry: Region): boolean {
+    let removed = false;
+    this.tree.editRange(entry.iova, entry.iova, true, (_start, held) => {
+      if (held.size !== entry.size) return undefined;
+      removed = true;
+      return { delete: true };
+    });
+    if (removed) this.mappedBytes -= entry.size;
     return removed;
   }
 
@@ -185,16 +217,20 @@ export class IovaTable {
   /** The first entry (lowest IOVA) sharing a byte with `[iova, iova + size)`. */
   firstOverlap(iova: bigint, size: bigint): Region | undefined {
     if (size <= 0n) return undefined;
-    const before = this.tree.getPairOrNextLower(iova)?.[1];
+    // Entries never overlap, so the last one starting at or before the range's last byte is the
+    // only one that can tell: if it ends before the range, every earlier one does too. One lookup
+    // decides; only an overlap needs the first of them.
+    const last = this.tree.getPairOrNextLower(iova + size - 1n, this.pair)?.[1];
+    if (last === undefined || last.iova + last.size <= iova) return undefined;
+    if (last.iova <= iova) return last;
+    const before = this.tree.getPairOrNextLower(iova, this.pair)?.[1];
     if (before && before.iova + before.size > iova) return before;
-    const after = this.tree.nextHigherPair(iova)?.[1];
-    if (after && after.iova < iova + size) return after;
-    return undefined;
+    return this.tree.nextHigherPair(iova, this.pair)![1];
   }
 
   /** The entry containing `iova`, if any. */
   lookup(iova: bigint): Region | undefined {
-    const entry = this.tree.getPairOrNextLower(iova)?.[1];
+    const entry = this.tree.getPairOrNextLower(iova, this.pair)?.[1];
     return entry && iova < entry.iova + entry.size ? entry : undefined;
   }
 
@@ -222,11 +258,18 @@ export class IovaTable {
 
   private overlappingInclusive(first: bigint, last: bigint): Region[] {
     const found: Region[] = [];
-    const before = this.tree.getPairOrNextLower(first)?.[1];
-    if (before && before.iova + before.size > first) found.push(before);
-    // forRange visits the entries in place; the tree's iterators build a pair per entry.
-    this.tree.forRange(first, last, true, (_start, region) => {
-      if (region !== before) found.push(region);
+    const before = this.tree.getPairOrNextLower(first, this.pair)?.[1];
+    if (before && before.iova + before.size > first) {
+      found.push(before);
+      if (before.iova + before.size - 1n >= last) return found;
+    }
+    // Most ranges touch one entry or none: step to the next one, and walk a range only past it.
+    const next = this.tree.nextHigherPair(first, this.pair)?.[1];
+    if (next === undefined || next.iova > last) return found;
+    found.push(next);
+    if (next.iova + next.size - 1n >= last) return found;
+    this.tree.forRange(next.iova, last, true, (start, region) => {
+      if (start > next.iova) found.push(region);
     });
     return found;
   }

@@ -7,7 +7,6 @@ import type { AgentInfo } from '../agent/wire.ts';
 import { fromAgentError } from '../core/agent-errors.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import type { CoreLogger } from '../core/logger.ts';
-import type { DeviceFacts } from '../device/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { MissingMappings } from '../queue/device-queue.ts';
 import { sortedMappings } from '../state/desired.ts';
@@ -28,18 +27,17 @@ export class AgentPass {
 
   /** True when every device is ready and every desired memory is open at the agent. */
   async run(info: AgentInfo): Promise<boolean> {
-    let facts: DeviceFacts[];
-    try {
-      facts = await this.port.listDevices();
-    } catch (e) {
-      throw fromAgentError(e, 'listing devices');
-    }
-    this.devices.takeListing(facts);
-    try {
-      await this.memory.syncWithAgent();
-    } catch (e) {
+    // The device listing and the memory do not depend on each other: both are asked at once.
+    const listing = this.port.listDevices().then(
+      (facts) => this.devices.takeListing(facts),
+      (e: unknown) => {
+        throw fromAgentError(e, 'listing devices');
+      },
+    );
+    const memory = this.memory.syncWithAgent().catch((e: unknown) => {
       throw fromAgentError(e, 'listing memory');
-    }
+    });
+    await Promise.all([listing, memory]);
     const slots = this.devices.present();
     const results = await Promise.all(slots.map((s) => this.reconcileSlot(s, info.bootId)));
     const notReady = slots.filter((_s, i) => !results[i]).map((s) => s.name);

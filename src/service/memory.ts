@@ -186,19 +186,22 @@ export class MemoryCatalog implements MemoryLookup {
   syncWithAgent(): Promise<void> {
     return this.serialized(async () => {
       const held = new Map((await this.port.listMemory()).map((m) => [m.id, m]));
+      const reopening: Promise<void>[] = [];
       for (const want of this.store.state.memory.values()) {
         const have = held.get(want.id);
         if (have && have.path === want.path && have.size === want.size) {
           this.markAvailable(want.id);
           continue;
         }
-        try {
+        // Each memory on its own (all at once: an agent that restarted holds none of them).
+        const reopen = async () => {
           if (have) await this.port.releaseMemory(want.id);
           await this.reopen(want);
-        } catch {
-          // Marked unavailable: only the mappings that use it are left off their devices.
-        }
+        };
+        // A failure is marked unavailable: only the mappings that use it are left off their devices.
+        reopening.push(reopen().catch(() => undefined));
       }
+      await Promise.all(reopening);
       for (const m of held.values()) {
         if (this.store.state.memory.has(m.id)) continue;
         const record: MemoryRecord = { ...recordOf(m), registeredAt: new Date().toISOString() };
