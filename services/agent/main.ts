@@ -136,6 +136,18 @@ export async function openAgentCore(
   return { info, devices, registry, attachments, close };
 }
 
+/** The core's handlers served on the socket, which only the agent's user may reach. */
+async function serveCore(socketPath: string, core: AgentCore, logger: Logger): Promise<FrameServer> {
+  const server = await serveFrames(socketPath, createHandlers(core), logger, core.attachments);
+  try {
+    restrictSocket(socketPath);
+  } catch (err) {
+    await server.close(0);
+    throw err;
+  }
+  return server;
+}
+
 export async function startAgent(
   config: AgentConfig,
   logger = createLogger(config.logLevel),
@@ -144,17 +156,14 @@ export async function startAgent(
   const address = `unix://${config.socketPath}`;
   await prepareSocketPath(config.socketPath, logger);
   const core = await openAgentCore(config, logger, wiring);
-  let server: FrameServer | undefined;
+  let server: FrameServer;
   try {
-    server = await serveFrames(config.socketPath, createHandlers(core), logger, core.attachments);
-    restrictSocket(config.socketPath);
+    server = await serveCore(config.socketPath, core, logger);
   } catch (err) {
-    await server?.close(0);
     fs.rmSync(config.socketPath, { force: true });
     await core.close();
     throw err;
   }
-  const serving = server;
   const { bootId, version } = core.info;
   logger.info(
     { socket: config.socketPath, bootId, version, devices: core.devices.map((d) => d.name) },
@@ -167,7 +176,7 @@ export async function startAgent(
       logger.info('agent stopping');
       // First the VMMs and the attachment watchers, whose streams would hold up the shutdown.
       await core.attachments.close();
-      await serving.close(SHUTDOWN_GRACE_MS);
+      await server.close(SHUTDOWN_GRACE_MS);
       await core.close();
       fs.rmSync(config.socketPath, { force: true });
       logger.info('agent stopped');
