@@ -17,11 +17,15 @@ import { type AgentError, callFailed, errorFromWire } from './errors.ts';
 import { type Frame, FrameError, FrameKind, FrameWriter, readFrames } from './frames.ts';
 import { callErrorCoding } from './proto.ts';
 
-/** The pacing of a waiting call's attempts to reach the socket while the agent is away. */
+/**
+ * The pacing of a waiting call's attempts to reach the socket while the agent is away. An attempt
+ * at a unix socket that nobody serves is one failed connect(2), so the cap is short: a new agent
+ * is found within 200 ms of serving.
+ */
 export interface ReconnectOptions {
-  /** First delay after a failed attempt, ms (default 100); doubled after every failed attempt. */
+  /** First delay after a failed attempt, ms (default 50); doubled after every failed attempt. */
   initialDelayMs?: number;
-  /** Cap of the delay, ms (default 1000). */
+  /** Cap of the delay, ms (default 200). */
   maxDelayMs?: number;
 }
 
@@ -81,8 +85,8 @@ export class FrameClient extends EventEmitter<FrameClientEvents> {
   ) {
     super();
     this.backoff = {
-      initialDelayMs: reconnect.initialDelayMs ?? 100,
-      maxDelayMs: reconnect.maxDelayMs ?? 1_000,
+      initialDelayMs: reconnect.initialDelayMs ?? 50,
+      maxDelayMs: reconnect.maxDelayMs ?? 200,
     };
   }
 
