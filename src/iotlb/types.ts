@@ -19,6 +19,11 @@ export interface Mapping extends Region {
   asid: number;
 }
 
+/** Region `r` (or the region fields of anything that has them) as a mapping of `asid`. */
+export function mappingOf(asid: number, r: Region): Mapping {
+  return { asid, iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm };
+}
+
 /** The device's usable IOVA window, inclusive on both ends (`struct vhost_vdpa_iova_range`). */
 export interface IovaRange {
   first: bigint;

@@ -96,6 +96,12 @@ function limits(quota: Quota): boolean {
   return quota.maxBytes !== undefined || quota.maxEntries !== undefined;
 }
 
+/** The request field a unit's quota refusal names: its op of a non-atomic batch, else none. */
+function fieldOf(step: Step): string | undefined {
+  const { request } = step.entry;
+  return request.kind === 'batch' && !request.atomic ? `ops[${step.index}]` : undefined;
+}
+
 function* validate(ctx: GroupContext, step: Step): Generator<void, void> {
   step.mark = ctx.work.mark();
   step.plan = undefined;
@@ -104,9 +110,7 @@ function* validate(ctx: GroupContext, step: Step): Generator<void, void> {
   const before = limits(ctx.quota) ? usageOf(ctx.work.spaces) : undefined;
   try {
     step.plan = yield* stepSteps(ctx.work, ctx.memory, step.entry.request, step.index);
-    const { request } = step.entry;
-    const field = request.kind === 'batch' && !request.atomic ? `ops[${step.index}]` : undefined;
-    const over = before && quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), field);
+    const over = before && quotaError(ctx.device, ctx.quota, before, usageOf(ctx.work.spaces), fieldOf(step));
     if (over) {
       step.plan = undefined;
       ctx.work.rollback(step.mark);

@@ -13,6 +13,7 @@ import {
   type IotlbOp,
   type IotlbViolation,
   type Mapping,
+  mappingOf,
   type Region,
 } from '../iotlb/types.ts';
 import { ServiceError } from '../core/errors.ts';
@@ -131,10 +132,12 @@ function checkMemory(memory: MemoryLookup, r: Region, at: At): void {
   }
 }
 
+type Update = Extract<IotlbOp, { type: 'update' }>;
+
 /** Checks a map and applies its one UPDATE; returns it. */
-function mapOp(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At): IotlbOp {
+function mapOp(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At): Update {
   checkAsid(work, spec.asid, at);
-  const op: IotlbOp = {
+  const op: Update = {
     type: 'update',
     asid: spec.asid,
     iova: spec.iova,
@@ -157,15 +160,7 @@ function mapOp(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At)
 
 function applyMap(work: WorkingTables, memory: MemoryLookup, spec: MapSpec, at: At): MapResult {
   const op = mapOp(work, memory, spec, at);
-  const mapping: Mapping = {
-    asid: op.asid,
-    iova: op.iova,
-    size: op.size,
-    memory: spec.memory,
-    offset: spec.offset,
-    perm: spec.perm,
-  };
-  return { mapping, ops: [op] };
+  return { mapping: mappingOf(op.asid, op), ops: [op] };
 }
 
 /**
@@ -180,8 +175,7 @@ const pauseAt = (i: number): boolean => i % PAUSE_EVERY === PAUSE_EVERY - 1;
 function* withAsid(regions: readonly Region[], asid: number): Generator<void, Mapping[]> {
   const out: Mapping[] = new Array(regions.length);
   for (let i = 0; i < regions.length; i++) {
-    const r = regions[i]!;
-    out[i] = { asid, iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm };
+    out[i] = mappingOf(asid, regions[i]!);
     if (pauseAt(i)) yield;
   }
   return out;

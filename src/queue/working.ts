@@ -6,7 +6,7 @@
  */
 import type { AddressSpaces } from '../iotlb/address-spaces.ts';
 import { sameRegion } from '../iotlb/planner.ts';
-import type { IotlbOp, Mapping } from '../iotlb/types.ts';
+import { type IotlbOp, type Mapping, mappingOf } from '../iotlb/types.ts';
 import { mappingKey } from '../state/desired.ts';
 import { runInTimeSlices } from '../sys/next-turn.ts';
 
@@ -28,20 +28,10 @@ export class WorkingTables {
   apply(op: IotlbOp): void {
     const removed = this.spaces.apply(op);
     if (op.type === 'update') {
-      const { asid, iova, size, memory, offset, perm } = op;
-      this.log.push({ added: { asid, iova, size, memory, offset, perm } });
+      this.log.push({ added: mappingOf(op.asid, op) });
     } else if (removed.length > 0) {
       const asid = op.asid;
-      const mappings = removed.map(
-        (r): Mapping => ({
-          asid,
-          iova: r.iova,
-          size: r.size,
-          memory: r.memory,
-          offset: r.offset,
-          perm: r.perm,
-        }),
-      );
+      const mappings = removed.map((r) => mappingOf(asid, r));
       this.log.push({ removed: mappings });
     }
   }

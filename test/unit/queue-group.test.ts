@@ -208,6 +208,35 @@ describe('device queue: device refusals', () => {
       await f.cleanup();
     }
   });
+
+  test('a refused op is blamed on the unit that sent it, past units that sent no op', async () => {
+    failing.clear();
+    const f = await queueFixture(spec);
+    try {
+      failing.add(0x30000n);
+      const r = ok(
+        await f.write({
+          kind: 'batch',
+          atomic: false,
+          ops: [
+            // Nothing mapped there: a unit of no ops, whose ops would start where the next one's do.
+            { op: 'unmap', asid: 0, iova: 0x90000n, size: PAGE },
+            { op: 'map', asid: 0, iova: 0x30000n, size: PAGE, memory: 'm0', offset: 0n, perm: 'rw' },
+            { op: 'map', asid: 0, iova: 0x40000n, size: PAGE, memory: 'm0', offset: 0n, perm: 'rw' },
+          ],
+        }),
+      ) as BatchResult;
+      assert.deepEqual(
+        r.results.map((x) => x.ok),
+        [true, false, true],
+      );
+      assert.equal(r.results[1]!.error?.code, 'DEVICE_ERROR');
+      assert.equal(r.results[1]!.error?.field, 'ops[1]');
+      assert.deepEqual(iovas(f.agent.device('vdpa0').mappings()), [0x40000n]);
+    } finally {
+      await f.cleanup();
+    }
+  });
 });
 
 describe('device queue: nothing acknowledged when the outcome is unknown', () => {
