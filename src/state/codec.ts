@@ -3,9 +3,8 @@
  * framed as `u32 LE length | u32 LE crc32(payload) | payload`. `scanFrames` tells the frames
  * apart: intact ones, a torn tail (a crash during an append), and damage (anything else).
  */
-import { setImmediate as nextTurn } from 'node:timers/promises';
 import { crc32 } from 'node:zlib';
-import { runInTimeSlices, runWhole } from '../sys/next-turn.ts';
+import { runInTimeSlices, runWhole, TimeSlices } from '../sys/next-turn.ts';
 
 export const FRAME_HEADER_BYTES = 8;
 /** Larger lengths are garbage, not records (a 1 GiB record would be a bug elsewhere). */
@@ -174,22 +173,25 @@ function plain(value: object): boolean {
   );
 }
 
-/** Characters of JSON per slice of {@link encodeJsonPieces}: well under a millisecond each. */
-const SLICE_CHARS = 64 * 1024;
+/** Characters of JSON per step of {@link encodeJsonPieces}: a small fraction of a time slice. */
+const STEP_CHARS = 8 * 1024;
 
 /**
- * encodeJson(value) as UTF-8 pieces, written a slice at a time with a turn of the event loop
- * between slices, so that a large record or snapshot (a 65,536-region table is about 10 MB)
- * never holds it for long. Byte for byte what encodeJson writes.
+ * encodeJson(value) as UTF-8 pieces, written a step at a time, giving the event loop back every
+ * SLICE_MS (src/sys/next-turn.ts), so that a large record or snapshot (a 65,536-region table is
+ * about 10 MB) never holds it for long, however loaded the machine. Byte for byte what encodeJson
+ * writes.
  */
 export async function encodeJsonPieces(value: unknown): Promise<Buffer[]> {
   const writer = new JsonWriter(value);
   const pieces: Buffer[] = [];
+  // One step is a lot of work: the clock is read after each.
+  const slices = new TimeSlices(1);
   for (;;) {
-    const { text, done } = writer.write(SLICE_CHARS);
+    const { text, done } = writer.write(STEP_CHARS);
     pieces.push(Buffer.from(text, 'utf8'));
     if (done) return pieces;
-    await nextTurn();
+    if (slices.due()) await slices.next();
   }
 }
 

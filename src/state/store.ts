@@ -25,7 +25,7 @@
  *   applying the commits one by one in some order that keeps the dependent ones in order reaches.
  *   (A device's queue is the only writer of its mappings and awaits each commit before the next.)
  * - A large commit is staged on copies of its devices' tables in slices (desired.ts stageChanges)
- *   as soon as every commit it depends on is applied, overlapping its encoding and write, and
+ *   once it is encoded and every commit it depends on is applied, overlapping its write, and
  *   installed in one step once durable: `state` never shows a table half applied.
  * - A failed write (ENOSPC, EIO, ...) rejects every commit of that record with UNAVAILABLE and
  *   leaves `state` untouched: nothing is installed before its record is durable. Commits in other
@@ -77,7 +77,7 @@ interface Commit {
   readonly devices: ReadonlySet<string> | undefined;
   /** Set when its encoding is done: it may be written. */
   encoded: EncodedChanges | undefined;
-  /** Whether its staging has begun (it begins once every commit it depends on is applied). */
+  /** Whether its staging has begun (once it is encoded and every commit it depends on is applied). */
   staging: boolean;
   staged: StagedChanges | undefined;
   /** Its record is on disk. */
@@ -179,6 +179,7 @@ export class StateStore {
       encodeChanges(changes).then(
         (encoded) => {
           c.encoded = encoded;
+          this.applyReady();
           this.poke();
         },
         (e: unknown) => {
@@ -257,7 +258,8 @@ export class StateStore {
     const left: Commit[] = [];
     for (const c of this.unapplied) {
       if (!held.holds(c)) {
-        if (!c.staging) this.stage(c);
+        // After its encoding: one sliced task at a time, and the staging overlaps the write.
+        if (!c.staging && c.encoded !== undefined) this.stage(c);
         if (c.staged !== undefined && c.durable) {
           c.staged.install();
           c.resolve();
