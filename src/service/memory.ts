@@ -101,10 +101,15 @@ export class MemoryCatalog implements MemoryLookup {
         );
       }
       const known = this.store.state.memory.get(req.id);
-      if (known && this.unreachable.has(req.id) && req.path === known.path) {
-        this.requireAgent();
-        await this.reopen(known);
-        this.onRestored();
+      if (known && req.path !== undefined && req.path === known.path) {
+        // The same file again: the remedy of an unavailable memory, or a retry. The agent pass
+        // also reopens an unavailable memory by itself once its file is back, so the operator's
+        // request may come after that: it is answered with the registration it asks for.
+        if (this.unreachable.has(req.id)) {
+          this.requireAgent();
+          await this.reopen(known);
+          this.onRestored();
+        }
         return this.view(known);
       }
       if (known) {

@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import type { ServiceError } from '../../src/core/errors.ts';
 import type { MappingEvent } from '../../src/core/types.ts';
@@ -273,6 +275,20 @@ describe('watch, devices, memory', () => {
     assert.equal((await h.service.getDevice('vdpa1')).asNum, 2);
     await assert.rejects(h.service.getDevice('nope'), refused('NOT_FOUND', { field: 'device' }));
     assert.equal(h.service.isReady(), true);
+  });
+
+  test('memory: the same file registered again is answered with its registration; another is refused', async () => {
+    const file = path.join(h.agentDir, 'again.mem');
+    fs.writeFileSync(file, Buffer.alloc(Number(4n * PAGE)));
+    const first = await h.service.registerMemory({ id: 'again', path: file });
+    const second = await h.service.registerMemory({ id: 'again', path: file });
+    assert.deepEqual(second, first);
+    await assert.rejects(
+      h.service.registerMemory({ id: 'again', path: path.join(h.agentDir, 'other.mem') }),
+      refused('ALREADY_EXISTS', { field: 'id' }),
+    );
+    await assert.rejects(h.service.registerMemory({ id: 'again', size: PAGE }), refused('ALREADY_EXISTS'));
+    await h.service.unregisterMemory('again');
   });
 
   test('memory: register, list, refuse unregister while mapped, then unregister', async () => {
