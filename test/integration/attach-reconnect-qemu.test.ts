@@ -120,15 +120,11 @@ test('the agent SIGKILLed under a QEMU guest: the attachment is served again, QE
   const second = await rig.startAgent([spec]);
 
   // The API server reconciles the new agent, empties asid 0, attaches again; QEMU reconnects and
-  // sends its table: the same table as before, in all three places.
-  await eventually(deadline, 'QEMU connected again with its table', async () => {
+  // sends its table, one region per message (ADD_MEM_REG): wait for all of it, in all three places.
+  const wholeTable = (t: readonly unknown[]) => t.length === before.desired.length;
+  await eventually(deadline, 'QEMU connected again with its whole table', async () => {
     const now = await tables();
-    return (
-      now.connected === true &&
-      now.desired.length > 0 &&
-      now.mapped.length === now.desired.length &&
-      now.vmm.length === now.desired.length
-    );
+    return now.connected === true && wholeTable(now.desired) && wholeTable(now.mapped) && wholeTable(now.vmm);
   });
   const reconnectSeconds = (performance.now() - killed) / 1000;
   const afterReconnect = await tables();
