@@ -65,7 +65,7 @@ await runChecks(
       async () => {
         assert(!deviceBusy(), `${devicePath} is already held`);
         const args = [...kernelAgentArgs(stateDir, socket, sharedDir), '--memory', 'boot=memfd:1M'];
-        // Under TCG on a busy host the client's first call (loading grpc-js, the first connection)
+        // Under TCG on a busy host the client's first call (loading the protocol code, the first connection)
         // took up to 45 s: it starts with the agent (waitForReady until the socket is there), with
         // no deadline tighter than the tier's budget, rather than the production 10 s.
         client = new AgentClient({ socketPath: socket, deadlineMs: WAIT_MS });
