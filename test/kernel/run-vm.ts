@@ -232,6 +232,15 @@ function cleanConsole(text: string): string {
   return text.replace(/\x1b(\[[0-9;?]*[A-Za-z]|[A-Za-z])/g, '').replaceAll('\r', '');
 }
 
+/**
+ * Whether the guest kernel died before init.sh started (no `VDPA-MAPD-TIME: init` mark, a
+ * `Kernel panic` on the console): nothing of ours ran, so the tier boots once more
+ * (docs/kernel-notes.md B8: a multi-threaded TCG crash in the kernel's own early boot).
+ */
+export function panickedBeforeInit(result: VmResult): boolean {
+  return result.guestTimes.init === undefined && result.console.includes('Kernel panic');
+}
+
 export function parseConsole(text: string, steps: GuestStep[]): VmResult {
   const result: VmResult = {
     pass: false,
