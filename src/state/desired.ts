@@ -125,6 +125,25 @@ function countUse(state: DesiredState, memory: string, delta: number): void {
   else state.memoryUse.set(memory, n);
 }
 
+type MappingChange = Extract<Change, { t: 'mapping.put' | 'mapping.delete' }>;
+
+/** One mapping change on a device's table; `count` is told how each memory's use changes. */
+function applyMappingChange(
+  table: Map<string, Mapping>,
+  c: MappingChange,
+  count: (memory: string, delta: number) => void,
+): void {
+  const key = c.t === 'mapping.put' ? mappingKey(c.mapping.asid, c.mapping.iova) : mappingKey(c.asid, c.iova);
+  const old = table.get(key);
+  if (old) count(old.memory, -1);
+  if (c.t === 'mapping.put') {
+    table.set(key, c.mapping);
+    count(c.mapping.memory, 1);
+  } else {
+    table.delete(key);
+  }
+}
+
 export function applyChange(state: DesiredState, c: Change): void {
   switch (c.t) {
     case 'memory.put':
@@ -133,25 +152,12 @@ export function applyChange(state: DesiredState, c: Change): void {
     case 'memory.delete':
       state.memory.delete(c.id);
       return;
-    case 'mapping.put': {
-      const d = deviceState(state, c.device);
-      const key = mappingKey(c.mapping.asid, c.mapping.iova);
-      const old = d.mappings.get(key);
-      if (old) countUse(state, old.memory, -1);
-      d.mappings.set(key, c.mapping);
-      countUse(state, c.mapping.memory, 1);
+    case 'mapping.put':
+    case 'mapping.delete':
+      applyMappingChange(deviceState(state, c.device).mappings, c, (memory, delta) =>
+        countUse(state, memory, delta),
+      );
       return;
-    }
-    case 'mapping.delete': {
-      const d = deviceState(state, c.device);
-      const key = mappingKey(c.asid, c.iova);
-      const old = d.mappings.get(key);
-      if (old) {
-        countUse(state, old.memory, -1);
-        d.mappings.delete(key);
-      }
-      return;
-    }
     case 'sequence': {
       const d = deviceState(state, c.device);
       if (c.next > d.nextSequence) d.nextSequence = c.next;
@@ -259,24 +265,9 @@ export async function stageChanges(state: DesiredState, changes: readonly Change
   };
   for (const c of changes) {
     if (slices.due()) await slices.next();
-    if (c.t === 'mapping.put') {
-      const table = await tableOf(c.device);
-      const key = mappingKey(c.mapping.asid, c.mapping.iova);
-      const old = table.get(key);
-      if (old) count(old.memory, -1);
-      table.set(key, c.mapping);
-      count(c.mapping.memory, 1);
-    } else if (c.t === 'mapping.delete') {
-      const table = await tableOf(c.device);
-      const key = mappingKey(c.asid, c.iova);
-      const old = table.get(key);
-      if (old) {
-        count(old.memory, -1);
-        table.delete(key);
-      }
-    } else {
-      others.push(c);
-    }
+    if (c.t === 'mapping.put' || c.t === 'mapping.delete')
+      applyMappingChange(await tableOf(c.device), c, count);
+    else others.push(c);
   }
   return {
     install: () => {
