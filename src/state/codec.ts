@@ -125,6 +125,10 @@ class JsonWriter {
 
   /** The JSON of `value`, or its opening bracket (the rest comes from write()); undefined for nothing. */
   private start(value: unknown): string | undefined {
+    if (typeof value === 'object' && value !== null) {
+      const whole = smallJson(value);
+      if (whole !== undefined) return whole;
+    }
     switch (typeof value) {
       case 'bigint':
         return taggedBigint(value);
@@ -155,6 +159,73 @@ class JsonWriter {
     const top = this.open.pop()!;
     this.containers.delete('array' in top ? top.array : top.object);
   }
+}
+
+/** Values a container may hold to be written in one piece by smallJson: about one change of a record. */
+const SMALL_VALUES = 64;
+let smallValuesLeft = 0;
+
+/**
+ * The JSON of a small container (at most SMALL_VALUES values in all, each plain data), as
+ * encodeJson writes it, in one piece: a record's changes one by one, without the writer's stack
+ * of open containers per key. Undefined for anything larger or of another kind (a circular one
+ * too, as it runs out of values): the writer takes it value by value.
+ */
+function smallJson(value: object): string | undefined {
+  smallValuesLeft = SMALL_VALUES;
+  return smallValue(value);
+}
+
+function smallValue(value: unknown): string | undefined {
+  if (--smallValuesLeft < 0) return undefined;
+  switch (typeof value) {
+    case 'bigint':
+      return taggedBigint(value);
+    case 'string':
+    case 'number':
+      return JSON.stringify(value);
+    case 'boolean':
+      return value ? 'true' : 'false';
+    case 'object':
+      break;
+    default:
+      return 'null'; // what an array element that is not written reads
+  }
+  if (value === null) return 'null';
+  if (!plain(value)) return undefined;
+  if (Array.isArray(value)) {
+    let text = '[';
+    for (let i = 0; i < value.length; i++) {
+      const element = smallValue(value[i]);
+      if (element === undefined) return undefined;
+      text += i > 0 ? `,${element}` : element;
+    }
+    return `${text}]`;
+  }
+  let text = '{';
+  let wrote = false;
+  for (const key of Object.keys(value)) {
+    const member = (value as Record<string, unknown>)[key];
+    if (!written(member)) continue;
+    const json = smallValue(member);
+    if (json === undefined) return undefined;
+    text += `${wrote ? ',' : ''}${quotedKey(key)}:${json}`;
+    wrote = true;
+  }
+  return `${text}}`;
+}
+
+/** JSON.stringify of object keys met before: the state's keys are few and come again in every change. */
+const quotedKeys = new Map<string, string>();
+const QUOTED_KEYS_MAX = 1024;
+
+function quotedKey(key: string): string {
+  let quoted = quotedKeys.get(key);
+  if (quoted === undefined) {
+    quoted = JSON.stringify(key);
+    if (quotedKeys.size < QUOTED_KEYS_MAX) quotedKeys.set(key, quoted);
+  }
+  return quoted;
 }
 
 /** Whether JSON.stringify writes an object's property holding `value` (it skips these). */
