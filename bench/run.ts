@@ -75,4 +75,7 @@ async function main(): Promise<void> {
   console.error(`bench: wrote ${out}`);
 }
 
+// Stopped early: exit, so that the agents the scenarios started are stopped with it (api-harness.ts).
+for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => process.exit(130));
+
 await main();

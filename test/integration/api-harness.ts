@@ -50,6 +50,12 @@ const AGENT_LOG_LINES = 1000;
 /** The devices spawnAgent opens unless told otherwise. */
 const AGENT_DEVICES = ['sim:vdpa0', 'sim:vdpa1,iommu=onchip'];
 
+/** Agents still running: SIGKILLed when this process exits first, so that none outlives a bench or test stopped early. */
+const runningAgents = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of runningAgents) child.kill('SIGKILL');
+});
+
 /** Spawns services/agent/main.ts and waits for its "agent serving" log line. */
 export async function spawnAgent(dir: string, devices: readonly string[] = AGENT_DEVICES): Promise<Agent> {
   const stateDir = path.join(dir, 'agent');
@@ -76,6 +82,8 @@ export async function spawnAgent(dir: string, devices: readonly string[] = AGENT
     ],
     { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
   );
+  runningAgents.add(child);
+  child.once('exit', () => runningAgents.delete(child));
   let stderr = '';
   child.stderr?.on('data', (chunk: Buffer) => {
     stderr += chunk.toString();
