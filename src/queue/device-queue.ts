@@ -37,6 +37,9 @@ import type { FlushEntry, Outcome, QueueEntry, WriteEntry } from './types.ts';
 import type { MemoryLookup } from './validate.ts';
 import { WorkingTables } from './working.ts';
 
+/** Steps of a group whose remaining stages run on in the turn of the agent's answer. */
+const STAGE_IN_ONE_TURN_MAX = 256;
+
 export const NOT_READY_RETRY_AFTER_MS = ERROR_CATALOG.UNAVAILABLE.retryAfterMs;
 
 /** The desired mappings of one memory that the device does not hold. */
@@ -390,8 +393,9 @@ export class DeviceQueue {
       return;
     }
 
-    // Each stage of a big group is long: others' requests get a turn between them.
-    await nextTurn();
+    // Each stage of a big group is long: others' requests get a turn between them. A small group
+    // goes on at once: a turn here would make it wait for every other device's slice once more.
+    if (run.steps.length > STAGE_IN_ONE_TURN_MAX) await nextTurn();
     const byEntry = new Map<WriteEntry, Step[]>(live.map((e) => [e, []]));
     for (const s of run.steps) byEntry.get(s.entry)!.push(s);
     const outcomes = live.map((e) => outcomeOf(e, byEntry.get(e)!));
