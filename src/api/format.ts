@@ -42,6 +42,23 @@ export function formatMapping(m: Mapping | ListedMapping) {
   return formatted;
 }
 
+/**
+ * JSON.stringify(formatMapping(m)), written straight to text: a 65,536-region SetMemTable answer
+ * lists 131,072 mappings and ops, and their formatted objects were most of its garbage.
+ */
+export function formatMappingJson(m: Mapping | ListedMapping): string {
+  const missing = 'missing' in m && m.missing ? ',"missing":true' : '';
+  return `{"iova":"${hex(m.iova)}","size":"${hex(m.size)}","memory":${JSON.stringify(m.memory)},"offset":"${hex(m.offset)}","perm":"${m.perm}","asid":${m.asid}${missing}}`;
+}
+
+/** JSON.stringify(formatOp(op)), written straight to text (see formatMappingJson). */
+export function formatOpJson(op: IotlbOp): string {
+  if (op.type === 'invalidate') {
+    return `{"type":"invalidate","asid":${op.asid},"iova":"${hex(op.iova)}","size":"${hex(op.size)}"}`;
+  }
+  return `{"type":"update","iova":"${hex(op.iova)}","size":"${hex(op.size)}","memory":${JSON.stringify(op.memory)},"offset":"${hex(op.offset)}","perm":"${op.perm}","asid":${op.asid}}`;
+}
+
 /** An UPDATE's fields are a mapping's, in formatMapping's order (an op is never `missing`). */
 export function formatOp(op: IotlbOp) {
   if (op.type === 'invalidate') {

@@ -8,7 +8,7 @@
 import { Readable } from 'node:stream';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { SetMemTableResult } from '../core/types.ts';
-import { formatMapping, formatOp, formatSetMemTableResult } from './format.ts';
+import { formatMappingJson, formatOpJson, formatSetMemTableResult } from './format.ts';
 
 /** Items per slice: about a millisecond of formatting and encoding. */
 const ITEMS_PER_SLICE = 256;
@@ -16,12 +16,12 @@ const ITEMS_PER_SLICE = 256;
 /** Answers with fewer items than this are formatted and encoded in one piece. */
 export const SLICED_ANSWER_ITEMS = 4096;
 
-/** JSON of `items.map(format)`, its elements a slice at a time. */
-async function* listJson<T>(items: readonly T[], format: (item: T) => unknown): AsyncGenerator<string> {
+/** JSON of an array of `items`, each written by `json`, a slice of elements at a time. */
+async function* listJson<T>(items: readonly T[], json: (item: T) => string): AsyncGenerator<string> {
   yield '[';
   for (let start = 0; start < items.length; start += ITEMS_PER_SLICE) {
     if (start > 0) await nextTurn();
-    const slice = items.slice(start, start + ITEMS_PER_SLICE).map((item) => JSON.stringify(format(item)));
+    const slice = items.slice(start, start + ITEMS_PER_SLICE).map(json);
     yield `${start > 0 ? ',' : ''}${slice.join(',')}`;
   }
   yield ']';
@@ -30,11 +30,11 @@ async function* listJson<T>(items: readonly T[], format: (item: T) => unknown): 
 /** JSON.stringify(formatSetMemTableResult(r)), in pieces. */
 export async function* setMemTableJson(r: SetMemTableResult): AsyncGenerator<string> {
   yield `{"dryRun":${JSON.stringify(r.dryRun)},"ops":`;
-  yield* listJson(r.ops, formatOp);
+  yield* listJson(r.ops, formatOpJson);
   yield ',"invalidated":';
-  yield* listJson(r.invalidated, formatMapping);
+  yield* listJson(r.invalidated, formatMappingJson);
   yield ',"mapped":';
-  yield* listJson(r.mapped, formatMapping);
+  yield* listJson(r.mapped, formatMappingJson);
   yield `,"unchanged":${JSON.stringify(r.unchanged)}}`;
 }
 
