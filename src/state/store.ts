@@ -32,7 +32,9 @@
  *   records go on.
  * - A commit of no changes resolves at once: there is nothing to make durable.
  * - The journal is compacted into a snapshot when it grows past `compactBytes`, once every
- *   written record is applied (the snapshot holds the state through the last record).
+ *   written record is applied (the snapshot holds the state through the last record), and when
+ *   the store is closed with at least `compactOnCloseBytes` of journal: after a clean stop the
+ *   next start reads the state, not its history. A failed compaction leaves the files as they were.
  * - Opening refuses a damaged state directory (StateDamageError, nothing written): starting from
  *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
  *   crash during an append) is cut off, and `droppedBytes` says how much.
@@ -57,6 +59,8 @@ export interface StateStoreOptions {
   fs?: StoreFs;
   /** Compact when the journal grows past this many bytes (default 64 MiB). */
   compactBytes?: number;
+  /** Compact on close when the journal holds at least this many bytes (default 1 MiB). */
+  compactOnCloseBytes?: number;
   limits?: Partial<StateLimits>;
   /** Called with the seconds each group write (the durable append) took. */
   onWrite?: (seconds: number, ok: boolean) => void;
@@ -197,6 +201,11 @@ export class StateStore {
     this.closed = true;
     await this.writing;
     await this.applied();
+    if (this.journal.size >= (this.opts.compactOnCloseBytes ?? 1 << 20)) {
+      await this.journal
+        .compact(toSnapshot(this.desired))
+        .catch((e: unknown) => this.opts.onCompactionError?.(e));
+    }
     await this.journal.close();
   }
 

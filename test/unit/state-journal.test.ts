@@ -413,6 +413,30 @@ describe('store', () => {
     await again.close();
   });
 
+  test('a clean close compacts a journal of compactOnCloseBytes or more; a smaller one is kept as it is', async () => {
+    const { store } = await StateStore.open({ dir, compactOnCloseBytes: 4096 });
+    for (let i = 1n; i <= 8n; i++) await store.commit([put(i * 0x1000n)]);
+    const small = fs.statSync(journalFile()).size;
+    assert.ok(small > 0 && small < 4096);
+    await store.close();
+    assert.equal(fs.statSync(journalFile()).size, small, 'below the threshold the journal stays');
+    assert.ok(!fs.existsSync(path.join(dir, 'snapshot')));
+
+    const { store: again } = await StateStore.open({ dir, compactOnCloseBytes: 4096 });
+    for (let i = 9n; i <= 60n; i++) await again.commit([put(i * 0x1000n)]);
+    await again.commit([{ t: 'mapping.delete', device: 'vdpa0', asid: 0, iova: 0x5000n }]);
+    assert.ok(fs.statSync(journalFile()).size >= 4096);
+    const expected = toSnapshot(again.state);
+    await again.close();
+    assert.ok(fs.existsSync(path.join(dir, 'snapshot')), 'the close wrote a snapshot');
+    assert.equal(fs.statSync(journalFile()).size, 0, 'and left an empty journal');
+
+    const { store: reopened } = await StateStore.open({ dir });
+    assert.deepEqual(toSnapshot(reopened.state), expected);
+    assert.equal(reopened.state.devices.get('vdpa0')?.mappings.size, 59);
+    await reopened.close();
+  });
+
   test('attachments survive replay and compaction; a detach removes them', async () => {
     const attachment = { device: 'vublk0', socketPath: '/run/vdpa-mapd/vublk0.sock', group: 'kvm' };
     const { store } = await StateStore.open({ dir, compactBytes: 2048 });
