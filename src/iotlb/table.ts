@@ -205,7 +205,17 @@ export class IovaTable {
   firstPartlyInvalidated(iova: bigint, size: bigint): Region | undefined {
     const last = (iova + size - 1n) & U64_MAX;
     if (last < iova) return undefined;
-    return this.overlappingInclusive(iova, last).find((r) => r.iova < iova || r.iova + r.size - 1n > last);
+    // Entries never overlap, so only two can be cut: the one holding the first byte, if it starts
+    // before it, and the one holding the last byte, if it ends past it. Every other entry the
+    // range touches lies inside it.
+    const first = this.tree.getPairOrNextLower(iova, this.pair)?.[1];
+    if (first !== undefined && first.iova + first.size > iova) {
+      if (first.iova < iova) return first;
+      const firstLast = first.iova + first.size - 1n;
+      if (firstLast >= last) return firstLast > last ? first : undefined;
+    }
+    const end = this.tree.getPairOrNextLower(last, this.pair)?.[1];
+    return end !== undefined && end.iova + end.size - 1n > last ? end : undefined;
   }
 
   /** Every entry that shares at least one byte with `[iova, iova + size)`, in IOVA order. */
