@@ -3,8 +3,11 @@
  * short sorted blocks (a two-level sorted array). A lookup is two binary searches on bigints
  * compared in place, an insert or a removal one splice in a block of at most BLOCK entries, and
  * the usual patterns (entries added in IOVA order, then removed in IOVA order) touch one block
- * at the end or the start. sorted-btree did the same job generically (a comparator call per
- * comparison, a callback walk per removal) and was most of the cost of a simulated device's apply.
+ * at the end or the start. Written here because the generic ordered maps measured 1.7 to 3
+ * times slower on these operations (sorted-btree calls a comparator per comparison and walks a
+ * callback per removal; @js-sdsl/ordered-map allocates an iterator per lookup and a Proxy per
+ * entry read; splaytree has no greatest-key-below lookup), and the tables were most of the cost
+ * of a simulated device's apply.
  *
  * `clone` is copy-on-write: both copies share every block until one of them changes it.
  */

@@ -48,18 +48,11 @@ type Op =
 
 const KEYS = 400;
 const key = fc.integer({ min: 0, max: KEYS });
+/** Keys from, from + step, ... : long enough to fill, split and empty blocks. */
+const run = { from: key, count: fc.integer({ min: 1, max: 150 }), step: fc.constantFrom(1, 2, 3, 5, -1) };
 const op: fc.Arbitrary<Op> = fc.oneof(
   { weight: 6, arbitrary: fc.record({ kind: fc.constant('set' as const), key, tag: fc.nat(3) }) },
-  {
-    weight: 2,
-    arbitrary: fc.record({
-      kind: fc.constant('run' as const),
-      from: key,
-      count: fc.integer({ min: 1, max: 150 }),
-      step: fc.constantFrom(1, 2, 3, -1),
-      tag: fc.nat(3),
-    }),
-  },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('run' as const), ...run, tag: fc.nat(3) }) },
   {
     weight: 5,
     arbitrary: fc.record(
@@ -67,15 +60,7 @@ const op: fc.Arbitrary<Op> = fc.oneof(
       { requiredKeys: ['kind', 'key'] },
     ),
   },
-  {
-    weight: 2,
-    arbitrary: fc.record({
-      kind: fc.constant('deleteRun' as const),
-      from: key,
-      count: fc.integer({ min: 1, max: 150 }),
-      step: fc.constantFrom(1, 2, 5, -1),
-    }),
-  },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('deleteRun' as const), ...run }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'clone' }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'switch' }) },
   { weight: 1, arbitrary: fc.constant<Op>({ kind: 'clear' }) },
