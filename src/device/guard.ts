@@ -132,7 +132,8 @@ export class IotlbGuard {
       this.pins?.pin(op.iova, op.size);
       return;
     }
-    for (const r of table.invalidate(op.iova, op.size)) this.release(r);
+    const removed = table.invalidate(op.iova, op.size);
+    for (let i = 0; i < removed.length; i++) this.release(removed[i]!);
   }
 
   /** The kernel refused an admitted op: drop the reference `admit` took for an UPDATE. */

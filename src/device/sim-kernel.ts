@@ -723,7 +723,9 @@ class SimVhostFile implements VhostTransport {
    */
   private iotlbUnmap(asid: number, table: IovaTable, start: bigint, last: bigint): void {
     if (last < start) return;
-    for (const entry of table.invalidate(start, last - start + 1n)) {
+    const removed = table.invalidate(start, last - start + 1n);
+    for (let i = 0; i < removed.length; i++) {
+      const entry = removed[i]!;
       this.parent.pins?.unpin(entry.iova, entry.size);
       if (!this.parent.hasSetMap) this.parent.dmaUnmap(asid, entry, table);
     }

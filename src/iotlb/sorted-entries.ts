@@ -145,8 +145,11 @@ export class SortedEntries<T extends Keyed> {
   /** The index of the last block whose first IOVA is <= `iova`, or -1. */
   private blockAtOrBelow(iova: bigint): number {
     const firsts = this.firsts;
-    let lo = 0;
     let hi = firsts.length;
+    // At the end or the start first: where entries added or removed in IOVA order are.
+    if (hi === 0 || firsts[hi - 1]! <= iova) return hi - 1;
+    if (firsts[0]! > iova) return -1;
+    let lo = 0;
     while (lo < hi) {
       const mid = (lo + hi) >> 1;
       if (firsts[mid]! <= iova) lo = mid + 1;
@@ -191,8 +194,10 @@ export class SortedEntries<T extends Keyed> {
 
 /** The index of the first entry of `block` whose IOVA is >= `iova` (block.length if none). */
 function lowerIndex<T extends Keyed>(block: readonly T[], iova: bigint): number {
-  let lo = 0;
   let hi = block.length;
+  if (hi === 0 || block[0]!.iova >= iova) return 0;
+  if (block[hi - 1]!.iova < iova) return hi;
+  let lo = 0;
   while (lo < hi) {
     const mid = (lo + hi) >> 1;
     if (block[mid]!.iova < iova) lo = mid + 1;
@@ -203,8 +208,10 @@ function lowerIndex<T extends Keyed>(block: readonly T[], iova: bigint): number 
 
 /** The index of the first entry of `block` whose IOVA is > `iova` (block.length if none). */
 function upperIndex<T extends Keyed>(block: readonly T[], iova: bigint): number {
-  let lo = 0;
   let hi = block.length;
+  if (hi === 0 || block[hi - 1]!.iova <= iova) return hi;
+  if (block[0]!.iova > iova) return 0;
+  let lo = 0;
   while (lo < hi) {
     const mid = (lo + hi) >> 1;
     if (block[mid]!.iova <= iova) lo = mid + 1;
