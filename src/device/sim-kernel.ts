@@ -24,7 +24,7 @@
  * release, which keep the parent's table.
  */
 import fs from 'node:fs';
-import { IovaTable } from '../iotlb/table.ts';
+import { IovaTable, lastByte } from '../iotlb/table.ts';
 import { hex, type IovaRange, type Mapping, type Perm, type Region } from '../iotlb/types.ts';
 import { U64_MAX } from '../u64.ts';
 import type { MemoryInfo, MemoryRegistry } from '../memory/types.ts';
@@ -713,7 +713,7 @@ class SimVhostFile implements VhostTransport {
 
   /** vhost_vdpa_unmap: every overlapping entry goes whole; then set_map outside a batch. */
   private unmap(asid: number, table: IovaTable, iova: bigint, size: bigint): void {
-    this.iotlbUnmap(asid, table, iova, (iova + size - 1n) & U64_MAX);
+    this.iotlbUnmap(asid, table, iova, lastByte(iova, size));
     if (this.parent.hasSetMap && !this.inBatch) this.push(asid, table);
   }
 

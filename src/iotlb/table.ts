@@ -25,6 +25,15 @@ import { U64_LIMIT, U64_MAX } from '../u64.ts';
 
 export const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
 
+/**
+ * The last byte of `[iova, iova + size)` as vhost_vdpa_iotlb_unmap computes it, in u64 arithmetic:
+ * iova 0 / size 0 wraps to U64_MAX (everything), and a range past 2^64 wraps below `iova`.
+ */
+export function lastByte(iova: bigint, size: bigint): bigint {
+  const last = iova + size - 1n;
+  return last >= 0n && last <= U64_MAX ? last : last & U64_MAX;
+}
+
 export function violation(
   reason: IotlbViolationReason,
   message: string,
@@ -170,7 +179,7 @@ export class IovaTable {
    * iova 0 / size 0 wraps to "everything" and a range whose last byte wraps matches nothing.
    */
   invalidate(iova: bigint, size: bigint): Region[] {
-    const last = (iova + size - 1n) & U64_MAX;
+    const last = lastByte(iova, size);
     if (last < iova) return [];
     const removed = this.overlappingInclusive(iova, last);
     for (let i = 0; i < removed.length; i++) {
@@ -193,7 +202,7 @@ export class IovaTable {
    * {@link invalidate}) touches but does not cover whole.
    */
   firstPartlyInvalidated(iova: bigint, size: bigint): Region | undefined {
-    const last = (iova + size - 1n) & U64_MAX;
+    const last = lastByte(iova, size);
     if (last < iova) return undefined;
     // Entries never overlap, so only two can be cut: the one holding the first byte, if it starts
     // before it, and the one holding the last byte, if it ends past it. Every other entry the
