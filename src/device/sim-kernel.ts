@@ -651,12 +651,15 @@ class SimVhostFile implements VhostTransport {
     const range = this.parent.config.iovaRange;
     // In bigint arithmetic iova + size - 1 cannot wrap, so the range test also covers the
     // kernel's explicit overflow test (iova > U64_MAX - size + 1).
-    if (m.iova < range.first || m.size === 0n || m.iova + m.size - 1n > range.last) {
+    const last = m.iova + m.size - 1n;
+    if (m.iova < range.first || m.size === 0n || last > range.last) {
       throw new HandlerError('EINVAL', 'iova/size outside the IOVA range or overflowing');
     }
     // The overlap test is on the range as given; PA-mode entries are whole pages, so a range
     // sharing a page with one overlaps it.
-    if (table.firstOverlap(m.iova, m.size)) throw new HandlerError('EEXIST', 'the range overlaps a mapping');
+    if (table.firstOverlapThrough(m.iova, last)) {
+      throw new HandlerError('EEXIST', 'the range overlaps a mapping');
+    }
     const perm = PERM_BY_BITS[m.perm];
     if (perm === undefined)
       throw new HandlerError('EINVAL', `perm ${m.perm} is not RO/WO/RW (not simulated)`);
@@ -722,8 +725,7 @@ class SimVhostFile implements VhostTransport {
    * in PA mode vhost_vdpa_pa_unmap unpins each entry's pages.
    */
   private iotlbUnmap(asid: number, table: IovaTable, start: bigint, last: bigint): void {
-    if (last < start) return;
-    const removed = table.invalidate(start, last - start + 1n);
+    const removed = table.invalidateThrough(start, last);
     for (let i = 0; i < removed.length; i++) {
       const entry = removed[i]!;
       this.parent.pins?.unpin(entry.iova, entry.size);

@@ -179,9 +179,13 @@ export class IovaTable {
    * iova 0 / size 0 wraps to "everything" and a range whose last byte wraps matches nothing.
    */
   invalidate(iova: bigint, size: bigint): Region[] {
-    const last = lastByte(iova, size);
-    if (last < iova) return [];
-    const removed = this.overlappingInclusive(iova, last);
+    return this.invalidateThrough(iova, lastByte(iova, size));
+  }
+
+  /** {@link invalidate} of `[first, last]` (inclusive; a last below first matches nothing). */
+  invalidateThrough(first: bigint, last: bigint): Region[] {
+    if (last < first) return [];
+    const removed = this.overlappingInclusive(first, last);
     for (let i = 0; i < removed.length; i++) {
       const r = removed[i]!;
       this.tree.delete(r.iova);
@@ -208,10 +212,11 @@ export class IovaTable {
     // before it, and the one holding the last byte, if it ends past it. Every other entry the
     // range touches lies inside it.
     const first = this.tree.atOrBelow(iova);
-    if (first !== undefined && first.iova + first.size > iova) {
+    const firstEnd = first === undefined ? 0n : first.iova + first.size;
+    if (first !== undefined && firstEnd > iova) {
       if (first.iova < iova) return first;
-      const firstLast = first.iova + first.size - 1n;
-      if (firstLast >= last) return firstLast > last ? first : undefined;
+      // It ends at the last byte (not cut) or past it (cut); either way no other entry is touched.
+      if (firstEnd > last) return firstEnd - 1n > last ? first : undefined;
     }
     const end = this.tree.atOrBelow(last);
     return end !== undefined && end.iova + end.size - 1n > last ? end : undefined;
@@ -225,16 +230,20 @@ export class IovaTable {
 
   /** The first entry (lowest IOVA) sharing a byte with `[iova, iova + size)`. */
   firstOverlap(iova: bigint, size: bigint): Region | undefined {
-    if (size <= 0n) return undefined;
+    return size <= 0n ? undefined : this.firstOverlapThrough(iova, iova + size - 1n);
+  }
+
+  /** The first entry (lowest IOVA) sharing a byte with `[first, last]` (inclusive, first <= last). */
+  firstOverlapThrough(first: bigint, last: bigint): Region | undefined {
     // Entries never overlap, so the last one starting at or before the range's last byte is the
     // only one that can tell: if it ends before the range, every earlier one does too. One lookup
     // decides; only an overlap needs the first of them.
-    const last = this.tree.atOrBelow(iova + size - 1n);
-    if (last === undefined || last.iova + last.size <= iova) return undefined;
-    if (last.iova <= iova) return last;
-    const before = this.tree.atOrBelow(iova);
-    if (before && before.iova + before.size > iova) return before;
-    return this.tree.above(iova)!;
+    const atLast = this.tree.atOrBelow(last);
+    if (atLast === undefined || atLast.iova + atLast.size <= first) return undefined;
+    if (atLast.iova <= first) return atLast;
+    const before = this.tree.atOrBelow(first);
+    if (before && before.iova + before.size > first) return before;
+    return this.tree.above(first)!;
   }
 
   /** The entry containing `iova`, if any. */
@@ -267,15 +276,18 @@ export class IovaTable {
   private overlappingInclusive(first: bigint, last: bigint): Region[] {
     const found: Region[] = [];
     const before = this.tree.atOrBelow(first);
-    if (before && before.iova + before.size > first) {
-      found.push(before);
-      if (before.iova + before.size - 1n >= last) return found;
+    if (before) {
+      const end = before.iova + before.size;
+      if (end > first) {
+        found.push(before);
+        if (end > last) return found;
+      }
     }
     // Most ranges touch one entry or none: step to the next one, and walk a range only past it.
     const next = this.tree.above(first);
     if (next === undefined || next.iova > last) return found;
     found.push(next);
-    if (next.iova + next.size - 1n >= last) return found;
+    if (next.iova + next.size > last) return found;
     for (const region of this.tree.between(next.iova + 1n, last)) found.push(region);
     return found;
   }
