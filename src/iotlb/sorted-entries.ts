@@ -9,7 +9,8 @@
  * entry read; splaytree has no greatest-key-below lookup), and the tables were most of the cost
  * of a simulated device's apply.
  *
- * `clone` is copy-on-write: both copies share every block until one of them changes it.
+ * A removal from the front of a block (the usual one) only moves the block's head: arrays are
+ * slow to shift. `clone` is copy-on-write: both copies share every block until one changes it.
  */
 
 /** Most entries one block holds; a full block is split in two. */
@@ -22,9 +23,14 @@ export interface Keyed {
 }
 
 export class SortedEntries<T extends Keyed> {
-  /** The blocks, in IOVA order; none is empty. */
-  private blocks: T[][] = [];
-  /** The first IOVA of each block (`blocks[b][0].iova`): the first of the two searches. */
+  /**
+   * The blocks, in IOVA order. Block b holds its entries at `heads[b]` and after; the slots before
+   * are free (undefined). None is empty.
+   */
+  private blocks: (T | undefined)[][] = [];
+  /** Where each block's entries start. */
+  private heads: number[] = [];
+  /** The first IOVA of each block: the first of the two searches. */
   private firsts: bigint[] = [];
   /** Which blocks this store may change in place; a block it shares with a clone is copied first. */
   private owned: boolean[] = [];
@@ -39,24 +45,25 @@ export class SortedEntries<T extends Keyed> {
     const b = this.blockAtOrBelow(iova);
     if (b < 0) return undefined;
     const block = this.blocks[b]!;
-    return block[upperIndex(block, iova) - 1];
+    return block[upperIndex(block, this.heads[b]!, iova) - 1];
   }
 
   /** The entry with the least IOVA > `iova`. */
   above(iova: bigint): T | undefined {
     const b = this.blockAtOrBelow(iova);
-    if (b < 0) return this.blocks[0]?.[0];
+    if (b < 0) return this.firstOf(0);
     const block = this.blocks[b]!;
-    const i = upperIndex(block, iova);
-    return i < block.length ? block[i] : this.blocks[b + 1]?.[0];
+    const i = upperIndex(block, this.heads[b]!, iova);
+    return i < block.length ? block[i] : this.firstOf(b + 1);
   }
 
   /** Every entry with `from <= iova <= to`, in order. */
   between(from: bigint, to: bigint): T[] {
     const found: T[] = [];
     let b = Math.max(this.blockAtOrBelow(from), 0);
-    let i = b < this.blocks.length ? lowerIndex(this.blocks[b]!, from) : 0;
-    for (; b < this.blocks.length; b++, i = 0) {
+    if (b >= this.blocks.length) return found;
+    let i = lowerIndex(this.blocks[b]!, this.heads[b]!, from);
+    for (; b < this.blocks.length; b++, i = this.heads[b] ?? 0) {
       const block = this.blocks[b]!;
       for (; i < block.length; i++) {
         const entry = block[i]!;
@@ -77,55 +84,77 @@ export class SortedEntries<T extends Keyed> {
       return;
     }
     const b = Math.max(this.blockAtOrBelow(iova), 0);
+    const head = this.heads[b]!;
     let block = blocks[b]!;
-    const i = lowerIndex(block, iova);
+    const i = lowerIndex(block, head, iova);
     if (i < block.length && block[i]!.iova === iova) {
       this.own(b)[i] = entry;
       return;
     }
     this.count++;
-    if (i === BLOCK) {
+    if (i === block.length && block.length - head >= BLOCK) {
       // Past the end of a full block: a new block after it, so that entries added in order fill
       // their blocks instead of leaving each half empty.
       this.insertBlock(b + 1, [entry]);
       return;
     }
     block = this.own(b);
+    if (i === head && head > 0) {
+      // Before the first entry, into a free slot.
+      block[head - 1] = entry;
+      this.heads[b] = head - 1;
+      this.firsts[b] = iova;
+      return;
+    }
     if (i === block.length) block.push(entry);
     else block.splice(i, 0, entry);
-    if (i === 0) this.firsts[b] = iova;
-    if (block.length > BLOCK) this.insertBlock(b + 1, block.splice(BLOCK >> 1));
+    if (i === head) this.firsts[b] = iova;
+    if (block.length - head > BLOCK) {
+      if (head > 0) this.compact(b);
+      this.insertBlock(b + 1, block.splice(BLOCK >> 1) as T[]);
+    }
   }
 
   /** Removes and returns the entry at `iova`, if `keep` (given it) does not say to keep it. */
   delete(iova: bigint, keep?: (held: T) => boolean): T | undefined {
     const b = this.blockAtOrBelow(iova);
     if (b < 0) return undefined;
-    const i = lowerIndex(this.blocks[b]!, iova);
+    const head = this.heads[b]!;
+    const i = lowerIndex(this.blocks[b]!, head, iova);
     const held = this.blocks[b]![i];
     if (held === undefined || held.iova !== iova || keep?.(held)) return undefined;
     this.count--;
     const block = this.own(b);
-    if (block.length === 1) {
+    const live = block.length - head;
+    if (live === 1) {
       this.removeBlocks(b, 1);
       return held;
     }
-    if (i === 0) {
-      block.shift();
-      this.firsts[b] = block[0]!.iova;
+    if (i === head) {
+      block[head] = undefined;
+      this.heads[b] = head + 1;
+      this.firsts[b] = block[head + 1]!.iova;
+      // A block's worth of free slots is given back, once per as many removals.
+      if (head + 1 >= BLOCK) this.compact(b);
     } else if (i === block.length - 1) block.pop();
     else block.splice(i, 1);
-    if (block.length < SMALL) this.mergeIfSmall(b);
+    if (live - 1 < SMALL) this.mergeIfSmall(b);
     return held;
   }
 
   /** Every entry, in order, in a new array. */
   values(): T[] {
-    return this.blocks.length === 1 ? this.blocks[0]!.slice() : this.blocks.flat();
+    const all: T[] = [];
+    for (let b = 0; b < this.blocks.length; b++) {
+      const block = this.blocks[b]!;
+      for (let i = this.heads[b]!; i < block.length; i++) all.push(block[i]!);
+    }
+    return all;
   }
 
   clear(): void {
     this.blocks = [];
+    this.heads = [];
     this.firsts = [];
     this.owned = [];
     this.count = 0;
@@ -135,6 +164,7 @@ export class SortedEntries<T extends Keyed> {
   clone(): SortedEntries<T> {
     const copy = new SortedEntries<T>();
     copy.blocks = this.blocks.slice();
+    copy.heads = this.heads.slice();
     copy.firsts = this.firsts.slice();
     this.owned.fill(false);
     copy.owned = this.owned.slice();
@@ -158,8 +188,12 @@ export class SortedEntries<T extends Keyed> {
     return lo - 1;
   }
 
-  /** Block `b`, copied first when it is shared with a clone. */
-  private own(b: number): T[] {
+  private firstOf(b: number): T | undefined {
+    return b < this.blocks.length ? this.blocks[b]![this.heads[b]!] : undefined;
+  }
+
+  /** Block `b`, copied first (slot for slot: indexes into it stay valid) when it is shared with a clone. */
+  private own(b: number): (T | undefined)[] {
     if (this.owned[b]) return this.blocks[b]!;
     const copy = this.blocks[b]!.slice();
     this.blocks[b] = copy;
@@ -167,37 +201,49 @@ export class SortedEntries<T extends Keyed> {
     return copy;
   }
 
+  /** Drops the free slots of owned block `b`. */
+  private compact(b: number): void {
+    this.blocks[b]!.splice(0, this.heads[b]);
+    this.heads[b] = 0;
+  }
+
   private insertBlock(b: number, block: T[]): void {
     this.blocks.splice(b, 0, block);
+    this.heads.splice(b, 0, 0);
     this.firsts.splice(b, 0, block[0]!.iova);
     this.owned.splice(b, 0, true);
   }
 
   private removeBlocks(b: number, n: number): void {
     this.blocks.splice(b, n);
+    this.heads.splice(b, n);
     this.firsts.splice(b, n);
     this.owned.splice(b, n);
   }
 
+  private live(b: number): number {
+    return this.blocks[b]!.length - this.heads[b]!;
+  }
+
   /** Merges small block `b` into a neighbour when both fit in one block. */
   private mergeIfSmall(b: number): void {
-    const blocks = this.blocks;
-    const left = b > 0 && blocks[b - 1]!.length + blocks[b]!.length <= BLOCK ? b - 1 : -1;
+    const left = b > 0 && this.live(b - 1) + this.live(b) <= BLOCK ? b - 1 : -1;
     const at =
-      left >= 0 ? left : b + 1 < blocks.length && blocks[b]!.length + blocks[b + 1]!.length <= BLOCK ? b : -1;
+      left >= 0 ? left : b + 1 < this.blocks.length && this.live(b) + this.live(b + 1) <= BLOCK ? b : -1;
     if (at < 0) return;
     const merged = this.own(at);
-    for (const entry of blocks[at + 1]!) merged.push(entry);
+    const next = this.blocks[at + 1]!;
+    for (let i = this.heads[at + 1]!; i < next.length; i++) merged.push(next[i]);
     this.removeBlocks(at + 1, 1);
   }
 }
 
-/** The index of the first entry of `block` whose IOVA is >= `iova` (block.length if none). */
-function lowerIndex<T extends Keyed>(block: readonly T[], iova: bigint): number {
+/** The index of the first entry of `block` from `head` on whose IOVA is >= `iova` (block.length if none). */
+function lowerIndex<T extends Keyed>(block: readonly (T | undefined)[], head: number, iova: bigint): number {
   let hi = block.length;
-  if (hi === 0 || block[0]!.iova >= iova) return 0;
+  if (hi === head || block[head]!.iova >= iova) return head;
   if (block[hi - 1]!.iova < iova) return hi;
-  let lo = 0;
+  let lo = head;
   while (lo < hi) {
     const mid = (lo + hi) >> 1;
     if (block[mid]!.iova < iova) lo = mid + 1;
@@ -206,12 +252,12 @@ function lowerIndex<T extends Keyed>(block: readonly T[], iova: bigint): number 
   return lo;
 }
 
-/** The index of the first entry of `block` whose IOVA is > `iova` (block.length if none). */
-function upperIndex<T extends Keyed>(block: readonly T[], iova: bigint): number {
+/** The index of the first entry of `block` from `head` on whose IOVA is > `iova` (block.length if none). */
+function upperIndex<T extends Keyed>(block: readonly (T | undefined)[], head: number, iova: bigint): number {
   let hi = block.length;
-  if (hi === 0 || block[hi - 1]!.iova <= iova) return hi;
-  if (block[0]!.iova > iova) return 0;
-  let lo = 0;
+  if (hi === head || block[hi - 1]!.iova <= iova) return hi;
+  if (block[head]!.iova > iova) return head;
+  let lo = head;
   while (lo < hi) {
     const mid = (lo + hi) >> 1;
     if (block[mid]!.iova <= iova) lo = mid + 1;

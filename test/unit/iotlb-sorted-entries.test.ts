@@ -137,3 +137,20 @@ test('property: SortedEntries agrees with a sorted array, clones included', () =
     { numRuns: 300 },
   );
 });
+
+test('a block that lost entries at its front and is refilled in its middle splits in order', () => {
+  const store = new SortedEntries<E>();
+  const model = new Model();
+  const set = (k: number) => {
+    const e = { iova: big(k), tag: 0 };
+    store.set(e);
+    model.set(e);
+  };
+  // One full block of every fourth key, its first 40 removed, then 41 keys between the other 24.
+  for (let k = 0; k < 256; k += 4) set(k);
+  for (let k = 0; k < 160; k += 4) assert.equal(store.delete(big(k)), model.delete(big(k)));
+  for (let k = 161; k < 161 + 41 * 2; k += 2) set(k);
+  agree(store, model, [159, 160, 161, 200, 241, 252, 253]);
+  for (let k = 0; k < 160; k += 4) set(k);
+  agree(store, model, [0, 4, 159, 160, 200, 255]);
+});
