@@ -17,7 +17,7 @@ import {
   type Mapping,
 } from '../iotlb/types.ts';
 import { U64_LIMIT } from '../u64.ts';
-import type { MemoryRegistry } from '../memory/types.ts';
+import { MemoryError, type MemoryRegistry } from '../memory/types.ts';
 import { hasBackendFeature } from '../uapi/constants.ts';
 import type { PinnedMemory } from './memlock.ts';
 import type { OpResult } from './types.ts';
@@ -94,8 +94,12 @@ export class IotlbGuard {
         },
       };
     }
-    const err = this.memory.check(op.memory, op.offset, op.size);
-    if (err) {
+    // translate checks the bounds as check does, and throws what check would return.
+    let uaddr: bigint;
+    try {
+      uaddr = this.memory.translate(op.memory, op.offset, op.size);
+    } catch (err) {
+      if (!(err instanceof MemoryError)) throw err;
       return {
         action: 'refuse',
         result: {
@@ -107,7 +111,6 @@ export class IotlbGuard {
         },
       };
     }
-    const uaddr = this.memory.translate(op.memory, op.offset, op.size);
     this.memory.retain(op.memory);
     return { action: 'write', asid, uaddr };
   }
@@ -129,7 +132,8 @@ export class IotlbGuard {
       this.pins?.pin(op.iova, op.size);
       return;
     }
-    for (const r of table.invalidate(op.iova, op.size)) this.release(r);
+    const removed = table.invalidate(op.iova, op.size);
+    for (let i = 0; i < removed.length; i++) this.release(removed[i]!);
   }
 
   /** The kernel refused an admitted op: drop the reference `admit` took for an UPDATE. */

@@ -24,10 +24,10 @@
  * release, which keep the parent's table.
  */
 import fs from 'node:fs';
-import { IovaTable } from '../iotlb/table.ts';
+import { IovaTable, lastByte } from '../iotlb/table.ts';
 import { hex, type IovaRange, type Mapping, type Perm, type Region } from '../iotlb/types.ts';
 import { U64_MAX } from '../u64.ts';
-import type { MemoryRegistry } from '../memory/types.ts';
+import type { MemoryInfo, MemoryRegistry } from '../memory/types.ts';
 import {
   type BackendFeatureName,
   DeviceStatus,
@@ -178,12 +178,16 @@ export class SimulatedVdpa {
   private suspendedFlag = false;
   /** Number of the next UPDATE/INVALIDATE message, for fault injection. */
   private opSeq = 0;
+  /** The registered memory of the last UPDATE (see registeredAt). */
+  private lastMemory: MemoryInfo | undefined;
   /**
    * PA mode: the pages the kernel pinned (mm->pinned_vm, what VmPin shows), counted per entry as
    * vhost_vdpa_map and vhost_vdpa_pa_unmap do; undefined in VA mode.
    */
   readonly pins: PinnedMemory | undefined;
   readonly pageSize: bigint;
+  /** The parent has set_map (pushes of the whole table) rather than dma_map or the platform IOMMU. */
+  readonly hasSetMap: boolean;
   /** Bytes of one physically contiguous run. */
   private readonly runBytes: bigint;
   /** The virtqueues, driver features, config space and data path. */
@@ -209,6 +213,7 @@ export class SimulatedVdpa {
       config.logger,
     );
     this.pageSize = config.pageSize ?? PAGE_SIZE;
+    this.hasSetMap = config.iommu === 'onchip' && (config.onchipMap ?? 'set_map') === 'set_map';
     this.runBytes = BigInt(contiguous) * this.pageSize;
     this.deviceTables = this.emptyTables();
     const memlock = config.memlock ?? RLIM_INFINITY;
@@ -218,11 +223,6 @@ export class SimulatedVdpa {
   /** Whether the parent maps by address (use_va) and pins nothing. */
   get useVa(): boolean {
     return this.pins === undefined;
-  }
-
-  /** The parent has set_map (pushes of the whole table) rather than dma_map or the platform IOMMU. */
-  get hasSetMap(): boolean {
-    return this.config.iommu === 'onchip' && (this.config.onchipMap ?? 'set_map') === 'set_map';
   }
 
   /**
@@ -238,7 +238,7 @@ export class SimulatedVdpa {
   ): { runs: Region[]; pinnedPages: bigint } {
     const page = this.pageSize;
     const end = uaddr + npages * page;
-    const registered = this.memory.list();
+    let registered: MemoryInfo[] | undefined;
     let vmas: Vma[] | undefined;
     const runs: Region[] = [];
     let at = uaddr;
@@ -246,7 +246,7 @@ export class SimulatedVdpa {
       // `base`: where offset 0 of the memory is; runs are aligned to `blocksFrom` (a memory's file
       // offset 0, as shmem's huge pages are; the address, as anonymous huge pages are).
       let segment: { memory: string; base: bigint; blocksFrom: bigint; stop: bigint } | undefined;
-      const mem = registered.find((m) => m.uaddr <= at && at < m.uaddr + m.size);
+      const mem = this.registeredAt(at);
       if (mem)
         segment = { memory: mem.id, base: mem.uaddr, blocksFrom: mem.uaddr, stop: mem.uaddr + mem.size };
       else {
@@ -255,6 +255,7 @@ export class SimulatedVdpa {
         vmas ??= ownVmas();
         const vma = vmas.find((v) => v.start <= at && at < v.end && v.read && (v.write || perm === 'ro'));
         let next: bigint | undefined;
+        registered ??= this.memory.list();
         for (const m of registered)
           if (m.uaddr > at && (next === undefined || m.uaddr < next)) next = m.uaddr;
         if (vma) {
@@ -287,6 +288,27 @@ export class SimulatedVdpa {
       .filter((r) => r.iova < limit)
       .map((r) => (r.iova + r.size > limit ? { ...r, size: limit - r.iova } : r));
     return { runs: whole, pinnedPages };
+  }
+
+  /**
+   * The registered memory whose mapping holds address `uaddr`. Mappings of one process never
+   * overlap, so the memory the last UPDATE used, still registered at the same address and size,
+   * is the one answer when it holds `uaddr`: most UPDATEs need no look through every memory.
+   */
+  registeredAt(uaddr: bigint): MemoryInfo | undefined {
+    const last = this.lastMemory === undefined ? undefined : this.memory.get(this.lastMemory.id);
+    if (
+      last !== undefined &&
+      last.uaddr === this.lastMemory!.uaddr &&
+      last.size === this.lastMemory!.size &&
+      last.uaddr <= uaddr &&
+      uaddr < last.uaddr + last.size
+    ) {
+      return last;
+    }
+    const found = this.memory.list().find((m) => m.uaddr <= uaddr && uaddr < m.uaddr + m.size);
+    if (found !== undefined) this.lastMemory = found;
+    return found;
   }
 
   /** vhost_vdpa_open: EBUSY while another file is open; opening resets the device. */
@@ -326,22 +348,28 @@ export class SimulatedVdpa {
   }
 
   /**
-   * ops->dma_map, or iommu_map for a platform IOMMU: one call per entry. The parent's table holds
-   * only entries the vhost table holds (dma_unmap follows every removal, and a reset only empties
-   * it), and this one was just added there without overlap: nothing to check again.
+   * ops->dma_map, or iommu_map for a platform IOMMU: one call per entry, just added to the vhost
+   * table `vhost` without overlap, so nothing to check again. The parent's table holds only
+   * entries the vhost table holds (dma_unmap follows every removal, and a reset only empties it).
+   * Once the two hold the same entries they stay the same until a reset empties the parent's, so
+   * from then on the parent's table is the vhost table itself rather than a copy kept in step.
    */
-  dmaMap(asid: number, entry: Region): void {
+  dmaMap(asid: number, entry: Region, vhost: IovaTable): void {
     this.counters.dmaMapCalls++;
-    this.deviceTables[asid]!.add(entry);
+    const own = this.deviceTables[asid]!;
+    if (own === vhost) return;
+    if (own.count === 0 && vhost.count === 1) this.deviceTables[asid] = vhost;
+    else own.add(entry);
   }
 
   /**
-   * ops->dma_unmap / iommu_unmap, per entry (vhost_vdpa_general_unmap): the entry dma_map added,
-   * unless a reset emptied the table since.
+   * ops->dma_unmap / iommu_unmap, per entry (vhost_vdpa_general_unmap), after its removal from the
+   * vhost table `vhost`: the entry dma_map added, unless a reset emptied the parent's table since.
    */
-  dmaUnmap(asid: number, entry: Region): void {
+  dmaUnmap(asid: number, entry: Region, vhost: IovaTable): void {
     this.counters.dmaUnmapCalls++;
-    this.deviceTables[asid]!.remove(entry);
+    const own = this.deviceTables[asid]!;
+    if (own !== vhost) own.remove(entry);
   }
 
   /** ops->set_map: the parent rebuilds its table from the whole vhost table. Returns the delay. */
@@ -623,12 +651,15 @@ class SimVhostFile implements VhostTransport {
     const range = this.parent.config.iovaRange;
     // In bigint arithmetic iova + size - 1 cannot wrap, so the range test also covers the
     // kernel's explicit overflow test (iova > U64_MAX - size + 1).
-    if (m.iova < range.first || m.size === 0n || m.iova + m.size - 1n > range.last) {
+    const last = m.iova + m.size - 1n;
+    if (m.iova < range.first || m.size === 0n || last > range.last) {
       throw new HandlerError('EINVAL', 'iova/size outside the IOVA range or overflowing');
     }
     // The overlap test is on the range as given; PA-mode entries are whole pages, so a range
     // sharing a page with one overlaps it.
-    if (table.firstOverlap(m.iova, m.size)) throw new HandlerError('EEXIST', 'the range overlaps a mapping');
+    if (table.firstOverlapThrough(m.iova, last)) {
+      throw new HandlerError('EEXIST', 'the range overlaps a mapping');
+    }
     const perm = PERM_BY_BITS[m.perm];
     if (perm === undefined)
       throw new HandlerError('EINVAL', `perm ${m.perm} is not RO/WO/RW (not simulated)`);
@@ -679,13 +710,13 @@ class SimVhostFile implements VhostTransport {
     // The UPDATE's whole range was tested for overlap (processIotlbUpdate), as the kernel does.
     table.add(entry);
     this.parent.pins?.pin(entry.iova, entry.size);
-    if (!this.parent.hasSetMap) this.parent.dmaMap(asid, entry);
+    if (!this.parent.hasSetMap) this.parent.dmaMap(asid, entry, table);
     else if (!this.inBatch) this.push(asid, table);
   }
 
   /** vhost_vdpa_unmap: every overlapping entry goes whole; then set_map outside a batch. */
   private unmap(asid: number, table: IovaTable, iova: bigint, size: bigint): void {
-    this.iotlbUnmap(asid, table, iova, (iova + size - 1n) & U64_MAX);
+    this.iotlbUnmap(asid, table, iova, lastByte(iova, size));
     if (this.parent.hasSetMap && !this.inBatch) this.push(asid, table);
   }
 
@@ -694,10 +725,11 @@ class SimVhostFile implements VhostTransport {
    * in PA mode vhost_vdpa_pa_unmap unpins each entry's pages.
    */
   private iotlbUnmap(asid: number, table: IovaTable, start: bigint, last: bigint): void {
-    if (last < start) return;
-    for (const entry of table.invalidate(start, last - start + 1n)) {
+    const removed = table.invalidateThrough(start, last);
+    for (let i = 0; i < removed.length; i++) {
+      const entry = removed[i]!;
       this.parent.pins?.unpin(entry.iova, entry.size);
-      if (!this.parent.hasSetMap) this.parent.dmaUnmap(asid, entry);
+      if (!this.parent.hasSetMap) this.parent.dmaUnmap(asid, entry, table);
     }
   }
 
@@ -717,6 +749,11 @@ class SimVhostFile implements VhostTransport {
   /** The pieces of [uaddr, +size) inside registered memory (the shared file-backed vmas). */
   private resolve(iova: bigint, size: bigint, uaddr: bigint, perm: Perm): Region[] {
     const end = uaddr + size;
+    // Most UPDATEs lie in one memory, and then in no other: mappings never overlap.
+    const holder = this.parent.registeredAt(uaddr);
+    if (holder !== undefined && end <= holder.uaddr + holder.size) {
+      return [{ iova, size, memory: holder.id, offset: uaddr - holder.uaddr, perm }];
+    }
     const pieces: Region[] = [];
     for (const mem of this.parent.memory.list()) {
       let start = uaddr;

@@ -2,11 +2,11 @@
  * The IOVA table of one address space, with the rules of drivers/vhost/vdpa.c and vhost/iotlb.c:
  * entries never overlap, UPDATE never replaces, INVALIDATE drops every entry it touches in full.
  *
- * Entries are kept in a B+ tree keyed by their first IOVA. Because entries never overlap, the only
- * entry that can contain an address is the one with the greatest start <= that address, so every
- * lookup, overlap check and removal is O(log n).
+ * Entries are kept sorted by their first IOVA (sorted-entries.ts). Because entries never overlap,
+ * the only entry that can contain an address is the one with the greatest start <= that address,
+ * so every lookup, overlap check and removal is O(log n).
  */
-import sortedBtree from 'sorted-btree';
+import { SortedEntries } from './sorted-entries.ts';
 import {
   describeRange,
   FULL_IOVA_RANGE,
@@ -23,11 +23,16 @@ import {
 } from './types.ts';
 import { U64_LIMIT, U64_MAX } from '../u64.ts';
 
-// sorted-btree is CommonJS with `exports.default`; Node's ESM loader hands us module.exports.
-const BTree = sortedBtree.default;
-type BTree<K, V> = InstanceType<typeof BTree<K, V>>;
-
 export const compareBigint = (a: bigint, b: bigint): number => (a < b ? -1 : a > b ? 1 : 0);
+
+/**
+ * The last byte of `[iova, iova + size)` as vhost_vdpa_iotlb_unmap computes it, in u64 arithmetic:
+ * iova 0 / size 0 wraps to U64_MAX (everything), and a range past 2^64 wraps below `iova`.
+ */
+export function lastByte(iova: bigint, size: bigint): bigint {
+  const last = iova + size - 1n;
+  return last >= 0n && last <= U64_MAX ? last : last & U64_MAX;
+}
 
 export function violation(
   reason: IotlbViolationReason,
@@ -107,10 +112,8 @@ export function checkPageAligned(r: Region, pageSize: bigint): IotlbViolation | 
 }
 
 export class IovaTable {
-  private tree: BTree<bigint, Region> = new BTree<bigint, Region>(undefined, compareBigint);
+  private tree = new SortedEntries<Region>();
   private mappedBytes = 0n;
-  /** The tree's lookups return their [key, value] in it rather than in a new array each. */
-  private readonly pair: [bigint, Region] = [0n, undefined as unknown as Region];
 
   constructor(
     readonly asid = 0,
@@ -158,7 +161,7 @@ export class IovaTable {
    * entry it adds for it.
    */
   add(r: Region): void {
-    this.tree.set(r.iova, { iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm });
+    this.tree.set({ iova: r.iova, size: r.size, memory: r.memory, offset: r.offset, perm: r.perm });
     this.mappedBytes += r.size;
   }
 
@@ -176,10 +179,15 @@ export class IovaTable {
    * iova 0 / size 0 wraps to "everything" and a range whose last byte wraps matches nothing.
    */
   invalidate(iova: bigint, size: bigint): Region[] {
-    const last = (iova + size - 1n) & U64_MAX;
-    if (last < iova) return [];
-    const removed = this.overlappingInclusive(iova, last);
-    for (const r of removed) {
+    return this.invalidateThrough(iova, lastByte(iova, size));
+  }
+
+  /** {@link invalidate} of `[first, last]` (inclusive; a last below first matches nothing). */
+  invalidateThrough(first: bigint, last: bigint): Region[] {
+    if (last < first) return [];
+    const removed = this.overlappingInclusive(first, last);
+    for (let i = 0; i < removed.length; i++) {
+      const r = removed[i]!;
       this.tree.delete(r.iova);
       this.mappedBytes -= r.size;
     }
@@ -188,14 +196,9 @@ export class IovaTable {
 
   /** Removes the entry `entry` names (the same start and size) if the table holds it: one walk of the tree. */
   remove(entry: Region): boolean {
-    let removed = false;
-    this.tree.editRange(entry.iova, entry.iova, true, (_start, held) => {
-      if (held.size !== entry.size) return undefined;
-      removed = true;
-      return { delete: true };
-    });
-    if (removed) this.mappedBytes -= entry.size;
-    return removed;
+    if (this.tree.delete(entry.iova, (held) => held.size !== entry.size) === undefined) return false;
+    this.mappedBytes -= entry.size;
+    return true;
   }
 
   /**
@@ -203,9 +206,20 @@ export class IovaTable {
    * {@link invalidate}) touches but does not cover whole.
    */
   firstPartlyInvalidated(iova: bigint, size: bigint): Region | undefined {
-    const last = (iova + size - 1n) & U64_MAX;
+    const last = lastByte(iova, size);
     if (last < iova) return undefined;
-    return this.overlappingInclusive(iova, last).find((r) => r.iova < iova || r.iova + r.size - 1n > last);
+    // Entries never overlap, so only two can be cut: the one holding the first byte, if it starts
+    // before it, and the one holding the last byte, if it ends past it. Every other entry the
+    // range touches lies inside it.
+    const first = this.tree.atOrBelow(iova);
+    const firstEnd = first === undefined ? 0n : first.iova + first.size;
+    if (first !== undefined && firstEnd > iova) {
+      if (first.iova < iova) return first;
+      // It ends at the last byte (not cut) or past it (cut); either way no other entry is touched.
+      if (firstEnd > last) return firstEnd - 1n > last ? first : undefined;
+    }
+    const end = this.tree.atOrBelow(last);
+    return end !== undefined && end.iova + end.size - 1n > last ? end : undefined;
   }
 
   /** Every entry that shares at least one byte with `[iova, iova + size)`, in IOVA order. */
@@ -216,21 +230,25 @@ export class IovaTable {
 
   /** The first entry (lowest IOVA) sharing a byte with `[iova, iova + size)`. */
   firstOverlap(iova: bigint, size: bigint): Region | undefined {
-    if (size <= 0n) return undefined;
+    return size <= 0n ? undefined : this.firstOverlapThrough(iova, iova + size - 1n);
+  }
+
+  /** The first entry (lowest IOVA) sharing a byte with `[first, last]` (inclusive, first <= last). */
+  firstOverlapThrough(first: bigint, last: bigint): Region | undefined {
     // Entries never overlap, so the last one starting at or before the range's last byte is the
     // only one that can tell: if it ends before the range, every earlier one does too. One lookup
     // decides; only an overlap needs the first of them.
-    const last = this.tree.getPairOrNextLower(iova + size - 1n, this.pair)?.[1];
-    if (last === undefined || last.iova + last.size <= iova) return undefined;
-    if (last.iova <= iova) return last;
-    const before = this.tree.getPairOrNextLower(iova, this.pair)?.[1];
-    if (before && before.iova + before.size > iova) return before;
-    return this.tree.nextHigherPair(iova, this.pair)![1];
+    const atLast = this.tree.atOrBelow(last);
+    if (atLast === undefined || atLast.iova + atLast.size <= first) return undefined;
+    if (atLast.iova <= first) return atLast;
+    const before = this.tree.atOrBelow(first);
+    if (before && before.iova + before.size > first) return before;
+    return this.tree.above(first)!;
   }
 
   /** The entry containing `iova`, if any. */
   lookup(iova: bigint): Region | undefined {
-    const entry = this.tree.getPairOrNextLower(iova, this.pair)?.[1];
+    const entry = this.tree.atOrBelow(iova);
     return entry && iova < entry.iova + entry.size ? entry : undefined;
   }
 
@@ -244,8 +262,7 @@ export class IovaTable {
 
   /** Entries in IOVA order, a snapshot: the table may change while it is iterated. */
   entries(): IterableIterator<Region> {
-    // valuesArray walks the leaves in one pass; the tree's own iterators build a pair per entry.
-    return (this.tree.size === 0 ? [] : this.tree.valuesArray()).values();
+    return this.tree.values().values();
   }
 
   /** Removes everything (device close / reset without IOTLB_PERSIST); returns what was there. */
@@ -258,19 +275,20 @@ export class IovaTable {
 
   private overlappingInclusive(first: bigint, last: bigint): Region[] {
     const found: Region[] = [];
-    const before = this.tree.getPairOrNextLower(first, this.pair)?.[1];
-    if (before && before.iova + before.size > first) {
-      found.push(before);
-      if (before.iova + before.size - 1n >= last) return found;
+    const before = this.tree.atOrBelow(first);
+    if (before) {
+      const end = before.iova + before.size;
+      if (end > first) {
+        found.push(before);
+        if (end > last) return found;
+      }
     }
     // Most ranges touch one entry or none: step to the next one, and walk a range only past it.
-    const next = this.tree.nextHigherPair(first, this.pair)?.[1];
+    const next = this.tree.above(first);
     if (next === undefined || next.iova > last) return found;
     found.push(next);
-    if (next.iova + next.size - 1n >= last) return found;
-    this.tree.forRange(next.iova, last, true, (start, region) => {
-      if (start > next.iova) found.push(region);
-    });
+    if (next.iova + next.size > last) return found;
+    for (const region of this.tree.between(next.iova + 1n, last)) found.push(region);
     return found;
   }
 }

@@ -179,6 +179,9 @@ test('AddressSpaces refuses an asid the device does not have (vhost_vdpa_find_al
 type ModelOp = { kind: 'map'; region: Region } | { kind: 'invalidate'; iova: bigint; size: bigint };
 const UNIT = 0x1000n;
 
+/** The last byte of `[iova, iova + size)` in u64 arithmetic (vhost_vdpa_iotlb_unmap). */
+const lastByte = (iova: bigint, size: bigint): bigint => (((iova + size - 1n) % U64) + U64) % U64;
+
 class ModelTable {
   entries: Region[] = [];
   constructor(readonly range = { first: 0n, last: U64 - 1n }) {}
@@ -191,12 +194,20 @@ class ModelTable {
     return 'ok';
   }
   invalidate(iova: bigint, size: bigint): Region[] {
-    const last = (((iova + size - 1n) % U64) + U64) % U64;
+    const removed = this.touched(iova, size);
+    this.entries = this.entries.filter((e) => !removed.includes(e));
+    return removed;
+  }
+  /** The lowest entry an INVALIDATE would remove without covering it whole. */
+  firstPartlyInvalidated(iova: bigint, size: bigint): Region | undefined {
+    const last = lastByte(iova, size);
+    return this.touched(iova, size).find((e) => e.iova < iova || e.iova + e.size - 1n > last);
+  }
+  private touched(iova: bigint, size: bigint): Region[] {
+    const last = lastByte(iova, size);
     if (last < iova) return [];
     const hit = (e: Region) => e.iova <= last && e.iova + e.size - 1n >= iova;
-    const removed = this.entries.filter(hit).sort((a, b) => (a.iova < b.iova ? -1 : 1));
-    this.entries = this.entries.filter((e) => !hit(e));
-    return removed;
+    return this.entries.filter(hit).sort((a, b) => (a.iova < b.iova ? -1 : 1));
   }
 }
 
@@ -236,6 +247,10 @@ test('property: IovaTable agrees with the reference model over random op sequenc
           assert.equal(got, expected);
           if (got === 'ok') table.map(op.region);
         } else {
+          assert.deepEqual(
+            table.firstPartlyInvalidated(op.iova, op.size),
+            model.firstPartlyInvalidated(op.iova, op.size),
+          );
           assert.deepEqual(table.invalidate(op.iova, op.size), model.invalidate(op.iova, op.size));
         }
         const sorted = [...model.entries].sort((a, b) => (a.iova < b.iova ? -1 : 1));

@@ -128,7 +128,9 @@ class PageModel {
 type RawOp =
   | { type: 'update'; iova: bigint; size: bigint; uaddr: bigint; perm: number }
   | { type: 'invalidate'; iova: bigint; size: bigint }
-  | { type: 'batch'; begin: boolean };
+  | { type: 'batch'; begin: boolean }
+  /** A virtio reset (SET_STATUS 0) without IOTLB_PERSIST: the parent drops its table, the kernel keeps its own. */
+  | { type: 'reset' };
 
 const half = fc.constantFrom(0n, 0n, 0n, 0x800n);
 const rawUpdate: fc.Arbitrary<RawOp> = fc
@@ -171,6 +173,7 @@ const rawOps = fc.array(
     { weight: 5, arbitrary: rawUpdate },
     { weight: 3, arbitrary: rawInvalidate },
     { weight: 1, arbitrary: fc.boolean().map((begin): RawOp => ({ type: 'batch', begin })) },
+    { weight: 1, arbitrary: fc.constant<RawOp>({ type: 'reset' }) },
   ),
   { maxLength: 30 },
 );
@@ -217,8 +220,23 @@ test('PA mode: the simulated kernel agrees with a page map of vhost_vdpa_pa_map'
         // message is EFAULT (docs/kernel-notes.md R2).
         let allocated = false;
         const unallocated = () => (allocated ? undefined : 'EFAULT');
+        // The parent's own table: what dma_map / iommu_map added and dma_unmap did not remove since
+        // the last reset; a set_map parent's is the kernel's at its last push (unknown from a reset
+        // to the next certain push).
+        type Entry = ReturnType<PageModel['sorted']>[number];
+        const key = (e: Entry) => `${e.iova}+${e.size}@${e.uaddr}`;
+        let parentModel: Entry[] = [];
+        let pushedSinceReset = true;
         try {
           ops.forEach((op, i) => {
+            if (op.type === 'reset') {
+              t.ioctl(Ioctl.VHOST_VDPA_SET_STATUS, Uint8Array.of(0));
+              parentModel = [];
+              pushedSinceReset = false;
+              assert.equal(sim.deviceTable(0)!.count, 0, `reset ${i} empties the parent's table`);
+              assert.deepEqual(kernelEntries(sim), model.sorted(), `reset ${i} keeps the kernel's table`);
+              return;
+            }
             if (op.type === 'batch') {
               const type = op.begin ? IotlbMsgType.BATCH_BEGIN : IotlbMsgType.BATCH_END;
               allocated ||= op.begin;
@@ -227,28 +245,43 @@ test('PA mode: the simulated kernel agrees with a page map of vhost_vdpa_pa_map'
                 unallocated(),
                 `op ${i}`,
               );
+              if (allocated && inBatch && !op.begin) pushedSinceReset = true;
               if (allocated) inBatch = op.begin;
               return;
             }
+            const before = model.sorted();
             if (op.type === 'update') {
               allocated = true;
               const got = errnoOf(() =>
                 t.write(rawMsg(1, 0, IotlbMsgType.UPDATE, op.iova, op.size, op.uaddr, op.perm)),
               );
-              assert.equal(got, model.update(op.iova, op.size, op.uaddr), `op ${i}`);
+              const expectedErrno = model.update(op.iova, op.size, op.uaddr);
+              assert.equal(got, expectedErrno, `op ${i}`);
+              if (expectedErrno === undefined && !inBatch) pushedSinceReset = true;
             } else {
               const got = errnoOf(() => t.write(rawMsg(1, 0, IotlbMsgType.INVALIDATE, op.iova, op.size)));
               assert.equal(got, unallocated(), `op ${i}`);
+              if (allocated && !inBatch) pushedSinceReset = true;
               model.invalidate(op.iova, op.size);
             }
             const expected = model.sorted();
+            const [was, now] = [new Set(before.map(key)), new Set(expected.map(key))];
+            parentModel = [
+              ...parentModel.filter((e) => now.has(key(e)) || !was.has(key(e))),
+              ...expected.filter((e) => !was.has(key(e))),
+            ].sort((a, b) => (a.iova < b.iova ? -1 : 1));
             assert.deepEqual(kernelEntries(sim), expected, `entries after op ${i}`);
             assert.equal(sim.pins?.pinnedBytes, model.pinnedPages * PAGE, `VmPin after op ${i}`);
-            if (!inBatch || !sim.hasSetMap) {
-              const parent = [...sim.deviceTable(0)!.entries()].map((r) => ({ iova: r.iova, size: r.size }));
+            const parent = [...sim.deviceTable(0)!.entries()].map((r) => ({ iova: r.iova, size: r.size }));
+            const parentExpected = sim.hasSetMap
+              ? inBatch || !pushedSinceReset
+                ? undefined
+                : expected
+              : parentModel;
+            if (parentExpected !== undefined) {
               assert.deepEqual(
                 parent,
-                expected.map((e) => ({ iova: e.iova, size: e.size })),
+                parentExpected.map((e) => ({ iova: e.iova, size: e.size })),
                 `the parent's table after op ${i}`,
               );
             }
