@@ -5,6 +5,7 @@
  * the route's schema (generated from the proto), then read by src/api like gRPC's messages.
  */
 import { Readable, Transform } from 'node:stream';
+import { SerializerSelector, type SerializerFactory } from '@fastify/fast-json-stringify-compiler';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import Fastify, {
@@ -110,6 +111,21 @@ function compiledWhenFirstUsed(compile: () => ValidateFunction): ValidateFunctio
 }
 
 /**
+ * fastify's own answer serializers (fast-json-stringify), each compiled on its route's first answer
+ * of that status rather than at start, like the validators.
+ */
+const serializersCompiledWhenFirstUsed: SerializerFactory = (externalSchemas, options) => {
+  const compile = SerializerSelector()(externalSchemas, options);
+  return (route) => {
+    let serialize: ReturnType<typeof compile> | undefined;
+    return (answer) => {
+      serialize ??= compile(route);
+      return serialize(answer);
+    };
+  };
+};
+
+/**
  * fastify serializes each answer by its schema, which would quietly reshape one that drifted from
  * the proto (drop a field, print a number as text): such an answer is refused (500) instead.
  */
@@ -206,6 +222,7 @@ export async function buildRestApp(opts: RestOptions) {
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
+    schemaController: { compilersFactory: { buildSerializer: serializersCompiledWhenFirstUsed } },
   });
   app.server.maxConnections = connections.maxConnections;
   parseJsonBodies(app);
