@@ -17,7 +17,6 @@ import {
   type ServiceDefinition,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
-import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { grpcStatus, retryAfterSeconds, toServiceError } from '../../src/api/errors.ts';
@@ -38,7 +37,8 @@ import {
   withBytesSetMemTable,
 } from './grpc-set-mem-table.ts';
 import { apiHandlers } from './methods.ts';
-import { API_SERVICES, packageDefinition, reflectionDefinition } from './proto.ts';
+import { API_SERVICES, packageDefinition } from './proto.ts';
+import { addReflection } from './reflection.ts';
 
 export interface GrpcOptions {
   service: MapdService;
@@ -285,7 +285,7 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
         },
       }),
   });
-  new ReflectionService(reflectionDefinition()).addToServer(server);
+  addReflection(server);
 
   return {
     server,

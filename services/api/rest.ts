@@ -5,6 +5,7 @@
  * the route's schema (generated from the proto), then read by src/api like gRPC's messages.
  */
 import { Readable, Transform } from 'node:stream';
+import { SerializerSelector, type SerializerFactory } from '@fastify/fast-json-stringify-compiler';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
 import Fastify, {
@@ -86,10 +87,43 @@ function parseJsonBodies(app: App): void {
   app.addContentTypeParser('application/json', { parseAs: 'string' }, parseJsonBody);
 }
 
-/** Requests are checked against their route's schema (built from the proto). */
+/**
+ * Requests are checked against their route's schema (built from the proto), compiled on the
+ * route's first request rather than at start: compiling every route's was a good part of a start.
+ */
 function validateBySchema(app: App): void {
-  app.setValidatorCompiler(({ schema, httpPart }) => compileRequestSchema(schema, httpPart ?? 'body'));
+  app.setValidatorCompiler(({ schema, httpPart }) =>
+    compiledWhenFirstUsed(() => compileRequestSchema(schema, httpPart ?? 'body')),
+  );
 }
+
+/** `compile()`'s validator, compiled on the first call; fastify reads `errors` and `schemaEnv` of it. */
+function compiledWhenFirstUsed(compile: () => ValidateFunction): ValidateFunction {
+  let compiled: ValidateFunction | undefined;
+  const validator = () => (compiled ??= compile());
+  const validate = ((data: unknown, context?: Parameters<ValidateFunction>[1]) =>
+    validator()(data, context)) as ValidateFunction;
+  Object.defineProperties(validate, {
+    errors: { get: () => compiled?.errors },
+    schemaEnv: { get: () => validator().schemaEnv },
+  });
+  return validate;
+}
+
+/**
+ * fastify's own answer serializers (fast-json-stringify), each compiled on its route's first answer
+ * of that status rather than at start, like the validators.
+ */
+const serializersCompiledWhenFirstUsed: SerializerFactory = (externalSchemas, options) => {
+  const compile = SerializerSelector()(externalSchemas, options);
+  return (route) => {
+    let serialize: ReturnType<typeof compile> | undefined;
+    return (answer) => {
+      serialize ??= compile(route);
+      return serialize(answer);
+    };
+  };
+};
 
 /**
  * fastify serializes each answer by its schema, which would quietly reshape one that drifted from
@@ -188,6 +222,7 @@ export async function buildRestApp(opts: RestOptions) {
     onProtoPoisoning: 'error',
     onConstructorPoisoning: 'error',
     return503OnClosing: true,
+    schemaController: { compilersFactory: { buildSerializer: serializersCompiledWhenFirstUsed } },
   });
   app.server.maxConnections = connections.maxConnections;
   parseJsonBodies(app);

@@ -4,8 +4,8 @@
  * Payloads are bytes here; AgentClient (client.ts) codes the messages.
  *
  * - A call made with no connection tries to connect once and fails with UNAVAILABLE if the agent
- *   is not there; with `waitForReady` it tries again, paced by the reconnect backoff, until its
- *   deadline (then DEADLINE_EXCEEDED).
+ *   is not there; with `waitForReady` it tries again, paced by the reconnect backoff and at once
+ *   when the socket's name changes (a new agent bound it), until its deadline (then DEADLINE_EXCEEDED).
  * - Every call has a deadline: past it the call fails with DEADLINE_EXCEEDED, the agent is told to
  *   drop it (a `cancel` frame), and an answer that still comes is dropped.
  * - When the connection goes, every call on it fails with UNAVAILABLE, and `lost` is emitted.
@@ -16,11 +16,12 @@ import { status } from '@grpc/grpc-js';
 import { type AgentError, callFailed, errorFromWire } from './errors.ts';
 import { type Frame, FrameError, FrameKind, FrameWriter, readFrames } from './frames.ts';
 import { callErrorCoding } from './proto.ts';
+import { SocketWatch } from './socket-watch.ts';
 
 /**
  * The pacing of a waiting call's attempts to reach the socket while the agent is away. An attempt
- * at a unix socket that nobody serves is one failed connect(2), so the cap is short: a new agent
- * is found within 200 ms of serving.
+ * at a unix socket that nobody serves is one failed connect(2), so the cap is short: where the
+ * socket's directory cannot be watched, a new agent is still found within 200 ms of serving.
  */
 export interface ReconnectOptions {
   /** First delay after a failed attempt, ms (default 50); doubled after every failed attempt. */
@@ -174,25 +175,35 @@ export class FrameClient extends EventEmitter<FrameClientEvents> {
     conn?.socket.destroy();
   }
 
-  /** The connection, made now if there is none (and again until the deadline with waitForReady). */
+  /**
+   * The connection, made now if there is none (and again until the deadline with waitForReady:
+   * after each backoff delay, or at once when the socket's name changes, socket-watch.ts).
+   */
   private async reach(opts: FrameCallOptions): Promise<Connection> {
     let delay = this.backoff.initialDelayMs;
-    for (;;) {
-      if (this.closed) throw callFailed(status.CANCELLED, 'the agent client is closed');
-      if (this.connection !== undefined) return this.connection;
-      const left = opts.deadline - Date.now();
-      let why: string;
-      try {
-        return await withinMs(this.connectOnce(), left);
-      } catch (e) {
-        why = e === TOO_LATE ? 'no connection' : ((e as NodeJS.ErrnoException).code ?? String(e));
+    let watch: SocketWatch | undefined;
+    try {
+      for (;;) {
+        if (this.closed) throw callFailed(status.CANCELLED, 'the agent client is closed');
+        if (this.connection !== undefined) return this.connection;
+        // Watched from before the first attempt: a socket bound meanwhile is not missed.
+        if (opts.waitForReady) watch ??= new SocketWatch(this.socketPath);
+        const left = opts.deadline - Date.now();
+        let why: string;
+        try {
+          return await withinMs(this.connectOnce(), left);
+        } catch (e) {
+          why = e === TOO_LATE ? 'no connection' : ((e as NodeJS.ErrnoException).code ?? String(e));
+        }
+        const unreached = `the agent is not reachable at ${this.socketPath} (${why})`;
+        if (!opts.waitForReady) throw callFailed(status.UNAVAILABLE, unreached);
+        const wait = Math.min(delay, opts.deadline - Date.now());
+        if (wait <= 0) throw callFailed(status.DEADLINE_EXCEEDED, `${unreached}, and its deadline passed`);
+        await watch!.wait(wait);
+        delay = Math.min(delay * 2, this.backoff.maxDelayMs);
       }
-      const unreached = `the agent is not reachable at ${this.socketPath} (${why})`;
-      if (!opts.waitForReady) throw callFailed(status.UNAVAILABLE, unreached);
-      const wait = Math.min(delay, opts.deadline - Date.now());
-      if (wait <= 0) throw callFailed(status.DEADLINE_EXCEEDED, `${unreached}, and its deadline passed`);
-      await new Promise((resolve) => setTimeout(resolve, wait));
-      delay = Math.min(delay * 2, this.backoff.maxDelayMs);
+    } finally {
+      watch?.close();
     }
   }
 

@@ -12,6 +12,7 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { describeOp, NotDone } from '../queue/agent-apply.ts';
 import { convergeAtAgent } from '../queue/converge.ts';
+import { nextTurn } from '../sys/next-turn.ts';
 
 export interface ReconcileInput {
   port: Pick<AgentPort, 'apply' | 'listMapped'>;
@@ -55,6 +56,11 @@ function desiredTables(facts: DeviceFacts, desired: readonly Mapping[]): Address
 export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled> {
   const { facts, desired } = input;
   const device = facts.name;
+  // What the agent has mapped is asked first, and read by the converge routine: the agent lists it
+  // while the desired tables are checked here (a refused check leaves the answer unread).
+  const mapped = input.port.listMapped(device);
+  mapped.catch(() => undefined);
+  await nextTurn(); // the request is on its way before the check holds the event loop
   const tables = desiredTables(facts, desired);
 
   const missing = new Map<string, string>();
@@ -67,8 +73,9 @@ export async function reconcileDevice(input: ReconcileInput): Promise<Reconciled
 
   let converged: Awaited<ReturnType<typeof convergeAtAgent>>;
   try {
+    const port = { apply: input.port.apply.bind(input.port), listMapped: () => mapped };
     converged = await convergeAtAgent(
-      { device, port: input.port, bootId: input.bootId, metrics: input.metrics },
+      { device, port, bootId: input.bootId, metrics: input.metrics },
       restorable,
     );
   } catch (e) {

@@ -20,7 +20,7 @@ const EXPECTED_ROWS: Record<string, number> = {
   'agent transport': 3,
   e2e: 15,
   'group commit': 2,
-  recovery: 4,
+  recovery: 5,
   'head-of-line': 10,
 };
 

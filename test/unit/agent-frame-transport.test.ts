@@ -217,6 +217,19 @@ test('a lost connection is told once, calls then fail fast with UNAVAILABLE, and
   assert.equal(c.connected, true);
 });
 
+test('a waiting connect() reaches an agent that binds the socket at once, not at its next backoff step', async (t) => {
+  const socket = socketIn(t);
+  // A backoff longer than the whole test tier: only the watch on the socket's name can wake it.
+  const hour = 3_600_000;
+  const c = new AgentClient({ socketPath: socket, reconnect: { initialDelayMs: hour, maxDelayMs: hour } });
+  t.after(() => c.close());
+  const connecting = c.connect({ deadlineMs: 2 * hour });
+  await sleep(200); // the first attempt has failed: nobody serves yet
+  await serve(t, socket, { GetInfo: async () => ({ ...INFO, bootId: 'boot-2' }) });
+  assert.equal((await connecting).bootId, 'boot-2');
+  assert.equal(c.connected, true);
+});
+
 test('a stream delivers its events in order, and cancel ends it at the agent too', async (t) => {
   const socket = socketIn(t);
   let emit: ((e: AttachmentEvent) => void) | undefined;
