@@ -89,7 +89,16 @@ function writeMapping(w: protobuf.Writer, m: Mapping): void {
   w.uint32(tag(6, VARINT)).uint32(PERM_VALUE[m.perm]);
 }
 
-function readMapping(r: protobuf.Reader, end: number, field: string): Mapping {
+/** A Mapping; a bad perm is refused as `${list}[${index}].${name}.perm` (the name made only then). */
+function readMapping(r: protobuf.Reader, end: number, list: string, index: number, name: 'update'): IotlbOp;
+function readMapping(r: protobuf.Reader, end: number, list: string, index: number, name: 'conflict'): Mapping;
+function readMapping(
+  r: protobuf.Reader,
+  end: number,
+  list: string,
+  index: number,
+  name: 'update' | 'conflict',
+): Mapping | IotlbOp {
   let asid = 0;
   let iova = 0n;
   let size = 0n;
@@ -130,8 +139,10 @@ function readMapping(r: protobuf.Reader, end: number, field: string): Mapping {
   const named = PERM_OF[perm];
   if (named === undefined) {
     const shown = perm === 0 ? 'PERM_UNSPECIFIED' : String(perm);
-    throw badRequest(`${field}.perm`, `${JSON.stringify(shown)} is not a valid perm`);
+    throw badRequest(`${list}[${index}].${name}.perm`, `${JSON.stringify(shown)} is not a valid perm`);
   }
+  // An update is made as the op it is: no second object spread from the first.
+  if (name === 'update') return { type: 'update', asid, iova, size, memory, offset, perm: named };
   return { asid, iova, size, memory, offset, perm: named };
 }
 
@@ -177,7 +188,7 @@ function readInvalidate(r: protobuf.Reader, end: number): IotlbOp {
   return { type: 'invalidate', asid, iova, size };
 }
 
-function readOp(r: protobuf.Reader, end: number, field: string): IotlbOp {
+function readOp(r: protobuf.Reader, end: number, index: number): IotlbOp {
   let update: IotlbOp | undefined;
   let invalidate: IotlbOp | undefined;
   while (r.pos < end) {
@@ -185,14 +196,14 @@ function readOp(r: protobuf.Reader, end: number, field: string): IotlbOp {
     const n = t >>> 3;
     if (n === 1) {
       expect(t, LEN);
-      update = { type: 'update', ...readMapping(r, lengthEnd(r), `${field}.update`) };
+      update = readMapping(r, lengthEnd(r), 'ops', index, 'update');
     } else if (n === 2) {
       expect(t, LEN);
       invalidate = readInvalidate(r, lengthEnd(r));
     } else r.skipType(t & 7);
   }
   const op = update ?? invalidate;
-  if (op === undefined) throw badRequest(field, 'needs update or invalidate');
+  if (op === undefined) throw badRequest(`ops[${index}]`, 'needs update or invalidate');
   return op;
 }
 
@@ -223,7 +234,7 @@ export async function decodeApplyRequest(bytes: Buffer): Promise<ApplyRequest> {
     } else if (n === 2) {
       expect(t, LEN);
       if (ops.length > 0 && ops.length % OPS_PER_SLICE === 0) await nextTurn();
-      ops.push(readOp(r, lengthEnd(r), `ops[${ops.length}]`));
+      ops.push(readOp(r, lengthEnd(r), ops.length));
     } else r.skipType(t & 7);
   }
   return { device, ops };
@@ -259,7 +270,7 @@ export async function encodeApplyAnswer({ results, bootId }: ApplyAnswer): Promi
   return w.finish() as Buffer;
 }
 
-function readResult(r: protobuf.Reader, end: number, field: string): AgentOpResult {
+function readResult(r: protobuf.Reader, end: number, index: number): AgentOpResult {
   let ok = false;
   let errno = '';
   let code = '';
@@ -291,7 +302,7 @@ function readResult(r: protobuf.Reader, end: number, field: string): AgentOpResu
         break;
       case 6:
         expect(t, LEN);
-        conflict = readMapping(r, lengthEnd(r), `${field}.conflict`);
+        conflict = readMapping(r, lengthEnd(r), 'results', index, 'conflict');
         break;
       default:
         r.skipType(t & 7);
@@ -323,7 +334,7 @@ export async function decodeApplyAnswer(bytes: Buffer): Promise<ApplyAnswer> {
       if (bytes[r.pos] === 2 && bytes[r.pos + 1] === tag(1, VARINT) && bytes[r.pos + 2] === 1) {
         r.pos += 3;
         results.push(OK);
-      } else results.push(readResult(r, lengthEnd(r), `results[${results.length}]`));
+      } else results.push(readResult(r, lengthEnd(r), results.length));
     } else if (n === 2) {
       expect(t, LEN);
       bootId = r.string();
