@@ -10,36 +10,19 @@
  * - the answer straight from the BatchResult, byte for byte what proto-loader writes of
  *   format.ts's formatBatchResult.
  */
-import type { MethodDefinition, ServiceDefinition } from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { BatchResult } from '../../src/core/types.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
+import { expectWireType, LEN, lengthEnd, tag, VARINT } from '../../src/sys/protobuf-fields.ts';
 import { formatU64 as hex } from '../../src/u64.ts';
-import { MAPD_PACKAGE, packageDefinition } from './proto.ts';
-
-const passThrough = (b: Buffer): Buffer => b;
-
-const method = (packageDefinition[`${MAPD_PACKAGE}.MappingService`] as ServiceDefinition)
-  .Batch as MethodDefinition<object, object>;
+import { withBytes } from './grpc-bytes.ts';
 
 /** `definition` with Batch (when it has it) taking and giving bytes. */
-export function withBytesBatch(definition: ServiceDefinition): ServiceDefinition {
-  if (definition.Batch !== method) return definition;
-  const bytes = { ...method, requestDeserialize: passThrough, responseSerialize: passThrough };
-  return { ...definition, Batch: bytes as unknown as MethodDefinition<object, object> };
-}
+export const withBytesBatch = withBytes('Batch');
 
-// Wire types, and the field numbers of mapd.proto's BatchRequest, BatchOp, BatchResponse,
-// BatchOpResult, ErrorInfo and IotlbOp (a test checks them against proto-loader's coding).
-const VARINT = 0;
-const LEN = 2;
-const tag = (field: number, wireType: number): number => (field << 3) | wireType;
-
-/** The tag just read names a known field with another wire type: the bytes are no such message. */
-function expect(t: number, wireType: number): void {
-  if ((t & 7) !== wireType) throw new RangeError(`field ${t >>> 3} has wire type ${t & 7}, not ${wireType}`);
-}
+// The field numbers below are mapd.proto's BatchRequest, BatchOp, BatchResponse, BatchOpResult,
+// ErrorInfo and IotlbOp (a test checks them against proto-loader's coding).
 
 /** BatchOp's fields by number, as proto-loader names them (lowerCamelCase); 0 is no field. */
 const OP_FIELDS = ['', 'op', 'iova', 'size', 'memory', 'offset', 'perm', 'asid', 'exact'] as const;
@@ -53,13 +36,13 @@ function readOp(r: protobuf.Reader, end: number): Message {
     const t = r.uint32();
     const n = t >>> 3;
     if (n >= 1 && n <= OP_STRINGS) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       values[n] = r.string();
     } else if (n === 7) {
-      expect(t, VARINT);
+      expectWireType(t, VARINT);
       values[n] = r.uint32();
     } else if (n === 8) {
-      expect(t, VARINT);
+      expectWireType(t, VARINT);
       values[n] = r.bool();
     } else r.skipType(t & 7);
   }
@@ -69,12 +52,6 @@ function readOp(r: protobuf.Reader, end: number): Message {
     if (value !== undefined && value !== '') op[OP_FIELDS[n]!] = value;
   }
   return op;
-}
-
-function lengthEnd(r: protobuf.Reader): number {
-  const end = r.uint32() + r.pos;
-  if (end > r.len) throw new RangeError(`a field runs past the end of the message (at ${r.pos})`);
-  return end;
 }
 
 /** The request as src/api reads it; bytes that are no BatchRequest are refused as grpc-js refuses them. */
@@ -89,19 +66,19 @@ export function decodeBatchRequest(bytes: Buffer): Message {
       const t = r.uint32();
       switch (t >>> 3) {
         case 1:
-          expect(t, LEN);
+          expectWireType(t, LEN);
           device = r.string();
           break;
         case 2:
-          expect(t, LEN);
+          expectWireType(t, LEN);
           ops.push(readOp(r, lengthEnd(r)));
           break;
         case 3:
-          expect(t, VARINT);
+          expectWireType(t, VARINT);
           atomic = r.bool();
           break;
         case 4:
-          expect(t, LEN);
+          expectWireType(t, LEN);
           requestId = r.string();
           break;
         default:

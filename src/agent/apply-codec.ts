@@ -14,6 +14,7 @@ import { status } from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
 import { nextTurn } from '../sys/next-turn.ts';
+import { expectWireType, LEN, lengthEnd, tag, VARINT } from '../sys/protobuf-fields.ts';
 import { AgentError } from './errors.ts';
 import type { AgentOpResult } from './wire.ts';
 
@@ -32,11 +33,8 @@ export interface ApplyAnswer {
 /** Ops (or results) coded between two turns of the event loop. */
 const OPS_PER_SLICE = 2048;
 
-// Wire types, and the field numbers of agent.proto's ApplyRequest, IotlbOp, Mapping, InvalidateOp,
-// OpResult and ApplyResponse (a test checks them against protobufjs' own coding).
-const VARINT = 0;
-const LEN = 2;
-const tag = (field: number, wireType: number): number => (field << 3) | wireType;
+// The field numbers below are agent.proto's ApplyRequest, IotlbOp, Mapping, InvalidateOp, OpResult
+// and ApplyResponse (a test checks them against protobufjs' own coding).
 
 /** The proto's Perm enum values (the kernel's VHOST_ACCESS_*). */
 const PERM_VALUE: Record<Perm, number> = { ro: 1, wo: 2, rw: 3 };
@@ -63,30 +61,57 @@ function readU64(r: protobuf.Reader): bigint {
   return long.high === 0 ? low : (BigInt(long.high >>> 0) << 32n) | low;
 }
 
-/** The end of the length-delimited field the reader is at (its length read). */
-function lengthEnd(r: protobuf.Reader): number {
-  const end = r.uint32() + r.pos;
-  if (end > r.len) throw new RangeError(`a field runs past the end of the message (at ${r.pos})`);
-  return end;
-}
-
-/** The tag just read names a known field with another wire type: the bytes are no such message. */
-function expect(t: number, wireType: number): void {
-  if ((t & 7) !== wireType) throw new RangeError(`field ${t >>> 3} has wire type ${t & 7}, not ${wireType}`);
-}
-
 // ---- Mapping, IotlbOp ----
 
-function writeMapping(w: protobuf.Writer, m: Mapping): void {
+/** An InvalidateOp's fields, which are also a Mapping's first three. */
+function writeRange(w: protobuf.Writer, m: { asid: number; iova: bigint; size: bigint }): void {
   w.uint32(tag(1, VARINT)).uint32(m.asid);
   w.uint32(tag(2, VARINT));
   writeU64(w, m.iova);
   w.uint32(tag(3, VARINT));
   writeU64(w, m.size);
+}
+
+function writeMapping(w: protobuf.Writer, m: Mapping): void {
+  writeRange(w, m);
   w.uint32(tag(4, LEN)).string(m.memory);
   w.uint32(tag(5, VARINT));
   writeU64(w, m.offset);
   w.uint32(tag(6, VARINT)).uint32(PERM_VALUE[m.perm]);
+}
+
+/**
+ * The fields of a Mapping read into `FIELDS` (reused: no object per op), absent ones their
+ * defaults. InvalidateOp's fields are a Mapping's first three, under the same numbers: `last` is
+ * the last field the message has (the ones after it are unknown to it, and skipped as such).
+ */
+const FIELDS = { asid: 0, iova: 0n, size: 0n, memory: '', offset: 0n, perm: 0 };
+
+function readFields(r: protobuf.Reader, end: number, last: number): typeof FIELDS {
+  const f = FIELDS;
+  f.asid = 0;
+  f.iova = 0n;
+  f.size = 0n;
+  f.memory = '';
+  f.offset = 0n;
+  f.perm = 0;
+  while (r.pos < end) {
+    const t = r.uint32();
+    const n = t >>> 3;
+    if (n > last) {
+      r.skipType(t & 7);
+      continue;
+    }
+    expectWireType(t, n === 4 ? LEN : VARINT);
+    if (n === 1) f.asid = r.uint32();
+    else if (n === 2) f.iova = readU64(r);
+    else if (n === 3) f.size = readU64(r);
+    else if (n === 4) f.memory = r.string();
+    else if (n === 5) f.offset = readU64(r);
+    else if (n === 6) f.perm = r.int32();
+    else r.skipType(t & 7);
+  }
+  return f;
 }
 
 /** A Mapping; a bad perm is refused as `${list}[${index}].${name}.perm` (the name made only then). */
@@ -99,43 +124,7 @@ function readMapping(
   index: number,
   name: 'update' | 'conflict',
 ): Mapping | IotlbOp {
-  let asid = 0;
-  let iova = 0n;
-  let size = 0n;
-  let memory = '';
-  let offset = 0n;
-  let perm = 0;
-  while (r.pos < end) {
-    const t = r.uint32();
-    switch (t >>> 3) {
-      case 1:
-        expect(t, VARINT);
-        asid = r.uint32();
-        break;
-      case 2:
-        expect(t, VARINT);
-        iova = readU64(r);
-        break;
-      case 3:
-        expect(t, VARINT);
-        size = readU64(r);
-        break;
-      case 4:
-        expect(t, LEN);
-        memory = r.string();
-        break;
-      case 5:
-        expect(t, VARINT);
-        offset = readU64(r);
-        break;
-      case 6:
-        expect(t, VARINT);
-        perm = r.int32();
-        break;
-      default:
-        r.skipType(t & 7);
-    }
-  }
+  const { asid, iova, size, memory, offset, perm } = readFields(r, end, 6);
   const named = PERM_OF[perm];
   if (named === undefined) {
     const shown = perm === 0 ? 'PERM_UNSPECIFIED' : String(perm);
@@ -146,6 +135,11 @@ function readMapping(
   return { asid, iova, size, memory, offset, perm: named };
 }
 
+function readInvalidate(r: protobuf.Reader, end: number): IotlbOp {
+  const { asid, iova, size } = readFields(r, end, 3);
+  return { type: 'invalidate', asid, iova, size };
+}
+
 function writeOp(w: protobuf.Writer, op: IotlbOp): void {
   w.fork();
   if (op.type === 'update') {
@@ -153,39 +147,9 @@ function writeOp(w: protobuf.Writer, op: IotlbOp): void {
     writeMapping(w, op);
   } else {
     w.uint32(tag(2, LEN)).fork();
-    w.uint32(tag(1, VARINT)).uint32(op.asid);
-    w.uint32(tag(2, VARINT));
-    writeU64(w, op.iova);
-    w.uint32(tag(3, VARINT));
-    writeU64(w, op.size);
+    writeRange(w, op);
   }
   w.ldelim().ldelim();
-}
-
-function readInvalidate(r: protobuf.Reader, end: number): IotlbOp {
-  let asid = 0;
-  let iova = 0n;
-  let size = 0n;
-  while (r.pos < end) {
-    const t = r.uint32();
-    switch (t >>> 3) {
-      case 1:
-        expect(t, VARINT);
-        asid = r.uint32();
-        break;
-      case 2:
-        expect(t, VARINT);
-        iova = readU64(r);
-        break;
-      case 3:
-        expect(t, VARINT);
-        size = readU64(r);
-        break;
-      default:
-        r.skipType(t & 7);
-    }
-  }
-  return { type: 'invalidate', asid, iova, size };
 }
 
 function readOp(r: protobuf.Reader, end: number, index: number): IotlbOp {
@@ -195,10 +159,10 @@ function readOp(r: protobuf.Reader, end: number, index: number): IotlbOp {
     const t = r.uint32();
     const n = t >>> 3;
     if (n === 1) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       update = readMapping(r, lengthEnd(r), 'ops', index, 'update');
     } else if (n === 2) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       invalidate = readInvalidate(r, lengthEnd(r));
     } else r.skipType(t & 7);
   }
@@ -229,10 +193,10 @@ export async function decodeApplyRequest(bytes: Buffer): Promise<ApplyRequest> {
     const t = r.uint32();
     const n = t >>> 3;
     if (n === 1) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       device = r.string();
     } else if (n === 2) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       if (ops.length > 0 && ops.length % OPS_PER_SLICE === 0) await nextTurn();
       ops.push(readOp(r, lengthEnd(r), ops.length));
     } else r.skipType(t & 7);
@@ -281,27 +245,27 @@ function readResult(r: protobuf.Reader, end: number, index: number): AgentOpResu
     const t = r.uint32();
     switch (t >>> 3) {
       case 1:
-        expect(t, VARINT);
+        expectWireType(t, VARINT);
         ok = r.bool();
         break;
       case 2:
-        expect(t, LEN);
+        expectWireType(t, LEN);
         errno = r.string();
         break;
       case 3:
-        expect(t, LEN);
+        expectWireType(t, LEN);
         code = r.string();
         break;
       case 4:
-        expect(t, LEN);
+        expectWireType(t, LEN);
         message = r.string();
         break;
       case 5:
-        expect(t, LEN);
+        expectWireType(t, LEN);
         at = r.string();
         break;
       case 6:
-        expect(t, LEN);
+        expectWireType(t, LEN);
         conflict = readMapping(r, lengthEnd(r), 'results', index, 'conflict');
         break;
       default:
@@ -328,7 +292,7 @@ export async function decodeApplyAnswer(bytes: Buffer): Promise<ApplyAnswer> {
     const t = r.uint32();
     const n = t >>> 3;
     if (n === 1) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       if (results.length > 0 && results.length % OPS_PER_SLICE === 0) await nextTurn();
       // An OpResult of 2 bytes that sets ok (the answer of almost every op) needs no look inside.
       if (bytes[r.pos] === 2 && bytes[r.pos + 1] === tag(1, VARINT) && bytes[r.pos + 2] === 1) {
@@ -336,7 +300,7 @@ export async function decodeApplyAnswer(bytes: Buffer): Promise<ApplyAnswer> {
         results.push(OK);
       } else results.push(readResult(r, lengthEnd(r), results.length));
     } else if (n === 2) {
-      expect(t, LEN);
+      expectWireType(t, LEN);
       bootId = r.string();
     } else r.skipType(t & 7);
   }

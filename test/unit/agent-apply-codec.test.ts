@@ -173,6 +173,15 @@ describe('Apply request', () => {
     ]);
   });
 
+  test('a field an InvalidateOp does not have is skipped, though a Mapping has it', async () => {
+    // ops[0] = {invalidate: {asid: 1, <field 4 as a varint>: 5}}
+    const bytes = Buffer.from([0x12, 0x06, 0x12, 0x04, 0x08, 0x01, 0x20, 0x05]);
+    // biome-ignore lint/suspicious/noExplicitAny: a protobufjs object
+    const reference = (apply.requestDeserialize(bytes) as any).ops.map(opOfObject);
+    assert.deepEqual((await decodeApplyRequest(bytes)).ops, reference);
+    assert.deepEqual(reference, [{ type: 'invalidate', asid: 1, iova: 0n, size: 0n }]);
+  });
+
   test('bytes that are no ApplyRequest are refused', async () => {
     const bytes = await encodeApplyRequest({ device: 'vdpa0', ops: fc.sample(op, { numRuns: 3, seed: 1 }) });
     await assert.rejects(decodeApplyRequest(bytes.subarray(0, bytes.length - 2)), RangeError);
