@@ -30,8 +30,11 @@ const OP_STRINGS = 6;
 
 type Message = Record<string, unknown>;
 
+/** One op's values by field number, reused from op to op. */
+const values: unknown[] = new Array(OP_FIELDS.length);
+
 function readOp(r: protobuf.Reader, end: number): Message {
-  const values: unknown[] = new Array(OP_FIELDS.length);
+  values.fill(undefined);
   while (r.pos < end) {
     const t = r.uint32();
     const n = t >>> 3;
