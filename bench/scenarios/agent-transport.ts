@@ -5,8 +5,8 @@
  * no deadlines, no error detail, no slicing, no connection handling).
  *
  * Both servers are child processes (this file, run with --serve) with one simulated device and the
- * same handlers (services/agent/server.ts); both clients do the same bigint <-> wire conversions
- * (src/agent/wire.ts) and the same protobuf (de)serializers (src/agent/proto.ts). What the ratio
+ * same handlers (services/agent/server.ts); both ends of both code every message the same way
+ * (src/agent/sliced-codec.ts: Apply's straight between bytes and bigints, apply-codec.ts). What the ratio
  * shows is what the product's transport adds to the bare framing. The two are measured in
  * alternating rounds; each figure is the median over rounds of the mean round trip of sequential
  * calls (one in flight). The 256-op Apply is also counted in messages per second beside the raw
@@ -20,13 +20,10 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { AgentClient } from '../../src/agent/client.ts';
+import type { ApplyAnswer } from '../../src/agent/apply-codec.ts';
 import { agentService } from '../../src/agent/proto.ts';
-import {
-  type AgentOpResult,
-  opResultFromWire,
-  opToWire,
-  type WireApplyResponse,
-} from '../../src/agent/wire.ts';
+import { decodeMessage, encodeMessage } from '../../src/agent/sliced-codec.ts';
+import type { AgentOpResult } from '../../src/agent/wire.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
 import type { AgentConfig } from '../../services/agent/config.ts';
 import { createLogger, openAgentCore, startAgent } from '../../services/agent/main.ts';
@@ -44,7 +41,7 @@ const RAW_MESSAGE = Buffer.alloc(72);
 
 // ---- the floor: [u32 length][u32 call id][u8 method | status][protobuf payload] ----
 
-/** The same (de)serializers the agent uses, so the encoding work is identical. */
+/** The same codings the agent uses, so the encoding work is identical. */
 const METHODS = Object.entries(agentService).map(([name, def]) => ({
   name: name as keyof AgentHandlers,
   def,
@@ -79,10 +76,13 @@ function serveFramed(socketPath: string, handlers: AgentHandlers): Promise<net.S
     readFrames(socket, (id, methodIndex, payload) => {
       const { name, def } = METHODS[methodIndex]!;
       const handler = handlers[name] as (r: unknown) => Promise<object>;
-      handler(def.requestDeserialize(payload)).then(
-        (res) => socket.write(frame(id, 0, def.responseSerialize(res))),
-        (err: Error) => socket.write(frame(id, 1, Buffer.from(err.message))),
-      );
+      decodeMessage(def, 'request', payload)
+        .then(handler)
+        .then((res) => encodeMessage(def, 'response', res))
+        .then(
+          (bytes) => socket.write(frame(id, 0, bytes)),
+          (err: Error) => socket.write(frame(id, 1, Buffer.from(err.message))),
+        );
     });
   });
   return new Promise((resolve) => server.listen(socketPath, () => resolve(server)));
@@ -112,16 +112,16 @@ class FramedClient {
     const index = METHODS.findIndex((m) => m.name === name);
     const { def } = METHODS[index]!;
     const id = this.nextId++;
+    const request = await encodeMessage(def, 'request', req);
     const payload = await new Promise<Buffer>((resolve, reject) => {
       this.calls.set(id, { resolve: resolve as (v: unknown) => void, reject });
-      this.socket.write(frame(id, index, def.requestSerialize(req)));
+      this.socket.write(frame(id, index, request));
     });
-    return def.responseDeserialize(payload) as Res;
+    return (await decodeMessage(def, 'response', payload)) as Res;
   }
 
   async apply(device: string, ops: readonly IotlbOp[]): Promise<AgentOpResult[]> {
-    const res = await this.call<WireApplyResponse>('Apply', { device, ops: ops.map((op) => opToWire(op)) });
-    return res.results.map((r) => opResultFromWire(r));
+    return (await this.call<ApplyAnswer>('Apply', { device, ops })).results;
   }
 
   close(): void {

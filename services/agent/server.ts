@@ -4,6 +4,7 @@
  * suspend, resume, reset run one at a time, in call order), so the handlers add no locking.
  */
 import { status } from '@grpc/grpc-js';
+import type { ApplyAnswer, ApplyRequest } from '../../src/agent/apply-codec.ts';
 import type { Attachments } from '../../src/agent/attach.ts';
 import { AgentError } from '../../src/agent/errors.ts';
 import {
@@ -14,16 +15,12 @@ import {
   type AgentInfo,
   mappingToWire,
   memoryToWire,
-  opFromWire,
-  opResultToWire,
   registerFromWire,
   u64FromWire,
   type WireAgentInfo,
-  type WireApplyRequest,
   type WireAttachment,
   type WireAttachRequest,
   type WireMemoryTableAnswer,
-  type WireApplyResponse,
   type WireDeviceDescription,
   type WireDeviceFacts,
   type WireDeviceRequest,
@@ -35,7 +32,6 @@ import {
 } from '../../src/agent/wire.ts';
 import type { Device, DmaCapable } from '../../src/device/types.ts';
 import type { MemoryRegistry } from '../../src/memory/types.ts';
-import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
 
 /** Largest DmaRead answer (well under MAX_MESSAGE_BYTES). */
 const MAX_DMA_BYTES = 16 << 20;
@@ -46,7 +42,8 @@ export interface AgentHandlers {
   GetInfo(req: Empty): Promise<WireAgentInfo>;
   ListDevices(req: Empty): Promise<{ devices: WireDeviceFacts[] }>;
   DescribeDevice(req: WireDeviceRequest): Promise<WireDeviceDescription>;
-  Apply(req: WireApplyRequest): Promise<WireApplyResponse>;
+  /** Coded straight to and from the library's types (apply-codec.ts). */
+  Apply(req: ApplyRequest): Promise<ApplyAnswer>;
   ListMapped(req: WireDeviceRequest): Promise<WireListMappedResponse>;
   RegisterMemory(req: WireRegisterMemoryRequest): Promise<WireMemoryInfo>;
   ReleaseMemory(req: { id: string }): Promise<Empty>;
@@ -129,12 +126,10 @@ export function createHandlers(state: AgentState): AgentHandlers {
       };
     },
     async Apply(req) {
-      const d = device(req.device);
-      const ops = await mapInTimeSlices(req.ops, (op, i) => opFromWire(op, `ops[${i}]`));
-      const results = await d.apply(ops);
+      const results = await device(req.device).apply(req.ops);
       // What the API server unmapped may have been the last use of a detached VMM's memory.
       state.attachments?.releaseUnused();
-      return { results: await mapInTimeSlices(results, opResultToWire), bootId: info.bootId };
+      return { results, bootId: info.bootId };
     },
     async ListMapped(req) {
       const d = device(req.device);

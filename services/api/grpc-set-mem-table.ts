@@ -5,25 +5,17 @@
  * are decoded and encoded here in slices with the agent hop's codec (src/agent/sliced-codec.ts):
  * the same bytes as grpc-js's own serializer, the same decoded request.
  */
-import type { MethodDefinition, ServiceDefinition } from '@grpc/grpc-js';
 import { deserializeInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
 import { formatMapping, formatOp } from '../../src/api/format.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { SetMemTableResult } from '../../src/core/types.ts';
-import { MAPD_PACKAGE, packageDefinition } from './proto.ts';
 import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
+import { mappingMethod, withBytes } from './grpc-bytes.ts';
 
-const passThrough = (b: Buffer): Buffer => b;
-
-const method = (packageDefinition[`${MAPD_PACKAGE}.MappingService`] as ServiceDefinition)
-  .SetMemTable as MethodDefinition<object, object>;
+const method = mappingMethod('SetMemTable');
 
 /** `definition` with SetMemTable (when it has it) taking and giving bytes. */
-export function withBytesSetMemTable(definition: ServiceDefinition): ServiceDefinition {
-  if (definition.SetMemTable !== method) return definition;
-  const bytes = { ...method, requestDeserialize: passThrough, responseSerialize: passThrough };
-  return { ...definition, SetMemTable: bytes as unknown as MethodDefinition<object, object> };
-}
+export const withBytesSetMemTable = withBytes('SetMemTable');
 
 /** The request as grpc-js would have decoded it; bytes that are no SetMemTableRequest as it refuses them. */
 export async function decodeSetMemTableRequest(bytes: Buffer): Promise<object> {

@@ -36,6 +36,7 @@ import {
   encodeSetMemTableAnswer,
   withBytesSetMemTable,
 } from './grpc-set-mem-table.ts';
+import { decodeBatchRequest, encodeBatchAnswer, withBytesBatch } from './grpc-batch.ts';
 import { apiHandlers } from './methods.ts';
 import { API_SERVICES, packageDefinition } from './proto.ts';
 import { addReflection } from './reflection.ts';
@@ -239,8 +240,12 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
   };
 
   // Every RPC of the proto: the unary ones by the handlers REST shares, the stream by its own.
-  // SetMemTable's messages pass grpc-js as bytes, coded in slices (grpc-set-mem-table.ts).
-  const handlers = apiHandlers(service, limits, { setMemTable: encodeSetMemTableAnswer });
+  // SetMemTable's messages pass grpc-js as bytes, coded in slices (grpc-set-mem-table.ts); so do
+  // Batch's, coded with no object per op in between (grpc-batch.ts).
+  const handlers = apiHandlers(service, limits, {
+    setMemTable: encodeSetMemTableAnswer,
+    batch: encodeBatchAnswer,
+  });
   const streams: Readonly<Record<string, UntypedServiceImplementation[string]>> = {
     WatchMappings: watchMappings,
   };
@@ -254,12 +259,16 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
         implementation[method.name] = unary(method.name, async (r) =>
           handle(await bodyInSlices(await decodeSetMemTableRequest(r as unknown as Buffer))),
         );
+      else if (method.name === 'Batch' && handle)
+        implementation[method.name] = unary(method.name, (r) =>
+          handle(decodeBatchRequest(r as unknown as Buffer)),
+        );
       else if (!method.serverStreaming && handle)
         implementation[method.name] = unary(method.name, (r) => handle(body(r)));
       else throw new Error(`${name}/${method.name} has no implementation`);
     }
     server.addService(
-      measured(withBytesSetMemTable(packageDefinition[name] as ServiceDefinition)),
+      measured(withBytesBatch(withBytesSetMemTable(packageDefinition[name] as ServiceDefinition))),
       implementation,
     );
   }

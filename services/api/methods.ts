@@ -27,7 +27,7 @@ import {
   parseSetMemTable,
   parseUnmap,
 } from '../../src/api/parse.ts';
-import type { MapdService, SetMemTableResult } from '../../src/core/types.ts';
+import type { BatchResult, MapdService, SetMemTableResult } from '../../src/core/types.ts';
 import { API_METHODS } from './api-table.ts';
 
 export type Message = Readonly<Record<string, unknown>>;
@@ -52,6 +52,8 @@ function device(message: Message): string {
 /** How a transport words an answer where it differs (REST streams a large SetMemTable answer). */
 export interface AnswerFormats {
   setMemTable: (r: SetMemTableResult) => object | Promise<object>;
+  /** Default: formatBatchResult (gRPC writes Batch's answer bytes itself). */
+  batch?: (r: BatchResult) => object;
 }
 
 export function apiHandlers(
@@ -59,6 +61,7 @@ export function apiHandlers(
   limits: ApiLimits,
   formats: AnswerFormats = { setMemTable: formatSetMemTableResult },
 ): Readonly<Record<string, Handler>> {
+  const batchAnswer = formats.batch ?? formatBatchResult;
   const handlers: Record<string, Handler> = {
     ListDevices: async () => ({ devices: (await service.listDevices()).map(formatDevice) }),
     GetDevice: async (m) => ({ device: formatDevice(await service.getDevice(device(m))) }),
@@ -76,8 +79,7 @@ export function apiHandlers(
       const req = await parseSetMemTable(device(m), rest(m, 'device', 'dryRun'), dryRun, limits);
       return formats.setMemTable(await service.setMemTable(req));
     },
-    Batch: async (m) =>
-      formatBatchResult(await service.batch(parseBatch(device(m), rest(m, 'device'), limits))),
+    Batch: async (m) => batchAnswer(await service.batch(parseBatch(device(m), rest(m, 'device'), limits))),
     Submit: async (m) =>
       formatSubmitResult(await service.submit(parseBatch(device(m), rest(m, 'device'), limits))),
     Flush: async (m) => formatFlushResult(await service.flush(device(m))),

@@ -15,13 +15,13 @@ import { status } from '@grpc/grpc-js';
 import type { DeviceFacts } from '../device/types.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
+import type { ApplyAnswer, ApplyRequest } from './apply-codec.ts';
 import { AgentError, callFailed } from './errors.ts';
 import { FrameClient, type ReconnectOptions } from './frame-client.ts';
 import { agentService } from './proto.ts';
 import { decodeMessage, encodeMessage } from './sliced-codec.ts';
 import {
   type AgentInfo,
-  type AgentOpResult,
   type AttachmentEvent,
   type AttachmentInfo,
   type AttachRequest,
@@ -36,19 +36,15 @@ import {
   factsFromWire,
   mappingFromWire,
   memoryFromWire,
-  opResultFromWire,
-  opToWire,
   type RegisterMemoryRequest,
   registerToWire,
   u64ToWire,
   type WireAgentInfo,
-  type WireApplyResponse,
   type WireDeviceDescription,
   type WireDeviceFacts,
   type WireListMappedResponse,
   type WireMemoryInfo,
 } from './wire.ts';
-import { mapInTimeSlices } from '../sys/next-turn.ts';
 
 export type { ReconnectOptions } from './frame-client.ts';
 
@@ -66,12 +62,8 @@ export interface CallOptions {
   deadlineMs?: number;
 }
 
-export interface ApplyResult {
-  /** One per op, in order. */
-  results: AgentOpResult[];
-  /** The boot id of the agent that applied them. */
-  bootId: string;
-}
+/** One result per op, in order, and the boot id of the agent that applied them. */
+export type ApplyResult = ApplyAnswer;
 
 export interface MappedSnapshot {
   mappings: Mapping[];
@@ -129,14 +121,10 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return descriptionFromWire(await this.call<WireDeviceDescription>('DescribeDevice', { device }, opts));
   }
 
-  /** Coded in slices (sliced-codec.ts): a big table at one device leaves the event loop to the others. */
-  async apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
-    const req = { device, ops: await mapInTimeSlices(ops, (op, i) => opToWire(op, `ops[${i}]`)) };
-    const res = await this.call<WireApplyResponse>('Apply', req, {
-      deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs,
-    });
-    const results = await mapInTimeSlices(res.results, (r, i) => opResultFromWire(r, `results[${i}]`));
-    return { results, bootId: res.bootId };
+  /** Coded straight between bytes and the library's types, in slices (apply-codec.ts). */
+  apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
+    const req: ApplyRequest = { device, ops };
+    return this.call<ApplyAnswer>('Apply', req, { deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs });
   }
 
   async listMapped(device: string, opts?: CallOptions): Promise<MappedSnapshot> {

@@ -1,13 +1,20 @@
 /**
- * Encoding and decoding the agent's big messages (an Apply of 65,536 ops, its 65,536 results) in
+ * Encoding and decoding big protobuf messages (a SetMemTable of 65,536 regions over gRPC) in
  * slices, giving the event loop back between them, so that one device's big table never holds up
- * another device's small request for the whole of a protobuf encode or decode.
+ * another device's small request for the whole of a protobuf encode or decode; and the coding of
+ * every agent method's messages (Apply's by apply-codec.ts, which slices its own).
  *
  * It rests on a property of the protobuf wire format: a message is the concatenation of its
  * fields, so parts each holding some elements of a repeated field concatenate into one message
  * with all of them (and the same bytes split at field boundaries decode into parts that merge back).
  */
 import { nextTurn } from '../sys/next-turn.ts';
+import {
+  decodeApplyAnswer,
+  decodeApplyRequest,
+  encodeApplyAnswer,
+  encodeApplyRequest,
+} from './apply-codec.ts';
 import type { AgentMethod } from './proto.ts';
 
 /** Elements of the repeated field per slice. */
@@ -95,25 +102,31 @@ export async function deserializeInSlices<T extends object>(
   return merged as T;
 }
 
-/** The agent methods whose messages are coded in slices, with their repeated fields. */
-export const SLICED_METHODS: Readonly<Record<string, { request: string; response: string }>> = {
-  Apply: { request: 'ops', response: 'results' },
-};
-
 type Side = 'request' | 'response';
 
-/** A method's request or answer as protobuf bytes: in slices for SLICED_METHODS, in one go otherwise. */
+/** Methods whose messages are the library's types, coded straight to bytes (apply-codec.ts). */
+const DIRECT: Readonly<
+  Record<string, Record<Side, { encode(m: never): Promise<Buffer>; decode(b: Buffer): Promise<object> }>>
+> = {
+  Apply: {
+    request: { encode: encodeApplyRequest, decode: decodeApplyRequest },
+    response: { encode: encodeApplyAnswer, decode: decodeApplyAnswer },
+  },
+};
+
+/**
+ * A method's request or answer as protobuf bytes: Apply's (ApplyRequest, ApplyAnswer) by
+ * apply-codec.ts, in slices; every other method's (wire.ts shapes) by protobufjs, in one go.
+ */
 export async function encodeMessage(method: AgentMethod, side: Side, message: object): Promise<Buffer> {
-  const serialize = side === 'request' ? method.requestSerialize : method.responseSerialize;
-  const field = SLICED_METHODS[method.name]?.[side];
-  if (field === undefined) return serialize(message);
-  return serializeInSlices(serialize, message, field as never);
+  const direct = DIRECT[method.name]?.[side];
+  if (direct !== undefined) return direct.encode(message as never);
+  return side === 'request' ? method.requestSerialize(message) : method.responseSerialize(message);
 }
 
 /** The inverse of encodeMessage. */
 export async function decodeMessage(method: AgentMethod, side: Side, bytes: Buffer): Promise<object> {
-  const deserialize = side === 'request' ? method.requestDeserialize : method.responseDeserialize;
-  const field = SLICED_METHODS[method.name]?.[side];
-  if (field === undefined) return deserialize(bytes);
-  return deserializeInSlices(deserialize, bytes, field as never);
+  const direct = DIRECT[method.name]?.[side];
+  if (direct !== undefined) return direct.decode(bytes);
+  return side === 'request' ? method.requestDeserialize(bytes) : method.responseDeserialize(bytes);
 }

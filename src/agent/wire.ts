@@ -6,7 +6,7 @@
  */
 import { COUNTER_KEYS } from '../device/counters.ts';
 import type { DeviceCounters, DeviceFacts, DeviceKind, IommuKind, OpResult } from '../device/types.ts';
-import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
+import type { Mapping, Perm } from '../iotlb/types.ts';
 import type { CreateMemoryRequest, MemoryInfo, MemoryKind, OpenMemoryRequest } from '../memory/types.ts';
 import type { BackendStats, VringView } from '../vhost-user/backend.ts';
 import { status } from '@grpc/grpc-js';
@@ -149,38 +149,8 @@ export interface WireMapping {
   perm: string;
 }
 
-export interface WireInvalidateOp {
-  asid: number;
-  iova: string;
-  size: string;
-}
-
-export interface WireIotlbOp {
-  update?: WireMapping | null;
-  invalidate?: WireInvalidateOp | null;
-}
-
-export interface WireOpResult {
-  ok: boolean;
-  errno: string;
-  code: string;
-  message: string;
-  field: string;
-  conflict?: WireMapping | null;
-}
-
 export interface WireDeviceRequest {
   device: string;
-}
-
-export interface WireApplyRequest {
-  device: string;
-  ops: WireIotlbOp[];
-}
-
-export interface WireApplyResponse {
-  results: WireOpResult[];
-  bootId: string;
 }
 
 export interface WireListMappedResponse {
@@ -234,7 +204,7 @@ export interface DeviceDescription {
   attachment?: AttachmentInfo;
 }
 
-/** An op result; failures of an overlapping UPDATE name the live entry they collide with. */
+/** An op result; failures of an overlapping UPDATE name the live entry they collide with (apply-codec.ts codes them). */
 export type AgentOpResult = OpResult & { conflict?: Mapping };
 
 export type RegisterMemoryRequest = OpenMemoryRequest | CreateMemoryRequest;
@@ -327,55 +297,6 @@ export function mappingFromWire(w: WireMapping, field = 'mapping'): Mapping {
     memory: w.memory,
     offset: u64FromWire(w.offset, `${field}.offset`),
     perm: PERM.fromWire(w.perm, `${field}.perm`),
-  };
-}
-
-export function opToWire(op: IotlbOp, field = 'op'): WireIotlbOp {
-  if (op.type === 'update') return { update: mappingToWire(op, `${field}.update`) };
-  return {
-    invalidate: {
-      asid: op.asid,
-      iova: u64ToWire(op.iova, `${field}.invalidate.iova`),
-      size: u64ToWire(op.size, `${field}.invalidate.size`),
-    },
-  };
-}
-
-export function opFromWire(w: WireIotlbOp, field = 'op'): IotlbOp {
-  if (w.update) return { type: 'update', ...mappingFromWire(w.update, `${field}.update`) };
-  if (w.invalidate) {
-    const inv = w.invalidate;
-    return {
-      type: 'invalidate',
-      asid: inv.asid,
-      iova: u64FromWire(inv.iova, `${field}.invalidate.iova`),
-      size: u64FromWire(inv.size, `${field}.invalidate.size`),
-    };
-  }
-  throw badRequest(field, 'needs update or invalidate');
-}
-
-export function opResultToWire(r: AgentOpResult): WireOpResult {
-  if (r.ok) return { ok: true, errno: '', code: '', message: '', field: '' };
-  return {
-    ok: false,
-    errno: r.errno,
-    code: r.code,
-    message: r.message,
-    field: r.field ?? '',
-    ...(r.conflict ? { conflict: mappingToWire(r.conflict, 'conflict') } : {}),
-  };
-}
-
-export function opResultFromWire(w: WireOpResult, field = 'result'): AgentOpResult {
-  if (w.ok) return { ok: true };
-  return {
-    ok: false,
-    errno: w.errno,
-    code: w.code,
-    message: w.message,
-    ...(w.field ? { field: w.field } : {}),
-    ...(w.conflict ? { conflict: mappingFromWire(w.conflict, `${field}.conflict`) } : {}),
   };
 }
 

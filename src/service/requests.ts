@@ -9,57 +9,55 @@ import { ServiceError } from '../core/errors.ts';
 import { mapInTimeSlices } from '../sys/next-turn.ts';
 import type { BatchOp, MapSpec, UnmapSpec } from '../core/types.ts';
 
-const fieldAt = (prefix: string, field: string): string => (prefix ? `${prefix}.${field}` : field);
+// Each check names its field only when it fails: a batch checks thousands that do not. A field is
+// `key` of the request itself (index < 0), or `key` of entry `index` of its `list` (`ops[3].iova`).
 
-// Each check names its field only when it fails: a batch checks thousands that do not.
+const fieldAt = (list: string, index: number, key: string): string =>
+  index < 0 ? key : `${list}[${index}].${key}`;
 
-function u64(value: unknown, prefix: string, key: string): bigint {
-  if (typeof value !== 'bigint') {
-    const field = fieldAt(prefix, key);
-    throw new ServiceError('INVALID_ARGUMENT', `${field} must be a u64`, { field });
-  }
+function refuse(list: string, index: number, key: string, what: string): never {
+  const field = fieldAt(list, index, key);
+  throw new ServiceError('INVALID_ARGUMENT', `${field} must be ${what}`, { field });
+}
+
+function u64(value: unknown, list: string, index: number, key: string): bigint {
+  if (typeof value !== 'bigint') refuse(list, index, key, 'a u64');
   return value;
 }
 
-function asidOf(value: unknown, prefix: string): number {
-  if (typeof value !== 'number') {
-    const field = fieldAt(prefix, 'asid');
-    throw new ServiceError('INVALID_ARGUMENT', `${field} must be a number`, { field });
-  }
+function asidOf(value: unknown, list: string, index: number): number {
+  if (typeof value !== 'number') refuse(list, index, 'asid', 'a number');
   return value;
 }
 
-function text(value: unknown, prefix: string, key: string): string {
-  if (typeof value !== 'string') {
-    const field = fieldAt(prefix, key);
-    throw new ServiceError('INVALID_ARGUMENT', `${field} must be a string`, { field });
-  }
+function text(value: unknown, list: string, index: number, key: string): string {
+  if (typeof value !== 'string') refuse(list, index, key, 'a string');
   return value;
 }
 
-function regionOf(r: Region, prefix: string): Region {
+function regionOf(r: Region, index: number): Region {
   return {
-    iova: u64(r.iova, prefix, 'iova'),
-    size: u64(r.size, prefix, 'size'),
-    memory: text(r.memory, prefix, 'memory'),
-    offset: u64(r.offset, prefix, 'offset'),
+    iova: u64(r.iova, 'regions', index, 'iova'),
+    size: u64(r.size, 'regions', index, 'size'),
+    memory: text(r.memory, 'regions', index, 'memory'),
+    offset: u64(r.offset, 'regions', index, 'offset'),
     perm: r.perm,
   };
 }
 
-export function mapSpecOf(r: MapSpec, prefix = ''): MapSpec {
-  const asid = asidOf(r.asid, prefix);
-  const iova = u64(r.iova, prefix, 'iova');
-  const size = u64(r.size, prefix, 'size');
-  const memory = text(r.memory, prefix, 'memory');
-  return { asid, iova, size, memory, offset: u64(r.offset, prefix, 'offset'), perm: r.perm };
+export function mapSpecOf(r: MapSpec): MapSpec {
+  const asid = asidOf(r.asid, '', -1);
+  const iova = u64(r.iova, '', -1, 'iova');
+  const size = u64(r.size, '', -1, 'size');
+  const memory = text(r.memory, '', -1, 'memory');
+  return { asid, iova, size, memory, offset: u64(r.offset, '', -1, 'offset'), perm: r.perm };
 }
 
-export function unmapSpecOf(r: UnmapSpec, prefix = ''): UnmapSpec {
+export function unmapSpecOf(r: UnmapSpec): UnmapSpec {
   return {
-    asid: asidOf(r.asid, prefix),
-    iova: u64(r.iova, prefix, 'iova'),
-    size: u64(r.size, prefix, 'size'),
+    asid: asidOf(r.asid, '', -1),
+    iova: u64(r.iova, '', -1, 'iova'),
+    size: u64(r.size, '', -1, 'size'),
     exact: r.exact === true,
   };
 }
@@ -68,7 +66,7 @@ export function unmapSpecOf(r: UnmapSpec, prefix = ''): UnmapSpec {
 export function regionsOf(regions: readonly Region[]): Promise<Region[]> {
   if (!Array.isArray(regions))
     throw new ServiceError('INVALID_ARGUMENT', 'regions must be a list', { field: 'regions' });
-  return mapInTimeSlices(regions, (r, i) => regionOf(r, `regions[${i}]`));
+  return mapInTimeSlices(regions, regionOf);
 }
 
 export function batchOpsOf(ops: readonly BatchOp[]): BatchOp[] {
@@ -76,14 +74,26 @@ export function batchOpsOf(ops: readonly BatchOp[]): BatchOp[] {
   const out: BatchOp[] = new Array(ops.length);
   for (let i = 0; i < ops.length; i++) {
     const op = ops[i]!;
-    const prefix = `ops[${i}]`;
-    if (op.op === 'map') out[i] = { op: 'map', ...mapSpecOf(op, prefix) };
-    else if (op.op === 'unmap') out[i] = { op: 'unmap', ...unmapSpecOf(op, prefix) };
-    else {
-      throw new ServiceError('INVALID_ARGUMENT', `${prefix}.op must be map or unmap`, {
-        field: `${prefix}.op`,
-      });
-    }
+    // The fields in the order a MapSpec and an UnmapSpec have them (the request digest reads them).
+    if (op.op === 'map') {
+      out[i] = {
+        op: 'map',
+        asid: asidOf(op.asid, 'ops', i),
+        iova: u64(op.iova, 'ops', i, 'iova'),
+        size: u64(op.size, 'ops', i, 'size'),
+        memory: text(op.memory, 'ops', i, 'memory'),
+        offset: u64(op.offset, 'ops', i, 'offset'),
+        perm: op.perm,
+      };
+    } else if (op.op === 'unmap') {
+      out[i] = {
+        op: 'unmap',
+        asid: asidOf(op.asid, 'ops', i),
+        iova: u64(op.iova, 'ops', i, 'iova'),
+        size: u64(op.size, 'ops', i, 'size'),
+        exact: op.exact === true,
+      };
+    } else refuse('ops', i, 'op', 'map or unmap');
   }
   return out;
 }

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
+import { decodeApplyRequest } from '../../src/agent/apply-codec.ts';
 import { AgentError } from '../../src/agent/errors.ts';
+import { agentService } from '../../src/agent/proto.ts';
 import { ZERO_COUNTERS } from '../../src/device/counters.ts';
 import type { Device, DeviceFacts } from '../../src/device/types.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
@@ -58,7 +60,7 @@ async function refused(
   });
 }
 
-test('handlers refuse bad input naming the field, and leave the device untouched', async () => {
+test('Apply refuses bad input naming the field, and leaves the device untouched', async () => {
   const applied: IotlbOp[][] = [];
   const info = { bootId: 'b', version: '0', pid: 1 };
   const handlers = createHandlers({
@@ -67,22 +69,26 @@ test('handlers refuse bad input naming the field, and leave the device untouched
     registry: {} as MemoryRegistry,
   });
   const good = { asid: 0, iova: '4096', size: '4096', memory: 'm', offset: '0', perm: 'PERM_RW' };
+  // The request's bytes as protobufjs writes them, decoded as the agent serves them.
+  const bytes = (ops: object[]) => agentService.Apply!.requestSerialize({ device: 'vdpa-k', ops });
+  const serve = async (ops: object[]) => handlers.Apply(await decodeApplyRequest(bytes(ops)));
 
+  const unspecified = { ...good, perm: 'PERM_UNSPECIFIED' };
   await refused(
-    handlers.Apply({ device: 'vdpa-k', ops: [{ update: good }, { update: { ...good, iova: '0x1g' } }] }),
+    serve([{ update: good }, { update: unspecified }]),
     'BAD_REQUEST',
     status.INVALID_ARGUMENT,
-    'ops[1].update.iova',
+    'ops[1].update.perm',
   );
+  await refused(serve([{ update: good }, {}]), 'BAD_REQUEST', status.INVALID_ARGUMENT, 'ops[1]');
   await refused(handlers.Apply({ device: 'nope', ops: [] }), 'DEVICE_NOT_FOUND', status.NOT_FOUND, 'device');
   assert.deepEqual(applied, [], 'nothing reached the device');
 
-  const res = await handlers.Apply({ device: 'vdpa-k', ops: [{ update: good }] });
-  assert.deepEqual(res, {
-    results: [{ ok: true, errno: '', code: '', message: '', field: '' }],
-    bootId: 'b',
-  });
-  assert.equal(applied.length, 1);
+  const res = await serve([{ update: good }]);
+  assert.deepEqual(res, { results: [{ ok: true }], bootId: 'b' });
+  assert.deepEqual(applied, [
+    [{ type: 'update', asid: 0, iova: 4096n, size: 4096n, memory: 'm', offset: 0n, perm: 'rw' }],
+  ]);
 });
 
 test('DMA is refused on a device that is not simulated', async () => {

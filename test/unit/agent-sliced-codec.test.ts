@@ -1,5 +1,5 @@
 /**
- * Slice-by-slice coding of the agent's big messages is byte-for-byte protobuf: what it encodes,
+ * Slice-by-slice coding of big messages (here Apply's, as protobufjs objects) is byte-for-byte protobuf: what it encodes,
  * protobufjs decodes whole into the same message; what protobufjs encodes whole, it decodes into
  * the same objects; a message too small to slice is coded in one go.
  */
@@ -7,43 +7,28 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { type AgentMethod, agentService } from '../../src/agent/proto.ts';
 import { deserializeInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
-import {
-  opResultToWire,
-  opToWire,
-  type WireApplyRequest,
-  type WireApplyResponse,
-} from '../../src/agent/wire.ts';
 
-const apply = agentService.Apply as AgentMethod<WireApplyRequest, WireApplyResponse>;
+/** Apply's messages as protobufjs objects: a request and an answer with a repeated field each. */
+type Message = Record<string, unknown>;
+const apply = agentService.Apply as AgentMethod<Message, Message>;
 
-function request(n: number): WireApplyRequest {
+function request(n: number): Message {
   return {
     device: 'vdpa0',
-    ops: Array.from({ length: n }, (_, k) =>
-      opToWire(
-        k % 3 === 2
-          ? { type: 'invalidate', asid: k % 2, iova: BigInt(k) << 12n, size: 0x1000n }
-          : {
-              type: 'update',
-              asid: 0,
-              iova: BigInt(k) << 12n,
-              size: 0x1000n,
-              memory: `m${k % 7}`,
-              offset: 0n,
-              perm: 'rw',
-            },
-      ),
-    ),
+    ops: Array.from({ length: n }, (_, k) => {
+      const iova = String(k * 0x1000);
+      return k % 3 === 2
+        ? { invalidate: { asid: k % 2, iova, size: '4096' } }
+        : { update: { asid: 0, iova, size: '4096', memory: `m${k % 7}`, offset: '0', perm: 'PERM_RW' } };
+    }),
   };
 }
 
-function response(n: number): WireApplyResponse {
+function response(n: number): Message {
   return {
     bootId: 'b00t',
     results: Array.from({ length: n }, (_, k) =>
-      opResultToWire(
-        k % 5 === 0 ? { ok: false, errno: 'EFAULT', code: 'KERNEL', message: `op ${k}` } : { ok: true },
-      ),
+      k % 5 === 0 ? { ok: false, errno: 'EFAULT', code: 'KERNEL', message: `op ${k}` } : { ok: true },
     ),
   };
 }

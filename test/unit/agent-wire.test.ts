@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { status } from '@grpc/grpc-js';
-import fc from 'fast-check';
 import { AgentError, errorFromWire, errorToWire, toAgentError } from '../../src/agent/errors.ts';
 import { agentService, callErrorCoding } from '../../src/agent/proto.ts';
 import {
@@ -15,32 +14,17 @@ import {
   factsToWire,
   memoryFromWire,
   memoryToWire,
-  opFromWire,
-  opResultFromWire,
-  opResultToWire,
-  opToWire,
   registerFromWire,
   registerToWire,
   u64FromWire,
   u64ToWire,
-  type WireApplyRequest,
 } from '../../src/agent/wire.ts';
 import { DeviceError, DmaError } from '../../src/device/errors.ts';
 import type { DeviceFacts } from '../../src/device/types.ts';
-import type { IotlbOp } from '../../src/iotlb/types.ts';
 import { IotlbError } from '../../src/iotlb/types.ts';
 import { MemoryError } from '../../src/memory/types.ts';
 
 const U64_MAX = (1n << 64n) - 1n;
-const u64 = fc.bigInt({ min: 0n, max: U64_MAX });
-
-/** Through the real protobuf encoding, as the agent and the client see it. */
-function throughProto(ops: IotlbOp[]): IotlbOp[] {
-  const method = agentService.Apply!;
-  const wire: WireApplyRequest = { device: 'd', ops: ops.map((op) => opToWire(op)) };
-  const decoded = method.requestDeserialize(method.requestSerialize(wire)) as WireApplyRequest;
-  return decoded.ops.map((op) => opFromWire(op));
-}
 
 function rejects(fn: () => unknown, field: string): void {
   assert.throws(fn, (e: unknown) => {
@@ -80,34 +64,6 @@ describe('u64 on the wire', () => {
     rejects(() => u64ToWire(1n << 64n, 'size'), 'size');
     rejects(() => u64ToWire(-1n, 'offset'), 'offset');
   });
-
-  test('every u64 survives the protobuf encoding of an op, bit for bit', () => {
-    fc.assert(
-      fc.property(u64, u64, u64, (iova, size, offset) => {
-        const ops: IotlbOp[] = [
-          { type: 'update', asid: 1, iova, size, memory: 'm', offset, perm: 'wo' },
-          { type: 'invalidate', asid: 0, iova, size },
-        ];
-        assert.deepEqual(throughProto(ops), ops);
-      }),
-    );
-    const edge: IotlbOp = {
-      type: 'update',
-      asid: 0,
-      iova: U64_MAX,
-      size: U64_MAX,
-      memory: 'm',
-      offset: U64_MAX,
-      perm: 'rw',
-    };
-    assert.deepEqual(throughProto([edge]), [edge]);
-  });
-
-  test('an op with neither update nor invalidate, or with an unknown perm, is refused', () => {
-    rejects(() => opFromWire({}, 'ops[3]'), 'ops[3]');
-    const update = { asid: 0, iova: '0', size: '4096', memory: 'm', offset: '0', perm: 'PERM_UNSPECIFIED' };
-    rejects(() => opFromWire({ update }, 'ops[1]'), 'ops[1].update.perm');
-  });
 });
 
 describe('messages round trip', () => {
@@ -145,22 +101,6 @@ describe('messages round trip', () => {
         (e: unknown) => e instanceof AgentError && e.field === 'facts.pageSize',
       );
     }
-  });
-
-  test('op results keep errno, code, field and the conflicting entry', () => {
-    const conflict = { asid: 0, iova: 0x1000n, size: 0x2000n, memory: 'm', offset: 0n, perm: 'rw' as const };
-    const failed = {
-      ok: false as const,
-      errno: 'EEXIST',
-      code: 'OVERLAP',
-      message: 'overlaps',
-      field: 'iova',
-      conflict,
-    };
-    assert.deepEqual(opResultFromWire(opResultToWire(failed)), failed);
-    assert.deepEqual(opResultFromWire(opResultToWire({ ok: true })), { ok: true });
-    const bare = { ok: false as const, errno: 'EFAULT', code: 'KERNEL', message: 'no' };
-    assert.deepEqual(opResultFromWire(opResultToWire(bare)), bare);
   });
 
   test('memory info and register requests', () => {

@@ -10,6 +10,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
+import {
+  decodeApplyAnswer,
+  decodeApplyRequest,
+  encodeApplyAnswer,
+  encodeApplyRequest,
+} from '../../src/agent/apply-codec.ts';
 import type { AgentClientEvents, ApplyResult, MappedSnapshot } from '../../src/agent/client.ts';
 import { AgentError, toAgentError } from '../../src/agent/errors.ts';
 import {
@@ -23,8 +29,6 @@ import {
   factsFromWire,
   mappingFromWire,
   memoryFromWire,
-  opResultFromWire,
-  opToWire,
   type RegisterMemoryRequest,
   registerToWire,
 } from '../../src/agent/wire.ts';
@@ -135,8 +139,9 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
       const call = { device, ops: [...ops] };
       await this.beforeApply?.(call);
       this.applies.push(call);
-      const res = await this.handlers.Apply({ device, ops: ops.map((op) => opToWire(op)) });
-      return { results: res.results.map((r) => opResultFromWire(r)), bootId: res.bootId };
+      // Through the bytes both ends code, as over the socket.
+      const req = await decodeApplyRequest(await encodeApplyRequest({ device, ops }));
+      return decodeApplyAnswer(await encodeApplyAnswer(await this.handlers.Apply(req)));
     });
   }
 
