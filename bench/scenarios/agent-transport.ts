@@ -6,7 +6,7 @@
  *
  * Both servers are child processes (this file, run with --serve) with one simulated device and the
  * same handlers (services/agent/server.ts); both ends of both code every message the same way
- * (src/agent/sliced-codec.ts: Apply's straight between bytes and bigints, apply-codec.ts). What the ratio
+ * (src/agent/sliced-codec.ts: Apply's straight between bytes and bigints, mapping-codec.ts). What the ratio
  * shows is what the product's transport adds to the bare framing. The two are measured in
  * alternating rounds; each figure is the median over rounds of the mean round trip of sequential
  * calls (one in flight). The 256-op Apply is also counted in messages per second beside the raw
@@ -20,7 +20,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { AgentClient } from '../../src/agent/client.ts';
-import type { ApplyAnswer } from '../../src/agent/apply-codec.ts';
+import type { ApplyAnswer } from '../../src/agent/mapping-codec.ts';
 import { agentService } from '../../src/agent/proto.ts';
 import { decodeMessage, encodeMessage } from '../../src/agent/sliced-codec.ts';
 import type { AgentOpResult } from '../../src/agent/wire.ts';

@@ -168,7 +168,7 @@ class Serving {
     try {
       request = await decodeMessage(method, 'request', payload);
     } catch (e) {
-      if (e instanceof AgentError) throw e; // a bad field, named (apply-codec.ts)
+      if (e instanceof AgentError) throw e; // a bad field, named (mapping-codec.ts)
       const why = `the ${method.name} request could not be decoded: ${(e as Error).message}`;
       throw new AgentError(status.INVALID_ARGUMENT, 'BAD_REQUEST', why);
     }

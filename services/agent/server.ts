@@ -4,7 +4,7 @@
  * suspend, resume, reset run one at a time, in call order), so the handlers add no locking.
  */
 import { status } from '@grpc/grpc-js';
-import type { ApplyAnswer, ApplyRequest } from '../../src/agent/apply-codec.ts';
+import type { ApplyAnswer, ApplyRequest, ListMappedAnswer } from '../../src/agent/mapping-codec.ts';
 import type { Attachments } from '../../src/agent/attach.ts';
 import { AgentError } from '../../src/agent/errors.ts';
 import {
@@ -13,7 +13,6 @@ import {
   countersToWire,
   factsToWire,
   type AgentInfo,
-  mappingToWire,
   memoryToWire,
   registerFromWire,
   u64FromWire,
@@ -26,7 +25,6 @@ import {
   type WireDeviceRequest,
   type WireDmaReadRequest,
   type WireDmaWriteRequest,
-  type WireListMappedResponse,
   type WireMemoryInfo,
   type WireRegisterMemoryRequest,
 } from '../../src/agent/wire.ts';
@@ -42,9 +40,10 @@ export interface AgentHandlers {
   GetInfo(req: Empty): Promise<WireAgentInfo>;
   ListDevices(req: Empty): Promise<{ devices: WireDeviceFacts[] }>;
   DescribeDevice(req: WireDeviceRequest): Promise<WireDeviceDescription>;
-  /** Coded straight to and from the library's types (apply-codec.ts). */
+  /** Coded straight to and from the library's types (mapping-codec.ts). */
   Apply(req: ApplyRequest): Promise<ApplyAnswer>;
-  ListMapped(req: WireDeviceRequest): Promise<WireListMappedResponse>;
+  /** Coded straight from the library's types (mapping-codec.ts). */
+  ListMapped(req: WireDeviceRequest): Promise<ListMappedAnswer>;
   RegisterMemory(req: WireRegisterMemoryRequest): Promise<WireMemoryInfo>;
   ReleaseMemory(req: { id: string }): Promise<Empty>;
   ListMemory(req: Empty): Promise<{ memory: WireMemoryInfo[] }>;
@@ -133,7 +132,7 @@ export function createHandlers(state: AgentState): AgentHandlers {
     },
     async ListMapped(req) {
       const d = device(req.device);
-      return { mappings: d.mappings().map((m) => mappingToWire(m)), bootId: info.bootId };
+      return { mappings: d.mappings(), bootId: info.bootId };
     },
     async RegisterMemory(req) {
       const r = registerFromWire(req);

@@ -15,7 +15,7 @@ import { status } from '@grpc/grpc-js';
 import type { DeviceFacts } from '../device/types.ts';
 import type { IotlbOp, Mapping } from '../iotlb/types.ts';
 import type { MemoryInfo } from '../memory/types.ts';
-import type { ApplyAnswer, ApplyRequest } from './apply-codec.ts';
+import type { ApplyAnswer, ApplyRequest, ListMappedAnswer } from './mapping-codec.ts';
 import { AgentError, callFailed } from './errors.ts';
 import { FrameClient, type ReconnectOptions } from './frame-client.ts';
 import { agentService } from './proto.ts';
@@ -34,7 +34,6 @@ import {
   type DeviceDescription,
   descriptionFromWire,
   factsFromWire,
-  mappingFromWire,
   memoryFromWire,
   type RegisterMemoryRequest,
   registerToWire,
@@ -42,7 +41,6 @@ import {
   type WireAgentInfo,
   type WireDeviceDescription,
   type WireDeviceFacts,
-  type WireListMappedResponse,
   type WireMemoryInfo,
 } from './wire.ts';
 
@@ -121,15 +119,15 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return descriptionFromWire(await this.call<WireDeviceDescription>('DescribeDevice', { device }, opts));
   }
 
-  /** Coded straight between bytes and the library's types, in slices (apply-codec.ts). */
+  /** Coded straight between bytes and the library's types, in slices (mapping-codec.ts). */
   apply(device: string, ops: readonly IotlbOp[], opts?: CallOptions): Promise<ApplyResult> {
     const req: ApplyRequest = { device, ops };
     return this.call<ApplyAnswer>('Apply', req, { deadlineMs: opts?.deadlineMs ?? this.applyDeadlineMs });
   }
 
-  async listMapped(device: string, opts?: CallOptions): Promise<MappedSnapshot> {
-    const res = await this.call<WireListMappedResponse>('ListMapped', { device }, opts);
-    return { mappings: res.mappings.map((m, i) => mappingFromWire(m, `mappings[${i}]`)), bootId: res.bootId };
+  /** Its answer coded straight to the library's types, in slices (mapping-codec.ts). */
+  listMapped(device: string, opts?: CallOptions): Promise<MappedSnapshot> {
+    return this.call<ListMappedAnswer>('ListMapped', { device }, opts);
   }
 
   async registerMemory(req: RegisterMemoryRequest, opts?: CallOptions): Promise<MemoryInfo> {

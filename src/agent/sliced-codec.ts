@@ -2,7 +2,8 @@
  * Encoding and decoding big protobuf messages (a SetMemTable of 65,536 regions over gRPC) in
  * slices, giving the event loop back between them, so that one device's big table never holds up
  * another device's small request for the whole of a protobuf encode or decode; and the coding of
- * every agent method's messages (Apply's by apply-codec.ts, which slices its own).
+ * every agent method's messages (Apply's and ListMapped's answer by mapping-codec.ts, which slices
+ * its own).
  *
  * It rests on a property of the protobuf wire format: a message is the concatenation of its
  * fields, so parts each holding some elements of a repeated field concatenate into one message
@@ -12,9 +13,11 @@ import { nextTurn } from '../sys/next-turn.ts';
 import {
   decodeApplyAnswer,
   decodeApplyRequest,
+  decodeListMappedAnswer,
   encodeApplyAnswer,
   encodeApplyRequest,
-} from './apply-codec.ts';
+  encodeListMappedAnswer,
+} from './mapping-codec.ts';
 import type { AgentMethod } from './proto.ts';
 
 /** Elements of the repeated field per slice. */
@@ -104,19 +107,24 @@ export async function deserializeInSlices<T extends object>(
 
 type Side = 'request' | 'response';
 
-/** Methods whose messages are the library's types, coded straight to bytes (apply-codec.ts). */
+/** Methods whose messages are the library's types, coded straight to bytes (mapping-codec.ts). */
 const DIRECT: Readonly<
-  Record<string, Record<Side, { encode(m: never): Promise<Buffer>; decode(b: Buffer): Promise<object> }>>
+  Record<
+    string,
+    Partial<Record<Side, { encode(m: never): Promise<Buffer>; decode(b: Buffer): Promise<object> }>>
+  >
 > = {
   Apply: {
     request: { encode: encodeApplyRequest, decode: decodeApplyRequest },
     response: { encode: encodeApplyAnswer, decode: decodeApplyAnswer },
   },
+  ListMapped: { response: { encode: encodeListMappedAnswer, decode: decodeListMappedAnswer } },
 };
 
 /**
- * A method's request or answer as protobuf bytes: Apply's (ApplyRequest, ApplyAnswer) by
- * apply-codec.ts, in slices; every other method's (wire.ts shapes) by protobufjs, in one go.
+ * A method's request or answer as protobuf bytes: Apply's (ApplyRequest, ApplyAnswer) and
+ * ListMapped's answer (ListMappedAnswer) by mapping-codec.ts, in slices; every other message
+ * (wire.ts shapes) by protobufjs, in one go.
  */
 export async function encodeMessage(method: AgentMethod, side: Side, message: object): Promise<Buffer> {
   const direct = DIRECT[method.name]?.[side];

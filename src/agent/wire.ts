@@ -153,11 +153,6 @@ export interface WireDeviceRequest {
   device: string;
 }
 
-export interface WireListMappedResponse {
-  mappings: WireMapping[];
-  bootId: string;
-}
-
 export interface WireRegisterMemoryRequest {
   id: string;
   path?: string | null;
@@ -204,7 +199,7 @@ export interface DeviceDescription {
   attachment?: AttachmentInfo;
 }
 
-/** An op result; failures of an overlapping UPDATE name the live entry they collide with (apply-codec.ts codes them). */
+/** An op result; failures of an overlapping UPDATE name the live entry they collide with (mapping-codec.ts codes them). */
 export type AgentOpResult = OpResult & { conflict?: Mapping };
 
 export type RegisterMemoryRequest = OpenMemoryRequest | CreateMemoryRequest;
@@ -278,7 +273,7 @@ export function descriptionFromWire(w: WireDeviceDescription): DeviceDescription
   };
 }
 
-export function mappingToWire(m: Mapping, field = 'mapping'): WireMapping {
+function mappingToWire(m: Mapping, field = 'mapping'): WireMapping {
   return {
     asid: m.asid,
     iova: u64ToWire(m.iova, `${field}.iova`),
@@ -289,7 +284,7 @@ export function mappingToWire(m: Mapping, field = 'mapping'): WireMapping {
   };
 }
 
-export function mappingFromWire(w: WireMapping, field = 'mapping'): Mapping {
+function mappingFromWire(w: WireMapping, field = 'mapping'): Mapping {
   return {
     asid: w.asid,
     iova: u64FromWire(w.iova, `${field}.iova`),

@@ -17,7 +17,8 @@ import { AgentClient } from '../../src/agent/client.ts';
 import { AgentError } from '../../src/agent/errors.ts';
 import { encodeFrame, type Frame, FrameDecoder, FrameKind } from '../../src/agent/frames.ts';
 import { agentService, MAX_MESSAGE_BYTES } from '../../src/agent/proto.ts';
-import type { AttachmentEvent, WireListMappedResponse } from '../../src/agent/wire.ts';
+import type { ListMappedAnswer } from '../../src/agent/mapping-codec.ts';
+import type { AttachmentEvent } from '../../src/agent/wire.ts';
 import { type FrameServer, serveFrames } from '../../services/agent/frame-server.ts';
 import type { AgentHandlers } from '../../services/agent/server.ts';
 
@@ -92,7 +93,7 @@ test('many calls in flight on one connection are answered in whatever order they
   const socket = socketIn(t);
   const gates = new Map(['d0', 'd1', 'd2', 'd3'].map((d) => [d, gate()]));
   await serve(t, socket, {
-    async ListMapped(req): Promise<WireListMappedResponse> {
+    async ListMapped(req): Promise<ListMappedAnswer> {
       await gates.get(req.device)!.opened;
       return { mappings: [], bootId: `answer for ${req.device}` };
     },

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
-import { decodeApplyRequest } from '../../src/agent/apply-codec.ts';
+import { decodeApplyRequest } from '../../src/agent/mapping-codec.ts';
 import { AgentError } from '../../src/agent/errors.ts';
 import { agentService } from '../../src/agent/proto.ts';
 import { ZERO_COUNTERS } from '../../src/device/counters.ts';

@@ -13,9 +13,11 @@ import { status } from '@grpc/grpc-js';
 import {
   decodeApplyAnswer,
   decodeApplyRequest,
+  decodeListMappedAnswer,
   encodeApplyAnswer,
   encodeApplyRequest,
-} from '../../src/agent/apply-codec.ts';
+  encodeListMappedAnswer,
+} from '../../src/agent/mapping-codec.ts';
 import type { AgentClientEvents, ApplyResult, MappedSnapshot } from '../../src/agent/client.ts';
 import { AgentError, toAgentError } from '../../src/agent/errors.ts';
 import {
@@ -27,7 +29,6 @@ import {
   type MemoryTableAnswer,
   descriptionFromWire,
   factsFromWire,
-  mappingFromWire,
   memoryFromWire,
   type RegisterMemoryRequest,
   registerToWire,
@@ -147,8 +148,8 @@ export class InProcessAgent extends EventEmitter<AgentClientEvents> implements A
 
   listMapped(device: string): Promise<MappedSnapshot> {
     return this.call(async () => {
-      const res = await this.handlers.ListMapped({ device });
-      return { mappings: res.mappings.map((m) => mappingFromWire(m)), bootId: res.bootId };
+      // Through the bytes both ends code, as over the socket.
+      return decodeListMappedAnswer(await encodeListMappedAnswer(await this.handlers.ListMapped({ device })));
     });
   }
 

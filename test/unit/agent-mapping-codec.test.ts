@@ -1,5 +1,6 @@
 /**
- * Apply's direct codec (src/agent/apply-codec.ts) against protobufjs' own coding of agent.proto,
+ * The direct codec of Apply and ListMapped's answer (src/agent/mapping-codec.ts) against
+ * protobufjs' own coding of agent.proto,
  * the reference: what one writes the other reads into the same message, both ways, for every u64
  * bit pattern, every perm, unicode memory ids, failures with and without a conflict, and messages
  * long enough to be coded in several slices. Bad ops are refused naming the field.
@@ -11,15 +12,18 @@ import fc from 'fast-check';
 import {
   decodeApplyAnswer,
   decodeApplyRequest,
+  decodeListMappedAnswer,
   encodeApplyAnswer,
   encodeApplyRequest,
-} from '../../src/agent/apply-codec.ts';
+  encodeListMappedAnswer,
+} from '../../src/agent/mapping-codec.ts';
 import { AgentError } from '../../src/agent/errors.ts';
 import { agentService } from '../../src/agent/proto.ts';
 import type { AgentOpResult } from '../../src/agent/wire.ts';
 import type { IotlbOp, Mapping, Perm } from '../../src/iotlb/types.ts';
 
 const apply = agentService.Apply!;
+const listMapped = agentService.ListMapped!;
 const U64_MAX = (1n << 64n) - 1n;
 const u64 = fc.oneof(fc.bigInt({ min: 0n, max: U64_MAX }), fc.bigInt({ min: 0n, max: 1n << 60n }));
 const asid = fc.nat({ max: 0xffff_ffff });
@@ -226,6 +230,48 @@ describe('Apply answer', () => {
     assert.deepEqual(await decodeApplyAnswer(bytes), {
       results: [{ ok: true }, { ok: false, errno: '', code: '', message: 'no' }],
       bootId: 'b',
+    });
+  });
+});
+
+/** Plain objects, as the codecs make them (fast-check's records have no prototype). */
+const plain = (ms: Mapping[]): Mapping[] => ms.map((m) => ({ ...m }));
+/** protobufjs' reading of a ListMappedResponse. */
+const readListed = (bytes: Buffer) =>
+  listMapped.responseDeserialize(bytes) as { bootId: string; mappings: object[] };
+
+describe('ListMapped answer', () => {
+  test('what the codec writes, protobufjs reads as the same mappings, and back', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.string(), fc.array(mapping, { maxLength: 20 }), async (bootId, mappings) => {
+        const read = readListed(await encodeListMappedAnswer({ mappings, bootId }));
+        assert.equal(read.bootId, bootId);
+        assert.deepEqual(read.mappings.map(mappingOfObject), plain(mappings));
+        const written = listMapped.responseSerialize({ bootId, mappings: mappings.map(mappingToObject) });
+        assert.deepEqual(await decodeListMappedAnswer(written), { mappings: plain(mappings), bootId });
+      }),
+    );
+  });
+
+  for (const n of [0, 2048, 2049, 10_000]) {
+    test(`${n} mappings, coded in slices, equal protobufjs' coding`, async () => {
+      const mappings = plain(fc.sample(mapping, { numRuns: n, seed: n }));
+      const bytes = await encodeListMappedAnswer({ mappings, bootId: 'b00t' });
+      assert.deepEqual(readListed(bytes).mappings.map(mappingOfObject), mappings);
+      assert.deepEqual(await decodeListMappedAnswer(bytes), { mappings, bootId: 'b00t' });
+    });
+  }
+
+  test('a mapping with a perm outside ro/wo/rw is refused by name; fields left out are their defaults', async () => {
+    const good = mappingToObject({ asid: 0, iova: 0n, size: 4096n, memory: 'm', offset: 0n, perm: 'rw' });
+    for (const bad of ['PERM_UNSPECIFIED', 7]) {
+      const bytes = listMapped.responseSerialize({ bootId: 'b', mappings: [good, { ...good, perm: bad }] });
+      await assert.rejects(decodeListMappedAnswer(bytes), refusedAs('mappings[1].perm'));
+    }
+    const bytes = listMapped.responseSerialize({ mappings: [{ perm: 'PERM_WO' }] });
+    assert.deepEqual(await decodeListMappedAnswer(bytes), {
+      mappings: [{ asid: 0, iova: 0n, size: 0n, memory: '', offset: 0n, perm: 'wo' }],
+      bootId: '',
     });
   });
 });

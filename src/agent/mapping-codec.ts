@@ -1,14 +1,15 @@
 /**
- * Apply's two messages (ApplyRequest, ApplyResponse of agent.proto) coded straight between protobuf
- * bytes and the library's types (IotlbOp, AgentOpResult), with protobufjs' Reader and Writer: no
- * wire objects in between, and every uint64 read into a bigint without passing through text. Apply
- * carries one entry per IOTLB message, so this is the agent hop's per-op cost (wire.ts keeps the
- * object shapes of every other message).
+ * The agent's messages that carry one entry per mapping or IOTLB message, coded straight between
+ * protobuf bytes and the library's types (IotlbOp, Mapping, AgentOpResult) with protobufjs' Reader
+ * and Writer: Apply's request and answer (ApplyRequest, ApplyResponse of agent.proto) and
+ * ListMapped's answer (ListMappedResponse). No wire objects in between, and every uint64 read into
+ * a bigint without passing through text: these are the agent hop's per-op and per-mapping cost
+ * (wire.ts keeps the object shapes of every other message).
  *
- * A decoded request means what protobufjs' decode + toObject + wire.ts would make of it: a field
+ * A decoded message means what protobufjs' decode + toObject + wire.ts would make of it: a field
  * absent is its default, an op carrying an `update` is that update (whatever else it carries), an
  * op with neither, or a perm outside ro/wo/rw, is a BAD_REQUEST naming the field. Big messages are
- * coded a slice of ops at a time, giving the event loop back between slices (sliced-codec.ts).
+ * coded a slice of entries at a time, giving the event loop back between slices (sliced-codec.ts).
  */
 import { status } from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
@@ -114,21 +115,31 @@ function readFields(r: protobuf.Reader, end: number, last: number): typeof FIELD
   return f;
 }
 
-/** A Mapping; a bad perm is refused as `${list}[${index}].${name}.perm` (the name made only then). */
+/**
+ * A Mapping; a bad perm is refused as `${list}[${index}].${name}.perm`, or `${list}[${index}].perm`
+ * for an element of the list itself (the name made only then).
+ */
 function readMapping(r: protobuf.Reader, end: number, list: string, index: number, name: 'update'): IotlbOp;
-function readMapping(r: protobuf.Reader, end: number, list: string, index: number, name: 'conflict'): Mapping;
 function readMapping(
   r: protobuf.Reader,
   end: number,
   list: string,
   index: number,
-  name: 'update' | 'conflict',
+  name?: 'conflict',
+): Mapping;
+function readMapping(
+  r: protobuf.Reader,
+  end: number,
+  list: string,
+  index: number,
+  name?: 'update' | 'conflict',
 ): Mapping | IotlbOp {
   const { asid, iova, size, memory, offset, perm } = readFields(r, end, 6);
   const named = PERM_OF[perm];
   if (named === undefined) {
     const shown = perm === 0 ? 'PERM_UNSPECIFIED' : String(perm);
-    throw badRequest(`${list}[${index}].${name}.perm`, `${JSON.stringify(shown)} is not a valid perm`);
+    const field = name === undefined ? `${list}[${index}].perm` : `${list}[${index}].${name}.perm`;
+    throw badRequest(field, `${JSON.stringify(shown)} is not a valid perm`);
   }
   // An update is made as the op it is: no second object spread from the first.
   if (name === 'update') return { type: 'update', asid, iova, size, memory, offset, perm: named };
@@ -305,4 +316,44 @@ export async function decodeApplyAnswer(bytes: Buffer): Promise<ApplyAnswer> {
     } else r.skipType(t & 7);
   }
   return { results, bootId };
+}
+
+// ---- ListMappedResponse ----
+
+/** ListMapped's answer: the device's mappings (by asid, then iova) and the agent's boot id. */
+export interface ListMappedAnswer {
+  mappings: Mapping[];
+  bootId: string;
+}
+
+export async function encodeListMappedAnswer({ mappings, bootId }: ListMappedAnswer): Promise<Buffer> {
+  const w = Writer.create();
+  for (let i = 0; i < mappings.length; i++) {
+    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
+    w.uint32(tag(1, LEN)).fork();
+    writeMapping(w, mappings[i]!);
+    w.ldelim();
+  }
+  w.uint32(tag(2, LEN)).string(bootId);
+  return w.finish() as Buffer;
+}
+
+/** Throws for bytes that are no ListMappedResponse, BAD_REQUEST (naming the field) for a bad perm. */
+export async function decodeListMappedAnswer(bytes: Buffer): Promise<ListMappedAnswer> {
+  const r = Reader.create(bytes);
+  let bootId = '';
+  const mappings: Mapping[] = [];
+  while (r.pos < r.len) {
+    const t = r.uint32();
+    const n = t >>> 3;
+    if (n === 1) {
+      expectWireType(t, LEN);
+      if (mappings.length > 0 && mappings.length % OPS_PER_SLICE === 0) await nextTurn();
+      mappings.push(readMapping(r, lengthEnd(r), 'mappings', mappings.length));
+    } else if (n === 2) {
+      expectWireType(t, LEN);
+      bootId = r.string();
+    } else r.skipType(t & 7);
+  }
+  return { mappings, bootId };
 }
