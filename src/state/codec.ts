@@ -125,24 +125,10 @@ class JsonWriter {
 
   /** The JSON of `value`, or its opening bracket (the rest comes from write()); undefined for nothing. */
   private start(value: unknown): string | undefined {
-    if (typeof value === 'object' && value !== null) {
-      const whole = smallJson(value);
-      if (whole !== undefined) return whole;
-    }
-    switch (typeof value) {
-      case 'bigint':
-        return taggedBigint(value);
-      case 'string':
-      case 'number':
-        return JSON.stringify(value);
-      case 'boolean':
-        return value ? 'true' : 'false';
-      case 'object':
-        break;
-      default:
-        return undefined;
-    }
+    if (typeof value !== 'object') return scalarJson(value);
     if (value === null) return 'null';
+    const whole = smallJson(value);
+    if (whole !== undefined) return whole;
     if (!plain(value)) return encodeJson(value);
     if (this.containers.has(value)) throw new TypeError('Converting circular structure to JSON');
     this.containers.add(value);
@@ -158,6 +144,21 @@ class JsonWriter {
   private close(): void {
     const top = this.open.pop()!;
     this.containers.delete('array' in top ? top.array : top.object);
+  }
+}
+
+/** The JSON of a bigint, string, number or boolean, as encodeJson writes it; undefined for any other value. */
+function scalarJson(value: unknown): string | undefined {
+  switch (typeof value) {
+    case 'bigint':
+      return taggedBigint(value);
+    case 'string':
+    case 'number':
+      return JSON.stringify(value);
+    case 'boolean':
+      return value ? 'true' : 'false';
+    default:
+      return undefined;
   }
 }
 
@@ -178,19 +179,8 @@ function smallJson(value: object): string | undefined {
 
 function smallValue(value: unknown): string | undefined {
   if (--smallValuesLeft < 0) return undefined;
-  switch (typeof value) {
-    case 'bigint':
-      return taggedBigint(value);
-    case 'string':
-    case 'number':
-      return JSON.stringify(value);
-    case 'boolean':
-      return value ? 'true' : 'false';
-    case 'object':
-      break;
-    default:
-      return 'null'; // what an array element that is not written reads
-  }
+  // `null` for a value that is not written: what an array element of it reads.
+  if (typeof value !== 'object') return scalarJson(value) ?? 'null';
   if (value === null) return 'null';
   if (!plain(value)) return undefined;
   if (Array.isArray(value)) {
