@@ -9,7 +9,7 @@
  * fields, so parts each holding some elements of a repeated field concatenate into one message
  * with all of them (and the same bytes split at field boundaries decode into parts that merge back).
  */
-import { nextTurn } from '../sys/next-turn.ts';
+import { TimeSlices } from '../sys/next-turn.ts';
 import {
   decodeApplyAnswer,
   decodeApplyRequest,
@@ -20,21 +20,27 @@ import {
 } from './mapping-codec.ts';
 import type { AgentMethod } from './proto.ts';
 
-/** Elements of the repeated field per slice. */
-const ELEMENTS_PER_SLICE = 2048;
+/**
+ * Elements of the repeated field per part, and bytes per part when decoding: a small fraction of a
+ * time slice each, so that the event loop is given back about every SLICE_MS (next-turn.ts)
+ * whatever an element costs. Parts of 2,048 elements took 5-10 ms each to code with protobufjs.
+ */
+const ELEMENTS_PER_PART = 128;
+const BYTES_PER_PART = 8 << 10;
 
-/** `message` encoded slice by slice: each part carries every field, and a slice of `field`. */
+/** `message` encoded part by part: each part carries every field, and a run of `field`. */
 export async function serializeInSlices<T extends object>(
   serialize: (message: T) => Buffer,
   message: T,
   field: keyof T & string,
 ): Promise<Buffer> {
   const all = message[field] as unknown[];
-  if (all.length <= ELEMENTS_PER_SLICE) return serialize(message);
+  if (all.length <= ELEMENTS_PER_PART) return serialize(message);
   const parts: Buffer[] = [];
-  for (let at = 0; at < all.length; at += ELEMENTS_PER_SLICE) {
-    if (at > 0) await nextTurn();
-    parts.push(serialize({ ...message, [field]: all.slice(at, at + ELEMENTS_PER_SLICE) }));
+  const slices = new TimeSlices(1);
+  for (let at = 0; at < all.length; at += ELEMENTS_PER_PART) {
+    if (slices.due()) await slices.next();
+    parts.push(serialize({ ...message, [field]: all.slice(at, at + ELEMENTS_PER_PART) }));
   }
   return Buffer.concat(parts);
 }
@@ -83,12 +89,13 @@ export async function deserializeInSlices<T extends object>(
   deserialize: (buf: Buffer) => T,
   buf: Buffer,
   field: keyof T & string,
-  bytesPerSlice = 64 << 10,
+  bytesPerPart = BYTES_PER_PART,
 ): Promise<T> {
-  if (buf.length <= bytesPerSlice) return deserialize(buf);
+  if (buf.length <= bytesPerPart) return deserialize(buf);
   const parts: T[] = [];
-  for (const [i, piece] of splitFields(buf, bytesPerSlice).entries()) {
-    if (i > 0) await nextTurn();
+  const slices = new TimeSlices(1);
+  for (const piece of splitFields(buf, bytesPerPart)) {
+    if (slices.due()) await slices.next();
     parts.push(deserialize(piece));
   }
   const merged = { ...parts[0]! } as Record<string, unknown>;
