@@ -160,6 +160,7 @@ async function repairState(stateDir: string, logger: Logger): Promise<void> {
       aside: report.aside,
       keptRecords: report.kept,
       droppedSpans: report.dropped.length,
+      unfinishedRecords: report.unfinished,
       // Sequence numbers the dropped records may have handed out are never handed out again.
       sequenceSkip: String(SEQUENCE_SKIP),
     },

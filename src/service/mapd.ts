@@ -202,7 +202,7 @@ class Mapd implements MapdCore {
 export async function createMapdService(opts: MapdServiceOptions): Promise<MapdCore> {
   const metrics = opts.metrics ?? createMetrics();
   const { logger } = opts;
-  const { store, droppedBytes } = await StateStore.open({
+  const { store, droppedBytes, unfinished } = await StateStore.open({
     dir: opts.stateDir,
     ...(opts.storeFs ? { fs: opts.storeFs } : {}),
     ...(opts.compactBytes !== undefined ? { compactBytes: opts.compactBytes } : {}),
@@ -211,6 +211,12 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
     onCompactionError: (err) => logger?.warn({ err: String(err) }, 'state compaction failed'),
   });
   if (droppedBytes > 0) logger?.warn({ bytes: droppedBytes }, 'cut a torn tail off the state journal');
+  if (unfinished > 0) {
+    logger?.warn(
+      { records: unfinished },
+      'skipped a state journal record whose parts stop (a crash while a large commit was written; it was never acknowledged)',
+    );
+  }
 
   const port = measuredPort(opts.agent, metrics);
   // The link is made last: the pieces before it reach it only from callbacks.

@@ -32,17 +32,17 @@ export function frame(value: unknown): Buffer {
   return framePieces([Buffer.from(encodeJson(value), 'utf8')]);
 }
 
-/** One frame whose payload is `pieces` one after another: frame() of their concatenation. */
-export function framePieces(pieces: readonly Buffer[]): Buffer {
-  return runWhole(frameSteps(pieces));
+/**
+ * One frame whose payload is `pieces` one after another: frame() of their concatenation, after
+ * `lead` (bytes that go before the frame in the same write) when given.
+ */
+export function framePieces(pieces: readonly Buffer[], lead?: Buffer): Buffer {
+  return runWhole(frameSteps(pieces, lead));
 }
 
-/**
- * framePieces giving the event loop back between pieces (a record of a 65,536-region table is
- * 10 MB), after `lead` (bytes that go before the frame in the same write) when given.
- */
-export function framePiecesInSlices(pieces: readonly Buffer[], lead?: Buffer): Promise<Buffer> {
-  return runInTimeSlices(frameSteps(pieces, lead));
+/** framePieces giving the event loop back between pieces (a snapshot of large tables is many MB). */
+export function framePiecesInSlices(pieces: readonly Buffer[]): Promise<Buffer> {
+  return runInTimeSlices(frameSteps(pieces));
 }
 
 function* frameSteps(pieces: readonly Buffer[], lead: Buffer = Buffer.alloc(0)): Generator<void, Buffer> {
@@ -256,12 +256,38 @@ export async function encodeJsonPieces(value: unknown): Promise<Buffer[]> {
   }
 }
 
-/** The elements of encodeJson(items): what it writes between the brackets, in pieces (see encodeJsonPieces). */
+/**
+ * The elements of encodeJson(items) in pieces of whole elements (about STEP_CHARS each), giving
+ * the event loop back as encodeJsonPieces does: joined by commas, the pieces are what it writes
+ * between the brackets. Whole elements, so that a large record can be cut into parts at any
+ * piece (journal.ts).
+ */
 export async function encodeElements(items: readonly unknown[]): Promise<Buffer[]> {
-  const pieces = await encodeJsonPieces(items);
-  pieces[0] = pieces[0]!.subarray(1);
-  pieces[pieces.length - 1] = pieces.at(-1)!.subarray(0, -1);
-  return pieces.filter((piece) => piece.length > 0);
+  const pieces: Buffer[] = [];
+  const slices = new TimeSlices(1);
+  let run: string[] = [];
+  let chars = 0;
+  for (const item of items) {
+    const text = elementJson(item);
+    run.push(text);
+    chars += text.length;
+    if (chars < STEP_CHARS) continue;
+    pieces.push(Buffer.from(run.join(','), 'utf8'));
+    run = [];
+    chars = 0;
+    if (slices.due()) await slices.next();
+  }
+  if (run.length > 0) pieces.push(Buffer.from(run.join(','), 'utf8'));
+  return pieces;
+}
+
+/** The JSON of `item` as an element of an array (`null` for what JSON.stringify skips). */
+function elementJson(item: unknown): string {
+  if (typeof item === 'object' && item !== null) {
+    const text = smallJson(item) ?? new JsonWriter(item).write(Number.POSITIVE_INFINITY).text;
+    return text === '' ? 'null' : text;
+  }
+  return item === null ? 'null' : (scalarJson(item) ?? 'null');
 }
 
 /** One frame whose CRC matched and whose content `decode` accepted. */

@@ -9,6 +9,16 @@
  *                   (the file is opened O_DSYNC: the write returns once its data and the file's
  *                   new size are on disk, what write + fdatasync does in one system call)
  *
+ * A record larger than `partBytes` (a 65,536-region table is about 10 MB) is written as parts
+ * { seq, part, parts, changes }, one frame each, and other records may be written between its
+ * parts: a small commit of another device waits for one part, not for the whole table. The
+ * frames are written one at a time, in the order append() was called for them; a record takes
+ * its number when its first frame is written. A record in parts counts once its last part is
+ * there: one whose parts stop (a crash or a failed write on the way; it was never acknowledged)
+ * is `unfinished`, skipped on replay and not damage, as long as no part of it comes out of turn.
+ * Its number stays taken. At most one record in parts is written at a time (store.ts), so a
+ * part 1 ends the one before it.
+ *
  * Opening reads everything first and writes nothing unless all of it is sound: a torn tail (the
  * last frame short or partial, as a crash during an append leaves) is cut off; anything else bad
  * (a bad frame followed by anything, a frame that fails the schema, a gap in the sequence
@@ -42,9 +52,12 @@ import {
   FORMAT_VERSION,
   JOURNAL_MAGIC,
   type JournalHeader,
+  type JournalPart,
   journalHeaderSchema,
+  journalPartSchema,
   journalRecordSchema,
   legacySnapshotSchema,
+  READ_VERSIONS,
   SNAPSHOT_MAGIC,
   schemaProblem,
   snapshotSchema,
@@ -54,6 +67,8 @@ export const SNAPSHOT = 'snapshot';
 const SNAPSHOT_TMP = 'snapshot.tmp';
 const JOURNAL_RE = /^journal\.(\d+)$/;
 export const journalName = (gen: number): string => `journal.${gen}`;
+/** Records larger than this are written in parts of at most this size (an O_DSYNC write of it takes about 1 ms here). */
+export const RECORD_PART_BYTES = 256 * 1024;
 
 /** The state directory holds damage: nothing was changed; see repair.ts for the way out. */
 export class StateDamageError extends Error {
@@ -86,6 +101,8 @@ export interface SnapshotRead {
   seq: bigint;
   state: StateSnapshot | undefined;
   legacy: boolean;
+  /** Of an earlier format version: rewritten in the current one on open. */
+  outdated: boolean;
 }
 
 /** One intact record of a journal. */
@@ -95,6 +112,16 @@ export interface RecordRead {
   offset: number;
   length: number;
   changes: Change[];
+}
+
+/** A record in parts whose last part is not in the journal: never acknowledged, skipped. */
+export interface UnfinishedRead {
+  seq: bigint;
+  /** Of its first part. */
+  offset: number;
+  /** How many of its parts are there. */
+  written: number;
+  parts: number;
 }
 
 /** What the intact records around a damaged span say about it. */
@@ -111,14 +138,21 @@ export interface DamageRead extends BadSpan {
 }
 
 export interface JournalRead {
+  /** In sequence order (a record in parts at its first part). */
   records: RecordRead[];
+  unfinished: UnfinishedRead[];
   damage: DamageRead[];
   torn: BadSpan | undefined;
   /** Whether the journal is of before format versions (no header, no sequence numbers). */
   legacy: boolean;
-  /** The sequence number of the last intact record (or the snapshot's when there is none). */
+  /** Of an earlier format version (its header says): rewritten in the current one on open. */
+  outdated: boolean;
+  /** The last sequence number taken, by an intact record or an unfinished one (or the snapshot's when there is none). */
   seq: bigint;
 }
+
+const readable = (version: unknown): boolean => READ_VERSIONS.includes(version as number);
+const READS = `version ${READ_VERSIONS.join(' or ')}`;
 
 /** Decodes and checks one frame of a journal: a header, a record, or an unversioned record. */
 function decodeJournalFrame(payload: Buffer): Decoded {
@@ -127,9 +161,15 @@ function decodeJournalFrame(payload: Buffer): Decoded {
   const v = decoded.value;
   const claimed = claimedVersion(v, JOURNAL_MAGIC);
   // Another version's header is not damage: parseJournal refuses it as a format.
-  if (claimed !== undefined && claimed !== FORMAT_VERSION) return decoded;
+  if (claimed !== undefined && !readable(claimed)) return decoded;
   const schema =
-    claimed !== undefined ? journalHeaderSchema : Array.isArray(v) ? changesSchema : journalRecordSchema;
+    claimed !== undefined
+      ? journalHeaderSchema
+      : Array.isArray(v)
+        ? changesSchema
+        : typeof v === 'object' && v !== null && 'part' in v
+          ? journalPartSchema
+          : journalRecordSchema;
   const problem = schemaProblem(schema, v);
   return problem === undefined ? decoded : { problem: `invalid record: ${problem}` };
 }
@@ -140,9 +180,9 @@ export function parseSnapshot(data: Buffer, file: string): SnapshotRead {
   const bad = damage[0] ?? torn;
   const value = frames[0]?.value;
   const claimed = claimedVersion(value, SNAPSHOT_MAGIC);
-  if (claimed !== undefined && claimed !== FORMAT_VERSION) {
+  if (claimed !== undefined && !readable(claimed)) {
     throw new StateFormatError(
-      `state snapshot ${file} is of format version ${String(claimed)}; this vdpa-mapd reads version ${FORMAT_VERSION} (and unversioned files): start the vdpa-mapd that wrote it`,
+      `state snapshot ${file} is of format version ${String(claimed)}; this vdpa-mapd reads ${READS} (and unversioned files): start the vdpa-mapd that wrote it`,
     );
   }
   const problem =
@@ -161,7 +201,13 @@ export function parseSnapshot(data: Buffer, file: string): SnapshotRead {
     );
   }
   const snap = value as { gen: number; seq?: bigint; state: StateSnapshot };
-  return { gen: snap.gen, seq: snap.seq ?? 0n, state: snap.state, legacy: claimed === undefined };
+  return {
+    gen: snap.gen,
+    seq: snap.seq ?? 0n,
+    state: snap.state,
+    legacy: claimed === undefined,
+    outdated: claimed !== undefined && claimed !== FORMAT_VERSION,
+  };
 }
 
 /**
@@ -172,9 +218,9 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
   const scan = scanFrames(data, decodeJournalFrame);
   const first = scan.frames[0];
   const claimed = first?.offset === 0 ? claimedVersion(first.value, JOURNAL_MAGIC) : undefined;
-  if (claimed !== undefined && claimed !== FORMAT_VERSION) {
+  if (claimed !== undefined && !readable(claimed)) {
     throw new StateFormatError(
-      `state journal ${file} is of format version ${String(claimed)}; this vdpa-mapd reads version ${FORMAT_VERSION} (and unversioned files): start the vdpa-mapd that wrote it`,
+      `state journal ${file} is of format version ${String(claimed)}; this vdpa-mapd reads ${READS} (and unversioned files): start the vdpa-mapd that wrote it`,
     );
   }
   // Which format the journal is in: its header says; without one (damaged), the snapshot or the records.
@@ -183,9 +229,17 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
     (snap.state !== undefined ? snap.legacy : first !== undefined && Array.isArray(first.value));
 
   const records: RecordRead[] = [];
+  const unfinished: UnfinishedRead[] = [];
   const misfits: BadSpan[] = [];
   const misfit = (offset: number, length: number, reason: string) => misfits.push({ offset, length, reason });
   let expected = snap.seq + 1n;
+  /** The record in parts being read: its parts so far. */
+  let open: (UnfinishedRead & { length: number; changes: Change[] }) | undefined;
+  const leaveOpen = () => {
+    if (open !== undefined)
+      unfinished.push({ seq: open.seq, offset: open.offset, written: open.written, parts: open.parts });
+    open = undefined;
+  };
   for (const f of scan.frames) {
     const v = f.value;
     if (claimedVersion(v, JOURNAL_MAGIC) !== undefined) {
@@ -213,21 +267,53 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
       records.push({ seq: undefined, offset: f.offset, length: f.length, changes: v as Change[] });
       continue;
     }
-    if (records.length === 0 && f.offset === 0) misfit(0, 0, 'no journal header');
-    const { seq, changes } = v as { seq: bigint; changes: Change[] };
+    if (f.offset === 0) misfit(0, 0, 'no journal header');
+    const { seq, changes, part, parts } = v as { seq: bigint; changes: Change[] } & Partial<JournalPart>;
+    if (part !== undefined && part > 1) {
+      // The next part of the record in parts being read, or out of turn.
+      if (open === undefined || open.seq !== seq || open.written + 1 !== part || open.parts !== parts) {
+        const next =
+          open === undefined
+            ? 'no record in parts was open'
+            : `part ${open.written + 1} of record ${open.seq} was next`;
+        misfit(f.offset, f.length, `part ${part} of record ${seq} out of turn (${next})`);
+        continue;
+      }
+      open.written = part;
+      open.length += f.length;
+      for (const c of changes) open.changes.push(c);
+      if (part === parts) {
+        records.push({ seq, offset: open.offset, length: open.length, changes: open.changes });
+        open = undefined;
+      }
+      continue;
+    }
     if (seq < expected) {
       misfit(f.offset, f.length, `record ${seq} repeats or goes back (record ${expected} was next)`);
       continue;
     }
-    records.push({ seq, offset: f.offset, length: f.length, changes });
     expected = seq + 1n;
+    if (part === undefined) {
+      records.push({ seq, offset: f.offset, length: f.length, changes });
+      continue;
+    }
+    // Part 1: one record in parts is written at a time, so the one before it stopped for good.
+    leaveOpen();
+    open = { seq, offset: f.offset, written: 1, parts: parts!, length: f.length, changes: [...changes] };
   }
+  leaveOpen();
+  // A record in parts is complete after records that came between its parts: in sequence order.
+  records.sort((a, b) => (a.seq! < b.seq! ? -1 : a.seq! > b.seq! ? 1 : 0));
 
   // Every bad span, with what its neighbours say; a gap in the numbers with no bad bytes is damage too.
   const spans = [...scan.damage, ...misfits].sort((a, b) => a.offset - b.offset);
   const damage: DamageRead[] = spans.map((span) => neighbours(span, records, snap.seq, legacy));
   let prev = snap.seq;
-  for (const r of legacy ? [] : records) {
+  // An unfinished record's number is taken: no gap.
+  const numbered = [...records, ...unfinished].sort((a, b) =>
+    a.seq! < b.seq! ? -1 : a.seq! > b.seq! ? 1 : 0,
+  );
+  for (const r of legacy ? [] : numbered) {
     const seq = r.seq!;
     const explained = damage.some(
       (d) => d.lost !== undefined && d.lost.to !== undefined && d.lost.to + 1n === seq,
@@ -245,8 +331,9 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
     prev = seq;
   }
   damage.sort((a, b) => a.offset - b.offset);
-  const last = records.at(-1)?.seq;
-  return { records, damage, torn: scan.torn, legacy, seq: last ?? snap.seq };
+  const last = numbered.at(-1)?.seq;
+  const outdated = claimed !== undefined ? claimed !== FORMAT_VERSION : snap.outdated;
+  return { records, unfinished, damage, torn: scan.torn, legacy, outdated, seq: last ?? snap.seq };
 }
 
 function neighbours(span: BadSpan, records: RecordRead[], snapSeq: bigint, legacy: boolean): DamageRead {
@@ -331,13 +418,21 @@ export async function readStateDir(dir: string, fs: StoreFs = nodeStoreFs): Prom
   if (snapData === undefined) await refuseLostSnapshot(dir, snapPath, fs);
   const snapshot: SnapshotRead =
     snapData === undefined
-      ? { gen: 0, seq: 0n, state: undefined, legacy: false }
+      ? { gen: 0, seq: 0n, state: undefined, legacy: false, outdated: false }
       : parseSnapshot(snapData, snapPath);
   const journalPath = path.join(dir, journalName(snapshot.gen));
   const data = await readOptional(fs, journalPath);
   const journal: JournalRead =
     data === undefined
-      ? { records: [], damage: [], torn: undefined, legacy: snapshot.legacy, seq: snapshot.seq }
+      ? {
+          records: [],
+          unfinished: [],
+          damage: [],
+          torn: undefined,
+          legacy: snapshot.legacy,
+          outdated: snapshot.outdated,
+          seq: snapshot.seq,
+        }
       : parseJournal(data, snapshot, journalPath);
   return { gen: snapshot.gen, snapshot, journalPath, data, journal };
 }
@@ -350,6 +445,8 @@ export interface JournalOpenResult {
   records: Change[][];
   /** Bytes of a torn tail that were cut off. */
   droppedBytes: number;
+  /** Records in parts whose parts stop (never acknowledged): skipped. */
+  unfinished: number;
   /** Whether the files are of before format versions: compact() before append(). */
   legacy: boolean;
 }
@@ -388,33 +485,79 @@ export async function syncDir(fs: StoreFs, dir: string): Promise<void> {
  * encodeElements); a record of several is the record of their changes one after another.
  */
 export interface EncodedChanges {
-  /** The changes as JSON array elements, in UTF-8 pieces; none for no changes. */
+  /** The changes as runs of whole JSON array elements, in UTF-8, joined by commas in the record; none for no changes. */
   readonly pieces: readonly Buffer[];
+  /** Of the pieces joined by commas. */
+  readonly bytes: number;
 }
 
 export async function encodeChanges(changes: readonly Change[]): Promise<EncodedChanges> {
-  return { pieces: await encodeElements(changes) };
+  const pieces = await encodeElements(changes);
+  return { pieces, bytes: joinedBytes(pieces.map((p) => p.length)) };
+}
+
+/** Bytes of runs of `lengths` joined by commas. */
+const joinedBytes = (lengths: readonly number[]): number =>
+  lengths.reduce((a, b) => a + b, 0) + Math.max(0, lengths.length - 1);
+
+/** Bytes of the changes of `commits` as one record holds them: what decides whether it goes in parts. */
+export function recordBytes(commits: readonly EncodedChanges[]): number {
+  return joinedBytes(commits.filter((c) => c.bytes > 0).map((c) => c.bytes));
 }
 
 const COMMA = Buffer.from(',');
+const RECORD_END = Buffer.from(']}');
 
-/** The frame of `{ seq, changes }`, the changes being those of `commits` in order: frame() of it, byte for byte. */
-export function recordFrame(seq: bigint, commits: readonly EncodedChanges[]): Buffer {
-  return framePieces(recordPieces(seq, commits));
+/**
+ * The changes of a record, as the pieces of each of its frames: one frame when they fit in
+ * `partBytes`, else parts of at most `partBytes` (or one piece, when a piece is larger).
+ */
+function framesOf(commits: readonly EncodedChanges[], partBytes: number): Buffer[][] {
+  const pieces = commits.flatMap((c) => c.pieces);
+  if (recordBytes(commits) <= partBytes) return [pieces];
+  const frames: Buffer[][] = [];
+  let current: Buffer[] = [];
+  let bytes = 0;
+  for (const piece of pieces) {
+    const more = (current.length > 0 ? 1 : 0) + piece.length;
+    if (current.length > 0 && bytes + more > partBytes) {
+      frames.push(current);
+      current = [];
+      bytes = 0;
+    }
+    bytes += (current.length > 0 ? 1 : 0) + piece.length;
+    current.push(piece);
+  }
+  frames.push(current);
+  return frames;
 }
 
-/** The payload of recordFrame, in pieces. */
-function recordPieces(seq: bigint, commits: readonly EncodedChanges[]): Buffer[] {
-  const pieces: Buffer[] = [Buffer.from(`{"seq":${encodeJson(seq)},"changes":[`)];
-  let any = false;
-  for (const { pieces: more } of commits) {
-    if (more.length === 0) continue;
-    if (any) pieces.push(COMMA);
-    pieces.push(...more);
-    any = true;
+/** The payload of one frame of record `seq`, in pieces: `{ seq, changes }`, or part `part` of `parts`. */
+function framePayload(seq: bigint, pieces: readonly Buffer[], part: number, parts: number): Buffer[] {
+  const head =
+    parts === 1
+      ? `{"seq":${encodeJson(seq)},"changes":[`
+      : `{"seq":${encodeJson(seq)},"part":${part},"parts":${parts},"changes":[`;
+  const out: Buffer[] = [Buffer.from(head)];
+  for (const [i, piece] of pieces.entries()) {
+    if (i > 0) out.push(COMMA);
+    out.push(piece);
   }
-  pieces.push(Buffer.from(']}'));
-  return pieces;
+  out.push(RECORD_END);
+  return out;
+}
+
+/**
+ * The frames of record `seq` holding the changes of `commits` in order: one frame (frame() of
+ * `{ seq, changes }`, byte for byte) when they fit in `partBytes`, else its parts.
+ */
+export function recordFrames(
+  seq: bigint,
+  commits: readonly EncodedChanges[],
+  partBytes = RECORD_PART_BYTES,
+): Buffer[] {
+  const frames = framesOf(commits, partBytes);
+  return frames.map((pieces, i) => framePieces(framePayload(seq, pieces, i + 1, frames.length)));
 }
 
 const header = (gen: number, after: bigint): Buffer =>
@@ -459,6 +602,8 @@ export class Journal {
   private dirSyncPending: boolean;
   /** The journal a compaction replaced, deleted once the directory is synced. */
   private staleJournal: string | undefined;
+  /** Settles once every frame write begun so far is done: frames are written one at a time. */
+  private frameWrites: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly fs: StoreFs,
@@ -466,15 +611,23 @@ export class Journal {
     private gen: number,
     private file: StoreFile,
     private bytes: number,
-    /** The sequence number of the last record written. */
+    /** The sequence number of the last record written (or begun, in parts). */
     private seq: bigint,
     private legacy: boolean,
+    private readonly partBytes: number,
   ) {
     this.dirSyncPending = true;
   }
 
-  /** Opens the journal for appending; throws StateDamageError (having written nothing) on damage. */
-  static async open(dir: string, fs: StoreFs = nodeStoreFs): Promise<JournalOpenResult> {
+  /**
+   * Opens the journal for appending; throws StateDamageError (having written nothing) on damage.
+   * `partBytes`: records larger than this are written in parts (RECORD_PART_BYTES).
+   */
+  static async open(
+    dir: string,
+    fs: StoreFs = nodeStoreFs,
+    partBytes = RECORD_PART_BYTES,
+  ): Promise<JournalOpenResult> {
     await fs.mkdir(dir);
     const read = await readStateDir(dir, fs);
     const { gen, journal: j, journalPath, data } = read;
@@ -503,13 +656,15 @@ export class Journal {
         await fs.unlink(path.join(dir, name)).catch(() => undefined);
       }
     }
-    const journal = new Journal(fs, dir, gen, file, bytes, j.seq, j.legacy);
+    const legacy = j.legacy || j.outdated || read.snapshot.legacy || read.snapshot.outdated;
+    const journal = new Journal(fs, dir, gen, file, bytes, j.seq, legacy, partBytes);
     return {
       journal,
       snapshot: read.snapshot.state,
       records: j.records.map((r) => r.changes),
       droppedBytes: j.torn?.length ?? 0,
-      legacy: j.legacy || read.snapshot.legacy,
+      unfinished: j.unfinished.length,
+      legacy,
     };
   }
 
@@ -523,33 +678,52 @@ export class Journal {
     await this.appendEncoded([await encodeChanges(changes)]);
   }
 
-  /** append() of the changes of `commits`, one after another, encoded already (encodeChanges). */
+  /**
+   * append() of the changes of `commits`, one after another, encoded already (encodeChanges).
+   * Calls may overlap: their frames are written one at a time, in call order, so frames of a
+   * later call come between the parts of a large record. Overlap at most one call whose record
+   * goes in parts (recordBytes > partBytes) with others: a part 1 ends the record in parts before it.
+   */
   async appendEncoded(commits: readonly EncodedChanges[]): Promise<void> {
     if (this.legacy) throw new Error('an unversioned journal takes no records: compact it first');
-    if (this.dirSyncPending) await this.syncDir();
-    if (this.dirtyTail) await this.cutTail();
-    const seq = this.seq + 1n;
-    // The header goes with the first record: an empty journal is a sound one.
-    // Framed in slices: the record of a 65,536-region table is about 10 MB.
-    const lead = this.bytes === 0 ? header(this.gen, this.seq) : undefined;
-    const data = await framePiecesInSlices(recordPieces(seq, commits), lead);
-    try {
-      // Durable when it returns (O_DSYNC): no fdatasync after it.
-      await writeAll(this.file, data, this.bytes);
-    } catch (e) {
-      // The record may be partly (or, after a failed sync of its data, wholly) in the file: cut it
-      // off so it is neither replayed nor followed by later records. If that fails too, retry
-      // before the next append.
-      this.dirtyTail = true;
-      await this.cutTail().catch(() => undefined);
-      throw e;
+    const frames = framesOf(commits, this.partBytes);
+    let seq = 0n;
+    for (const [i, pieces] of frames.entries()) {
+      await this.inTurn(async () => {
+        if (this.dirSyncPending) await this.syncDir();
+        if (this.dirtyTail) await this.cutTail();
+        // The number is taken by the first frame: a record that fails there leaves no gap.
+        if (i === 0) seq = this.seq + 1n;
+        // The header goes with the first record: an empty journal is a sound one.
+        const lead = this.bytes === 0 ? header(this.gen, this.seq) : undefined;
+        const data = framePieces(framePayload(seq, pieces, i + 1, frames.length), lead);
+        try {
+          // Durable when it returns (O_DSYNC): no fdatasync after it.
+          await writeAll(this.file, data, this.bytes);
+        } catch (e) {
+          // The frame may be partly (or, after a failed sync of its data, wholly) in the file: cut
+          // it off so it is neither replayed nor followed by later frames. If that fails too,
+          // retry before the next write. A record in parts that stops here is unfinished.
+          this.dirtyTail = true;
+          await this.cutTail().catch(() => undefined);
+          throw e;
+        }
+        this.bytes += data.length;
+        if (i === 0) this.seq = seq;
+      });
     }
-    this.bytes += data.length;
-    this.seq = seq;
+  }
+
+  /** Runs `write` once every frame write begun before it is done. */
+  private inTurn(write: () => Promise<void>): Promise<void> {
+    const run = this.frameWrites.then(write);
+    this.frameWrites = run.catch(() => undefined);
+    return run;
   }
 
   /** Replaces snapshot + journal by a snapshot of `state` and an empty journal. */
   async compact(state: StateSnapshot): Promise<void> {
+    await this.frameWrites;
     const next = await writeGeneration(this.fs, this.dir, this.gen + 1, this.seq, state);
     // The new snapshot is in place: from now on the new journal is the one to append to.
     const old = this.file;

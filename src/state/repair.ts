@@ -48,6 +48,8 @@ export interface RepairReport {
   aside: string;
   kept: number;
   dropped: DroppedSpan[];
+  /** Records in parts whose parts stop: never acknowledged, not kept (as on a normal open). */
+  unfinished: number;
 }
 
 const TEXT_LIMIT = 512;
@@ -111,6 +113,7 @@ export async function repairStateDir(
     file: read.journalPath,
     aside,
     kept: j.records.length,
+    unfinished: j.unfinished.length,
     dropped: [
       ...j.damage.map((d) => dropped(d, data)),
       ...(j.torn

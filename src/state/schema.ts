@@ -98,8 +98,15 @@ export const stateSchema: z.ZodType<StateSnapshot> = z.strictObject({
   attachments: z.array(attachmentRecord).optional(),
 });
 
-/** The format every file of the state directory is written in; other versions are refused. */
-export const FORMAT_VERSION = 1;
+/**
+ * The format every file of the state directory is written in. Version 2 journals may hold a
+ * record in parts (journalPartSchema); version 1 files are read and rewritten in version 2 on
+ * open (an older vdpa-mapd refuses version 2 as a format rather than misreading its parts as
+ * damage). Other versions are refused.
+ */
+export const FORMAT_VERSION = 2;
+export const READ_VERSIONS: readonly number[] = [1, 2];
+const readVersion = z.union([z.literal(1), z.literal(2)]);
 export const JOURNAL_MAGIC = 'vdpa-mapd journal';
 export const SNAPSHOT_MAGIC = 'vdpa-mapd snapshot';
 
@@ -108,7 +115,7 @@ const generation = z.number().int().min(0);
 /** The first frame of journal.<gen>: the first record after it has sequence number `after + 1`. */
 export const journalHeaderSchema = z.strictObject({
   magic: z.literal(JOURNAL_MAGIC),
-  version: z.literal(FORMAT_VERSION),
+  version: readVersion,
   gen: generation,
   after: u64,
 });
@@ -117,10 +124,25 @@ export type JournalHeader = z.infer<typeof journalHeaderSchema>;
 /** Every later frame: one group commit, numbered. */
 export const journalRecordSchema = z.strictObject({ seq: sequence, changes: changesSchema });
 
+/**
+ * Or one part of a record too large for one frame: parts 1..`parts` of record `seq`, each holding
+ * the next of its changes. Other records may come between them (journal.ts); the record counts
+ * only once its last part is there.
+ */
+export const journalPartSchema = z
+  .strictObject({
+    seq: sequence,
+    part: z.number().int().min(1),
+    parts: z.number().int().min(2),
+    changes: changesSchema,
+  })
+  .refine((p) => p.part <= p.parts, { message: 'part past the number of parts', path: ['part'] });
+export type JournalPart = z.infer<typeof journalPartSchema>;
+
 /** The one frame of `snapshot`: the state through record `seq`, the start of journal.<gen>. */
 export const snapshotSchema = z.strictObject({
   magic: z.literal(SNAPSHOT_MAGIC),
-  version: z.literal(FORMAT_VERSION),
+  version: readVersion,
   gen: generation,
   seq: u64,
   state: stateSchema,

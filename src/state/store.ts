@@ -14,6 +14,10 @@
  *   slices that yield (a large table never holds the event loop); commits whose encoding is done
  *   when the journal is free are written together as one record (group commit: one durable write
  *   for all of them), in commit order.
+ * - Two records are written at a time at most, one per lane: a large one (over the journal's
+ *   part size: written in parts) and a small one (one frame), whose frames the journal writes
+ *   between the large one's parts. So a small commit of one device waits for one part of another
+ *   device's 10 MB table, not for all of it. Dependent commits never share the lanes (Order).
  * - Order: two commits depend on each other when they write the records of a common device, or
  *   when either writes records every device depends on (memory). Of two dependent commits the
  *   later one is written in the same record after the earlier one or in a later record, is
@@ -23,6 +27,7 @@
  *   commits of different devices commute (desired.ts deviceOf): the file's order and any order
  *   of applying them lead to the same state, and every state `state` passes through is one that
  *   applying the commits one by one in some order that keeps the dependent ones in order reaches.
+ *   Replay applies the records in sequence order, another such order.
  *   (A device's queue is the only writer of its mappings and awaits each commit before the next.)
  * - A large commit is staged on copies of its devices' tables in slices (desired.ts stageChanges)
  *   once it is encoded and every commit it depends on is applied, overlapping its write, and
@@ -31,13 +36,14 @@
  *   leaves `state` untouched: nothing is installed before its record is durable. Commits in other
  *   records go on.
  * - A commit of no changes resolves at once: there is nothing to make durable.
- * - The journal is compacted into a snapshot when it grows past `compactBytes`, once every
- *   written record is applied (the snapshot holds the state through the last record), and when
+ * - The journal is compacted into a snapshot when it grows past `compactBytes`, once both lanes
+ *   are done and every written record is applied (the snapshot holds the state through the last record), and when
  *   the store is closed with at least `compactOnCloseBytes` of journal: after a clean stop the
  *   next start reads the state, not its history. A failed compaction leaves the files as they were.
  * - Opening refuses a damaged state directory (StateDamageError, nothing written): starting from
  *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
- *   crash during an append) is cut off, and `droppedBytes` says how much.
+ *   crash during an append) is cut off, and `droppedBytes` says how much; a record whose parts
+ *   stop (never acknowledged) is skipped, and `unfinished` counts them.
  */
 import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
 import {
@@ -52,7 +58,7 @@ import {
   toSnapshot,
 } from './desired.ts';
 import { errnoCode, nodeStoreFs, type StoreFs } from './fs.ts';
-import { type EncodedChanges, encodeChanges, Journal } from './journal.ts';
+import { type EncodedChanges, encodeChanges, Journal, RECORD_PART_BYTES } from './journal.ts';
 
 export interface StateStoreOptions {
   dir: string;
@@ -61,6 +67,8 @@ export interface StateStoreOptions {
   compactBytes?: number;
   /** Compact on close when the journal holds at least this many bytes (default 1 MiB). */
   compactOnCloseBytes?: number;
+  /** Records larger than this are written in parts, in the large lane (default RECORD_PART_BYTES). */
+  recordPartBytes?: number;
   limits?: Partial<StateLimits>;
   /** Called with the seconds each group write (the durable append) took. */
   onWrite?: (seconds: number, ok: boolean) => void;
@@ -72,6 +80,8 @@ export interface OpenedStore {
   store: StateStore;
   /** Bytes of a torn journal tail that were cut off when opening. */
   droppedBytes: number;
+  /** Records in parts whose parts stop (never acknowledged), skipped when opening. */
+  unfinished: number;
 }
 
 /** One commit on its way to disk and into `state`. */
@@ -124,29 +134,42 @@ function devicesOf(changes: readonly Change[]): Set<string> | undefined {
 /** How long a caller should wait before retrying after a failed write. */
 export const STORE_RETRY_AFTER_MS = ERROR_CATALOG.UNAVAILABLE.retryAfterMs;
 
+/** The commits of the record being written in each lane. */
+interface Lanes {
+  large: Commit[] | undefined;
+  small: Commit[] | undefined;
+}
+
 export class StateStore {
   /** Commits not written yet, in commit order. */
   private unwritten: Commit[] = [];
   /** Commits not applied yet (written or not), in commit order. */
   private unapplied: Commit[] = [];
-  private writing: Promise<void> | undefined;
-  /** Wakes the write loop when it waits for an encoding or a commit. */
-  private wake: (() => void) | undefined;
+  private readonly lanes: Lanes = { large: undefined, small: undefined };
+  /** Set while the journal is past compactBytes: no record is begun until it is compacted. */
+  private compactDue = false;
+  private compacting: Promise<void> | undefined;
   /** Called once no written commit is left to apply. */
   private whenApplied: (() => void)[] = [];
+  /** Called once nothing is left to write. */
+  private whenWritten: (() => void)[] = [];
   private closed = false;
+  private readonly partBytes: number;
 
   private constructor(
     private readonly journal: Journal,
     private readonly desired: DesiredState,
     private readonly opts: StateStoreOptions,
-  ) {}
+  ) {
+    this.partBytes = opts.recordPartBytes ?? RECORD_PART_BYTES;
+  }
 
   static async open(opts: StateStoreOptions): Promise<OpenedStore> {
     const limits = stateLimits(opts.limits);
-    const { journal, snapshot, records, droppedBytes, legacy } = await Journal.open(
+    const { journal, snapshot, records, droppedBytes, unfinished, legacy } = await Journal.open(
       opts.dir,
       opts.fs ?? nodeStoreFs,
+      opts.recordPartBytes,
     );
     const state = replayState(snapshot, records, limits);
     // Files of before format versions are rewritten in the current one before anything is appended.
@@ -155,7 +178,7 @@ export class StateStore {
         await journal.close();
         throw e;
       });
-    return { store: new StateStore(journal, state, opts), droppedBytes };
+    return { store: new StateStore(journal, state, opts), droppedBytes, unfinished };
   }
 
   /** The acknowledged state. Read it freely; change it only through commit(). */
@@ -184,7 +207,7 @@ export class StateStore {
         (encoded) => {
           c.encoded = encoded;
           this.applyReady();
-          this.poke();
+          this.pump();
         },
         (e: unknown) => {
           this.drop(c);
@@ -192,14 +215,13 @@ export class StateStore {
         },
       );
       this.applyReady();
-      this.writing ??= this.writeLoop();
-      this.poke();
+      this.pump();
     });
   }
 
   async close(): Promise<void> {
     this.closed = true;
-    await this.writing;
+    await this.written();
     await this.applied();
     if (this.journal.size >= (this.opts.compactOnCloseBytes ?? 1 << 20)) {
       await this.journal
@@ -209,53 +231,106 @@ export class StateStore {
     await this.journal.close();
   }
 
-  private async writeLoop(): Promise<void> {
-    while (this.unwritten.length > 0) {
-      const record = this.nextRecord();
-      if (record.length === 0) {
-        await new Promise<void>((resolve) => {
-          this.wake = resolve;
-        });
-        continue;
-      }
-      const started = process.hrtime.bigint();
-      try {
-        await this.journal.appendEncoded(record.map((c) => c.encoded!));
-      } catch (e) {
-        this.opts.onWrite?.(elapsed(started), false);
-        const err = writeError(e);
-        for (const c of record) this.drop(c);
-        for (const c of record) c.reject(err);
-        continue;
-      }
-      this.opts.onWrite?.(elapsed(started), true);
-      for (const c of record) c.durable = true;
-      this.applyReady();
-      if (this.journal.size > (this.opts.compactBytes ?? 64 << 20)) {
-        // The snapshot holds the state through the last record written: every record must be in it.
-        await this.applied();
-        await this.journal
-          .compact(toSnapshot(this.desired))
-          .catch((e: unknown) => this.opts.onCompactionError?.(e));
-      }
-    }
-    this.writing = undefined;
-  }
-
-  /** The next record: every commit encoded already that overtakes no commit it depends on. */
-  private nextRecord(): Commit[] {
-    const held = new Held();
-    const record: Commit[] = [];
-    const later: Commit[] = [];
-    for (const c of this.unwritten) {
-      if (c.encoded !== undefined && !held.holds(c)) record.push(c);
-      else {
+  /**
+   * Begins the next record of each free lane: the encoded commits that overtake no commit they
+   * depend on (nor one being written), the large ones together in the large lane, the small ones
+   * together in the small lane as long as they fit in one frame. A commit that depends on one
+   * taken into the other lane waits: two records in flight may be written in either order.
+   */
+  private pump(): void {
+    if (!this.compactDue) {
+      const held = new Held();
+      for (const c of [...(this.lanes.large ?? []), ...(this.lanes.small ?? [])]) held.add(c);
+      const large: Commit[] = [];
+      const small: Commit[] = [];
+      const inLarge = new Held();
+      const inSmall = new Held();
+      let smallBytes = 0;
+      const later: Commit[] = [];
+      for (const c of this.unwritten) {
+        const bytes = c.encoded?.bytes;
+        if (bytes !== undefined && !held.holds(c)) {
+          if (bytes > this.partBytes) {
+            if (this.lanes.large === undefined && !inSmall.holds(c)) {
+              large.push(c);
+              inLarge.add(c);
+              continue;
+            }
+          } else {
+            const more = (small.length > 0 ? 1 : 0) + bytes;
+            if (this.lanes.small === undefined && smallBytes + more <= this.partBytes && !inLarge.holds(c)) {
+              small.push(c);
+              inSmall.add(c);
+              smallBytes += more;
+              continue;
+            }
+          }
+        }
         held.add(c);
         later.push(c);
       }
+      this.unwritten = later;
+      if (large.length > 0) this.write('large', large);
+      if (small.length > 0) this.write('small', small);
     }
-    this.unwritten = later;
-    return record;
+    this.checkWritten();
+  }
+
+  private write(lane: keyof Lanes, record: Commit[]): void {
+    this.lanes[lane] = record;
+    const started = process.hrtime.bigint();
+    this.journal.appendEncoded(record.map((c) => c.encoded!)).then(
+      () => {
+        this.opts.onWrite?.(elapsed(started), true);
+        for (const c of record) c.durable = true;
+        this.lanes[lane] = undefined;
+        this.applyReady();
+        this.afterWrite();
+      },
+      (e: unknown) => {
+        this.opts.onWrite?.(elapsed(started), false);
+        this.lanes[lane] = undefined;
+        const err = writeError(e);
+        for (const c of record) this.drop(c);
+        for (const c of record) c.reject(err);
+        this.afterWrite();
+      },
+    );
+  }
+
+  private afterWrite(): void {
+    if (this.journal.size > (this.opts.compactBytes ?? 64 << 20)) this.compactDue = true;
+    const idle = this.lanes.large === undefined && this.lanes.small === undefined;
+    if (this.compactDue && idle && this.compacting === undefined) this.compacting = this.compact();
+    this.pump();
+  }
+
+  private async compact(): Promise<void> {
+    // The snapshot holds the state through the last record written: every record must be in it.
+    await this.applied();
+    await this.journal
+      .compact(toSnapshot(this.desired))
+      .catch((e: unknown) => this.opts.onCompactionError?.(e));
+    this.compactDue = false;
+    this.compacting = undefined;
+    this.pump();
+  }
+
+  /** Resolves once nothing is left to write (and no compaction runs). */
+  private written(): Promise<void> {
+    return new Promise((resolve) => {
+      this.whenWritten.push(resolve);
+      this.checkWritten();
+    });
+  }
+
+  private checkWritten(): void {
+    const busy =
+      this.unwritten.length > 0 ||
+      this.lanes.large !== undefined ||
+      this.lanes.small !== undefined ||
+      this.compacting !== undefined;
+    if (!busy) for (const done of this.whenWritten.splice(0)) done();
   }
 
   /**
@@ -301,13 +376,7 @@ export class StateStore {
     this.unwritten = this.unwritten.filter((w) => w !== c);
     this.unapplied = this.unapplied.filter((w) => w !== c);
     this.applyReady();
-    this.poke();
-  }
-
-  private poke(): void {
-    const wake = this.wake;
-    this.wake = undefined;
-    wake?.();
+    this.pump();
   }
 }
 

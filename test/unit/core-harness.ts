@@ -549,7 +549,7 @@ export function readDiskState(dir: string): DesiredState {
   const snapPath = path.join(dir, SNAPSHOT);
   const snap = fs.existsSync(snapPath)
     ? parseSnapshot(fs.readFileSync(snapPath), snapPath)
-    : { gen: 0, seq: 0n, state: undefined, legacy: false };
+    : { gen: 0, seq: 0n, state: undefined, legacy: false, outdated: false };
   const journal = path.join(dir, journalName(snap.gen));
   const records = fs.existsSync(journal) ? parseJournal(fs.readFileSync(journal), snap, journal).records : [];
   return replayState(

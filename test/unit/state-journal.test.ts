@@ -5,9 +5,10 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { decodeJson, encodeJson, type FrameScan, frame, scanFrames } from '../../src/state/codec.ts';
 import { type Change, sortedMappings, toSnapshot } from '../../src/state/desired.ts';
-import { Journal, StateDamageError, StateFormatError } from '../../src/state/journal.ts';
+import { nodeStoreFs, type StoreFs } from '../../src/state/fs.ts';
+import { encodeChanges, Journal, StateDamageError, StateFormatError } from '../../src/state/journal.ts';
 import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
-import { JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
+import { FORMAT_VERSION, JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
 import { StateStore } from '../../src/state/store.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import { FaultyFs, frameOffsets } from './core-harness.ts';
@@ -201,11 +202,11 @@ describe('journal', () => {
   });
 
   test('another format version is refused, snapshot or journal, and repair does not touch it', async () => {
-    const header = { magic: JOURNAL_MAGIC, version: 2, gen: 0, after: 0n };
+    const header = { magic: JOURNAL_MAGIC, version: 3, gen: 0, after: 0n };
     fs.writeFileSync(path.join(dir, 'journal.0'), Buffer.concat([frame(header), frame({ future: true })]));
     await assert.rejects(
       Journal.open(dir),
-      /journal\.0 is of format version 2; this vdpa-mapd reads version 1/,
+      /journal\.0 is of format version 3; this vdpa-mapd reads version 1 or 2/,
     );
     await assert.rejects(repairStateDir(dir), StateFormatError);
     fs.rmSync(path.join(dir, 'journal.0'));
@@ -231,10 +232,48 @@ describe('journal', () => {
     await store.close();
     assert.deepEqual(fs.readdirSync(dir).sort(), ['journal.4', 'snapshot']);
     const header = scanFrames(fs.readFileSync(path.join(dir, 'journal.4'))).frames[0]?.value;
-    assert.deepEqual(header, { magic: JOURNAL_MAGIC, version: 1, gen: 4, after: 0n });
+    assert.deepEqual(header, { magic: JOURNAL_MAGIC, version: FORMAT_VERSION, gen: 4, after: 0n });
     const { store: again } = await StateStore.open({ dir });
     assert.equal(again.state.devices.get('vdpa0')?.mappings.size, 3);
     assert.equal(again.state.devices.get('vdpa0')?.nextSequence, 5n);
+    await again.close();
+  });
+
+  test('version 1 files (no records in parts) are read and rewritten in version 2 before anything is appended', async () => {
+    const state = {
+      memory: [],
+      devices: [
+        { name: 'vdpa0', nextSequence: 5n, mappings: [], pending: [], failures: [], idempotency: [] },
+      ],
+    };
+    fs.writeFileSync(
+      path.join(dir, 'snapshot'),
+      frame({ magic: SNAPSHOT_MAGIC, version: 1, gen: 3, seq: 4n, state }),
+    );
+    fs.writeFileSync(
+      path.join(dir, 'journal.3'),
+      Buffer.concat([
+        frame({ magic: JOURNAL_MAGIC, version: 1, gen: 3, after: 4n }),
+        frame({ seq: 5n, changes: at(0x1000n) }),
+      ]),
+    );
+    const { store } = await StateStore.open({ dir });
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['journal.4', 'snapshot']);
+    const snapshot = scanFrames(fs.readFileSync(path.join(dir, 'snapshot'))).frames[0]?.value as {
+      version: number;
+      seq: bigint;
+    };
+    assert.equal(snapshot.version, 2);
+    assert.equal(snapshot.seq, 5n);
+    await store.commit(at(0x2000n));
+    await store.close();
+    const header = scanFrames(fs.readFileSync(path.join(dir, 'journal.4'))).frames[0]?.value;
+    assert.deepEqual(header, { magic: JOURNAL_MAGIC, version: 2, gen: 4, after: 5n });
+    const { store: again } = await StateStore.open({ dir });
+    assert.deepEqual(
+      sortedMappings(again.state.devices.get('vdpa0')).map((m) => m.iova),
+      [0x1000n, 0x2000n],
+    );
     await again.close();
   });
 
@@ -281,6 +320,202 @@ describe('journal', () => {
     const { store: again } = await StateStore.open({ dir: sub });
     await again.close();
     for (const name of fs.readdirSync(sub)) assert.equal(mode(name), 0o600, name);
+  });
+});
+
+/** Changes of `n` pages of `device` from `base`: a record of about 150 bytes per page. */
+const pages = (device: string, n: number, base = 0n): Change[] =>
+  Array.from({ length: n }, (_, k) => put(base + BigInt(k) * 0x1000n, device));
+
+/** The frames of the journal as a plain reading of the format gives them: JSON, bigints restored. */
+function plainFrames(data: Buffer): { offset: number; end: number; value: Record<string, unknown> }[] {
+  return frameOffsets(data).map((offset) => {
+    const end = offset + 8 + data.readUInt32LE(offset);
+    return {
+      offset,
+      end,
+      value: decodeJson(data.subarray(offset + 8, end).toString('utf8')) as Record<string, unknown>,
+    };
+  });
+}
+
+/**
+ * The reference reading of a journal cut at `length` (a crash there): the changes of every record
+ * whose frames all lie before the cut (a record in parts: all of its parts), in sequence order.
+ */
+function completeRecords(data: Buffer, length: number): Change[] {
+  const parts = new Map<bigint, { parts: number; changes: Change[][] }>();
+  const whole: { seq: bigint; changes: Change[] }[] = [];
+  for (const f of plainFrames(data)) {
+    if (f.end > length || 'magic' in f.value) continue;
+    const v = f.value as { seq: bigint; changes: Change[]; part?: number; parts?: number };
+    if (v.part === undefined) whole.push(v);
+    else {
+      const r = parts.get(v.seq) ?? { parts: v.parts!, changes: [] };
+      r.changes[v.part - 1] = v.changes;
+      parts.set(v.seq, r);
+    }
+  }
+  for (const [seq, r] of parts) {
+    if (r.changes.filter(Boolean).length === r.parts) whole.push({ seq, changes: r.changes.flat() });
+  }
+  return whole.sort((a, b) => (a.seq < b.seq ? -1 : 1)).flatMap((r) => r.changes);
+}
+
+/** device -> sorted iovas, from changes applied in order. */
+function mappedBy(changes: Change[]): Record<string, string[]> {
+  const out = new Map<string, Set<bigint>>();
+  for (const c of changes) {
+    if (c.t !== 'mapping.put' && c.t !== 'mapping.delete') continue;
+    const set = out.get(c.device) ?? new Set<bigint>();
+    out.set(c.device, set);
+    if (c.t === 'mapping.put') set.add(c.mapping.iova);
+    else set.delete(c.iova);
+  }
+  return Object.fromEntries(
+    [...out]
+      .filter(([, s]) => s.size > 0)
+      .map(([d, s]) => [d, [...s].sort((a, b) => (a < b ? -1 : 1)).map(String)]),
+  );
+}
+
+function storeMapped(store: StateStore): Record<string, string[]> {
+  return Object.fromEntries(
+    [...store.state.devices]
+      .filter(([, d]) => d.mappings.size > 0)
+      .map(([name, d]) => [name, sortedMappings(d).map((m) => String(m.iova))]),
+  );
+}
+
+describe('records in parts', () => {
+  /** Pieces of encoded changes are about 8 KB (codec.ts): parts of two or so. */
+  const PART = 20_000;
+
+  test('a large record goes in parts of at most the part size, with records that came meanwhile between them', async () => {
+    const { journal } = await Journal.open(dir, undefined, PART);
+    const big = journal.appendEncoded([await encodeChanges(pages('vdpa0', 600))]);
+    // Made while the big record's first part is written: written before its next part.
+    const small = journal.appendEncoded([await encodeChanges(pages('vdpa1', 1))]);
+    await Promise.all([big, small]);
+    await journal.close();
+    const frames = plainFrames(fs.readFileSync(journalFile()));
+    const kinds = frames
+      .slice(1)
+      .map((f) => (f.value.part === undefined ? `record ${f.value.seq}` : `part ${f.value.part}`));
+    const parts = frames.filter((f) => f.value.part !== undefined);
+    assert.ok(parts.length > 2, `${parts.length} parts`);
+    assert.equal(kinds[0], 'part 1');
+    assert.ok(kinds.indexOf('record 2') < kinds.lastIndexOf(`part ${parts.length}`), kinds.join(', '));
+    for (const f of parts) {
+      assert.ok(f.end - f.offset - 8 <= PART + 100, 'a part is at most the part size, and its head');
+      assert.equal(f.value.seq, 1n);
+      assert.equal(f.value.parts, parts.length);
+    }
+    const again = await Journal.open(dir, undefined, PART);
+    assert.deepEqual(again.records, [pages('vdpa0', 600), pages('vdpa1', 1)]);
+    assert.equal(again.unfinished, 0);
+    await again.journal.close();
+  });
+
+  test('a crash at any byte: the records complete before it replay, an unfinished record in parts is skipped, and appends go on', async () => {
+    const { store } = await StateStore.open({ dir, recordPartBytes: PART });
+    const big = store.commit(pages('vdpa0', 600));
+    const smalls: Promise<void>[] = [];
+    for (let i = 0; i < 6; i++) {
+      await new Promise((resolve) => setImmediate(resolve));
+      smalls.push(store.commit(pages('vdpa1', 1, BigInt(i) << 20n)));
+    }
+    await Promise.all([big, ...smalls]);
+    await store.commit(pages('vdpa2', 300));
+    await store.close();
+    const file = journalFile();
+    const data = fs.readFileSync(file);
+    const ends = plainFrames(data).map((f) => f.end);
+    // Every frame boundary, and a byte into every frame.
+    const cuts = [...new Set([...ends, ...ends.map((e) => e - 5)])].sort((a, b) => a - b);
+    let unfinishedSeen = 0;
+    for (const cut of cuts) {
+      fs.writeFileSync(file, data.subarray(0, cut));
+      const { store: reopened, unfinished } = await StateStore.open({ dir, recordPartBytes: PART });
+      unfinishedSeen += unfinished;
+      const expected = completeRecords(data, cut);
+      assert.deepEqual(storeMapped(reopened), mappedBy(expected), `cut at ${cut}`);
+      // Appends go on after an unfinished record, and what they wrote replays with the rest.
+      await reopened.commit(pages('vdpa3', 1));
+      await reopened.close();
+      const { store: third } = await StateStore.open({ dir, recordPartBytes: PART });
+      assert.deepEqual(
+        storeMapped(third),
+        mappedBy([...expected, ...pages('vdpa3', 1)]),
+        `cut at ${cut}, then an append`,
+      );
+      await third.close();
+    }
+    assert.ok(unfinishedSeen > 0, 'some cuts fell inside a record in parts');
+  });
+
+  test('a failed write of a part leaves the record unfinished: refused, and the records around it stand', async () => {
+    // The write of a second part fails half way, once.
+    let armed = true;
+    const failing: StoreFs = {
+      ...nodeStoreFs,
+      open: async (file, flags, opts) => {
+        const f = await nodeStoreFs.open(file, flags, opts);
+        return {
+          write: async (buffer, offset, length, position) => {
+            if (armed && Buffer.from(buffer).includes('"part":2,')) {
+              armed = false;
+              await f.write(buffer, offset, length >> 1, position);
+              throw Object.assign(new Error('EIO'), { code: 'EIO' });
+            }
+            return f.write(buffer, offset, length, position);
+          },
+          datasync: () => f.datasync(),
+          sync: () => f.sync(),
+          truncate: (n) => f.truncate(n),
+          close: () => f.close(),
+        };
+      },
+    };
+    const { store } = await StateStore.open({ dir, fs: failing, recordPartBytes: PART });
+    await store.commit(pages('vdpa1', 1));
+    const big = store.commit(pages('vdpa0', 600));
+    await assert.rejects(big, (e: unknown) => e instanceof ServiceError && e.code === 'UNAVAILABLE');
+    assert.equal(store.state.devices.get('vdpa0')?.mappings.size ?? 0, 0);
+    await store.commit(pages('vdpa1', 1, 1n << 20n));
+    await store.commit(pages('vdpa0', 300, 1n << 30n));
+    await store.close();
+    const { store: again, unfinished } = await StateStore.open({ dir, recordPartBytes: PART });
+    assert.equal(unfinished, 1);
+    assert.deepEqual(
+      storeMapped(again),
+      mappedBy([...pages('vdpa1', 1), ...pages('vdpa1', 1, 1n << 20n), ...pages('vdpa0', 300, 1n << 30n)]),
+    );
+    await again.close();
+  });
+
+  test('a part out of turn is damage, though its frame is intact', async () => {
+    const { journal } = await Journal.open(dir, undefined, PART);
+    await journal.append(pages('vdpa0', 600));
+    await journal.close();
+    const data = fs.readFileSync(journalFile());
+    const frames = plainFrames(data);
+    // Parts 2 and 3 swapped.
+    const [a, b] = [frames[2]!, frames[3]!];
+    fs.writeFileSync(
+      journalFile(),
+      Buffer.concat([
+        data.subarray(0, a.offset),
+        data.subarray(b.offset, b.end),
+        data.subarray(a.offset, a.end),
+        data.subarray(b.end),
+      ]),
+    );
+    await assert.rejects(Journal.open(dir), (e: unknown) => {
+      assert.ok(e instanceof StateDamageError, String(e));
+      assert.match(e.message, /part 3 of record 1 out of turn \(part 2 of record 1 was next\)/);
+      return true;
+    });
   });
 });
 

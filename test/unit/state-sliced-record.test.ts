@@ -9,7 +9,7 @@ import { crc32 } from 'node:zlib';
 import fc from 'fast-check';
 import { decodeJsonPayload, encodeElements, encodeJsonPieces, scanFrames } from '../../src/state/codec.ts';
 import type { Change } from '../../src/state/desired.ts';
-import { encodeChanges, recordFrame } from '../../src/state/journal.ts';
+import { encodeChanges, RECORD_PART_BYTES, recordFrames } from '../../src/state/journal.ts';
 
 /** The format as journal.ts documents it: `u32 LE length | u32 LE crc32 | JSON`, bigints as {"$n": "..."}. */
 const referenceJson = (value: unknown): string | undefined =>
@@ -53,23 +53,65 @@ test('a record of sliced commits is byte-identical to the one-piece frame of all
       fc.array(commit, { maxLength: 4 }),
       async (seq, commits) => {
         const encoded = await Promise.all(commits.map((c) => encodeChanges(c as Change[])));
-        const got = recordFrame(seq, encoded);
-        assert.deepEqual(got, referenceFrame({ seq, changes: commits.flat() }));
+        const got = recordFrames(seq, encoded, Number.MAX_SAFE_INTEGER);
+        assert.deepEqual(got, [referenceFrame({ seq, changes: commits.flat() })]);
       },
     ),
     { numRuns: 60 },
   );
 });
 
-test('the elements of an array, in slices, are what JSON.stringify writes between its brackets', async () => {
+test('the elements of an array, in pieces of whole elements joined by commas, are what JSON.stringify writes between its brackets', async () => {
   await fc.assert(
     fc.asyncProperty(fc.array(item, { maxLength: 1300 }), async (items) => {
       const pieces = await encodeElements(items);
       const whole = referenceFrame(items).subarray(8).toString('utf8');
-      assert.equal(Buffer.concat(pieces).toString('utf8'), whole.slice(1, -1));
+      assert.equal(pieces.map((p) => p.toString('utf8')).join(','), whole.slice(1, -1));
+      // Each piece is whole elements: a JSON array of its own.
+      const elements = pieces.flatMap((p) => JSON.parse(`[${p.toString('utf8')}]`) as unknown[]);
+      assert.equal(elements.length, items.length);
     }),
     { numRuns: 40 },
   );
+});
+
+test('a record larger than the part size is parts of at most that size, each a frame of the next changes', async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.bigInt({ min: 1n, max: (1n << 64n) - 1n }),
+      fc.array(commit, { minLength: 1, maxLength: 4 }),
+      fc.integer({ min: 64, max: 64 * 1024 }),
+      async (seq, commits, partBytes) => {
+        const encoded = await Promise.all(commits.map((c) => encodeChanges(c as Change[])));
+        const frames = recordFrames(seq, encoded, partBytes);
+        const all = commits.flat();
+        const values = frames.map((f) => {
+          const scan = scanFrames(f, decodeJsonPayload);
+          assert.equal(scan.frames.length, 1);
+          return scan.frames[0]!.value as { seq: bigint; part?: number; parts?: number; changes: unknown[] };
+        });
+        if (frames.length === 1) {
+          assert.deepEqual(frames[0], referenceFrame({ seq, changes: all }));
+          return;
+        }
+        // The changes, in order, across the parts, numbered 1..n; none larger than the part size
+        // unless a piece alone is.
+        assert.deepEqual(
+          values.map((v) => [v.seq, v.part, v.parts]),
+          values.map((_, i) => [seq, i + 1, frames.length]),
+        );
+        assert.deepEqual(
+          values.flatMap((v) => v.changes),
+          JSON.parse(referenceJson(all)!, (_k, v: unknown) =>
+            typeof v === 'object' && v !== null && '$n' in v ? BigInt((v as { $n: string }).$n) : v,
+          ),
+        );
+        for (const v of values) assert.ok(v.changes.length > 0);
+      },
+    ),
+    { numRuns: 40 },
+  );
+  assert.ok(RECORD_PART_BYTES >= 64 * 1024);
 });
 
 test('the reader takes a sliced record back as the changes that went in', async () => {
@@ -85,12 +127,13 @@ test('the reader takes a sliced record back as the changes that went in', async 
       perm: 'rw',
     },
   }));
-  const record = recordFrame(7n, [
+  const [record, ...more] = recordFrames(7n, [
     await encodeChanges(changes.slice(0, 700)),
     await encodeChanges([]),
     await encodeChanges(changes.slice(700)),
   ]);
-  const scan = scanFrames(record, decodeJsonPayload);
+  assert.deepEqual(more, []);
+  const scan = scanFrames(record!, decodeJsonPayload);
   assert.equal(scan.damage.length, 0);
   assert.equal(scan.torn, undefined);
   assert.deepEqual(
