@@ -312,7 +312,8 @@ export function toSnapshot(state: DesiredState): StateSnapshot {
       nextSequence: d.nextSequence,
       mappings: [...d.mappings.values()],
       pending: [...d.pending.values()],
-      failures: d.failures,
+      // Copied: failures are pushed in place, and a compaction encodes the snapshot while commits go on.
+      failures: [...d.failures],
       idempotency: [...d.idempotency.values()],
     })),
     ...(state.attachments.size > 0 ? { attachments: [...state.attachments.values()] } : {}),

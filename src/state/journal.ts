@@ -579,9 +579,7 @@ export async function writeGeneration(
   const tmpPath = path.join(dir, SNAPSHOT_TMP);
   const next = await fs.open(nextPath, 'w+', DURABLE_WRITES);
   try {
-    const snapshot = { magic: SNAPSHOT_MAGIC, version: FORMAT_VERSION, gen, seq, state };
-    // Encoded in slices: a snapshot of large tables must not hold the event loop either.
-    await writeFileSynced(fs, tmpPath, await framePiecesInSlices(await encodeJsonPieces(snapshot)));
+    await writeFileSynced(fs, tmpPath, await snapshotFrame(gen, seq, state));
     await fs.rename(tmpPath, path.join(dir, SNAPSHOT));
   } catch (e) {
     await next.close().catch(() => undefined);
@@ -590,6 +588,13 @@ export async function writeGeneration(
     throw e;
   }
   return next;
+}
+
+/** The snapshot file's frame: the state through record `seq`, the start of journal.<gen>. */
+async function snapshotFrame(gen: number, seq: bigint, state: StateSnapshot): Promise<Buffer> {
+  const snapshot = { magic: SNAPSHOT_MAGIC, version: FORMAT_VERSION, gen, seq, state };
+  // Encoded in slices: a snapshot of large tables must not hold the event loop either.
+  return framePiecesInSlices(await encodeJsonPieces(snapshot));
 }
 
 /** How the journal files are opened: every write durable when it returns (see StoreFs.open). */
@@ -604,6 +609,8 @@ export class Journal {
   private staleJournal: string | undefined;
   /** Settles once every frame write begun so far is done: frames are written one at a time. */
   private frameWrites: Promise<void> = Promise.resolve();
+  /** While a compaction runs: the frames written since its snapshot, for the next journal. */
+  private since: Buffer[] | undefined;
 
   private constructor(
     private readonly fs: StoreFs,
@@ -710,6 +717,7 @@ export class Journal {
         }
         this.bytes += data.length;
         if (i === 0) this.seq = seq;
+        this.since?.push(lead === undefined ? data : data.subarray(lead.length));
       });
     }
   }
@@ -721,22 +729,63 @@ export class Journal {
     return run;
   }
 
-  /** Replaces snapshot + journal by a snapshot of `state` and an empty journal. */
+  /**
+   * Replaces snapshot + journal by a snapshot of `state` and a journal of the records appended
+   * since. `state` must be the state through every record written when it is called, with no
+   * append in flight; appends may go on while it runs. They go into this journal while the
+   * snapshot is encoded and written (a 65,536-mapping state takes hundreds of ms), and their
+   * frames are kept: at the switch, with the frames held, the next journal is created holding
+   * them, the snapshot renamed into place and the directory synced (a few ms). So a crash at any
+   * point leaves either the old snapshot with this journal, which holds every record, or the new
+   * snapshot with the next journal, which holds every record after it. On failure nothing of the
+   * new generation is left and appends go on here.
+   */
   async compact(state: StateSnapshot): Promise<void> {
-    await this.frameWrites;
-    const next = await writeGeneration(this.fs, this.dir, this.gen + 1, this.seq, state);
-    // The new snapshot is in place: from now on the new journal is the one to append to.
-    const old = this.file;
-    this.staleJournal = path.join(this.dir, journalName(this.gen));
-    this.file = next;
-    this.gen += 1;
-    this.bytes = 0;
-    this.legacy = false;
-    this.dirtyTail = false;
-    this.dirSyncPending = true;
-    await old.close().catch(() => undefined);
-    // A failure here is retried before the next append, which cannot succeed without it.
-    await this.syncDir().catch(() => undefined);
+    const gen = this.gen + 1;
+    const seq = this.seq;
+    const since: Buffer[] = [];
+    this.since = since;
+    const nextPath = path.join(this.dir, journalName(gen));
+    const tmpPath = path.join(this.dir, SNAPSHOT_TMP);
+    try {
+      await writeFileSynced(this.fs, tmpPath, await snapshotFrame(gen, seq, state));
+      await this.inTurn(async () => {
+        let next: StoreFile | undefined;
+        let bytes = 0;
+        try {
+          next = await this.fs.open(nextPath, 'w+', DURABLE_WRITES);
+          if (since.length > 0) {
+            // The header goes with the first record, as in any journal.
+            const data = Buffer.concat([header(gen, seq), ...since]);
+            await writeAll(next, data, 0);
+            bytes = data.length;
+          }
+          await this.fs.rename(tmpPath, path.join(this.dir, SNAPSHOT));
+        } catch (e) {
+          await next?.close().catch(() => undefined);
+          await this.fs.unlink(nextPath).catch(() => undefined);
+          throw e;
+        }
+        // The new snapshot is in place: from now on the new journal is the one to append to.
+        const old = this.file;
+        this.staleJournal = path.join(this.dir, journalName(this.gen));
+        this.file = next;
+        this.gen = gen;
+        this.bytes = bytes;
+        this.legacy = false;
+        this.dirtyTail = false;
+        this.dirSyncPending = true;
+        await old.close().catch(() => undefined);
+        // Before the next frame: the new journal holds records only its directory entry makes
+        // durable. A failure here is retried before the next append, which cannot succeed without it.
+        await this.syncDir().catch(() => undefined);
+      });
+    } catch (e) {
+      await this.fs.unlink(tmpPath).catch(() => undefined);
+      throw e;
+    } finally {
+      this.since = undefined;
+    }
   }
 
   async close(): Promise<void> {

@@ -37,7 +37,7 @@
  *   records go on.
  * - A commit of no changes resolves at once: there is nothing to make durable.
  * - The journal is compacted into a snapshot when it grows past `compactBytes`, once both lanes
- *   are done and every written record is applied (the snapshot holds the state through the last record), and when
+ *   are done and every written record is applied (records go on while the snapshot is written) (the snapshot holds the state through the last record), and when
  *   the store is closed with at least `compactOnCloseBytes` of journal: after a clean stop the
  *   next start reads the state, not its history. A failed compaction leaves the files as they were.
  * - Opening refuses a damaged state directory (StateDamageError, nothing written): starting from
@@ -299,19 +299,23 @@ export class StateStore {
   }
 
   private afterWrite(): void {
-    if (this.journal.size > (this.opts.compactBytes ?? 64 << 20)) this.compactDue = true;
+    const compactBytes = this.opts.compactBytes ?? 64 << 20;
+    if (this.compacting === undefined && this.journal.size > compactBytes) this.compactDue = true;
     const idle = this.lanes.large === undefined && this.lanes.small === undefined;
     if (this.compactDue && idle && this.compacting === undefined) this.compacting = this.compact();
     this.pump();
   }
 
+  /**
+   * Compacts once both lanes are done and every written record is applied: the snapshot is the
+   * state through the last record written. Records go on meanwhile (journal.ts compact).
+   */
   private async compact(): Promise<void> {
-    // The snapshot holds the state through the last record written: every record must be in it.
     await this.applied();
-    await this.journal
-      .compact(toSnapshot(this.desired))
-      .catch((e: unknown) => this.opts.onCompactionError?.(e));
+    const compaction = this.journal.compact(toSnapshot(this.desired));
     this.compactDue = false;
+    this.pump();
+    await compaction.catch((e: unknown) => this.opts.onCompactionError?.(e));
     this.compacting = undefined;
     this.pump();
   }

@@ -438,6 +438,11 @@ export class FaultyFs implements StoreFs {
     return this.armed.length;
   }
 
+  /** Forgets the faults not taken yet. */
+  disarm(): void {
+    this.armed.length = 0;
+  }
+
   async open(file: string, flags: OpenFlags, opts?: { durableWrites?: boolean }): Promise<StoreFile> {
     this.trip('open', file);
     const inner = await nodeStoreFs.open(file, flags, opts);

@@ -338,17 +338,20 @@ const step = fc.record({
  * records written between them, faults striking any part.
  */
 const partBytes = fc.constantFrom(undefined, 12_000, 40_000);
+/** Compactions now and then, running beside the commits (a fault may strike their journal write). */
+const compactAt = fc.constantFrom(undefined, 30_000);
 
 test('commits made concurrently, some refused by failed writes: each device sees its own commits in order, and the end state (live and reopened) is the sequential application of the accepted ones', async () => {
   await fc.assert(
     fc.asyncProperty(
       fc.array(step, { minLength: 1, maxLength: 12 }),
       partBytes,
-      async (steps, recordPartBytes) => {
+      compactAt,
+      async (steps, recordPartBytes, compactBytes) => {
         const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-order-prop-'));
         try {
           const faulty = new FaultyFs();
-          const { store } = await StateStore.open({ dir, fs: faulty, recordPartBytes });
+          const { store } = await StateStore.open({ dir, fs: faulty, recordPartBytes, compactBytes });
           const outcome: (boolean | undefined)[] = steps.map(() => undefined);
           const devicesOfStep = steps.map(
             (s) => new Set(s.changes.map((c) => ('device' in c ? c.device : '*'))),

@@ -29,6 +29,8 @@ afterEach(() => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
 const journalFile = () => path.join(dir, fs.readdirSync(dir).find((n) => n.startsWith('journal.'))!);
 
 describe('codec', () => {
@@ -294,6 +296,8 @@ describe('journal', () => {
       });
     await store.commit(at(0x1000n));
     await store.commit(at(0x2000n));
+    // The compaction runs beside the commits: wait for its switch.
+    for (let i = 0; i < 10_000 && fs.existsSync(path.join(dir, 'journal.0')); i++) await sleep(1);
     assert.notEqual(journalFile(), path.join(dir, 'journal.0'), 'compacted');
     const flags = journalFlags();
     assert.equal(flags.length, 1);
@@ -648,6 +652,62 @@ describe('store', () => {
     await again.close();
   });
 
+  test('commits go on while a compaction writes its snapshot; the next journal holds them, and a crash at the gate loses none', async () => {
+    // The snapshot's write waits at a gate: the compaction is held there.
+    let open: (() => void) | undefined;
+    let reached: (() => void) | undefined;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const atGate = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    const gated: StoreFs = {
+      ...nodeStoreFs,
+      open: async (file, flags, opts) => {
+        const f = await nodeStoreFs.open(file, flags, opts);
+        if (!file.endsWith('snapshot.tmp')) return f;
+        return {
+          write: async (buffer, offset, length, position) => {
+            reached!();
+            await gate;
+            return f.write(buffer, offset, length, position);
+          },
+          datasync: () => f.datasync(),
+          sync: () => f.sync(),
+          truncate: (n) => f.truncate(n),
+          close: () => f.close(),
+        };
+      },
+    };
+    const { store } = await StateStore.open({ dir, fs: gated, compactBytes: 2048 });
+    for (let i = 1n; i <= 20n; i++) await store.commit([put(i * 0x1000n)]);
+    await atGate;
+    // Answered while the snapshot is held.
+    for (let i = 21n; i <= 30n; i++)
+      await store.commit([put(i * 0x1000n, i % 2n === 0n ? 'vdpa0' : 'vdpa1')]);
+    // A crash now: the copy of the directory holds every acknowledged commit.
+    const crashed = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-state-crash-'));
+    try {
+      for (const name of fs.readdirSync(dir)) fs.copyFileSync(path.join(dir, name), path.join(crashed, name));
+      const { store: copy } = await StateStore.open({ dir: crashed });
+      assert.equal(copy.state.devices.get('vdpa0')?.mappings.size, 25);
+      assert.equal(copy.state.devices.get('vdpa1')?.mappings.size, 5);
+      await copy.close();
+    } finally {
+      fs.rmSync(crashed, { recursive: true, force: true });
+    }
+    open!();
+    await store.commit([put(0x100_0000n)]);
+    const expected = toSnapshot(store.state);
+    await store.close();
+    assert.ok(!fs.readdirSync(dir).includes('journal.0'), 'the first journal was compacted away');
+    const { store: again } = await StateStore.open({ dir });
+    assert.deepEqual(toSnapshot(again.state), expected);
+    assert.equal(again.state.devices.get('vdpa0')?.mappings.size, 26);
+    await again.close();
+  });
+
   test('a clean close compacts a journal of compactOnCloseBytes or more; a smaller one is kept as it is', async () => {
     const { store } = await StateStore.open({ dir, compactOnCloseBytes: 4096 });
     for (let i = 1n; i <= 8n; i++) await store.commit([put(i * 0x1000n)]);
@@ -705,10 +765,11 @@ describe('store', () => {
     });
     faulty.fail('rename', 'EIO', { times: 10 });
     await store.commit([put(0x1000n)]);
-    // Each commit waits for the compaction attempt that followed the one before.
     await store.commit([put(0x2000n)]);
     await store.close();
-    assert.equal(errors.length, 2);
+    // Each record past compactBytes starts an attempt unless one is running.
+    assert.ok(errors.length >= 1 && errors.length <= 2, `${errors.length} attempts`);
+    for (const e of errors) assert.equal((e as NodeJS.ErrnoException).code, 'EIO');
     assert.ok(!fs.existsSync(path.join(dir, 'snapshot')));
     assert.deepEqual(
       fs.readdirSync(dir).filter((n) => n !== 'journal.0'),
