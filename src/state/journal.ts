@@ -122,6 +122,9 @@ export interface UnfinishedRead {
   /** How many of its parts are there. */
   written: number;
   parts: number;
+  /** Where its last part there starts, and where the frame that ended it does (or the end of the file). */
+  lastPartAt: number;
+  endedAt: number;
 }
 
 /** What the intact records around a damaged span say about it. */
@@ -135,6 +138,8 @@ export interface DamageRead extends BadSpan {
    * record follows (then at least `from` is lost). Absent in unversioned journals.
    */
   lost: { from: bigint; to: bigint | undefined } | undefined;
+  /** Records in parts that stop before the span and no later: it may have held their next part. */
+  partsLost: bigint[];
 }
 
 export interface JournalRead {
@@ -234,10 +239,12 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
   const misfit = (offset: number, length: number, reason: string) => misfits.push({ offset, length, reason });
   let expected = snap.seq + 1n;
   /** The record in parts being read: its parts so far. */
-  let open: (UnfinishedRead & { length: number; changes: Change[] }) | undefined;
-  const leaveOpen = () => {
-    if (open !== undefined)
-      unfinished.push({ seq: open.seq, offset: open.offset, written: open.written, parts: open.parts });
+  let open: (Omit<UnfinishedRead, 'endedAt'> & { length: number; changes: Change[] }) | undefined;
+  const leaveOpen = (endedAt: number) => {
+    if (open !== undefined) {
+      const { seq, offset, written, parts, lastPartAt } = open;
+      unfinished.push({ seq, offset, written, parts, lastPartAt, endedAt });
+    }
     open = undefined;
   };
   for (const f of scan.frames) {
@@ -280,6 +287,7 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
         continue;
       }
       open.written = part;
+      open.lastPartAt = f.offset;
       open.length += f.length;
       for (const c of changes) open.changes.push(c);
       if (part === parts) {
@@ -298,16 +306,24 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
       continue;
     }
     // Part 1: one record in parts is written at a time, so the one before it stopped for good.
-    leaveOpen();
-    open = { seq, offset: f.offset, written: 1, parts: parts!, length: f.length, changes: [...changes] };
+    leaveOpen(f.offset);
+    open = {
+      seq,
+      offset: f.offset,
+      written: 1,
+      parts: parts!,
+      lastPartAt: f.offset,
+      length: f.length,
+      changes: [...changes],
+    };
   }
-  leaveOpen();
+  leaveOpen(data.length);
   // A record in parts is complete after records that came between its parts: in sequence order.
   records.sort((a, b) => (a.seq! < b.seq! ? -1 : a.seq! > b.seq! ? 1 : 0));
 
   // Every bad span, with what its neighbours say; a gap in the numbers with no bad bytes is damage too.
   const spans = [...scan.damage, ...misfits].sort((a, b) => a.offset - b.offset);
-  const damage: DamageRead[] = spans.map((span) => neighbours(span, records, snap.seq, legacy));
+  const damage: DamageRead[] = spans.map((span) => neighbours(span, records, unfinished, snap.seq, legacy));
   let prev = snap.seq;
   // An unfinished record's number is taken: no gap.
   const numbered = [...records, ...unfinished].sort((a, b) =>
@@ -323,6 +339,7 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
         neighbours(
           { offset: r.offset, length: 0, reason: `records ${prev + 1n}..${seq - 1n} are missing` },
           records,
+          [],
           snap.seq,
           legacy,
         ),
@@ -336,19 +353,35 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
   return { records, unfinished, damage, torn: scan.torn, legacy, outdated, seq: last ?? snap.seq };
 }
 
-function neighbours(span: BadSpan, records: RecordRead[], snapSeq: bigint, legacy: boolean): DamageRead {
+function neighbours(
+  span: BadSpan,
+  records: RecordRead[],
+  unfinished: UnfinishedRead[],
+  snapSeq: bigint,
+  legacy: boolean,
+): DamageRead {
   const before = records.filter((r) => r.offset < span.offset).at(-1);
   const after = records.find((r) => r.offset >= span.offset + span.length);
   const from = (before?.seq ?? snapSeq) + 1n;
   const to = after?.seq !== undefined ? after.seq - 1n : undefined;
-  return { ...span, before, after, lost: legacy ? undefined : { from, to } };
+  // A record in parts whose parts stop before the span, and that nothing ended before it: the
+  // span may have held its next part (it was complete, and acknowledged, before the damage).
+  const partsLost = unfinished
+    .filter((u) => u.lastPartAt < span.offset && span.offset < u.endedAt)
+    .map((u) => u.seq);
+  return { ...span, before, after, lost: legacy ? undefined : { from, to }, partsLost };
 }
 
-/** The records a damaged span held, by sequence number: "7..9", "7.." (none follows it), "none"; undefined when unknown. */
+/**
+ * The records a damaged span held, by sequence number: "7..9", "7.." (none follows it), "none",
+ * and any record in parts it may have held a part of ("none, and record 4 in parts"); undefined when unknown.
+ */
 export function lostRecords(d: DamageRead): string | undefined {
   if (d.lost === undefined) return undefined;
   const { from, to } = d.lost;
-  return to === undefined ? `${from}..` : to < from ? 'none' : `${from}..${to}`;
+  const numbered = to === undefined ? `${from}..` : to < from ? 'none' : `${from}..${to}`;
+  const parts = d.partsLost.map((seq) => `record ${seq} in parts`).join(', ');
+  return parts === '' ? numbered : `${numbered}, and ${parts}`;
 }
 
 /** The refusal for a damaged journal: the file, the offset, and how many intact records follow. */

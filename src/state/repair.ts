@@ -117,7 +117,12 @@ export async function repairStateDir(
     dropped: [
       ...j.damage.map((d) => dropped(d, data)),
       ...(j.torn
-        ? [dropped({ ...j.torn, before: j.records.at(-1), after: undefined, lost: undefined }, data)]
+        ? [
+            dropped(
+              { ...j.torn, before: j.records.at(-1), after: undefined, lost: undefined, partsLost: [] },
+              data,
+            ),
+          ]
         : []),
     ],
   };

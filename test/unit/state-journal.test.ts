@@ -498,6 +498,32 @@ describe('records in parts', () => {
     await again.close();
   });
 
+  test('damage to a part names the record in parts among the lost, and repair keeps the records between its parts', async () => {
+    const { journal } = await Journal.open(dir, undefined, PART);
+    const big = journal.appendEncoded([await encodeChanges(pages('vdpa0', 600))]);
+    const small = journal.appendEncoded([await encodeChanges(pages('vdpa1', 1))]);
+    await Promise.all([big, small]);
+    await journal.close();
+    const bytes = fs.readFileSync(journalFile());
+    const frames = plainFrames(bytes);
+    const second = frames.find((f) => f.value.part === 2)!;
+    bytes[second.offset + 40]! ^= 0x20;
+    fs.writeFileSync(journalFile(), bytes);
+    await assert.rejects(Journal.open(dir), (e: unknown) => {
+      assert.ok(e instanceof StateDamageError, String(e));
+      assert.match(e.message, /records lost: [^)]*, and record 1 in parts/);
+      return true;
+    });
+    const report = await repairStateDir(dir);
+    assert.ok(report);
+    assert.equal(report.kept, 1);
+    assert.match(report.dropped[0]!.lostRecords, /record 1 in parts/);
+    const { store } = await StateStore.open({ dir });
+    assert.equal(store.state.devices.get('vdpa0')?.mappings.size ?? 0, 0);
+    assert.equal(store.state.devices.get('vdpa1')?.mappings.size, 1);
+    await store.close();
+  });
+
   test('a part out of turn is damage, though its frame is intact', async () => {
     const { journal } = await Journal.open(dir, undefined, PART);
     await journal.append(pages('vdpa0', 600));
