@@ -23,10 +23,12 @@
  * last frame short or partial, as a crash during an append leaves) is cut off; anything else bad
  * (a bad frame followed by anything, a frame that fails the schema, a gap in the sequence
  * numbers) is damage, refused with StateDamageError and left exactly as it is (see repair.ts).
- * Compaction creates journal.<gen+1> with its header, writes the snapshot to a temporary name,
- * fsyncs it, renames it over `snapshot` and fsyncs the directory; only then is journal.<gen>
- * deleted. Until that directory fsync has succeeded nothing is appended to the new journal, so a
- * crash at any point leaves either the old snapshot with its whole journal or the new one.
+ * Compaction writes the snapshot to a temporary name and fsyncs it while appends go on into
+ * journal.<gen>; then, with appends held, creates journal.<gen+1> holding its header and every
+ * frame appended since the snapshot's record, renames the snapshot over `snapshot` and fsyncs the
+ * directory; only then is journal.<gen> deleted. Until that directory fsync has succeeded nothing
+ * is appended to the new journal, so a crash at any point leaves either the old snapshot with its
+ * whole journal or the new one with its. (repair.ts writes a generation offline: writeGeneration.)
  *
  * Files of before format versions (a snapshot `{ gen, state }`, bare `Change[]` records, no
  * header) are still read; the store compacts them into the current format as soon as it opens.

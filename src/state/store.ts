@@ -37,9 +37,10 @@
  *   records go on.
  * - A commit of no changes resolves at once: there is nothing to make durable.
  * - The journal is compacted into a snapshot when it grows past `compactBytes`, once both lanes
- *   are done and every written record is applied (records go on while the snapshot is written) (the snapshot holds the state through the last record), and when
- *   the store is closed with at least `compactOnCloseBytes` of journal: after a clean stop the
- *   next start reads the state, not its history. A failed compaction leaves the files as they were.
+ *   are done and every written record is applied (the snapshot holds the state through the last
+ *   record; records go on while it is written), and when the store is closed with at least
+ *   `compactOnCloseBytes` of journal: after a clean stop the next start reads the state, not its
+ *   history. A failed compaction leaves the files as they were.
  * - Opening refuses a damaged state directory (StateDamageError, nothing written): starting from
  *   part of the acknowledged state would reconcile the devices down to it. Only a torn tail (a
  *   crash during an append) is cut off, and `droppedBytes` says how much; a record whose parts
