@@ -228,3 +228,79 @@ test('the store cannot write: the change is refused, nothing changes, and the sa
   assert.deepEqual(await reconciliations(api, DEVICES), { vdpa0: 0, vdpa1: 0 });
   t.diagnostic(`journal of ${size} bytes limited to ${size + 16}: both writes refused with EFBIG`);
 });
+
+test('a table the store cannot finish writing in parts is refused; the records written between its parts stand, and the next start skips it', {
+  timeout: 120_000,
+}, async (t) => {
+  const rig = createRig(t, 'faults-parts');
+  await rig.startAgent();
+  let api = await rig.startApi();
+  assert.equal((await api.http('POST', '/v1/memory', { id: 'ram', size: '0x4000000' })).status, 201);
+  const agent = rig.agentClient();
+  const page = (iova: string, requestId: string) => ({
+    iova,
+    size: '0x1000',
+    memory: 'ram',
+    offset: '0x0',
+    perm: 'rw',
+    requestId,
+  });
+  assert.equal((await api.http('POST', '/v1/devices/vdpa1/mappings', page('0x100000', 'a'))).status, 201);
+  // 8,192 regions: a journal record of about 1.2 MB, written in parts of 256 KiB.
+  const table = {
+    regions: Array.from({ length: 8192 }, (_, k) => ({
+      iova: `0x${(2 * k * 0x1000).toString(16)}`,
+      size: '0x1000',
+      memory: 'ram',
+      offset: `0x${(k * 0x1000).toString(16)}`,
+    })),
+  };
+  const journal = () => {
+    const names = fs.readdirSync(rig.apiStateDir).filter((f) => /^journal\.\d+$/.test(f));
+    assert.equal(names.length, 1);
+    return path.join(rig.apiStateDir, names[0]!);
+  };
+  const size = fs.statSync(journal()).size;
+  // Room for the table's first parts, not for the rest: a later part's write fails with EFBIG.
+  limitFileSize(api.proc.pid, size + 600_000);
+  const refused = await api.http('PUT', '/v1/devices/vdpa0/memtable', table);
+  assert.equal(refused.status, 503);
+  assert.deepEqual([refused.body.error.code, refused.body.error.errno], ['UNAVAILABLE', 'EFBIG']);
+  await api.untilReady();
+  const unfinished = fs.statSync(journal()).size;
+  assert.ok(
+    unfinished > size + 256 * 1024,
+    `the first parts stay in the journal (${unfinished - size} bytes)`,
+  );
+  limitFileSize(api.proc.pid, 'unlimited');
+  // Written after the unfinished record's parts.
+  await api.grpc.mapping('map', { device: 'vdpa1', ...page('0x200000', 'b') });
+  const vdpa1 = mappingKeys('vdpa1', [
+    { asid: 0, iova: 0x100000n, size: 0x1000n, memory: 'ram', offset: 0n, perm: 'rw' },
+    { asid: 0, iova: 0x200000n, size: 0x1000n, memory: 'ram', offset: 0n, perm: 'rw' },
+  ]);
+  const expected = { vdpa0: { desired: [], device: [] }, vdpa1: { desired: vdpa1, device: vdpa1 } };
+  assert.deepEqual(await tables(api, agent), expected);
+
+  // The next server skips the unfinished record, says so, and keeps everything else.
+  assert.equal((await api.kill('SIGKILL')).signal, 'SIGKILL');
+  api = await rig.startApi();
+  assert.ok(
+    api.proc.logs().some((r) => String(r.msg).startsWith('skipped a state journal record whose parts stop')),
+  );
+  assert.deepEqual(await tables(api, agent), expected);
+  assert.deepEqual(await reconciliations(api, DEVICES), { vdpa0: 0, vdpa1: 0 });
+
+  // The same table goes through now, in parts after the unfinished one, and survives a restart.
+  assert.equal((await api.http('PUT', '/v1/devices/vdpa0/memtable', table)).status, 200);
+  const after = await tables(api, agent);
+  assert.equal(after.vdpa0!.desired.length, 8192);
+  assert.deepEqual(after.vdpa0!.device, after.vdpa0!.desired);
+  assert.equal((await api.kill('SIGKILL')).signal, 'SIGKILL');
+  api = await rig.startApi();
+  assert.deepEqual(await tables(api, agent), after);
+  assert.deepEqual(await reconciliations(api, DEVICES), { vdpa0: 0, vdpa1: 0 });
+  t.diagnostic(
+    `journal of ${size} bytes limited to ${size + 600_000}: the table's parts stopped at ${unfinished - size} bytes`,
+  );
+});
