@@ -151,6 +151,16 @@ test('API server SIGKILLed under load: acknowledged ops kept, only the differenc
   assert.deepEqual(await tables(api, agent), settled);
 });
 
+/** A map request of one page of `ram` at `iova`. */
+const page = (iova: string, requestId: string) => ({
+  iova,
+  size: '0x1000',
+  memory: 'ram',
+  offset: '0x0',
+  perm: 'rw',
+  requestId,
+});
+
 /** Sets the soft RLIMIT_FSIZE of a running process (the hard limit stays unlimited). */
 function limitFileSize(pid: number, bytes: number | 'unlimited'): void {
   try {
@@ -170,14 +180,6 @@ test('the store cannot write: the change is refused, nothing changes, and the sa
   let api = await rig.startApi();
   assert.equal((await api.http('POST', '/v1/memory', { id: 'ram', size: '0x1000000' })).status, 201);
   const agent = rig.agentClient();
-  const page = (iova: string, requestId: string) => ({
-    iova,
-    size: '0x1000',
-    memory: 'ram',
-    offset: '0x0',
-    perm: 'rw',
-    requestId,
-  });
   assert.equal((await api.http('POST', '/v1/devices/vdpa0/mappings', page('0x100000', 'a0'))).status, 201);
   await api.grpc.mapping('map', { device: 'vdpa1', ...page('0x100000', 'a1') });
   const before = await tables(api, agent);
@@ -237,14 +239,6 @@ test('a table the store cannot finish writing in parts is refused; the records w
   let api = await rig.startApi();
   assert.equal((await api.http('POST', '/v1/memory', { id: 'ram', size: '0x4000000' })).status, 201);
   const agent = rig.agentClient();
-  const page = (iova: string, requestId: string) => ({
-    iova,
-    size: '0x1000',
-    memory: 'ram',
-    offset: '0x0',
-    perm: 'rw',
-    requestId,
-  });
   assert.equal((await api.http('POST', '/v1/devices/vdpa1/mappings', page('0x100000', 'a'))).status, 201);
   // 8,192 regions: a journal record of about 1.2 MB, written in parts of 256 KiB.
   const table = {

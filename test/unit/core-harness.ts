@@ -422,6 +422,31 @@ export type FsOp = 'open' | 'write' | 'datasync' | 'sync' | 'truncate' | 'rename
  * writes (O_DSYNC) a write includes its sync: it counts as a datasync too, and a datasync failure
  * strikes it after all of its bytes went to the file, as a failed sync of them leaves it.
  */
+/** One write of a state file, and the file's own write to do it with. */
+export type StoreWrite = (
+  file: string,
+  write: StoreFile['write'],
+  ...args: Parameters<StoreFile['write']>
+) => ReturnType<StoreFile['write']>;
+
+/** The real file system, each file's writes going through `write` (to hold or fail them). */
+export function storeFsWithWrites(write: StoreWrite): StoreFs {
+  return {
+    ...nodeStoreFs,
+    open: async (file, flags, opts) => {
+      const f = await nodeStoreFs.open(file, flags, opts);
+      const own = f.write.bind(f);
+      return {
+        write: (buffer, offset, length, position) => write(file, own, buffer, offset, length, position),
+        datasync: () => f.datasync(),
+        sync: () => f.sync(),
+        truncate: (n) => f.truncate(n),
+        close: () => f.close(),
+      };
+    },
+  };
+}
+
 export class FaultyFs implements StoreFs {
   private readonly armed: { op: FsOp; code: string; partial: boolean; file: RegExp | undefined }[] = [];
   /** Calls per op, for assertions. */

@@ -13,9 +13,8 @@ import { afterEach, beforeEach, describe, test } from 'node:test';
 import fc from 'fast-check';
 import { ServiceError } from '../../src/core/errors.ts';
 import { APPLY_WHOLE_MAX, type Change } from '../../src/state/desired.ts';
-import { nodeStoreFs, type StoreFs } from '../../src/state/fs.ts';
 import { StateStore } from '../../src/state/store.ts';
-import { FaultyFs } from './core-harness.ts';
+import { FaultyFs, storeFsWithWrites } from './core-harness.ts';
 
 const PAGE = 0x1000n;
 const put = (device: string, iova: bigint, memory = 'm0'): Change => ({
@@ -95,27 +94,15 @@ describe('commit order', () => {
     // Writes of more than 4 KB (the large record's parts) wait at a gate, one let through at a time.
     const waiting: (() => void)[] = [];
     let arrived: (() => void) | undefined;
-    const gated: StoreFs = {
-      ...nodeStoreFs,
-      open: async (file, flags, opts) => {
-        const f = await nodeStoreFs.open(file, flags, opts);
-        return {
-          write: async (buffer, offset, length, position) => {
-            if (length > 4096) {
-              await new Promise<void>((resolve) => {
-                waiting.push(resolve);
-                arrived?.();
-              });
-            }
-            return f.write(buffer, offset, length, position);
-          },
-          datasync: () => f.datasync(),
-          sync: () => f.sync(),
-          truncate: (n) => f.truncate(n),
-          close: () => f.close(),
-        };
-      },
-    };
+    const gated = storeFsWithWrites(async (_file, write, buffer, offset, length, position) => {
+      if (length > 4096) {
+        await new Promise<void>((resolve) => {
+          waiting.push(resolve);
+          arrived?.();
+        });
+      }
+      return write(buffer, offset, length, position);
+    });
     const atGate = () =>
       new Promise<void>((resolve) => {
         if (waiting.length > 0) resolve();

@@ -5,13 +5,12 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { decodeJson, encodeJson, type FrameScan, frame, scanFrames } from '../../src/state/codec.ts';
 import { type Change, sortedMappings, toSnapshot } from '../../src/state/desired.ts';
-import { nodeStoreFs, type StoreFs } from '../../src/state/fs.ts';
 import { encodeChanges, Journal, StateDamageError, StateFormatError } from '../../src/state/journal.ts';
 import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { FORMAT_VERSION, JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
 import { StateStore } from '../../src/state/store.ts';
 import { ServiceError } from '../../src/core/errors.ts';
-import { FaultyFs, frameOffsets } from './core-harness.ts';
+import { FaultyFs, frameOffsets, storeFsWithWrites } from './core-harness.ts';
 
 const BIG = (1n << 64n) - 1n;
 
@@ -395,13 +394,18 @@ describe('records in parts', () => {
   /** Pieces of encoded changes are about 8 KB (codec.ts): parts of two or so. */
   const PART = 20_000;
 
-  test('a large record goes in parts of at most the part size, with records that came meanwhile between them', async () => {
+  /** A journal of 600 pages of vdpa0 in parts, one page of vdpa1 written between its first and second part. */
+  async function interleaved(): Promise<void> {
     const { journal } = await Journal.open(dir, undefined, PART);
     const big = journal.appendEncoded([await encodeChanges(pages('vdpa0', 600))]);
     // Made while the big record's first part is written: written before its next part.
     const small = journal.appendEncoded([await encodeChanges(pages('vdpa1', 1))]);
     await Promise.all([big, small]);
     await journal.close();
+  }
+
+  test('a large record goes in parts of at most the part size, with records that came meanwhile between them', async () => {
+    await interleaved();
     const frames = plainFrames(fs.readFileSync(journalFile()));
     const kinds = frames
       .slice(1)
@@ -461,26 +465,14 @@ describe('records in parts', () => {
   test('a failed write of a part leaves the record unfinished: refused, and the records around it stand', async () => {
     // The write of a second part fails half way, once.
     let armed = true;
-    const failing: StoreFs = {
-      ...nodeStoreFs,
-      open: async (file, flags, opts) => {
-        const f = await nodeStoreFs.open(file, flags, opts);
-        return {
-          write: async (buffer, offset, length, position) => {
-            if (armed && Buffer.from(buffer).includes('"part":2,')) {
-              armed = false;
-              await f.write(buffer, offset, length >> 1, position);
-              throw Object.assign(new Error('EIO'), { code: 'EIO' });
-            }
-            return f.write(buffer, offset, length, position);
-          },
-          datasync: () => f.datasync(),
-          sync: () => f.sync(),
-          truncate: (n) => f.truncate(n),
-          close: () => f.close(),
-        };
-      },
-    };
+    const failing = storeFsWithWrites(async (_file, write, buffer, offset, length, position) => {
+      if (armed && Buffer.from(buffer).includes('"part":2,')) {
+        armed = false;
+        await write(buffer, offset, length >> 1, position);
+        throw Object.assign(new Error('EIO'), { code: 'EIO' });
+      }
+      return write(buffer, offset, length, position);
+    });
     const { store } = await StateStore.open({ dir, fs: failing, recordPartBytes: PART });
     await store.commit(pages('vdpa1', 1));
     const big = store.commit(pages('vdpa0', 600));
@@ -499,11 +491,7 @@ describe('records in parts', () => {
   });
 
   test('damage to a part names the record in parts among the lost, and repair keeps the records between its parts', async () => {
-    const { journal } = await Journal.open(dir, undefined, PART);
-    const big = journal.appendEncoded([await encodeChanges(pages('vdpa0', 600))]);
-    const small = journal.appendEncoded([await encodeChanges(pages('vdpa1', 1))]);
-    await Promise.all([big, small]);
-    await journal.close();
+    await interleaved();
     const bytes = fs.readFileSync(journalFile());
     const frames = plainFrames(bytes);
     const second = frames.find((f) => f.value.part === 2)!;
@@ -688,24 +676,13 @@ describe('store', () => {
     const atGate = new Promise<void>((resolve) => {
       reached = resolve;
     });
-    const gated: StoreFs = {
-      ...nodeStoreFs,
-      open: async (file, flags, opts) => {
-        const f = await nodeStoreFs.open(file, flags, opts);
-        if (!file.endsWith('snapshot.tmp')) return f;
-        return {
-          write: async (buffer, offset, length, position) => {
-            reached!();
-            await gate;
-            return f.write(buffer, offset, length, position);
-          },
-          datasync: () => f.datasync(),
-          sync: () => f.sync(),
-          truncate: (n) => f.truncate(n),
-          close: () => f.close(),
-        };
-      },
-    };
+    const gated = storeFsWithWrites(async (file, write, buffer, offset, length, position) => {
+      if (file.endsWith('snapshot.tmp')) {
+        reached!();
+        await gate;
+      }
+      return write(buffer, offset, length, position);
+    });
     const { store } = await StateStore.open({ dir, fs: gated, compactBytes: 2048 });
     for (let i = 1n; i <= 20n; i++) await store.commit([put(i * 0x1000n)]);
     await atGate;
