@@ -48,7 +48,7 @@ export interface RepairReport {
   aside: string;
   kept: number;
   dropped: DroppedSpan[];
-  /** Records in parts whose parts stop: never acknowledged, not kept (as on a normal open). */
+  /** Records in parts whose parts stop: not kept, as on a normal open (one the damage took a part of is named in `dropped`). */
   unfinished: number;
 }
 
