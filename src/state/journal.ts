@@ -321,16 +321,14 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
   }
   leaveOpen(data.length);
   // A record in parts is complete after records that came between its parts: in sequence order.
-  records.sort((a, b) => (a.seq! < b.seq! ? -1 : a.seq! > b.seq! ? 1 : 0));
+  records.sort(bySeq);
 
   // Every bad span, with what its neighbours say; a gap in the numbers with no bad bytes is damage too.
   const spans = [...scan.damage, ...misfits].sort((a, b) => a.offset - b.offset);
   const damage: DamageRead[] = spans.map((span) => neighbours(span, records, unfinished, snap.seq, legacy));
   let prev = snap.seq;
   // An unfinished record's number is taken: no gap.
-  const numbered = [...records, ...unfinished].sort((a, b) =>
-    a.seq! < b.seq! ? -1 : a.seq! > b.seq! ? 1 : 0,
-  );
+  const numbered = [...records, ...unfinished].sort(bySeq);
   for (const r of legacy ? [] : numbered) {
     const seq = r.seq!;
     const explained = damage.some(
@@ -353,6 +351,11 @@ export function parseJournal(data: Buffer, snap: SnapshotRead, file: string): Jo
   const last = numbered.at(-1)?.seq;
   const outdated = claimed !== undefined ? claimed !== FORMAT_VERSION : snap.outdated;
   return { records, unfinished, damage, torn: scan.torn, legacy, outdated, seq: last ?? snap.seq };
+}
+
+/** Sequence order of numbered records (parseJournal's records are numbered unless legacy). */
+function bySeq(a: { seq: bigint | undefined }, b: { seq: bigint | undefined }): number {
+  return a.seq! < b.seq! ? -1 : a.seq! > b.seq! ? 1 : 0;
 }
 
 function neighbours(
@@ -528,16 +531,18 @@ export interface EncodedChanges {
 
 export async function encodeChanges(changes: readonly Change[]): Promise<EncodedChanges> {
   const pieces = await encodeElements(changes);
-  return { pieces, bytes: joinedBytes(pieces.map((p) => p.length)) };
+  return { pieces, bytes: pieces.reduce((sum, p) => joinedBytes(sum, p.length), 0) };
 }
 
-/** Bytes of runs of `lengths` joined by commas. */
-const joinedBytes = (lengths: readonly number[]): number =>
-  lengths.reduce((a, b) => a + b, 0) + Math.max(0, lengths.length - 1);
+/** Bytes of two runs of elements joined by a comma (none when either is empty). */
+export const joinedBytes = (a: number, b: number): number => (a === 0 ? b : b === 0 ? a : a + 1 + b);
 
-/** Bytes of the changes of `commits` as one record holds them: what decides whether it goes in parts. */
-export function recordBytes(commits: readonly EncodedChanges[]): number {
-  return joinedBytes(commits.filter((c) => c.bytes > 0).map((c) => c.bytes));
+/**
+ * Bytes of the changes of `commits` as one record holds them: over `partBytes`, the record goes
+ * in parts (store.ts sums them with joinedBytes as it fills a record, by the same rule).
+ */
+function recordBytes(commits: readonly EncodedChanges[]): number {
+  return commits.reduce((sum, c) => joinedBytes(sum, c.bytes), 0);
 }
 
 const COMMA = Buffer.from(',');
@@ -554,13 +559,12 @@ function framesOf(commits: readonly EncodedChanges[], partBytes: number): Buffer
   let current: Buffer[] = [];
   let bytes = 0;
   for (const piece of pieces) {
-    const more = (current.length > 0 ? 1 : 0) + piece.length;
-    if (current.length > 0 && bytes + more > partBytes) {
+    if (current.length > 0 && joinedBytes(bytes, piece.length) > partBytes) {
       frames.push(current);
       current = [];
       bytes = 0;
     }
-    bytes += (current.length > 0 ? 1 : 0) + piece.length;
+    bytes = joinedBytes(bytes, piece.length);
     current.push(piece);
   }
   frames.push(current);
@@ -724,10 +728,10 @@ export class Journal {
    * append() of the changes of `commits`, one after another, encoded already (encodeChanges).
    * Calls may overlap: their frames are written one at a time, in call order, so frames of a
    * later call come between the parts of a large record. Overlap at most one call whose record
-   * goes in parts (recordBytes > partBytes) with others: a part 1 ends the record in parts before it.
+   * goes in parts (over partBytes) with others: a part 1 ends the record in parts before it.
    */
   async appendEncoded(commits: readonly EncodedChanges[]): Promise<void> {
-    if (this.legacy) throw new Error('an unversioned journal takes no records: compact it first');
+    if (this.legacy) throw new Error('a journal of an earlier format takes no records: compact it first');
     const frames = framesOf(commits, this.partBytes);
     let seq = 0n;
     for (const [i, pieces] of frames.entries()) {

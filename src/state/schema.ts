@@ -106,7 +106,9 @@ export const stateSchema: z.ZodType<StateSnapshot> = z.strictObject({
  */
 export const FORMAT_VERSION = 2;
 export const READ_VERSIONS: readonly number[] = [1, 2];
-const readVersion = z.union([z.literal(1), z.literal(2)]);
+const readVersion = z
+  .number()
+  .refine((v) => READ_VERSIONS.includes(v), { message: `a version of ${READ_VERSIONS.join(', ')}` });
 export const JOURNAL_MAGIC = 'vdpa-mapd journal';
 export const SNAPSHOT_MAGIC = 'vdpa-mapd snapshot';
 

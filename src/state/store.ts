@@ -59,7 +59,7 @@ import {
   toSnapshot,
 } from './desired.ts';
 import { errnoCode, nodeStoreFs, type StoreFs } from './fs.ts';
-import { type EncodedChanges, encodeChanges, Journal, RECORD_PART_BYTES } from './journal.ts';
+import { type EncodedChanges, encodeChanges, Journal, joinedBytes, RECORD_PART_BYTES } from './journal.ts';
 
 export interface StateStoreOptions {
   dir: string;
@@ -258,11 +258,11 @@ export class StateStore {
               continue;
             }
           } else {
-            const more = (small.length > 0 ? 1 : 0) + bytes;
-            if (this.lanes.small === undefined && smallBytes + more <= this.partBytes && !inLarge.holds(c)) {
+            const more = joinedBytes(smallBytes, bytes);
+            if (this.lanes.small === undefined && more <= this.partBytes && !inLarge.holds(c)) {
               small.push(c);
               inSmall.add(c);
-              smallBytes += more;
+              smallBytes = more;
               continue;
             }
           }
