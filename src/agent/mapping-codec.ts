@@ -14,7 +14,7 @@
 import { status } from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import type { IotlbOp, Mapping, Perm } from '../iotlb/types.ts';
-import { nextTurn } from '../sys/next-turn.ts';
+import { TimeSlices } from '../sys/next-turn.ts';
 import { expectWireType, LEN, lengthEnd, tag, VARINT } from '../sys/protobuf-fields.ts';
 import { AgentError } from './errors.ts';
 import type { AgentOpResult } from './wire.ts';
@@ -31,8 +31,36 @@ export interface ApplyAnswer {
   bootId: string;
 }
 
-/** Ops (or results) coded between two turns of the event loop. */
-const OPS_PER_SLICE = 2048;
+/**
+ * A message whose elements are written a time slice at a time: each slice by a Writer of its own,
+ * finished into bytes before the event loop is given back. One Writer for the whole message would
+ * hold a linked op per field written (about 16 per IotlbOp) until its finish: a million small
+ * objects for a 65,536-op Apply, all surviving every scavenge on the way. Protobuf messages are the
+ * concatenation of their fields, so the parts joined are the message.
+ */
+async function writeInSlices<T>(
+  items: readonly T[],
+  writeOne: (w: protobuf.Writer, item: T) => void,
+  head?: (w: protobuf.Writer) => void,
+  tail?: (w: protobuf.Writer) => void,
+): Promise<Buffer> {
+  // protobufjs' Writer under Node is its BufferWriter: finish() gives a Buffer.
+  const parts: Buffer[] = [];
+  const slices = new TimeSlices();
+  let w = Writer.create();
+  head?.(w);
+  for (let i = 0; i < items.length; i++) {
+    if (slices.due()) {
+      parts.push(w.finish() as Buffer);
+      await slices.next();
+      w = Writer.create();
+    }
+    writeOne(w, items[i]!);
+  }
+  tail?.(w);
+  parts.push(w.finish() as Buffer);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
 
 // The field numbers below are agent.proto's ApplyRequest, IotlbOp, Mapping, InvalidateOp, OpResult
 // and ApplyResponse (a test checks them against protobufjs' own coding).
@@ -184,15 +212,12 @@ function readOp(r: protobuf.Reader, end: number, index: number): IotlbOp {
 
 // ---- ApplyRequest ----
 
-export async function encodeApplyRequest({ device, ops }: ApplyRequest): Promise<Buffer> {
-  const w = Writer.create();
-  w.uint32(tag(1, LEN)).string(device);
-  for (let i = 0; i < ops.length; i++) {
-    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
-    w.uint32(tag(2, LEN));
-    writeOp(w, ops[i]!);
-  }
-  return w.finish() as Buffer;
+export function encodeApplyRequest({ device, ops }: ApplyRequest): Promise<Buffer> {
+  return writeInSlices(
+    ops,
+    (w, op) => writeOp(w.uint32(tag(2, LEN)), op),
+    (w) => w.uint32(tag(1, LEN)).string(device),
+  );
 }
 
 /** Throws RangeError for bytes that are no ApplyRequest, BAD_REQUEST (naming the field) for a bad op. */
@@ -200,6 +225,7 @@ export async function decodeApplyRequest(bytes: Buffer): Promise<ApplyRequest> {
   const r = Reader.create(bytes);
   let device = '';
   const ops: IotlbOp[] = [];
+  const slices = new TimeSlices();
   while (r.pos < r.len) {
     const t = r.uint32();
     const n = t >>> 3;
@@ -208,7 +234,7 @@ export async function decodeApplyRequest(bytes: Buffer): Promise<ApplyRequest> {
       device = r.string();
     } else if (n === 2) {
       expectWireType(t, LEN);
-      if (ops.length > 0 && ops.length % OPS_PER_SLICE === 0) await nextTurn();
+      if (slices.due()) await slices.next();
       ops.push(readOp(r, lengthEnd(r), ops.length));
     } else r.skipType(t & 7);
   }
@@ -235,14 +261,8 @@ function writeResult(w: protobuf.Writer, result: AgentOpResult): void {
   w.ldelim();
 }
 
-export async function encodeApplyAnswer({ results, bootId }: ApplyAnswer): Promise<Buffer> {
-  const w = Writer.create();
-  for (let i = 0; i < results.length; i++) {
-    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
-    writeResult(w, results[i]!);
-  }
-  w.uint32(tag(2, LEN)).string(bootId);
-  return w.finish() as Buffer;
+export function encodeApplyAnswer({ results, bootId }: ApplyAnswer): Promise<Buffer> {
+  return writeInSlices(results, writeResult, undefined, (w) => w.uint32(tag(2, LEN)).string(bootId));
 }
 
 function readResult(r: protobuf.Reader, end: number, index: number): AgentOpResult {
@@ -299,12 +319,13 @@ export async function decodeApplyAnswer(bytes: Buffer): Promise<ApplyAnswer> {
   const r = Reader.create(bytes);
   let bootId = '';
   const results: AgentOpResult[] = [];
+  const slices = new TimeSlices();
   while (r.pos < r.len) {
     const t = r.uint32();
     const n = t >>> 3;
     if (n === 1) {
       expectWireType(t, LEN);
-      if (results.length > 0 && results.length % OPS_PER_SLICE === 0) await nextTurn();
+      if (slices.due()) await slices.next();
       // An OpResult of 2 bytes that sets ok (the answer of almost every op) needs no look inside.
       if (bytes[r.pos] === 2 && bytes[r.pos + 1] === tag(1, VARINT) && bytes[r.pos + 2] === 1) {
         r.pos += 3;
@@ -326,16 +347,17 @@ export interface ListMappedAnswer {
   bootId: string;
 }
 
-export async function encodeListMappedAnswer({ mappings, bootId }: ListMappedAnswer): Promise<Buffer> {
-  const w = Writer.create();
-  for (let i = 0; i < mappings.length; i++) {
-    if (i > 0 && i % OPS_PER_SLICE === 0) await nextTurn();
-    w.uint32(tag(1, LEN)).fork();
-    writeMapping(w, mappings[i]!);
-    w.ldelim();
-  }
-  w.uint32(tag(2, LEN)).string(bootId);
-  return w.finish() as Buffer;
+export function encodeListMappedAnswer({ mappings, bootId }: ListMappedAnswer): Promise<Buffer> {
+  return writeInSlices(
+    mappings,
+    (w, m) => {
+      w.uint32(tag(1, LEN)).fork();
+      writeMapping(w, m);
+      w.ldelim();
+    },
+    undefined,
+    (w) => w.uint32(tag(2, LEN)).string(bootId),
+  );
 }
 
 /** Throws for bytes that are no ListMappedResponse, BAD_REQUEST (naming the field) for a bad perm. */
@@ -343,12 +365,13 @@ export async function decodeListMappedAnswer(bytes: Buffer): Promise<ListMappedA
   const r = Reader.create(bytes);
   let bootId = '';
   const mappings: Mapping[] = [];
+  const slices = new TimeSlices();
   while (r.pos < r.len) {
     const t = r.uint32();
     const n = t >>> 3;
     if (n === 1) {
       expectWireType(t, LEN);
-      if (mappings.length > 0 && mappings.length % OPS_PER_SLICE === 0) await nextTurn();
+      if (slices.due()) await slices.next();
       mappings.push(readMapping(r, lengthEnd(r), 'mappings', mappings.length));
     } else if (n === 2) {
       expectWireType(t, LEN);
