@@ -84,7 +84,7 @@ type App = FastifyInstance<RawServerDefault, RawRequestDefaultExpression, RawRep
  */
 function parseJsonBodies(app: App): void {
   app.removeAllContentTypeParsers();
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, parseJsonBody);
+  app.addContentTypeParser('application/json', { parseAs: 'buffer' }, parseJsonBody);
 }
 
 /**

@@ -14,10 +14,10 @@ import secureJson from 'secure-json-parse';
 import { invalid } from '../core/u64.ts';
 import { DuplicateKeyScan } from './json-keys.ts';
 
-/** Bodies of at least this many characters are parsed in slices. */
-export const SLICED_BODY_CHARS = 256 * 1024;
-/** Characters per slice: well under a millisecond of parsing each. */
-const SLICE_CHARS = 16 * 1024;
+/** Bodies of at least this many bytes are parsed in slices. */
+export const SLICED_BODY_BYTES = 256 * 1024;
+/** Bytes per slice: well under a millisecond of parsing each. */
+const SLICE_BYTES = 16 * 1024;
 
 const POISONING = { protoAction: 'error', constructorAction: 'error' } as const;
 
@@ -28,14 +28,14 @@ function badRequest(e: unknown): Error {
 }
 
 /** The whole body in one piece, as fastify's default JSON parser and then the duplicate check. */
-function parseWhole(text: string): unknown {
+function parseWhole(bytes: Buffer): unknown {
   let value: unknown;
   try {
-    value = secureJson.parse(text, POISONING);
+    value = secureJson.parse(bytes, POISONING);
   } catch (e) {
     throw badRequest(e);
   }
-  const duplicate = new DuplicateKeyScan(text).scanTo(text.length);
+  const duplicate = new DuplicateKeyScan(bytes).scanTo(bytes.length);
   if (duplicate !== undefined) throw invalid(duplicate, 'given twice');
   return value;
 }
@@ -47,43 +47,57 @@ const needsWhole = (text: string): boolean =>
 /** The longest text needsWhole looks for, less one: what a slice's look starts before the slice. */
 const NEEDS_WHOLE_OVERLAP = 'constructor'.length - 1;
 
-/** Characters that may follow a comma between two values (json-ext would let `,]` and `,}` pass at a slice's end). */
-const AFTER_COMMA = /\s*[^\s\]}]/y;
+/** Whether the first byte at or after `at` that is not JSON whitespace may follow a comma between two values (json-ext would let `,]` and `,}` pass at a slice's end). */
+function valueFollows(bytes: Buffer, at: number): boolean {
+  for (let i = at; i < bytes.length; i++) {
+    const c = bytes[i]!;
+    if (c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d) continue;
+    return c !== 0x5d /* ] */ && c !== 0x7d /* } */;
+  }
+  return false;
+}
 
 /** A refusal found on the way: parseWhole words it. */
 class Refused extends Error {}
 
 /**
- * Slices of `text` that each end just after a comma between two values (json-ext joins the
- * pieces; a cut anywhere else could let invalid text through), scanned for repeated keys first.
+ * Slices of the body, as text, that each end just after a comma between two values (json-ext
+ * joins the pieces; a cut anywhere else could let invalid text through, and a comma is never part
+ * of a multi-byte character), scanned for repeated keys first.
  */
-async function* slices(text: string, keys: DuplicateKeyScan): AsyncGenerator<string> {
-  let from = 0;
-  while (from < text.length) {
-    if (from > 0) await nextTurn();
-    if (keys.scanTo(from + SLICE_CHARS) !== undefined) throw new Refused();
+async function* slices(bytes: Buffer, start: number, keys: DuplicateKeyScan): AsyncGenerator<string> {
+  let from = start;
+  while (from < bytes.length) {
+    if (from > start) await nextTurn();
+    if (keys.scanTo(from + SLICE_BYTES) !== undefined) throw new Refused();
     const to = keys.position;
-    if (needsWhole(text.slice(Math.max(0, from - NEEDS_WHOLE_OVERLAP), to))) throw new Refused();
-    AFTER_COMMA.lastIndex = to;
-    if (to < text.length && !AFTER_COMMA.test(text)) throw new Refused();
+    const text = bytes.toString('utf8', from, to);
+    const before =
+      from === start ? '' : bytes.toString('utf8', Math.max(start, from - NEEDS_WHOLE_OVERLAP), from);
+    if (needsWhole(before + text)) throw new Refused();
+    if (to < bytes.length && !valueFollows(bytes, to)) throw new Refused();
     // json-ext takes a text that stops inside an object or array as if it were closed there.
-    if (to === text.length && keys.openDepth !== 0) throw new Refused();
-    yield text.slice(from, to);
+    if (to === bytes.length && keys.openDepth !== 0) throw new Refused();
+    yield text;
     from = to;
   }
 }
 
-async function parseInSlices(text: string): Promise<unknown> {
+/** secure-json-parse skips a byte order mark; so do the slices. */
+const BOM = Buffer.from([0xef, 0xbb, 0xbf]);
+
+async function parseInSlices(bytes: Buffer): Promise<unknown> {
+  const start = bytes.subarray(0, BOM.length).equals(BOM) ? BOM.length : 0;
   try {
-    return await parseChunked(slices(text, new DuplicateKeyScan(text)));
+    return await parseChunked(slices(bytes, start, new DuplicateKeyScan(bytes)));
   } catch {
     // Refused: in one piece, for the words (and the verdict) a small body gets.
-    return parseWhole(text);
+    return parseWhole(bytes);
   }
 }
 
 /**
- * A fastify content-type parser's work for `application/json` (`parseAs: 'string'`): the parsed
+ * A fastify content-type parser's work for `application/json` (`parseAs: 'buffer'`): the parsed
  * body, or an error fastify hands to the error handler. An empty body is no body.
  */
 export function parseJsonBody(
@@ -91,16 +105,16 @@ export function parseJsonBody(
   body: string | Buffer,
   done: (err: Error | null, value?: unknown) => void,
 ): void {
-  let text = body.toString();
-  if (text === '') {
+  const bytes = typeof body === 'string' ? Buffer.from(body) : body;
+  if (bytes.length === 0) {
     done(null, undefined);
     return;
   }
   // A large one that needsWhole is refused by the slices as they meet it, and then parsed whole.
-  if (text.length < SLICED_BODY_CHARS) {
+  if (bytes.length < SLICED_BODY_BYTES) {
     let value: unknown;
     try {
-      value = parseWhole(text);
+      value = parseWhole(bytes);
     } catch (e) {
       done(e as Error);
       return;
@@ -108,9 +122,7 @@ export function parseJsonBody(
     done(null, value);
     return;
   }
-  // secure-json-parse skips a byte order mark; so does this.
-  if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-  parseInSlices(text).then(
+  parseInSlices(bytes).then(
     (value) => done(null, value),
     (e: unknown) => done(e as Error),
   );

@@ -2,13 +2,17 @@
  * Duplicate keys in JSON text. JSON.parse (and fastify's secure-json-parse on top of it) keeps the
  * last of two equal keys, so `{"memory":"nope","memory":"ram0"}` would map ram0 while a reviewer of
  * the body sees nope. Neither reports duplicates, so this scan does, on text JSON.parse accepted.
+ * It reads the body's UTF-8 bytes, never the body as one string (a large body is decoded a slice
+ * at a time, json-body.ts): every byte it looks for is ASCII, and no byte of a multi-byte UTF-8
+ * character is.
  */
 
 type Frame = { keys: Set<string>; key: string | undefined } | { index: number };
 
 /** The field path (`ops[2].memory`) of the first key that repeats in its object, or undefined. */
 export function findDuplicateKey(text: string): string | undefined {
-  return new DuplicateKeyScan(text).scanTo(text.length);
+  const bytes = Buffer.from(text);
+  return new DuplicateKeyScan(bytes).scanTo(bytes.length);
 }
 
 /** findDuplicateKey in steps: each scanTo() reads on from where the last one stopped. */
@@ -17,10 +21,10 @@ export class DuplicateKeyScan {
   private expectKey = false;
   private at = 0;
 
-  constructor(private readonly text: string) {}
+  constructor(private readonly bytes: Buffer) {}
 
   get done(): boolean {
-    return this.at >= this.text.length;
+    return this.at >= this.bytes.length;
   }
 
   /** Objects and arrays opened and not closed yet, up to where the scan stopped. */
@@ -38,15 +42,15 @@ export class DuplicateKeyScan {
    * the first repeated key's path, or undefined.
    */
   scanTo(until: number): string | undefined {
-    const { text, stack } = this;
-    for (let i = this.at; i < text.length; i++) {
-      const c = text.charCodeAt(i);
+    const { bytes, stack } = this;
+    for (let i = this.at; i < bytes.length; i++) {
+      const c = bytes[i];
       if (c === 0x22 /* " */) {
-        const end = stringEnd(text, i);
+        const end = stringEnd(bytes, i);
         const top = stack.at(-1);
         if (this.expectKey && top && 'keys' in top) {
-          const raw = text.slice(i + 1, end);
-          const key = raw.includes('\\') ? (JSON.parse(text.slice(i, end + 1)) as string) : raw;
+          const raw = bytes.toString('utf8', i + 1, end);
+          const key = raw.includes('\\') ? (JSON.parse(bytes.toString('utf8', i, end + 1)) as string) : raw;
           if (top.keys.has(key)) return pathOf(stack, key);
           top.keys.add(key);
           top.key = key;
@@ -71,19 +75,19 @@ export class DuplicateKeyScan {
         }
       }
     }
-    this.at = text.length;
+    this.at = bytes.length;
     return undefined;
   }
 }
 
 /** Index of the quote closing the string that opens at `start`. */
-function stringEnd(text: string, start: number): number {
+function stringEnd(bytes: Buffer, start: number): number {
   let i = start + 1;
   for (;;) {
-    const quote = text.indexOf('"', i);
-    if (quote < 0) return text.length;
+    const quote = bytes.indexOf(0x22, i);
+    if (quote < 0) return bytes.length;
     let backslashes = 0;
-    while (text.charCodeAt(quote - 1 - backslashes) === 0x5c) backslashes++;
+    while (bytes[quote - 1 - backslashes] === 0x5c) backslashes++;
     if (backslashes % 2 === 0) return quote;
     i = quote + 1;
   }

@@ -1,5 +1,5 @@
 /**
- * Large REST bodies and answers, which take their own path: a body of more than SLICED_BODY_CHARS
+ * Large REST bodies and answers, which take their own path: a body of more than SLICED_BODY_BYTES
  * is parsed in slices, and a SetMemTable answer of SLICED_ANSWER_ITEMS items and more is sent as a
  * stream of its JSON. Both must read exactly as the small ones do: the same answer (the documented
  * schema, the same mappings as listed), the same refusals.
@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { Ajv } from 'ajv';
 import { SLICED_ANSWER_ITEMS } from '../../src/api/json-answer.ts';
-import { SLICED_BODY_CHARS } from '../../src/api/json-body.ts';
+import { SLICED_BODY_BYTES } from '../../src/api/json-body.ts';
 import { startStack } from './api-harness.ts';
 
 const PAGE = 0x1000;
@@ -32,7 +32,7 @@ after(() => stack?.stop());
 
 test('a large memtable is answered as a stream: JSON, the documented schema, what is listed', async () => {
   const body = JSON.stringify({ regions: regionsOf(REGIONS) });
-  assert.ok(body.length > SLICED_BODY_CHARS, 'the body is parsed in slices');
+  assert.ok(body.length > SLICED_BODY_BYTES, 'the body is parsed in slices');
   const res = await stack.http('PUT', '/v1/devices/vdpa0/memtable', body);
   assert.equal(res.status, 200, JSON.stringify(res.body).slice(0, 300));
   assert.match(res.headers.get('content-type') ?? '', /^application\/json/);

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { parseJsonBody, SLICED_BODY_CHARS } from '../../src/api/json-body.ts';
+import { parseJsonBody, SLICED_BODY_BYTES } from '../../src/api/json-body.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 
 const hex = (n: number) => `0x${n.toString(16)}`;
@@ -27,7 +27,7 @@ function table(n: number, edit = (region: string) => region): string {
 
 test('a large body is parsed in slices, yielding to the event loop, to what JSON.parse gives', async () => {
   const text = table(65_536);
-  assert.ok(text.length >= SLICED_BODY_CHARS);
+  assert.ok(text.length >= SLICED_BODY_BYTES);
   let turns = 0;
   const tick = setInterval(() => turns++, 0);
   const { value, err } = await parse(text);
@@ -95,7 +95,7 @@ test('small bodies: empty is no body, a repeated key is refused, JSON otherwise'
 });
 
 test('any JSON value, in a body large or small, parses to what JSON.parse gives', async () => {
-  const pad = 'x'.repeat(SLICED_BODY_CHARS);
+  const pad = 'x'.repeat(SLICED_BODY_BYTES);
   await fc.assert(
     fc.asyncProperty(fc.jsonValue(), fc.boolean(), async (v, large) => {
       const text = JSON.stringify(large ? { pad, v } : { v });
