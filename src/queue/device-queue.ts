@@ -66,7 +66,8 @@ export interface DeviceQueueOptions {
   /** The idempotency record to keep for an answer, if any. */
   remember: (entry: WriteEntry, outcome: Outcome) => IdempotencyRecord | undefined;
   /** Applied and durable changes, in order. */
-  onApplied: (events: MappingEvent[]) => void;
+  /** Hands the events of an applied group on (watchers); the group's answers wait for it. */
+  onApplied: (events: MappingEvent[]) => Promise<void> | void;
   /** A group could not be done: the device is not ready and must be reconciled. */
   onTrouble: (error: ServiceError) => void;
 }
@@ -411,7 +412,7 @@ export class DeviceQueue {
     metrics.mappedBytes.set({ device }, Number(work.spaces.bytes));
     metrics.mappedEntries.set({ device }, work.spaces.count);
     if (this.missingMemory.size > 0) this.publishMissing();
-    if (events.length > 0) this.opts.onApplied(events);
+    if (events.length > 0) await this.opts.onApplied(events);
     live.forEach((e, i) => {
       e.settle(outcomes[i]!);
     });

@@ -37,7 +37,7 @@ export interface DeviceRegistryOptions {
   maxGroup: number;
   quotas: QuotaConfig | undefined;
   /** Applied and durable changes of any device, in order per device. */
-  onApplied: (events: MappingEvent[]) => void;
+  onApplied: (events: MappingEvent[]) => Promise<void> | void;
   /** A device's group could not be done: it must be reconciled. */
   onTrouble: () => void;
 }

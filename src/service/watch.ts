@@ -11,6 +11,7 @@
 import { ServiceError } from '../core/errors.ts';
 import type { CoreLogger } from '../core/logger.ts';
 import type { MappingEvent, WatchPosition, WatchSubscription } from '../core/types.ts';
+import { forEachInTimeSlices } from '../sys/next-turn.ts';
 
 /** Events kept per device unless configured otherwise. */
 export const DEFAULT_WATCH_HISTORY = 4096;
@@ -102,8 +103,12 @@ export class WatchHub {
     };
   }
 
-  emit(events: readonly MappingEvent[]): void {
-    for (const e of events) {
+  /**
+   * Records and fans out `events`, in order, giving the event loop back every slice: a table of
+   * 65,536 regions is as many events. Resolves once every watcher has been handed every event.
+   */
+  async emit(events: readonly MappingEvent[]): Promise<void> {
+    await forEachInTimeSlices(events, (e) => {
       this.history(e.device).push(e, this.limit);
       for (const w of this.watchers) {
         if (w.device !== undefined && w.device !== e.device) continue;
@@ -113,7 +118,7 @@ export class WatchHub {
           this.logger?.warn({ device: e.device, err: String(err) }, 'watch listener failed');
         }
       }
-    }
+    });
   }
 
   private replay(device: string, from: bigint): MappingEvent[] {

@@ -17,10 +17,10 @@ function event(sequence: bigint, iova: bigint, device = 'd0'): MappingEvent {
 const code = (c: string, field: string) => (e: unknown) =>
   e instanceof ServiceError && e.code === c && e.field === field;
 
-test('a request whose events no longer all fit is dropped whole; resuming before it is too old', () => {
+test('a request whose events no longer all fit is dropped whole; resuming before it is too old', async () => {
   const hub = new WatchHub(undefined, 3);
   hub.startAt('d0', 10n);
-  hub.emit([event(11n, 1n), event(11n, 2n), event(12n, 3n), event(12n, 4n)]);
+  await hub.emit([event(11n, 1n), event(11n, 2n), event(12n, 3n), event(12n, 4n)]);
   const latest = hub.subscribe('d0', ['d0'], undefined, () => {});
   assert.deepEqual(latest.positions, [{ device: 'd0', sequence: 12n }]);
   assert.deepEqual(latest.replay, []);
@@ -40,7 +40,7 @@ test('a request whose events no longer all fit is dropped whole; resuming before
   );
 });
 
-test('after a start the history begins where the desired state left off', () => {
+test('after a start the history begins where the desired state left off', async () => {
   const hub = new WatchHub(undefined, 100);
   hub.startAt('d0', 41n);
   const seen: bigint[] = [];
@@ -54,8 +54,8 @@ test('after a start the history begins where the desired state left off', () => 
     () => hub.subscribe('d0', ['d0'], 40n, () => {}),
     code('FAILED_PRECONDITION', 'from_sequence'),
   );
-  hub.emit([event(42n, 1n), event(1n, 1n, 'd1')]);
+  await hub.emit([event(42n, 1n), event(1n, 1n, 'd1')]);
   sub.close();
-  hub.emit([event(43n, 2n)]);
+  await hub.emit([event(43n, 2n)]);
   assert.deepEqual(seen, [42n, 1n]);
 });
