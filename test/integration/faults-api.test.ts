@@ -16,6 +16,7 @@ import { status } from '@grpc/grpc-js';
 import type { AgentClient } from '../../src/agent/client.ts';
 import type { DeviceCounters } from '../../src/device/types.ts';
 import { planConverge } from '../../src/queue/converge.ts';
+import { RECORD_PART_BYTES } from '../../src/state/journal.ts';
 import type { GrpcFailure } from './api-harness.ts';
 import {
   type ApiProcess,
@@ -240,7 +241,7 @@ test('a table the store cannot finish writing in parts is refused; the records w
   assert.equal((await api.http('POST', '/v1/memory', { id: 'ram', size: '0x4000000' })).status, 201);
   const agent = rig.agentClient();
   assert.equal((await api.http('POST', '/v1/devices/vdpa1/mappings', page('0x100000', 'a'))).status, 201);
-  // 8,192 regions: a journal record of about 1.2 MB, written in parts of 256 KiB.
+  // 8,192 regions: a journal record of about 1.2 MB, written in parts (RECORD_PART_BYTES).
   const table = {
     regions: Array.from({ length: 8192 }, (_, k) => ({
       iova: `0x${(2 * k * 0x1000).toString(16)}`,
@@ -263,7 +264,7 @@ test('a table the store cannot finish writing in parts is refused; the records w
   await api.untilReady();
   const unfinished = fs.statSync(journal()).size;
   assert.ok(
-    unfinished > size + 256 * 1024,
+    unfinished > size + 4 * RECORD_PART_BYTES,
     `the first parts stay in the journal (${unfinished - size} bytes)`,
   );
   limitFileSize(api.proc.pid, 'unlimited');

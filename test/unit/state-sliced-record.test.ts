@@ -127,11 +127,16 @@ test('the reader takes a sliced record back as the changes that went in', async 
       perm: 'rw',
     },
   }));
-  const [record, ...more] = recordFrames(7n, [
-    await encodeChanges(changes.slice(0, 700)),
-    await encodeChanges([]),
-    await encodeChanges(changes.slice(700)),
-  ]);
+  // Parts large enough for one frame: this is about the encoding's slices, not a record's parts.
+  const [record, ...more] = recordFrames(
+    7n,
+    [
+      await encodeChanges(changes.slice(0, 700)),
+      await encodeChanges([]),
+      await encodeChanges(changes.slice(700)),
+    ],
+    1 << 20,
+  );
   assert.deepEqual(more, []);
   const scan = scanFrames(record!, decodeJsonPayload);
   assert.equal(scan.damage.length, 0);
