@@ -84,7 +84,26 @@ function writeU64(w: protobuf.Writer, value: bigint): void {
   w.uint64(value <= 0x1f_ffff_ffff_ffffn ? Number(value) : value.toString());
 }
 
+/** Varint bytes read as a number before readU64 leaves it to protobufjs: 7 bytes are 49 bits, exact. */
+const U64_NUMBER_BYTES = 7;
+
 function readU64(r: protobuf.Reader): bigint {
+  // IOVAs, sizes and offsets below 2^49 (nearly all) straight from the bytes: protobufjs' uint64()
+  // makes a LongBits and a Long per value, most of a big Apply's garbage at the agent.
+  const { buf, len } = r;
+  let pos = r.pos;
+  let value = 0;
+  let scale = 1;
+  for (let i = 0; i < U64_NUMBER_BYTES && pos < len; i++) {
+    const byte = buf[pos++]!;
+    value += (byte & 0x7f) * scale;
+    if (byte < 0x80) {
+      r.pos = pos;
+      return BigInt(value);
+    }
+    scale *= 0x80;
+  }
+  // Longer, or cut short: protobufjs reads it (and refuses bytes that end inside it).
   const long = r.uint64() as unknown as { low: number; high: number };
   const low = BigInt(long.low >>> 0);
   return long.high === 0 ? low : (BigInt(long.high >>> 0) << 32n) | low;
