@@ -20,6 +20,7 @@ import { benchDeviceApply } from './scenarios/device-apply.ts';
 import { benchE2e } from './scenarios/e2e.ts';
 import { benchGroupCommit } from './scenarios/group-commit.ts';
 import { benchHeadOfLine } from './scenarios/head-of-line.ts';
+import { benchLargeGuest } from './scenarios/large-guest.ts';
 import { benchPlanner } from './scenarios/planner.ts';
 import { benchRecovery } from './scenarios/recovery.ts';
 import { benchTable } from './scenarios/table.ts';
@@ -35,6 +36,7 @@ const SCENARIOS: Record<string, (ctx: BenchContext) => void | Promise<void>> = {
   'group-commit': benchGroupCommit,
   recovery: benchRecovery,
   'head-of-line': benchHeadOfLine,
+  'large-guest': benchLargeGuest,
 };
 
 function formatNumber(v: number): string {
