@@ -2,6 +2,7 @@
  * The pieces of the floor of one durable Map, each measured on its own: one durable append of a
  * journal record's size (the same disk, fs/promises calls as src/state/journal.ts makes), and
  * one raw round trip on a unix socket to another process (an echo server, no protocol at all).
+ * And the floor of one vhost message: one raw write of its 72 bytes.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -9,7 +10,21 @@ import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { median } from './harness.ts';
+import { median, rate } from './harness.ts';
+
+/** The syscall floor of one vhost message, as the rows beside it name it. */
+export const RAW_WRITE = 'writeSync 72 B to /dev/null';
+
+/** Messages/s of `count` raw writes of one 72-byte struct vhost_msg_v2 to /dev/null (best of `rounds`). */
+export function rawWriteRate(count: number, rounds?: number): number {
+  const fd = fs.openSync('/dev/null', 'w');
+  const message = Buffer.alloc(72);
+  try {
+    return rate(count, () => fs.writeSync(fd, message), rounds);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
 
 /** Bytes of every journal generation (journal.<gen>, src/state/journal.ts) in a state directory. */
 export function journalBytes(stateDir: string): number {

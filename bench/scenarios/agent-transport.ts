@@ -28,7 +28,8 @@ import type { IotlbOp } from '../../src/iotlb/types.ts';
 import type { AgentConfig } from '../../services/agent/config.ts';
 import { createLogger, openAgentCore, startAgent } from '../../services/agent/main.ts';
 import { type AgentHandlers, createHandlers } from '../../services/agent/server.ts';
-import { alternate, type BenchContext, compare, median, rate, scaled } from '../harness.ts';
+import { RAW_WRITE, rawWriteRate } from '../floor.ts';
+import { alternate, type BenchContext, compare, median, scaled } from '../harness.ts';
 
 type Transport = 'agent' | 'floor';
 const ROUNDS = 5;
@@ -36,8 +37,6 @@ const BATCH = 256;
 const PAGE = 4096n;
 const BASE_IOVA = 0x100000n;
 const DEVICE = 'bench0';
-/** The size of one struct vhost_msg_v2. */
-const RAW_MESSAGE = Buffer.alloc(72);
 
 // ---- the floor: [u32 length][u32 call id][u8 method | status][protobuf payload] ----
 
@@ -262,14 +261,7 @@ export async function benchAgentTransport(ctx: BenchContext): Promise<void> {
       });
       // What one apply costs per message at the floor: BEGIN, the ops, END, each one raw write.
       const messages = largeCalls * (BATCH + 2);
-      const floor = async () => {
-        const fd = fs.openSync('/dev/null', 'w');
-        try {
-          return rate(messages, () => fs.writeSync(fd, RAW_MESSAGE), 1);
-        } finally {
-          fs.closeSync(fd);
-        }
-      };
+      const floor = async () => rawWriteRate(messages, 1);
       await alternate(1, { agent: round('agent'), floor: round('floor') }); // warm-up
       const figures = await alternate(ROUNDS, {
         agent: round('agent'),
@@ -303,7 +295,7 @@ export async function benchAgentTransport(ctx: BenchContext): Promise<void> {
           unit: 'msg/s',
           note: 'BEGIN + ops + END per call, over AgentClient',
         },
-        'writeSync 72 B to /dev/null',
+        RAW_WRITE,
         median(figures.write),
       );
     } finally {

@@ -11,7 +11,8 @@ import path from 'node:path';
 import { SimulatedDevice } from '../../src/device/simulated.ts';
 import type { IotlbOp } from '../../src/iotlb/types.ts';
 import { SharedMemoryRegistry } from '../../src/memory/registry.ts';
-import { alternate, type BenchContext, compare, median, rate, rateAsync, scaled } from '../harness.ts';
+import { RAW_WRITE, rawWriteRate } from '../floor.ts';
+import { alternate, type BenchContext, compare, median, rateAsync, scaled } from '../harness.ts';
 
 const ROUNDS = 5;
 
@@ -42,8 +43,6 @@ export async function benchDeviceApply(ctx: BenchContext): Promise<void> {
     }));
     for (const iommu of ['platform', 'onchip'] as const) {
       const device = new SimulatedDevice({ name: `bench-${iommu}`, iommu }, memory);
-      const fd = fs.openSync('/dev/null', 'w');
-      const bytes = Buffer.alloc(72);
       // Each call applies 256 maps or 256 unmaps in one batch: 258 messages with BEGIN/END.
       const figures = await alternate(ROUNDS, {
         device: async () =>
@@ -52,10 +51,9 @@ export async function benchDeviceApply(ctx: BenchContext): Promise<void> {
             const results = await device.apply(i % 2 === 0 ? mapOps : unmapOps);
             if (!results.every((r) => r.ok)) throw new Error('bench apply failed');
           })),
-        floor: async () => rate(calls * (batch + 2), () => fs.writeSync(fd, bytes)),
+        floor: async () => rawWriteRate(calls * (batch + 2)),
       });
       await device.close();
-      fs.closeSync(fd);
       compare(
         ctx,
         {
@@ -65,7 +63,7 @@ export async function benchDeviceApply(ctx: BenchContext): Promise<void> {
           value: median(figures.device),
           unit: 'msg/s',
         },
-        'writeSync 72 B to /dev/null',
+        RAW_WRITE,
         median(figures.floor),
       );
     }

@@ -15,11 +15,11 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
 import { apiConfig, rest, spawnAgent, startReadyApi, tempDir } from '../../test/integration/api-harness.ts';
+import { RAW_WRITE, rawWriteRate } from '../floor.ts';
 import { type BenchContext, compare, median, scaled } from '../harness.ts';
 
 const TIB = 1n << 40n;
 const ROUNDS = 3;
-const MESSAGE_BYTES = 72;
 
 const hex = (n: bigint) => `0x${n.toString(16)}`;
 
@@ -67,18 +67,8 @@ function parseSeconds(body: Buffer): number {
   return (performance.now() - start) / 1000;
 }
 
-/** Seconds for `count` raw 72-byte writes to /dev/null: the floor of `count` ops. */
-function rawWrites(count: number): number {
-  const fd = fs.openSync('/dev/null', 'w');
-  try {
-    const message = Buffer.alloc(MESSAGE_BYTES);
-    const start = performance.now();
-    for (let i = 0; i < count; i++) fs.writeSync(fd, message);
-    return (performance.now() - start) / 1000;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+/** Seconds for `count` raw message writes: the floor of `count` ops. */
+const rawWrites = (count: number): number => count / rawWriteRate(count, 1);
 
 export async function benchLargeGuest(ctx: BenchContext): Promise<void> {
   const dir = tempDir('bench-large-guest');
@@ -126,7 +116,7 @@ export async function benchLargeGuest(ctx: BenchContext): Promise<void> {
               unit: 'ms',
               note: `ops ${ops}; JSON.parse of the request ${(median(rounds.map((r) => r.parse[key])) * 1000).toPrecision(3)} ms`,
             },
-            `one raw write per op (writeSync ${MESSAGE_BYTES} B to /dev/null)`,
+            `one raw write per op (${RAW_WRITE})`,
             median(rounds.map((r) => r.floor[key])) * 1000,
           );
         }

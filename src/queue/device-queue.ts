@@ -65,8 +65,7 @@ export interface DeviceQueueOptions {
   quota?: Quota;
   /** The idempotency record to keep for an answer, if any. */
   remember: (entry: WriteEntry, outcome: Outcome) => IdempotencyRecord | undefined;
-  /** Applied and durable changes, in order. */
-  /** Hands the events of an applied group on (watchers); the group's answers wait for it. */
+  /** Hands the events of an applied and durable group on (watchers), in order; its answers wait for it. */
   onApplied: (events: MappingEvent[]) => Promise<void> | void;
   /** A group could not be done: the device is not ready and must be reconciled. */
   onTrouble: (error: ServiceError) => void;
