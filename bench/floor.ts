@@ -36,30 +36,28 @@ export function journalBytes(stateDir: string): number {
 
 /**
  * `count` sequential durable appends of `bytes` bytes; per-append ms. The cheapest durable append
- * of that size on this disk: appends are made both ways a journal can make them, one after the
- * other in turn (so both see the same load), and the samples of the way with the lower median are
+ * of that size on this disk: appends are made every way a journal can make them, one after the
+ * other in turn (so all see the same load), and the samples of the way with the lower median are
  * returned: write then fdatasync, or one write to a file opened O_DSYNC (what src/state/journal.ts
- * does), which returns once the data and the file's new size are on disk.
+ * does), which returns once the data and the file's new size are on disk, made on the thread pool
+ * or on the calling thread (what the journal does for a small record while the server is quiet).
  */
 export async function appendSyncSamples(dir: string, bytes: number, count: number): Promise<number[]> {
   const record = Buffer.alloc(Math.max(1, Math.round(bytes)), 0x5a);
   const { O_WRONLY, O_CREAT, O_TRUNC, O_DSYNC } = fs.constants;
+  const dsync = (name: string) =>
+    fsp.open(path.join(dir, name), O_WRONLY | O_CREAT | O_TRUNC | O_DSYNC, 0o600);
   const ways = [
-    { file: await fsp.open(path.join(dir, 'floor.journal'), 'w', 0o600), sync: true },
-    {
-      file: await fsp.open(
-        path.join(dir, 'floor-dsync.journal'),
-        O_WRONLY | O_CREAT | O_TRUNC | O_DSYNC,
-        0o600,
-      ),
-      sync: false,
-    },
+    { file: await fsp.open(path.join(dir, 'floor.journal'), 'w', 0o600), sync: true, onCaller: false },
+    { file: await dsync('floor-dsync.journal'), sync: false, onCaller: false },
+    { file: await dsync('floor-dsync-caller.journal'), sync: false, onCaller: true },
   ].map((way) => ({ ...way, position: 0, samples: [] as number[] }));
   try {
     for (let i = 0; i < count; i++) {
       for (const way of ways) {
         const t = performance.now();
-        await way.file.write(record, 0, record.length, way.position);
+        if (way.onCaller) fs.writeSync(way.file.fd, record, 0, record.length, way.position);
+        else await way.file.write(record, 0, record.length, way.position);
         if (way.sync) await way.file.datasync();
         way.samples.push(performance.now() - t);
         way.position += record.length;

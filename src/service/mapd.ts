@@ -202,11 +202,15 @@ class Mapd implements MapdCore {
 export async function createMapdService(opts: MapdServiceOptions): Promise<MapdCore> {
   const metrics = opts.metrics ?? createMetrics();
   const { logger } = opts;
+  // Made after the store; the store reaches it only from its quiet() callback.
+  let writePath: WritePath | undefined;
   const { store, droppedBytes, unfinished } = await StateStore.open({
     dir: opts.stateDir,
     ...(opts.storeFs ? { fs: opts.storeFs } : {}),
     ...(opts.compactBytes !== undefined ? { compactBytes: opts.compactBytes } : {}),
     limits: { idempotencyPerDevice: opts.idempotencyPerDevice ?? 10_000 },
+    // One write in progress is the one being committed: nothing else waits for the event loop.
+    quiet: () => (writePath?.inProgress ?? 0) <= 1,
     onWrite: (seconds, ok) => metrics.storeWrite.observe({ result: ok ? 'ok' : 'error' }, seconds),
     onCompactionError: (err) => logger?.warn({ err: String(err) }, 'state compaction failed'),
   });
@@ -256,6 +260,7 @@ export async function createMapdService(opts: MapdServiceOptions): Promise<MapdC
     opts.flushTimeoutMs ?? 30_000,
     (device) => attachments?.owns(device) === true,
   );
+  writePath = writes;
   attachments = new Attachments(port, devices, store, writes, memory, logger, () => link?.retryLater());
 
   for (const [name, d] of store.state.devices) {

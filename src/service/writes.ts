@@ -27,6 +27,8 @@ import type { MemoryCatalog } from './memory.ts';
 import { batchOpsOf, mapSpecOf, memoriesOf, unmapSpecOf } from './requests.ts';
 
 export class WritePath {
+  private writing = 0;
+
   constructor(
     private readonly devices: DeviceRegistry,
     private readonly store: StateStore,
@@ -36,6 +38,11 @@ export class WritePath {
     /** Whether an attached VMM's memory table owns asid 0 of the device (attachments.ts). */
     private readonly vmmOwnsAsid0: (device: string) => boolean = () => false,
   ) {}
+
+  /** Writes taken and not answered yet, every device together. */
+  get inProgress(): number {
+    return this.writing;
+  }
 
   /** Puts the submits journaled before a restart back into their queues, in sequence order. */
   restoreJournaled(): void {
@@ -82,33 +89,35 @@ export class WritePath {
   submit(req: BatchRequest): Promise<SubmitResult> {
     const request = { kind: 'batch' as const, ops: batchOpsOf(req.ops), atomic: req.atomic === true };
     const slot = this.devices.existing(req.device);
-    return this.idempotency.run(req.device, req.requestId, 'Submit', request, async (digest) => {
-      this.refuseVmmOwned(slot.name, request);
-      slot.queue.checkAccepts('submit');
-      const sequence = slot.queue.allocateSequence();
-      const changes: Change[] = [
-        {
-          t: 'pending.put',
-          device: slot.name,
-          submit: { sequence, ops: request.ops, atomic: request.atomic },
-        },
-      ];
-      if (req.requestId !== undefined && digest !== undefined) {
-        const answer: SubmitResult = { sequence };
-        const record = recordOf(req.requestId, digest, { ok: true, answer });
-        changes.push({ t: 'idempotency.put', device: slot.name, record });
-      }
-      // Queued at once (its place in the order is now), run only once journaled.
-      const journaled = this.store.commit(changes);
-      const entry = this.submitEntry(request, sequence);
-      entry.durable = journaled.then(
-        () => true,
-        () => false,
-      );
-      slot.queue.enqueue(entry);
-      await journaled;
-      return { sequence };
-    });
+    return this.counted(() =>
+      this.idempotency.run(req.device, req.requestId, 'Submit', request, async (digest) => {
+        this.refuseVmmOwned(slot.name, request);
+        slot.queue.checkAccepts('submit');
+        const sequence = slot.queue.allocateSequence();
+        const changes: Change[] = [
+          {
+            t: 'pending.put',
+            device: slot.name,
+            submit: { sequence, ops: request.ops, atomic: request.atomic },
+          },
+        ];
+        if (req.requestId !== undefined && digest !== undefined) {
+          const answer: SubmitResult = { sequence };
+          const record = recordOf(req.requestId, digest, { ok: true, answer });
+          changes.push({ t: 'idempotency.put', device: slot.name, record });
+        }
+        // Queued at once (its place in the order is now), run only once journaled.
+        const journaled = this.store.commit(changes);
+        const entry = this.submitEntry(request, sequence);
+        entry.durable = journaled.then(
+          () => true,
+          () => false,
+        );
+        slot.queue.enqueue(entry);
+        await journaled;
+        return { sequence };
+      }),
+    );
   }
 
   flush(device: string): Promise<FlushResult> {
@@ -122,10 +131,21 @@ export class WritePath {
     request: WriteRequest,
   ): Promise<WriteAnswer> {
     const slot = this.devices.existing(device);
-    return this.idempotency.run(device, requestId, method, request, (digest) => {
-      this.refuseVmmOwned(device, request);
-      return this.enqueueSync(slot, request, requestId, digest);
-    });
+    return this.counted(() =>
+      this.idempotency.run(device, requestId, method, request, (digest) => {
+        this.refuseVmmOwned(device, request);
+        return this.enqueueSync(slot, request, requestId, digest);
+      }),
+    );
+  }
+
+  private async counted<T>(write: () => Promise<T>): Promise<T> {
+    this.writing++;
+    try {
+      return await write();
+    } finally {
+      this.writing--;
+    }
   }
 
   /**
@@ -134,7 +154,9 @@ export class WritePath {
    */
   vmmMemoryTable(device: string, regions: Region[]): Promise<SetMemTableResult> {
     const request: WriteRequest = { kind: 'setMemTable', asid: 0, regions };
-    return this.enqueueSync(this.devices.existing(device), request) as Promise<SetMemTableResult>;
+    return this.counted(() =>
+      this.enqueueSync(this.devices.existing(device), request),
+    ) as Promise<SetMemTableResult>;
   }
 
   /** The VMM owns asid 0 of an attached device: the orchestrator's writes there are refused. */

@@ -76,6 +76,12 @@ export const journalName = (gen: number): string => `journal.${gen}`;
  */
 export const RECORD_PART_BYTES = 64 * 1024;
 
+/**
+ * A record of at most this size may be written on the calling thread (appendEncoded's
+ * `onCaller`): its O_DSYNC write holds the event loop for well under one of the queues' time slices.
+ */
+export const WRITE_ON_CALLER_MAX_BYTES = 16 * 1024;
+
 /** The state directory holds damage: nothing was changed; see repair.ts for the way out. */
 export class StateDamageError extends Error {
   constructor(
@@ -493,10 +499,10 @@ export interface JournalOpenResult {
   legacy: boolean;
 }
 
-async function writeAll(file: StoreFile, data: Buffer, position: number): Promise<void> {
+async function writeAll(file: StoreFile, data: Buffer, position: number, onCaller = false): Promise<void> {
   let done = 0;
   while (done < data.length) {
-    const { bytesWritten } = await file.write(data, done, data.length - done, position + done);
+    const { bytesWritten } = await file.write(data, done, data.length - done, position + done, onCaller);
     if (bytesWritten <= 0) throw Object.assign(new Error('write made no progress'), { code: 'EIO' });
     done += bytesWritten;
   }
@@ -733,8 +739,10 @@ export class Journal {
    * Calls may overlap: their frames are written one at a time, in call order, so frames of a
    * later call come between the parts of a large record. Overlap at most one call whose record
    * goes in parts (over partBytes) with others: a part 1 ends the record in parts before it.
+   * `onCaller`: nothing else waits for this thread, so a record of one frame of at most
+   * WRITE_ON_CALLER_MAX_BYTES is written on it (StoreFile.write).
    */
-  async appendEncoded(commits: readonly EncodedChanges[]): Promise<void> {
+  async appendEncoded(commits: readonly EncodedChanges[], opts?: { onCaller?: boolean }): Promise<void> {
     if (this.legacy) throw new Error('a journal of an earlier format takes no records: compact it first');
     const frames = framesOf(commits, this.partBytes);
     let seq = 0n;
@@ -749,7 +757,9 @@ export class Journal {
         const data = framePieces(framePayload(seq, pieces, i + 1, frames.length), lead);
         try {
           // Durable when it returns (O_DSYNC): no fdatasync after it.
-          await writeAll(this.file, data, this.bytes);
+          const onCaller =
+            opts?.onCaller === true && frames.length === 1 && data.length <= WRITE_ON_CALLER_MAX_BYTES;
+          await writeAll(this.file, data, this.bytes, onCaller);
         } catch (e) {
           // The frame may be partly (or, after a failed sync of its data, wholly) in the file: cut
           // it off so it is neither replayed nor followed by later frames. If that fails too,

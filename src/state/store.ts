@@ -71,6 +71,11 @@ export interface StateStoreOptions {
   /** Records larger than this are written in parts, in the large lane (default RECORD_PART_BYTES). */
   recordPartBytes?: number;
   limits?: Partial<StateLimits>;
+  /**
+   * Whether nothing but the commit at hand waits for this thread (no other request in progress):
+   * its record, when small, is then written on it (Journal.appendEncoded's `onCaller`). Default: never.
+   */
+  quiet?: () => boolean;
   /** Called with the seconds each group write (the durable append) took. */
   onWrite?: (seconds: number, ok: boolean) => void;
   /** Called when a compaction fails (the store keeps working on the old journal). */
@@ -280,23 +285,29 @@ export class StateStore {
   private write(lane: keyof Lanes, record: Commit[]): void {
     this.lanes[lane] = record;
     const started = process.hrtime.bigint();
-    this.journal.appendEncoded(record.map((c) => c.encoded!)).then(
-      () => {
-        this.opts.onWrite?.(elapsed(started), true);
-        for (const c of record) c.durable = true;
-        this.lanes[lane] = undefined;
-        this.applyReady();
-        this.afterWrite();
-      },
-      (e: unknown) => {
-        this.opts.onWrite?.(elapsed(started), false);
-        this.lanes[lane] = undefined;
-        const err = writeError(e);
-        for (const c of record) this.drop(c);
-        for (const c of record) c.reject(err);
-        this.afterWrite();
-      },
-    );
+    const onCaller = this.opts.quiet?.() === true;
+    this.journal
+      .appendEncoded(
+        record.map((c) => c.encoded!),
+        { onCaller },
+      )
+      .then(
+        () => {
+          this.opts.onWrite?.(elapsed(started), true);
+          for (const c of record) c.durable = true;
+          this.lanes[lane] = undefined;
+          this.applyReady();
+          this.afterWrite();
+        },
+        (e: unknown) => {
+          this.opts.onWrite?.(elapsed(started), false);
+          this.lanes[lane] = undefined;
+          const err = writeError(e);
+          for (const c of record) this.drop(c);
+          for (const c of record) c.reject(err);
+          this.afterWrite();
+        },
+      );
   }
 
   private afterWrite(): void {

@@ -437,7 +437,8 @@ export function storeFsWithWrites(write: StoreWrite): StoreFs {
       const f = await nodeStoreFs.open(file, flags, opts);
       const own = f.write.bind(f);
       return {
-        write: (buffer, offset, length, position) => write(file, own, buffer, offset, length, position),
+        write: (buffer, offset, length, position, onCaller) =>
+          write(file, own, buffer, offset, length, position, onCaller),
         datasync: () => f.datasync(),
         sync: () => f.sync(),
         truncate: (n) => f.truncate(n),
@@ -472,12 +473,12 @@ export class FaultyFs implements StoreFs {
     this.trip('open', file);
     const inner = await nodeStoreFs.open(file, flags, opts);
     return {
-      write: async (buffer, offset, length, position) => {
+      write: async (buffer, offset, length, position, onCaller) => {
         const fault = this.take('write', file);
-        if (fault?.partial) await inner.write(buffer, offset, Math.floor(length / 2), position);
+        if (fault?.partial) await inner.write(buffer, offset, Math.floor(length / 2), position, onCaller);
         if (fault) throw errnoError(fault.code);
-        if (!opts?.durableWrites) return inner.write(buffer, offset, length, position);
-        const written = await inner.write(buffer, offset, length, position);
+        if (!opts?.durableWrites) return inner.write(buffer, offset, length, position, onCaller);
+        const written = await inner.write(buffer, offset, length, position, onCaller);
         this.trip('datasync', file);
         return written;
       },

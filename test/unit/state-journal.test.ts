@@ -5,7 +5,14 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { decodeJson, encodeJson, type FrameScan, frame, scanFrames } from '../../src/state/codec.ts';
 import { type Change, sortedMappings, toSnapshot } from '../../src/state/desired.ts';
-import { encodeChanges, Journal, StateDamageError, StateFormatError } from '../../src/state/journal.ts';
+import { nodeStoreFs } from '../../src/state/fs.ts';
+import {
+  encodeChanges,
+  Journal,
+  StateDamageError,
+  StateFormatError,
+  WRITE_ON_CALLER_MAX_BYTES,
+} from '../../src/state/journal.ts';
 import { repairStateDir, SEQUENCE_SKIP } from '../../src/state/repair.ts';
 import { FORMAT_VERSION, JOURNAL_MAGIC, SNAPSHOT_MAGIC } from '../../src/state/schema.ts';
 import { StateStore } from '../../src/state/store.ts';
@@ -621,14 +628,17 @@ describe('store', () => {
     await store.close();
   });
 
-  for (const { op, partial } of [
-    { op: 'write' as const, partial: false },
-    { op: 'write' as const, partial: true },
-    { op: 'datasync' as const, partial: false },
+  for (const { op, partial, quiet } of [
+    { op: 'write' as const, partial: false, quiet: false },
+    { op: 'write' as const, partial: true, quiet: false },
+    { op: 'datasync' as const, partial: false, quiet: false },
+    { op: 'write' as const, partial: true, quiet: true },
+    { op: 'datasync' as const, partial: false, quiet: true },
   ]) {
-    test(`a failed ${op}${partial ? ' (half written)' : ''} refuses the change with UNAVAILABLE and changes nothing`, async () => {
+    const how = `${partial ? ' (half written)' : ''}${quiet ? ' on the calling thread' : ''}`;
+    test(`a failed ${op}${how} refuses the change with UNAVAILABLE and changes nothing`, async () => {
       const faulty = new FaultyFs();
-      const { store } = await StateStore.open({ dir, fs: faulty });
+      const { store } = await StateStore.open({ dir, fs: faulty, quiet: () => quiet });
       await store.commit([put(0x1000n)]);
       const before = toSnapshot(store.state);
       faulty.fail(op, op === 'write' ? 'ENOSPC' : 'EIO', { partial });
@@ -651,6 +661,45 @@ describe('store', () => {
       await again.close();
     });
   }
+
+  test('a small record is written on the calling thread only while the store is told it is quiet', async () => {
+    const seen: { bytes: number; onCaller: boolean }[] = [];
+    const watched = storeFsWithWrites((file, write, buffer, offset, length, position, onCaller) => {
+      if (path.basename(file).startsWith('journal.'))
+        seen.push({ bytes: length, onCaller: onCaller === true });
+      return write(buffer, offset, length, position, onCaller);
+    });
+    let quiet = true;
+    const { store } = await StateStore.open({ dir, fs: watched, quiet: () => quiet });
+    await store.commit([put(0x1000n)]);
+    quiet = false;
+    await store.commit([put(0x2000n)]);
+    quiet = true;
+    // Over WRITE_ON_CALLER_MAX_BYTES: to the thread pool even while quiet.
+    const many = Array.from({ length: 400 }, (_, i) => put(0x100000n + BigInt(i) * 0x1000n));
+    await store.commit(many);
+    await store.close();
+    assert.deepEqual(
+      seen.map((w) => w.onCaller),
+      [true, false, false],
+    );
+    assert.ok(seen[0]!.bytes <= WRITE_ON_CALLER_MAX_BYTES && seen[2]!.bytes > WRITE_ON_CALLER_MAX_BYTES);
+    const { store: again } = await StateStore.open({ dir });
+    assert.equal(again.state.devices.get('vdpa0')?.mappings.size, 402);
+    await again.close();
+  });
+
+  test('a write on the calling thread is done when it returns, and fails as a rejection', async () => {
+    const file = path.join(dir, 'f');
+    const f = await nodeStoreFs.open(file, 'w', { durableWrites: true });
+    const written = f.write(Buffer.from('abc'), 0, 3, 0, true);
+    assert.equal(fs.readFileSync(file, 'utf8'), 'abc', 'on disk before the promise is awaited');
+    assert.deepEqual(await written, { bytesWritten: 3 });
+    await f.close();
+    // A closed file: the failure comes as the promise's, as from the thread pool.
+    const failed = f.write(Buffer.from('d'), 0, 1, 3, true);
+    await assert.rejects(failed);
+  });
 
   test('the journal is compacted past compactBytes and everything survives reopening', async () => {
     const { store } = await StateStore.open({ dir, compactBytes: 2048 });
