@@ -11,13 +11,17 @@
  *
  * At one in flight, the p50 is also set beside the floor of one durable Map, measured in the same
  * rounds: the bare server's p50 + one durable append of the journal's record size per op (measured
- * from the journal's growth; the cheaper of write + fdatasync and one O_DSYNC write) + one raw
- * unix-socket round trip to another process (bench/floor.ts).
+ * from the journal's growth; the cheapest way to make it, bench/floor.ts) + one raw unix-socket
+ * round trip to another process. Each piece is measured back to back on its own. And beside a
+ * bare server that makes those steps in its handler (a round trip to the same echo peer, then an
+ * O_DSYNC write of the record's size on the calling thread, as the journal writes it at one in
+ * flight): what the pieces cost together in one server, where every wait lets the cores go idle.
  *
  * Every worker owns its own IOVA, so pairs never conflict and every pair leaves the table as it was.
  */
 import fs from 'node:fs';
 import http from 'node:http';
+import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import {
@@ -122,10 +126,19 @@ const unmapAnswer = (req: Record<string, string | undefined>) => ({
   ops: [{ type: 'invalidate', asid: 0, iova: req.iova, size: req.size }],
 });
 
-async function startBareGrpc(): Promise<{ address: string; stop: () => void }> {
+/** The floor's steps, made in a bare server's handler before it answers (none: answers at once). */
+type Steps = (() => Promise<void>) | undefined;
+
+async function startBareGrpc(steps?: Steps): Promise<{ address: string; stop: () => void }> {
   type Unary = (call: ServerUnaryCall<Record<string, string>, object>, cb: sendUnaryData<object>) => void;
-  const map: Unary = (call, cb) => cb(null, mapAnswer(call.request));
-  const unmap: Unary = (call, cb) => cb(null, unmapAnswer(call.request));
+  const answering =
+    (answer: (req: Record<string, string>) => object): Unary =>
+    (call, cb) => {
+      if (steps === undefined) cb(null, answer(call.request));
+      else steps().then(() => cb(null, answer(call.request)), cb);
+    };
+  const map = answering(mapAnswer);
+  const unmap = answering(unmapAnswer);
   const server = new Server();
   server.addService(MappingServiceClient.service, { map, unmap } as UntypedServiceImplementation);
   const port = await new Promise<number>((resolve, reject) =>
@@ -136,14 +149,18 @@ async function startBareGrpc(): Promise<{ address: string; stop: () => void }> {
   return { address: `127.0.0.1:${port}`, stop: () => server.forceShutdown() };
 }
 
-async function startBareRest(): Promise<FastifyInstance> {
+async function startBareRest(steps?: Steps): Promise<FastifyInstance> {
   const app = fastify();
   type Body = { Body: Record<string, string> };
   app.post<Body>('/v1/devices/:device/mappings', async (req, reply) => {
+    await steps?.();
     reply.code(201);
     return mapAnswer(req.body);
   });
-  app.post<Body>('/v1/devices/:device/mappings::unmap', async (req) => unmapAnswer(req.body));
+  app.post<Body>('/v1/devices/:device/mappings::unmap', async (req) => {
+    await steps?.();
+    return unmapAnswer(req.body);
+  });
   await app.listen({ host: '127.0.0.1', port: 0 });
   return app;
 }
@@ -227,8 +244,8 @@ interface FloorFigures {
 }
 
 /**
- * One round of the floor's own pieces, as many samples as a round of the real side has ops. The
- * record size is the journal's growth per op so far (the real side ran before, in the warm-up).
+ * One round of the floor's own pieces, as many samples as a round of the real side has ops.
+ * `recordBytes`: the journal's record size per op.
  */
 function floorRound(dir: string, echo: EchoPeer, ops: number, recordBytes: () => number) {
   return async (): Promise<FloorFigures> => {
@@ -237,6 +254,48 @@ function floorRound(dir: string, echo: EchoPeer, ops: number, recordBytes: () =>
     const trip = percentiles(await echo.samples(ROUND_TRIP_BYTES, ops));
     return { recordBytes: bytes, syncP50: sync.p50, roundTripP50: trip.p50 };
   };
+}
+
+/**
+ * The floor's steps for a bare server's handler: one round trip to the echo peer, then one durable
+ * append of `recordBytes()` bytes to a file opened O_DSYNC in `dir`, made on the calling thread.
+ */
+function floorSteps(
+  dir: string,
+  echo: EchoPeer,
+  recordBytes: () => number,
+): { steps: Steps; close: () => void } {
+  const { O_WRONLY, O_CREAT, O_TRUNC, O_DSYNC } = fs.constants;
+  const fd = fs.openSync(path.join(dir, 'steps.journal'), O_WRONLY | O_CREAT | O_TRUNC | O_DSYNC, 0o600);
+  let position = 0;
+  const steps = async () => {
+    await echo.samples(ROUND_TRIP_BYTES, 1);
+    const record = Buffer.alloc(Math.max(1, Math.round(recordBytes())), 0x5a);
+    position += fs.writeSync(fd, record, 0, record.length, position);
+  };
+  return { steps, close: () => fs.closeSync(fd) };
+}
+
+function addStepsRow(
+  ctx: BenchContext,
+  label: string,
+  real: Figures[],
+  steps: Figures[],
+  baseline: string,
+): void {
+  compare(
+    ctx,
+    {
+      scenario: 'e2e',
+      case: label,
+      metric: 'p50 latency vs a bare server making the floor steps',
+      value: median(real.map((f) => f.p50)),
+      unit: 'ms',
+      note: 'its handler: one unix round trip, then one durable append of the record size',
+    },
+    `${baseline}, handler making the floor's steps`,
+    median(steps.map((f) => f.p50)),
+  );
 }
 
 function addFloorRow(
@@ -285,16 +344,34 @@ export async function benchE2e(ctx: BenchContext): Promise<void> {
     const httpAgent = new http.Agent({ keepAlive: true, maxSockets: 64 });
     stops.unshift(() => httpAgent.destroy());
     const { port } = bareRest.server.address() as AddressInfo;
+    const echo = await startEchoPeer(dir);
+    stops.unshift(() => echo.stop());
+    const journalDir = apiConfig(dir, agent.socket).stateDir;
+    // The journal's growth per op of the real side's measured rounds (set before each one).
+    let journalBefore = 0;
+    let realOps = 0;
+    const recordBytes = () => (realOps === 0 ? 1 : (journalBytes(journalDir) - journalBefore) / realOps);
+    const floor = floorSteps(dir, echo, recordBytes);
+    stops.unshift(() => floor.close());
+    const stepsGrpc = await startBareGrpc(floor.steps);
+    stops.unshift(() => stepsGrpc.stop());
+    const steps = grpcClients(stepsGrpc.address);
+    stops.unshift(() => steps.close());
+    const stepsRest = await startBareRest(floor.steps);
+    stops.unshift(() => stepsRest.close());
+    const stepsPort = (stepsRest.server.address() as AddressInfo).port;
 
     const transports = {
       gRPC: {
         real: grpcCaller(real.mapping),
         bare: grpcCaller(bare.mapping),
+        steps: grpcCaller(steps.mapping),
         baseline: 'bare grpc-js server, same proto',
       },
       REST: {
         real: restCaller(api.restAddress, httpAgent),
         bare: restCaller(`http://127.0.0.1:${port}`, httpAgent),
+        steps: restCaller(`http://127.0.0.1:${stepsPort}`, httpAgent),
         baseline: 'bare fastify route',
       },
     };
@@ -302,9 +379,6 @@ export async function benchE2e(ctx: BenchContext): Promise<void> {
       { concurrency: 1, pairs: scaled(ctx, 200, 2) },
       { concurrency: 64, pairs: scaled(ctx, 8, 1) },
     ];
-    const echo = await startEchoPeer(dir);
-    stops.unshift(() => echo.stop());
-    const journalDir = apiConfig(dir, agent.socket).stateDir;
     for (const [name, t] of Object.entries(transports)) {
       for (const { concurrency, pairs } of sizes) {
         const run = (call: Caller) => () => runPairs(call, concurrency, pairs);
@@ -315,14 +389,23 @@ export async function benchE2e(ctx: BenchContext): Promise<void> {
           addRows(ctx, label, figures.real, figures.bare, t.baseline);
           continue;
         }
-        const before = journalBytes(journalDir);
+        journalBefore = journalBytes(journalDir);
+        realOps = 0;
+        const measuredReal = async () => {
+          const f = await run(t.real)();
+          realOps += 2 * pairs;
+          return f;
+        };
+        // The real side runs first: the floor and the steps have a record size from the start.
         const figures = await alternate(ROUNDS, {
-          real: run(t.real),
+          real: measuredReal,
           bare: run(t.bare),
-          floor: floorRound(dir, echo, 2 * pairs, () => (journalBytes(journalDir) - before) / (2 * pairs)),
+          floor: floorRound(dir, echo, 2 * pairs, recordBytes),
+          steps: run(t.steps),
         });
         addRows(ctx, label, figures.real, figures.bare, t.baseline);
         addFloorRow(ctx, label, figures.real, figures.bare, figures.floor, t.baseline);
+        addStepsRow(ctx, label, figures.real, figures.steps, t.baseline);
       }
     }
 

@@ -18,7 +18,7 @@ const EXPECTED_ROWS: Record<string, number> = {
   planner: 6,
   'device apply': 2,
   'agent transport': 3,
-  e2e: 15,
+  e2e: 17,
   'group commit': 2,
   recovery: 5,
   'head-of-line': 10,
