@@ -42,11 +42,26 @@ export function journalBytes(stateDir: string): number {
  * does), which returns once the data and the file's new size are on disk, made on the thread pool
  * or on the calling thread (what the journal does for a small record while the server is quiet).
  */
+/** A new file opened for durable writes (O_DSYNC), as src/state/journal.ts opens its journal. */
+const DSYNC_FLAGS =
+  fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_DSYNC;
+
+/** The floor's durable append for a handler: `recordBytes()` bytes per call, O_DSYNC, on the calling thread. */
+export function durableAppender(dir: string): { append: (recordBytes: number) => void; close: () => void } {
+  const fd = fs.openSync(path.join(dir, 'appender.journal'), DSYNC_FLAGS, 0o600);
+  let position = 0;
+  return {
+    append: (recordBytes) => {
+      const record = Buffer.alloc(Math.max(1, Math.round(recordBytes)), 0x5a);
+      position += fs.writeSync(fd, record, 0, record.length, position);
+    },
+    close: () => fs.closeSync(fd),
+  };
+}
+
 export async function appendSyncSamples(dir: string, bytes: number, count: number): Promise<number[]> {
   const record = Buffer.alloc(Math.max(1, Math.round(bytes)), 0x5a);
-  const { O_WRONLY, O_CREAT, O_TRUNC, O_DSYNC } = fs.constants;
-  const dsync = (name: string) =>
-    fsp.open(path.join(dir, name), O_WRONLY | O_CREAT | O_TRUNC | O_DSYNC, 0o600);
+  const dsync = (name: string) => fsp.open(path.join(dir, name), DSYNC_FLAGS, 0o600);
   const ways = [
     { file: await fsp.open(path.join(dir, 'floor.journal'), 'w', 0o600), sync: true, onCaller: false },
     { file: await dsync('floor-dsync.journal'), sync: false, onCaller: false },

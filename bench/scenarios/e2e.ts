@@ -21,7 +21,6 @@
  */
 import fs from 'node:fs';
 import http from 'node:http';
-import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import {
@@ -43,7 +42,7 @@ import {
   startReadyApi,
   tempDir,
 } from '../../test/integration/api-harness.ts';
-import { appendSyncSamples, type EchoPeer, journalBytes, startEchoPeer } from '../floor.ts';
+import { appendSyncSamples, durableAppender, type EchoPeer, journalBytes, startEchoPeer } from '../floor.ts';
 import { alternate, type BenchContext, compare, median, percentiles, scaled } from '../harness.ts';
 
 const ROUNDS = 5;
@@ -265,15 +264,12 @@ function floorSteps(
   echo: EchoPeer,
   recordBytes: () => number,
 ): { steps: Steps; close: () => void } {
-  const { O_WRONLY, O_CREAT, O_TRUNC, O_DSYNC } = fs.constants;
-  const fd = fs.openSync(path.join(dir, 'steps.journal'), O_WRONLY | O_CREAT | O_TRUNC | O_DSYNC, 0o600);
-  let position = 0;
+  const appender = durableAppender(dir);
   const steps = async () => {
     await echo.samples(ROUND_TRIP_BYTES, 1);
-    const record = Buffer.alloc(Math.max(1, Math.round(recordBytes())), 0x5a);
-    position += fs.writeSync(fd, record, 0, record.length, position);
+    appender.append(recordBytes());
   };
-  return { steps, close: () => fs.closeSync(fd) };
+  return { steps, close: appender.close };
 }
 
 function addStepsRow(
