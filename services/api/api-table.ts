@@ -39,11 +39,12 @@ export interface ApiMethod {
 
 /**
  * What a `google.api.http` rule cannot say: a success status other than 200, and a field read from
- * the query string although the rule's body is `*` (`?dryRun=true`, kept from the first REST API).
+ * the query string although the rule's body is `*` (`?dryRun=true`, kept from the first REST API,
+ * and `?summary=true` beside it).
  */
 const REST_EXTRAS: Readonly<Record<string, { status?: number; query?: readonly string[] }>> = {
   Map: { status: 201 },
-  SetMemTable: { query: ['dryRun'] },
+  SetMemTable: { query: ['dryRun', 'summary'] },
   Submit: { status: 202 },
   RegisterMemory: { status: 201 },
   UnregisterMemory: { status: 204 },

@@ -6,7 +6,7 @@
  * the same bytes as grpc-js's own serializer, the same decoded request.
  */
 import { deserializeInSlices, serializeInSlices } from '../../src/agent/sliced-codec.ts';
-import { formatMapping, formatOp } from '../../src/api/format.ts';
+import { formatMapping, formatOp, formatSetMemTableResult, setMemTableCounts } from '../../src/api/format.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { SetMemTableResult } from '../../src/core/types.ts';
 import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
@@ -28,10 +28,12 @@ export async function decodeSetMemTableRequest(bytes: Buffer): Promise<object> {
 
 /**
  * The answer's bytes, field by field in field-number order as protobufjs writes them (dry_run,
- * ops, invalidated, mapped, unchanged), each list formatted and encoded a slice at a time.
+ * ops, invalidated, mapped, unchanged, the counts), each list formatted and encoded a slice at a
+ * time; a summary, which lists nothing, in one piece.
  */
-export async function encodeSetMemTableAnswer(r: SetMemTableResult): Promise<Buffer> {
+export async function encodeSetMemTableAnswer(r: SetMemTableResult, summary = false): Promise<Buffer> {
   const encode = method.responseSerialize as (message: object) => Buffer;
+  if (summary) return encode(formatSetMemTableResult(r, true));
   const list = async (field: string, items: Promise<object[]>) =>
     serializeInSlices(encode, { [field]: await items } as Record<string, unknown>, field);
   return Buffer.concat([
@@ -39,6 +41,6 @@ export async function encodeSetMemTableAnswer(r: SetMemTableResult): Promise<Buf
     await list('ops', mapInTimeSlices(r.ops, formatOp)),
     await list('invalidated', mapInTimeSlices(r.invalidated, formatMapping)),
     await list('mapped', mapInTimeSlices(r.mapped, formatMapping)),
-    encode({ unchanged: r.unchanged }),
+    encode({ unchanged: r.unchanged, ...setMemTableCounts(r) }),
   ]);
 }

@@ -33,7 +33,7 @@ import { API_METHODS } from './api-table.ts';
 export type Message = Readonly<Record<string, unknown>>;
 export type Handler = (message: Message) => Promise<object>;
 
-/** The message without the fields read on their own (the device, dryRun). */
+/** The message without the fields read on their own (the device, dryRun, summary). */
 function rest(message: Message, ...read: string[]): Message {
   const out: Record<string, unknown> = {};
   for (const key of Object.keys(message)) {
@@ -51,7 +51,8 @@ function device(message: Message): string {
 
 /** How a transport words an answer where it differs (REST streams a large SetMemTable answer). */
 export interface AnswerFormats {
-  setMemTable: (r: SetMemTableResult) => object | Promise<object>;
+  /** `summary`: the counts without the lists (formatSetMemTableResult). */
+  setMemTable: (r: SetMemTableResult, summary: boolean) => object | Promise<object>;
   /** Default: formatBatchResult (gRPC writes Batch's answer bytes itself). */
   batch?: (r: BatchResult) => object;
 }
@@ -76,8 +77,10 @@ export function apiHandlers(
     Unmap: async (m) => formatUnmapResult(await service.unmap(parseUnmap(device(m), rest(m, 'device')))),
     SetMemTable: async (m) => {
       const dryRun = parseBoolParam(m.dryRun, 'dryRun');
-      const req = await parseSetMemTable(device(m), rest(m, 'device', 'dryRun'), dryRun, limits);
-      return formats.setMemTable(await service.setMemTable(req));
+      const summary = parseBoolParam(m.summary, 'summary');
+      const body = rest(m, 'device', 'dryRun', 'summary');
+      const req = await parseSetMemTable(device(m), body, dryRun, limits);
+      return formats.setMemTable(await service.setMemTable(req), summary);
     },
     Batch: async (m) => batchAnswer(await service.batch(parseBatch(device(m), rest(m, 'device'), limits))),
     Submit: async (m) =>

@@ -34,6 +34,7 @@ const COMMAND_OPTIONS = {
   'request-id': { type: 'string' },
   file: { type: 'string', short: 'f' },
   'dry-run': { type: 'boolean' },
+  summary: { type: 'boolean' },
   path: { type: 'string' },
   count: { type: 'string' },
 } as const;
@@ -87,9 +88,9 @@ export const COMMANDS: readonly CommandSpec[] = [
   {
     name: 'memtable apply',
     args: ['DEVICE'],
-    options: ['file', 'dry-run', 'request-id'],
+    options: ['file', 'dry-run', 'summary', 'request-id'],
     required: ['file'],
-    synopsis: 'memtable apply DEVICE -f TABLE.json [--dry-run] [--request-id ID]',
+    synopsis: 'memtable apply DEVICE -f TABLE.json [--dry-run] [--summary] [--request-id ID]',
     summary: 'make the address space hold exactly the regions of the file (- for stdin)',
   },
   {

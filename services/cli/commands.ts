@@ -114,16 +114,25 @@ const applyMemTable: Run = async (inv, conn, io) => {
   const file = opt(inv, 'file')!;
   const table = parseMemTableFile(readTable(file), file);
   const dryRun = inv.options['dry-run'] === true;
+  // --summary: the counts without the lists, which for a whole guest are more than gRPC's default 4 MiB.
+  const summary = inv.options.summary === true;
   const answer = withLists(
-    await conn.mappings('setMemTable', { device: inv.args.DEVICE, ...table, dryRun, ...requestId(inv) }),
+    await conn.mappings('setMemTable', {
+      device: inv.args.DEVICE,
+      ...table,
+      dryRun,
+      summary,
+      ...requestId(inv),
+    }),
     ['ops', 'invalidated', 'mapped'],
   );
   print(inv, io, answer, () => {
-    const counts = `${answer.invalidated.length} invalidated, ${answer.mapped.length} mapped, ${answer.unchanged ?? 0} unchanged`;
-    const summary = dryRun
-      ? `dry run: ${answer.ops.length} ops would be applied (${counts}); nothing changed`
-      : `applied ${answer.ops.length} ops (${counts})`;
-    return answer.ops.length > 0 ? `${opsTable(answer.ops)}\n${summary}` : summary;
+    const n = (count: unknown) => Number(count ?? 0);
+    const counts = `${n(answer.invalidatedCount)} invalidated, ${n(answer.mappedCount)} mapped, ${n(answer.unchanged)} unchanged`;
+    const line = dryRun
+      ? `dry run: ${n(answer.opCount)} ops would be applied (${counts}); nothing changed`
+      : `applied ${n(answer.opCount)} ops (${counts})`;
+    return answer.ops.length > 0 ? `${opsTable(answer.ops)}\n${line}` : line;
   });
 };
 

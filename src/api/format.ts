@@ -176,14 +176,21 @@ export function formatUnmapResult(r: UnmapResult) {
   };
 }
 
-export function formatSetMemTableResult(r: SetMemTableResult) {
-  return {
-    dryRun: r.dryRun,
-    ops: r.ops.map(formatOp),
-    invalidated: r.invalidated.map(formatMapping),
-    mapped: r.mapped.map(formatMapping),
-    unchanged: r.unchanged,
-  };
+/** The answer of SetMemTable; with `summary` its counts without its lists. */
+export function formatSetMemTableResult(r: SetMemTableResult, summary = false) {
+  const lists = summary
+    ? {}
+    : {
+        ops: r.ops.map(formatOp),
+        invalidated: r.invalidated.map(formatMapping),
+        mapped: r.mapped.map(formatMapping),
+      };
+  return { dryRun: r.dryRun, ...lists, unchanged: r.unchanged, ...setMemTableCounts(r) };
+}
+
+/** The answer's counts, in the order of their fields. */
+export function setMemTableCounts(r: SetMemTableResult) {
+  return { opCount: r.ops.length, invalidatedCount: r.invalidated.length, mappedCount: r.mapped.length };
 }
 
 export function formatBatchResult(r: BatchResult) {

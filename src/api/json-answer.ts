@@ -8,7 +8,7 @@
 import { Readable } from 'node:stream';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import type { SetMemTableResult } from '../core/types.ts';
-import { formatMappingJson, formatOpJson, formatSetMemTableResult } from './format.ts';
+import { formatMappingJson, formatOpJson, formatSetMemTableResult, setMemTableCounts } from './format.ts';
 
 /** Items per slice: about a millisecond of formatting and encoding. */
 const ITEMS_PER_SLICE = 256;
@@ -35,15 +35,16 @@ export async function* setMemTableJson(r: SetMemTableResult): AsyncGenerator<str
   yield* listJson(r.invalidated, formatMappingJson);
   yield ',"mapped":';
   yield* listJson(r.mapped, formatMappingJson);
-  yield `,"unchanged":${JSON.stringify(r.unchanged)}}`;
+  const counts = JSON.stringify(setMemTableCounts(r)).slice(1);
+  yield `,"unchanged":${JSON.stringify(r.unchanged)},${counts}`;
 }
 
 /**
- * What a REST route returns for `r`: the formatted answer when small, else a stream of its JSON
- * (send it with content-type application/json).
+ * What a REST route returns for `r`: the formatted answer when small (a summary always is), else
+ * a stream of its JSON (send it with content-type application/json).
  */
-export function setMemTableAnswer(r: SetMemTableResult): object {
+export function setMemTableAnswer(r: SetMemTableResult, summary = false): object {
   const items = r.ops.length + r.invalidated.length + r.mapped.length;
-  if (items < SLICED_ANSWER_ITEMS) return formatSetMemTableResult(r);
+  if (summary || items < SLICED_ANSWER_ITEMS) return formatSetMemTableResult(r, summary);
   return Readable.from(setMemTableJson(r), { objectMode: false });
 }

@@ -22,7 +22,7 @@ const EXPECTED_ROWS: Record<string, number> = {
   'group commit': 2,
   recovery: 5,
   'head-of-line': 10,
-  'large guest': 4,
+  'large guest': 8,
 };
 
 test('npm run bench at BENCH_SCALE=0.01: every scenario, finite positive figures, JSON', {

@@ -231,6 +231,19 @@ describe('vdpactl', () => {
     assert.match(typo.stderr, /unknown key "ofset"/);
   });
 
+  test('memtable apply --summary prints the counts without the ops', async () => {
+    const file = path.join(s.dir, 'summary-table.json');
+    fs.writeFileSync(file, JSON.stringify({ regions: [{ iova: '0x0', size: '0x2000', memory: 'ram0' }] }));
+    const human = await ok('memtable', 'apply', 'vdpa1', '-f', file, '--summary');
+    assert.equal(human.trim(), 'applied 1 ops (0 invalidated, 1 mapped, 0 unchanged)');
+    const again = JSON.parse(await ok('memtable', 'apply', 'vdpa1', '-f', file, '--summary', '--json'));
+    assert.equal(again.unchanged, 1);
+    assert.deepEqual(again.ops, []);
+    fs.writeFileSync(file, '{"regions": []}');
+    const cleared = await ok('memtable', 'apply', 'vdpa1', '-f', file, '--summary');
+    assert.equal(cleared.trim(), 'applied 1 ops (1 invalidated, 0 mapped, 0 unchanged)');
+  });
+
   test('watch --count N prints N events and exits 0', async () => {
     const child = start(['--server', s.api.grpcAddress, 'watch', 'vdpa0', '--count', '2', '--json']);
     running.add(child);

@@ -31,6 +31,26 @@ test('the answer is coded to the bytes grpc-js writes for it', async () => {
   );
 });
 
+test('a summary answer is the counts alone, as grpc-js writes them', async () => {
+  await fc.assert(
+    fc.asyncProperty(result, async (r) => {
+      const bytes = await encodeSetMemTableAnswer(r, true);
+      const counts = {
+        dryRun: r.dryRun,
+        unchanged: r.unchanged,
+        opCount: r.ops.length,
+        invalidatedCount: r.invalidated.length,
+        mappedCount: r.mapped.length,
+      };
+      assert.ok(bytes.equals(grpcJs.responseSerialize(counts)));
+      const decoded = grpcJs.responseDeserialize(bytes) as Record<string, unknown>;
+      assert.deepEqual([decoded.ops, decoded.invalidated, decoded.mapped], [[], [], []]);
+      assert.equal(decoded.opCount, r.ops.length);
+    }),
+    { numRuns: 10, endOnFailure: true },
+  );
+});
+
 test('a request decodes as grpc-js decodes it, the fields after a long list of regions included', async () => {
   const hex = (n: number) => `0x${n.toString(16)}`;
   const region = fc.record({ iova: fc.nat().map(hex), size: fc.nat().map(hex), memory: fc.string() });
@@ -44,6 +64,7 @@ test('a request decodes as grpc-js decodes it, the fields after a long list of r
       ),
       dryRun: fc.boolean(),
       requestId: fc.string({ minLength: 1 }),
+      summary: fc.boolean(),
     },
     { requiredKeys: ['regions'] },
   );

@@ -34,6 +34,18 @@ const reference = (r: SetMemTableResult) =>
     invalidated: r.invalidated.map(formatted),
     mapped: r.mapped.map(formatted),
     unchanged: r.unchanged,
+    opCount: r.ops.length,
+    invalidatedCount: r.invalidated.length,
+    mappedCount: r.mapped.length,
+  });
+/** The summary answer: the counts, no lists. */
+const summaryReference = (r: SetMemTableResult) =>
+  JSON.stringify({
+    dryRun: r.dryRun,
+    unchanged: r.unchanged,
+    opCount: r.ops.length,
+    invalidatedCount: r.invalidated.length,
+    mappedCount: r.mapped.length,
   });
 
 async function text(chunks: AsyncIterable<string | Buffer>): Promise<string> {
@@ -77,4 +89,15 @@ test('a large answer is a stream, written with turns of the event loop between s
   assert.ok(turns > 0, 'timers ran while the answer was written');
   const small = setMemTableAnswer({ ...r, ops: [], mapped: mapped.slice(0, 2) });
   assert.equal(JSON.stringify(small), reference({ ...r, ops: [], mapped: mapped.slice(0, 2) }));
+});
+
+test('a summary answer of any size is the counts in one piece, no list', async () => {
+  await fc.assert(
+    fc.asyncProperty(result, async (r) => {
+      const answer = setMemTableAnswer(r, true);
+      assert.ok(!(answer instanceof Readable));
+      assert.equal(JSON.stringify(answer), summaryReference(r));
+    }),
+    { numRuns: 20 },
+  );
 });
