@@ -38,10 +38,11 @@ export class DuplicateKeyScan {
   }
 
   /**
-   * Reads on to just after the first comma between two values at or past `until` (or to the end):
-   * the first repeated key's path, or undefined.
+   * Reads on to just after the first comma between two elements of an array at or past `until`,
+   * or between any two values at or past `anyUntil` (or to the end): the first repeated key's
+   * path, or undefined.
    */
-  scanTo(until: number): string | undefined {
+  scanTo(until: number, anyUntil = until): string | undefined {
     const { bytes, stack } = this;
     for (let i = this.at; i < bytes.length; i++) {
       const c = bytes[i];
@@ -67,9 +68,10 @@ export class DuplicateKeyScan {
         this.expectKey = false;
       } else if (c === 0x2c /* , */) {
         const top = stack.at(-1);
-        if (top && 'index' in top) top.index++;
+        const inArray = top !== undefined && 'index' in top;
+        if (inArray) top.index++;
         else this.expectKey = true;
-        if (i >= until) {
+        if (i >= anyUntil || (inArray && i >= until)) {
           this.at = i + 1;
           return undefined;
         }

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { findDuplicateKey } from '../../src/api/json-keys.ts';
+import { DuplicateKeyScan, findDuplicateKey } from '../../src/api/json-keys.ts';
 
 type Tree = { obj: [string, Tree][] } | { arr: Tree[] } | { str: string } | { num: number } | null;
 
@@ -77,4 +77,23 @@ test('examples', () => {
   assert.equal(findDuplicateKey('{"ops":[{"a":1},{"a":1,"b":{"c":"\\"","c":2}}]}'), 'ops[1].b.c');
   assert.equal(findDuplicateKey('{"a":"{\\"a\\":1,\\"a\\":2}","b":[1,"a","a"]}'), undefined);
   assert.equal(findDuplicateKey('[{"a":1},{"a":2}]'), undefined);
+});
+
+test('a scan in steps stops after a comma between array elements, or any comma past anyUntil', () => {
+  const text = '{"r":[{"a":1,"b":2},{"a":3,"b":4}],"c":5,"d":6}';
+  const commaAt = (from: number) => text.indexOf(',', from);
+  const elementComma = text.indexOf('},{') + 1;
+  const stops = (until: number, anyUntil?: number) => {
+    const scan = new DuplicateKeyScan(Buffer.from(text));
+    assert.equal(scan.scanTo(until, anyUntil), undefined);
+    return scan.position;
+  };
+  // From the start: the first comma is inside an element; the scan runs on to the element comma.
+  assert.equal(stops(0, text.length), elementComma + 1);
+  // Any comma once anyUntil is reached.
+  assert.equal(stops(0), commaAt(0) + 1);
+  assert.equal(stops(0, elementComma - 3), commaAt(elementComma - 3) + 1);
+  // Past the last array: only anyUntil stops it, or the end.
+  assert.equal(stops(elementComma + 1, text.length), text.length);
+  assert.equal(stops(elementComma + 1, elementComma + 1), commaAt(elementComma + 1) + 1);
 });
