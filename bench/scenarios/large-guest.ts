@@ -17,7 +17,7 @@ import { performance } from 'node:perf_hooks';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
 import { apiConfig, rest, spawnAgent, startReadyApi, tempDir } from '../../test/integration/api-harness.ts';
 import { RAW_WRITE, rawWriteRate } from '../floor.ts';
-import { type BenchContext, compare, median, scaled } from '../harness.ts';
+import { alternate, type BenchContext, compare, median, scaled } from '../harness.ts';
 
 const TIB = 1n << 40n;
 const ROUNDS = 3;
@@ -87,7 +87,7 @@ export async function benchLargeGuest(ctx: BenchContext): Promise<void> {
       const clear = bodyOf([]);
       for (const n of [512, most]) {
         const bodies = { fromEmpty: bodyOf(guestTable(n, false)), changed: bodyOf(guestTable(n, true)) };
-        // One round per answer: from empty, then 1% changed, then back to empty (untimed); the floor of each.
+        // One round of one answer: from empty, then 1% changed, then back to empty (untimed); the floor of each.
         const round = async (query: string) => {
           const fromEmpty = await putTable(api.restAddress, bodies.fromEmpty, query);
           const changed = await putTable(api.restAddress, bodies.changed, query);
@@ -99,30 +99,34 @@ export async function benchLargeGuest(ctx: BenchContext): Promise<void> {
             parse: { fromEmpty: parseSeconds(bodies.fromEmpty), changed: parseSeconds(bodies.changed) },
           };
         };
-        for (const [query, answer] of [
-          ['', ''],
-          ['?summary=true', ' ?summary=true'],
+        // The full answer and the summary in alternating rounds, after one warm-up round of each.
+        await round('');
+        await round('?summary=true');
+        const rounds = await alternate(ROUNDS, {
+          full: () => round(''),
+          summary: () => round('?summary=true'),
+        });
+        for (const [answer, answerLabel] of [
+          ['full', ''],
+          ['summary', ' ?summary=true'],
         ] as const) {
-          await round(query); // warm-up
-          const rounds = [];
-          for (let r = 0; r < ROUNDS; r++) rounds.push(await round(query));
           for (const [key, label] of [
             ['fromEmpty', 'from empty'],
             ['changed', '1% changed'],
           ] as const) {
-            const ops = rounds[0]![key].ops;
+            const these = rounds[answer];
             compare(
               ctx,
               {
                 scenario: 'large guest',
-                case: `1 TiB guest as ${n.toLocaleString('en-US')} regions, ${label}, REST set-mem-table${answer}`,
+                case: `1 TiB guest as ${n.toLocaleString('en-US')} regions, ${label}, REST set-mem-table${answerLabel}`,
                 metric: 'time',
-                value: median(rounds.map((r) => r[key].seconds)) * 1000,
+                value: median(these.map((r) => r[key].seconds)) * 1000,
                 unit: 'ms',
-                note: `ops ${ops}; JSON.parse of the request ${(median(rounds.map((r) => r.parse[key])) * 1000).toPrecision(3)} ms`,
+                note: `ops ${these[0]![key].ops}; JSON.parse of the request ${(median(these.map((r) => r.parse[key])) * 1000).toPrecision(3)} ms`,
               },
               `one raw write per op (${RAW_WRITE})`,
-              median(rounds.map((r) => r.floor[key])) * 1000,
+              median(these.map((r) => r.floor[key])) * 1000,
             );
           }
         }
