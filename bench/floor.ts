@@ -34,6 +34,25 @@ export function journalBytes(stateDir: string): number {
     .reduce((n, name) => n + fs.statSync(path.join(stateDir, name)).size, 0);
 }
 
+/** A new file opened for durable writes (O_DSYNC), as src/state/journal.ts opens its journal. */
+const DSYNC_FLAGS =
+  fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_DSYNC;
+
+/** The floor's durable append for a handler: `recordBytes` bytes per call, O_DSYNC, on the calling thread. */
+export function durableAppender(dir: string): { append: (recordBytes: number) => void; close: () => void } {
+  const fd = fs.openSync(path.join(dir, 'appender.journal'), DSYNC_FLAGS, 0o600);
+  let position = 0;
+  let record = Buffer.alloc(0);
+  return {
+    append: (recordBytes) => {
+      const bytes = Math.max(1, Math.round(recordBytes));
+      if (record.length !== bytes) record = Buffer.alloc(bytes, 0x5a);
+      position += fs.writeSync(fd, record, 0, record.length, position);
+    },
+    close: () => fs.closeSync(fd),
+  };
+}
+
 /**
  * `count` sequential durable appends of `bytes` bytes; per-append ms. The cheapest durable append
  * of that size on this disk: appends are made every way a journal can make them, one after the
@@ -42,23 +61,6 @@ export function journalBytes(stateDir: string): number {
  * does), which returns once the data and the file's new size are on disk, made on the thread pool
  * or on the calling thread (what the journal does for a small record while the server is quiet).
  */
-/** A new file opened for durable writes (O_DSYNC), as src/state/journal.ts opens its journal. */
-const DSYNC_FLAGS =
-  fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC | fs.constants.O_DSYNC;
-
-/** The floor's durable append for a handler: `recordBytes()` bytes per call, O_DSYNC, on the calling thread. */
-export function durableAppender(dir: string): { append: (recordBytes: number) => void; close: () => void } {
-  const fd = fs.openSync(path.join(dir, 'appender.journal'), DSYNC_FLAGS, 0o600);
-  let position = 0;
-  return {
-    append: (recordBytes) => {
-      const record = Buffer.alloc(Math.max(1, Math.round(recordBytes)), 0x5a);
-      position += fs.writeSync(fd, record, 0, record.length, position);
-    },
-    close: () => fs.closeSync(fd),
-  };
-}
-
 export async function appendSyncSamples(dir: string, bytes: number, count: number): Promise<number[]> {
   const record = Buffer.alloc(Math.max(1, Math.round(bytes)), 0x5a);
   const dsync = (name: string) => fsp.open(path.join(dir, name), DSYNC_FLAGS, 0o600);

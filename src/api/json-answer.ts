@@ -35,8 +35,8 @@ export async function* setMemTableJson(r: SetMemTableResult): AsyncGenerator<str
   yield* listJson(r.invalidated, formatMappingJson);
   yield ',"mapped":';
   yield* listJson(r.mapped, formatMappingJson);
-  const counts = JSON.stringify(setMemTableCounts(r)).slice(1);
-  yield `,"unchanged":${JSON.stringify(r.unchanged)},${counts}`;
+  const counts = JSON.stringify(setMemTableCounts(r)).slice(1, -1);
+  yield `,"unchanged":${JSON.stringify(r.unchanged)},${counts}}`;
 }
 
 /**
