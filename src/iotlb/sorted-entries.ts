@@ -145,11 +145,26 @@ export class SortedEntries<T extends Keyed> {
   /** Every entry, in order, in a new array. */
   values(): T[] {
     const all: T[] = [];
+    for (let b = 0; b < this.blocks.length; b++) this.copyBlock(b, all);
+    return all;
+  }
+
+  /**
+   * {@link values}, pausing after every block (at most BLOCK entries) for a caller running in
+   * time slices. The store must not change while the copy is under way.
+   */
+  *valuesInSteps(): Generator<void, T[]> {
+    const all: T[] = [];
     for (let b = 0; b < this.blocks.length; b++) {
-      const block = this.blocks[b]!;
-      for (let i = this.heads[b]!; i < block.length; i++) all.push(block[i]!);
+      this.copyBlock(b, all);
+      yield;
     }
     return all;
+  }
+
+  private copyBlock(b: number, to: T[]): void {
+    const block = this.blocks[b]!;
+    for (let i = this.heads[b]!; i < block.length; i++) to.push(block[i]!);
   }
 
   clear(): void {

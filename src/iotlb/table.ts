@@ -265,6 +265,15 @@ export class IovaTable {
     return this.tree.values().values();
   }
 
+  /**
+   * Entries in IOVA order in a new array, copied a few dozen at a time between pauses (a
+   * runInTimeSlices caller: 65,536 entries copied in one piece held every other device up).
+   * The table must not change until it returns.
+   */
+  entriesInSteps(): Generator<void, Region[]> {
+    return this.tree.valuesInSteps();
+  }
+
   /** Removes everything (device close / reset without IOTLB_PERSIST); returns what was there. */
   clear(): Region[] {
     const all = [...this.entries()];

@@ -236,7 +236,7 @@ function* setMemTableSteps(
     checkMemory(memory, regions[i]!, atRegion(i));
     if (pauseAt(i)) yield;
   }
-  const plan = yield* diffSteps([...work.spaces.table(asid).entries()], target, asid);
+  const plan = yield* diffSteps(yield* work.spaces.table(asid).entriesInSteps(), target, asid);
   yield* applyPlan(work, plan);
   return {
     dryRun: false,

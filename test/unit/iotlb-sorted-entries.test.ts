@@ -68,9 +68,21 @@ const op: fc.Arbitrary<Op> = fc.oneof(
 
 const big = (k: number): bigint => BigInt(k) * 0x1000n + (1n << 40n);
 
+function runCountingPauses<R>(steps: Generator<void, R>): { value: R; pauses: number } {
+  let pauses = 0;
+  for (let step = steps.next(); ; step = steps.next()) {
+    if (step.done) return { value: step.value, pauses };
+    pauses++;
+  }
+}
+
 function agree(store: SortedEntries<E>, model: Model, probes: readonly number[]): void {
   assert.equal(store.size, model.entries.length);
   assert.deepEqual(store.values(), model.entries);
+  const { value, pauses } = runCountingPauses(store.valuesInSteps());
+  assert.deepEqual(value, model.entries);
+  // Copied a few dozen at a time: a pause at least every 64 entries.
+  assert.ok(pauses >= Math.ceil(model.entries.length / 64), `${pauses} pauses for ${model.entries.length}`);
   for (const p of probes) {
     const at = big(p) + BigInt(p % 3) - 1n;
     assert.equal(store.atOrBelow(at), model.atOrBelow(at), `atOrBelow ${at}`);
