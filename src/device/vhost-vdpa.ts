@@ -64,7 +64,7 @@ const OK: OpResult = { ok: true };
  * one slice, not the whole table. The open batch and this device's order are unaffected: the
  * device's calls are serialized, and the batch is state of this fd alone. 64 ops of a PA-mode
  * simulated parent take about 0.15 ms: with 256 per slice a one-op Apply to another device took
- * 3x its idle median while a 65,536-op Apply ran, with 64 its idle median, and the turns given
+ * 2-3x its idle median while a 65,536-op Apply ran, with 64 about its idle median; the turns given
  * back cost no measurable throughput (bench device-apply, agent-transport). A time slice of 1 ms
  * (TimeSlices) was worse than either.
  */
