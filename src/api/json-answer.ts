@@ -2,28 +2,37 @@
  * The REST answer of SetMemTable, written in slices. It lists every op, every mapping
  * invalidated and every mapping mapped: for a 65,536-region table about 15 MB of JSON, whose
  * formatting and JSON.stringify in one piece held the event loop for 300 ms and more. This writes
- * the same bytes (JSON.stringify of formatSetMemTableResult) a slice of items at a time, with a
+ * the same bytes (JSON.stringify of formatSetMemTableResult) a time slice of items at a time, with a
  * turn of the event loop between slices, as a stream fastify sends as it is read.
  */
 import { Readable } from 'node:stream';
-import { setImmediate as nextTurn } from 'node:timers/promises';
+import { TimeSlices } from '../sys/next-turn.ts';
 import type { SetMemTableResult } from '../core/types.ts';
 import { formatMappingJson, formatOpJson, formatSetMemTableResult, setMemTableCounts } from './format.ts';
-
-/** Items per slice: about a millisecond of formatting and encoding. */
-const ITEMS_PER_SLICE = 256;
 
 /** Answers with fewer items than this are formatted and encoded in one piece. */
 export const SLICED_ANSWER_ITEMS = 4096;
 
-/** JSON of an array of `items`, each written by `json`, a slice of elements at a time. */
+/** JSON of an array of `items`, each written by `json`, one time slice's worth of elements per piece. */
 async function* listJson<T>(items: readonly T[], json: (item: T) => string): AsyncGenerator<string> {
   yield '[';
-  for (let start = 0; start < items.length; start += ITEMS_PER_SLICE) {
-    if (start > 0) await nextTurn();
-    const slice = items.slice(start, start + ITEMS_PER_SLICE).map(json);
-    yield `${start > 0 ? ',' : ''}${slice.join(',')}`;
+  const slices = new TimeSlices();
+  let piece: string[] = [];
+  let wrote = false;
+  const flush = () => {
+    const text = `${wrote ? ',' : ''}${piece.join(',')}`;
+    wrote = true;
+    piece = [];
+    return text;
+  };
+  for (let i = 0; i < items.length; i++) {
+    piece.push(json(items[i]!));
+    if (slices.due()) {
+      yield flush();
+      await slices.next();
+    }
   }
+  if (piece.length > 0) yield flush();
   yield ']';
 }
 

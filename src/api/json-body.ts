@@ -8,7 +8,7 @@
  * API's kind (a syntax error, a key spelled with \u escapes, any `__proto__` or `constructor`)
  * is judged by the one-piece parser, so every refusal reads the same whatever the body's size.
  */
-import { setImmediate as nextTurn } from 'node:timers/promises';
+import { nextTurn } from '../sys/next-turn.ts';
 import { parseChunked } from '@discoveryjs/json-ext';
 import secureJson from 'secure-json-parse';
 import { invalid } from '../core/u64.ts';
