@@ -705,10 +705,16 @@ describe('store', () => {
     const { store } = await StateStore.open({ dir, compactBytes: 2048 });
     for (let i = 1n; i <= 40n; i++) await store.commit([put(i * 0x1000n)]);
     await store.commit([{ t: 'mapping.delete', device: 'vdpa0', asid: 0, iova: 0x5000n }]);
-    assert.ok(fs.existsSync(path.join(dir, 'snapshot')));
-    assert.ok(fs.statSync(journalFile()).size <= 2048 + 512);
     const expected = toSnapshot(store.state);
     await store.close();
+    // How many commits land in the next journal depends on how long the snapshot's fsync takes
+    // beside the commits' writes: asserted is only what holds at any speed.
+    assert.ok(fs.existsSync(path.join(dir, 'snapshot')));
+    assert.ok(!fs.existsSync(path.join(dir, 'journal.0')), 'the first journal was compacted away');
+    const { journal, snapshot, records } = await Journal.open(dir);
+    await journal.close();
+    assert.ok((snapshot?.devices[0]?.mappings.length ?? 0) > 0, 'the snapshot holds the early commits');
+    assert.ok(records.length < 41, 'the journal holds only the records after the snapshot');
     const { store: again } = await StateStore.open({ dir, compactBytes: 2048 });
     assert.deepEqual(toSnapshot(again.state), expected);
     assert.equal(again.state.devices.get('vdpa0')?.mappings.size, 39);
