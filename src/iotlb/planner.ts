@@ -12,7 +12,7 @@
  */
 import type { IovaTable } from './table.ts';
 import { checkRegionShape, compareBigint } from './table.ts';
-import { runInTimeSlices, runWhole } from '../sys/next-turn.ts';
+import { runWhole } from '../sys/next-turn.ts';
 import { describeRange, FULL_IOVA_RANGE, hex, type IotlbOp, type IovaRange, type Region } from './types.ts';
 
 export interface Plan {
@@ -59,15 +59,6 @@ const PAUSE_EVERY = 64;
  */
 export function diffSorted(current: readonly Region[], target: readonly Region[], asid: number): Plan {
   return runWhole(diffSteps(current, target, asid));
-}
-
-/** diffSorted giving the event loop back every slice (a table of 65,536 regions). */
-export function diffSortedInSlices(
-  current: readonly Region[],
-  target: readonly Region[],
-  asid: number,
-): Promise<Plan> {
-  return runInTimeSlices(diffSteps(current, target, asid));
 }
 
 /** diffSorted as steps, for a caller that runs it inside its own sliced computation. */
@@ -141,15 +132,6 @@ export function validateTarget(
   pinPageSize?: bigint,
 ): Region[] {
   return runWhole(validateTargetSteps(target, range, pinPageSize));
-}
-
-/** validateTarget giving the event loop back every slice (a table of 65,536 regions). */
-export function validateTargetInSlices(
-  target: readonly Region[],
-  range: IovaRange = FULL_IOVA_RANGE,
-  pinPageSize?: bigint,
-): Promise<Region[]> {
-  return runInTimeSlices(validateTargetSteps(target, range, pinPageSize));
 }
 
 /** validateTarget as steps, for a caller that runs it inside its own sliced computation. */

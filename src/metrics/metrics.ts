@@ -17,8 +17,6 @@ const MESSAGE_BUCKETS = [0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.000
 /** 1 .. 65536, powers of 4. */
 const SIZE_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536];
 
-export type OpResultLabel = 'ok' | 'device_error' | 'refused';
-
 export interface Metrics {
   registry: Registry;
   /** transport (rest|grpc), method (Map, ListDevices, ...), code (OK or a ServiceError code). */

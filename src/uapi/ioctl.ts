@@ -75,4 +75,3 @@ export const Ioctl = {
   VHOST_VDPA_GET_VQS_COUNT: ior(0x80, U32),
   VHOST_VDPA_GET_GROUP_NUM: ior(0x81, U32),
 } as const;
-export type IoctlName = keyof typeof Ioctl;

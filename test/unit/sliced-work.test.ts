@@ -14,13 +14,8 @@ import { withJsonNames, withJsonNamesInSlices } from '../../services/api/json-na
 import { compileRequestSchema } from '../../services/api/json-schema.ts';
 import { routeSchema } from '../../services/api/openapi.ts';
 import { AddressSpaces } from '../../src/iotlb/address-spaces.ts';
-import {
-  diffSorted,
-  diffSortedInSlices,
-  validateTarget,
-  validateTargetInSlices,
-} from '../../src/iotlb/planner.ts';
-import type { IotlbOp, Mapping, Region } from '../../src/iotlb/types.ts';
+import { diffSorted, diffSteps, validateTarget, validateTargetSteps } from '../../src/iotlb/planner.ts';
+import { FULL_IOVA_RANGE, type IotlbOp, type Mapping, type Region } from '../../src/iotlb/types.ts';
 import { WorkingTables } from '../../src/queue/working.ts';
 import { framePieces, framePiecesInSlices } from '../../src/state/codec.ts';
 import {
@@ -190,7 +185,9 @@ describe('a big table, sliced', () => {
 
   test('the sliced planner gives the one-piece plan and the same refusal', async () => {
     const shuffled = [...regions].reverse();
-    assert.deepEqual(await validateTargetInSlices(shuffled), validateTarget(shuffled));
+    const validateInSlices = (target: Region[]) =>
+      runInTimeSlices(validateTargetSteps(target, FULL_IOVA_RANGE, undefined));
+    assert.deepEqual(await validateInSlices(shuffled), validateTarget(shuffled));
     const overlapping = [...regions, { ...regions[N - 2]!, iova: regions[N - 2]!.iova + 1n }];
     const refusal = (() => {
       try {
@@ -200,7 +197,7 @@ describe('a big table, sliced', () => {
       }
       assert.fail('validateTarget took an overlap');
     })();
-    await assert.rejects(validateTargetInSlices(overlapping), (e) => {
+    await assert.rejects(validateInSlices(overlapping), (e) => {
       assert.deepEqual(e, refusal);
       return true;
     });
@@ -208,7 +205,7 @@ describe('a big table, sliced', () => {
     const current = regions
       .filter((_, k) => k % 4 !== 3)
       .map((r, k) => (k % 3 === 1 ? { ...r, perm: 'ro' as const } : r));
-    assert.deepEqual(await diffSortedInSlices(current, regions, 2), diffSorted(current, regions, 2));
+    assert.deepEqual(await runInTimeSlices(diffSteps(current, regions, 2)), diffSorted(current, regions, 2));
   });
 
   test('a frame written in slices is the frame of its pieces; with a lead, the lead and then the frame', async () => {
