@@ -28,7 +28,7 @@ import {
 } from '../vhost-user/guest.ts';
 import { Qemu } from '../vhost-user/qemu.ts';
 import { apiConfig, grpcClients, rest, startReadyApi } from './api-harness.ts';
-import { until } from './process-harness.ts';
+import { until, TIER_BUDGET_MS } from './agent-harness.ts';
 
 const MiB = 1n << 20n;
 
@@ -46,7 +46,7 @@ after(() => {
 });
 
 test('a QEMU guest does I/O through an attached device whose memory the API server mapped', {
-  timeout: 600_000,
+  timeout: TIER_BUDGET_MS,
 }, async () => {
   const disk = makeDisk(guest, work, 'disk.img');
   // The agent's own relay over its simulated blk device, whose data path DMAs through that IOTLB;

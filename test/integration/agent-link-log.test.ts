@@ -4,10 +4,11 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { createRig, type LogRecord } from './process-harness.ts';
 
 test('agent link: lost, reconnected and reconciled are logged, with devices and counts; restarts counted', {
-  timeout: 180_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'agent-link-log');
   const firstAgent = await rig.startAgent();

@@ -13,7 +13,8 @@ import { type TestContext, test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import { VhostUserBlkFrontend } from '../frontend/blk-frontend.ts';
 import { grpcFails, tempDir } from './api-harness.ts';
-import { createRig, desiredMappings, deviceCounters, until } from './process-harness.ts';
+import { until, TIER_BUDGET_MS } from './agent-harness.ts';
+import { createRig, desiredMappings, deviceCounters } from './process-harness.ts';
 
 const MiB = 1n << 20n;
 const DEVICE = 'vublk0';
@@ -40,7 +41,7 @@ async function start(t: TestContext, agentArgs: readonly string[] = []) {
 }
 
 test('a VMM attached over REST: its memory table is asid 0, hotplug maps only the new region', {
-  timeout: 240_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const { rig, api, disk, socketPath } = await start(t);
   const agent = rig.agentClient();
@@ -204,7 +205,7 @@ test('a VMM attached over REST: its memory table is asid 0, hotplug maps only th
 });
 
 test('a memory change left unanswered by an API server that died is answered by the next one', {
-  timeout: 240_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   // The agent waits long for an answer: a new API server has to start meanwhile on a busy machine.
   const { rig, api, socketPath } = await start(t, ['--attach-answer-ms', '180000']);
@@ -256,7 +257,7 @@ test('a memory change left unanswered by an API server that died is answered by 
 });
 
 test('an attachment outlives a SIGKILLed agent and API server: served again on the same socket, asid 0 empty until the VMM is back', {
-  timeout: 240_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const { rig, agentProc, api, disk, socketPath } = await start(t);
   const agent = rig.agentClient();

@@ -16,6 +16,7 @@ import {
 import type { ApiConfig } from '../../services/api/config.ts';
 import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
 import { DeviceServiceClient, HealthClient } from '../../services/api/proto.ts';
+import { until } from './agent-harness.ts';
 import { type Agent, apiConfig, type GrpcFailure, spawnAgent, tempDir } from './api-harness.ts';
 import { makePki, type Pki } from './certs.ts';
 
@@ -57,11 +58,11 @@ describe('API authentication', () => {
     const server = await startApiServer(apiConfig(dir, agent.socket, overrides));
     servers.push(server);
     const ready = { headers: { authorization: `Bearer ${TOKEN}` } };
-    for (let i = 0; i < 300; i++) {
-      if ((await fetch(`${server.restAddress}/readyz`, ready)).status === 200) return server;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    throw new Error('API server never became ready');
+    await until(
+      'the API server to be ready',
+      async () => (await fetch(`${server.restAddress}/readyz`, ready)).status === 200,
+    );
+    return server;
   };
   const client = <T extends Client>(
     Ctor: new (t: string, c: ChannelCredentials, o: object) => T,

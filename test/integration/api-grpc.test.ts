@@ -10,6 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { credentials, loadPackageDefinition, type ServiceClientConstructor, status } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import { API_SERVICES, HEALTH_SERVICE } from '../../services/api/proto.ts';
+import { until } from './agent-harness.ts';
 import { type GrpcFailure, grpcFails, startStack } from './api-harness.ts';
 
 type Stack = Awaited<ReturnType<typeof startStack>>;
@@ -23,12 +24,6 @@ interface WatchEvent {
   kind: string;
   sequence: string;
   mapping?: { iova: string };
-}
-
-/** Polls `check` every 20 ms, for at most 10 s. */
-async function until(check: () => boolean): Promise<void> {
-  for (let i = 0; i < 500 && !check(); i++) await new Promise((r) => setTimeout(r, 20));
-  assert.ok(check(), 'condition not met in 10 s');
 }
 
 function expectFailure(f: GrpcFailure, code: status, field?: string): void {
@@ -212,7 +207,7 @@ describe('gRPC API', () => {
     stream.on('data', (e: WatchEvent) => events.push(e));
     stream.on('error', () => {});
     // The stream is live from its "subscribed" event on: nothing after it is missed.
-    await until(() => events.length > 0);
+    await until('an event', () => events.length > 0);
     assert.deepEqual(Object.keys(events[0]!).sort(), ['device', 'kind', 'sequence']);
     assert.equal(events[0]!.kind, 'subscribed');
     assert.equal(events[0]!.device, 'vdpa1');
@@ -241,7 +236,7 @@ describe('gRPC API', () => {
     assert.deepEqual(flushed.failures, []);
     assert.ok((await list('vdpa1')).some((m) => m.iova === '0x200000'));
 
-    await until(() => events.length >= 4);
+    await until('four events', () => events.length >= 4);
     stream.cancel();
     const seen = events.slice(1).map((e) => [e.kind, e.mapping?.iova]);
     assert.deepEqual(seen, [
@@ -262,7 +257,7 @@ describe('gRPC API', () => {
       const stream = s.grpc.watch(request);
       stream.on('data', (e: WatchEvent) => events.push(e));
       stream.on('error', () => {});
-      await until(() => events.length >= want);
+      await until(`${want} events`, () => events.length >= want);
       stream.cancel();
       return events;
     };

@@ -18,6 +18,7 @@ import {
   type ServiceError,
 } from '@grpc/grpc-js';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import { until } from './agent-harness.ts';
 import { type ApiConfig, DEFAULT_CONNECTIONS } from '../../services/api/config.ts';
 import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
 import {
@@ -170,12 +171,13 @@ export function rest(base: string) {
 export async function startReadyApi(config: ApiConfig): Promise<RunningApiServer> {
   const server = await startApiServer(config);
   const http = rest(server.restAddress);
-  for (let i = 0; i < 300; i++) {
-    if ((await http('GET', '/readyz')).status === 200) return server;
-    await new Promise((r) => setTimeout(r, 100));
+  try {
+    await until('the API server to be ready', async () => (await http('GET', '/readyz')).status === 200);
+  } catch (e) {
+    await server.stop();
+    throw e;
   }
-  await server.stop();
-  throw new Error('API server never became ready');
+  return server;
 }
 
 export interface GrpcFailure {

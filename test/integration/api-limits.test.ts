@@ -7,6 +7,7 @@ import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
+import { until } from './agent-harness.ts';
 import { grpcFails, startStack } from './api-harness.ts';
 
 type Stack = Awaited<ReturnType<typeof startStack>>;
@@ -76,15 +77,9 @@ describe('API limits', () => {
     return socket;
   }
 
-  /** Retries `attempt` every 50 ms (at most 10 s) until it answers `status` (0: no answer). */
+  /** Retries `attempt` until it answers `status` (0: no answer). */
   async function eventually(status: number, attempt: () => Promise<number>): Promise<void> {
-    let last = 0;
-    for (let i = 0; i < 200; i++) {
-      last = await attempt().catch(() => 0);
-      if (last === status) return;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    assert.equal(last, status);
+    await until(`an answer of ${status}`, async () => (await attempt().catch(() => 0)) === status);
   }
 
   test('bytes in flight: beyond the bound, 429 / RESOURCE_EXHAUSTED with a retry hint', async () => {

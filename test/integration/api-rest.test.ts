@@ -5,17 +5,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { until } from './agent-harness.ts';
 import { startStack } from './api-harness.ts';
 
 type Stack = Awaited<ReturnType<typeof startStack>>;
 
 const MiB = 1024 * 1024;
 
-/** Polls `check` every 50 ms, for at most 10 s. */
-async function waitFor(check: () => boolean): Promise<void> {
-  for (let i = 0; i < 200 && !check(); i++) await new Promise((r) => setTimeout(r, 50));
-  assert.ok(check(), 'condition not met in 10 s');
-}
 const hex = (n: number) => `0x${n.toString(16)}`;
 
 describe('REST API', () => {
@@ -121,7 +117,9 @@ describe('REST API', () => {
       ['registering memory leak: P is not a regular file under the allowed roots'],
     );
     // The agent's own log keeps the whole story.
-    await waitFor(() => s.agent.log.some((l) => l.includes('resolves to /etc/passwd')));
+    await until('the agent to log the symlink', () =>
+      s.agent.log.some((l) => l.includes('resolves to /etc/passwd')),
+    );
 
     const list = await s.http('GET', '/v1/memory');
     assert.equal(list.status, 200);

@@ -20,6 +20,7 @@ import {
   VERDICT,
   WRITE_OFFSET,
 } from '../vhost-user/guest.ts';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { tempDir } from './api-harness.ts';
 import { npmStart } from './npm-start.ts';
 import { output } from './process-harness.ts';
@@ -47,7 +48,7 @@ function readmeQemuBlock(): { curl: string; qemu: string } {
 }
 
 test("README's QEMU line boots a guest on npm start's vblk0 and it reads back what it wrote", {
-  timeout: 900_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const work = tempDir('attach-readme');
   t.after(() => fs.rmSync(work, { recursive: true, force: true }));

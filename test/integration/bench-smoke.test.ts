@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import type { Row } from '../../bench/harness.ts';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { runNode } from './process-harness.ts';
 
 /** Rows each scenario must produce at any scale (the table scenario adds a heap row per size). */
@@ -26,7 +27,7 @@ const EXPECTED_ROWS: Record<string, number> = {
 };
 
 test('npm run bench at BENCH_SCALE=0.01: every scenario, finite positive figures, JSON', {
-  timeout: 180_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-bench-smoke-'));
   const out = path.join(dir, 'results.json');

@@ -20,6 +20,7 @@ import {
 import type { RunningApiServer } from '../../services/api/main.ts';
 import { DeviceServiceClient } from '../../services/api/proto.ts';
 import { EXIT } from '../../services/cli/exit-codes.ts';
+import { until } from './agent-harness.ts';
 import { type Agent, apiConfig, spawnAgent, startReadyApi, startStack, tempDir } from './api-harness.ts';
 import { makePki, type Pki } from './certs.ts';
 import { type ChildOutput, output } from './process-harness.ts';
@@ -253,11 +254,12 @@ describe('vdpactl', () => {
       exited = true;
     });
     // Events are not replayed: change the device until the watcher has seen two (it may subscribe late).
-    for (let i = 0; i < 100 && !exited; i++) {
+    await until('the watcher to exit after two events', async () => {
+      if (exited) return true;
       await s.grpc.mapping('map', { device: 'vdpa0', iova: '0x40000000', size: '0x1000', memory: 'ram0' });
       await s.grpc.mapping('unmap', { device: 'vdpa0', iova: '0x40000000', size: '0x1000' });
-      await new Promise((r) => setTimeout(r, 50));
-    }
+      return exited;
+    });
     const run = await done;
     running.delete(child);
     assert.equal(run.code, EXIT.OK, run.stderr);
@@ -283,12 +285,12 @@ describe('vdpactl', () => {
     child.stdout!.once('data', () => {
       seen = true;
     });
-    for (let i = 0; i < 100 && !seen; i++) {
+    await until('watch to print an event', async () => {
+      if (seen) return true;
       await s.grpc.mapping('map', { device: 'vdpa1', iova: '0x50000000', size: '0x1000', memory: 'ram0' });
       await s.grpc.mapping('unmap', { device: 'vdpa1', iova: '0x50000000', size: '0x1000' });
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    assert.ok(seen, 'watch printed nothing');
+      return seen;
+    });
     child.kill('SIGINT');
     const run = await done;
     running.delete(child);

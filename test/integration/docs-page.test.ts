@@ -8,10 +8,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { chromium } from 'playwright-core';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { startStack } from './api-harness.ts';
 
 const CHROMIUM = '/usr/bin/chromium';
-const RENDER_TIMEOUT_MS = 60_000;
 
 let stack: Awaited<ReturnType<typeof startStack>>;
 before(async () => {
@@ -62,7 +62,7 @@ test('every operation has a summary and documents its success and error answers'
 });
 
 test('/docs renders in Chromium, from loopback alone, listing every operation', {
-  timeout: 180_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} (Debian's chromium package) is installed`);
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-chromium-'));
@@ -91,9 +91,9 @@ test('/docs renders in Chromium, from loopback alone, listing every operation', 
     return route.abort();
   });
   const page = await browser.newPage();
-  const response = await page.goto(`${stack.api.restAddress}/docs`, { timeout: RENDER_TIMEOUT_MS });
+  const response = await page.goto(`${stack.api.restAddress}/docs`, { timeout: TIER_BUDGET_MS });
   assert.equal(response?.status(), 200);
-  await page.waitForSelector('.opblock', { timeout: RENDER_TIMEOUT_MS });
+  await page.waitForSelector('.opblock', { timeout: TIER_BUDGET_MS });
   const listed = await page.$$eval('.opblock', (blocks) =>
     blocks.map((b) => ({
       method: b.querySelector('.opblock-summary-method')?.textContent?.trim().toLowerCase(),

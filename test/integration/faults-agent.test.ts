@@ -11,7 +11,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import type { GrpcFailure } from './api-harness.ts';
-import { agentTable, createRig, desiredTable, mappingKeys, until, watchApplied } from './process-harness.ts';
+import { until, TIER_BUDGET_MS } from './agent-harness.ts';
+import { agentTable, createRig, desiredTable, mappingKeys, watchApplied } from './process-harness.ts';
 import { mapUnmapFleet, PAGE } from './workload.ts';
 
 const OPS_PER_CLIENT = 120;
@@ -32,7 +33,7 @@ const extraKey = (device: string, iova: bigint) =>
   mappingKeys(device, [{ asid: 0, iova, size: PAGE, memory: 'ram', offset: 0n, perm: 'rw' }]);
 
 test('agent SIGKILLed under load: writes refused with retry-after, then reconciled; nothing lost or doubled', {
-  timeout: 180_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'faults-agent');
   const firstAgent = await rig.startAgent();

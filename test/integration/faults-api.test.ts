@@ -17,6 +17,7 @@ import type { AgentClient } from '../../src/agent/client.ts';
 import type { DeviceCounters } from '../../src/device/types.ts';
 import { planConverge } from '../../src/queue/converge.ts';
 import { RECORD_PART_BYTES } from '../../src/state/journal.ts';
+import { TIER_BUDGET_MS, until } from './agent-harness.ts';
 import type { GrpcFailure } from './api-harness.ts';
 import {
   type ApiProcess,
@@ -31,11 +32,6 @@ import {
 import { grpcWriter, type ModelClient, mapUnmapFleet, restWriter } from './workload.ts';
 
 const DEVICES = ['vdpa0', 'vdpa1'] as const;
-
-async function until(what: string, check: () => boolean): Promise<void> {
-  for (let i = 0; i < 600 && !check(); i++) await new Promise((r) => setTimeout(r, 50));
-  if (!check()) throw new Error(`timed out waiting for ${what}`);
-}
 
 async function allCounters(agent: AgentClient): Promise<Record<string, DeviceCounters>> {
   return Object.fromEntries(await Promise.all(DEVICES.map(async (d) => [d, await deviceCounters(agent, d)])));
@@ -60,7 +56,7 @@ async function tables(api: ApiProcess, agent: AgentClient) {
 }
 
 test('API server SIGKILLed under load: acknowledged ops kept, only the difference reconciled, retries replayed', {
-  timeout: 180_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'faults-api');
   const agentProc = await rig.startAgent();
@@ -174,7 +170,7 @@ function limitFileSize(pid: number, bytes: number | 'unlimited'): void {
 }
 
 test('the store cannot write: the change is refused, nothing changes, and the same request goes through later', {
-  timeout: 120_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'faults-store');
   await rig.startAgent();
@@ -233,7 +229,7 @@ test('the store cannot write: the change is refused, nothing changes, and the sa
 });
 
 test('a table the store cannot finish writing in parts is refused; the records written between its parts stand, and the next start skips it', {
-  timeout: 120_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'faults-parts');
   await rig.startAgent();

@@ -15,6 +15,7 @@ import {
   mappingKeys,
   reconciliations,
 } from './process-harness.ts';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { grpcWriter, PAGE, restWriter, type Writer } from './workload.ts';
 
 const FAILING_IOVA = 0x30000n;
@@ -66,7 +67,7 @@ async function batch(writer: Writer, device: string, ops: object[], atomic: bool
 }
 
 test('a mid-batch device refusal: each op its own result; an atomic batch leaves no trace', {
-  timeout: 120_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'faults-batch');
   const agentProc = await rig.startAgent([

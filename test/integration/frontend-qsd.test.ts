@@ -16,18 +16,17 @@ import { after, before, describe, type TestContext, test } from 'node:test';
 import { SECTOR } from '../../src/device/virtio-blk.ts';
 import { type FrontendOptions, VhostUserBlkFrontend } from '../frontend/blk-frontend.ts';
 import { STORAGE_DAEMON, StorageDaemon } from '../frontend/storage-daemon.ts';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 
 const IMAGE_BYTES = 16 << 20;
 const BACKGROUND = 0x3c;
 const MiB = 1n << 20n;
 const PAGE = 4096n;
-/** Generous bounds for a loaded machine: reached only when something is broken. */
-const WAIT_MS = 30_000;
 const OPTIONS: FrontendOptions = {
   memoryBytes: 4n * MiB,
   queueSize: 64,
-  requestWaitMs: 60_000,
-  replyWaitMs: WAIT_MS,
+  requestWaitMs: TIER_BUDGET_MS,
+  replyWaitMs: TIER_BUDGET_MS,
 };
 
 const haveDaemon = fs.existsSync(STORAGE_DAEMON);
@@ -102,13 +101,13 @@ describe('the vhost-user-blk test front-end against qemu-storage-daemon', {
     work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-mapd-frontend-'));
     image = path.join(work, 'disk.img');
     fs.writeFileSync(image, expected);
-    daemon = await StorageDaemon.start(image, path.join(work, 'vhost-user-blk.sock'), WAIT_MS);
+    daemon = await StorageDaemon.start(image, path.join(work, 'vhost-user-blk.sock'), TIER_BUDGET_MS);
   });
 
   after(async () => {
     for (const fe of open) await fe.close();
     open.clear();
-    await daemon?.stop(WAIT_MS);
+    await daemon?.stop(TIER_BUDGET_MS);
     if (work) fs.rmSync(work, { recursive: true, force: true });
   });
 
@@ -174,7 +173,7 @@ describe('the vhost-user-blk test front-end against qemu-storage-daemon', {
     );
     await assert.rejects(fe.read(0n, SECTOR), /the virtqueue is wedged: .*WRITE of 512 bytes at sector 5000/);
     assert.equal(await close(fe), null, 'a wedged ring is not asked for its base');
-    await daemon!.waitForOutput(/vu_panic: virtio: invalid address for buffers/, WAIT_MS);
+    await daemon!.waitForOutput(/vu_panic: virtio: invalid address for buffers/, TIER_BUDGET_MS);
     // The daemon serves the next front-end.
     const next = await connect(t);
     const first = await next.read(0n, SECTOR);
@@ -222,7 +221,11 @@ describe('the vhost-user-blk test front-end against qemu-storage-daemon', {
 
   test('the daemon exits cleanly and the image holds exactly what was written', async (t) => {
     assert.ok(daemon);
-    assert.equal(await daemon.stop(WAIT_MS), 0, `qemu-storage-daemon exit; its output:\n${daemon.log}`);
+    assert.equal(
+      await daemon.stop(TIER_BUDGET_MS),
+      0,
+      `qemu-storage-daemon exit; its output:\n${daemon.log}`,
+    );
     const onDisk = fs.readFileSync(image);
     assert.equal(onDisk.byteLength, IMAGE_BYTES);
     assert.ok(onDisk.equals(expected), 'every byte of the image as expected');

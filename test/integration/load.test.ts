@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { agentTable, createRig, desiredTable } from './process-harness.ts';
 import {
   type ClientSpec,
@@ -46,7 +47,7 @@ function specs(): (ClientSpec & { transport: Transport })[] {
 }
 
 test('concurrent REST and gRPC clients: the final state equals the model of the answers', {
-  timeout: 120_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'load');
   await rig.startAgent(['sim:vdpa0,asnum=2', 'sim:vdpa1,iommu=onchip']);

@@ -11,7 +11,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { memoryDir } from '../../src/memory/allowlist.ts';
-import { agentTable, createRig, desiredTable, mappingKeys, until } from './process-harness.ts';
+import { until, TIER_BUDGET_MS } from './agent-harness.ts';
+import { agentTable, createRig, desiredTable, mappingKeys } from './process-harness.ts';
 
 const MiB = 0x100000n;
 const hex = (n: bigint) => `0x${n.toString(16)}`;
@@ -24,7 +25,7 @@ const map = (iova: bigint, memory: string, offset: bigint) => ({
 });
 
 test('a memory the agent cannot reopen fails only its own mappings; the rest is restored and served', {
-  timeout: 120_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'memory-degraded');
   const firstAgent = await rig.startAgent();

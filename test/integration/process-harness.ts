@@ -14,7 +14,7 @@ import { AgentClient } from '../../src/agent/client.ts';
 import type { DeviceCounters } from '../../src/device/types.ts';
 import type { Mapping } from '../../src/iotlb/types.ts';
 import { memoryDir } from '../../src/memory/allowlist.ts';
-import { type Exit, WAIT_MS } from './agent-harness.ts';
+import { type Exit, TIER_BUDGET_MS, until } from './agent-harness.ts';
 import { grpcClients, rest } from './api-harness.ts';
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
@@ -41,7 +41,10 @@ export interface Proc {
 function bounded<T>(promise: Promise<T>, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${WAIT_MS} ms: ${what}`)), WAIT_MS).unref();
+    timer = setTimeout(
+      () => reject(new Error(`timed out after ${TIER_BUDGET_MS} ms: ${what}`)),
+      TIER_BUDGET_MS,
+    ).unref();
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
@@ -140,14 +143,11 @@ export function createRig(t: Cleanup, prefix: string): Rig {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  const untilReady = async (http: ReturnType<typeof rest>) => {
-    for (let i = 0; i < WAIT_MS / 50; i++) {
-      const res = await http('GET', '/readyz').catch(() => undefined);
-      if (res?.status === 200) return;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    throw new Error('the API server did not become ready');
-  };
+  const untilReady = (http: ReturnType<typeof rest>) =>
+    until(
+      'the API server to be ready',
+      async () => (await http('GET', '/readyz').catch(() => undefined))?.status === 200,
+    );
 
   return {
     apiStateDir,
@@ -262,16 +262,6 @@ export function output(child: ChildProcess, killAfterMs?: number): Promise<Child
   );
 }
 
-/** Polls `check` every 50 ms until it holds; fails after WAIT_MS. */
-export async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  const deadline = performance.now() + WAIT_MS;
-  while (performance.now() < deadline) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
 /** One line per mapping, sorted: what the comparisons below compare. */
 export function mappingKeys(device: string, mappings: readonly Mapping[]): string[] {
   return mappings
@@ -369,7 +359,7 @@ export async function watchApplied(
   });
   stream.on('error', () => undefined);
   const watch: AppliedWatch = { events, sentinels: [], close: () => stream.cancel() };
-  for (let i = 0; i < WAIT_MS / 50 && events.length === 0; i++) {
+  for (let i = 0; i < TIER_BUDGET_MS / 50 && events.length === 0; i++) {
     const iova = opts.sentinelBase + BigInt(watch.sentinels.length) * 0x2000n;
     const body = {
       iova: `0x${iova.toString(16)}`,

@@ -23,6 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { TIER_BUDGET_MS, until } from './agent-harness.ts';
 import { grpcurlCommand } from './grpcurl-tool.ts';
 import { npmStart } from './npm-start.ts';
 import { type ChildOutput, output } from './process-harness.ts';
@@ -175,11 +176,13 @@ async function runExample(
             });
           // Changes until the stream shows one (it may not be subscribed yet when the first is made).
           const range = { iova: '0x7f000000', size: '0x1000' };
-          for (let i = 0; i < 100 && !watched.includes('0x7f000000'); i++) {
+          await until('the watch to show a change', async () => {
+            if (watched.includes('0x7f000000')) return true;
             await change({ ...range, memory: 'ram0' }, '/mappings');
             await change(range, '/mappings:unmap');
-            await new Promise((r) => setTimeout(r, 300));
-          }
+            await new Promise((r) => setTimeout(r, 250));
+            return watched.includes('0x7f000000');
+          });
           child.kill('SIGINT');
         }
       : undefined,
@@ -238,17 +241,17 @@ async function walkThrough(t: TestContext, only?: Tool): Promise<void> {
   for (const example of chosen) checkPromises(example, await runExample(example, prelude, system, env));
 }
 
-test('README: every example, in order, on a fresh npm start', { timeout: 600_000 }, async (t) => {
+test('README: every example, in order, on a fresh npm start', { timeout: TIER_BUDGET_MS }, async (t) => {
   await walkThrough(t);
 });
 
 test('README: the curl lines alone (they need none of the grpcurl lines between them)', {
-  timeout: 600_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   await walkThrough(t, 'curl');
 });
 
-test('npm start: every command its hint prints works as printed', { timeout: 300_000 }, async (t) => {
+test('npm start: every command its hint prints works as printed', { timeout: TIER_BUDGET_MS }, async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-hint-'));
   t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
   const system = await startSystem(t, path.join(dir, 'state'));

@@ -5,10 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { runNode } from './process-harness.ts';
 
 test('npm run soak --kills 2: every kill reported, each series 0 lost / 0 extra / 0 duplicates, exit 0', {
-  timeout: 600_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const { code, stdout, stderr } = await runNode(t, [
     '--import',

@@ -11,6 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import { agentTable, createRig, desiredTable } from './process-harness.ts';
 
 const MAPPINGS = 50;
@@ -24,7 +25,7 @@ function frameOffsets(data: Buffer): number[] {
 }
 
 test('a flipped byte in an early journal record: the API server refuses to start and the device keeps its mappings; --repair-state keeps every intact record', {
-  timeout: 240_000,
+  timeout: TIER_BUDGET_MS,
 }, async (t) => {
   const rig = createRig(t, 'state-damage');
   await rig.startAgent();

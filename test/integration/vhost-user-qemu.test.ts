@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { TIER_BUDGET_MS } from './agent-harness.ts';
 import {
   buildGuest,
   DISK_BYTES,
@@ -59,7 +60,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
   for (const memSlots of [false, true]) {
     const how = memSlots ? 'ADD_MEM_REG (CONFIGURE_MEM_SLOTS)' : 'SET_MEM_TABLE';
     test(`memory by ${how}: the guest reads back what it wrote, the disk holds it, hotplug maps only the DIMM, device_del unmaps only it`, {
-      timeout: 600_000,
+      timeout: TIER_BUDGET_MS,
     }, async () => {
       const disk = makeDisk(guest, work, `disk-${memSlots}.img`);
       const socketPath = path.join(work, `vu-${memSlots}.sock`);
@@ -182,7 +183,7 @@ describe('a QEMU guest does I/O through the vhost-user relay to a simulated vhos
   }
 
   test('a mapping one page off corrupts the I/O: the guest fails and the disk lacks the pattern', {
-    timeout: 600_000,
+    timeout: TIER_BUDGET_MS,
   }, async () => {
     const disk = makeDisk(guest, work, 'disk-skewed.img');
     const socketPath = path.join(work, 'vu-skewed.sock');

@@ -28,6 +28,7 @@ import { type RunningAgent, startAgent } from '../../services/agent/main.ts';
 import { FrontEnd, highRam, lowRam, memfd, passedFds } from '../vhost-user/front-end.ts';
 import { BLK_FEATURES, recordingSides } from '../vhost-user/recording-side.ts';
 import { negotiate, PROTOCOL, TableServer } from '../vhost-user/table-server.ts';
+import { TIER_BUDGET_MS } from './tier.ts';
 
 const MiB = 1n << 20n;
 
@@ -81,7 +82,7 @@ after(async () => {
 });
 
 // A broken attach leaves a wait unanswered: each test is bounded, generously for a loaded machine.
-describe('attach: the VMM memory table goes through the API server', { timeout: 300_000 }, () => {
+describe('attach: the VMM memory table goes through the API server', { timeout: TIER_BUDGET_MS }, () => {
   it('a subscriber sees the table with one memory id per file; the VMM is answered only after it', async () => {
     const fdsBefore = passedFds();
     const server = await TableServer.start(client);

@@ -21,6 +21,7 @@ import type { ListMappedAnswer } from '../../src/agent/mapping-codec.ts';
 import type { AttachmentEvent } from '../../src/agent/wire.ts';
 import { type FrameServer, serveFrames } from '../../services/agent/frame-server.ts';
 import type { AgentHandlers } from '../../services/agent/server.ts';
+import { until } from './tier.ts';
 
 function socketIn(t: TestContext): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdpa-frames-'));
@@ -69,15 +70,6 @@ async function refusedWith(promise: Promise<unknown>, code: status): Promise<Age
   assert.ok(err instanceof AgentError, String(err));
   assert.equal(err.status, code, err.message);
   return err;
-}
-
-/** Waits for `done` (a bound, not a timing assertion: 120 s, the tier's budget). */
-async function until(done: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 12_000; i++) {
-    if (done()) return;
-    await sleep(10);
-  }
-  assert.fail(`still waiting: ${what}`);
 }
 
 /** A promise and its resolve, for handlers the test releases. */
@@ -160,7 +152,7 @@ test('past its deadline a call fails with DEADLINE_EXCEEDED, the agent is told, 
   const err = await refusedWith(c.listMemory({ deadlineMs: 50 }), status.DEADLINE_EXCEEDED);
   assert.equal(err.code, 'DEADLINE_EXCEEDED');
   // The late answer comes (the peer ignores the cancel); the next call gets its own answer, not it.
-  await until(() => peer.lateAnswers > 0, 'the late answer');
+  await until('the late answer', () => peer.lateAnswers > 0);
   const info = await c.getInfo();
   const call = peer.received.find((f) => f.method === 'ListMemory')!;
   const next = peer.received.filter((f) => f.method === 'GetInfo').at(-1)!;
@@ -188,7 +180,7 @@ test('the agent drops the answer of a cancelled call and keeps serving the conne
   await c.connect();
   await refusedWith(c.listMemory({ deadlineMs: 50 }), status.DEADLINE_EXCEEDED);
   slow.open();
-  await until(() => answered === 1, 'the handler ran');
+  await until('the handler ran', () => answered === 1);
   assert.equal((await c.getInfo()).bootId, INFO.bootId);
 });
 
@@ -200,7 +192,7 @@ test('a lost connection is told once, calls then fail fast with UNAVAILABLE, and
   const notices: AgentError[] = [];
   c.on('disconnected', (e) => notices.push(e));
   await first.server.close(0);
-  await until(() => notices.length > 0, 'the disconnect notice');
+  await until('the disconnect notice', () => notices.length > 0);
   assert.equal(notices.length, 1);
   assert.equal(notices[0]!.status, status.UNAVAILABLE);
   assert.equal(c.connected, false);
@@ -258,16 +250,16 @@ test('a stream delivers its events in order, and cancel ends it at the agent too
     (e) => events.push(e),
     (e) => ended.push(e),
   );
-  await until(() => events.length > 0, 'the first event');
+  await until('the first event', () => events.length > 0);
   emit!({ type: 'connected', device: 'vdpa0' });
   emit!({ type: 'disconnected', device: 'vdpa0', reason: 'EOF' });
-  await until(() => events.length >= 3, 'three events');
+  await until('three events', () => events.length >= 3);
   assert.deepEqual(
     events.map((e) => e.type),
     ['watching', 'connected', 'disconnected'],
   );
   watch.cancel();
-  await until(() => watching === 0, 'the agent to drop the cancelled watch');
+  await until('the agent to drop the cancelled watch', () => watching === 0);
   await sleep(20);
   assert.deepEqual(ended, [undefined], 'ended once, without an error');
 
@@ -277,9 +269,9 @@ test('a stream delivers its events in order, and cancel ends it at the agent too
     () => {},
     (e) => second.push(e),
   );
-  await until(() => watching > 0, 'the second watch');
+  await until('the second watch', () => watching > 0);
   end!();
-  await until(() => second.length > 0, 'the end of the second watch');
+  await until('the end of the second watch', () => second.length > 0);
   assert.deepEqual(second, [undefined]);
 });
 
@@ -300,10 +292,10 @@ test('a stream cut with the connection ends with UNAVAILABLE', async (t) => {
     () => seen++,
     (e) => ended.push(e),
   );
-  await until(() => seen > 0, 'the first event');
+  await until('the first event', () => seen > 0);
   // The agent stopping ends its streams first (an `end` each), then the connection.
   await server.close(0);
-  await until(() => ended.length > 0, 'the end of the watch');
+  await until('the end of the watch', () => ended.length > 0);
   assert.deepEqual(ended, [undefined]);
 
   const peer = net.createServer((conn) => setTimeout(() => conn.destroy(), 50));
@@ -314,7 +306,7 @@ test('a stream cut with the connection ends with UNAVAILABLE', async (t) => {
     () => {},
     (e) => cut.push(e),
   );
-  await until(() => cut.length > 0, 'the end of the cut watch');
+  await until('the end of the cut watch', () => cut.length > 0);
   assert.equal(cut[0]?.status, status.UNAVAILABLE);
 });
 

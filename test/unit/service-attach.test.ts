@@ -10,6 +10,7 @@ import type { AttachmentEvent, MemoryTableAnswer } from '../../src/agent/wire.ts
 import type { ServiceError } from '../../src/core/errors.ts';
 import type { Mapping } from '../../src/iotlb/types.ts';
 import { type Harness, harness, PAGE } from './core-harness.ts';
+import { until } from './tier.ts';
 
 const DEVICE = 'vdpa1';
 /** Memory the agent adopted from a VMM's fd (agent/attach.ts names it by the file). */
@@ -39,12 +40,8 @@ async function table(entries: Omit<Mapping, 'asid' | 'perm'>[]): Promise<MemoryT
   };
   assert.equal(h.agent.attachmentWatchers.size, 1, 'the core follows attachments');
   for (const w of h.agent.attachmentWatchers) w(event);
-  for (let i = 0; i < 2000; i++) {
-    const answer = h.agent.answers.find((a) => a.requestId === requestId);
-    if (answer) return answer;
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`no answer to ${requestId}`);
+  await until(`an answer to ${requestId}`, () => h.agent.answers.some((a) => a.requestId === requestId));
+  return h.agent.answers.find((a) => a.requestId === requestId)!;
 }
 
 function refused(field: string) {
@@ -113,15 +110,6 @@ test('an attached VMM owns asid 0: its tables are applied as diffs, the orchestr
 
 /** Another VMM's memory (the agent still holds the first test's). */
 const VMM2 = 'vhost-user-1-3';
-
-/** Waits (bounded by the test runner's budget) until `check` holds. */
-async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  for (let i = 0; i < 4000; i++) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 test('an attachment is durable: a new agent and a new API server serve it again; asid 0 is empty until the VMM is back', async () => {
   // The test before left the orchestrator's page in asid 0.

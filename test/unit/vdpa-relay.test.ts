@@ -44,6 +44,7 @@ import {
 import { FrontEnd } from '../vhost-user/front-end.ts';
 import { RelayBlkBackend } from '../vhost-user/relay-blk.ts';
 import { tmpRegistry } from './device-helpers.ts';
+import { TIER_BUDGET_MS } from './tier.ts';
 
 const MiB = 1n << 20n;
 const RAM: MemoryRegion = {
@@ -63,7 +64,6 @@ const DISK_SECTORS = 2048;
 const F_NEXT = 1;
 const F_WRITE = 2;
 const PROTOCOL = protocolFeatureMask('REPLY_ACK', 'CONFIG');
-const TIER_BUDGET_MS = 10 * 60_000;
 
 let dir: string;
 let diskPath: string;

@@ -24,6 +24,7 @@ import {
 import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd, watchReadable } from '../../src/sys/libc.ts';
 import { VirtioDeviceId } from '../../src/uapi/constants.ts';
 import { type TmpRegistry, tmpRegistry } from './device-helpers.ts';
+import { until } from './tier.ts';
 
 const BASE = 0x100000n; // IOVA where the ring memory is mapped
 const RAM = 0x100000n; // 1 MiB
@@ -149,7 +150,7 @@ function header(type: number, sector: bigint): Buffer {
 async function kickAndServe(n: number): Promise<void> {
   const target = blk.counters.requests + n;
   fs.writeSync(kick, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
-  while (blk.counters.requests < target) await new Promise((r) => setTimeout(r, 1));
+  await until(`${n} requests served`, () => blk.counters.requests >= target);
 }
 
 function used(i: number): { id: number; len: number; idx: number } {
@@ -216,7 +217,7 @@ describe('virtio-blk model', () => {
       dmaFaults: 0,
       dropped: 0,
     });
-    while (calls < 2) await new Promise((r) => setTimeout(r, 1));
+    await until('both completions signalled', () => calls >= 2);
   });
 
   it('a data buffer at an unmapped IOVA is an I/O error for that request, counted and logged', async () => {
