@@ -54,7 +54,8 @@ export function tempDir(t: TestContext, prefix = 'vdpa-agent-'): string {
   return dir;
 }
 
-function withTimeout<T>(promise: Promise<T>, what: string): Promise<T> {
+/** `promise`, or a rejection naming `what` once the tier's budget has passed. */
+export function bounded<T>(promise: Promise<T>, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(
@@ -108,7 +109,7 @@ export function spawnAgent(
     exited,
     stop(signal = 'SIGTERM') {
       child.kill(signal);
-      return withTimeout(exited, `agent ${child.pid} to exit on ${signal}`);
+      return bounded(exited, `agent ${child.pid} to exit on ${signal}`);
     },
   };
 }
@@ -127,7 +128,7 @@ export async function untilServing(agent: AgentProcess): Promise<void> {
       ),
     );
   });
-  await withTimeout(serving, `agent ${agent.pid} to serve`);
+  await bounded(serving, `agent ${agent.pid} to serve`);
 }
 
 /** Spawns an agent and waits until it serves. */
@@ -148,7 +149,7 @@ export function nextEvent<T>(
   emitter: { once(event: string, listener: (value: T) => void): unknown },
   event: string,
 ): Promise<T> {
-  const next = withTimeout(new Promise<T>((resolve) => emitter.once(event, resolve)), `event ${event}`);
+  const next = bounded(new Promise<T>((resolve) => emitter.once(event, resolve)), `event ${event}`);
   next.catch(() => undefined);
   return next;
 }

@@ -18,7 +18,6 @@ import {
   type ServiceError,
 } from '@grpc/grpc-js';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
-import { until } from './agent-harness.ts';
 import { type ApiConfig, DEFAULT_CONNECTIONS } from '../../services/api/config.ts';
 import { type RunningApiServer, startApiServer } from '../../services/api/main.ts';
 import {
@@ -27,6 +26,7 @@ import {
   MappingServiceClient,
   MemoryServiceClient,
 } from '../../services/api/proto.ts';
+import { until } from './agent-harness.ts';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 

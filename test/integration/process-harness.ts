@@ -14,7 +14,7 @@ import { AgentClient } from '../../src/agent/client.ts';
 import type { DeviceCounters } from '../../src/device/types.ts';
 import type { Mapping } from '../../src/iotlb/types.ts';
 import { memoryDir } from '../../src/memory/allowlist.ts';
-import { type Exit, TIER_BUDGET_MS, until } from './agent-harness.ts';
+import { bounded, type Exit, TIER_BUDGET_MS, until } from './agent-harness.ts';
 import { grpcClients, rest } from './api-harness.ts';
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
@@ -36,17 +36,6 @@ export interface Proc {
   waitForLog(match: (record: LogRecord) => boolean, what: string): Promise<LogRecord>;
   /** Sends `signal` and waits (bounded) for the exit. */
   kill(signal: NodeJS.Signals): Promise<Exit>;
-}
-
-function bounded<T>(promise: Promise<T>, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`timed out after ${TIER_BUDGET_MS} ms: ${what}`)),
-      TIER_BUDGET_MS,
-    ).unref();
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 function spawnNode(script: string, args: readonly string[]): Proc {
