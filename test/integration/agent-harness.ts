@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { pollUntil } from '../poll.ts';
 
 const REPO = fileURLToPath(new URL('../..', import.meta.url));
 const MAIN = path.join(REPO, 'services', 'agent', 'main.ts');
@@ -20,13 +21,8 @@ const MAIN = path.join(REPO, 'services', 'agent', 'main.ts');
 export const TIER_BUDGET_MS = 30 * 60_000;
 
 /** Polls `check` every 50 ms until it holds; fails once the tier's budget has passed. */
-export async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  const deadline = performance.now() + TIER_BUDGET_MS;
-  while (performance.now() < deadline) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
+export function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
+  return pollUntil(TIER_BUDGET_MS, 50, what, check);
 }
 
 export interface Exit {

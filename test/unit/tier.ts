@@ -1,3 +1,5 @@
+import { pollUntil } from '../poll.ts';
+
 /**
  * The unit tier's budget, and the only bound of its waits: a busy machine makes a step slower,
  * never wrong, so no wait is tighter than the whole tier may take (about a minute on a quiet
@@ -7,11 +9,6 @@
 export const TIER_BUDGET_MS = 10 * 60_000;
 
 /** Polls `check` every 5 ms until it holds; fails once the tier's budget has passed. */
-export async function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
-  const deadline = performance.now() + TIER_BUDGET_MS;
-  while (performance.now() < deadline) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  throw new Error(`timed out waiting for ${what}`);
+export function until(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
+  return pollUntil(TIER_BUDGET_MS, 5, what, check);
 }
