@@ -49,7 +49,7 @@ async function start(dir: string, args: string[] = []): Promise<Started> {
       const timer = setTimeout(() => {
         done();
         reject(new Error(`start did not say ${re} in ${TIER_BUDGET_MS} ms; it said:\n${said.join('\n')}`));
-      }, TIER_BUDGET_MS * 2);
+      }, TIER_BUDGET_MS);
       const done = () => {
         clearTimeout(timer);
         listeners.delete(check);
