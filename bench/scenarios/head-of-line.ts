@@ -11,7 +11,11 @@
  *   devices the API server leaves alone);
  * - at the state store alone (src/state, its own directory): the commit of a 65,536-mapping table
  *   of vdpa0 (then the one clearing it) while vdpa1 commits one mapping and its sequence number at
- *   a time, as its queue commits a Map, against the same small commits alone.
+ *   a time, as its queue commits a Map, against the same small commits alone;
+ * - the floor of isolation: the same REST table set on the vdpa0 of a second API server and agent
+ *   (processes of their own, which share nothing with vdpa1's but the CPU), and the same again with
+ *   those two processes at nice 19. What is left in the first is the machine's cores, not the
+ *   service; the second shows what giving bulk work a lower CPU priority would add to that.
  * The latencies of every round are pooled; p50 and p99 beside the idle ones. Real API server, real
  * agent process, both on the same 2 cores as the client. The API server runs in this process, so
  * the busy request's own client work is kept off this event loop: its body is encoded (to bytes)
@@ -19,6 +23,7 @@
  */
 import fs from 'node:fs';
 import http from 'node:http';
+import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Client, credentials } from '@grpc/grpc-js';
@@ -36,6 +41,7 @@ import {
   startReadyApi,
   tempDir,
 } from '../../test/integration/api-harness.ts';
+import { createRig } from '../../test/integration/process-harness.ts';
 import { alternate, type BenchContext, compare, percentiles, scaled } from '../harness.ts';
 
 const ROUNDS = 3;
@@ -43,6 +49,8 @@ const PAGE = 0x1000;
 const PUSH_DELAY_MS = 500;
 const SMALL_BASE = 0x4000_0000;
 const hex = (n: number) => `0x${n.toString(16)}`;
+/** The niceness of the floor's second stack in its lower-priority case (the lowest there is). */
+const BULK_NICE = 19;
 
 /** Times `one(i)`, one call after another, until `busy` settles (at least `min` calls); then awaits it. */
 async function timedWhile(
@@ -68,6 +76,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
   const regions = scaled(ctx, 65_536, 256);
   const idleMaps = scaled(ctx, 200, 20);
   const dir = tempDir('bench-hol');
+  const cleanups: (() => unknown)[] = [];
   const agent = await spawnAgent(dir, [
     'sim:vdpa0',
     'sim:vdpa1,iommu=onchip',
@@ -87,11 +96,26 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
     const { store } = await StateStore.open({ dir: path.join(dir, 'store-only') });
     try {
       await agentClient.connect();
-      const expect = async (method: string, url: string, body?: unknown) => {
-        const res = await call(method, url, body);
-        if (res.status >= 300) throw new Error(`${method} ${url}: ${res.status} ${JSON.stringify(res.body)}`);
+      const checked = async (res: Promise<{ status: number; body: unknown }>, what: string) => {
+        const { status, body } = await res;
+        if (status >= 300) throw new Error(`${what}: ${status} ${JSON.stringify(body)}`);
       };
-      await expect('POST', '/v1/memory', { id: 'ram0', size: hex(Math.max(64 << 20, 2 * regions * PAGE)) });
+      const ram0 = { id: 'ram0', size: hex(Math.max(64 << 20, 2 * regions * PAGE)) };
+      await checked(call('POST', '/v1/memory', ram0), 'POST /v1/memory');
+      /** A second API server and agent, child processes holding vdpa0 only; REST base URL. */
+      const separateStack = async (name: string, nice?: number): Promise<string> => {
+        const rig = createRig({ after: (fn) => cleanups.push(fn) }, `bench-hol-${name}`);
+        const separateAgent = await rig.startAgent(['sim:vdpa0']);
+        const separateApi = await rig.startApi(['--body-limit', String(limits.bodyLimit)]);
+        await checked(separateApi.http('POST', '/v1/memory', ram0), `${name}: POST /v1/memory`);
+        if (nice !== undefined) {
+          os.setPriority(separateAgent.pid, nice);
+          os.setPriority(separateApi.proc.pid, nice);
+        }
+        return separateApi.restAddress;
+      };
+      const separate = await separateStack('separate');
+      const separateNiced = await separateStack('separate-niced', BULK_NICE);
       const regionsOf = (n: number) =>
         Array.from({ length: n }, (_, k) => ({
           iova: hex(2 * k * PAGE),
@@ -104,10 +128,10 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
        * PUT memtable with a body encoded already; the answer's status only. node:http writes the
        * bytes as they are (fetch would copy the 6.5 MB body on this event loop first).
        */
-      const putTable = (device: string, body: Buffer | string) =>
+      const putTable = (device: string, body: Buffer | string, restAddress = api.restAddress) =>
         new Promise<void>((resolve, reject) => {
           const req = http.request(
-            `${api.restAddress}/v1/devices/${device}/memtable`,
+            `${restAddress}/v1/devices/${device}/memtable`,
             { method: 'PUT', headers: { 'content-type': 'application/json' } },
             (res) => {
               const head: Buffer[] = [];
@@ -166,11 +190,13 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         });
         return ms;
       };
-      const busyWith = (device: string, body: Buffer) => async () => {
-        const ms = await smallMaps(putTable(device, body), 1);
-        await putTable(device, '{"regions":[]}');
-        return ms;
-      };
+      const busyWith =
+        (device: string, body: Buffer, restAddress = api.restAddress) =>
+        async () => {
+          const ms = await smallMaps(putTable(device, body, restAddress), 1);
+          await putTable(device, '{"regions":[]}', restAddress);
+          return ms;
+        };
       const busyWithGrpc = async () => {
         const ms = await smallMaps(grpcTable(bigGrpc), 1);
         await putTable('vdpa0', '{"regions":[]}');
@@ -250,6 +276,8 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         bigTable: busyWith('vdpa0', big),
         bigTableGrpc: busyWithGrpc,
         slowSetMap: busyWith('vdpa2', slow),
+        separateTable: busyWith('vdpa0', big, separate),
+        separateTableNiced: busyWith('vdpa0', big, separateNiced),
         agentIdle: () => smallApplies(undefined, idleMaps),
         agentBigApply: agentBusy,
         storeIdle: () => smallCommits(undefined, idleMaps),
@@ -270,6 +298,16 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
           key: 'slowSetMap',
           idle: 'idle',
           label: `small maps on vdpa1 during a slow set_map (${PUSH_DELAY_MS} ms per push) on vdpa2`,
+        },
+        {
+          key: 'separateTable',
+          idle: 'idle',
+          label: `small maps on vdpa1 during the same table on another API server and agent`,
+        },
+        {
+          key: 'separateTableNiced',
+          idle: 'idle',
+          label: `small maps on vdpa1 during the same table on another API server and agent at nice ${BULK_NICE}`,
         },
         {
           key: 'agentBigApply',
@@ -311,6 +349,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
       await api.stop();
     }
   } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup();
     await agent.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
