@@ -62,6 +62,35 @@ async function writeInSlices<T>(
   return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
 }
 
+/**
+ * The reading side of {@link writeInSlices} for the messages here, each one string field beside one
+ * repeated message field: the elements are read a time slice at a time, each by `readOne` from
+ * the reader at its length prefix. Other fields are skipped.
+ */
+async function readInSlices<T>(
+  bytes: Buffer,
+  fields: { text: number; list: number },
+  readOne: (r: protobuf.Reader, index: number) => T,
+): Promise<{ text: string; list: T[] }> {
+  const r = Reader.create(bytes);
+  let text = '';
+  const list: T[] = [];
+  const slices = new TimeSlices();
+  while (r.pos < r.len) {
+    const t = r.uint32();
+    const n = t >>> 3;
+    if (n === fields.list) {
+      expectWireType(t, LEN);
+      if (slices.due()) await slices.next();
+      list.push(readOne(r, list.length));
+    } else if (n === fields.text) {
+      expectWireType(t, LEN);
+      text = r.string();
+    } else r.skipType(t & 7);
+  }
+  return { text, list };
+}
+
 // The field numbers below are agent.proto's ApplyRequest, IotlbOp, Mapping, InvalidateOp, OpResult
 // and ApplyResponse (a test checks them against protobufjs' own coding).
 
@@ -241,22 +270,9 @@ export function encodeApplyRequest({ device, ops }: ApplyRequest): Promise<Buffe
 
 /** Throws RangeError for bytes that are no ApplyRequest, BAD_REQUEST (naming the field) for a bad op. */
 export async function decodeApplyRequest(bytes: Buffer): Promise<ApplyRequest> {
-  const r = Reader.create(bytes);
-  let device = '';
-  const ops: IotlbOp[] = [];
-  const slices = new TimeSlices();
-  while (r.pos < r.len) {
-    const t = r.uint32();
-    const n = t >>> 3;
-    if (n === 1) {
-      expectWireType(t, LEN);
-      device = r.string();
-    } else if (n === 2) {
-      expectWireType(t, LEN);
-      if (slices.due()) await slices.next();
-      ops.push(readOp(r, lengthEnd(r), ops.length));
-    } else r.skipType(t & 7);
-  }
+  const { text: device, list: ops } = await readInSlices(bytes, { text: 1, list: 2 }, (r, index) =>
+    readOp(r, lengthEnd(r), index),
+  );
   return { device, ops };
 }
 
@@ -335,26 +351,14 @@ function readResult(r: protobuf.Reader, end: number, index: number): AgentOpResu
 
 /** Throws for bytes that are no ApplyResponse (or carry a conflict with a bad perm). */
 export async function decodeApplyAnswer(bytes: Buffer): Promise<ApplyAnswer> {
-  const r = Reader.create(bytes);
-  let bootId = '';
-  const results: AgentOpResult[] = [];
-  const slices = new TimeSlices();
-  while (r.pos < r.len) {
-    const t = r.uint32();
-    const n = t >>> 3;
-    if (n === 1) {
-      expectWireType(t, LEN);
-      if (slices.due()) await slices.next();
-      // An OpResult of 2 bytes that sets ok (the answer of almost every op) needs no look inside.
-      if (bytes[r.pos] === 2 && bytes[r.pos + 1] === tag(1, VARINT) && bytes[r.pos + 2] === 1) {
-        r.pos += 3;
-        results.push(OK);
-      } else results.push(readResult(r, lengthEnd(r), results.length));
-    } else if (n === 2) {
-      expectWireType(t, LEN);
-      bootId = r.string();
-    } else r.skipType(t & 7);
-  }
+  const { text: bootId, list: results } = await readInSlices(bytes, { text: 2, list: 1 }, (r, index) => {
+    // An OpResult of 2 bytes that sets ok (the answer of almost every op) needs no look inside.
+    if (bytes[r.pos] === 2 && bytes[r.pos + 1] === tag(1, VARINT) && bytes[r.pos + 2] === 1) {
+      r.pos += 3;
+      return OK;
+    }
+    return readResult(r, lengthEnd(r), index);
+  });
   return { results, bootId };
 }
 
@@ -381,21 +385,8 @@ export function encodeListMappedAnswer({ mappings, bootId }: ListMappedAnswer): 
 
 /** Throws for bytes that are no ListMappedResponse, BAD_REQUEST (naming the field) for a bad perm. */
 export async function decodeListMappedAnswer(bytes: Buffer): Promise<ListMappedAnswer> {
-  const r = Reader.create(bytes);
-  let bootId = '';
-  const mappings: Mapping[] = [];
-  const slices = new TimeSlices();
-  while (r.pos < r.len) {
-    const t = r.uint32();
-    const n = t >>> 3;
-    if (n === 1) {
-      expectWireType(t, LEN);
-      if (slices.due()) await slices.next();
-      mappings.push(readMapping(r, lengthEnd(r), 'mappings', mappings.length));
-    } else if (n === 2) {
-      expectWireType(t, LEN);
-      bootId = r.string();
-    } else r.skipType(t & 7);
-  }
+  const { text: bootId, list: mappings } = await readInSlices(bytes, { text: 2, list: 1 }, (r, index) =>
+    readMapping(r, lengthEnd(r), 'mappings', index),
+  );
   return { mappings, bootId };
 }
