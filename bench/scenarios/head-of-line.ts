@@ -12,10 +12,11 @@
  * - at the state store alone (src/state, its own directory): the commit of a 65,536-mapping table
  *   of vdpa0 (then the one clearing it) while vdpa1 commits one mapping and its sequence number at
  *   a time, as its queue commits a Map, against the same small commits alone;
- * - the floor of isolation: the same REST table set on the vdpa0 of a second API server and agent
- *   (processes of their own, which share nothing with vdpa1's but the CPU), and the same again with
- *   those two processes at nice 19. What is left in the first is the machine's cores, not the
- *   service; the second shows what giving bulk work a lower CPU priority would add to that.
+ * - what isolation would read: the same REST table set on vdpa3 through a second API server, in a
+ *   worker thread of this process (its own heap and event loop) on the same agent, and on vdpa4
+ *   through a third one whose thread runs at nice 19 (head-of-line-worker.ts). The first is what
+ *   one device's work kept off the heap and event loop of another's would read; the second adds
+ *   a lower CPU priority for the bulk work.
  * The latencies of every round are pooled; p50 and p99 beside the idle ones. Real API server, real
  * agent process, both on the same 2 cores as the client. The API server runs in this process, so
  * the busy request's own client work is kept off this event loop: its body is encoded (to bytes)
@@ -23,9 +24,9 @@
  */
 import fs from 'node:fs';
 import http from 'node:http';
-import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { Worker } from 'node:worker_threads';
 import { Client, credentials } from '@grpc/grpc-js';
 import { AgentClient } from '../../src/agent/client.ts';
 import { DEFAULT_LIMITS } from '../../src/api/parse.ts';
@@ -41,7 +42,7 @@ import {
   startReadyApi,
   tempDir,
 } from '../../test/integration/api-harness.ts';
-import { createRig } from '../../test/integration/process-harness.ts';
+import type { WorkerApiData } from './head-of-line-worker.ts';
 import { alternate, type BenchContext, compare, percentiles, scaled } from '../harness.ts';
 
 const ROUNDS = 3;
@@ -49,8 +50,32 @@ const PAGE = 0x1000;
 const PUSH_DELAY_MS = 500;
 const SMALL_BASE = 0x4000_0000;
 const hex = (n: number) => `0x${n.toString(16)}`;
-/** The niceness of the floor's second stack in its lower-priority case (the lowest there is). */
+/** The niceness of the bulk worker thread in its lower-priority case (the lowest there is). */
 const BULK_NICE = 19;
+
+/** An API server in a worker thread (head-of-line-worker.ts); its REST address and its stop. */
+async function apiInWorker(data: WorkerApiData): Promise<{ restAddress: string; stop: () => Promise<void> }> {
+  const entry = new URL('./head-of-line-worker.ts', import.meta.url).href;
+  // A worker does not inherit tsx's loader: it registers it, then imports the TypeScript entry.
+  const worker = new Worker(
+    `import('tsx/esm/api').then((tsx) => { tsx.register(); return import(${JSON.stringify(entry)}); })`,
+    { eval: true, workerData: data },
+  );
+  const message = () =>
+    new Promise<unknown>((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+  const restAddress = String(await message());
+  return {
+    restAddress,
+    async stop() {
+      worker.postMessage('stop');
+      await message();
+      await worker.terminate();
+    },
+  };
+}
 
 /** Times `one(i)`, one call after another, until `busy` settles (at least `min` calls); then awaits it. */
 async function timedWhile(
@@ -76,13 +101,15 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
   const regions = scaled(ctx, 65_536, 256);
   const idleMaps = scaled(ctx, 200, 20);
   const dir = tempDir('bench-hol');
-  const cleanups: (() => unknown)[] = [];
+  const workers: { stop: () => Promise<void> }[] = [];
   const agent = await spawnAgent(dir, [
     'sim:vdpa0',
     'sim:vdpa1,iommu=onchip',
     `sim:vdpa2,iommu=onchip,pushDelayMs=${PUSH_DELAY_MS}`,
     'sim:agent0',
     'sim:agent1,iommu=onchip',
+    'sim:vdpa3',
+    'sim:vdpa4',
   ]);
   try {
     const limits = { ...DEFAULT_LIMITS, bodyLimit: Math.max(DEFAULT_LIMITS.bodyLimit, 128 * regions) };
@@ -100,30 +127,31 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         const { status, body } = await res;
         if (status >= 300) throw new Error(`${what}: ${status} ${JSON.stringify(body)}`);
       };
-      const ram0 = { id: 'ram0', size: hex(Math.max(64 << 20, 2 * regions * PAGE)) };
-      await checked(call('POST', '/v1/memory', ram0), 'POST /v1/memory');
-      /** A second API server and agent, child processes holding vdpa0 only; REST base URL. */
-      const separateStack = async (name: string, nice?: number): Promise<string> => {
-        const rig = createRig({ after: (fn) => cleanups.push(fn) }, `bench-hol-${name}`);
-        const separateAgent = await rig.startAgent(['sim:vdpa0']);
-        const separateApi = await rig.startApi(['--body-limit', String(limits.bodyLimit)]);
-        await checked(separateApi.http('POST', '/v1/memory', ram0), `${name}: POST /v1/memory`);
-        if (nice !== undefined) {
-          os.setPriority(separateAgent.pid, nice);
-          os.setPriority(separateApi.proc.pid, nice);
-        }
-        return separateApi.restAddress;
+      const memorySize = hex(Math.max(64 << 20, 2 * regions * PAGE));
+      await checked(call('POST', '/v1/memory', { id: 'ram0', size: memorySize }), 'POST /v1/memory');
+      // Each worker's API server registers a memory of its own at the agent.
+      const inWorker = async (name: string, nice?: number) => {
+        const worker = await apiInWorker({
+          dir: path.join(dir, name),
+          socket: agent.socket,
+          bodyLimit: limits.bodyLimit,
+          memory: { id: name, size: memorySize },
+          ...(nice === undefined ? {} : { nice }),
+        });
+        workers.push(worker);
+        return worker.restAddress;
       };
-      const separate = await separateStack('separate');
-      const separateNiced = await separateStack('separate-niced', BULK_NICE);
-      const regionsOf = (n: number) =>
+      const isolated = await inWorker('isolated');
+      const isolatedNiced = await inWorker('isolated-niced', BULK_NICE);
+      const regionsOf = (n: number, memory = 'ram0') =>
         Array.from({ length: n }, (_, k) => ({
           iova: hex(2 * k * PAGE),
           size: hex(PAGE),
-          memory: 'ram0',
+          memory,
           offset: hex(k * PAGE),
         }));
-      const table = (n: number) => Buffer.from(JSON.stringify({ regions: regionsOf(n) }));
+      const table = (n: number, memory?: string) =>
+        Buffer.from(JSON.stringify({ regions: regionsOf(n, memory) }));
       /**
        * PUT memtable with a body encoded already; the answer's status only. node:http writes the
        * bytes as they are (fetch would copy the 6.5 MB body on this event loop first).
@@ -276,8 +304,8 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         bigTable: busyWith('vdpa0', big),
         bigTableGrpc: busyWithGrpc,
         slowSetMap: busyWith('vdpa2', slow),
-        separateTable: busyWith('vdpa0', big, separate),
-        separateTableNiced: busyWith('vdpa0', big, separateNiced),
+        isolatedTable: busyWith('vdpa3', table(regions, 'isolated'), isolated),
+        isolatedTableNiced: busyWith('vdpa4', table(regions, 'isolated-niced'), isolatedNiced),
         agentIdle: () => smallApplies(undefined, idleMaps),
         agentBigApply: agentBusy,
         storeIdle: () => smallCommits(undefined, idleMaps),
@@ -300,14 +328,14 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
           label: `small maps on vdpa1 during a slow set_map (${PUSH_DELAY_MS} ms per push) on vdpa2`,
         },
         {
-          key: 'separateTable',
+          key: 'isolatedTable',
           idle: 'idle',
-          label: `small maps on vdpa1 during the same table on another API server and agent`,
+          label: `small maps on vdpa1 during the same table on vdpa3 of an API server in a worker thread`,
         },
         {
-          key: 'separateTableNiced',
+          key: 'isolatedTableNiced',
           idle: 'idle',
-          label: `small maps on vdpa1 during the same table on another API server and agent at nice ${BULK_NICE}`,
+          label: `small maps on vdpa1 during the same table on vdpa4 of an API server in a worker thread at nice ${BULK_NICE}`,
         },
         {
           key: 'agentBigApply',
@@ -349,7 +377,7 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
       await api.stop();
     }
   } finally {
-    for (const cleanup of cleanups.reverse()) await cleanup();
+    for (const worker of workers) await worker.stop();
     await agent.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -95,8 +95,6 @@ function spawnNode(script: string, args: readonly string[]): Proc {
 
 export interface ApiProcess {
   proc: Proc;
-  /** Its REST base URL (http://127.0.0.1:port). */
-  restAddress: string;
   http: ReturnType<typeof rest>;
   grpc: ReturnType<typeof grpcClients>;
   /** Waits (bounded) until /readyz answers 200. */
@@ -179,11 +177,9 @@ export function createRig(t: Cleanup, prefix: string): Rig {
       // The addresses it bound (port 0 picks free ones), from its "listening" record.
       const grpc = grpcClients(String(listening.grpc));
       closers.push(grpc.close);
-      const restAddress = String(listening.rest);
-      const http = rest(restAddress);
+      const http = rest(String(listening.rest));
       const api: ApiProcess = {
         proc,
-        restAddress,
         http,
         grpc,
         untilReady: () => untilReady(http),
