@@ -123,12 +123,12 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
     const { store } = await StateStore.open({ dir: path.join(dir, 'store-only') });
     try {
       await agentClient.connect();
-      const checked = async (res: Promise<{ status: number; body: unknown }>, what: string) => {
-        const { status, body } = await res;
-        if (status >= 300) throw new Error(`${what}: ${status} ${JSON.stringify(body)}`);
+      const expect = async (method: string, url: string, body?: unknown) => {
+        const res = await call(method, url, body);
+        if (res.status >= 300) throw new Error(`${method} ${url}: ${res.status} ${JSON.stringify(res.body)}`);
       };
       const memorySize = hex(Math.max(64 << 20, 2 * regions * PAGE));
-      await checked(call('POST', '/v1/memory', { id: 'ram0', size: memorySize }), 'POST /v1/memory');
+      await expect('POST', '/v1/memory', { id: 'ram0', size: memorySize });
       // Each worker's API server registers a memory of its own at the agent.
       const inWorker = async (name: string, nice?: number) => {
         const worker = await apiInWorker({
