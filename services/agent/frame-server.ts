@@ -16,6 +16,7 @@ import { type AgentMethod, agentService, callErrorCoding } from '../../src/agent
 import { decodeMessage, encodeMessage } from '../../src/agent/sliced-codec.ts';
 import { attachmentEventToWire } from '../../src/agent/wire.ts';
 import { MemoryError } from '../../src/memory/types.ts';
+import { requestArrived } from '../../src/sys/next-turn.ts';
 import type { AgentHandlers } from './server.ts';
 
 export interface FrameServer {
@@ -87,6 +88,7 @@ class Connection {
       this.watch(id, method);
     } else {
       this.inFlight.add(id);
+      requestArrived(frame.payload.length);
       this.serving.run(method, frame.payload).then(
         (answer) => this.answer(id, method.name, answer),
         (err: unknown) => this.failed(id, method.name, err),

@@ -26,7 +26,7 @@ import { type ApiLimits, parseId } from '../../src/api/parse.ts';
 import { parseU64 } from '../../src/core/u64.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { MapdService } from '../../src/core/types.ts';
-import { mapInTimeSlices } from '../../src/sys/next-turn.ts';
+import { mapInTimeSlices, requestArrived } from '../../src/sys/next-turn.ts';
 import { type ApiAuth, AuthError } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
 import type { Telemetry } from './observe.ts';
@@ -184,9 +184,11 @@ export function buildGrpcServer(opts: GrpcOptions): GrpcServer {
     (method: string, handle: (req: Message) => Promise<object>) =>
     (call: ServerUnaryCall<Message, object>, callback: sendUnaryData<object>) => {
       const started = process.hrtime.bigint();
+      const bytes = messageBytes.get(call.request) ?? 0;
+      requestArrived(bytes);
       let release: () => void;
       try {
-        release = opts.inflight.acquire(messageBytes.get(call.request) ?? 0);
+        release = opts.inflight.acquire(bytes);
       } catch (err) {
         callback(fail(method, started, err));
         return;

@@ -27,6 +27,7 @@ import { setMemTableAnswer } from '../../src/api/json-answer.ts';
 import { parseJsonBody } from '../../src/api/json-body.ts';
 import { ServiceError } from '../../src/core/errors.ts';
 import type { MapdService } from '../../src/core/types.ts';
+import { requestArrived } from '../../src/sys/next-turn.ts';
 import { REST_METHODS, routerPath } from './api-table.ts';
 import { type ApiAuth, AuthError, wwwAuthenticate } from './auth.ts';
 import type { ConnectionLimits } from './config.ts';
@@ -253,6 +254,10 @@ export async function buildRestApp(opts: RestOptions) {
     });
   }
 
+  // After the check of the token: only requests someone may make make bulk work give way.
+  app.addHook('onRequest', async (request) => {
+    requestArrived(Number(request.headers['content-length'] ?? 0) || 0);
+  });
   meterBodies(app, opts.inflight, limits.bodyLimit);
 
   app.setErrorHandler((err: FastifyError, request, reply) => {

@@ -8,7 +8,7 @@
  * API's kind (a syntax error, a key spelled with \u escapes, any `__proto__` or `constructor`)
  * is judged by the one-piece parser, so every refusal reads the same whatever the body's size.
  */
-import { nextTurn } from '../sys/next-turn.ts';
+import { bulkTurn } from '../sys/next-turn.ts';
 import { parseChunked } from '@discoveryjs/json-ext';
 import secureJson from 'secure-json-parse';
 import { invalid } from '../core/u64.ts';
@@ -76,8 +76,9 @@ class Refused extends Error {}
  */
 async function* slices(bytes: Buffer, start: number, keys: DuplicateKeyScan): AsyncGenerator<string> {
   let from = start;
+  const began = performance.now();
   while (from < bytes.length) {
-    if (from > start) await nextTurn();
+    if (from > start) await bulkTurn(began);
     const until = from + SLICE_BYTES;
     if (keys.scanTo(until, until + ELEMENT_END_SLACK_BYTES) !== undefined) throw new Refused();
     const to = keys.position;

@@ -16,7 +16,7 @@ import {
   VHOST_ACCESS_RW,
   VHOST_ACCESS_WO,
 } from '../uapi/constants.ts';
-import { nextTurn } from '../sys/next-turn.ts';
+import { bulkTurn } from '../sys/next-turn.ts';
 import { Ioctl } from '../uapi/ioctl.ts';
 import { systemPageSize } from '../sys/libc.ts';
 import { encodeMsgV1, encodeMsgV2, type IotlbMsg } from '../uapi/message.ts';
@@ -310,11 +310,12 @@ export class VhostVdpaDevice implements Device {
       else groups.set(asid, [i]);
     });
     let sliced = 0;
+    const began = performance.now();
     for (const [asid, indexes] of groups) {
       let batchOpen = false;
       try {
         for (const i of indexes) {
-          if (sliced > 0 && sliced % OPS_PER_SLICE === 0) await nextTurn();
+          if (sliced > 0 && sliced % OPS_PER_SLICE === 0) await bulkTurn(began);
           sliced++;
           const op = ops[i]!;
           const decision = this.guard.admit(op);

@@ -26,7 +26,7 @@ import type { Mapping } from '../iotlb/types.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { AgentPort } from '../core/agent-port.ts';
 import { ERROR_CATALOG, ServiceError } from '../core/errors.ts';
-import { forEachInTimeSlices, nextTurn, runInTimeSlices } from '../sys/next-turn.ts';
+import { bulkTurn, forEachInTimeSlices, runInTimeSlices } from '../sys/next-turn.ts';
 import type { FlushResult, MappingEvent } from '../core/types.ts';
 import type { Change, IdempotencyRecord } from '../state/desired.ts';
 import type { StateStore } from '../state/store.ts';
@@ -369,6 +369,7 @@ export class DeviceQueue {
     }
     if (live.length === 0) return;
     const { metrics, device } = this.opts;
+    const began = performance.now();
     const now = process.hrtime.bigint();
     for (const e of live) metrics.queueWait.observe({ device }, Number(now - e.enqueuedAt) / 1e9);
     metrics.groupRequests.observe({ device }, live.length);
@@ -395,7 +396,7 @@ export class DeviceQueue {
 
     // Each stage of a big group is long: others' requests get a turn between them. A small group
     // goes on at once: a turn here would make it wait for every other device's slice once more.
-    if (run.steps.length > STAGE_IN_ONE_TURN_MAX) await nextTurn();
+    if (run.steps.length > STAGE_IN_ONE_TURN_MAX) await bulkTurn(began);
     const byEntry = new Map<WriteEntry, Step[]>(live.map((e) => [e, []]));
     for (const s of run.steps) byEntry.get(s.entry)!.push(s);
     const outcomes = live.map((e) => outcomeOf(e, byEntry.get(e)!));

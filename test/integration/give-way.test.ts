@@ -1,0 +1,60 @@
+/**
+ * The API server's transports count what arrives, so that its bulk work gives way to small
+ * requests (src/sys/next-turn.ts): a small REST or gRPC request counts, a large one does not. The
+ * server runs in this process, so what arrived at it arrived on this test's thread.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { smallRequestSince } from '../../src/sys/next-turn.ts';
+import { startStack } from './api-harness.ts';
+
+type Stack = Awaited<ReturnType<typeof startStack>>;
+let stack: Stack;
+
+before(async () => {
+  stack = await startStack('give-way');
+  const res = await stack.http('POST', '/v1/memory', { id: 'ram0', size: '0x1000000' });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+});
+after(() => stack.stop());
+
+const PAGE = 0x1000;
+const hex = (n: number) => `0x${n.toString(16)}`;
+/** A table of `n` one-page regions (64 of them are over 4 KiB of JSON). */
+const regions = (n: number) =>
+  Array.from({ length: n }, (_, k) => ({
+    iova: hex(2 * k * PAGE),
+    size: hex(PAGE),
+    memory: 'ram0',
+    offset: '0',
+  }));
+
+/** Whether `request` counted as a small request that arrived. */
+async function countsAsSmall(request: () => Promise<unknown>): Promise<boolean> {
+  const since = performance.now();
+  await request();
+  return smallRequestSince(since);
+}
+
+test('a small REST request counts as small; a large one does not', async () => {
+  assert.equal(await countsAsSmall(() => stack.http('GET', '/v1/devices')), true);
+  const dryRun = () => stack.http('PUT', '/v1/devices/vdpa0/memtable?dryRun=true', { regions: regions(64) });
+  assert.equal((await dryRun()).status, 200);
+  assert.equal(await countsAsSmall(dryRun), false);
+});
+
+test('a small gRPC request counts as small; a large one does not', async () => {
+  const map = { device: 'vdpa0', iova: '0x100000', size: hex(PAGE), memory: 'ram0', offset: '0' };
+  assert.equal(await countsAsSmall(() => stack.grpc.mapping('map', map)), true);
+  const batch = () =>
+    stack.grpc.mapping('batch', {
+      device: 'vdpa1',
+      // Maps 128 pages, then unmaps them: each call leaves the device as it found it.
+      ops: [
+        ...regions(128).map((r) => ({ op: 'map', ...r })),
+        { op: 'unmap', iova: '0', size: hex(256 * PAGE) },
+      ],
+    });
+  await batch();
+  assert.equal(await countsAsSmall(batch), false);
+});
