@@ -17,7 +17,9 @@
  *   through a third one whose thread runs at nice 19 (head-of-line-worker.ts). The first is what
  *   one device's work kept off the heap and event loop of another's would read; the second adds
  *   a lower CPU priority for the bulk work.
- * The latencies of every round are pooled; p50 and p99 beside the idle ones. Real API server, real
+ * The latencies of every round are pooled; p50 and p99 beside the idle ones. Bulk work gives way to
+ * small requests (src/sys/next-turn.ts bulkTurn), so the REST table's own time beside the small
+ * maps is also measured, against the same table alone: the price of giving way. Real API server, real
  * agent process, both on the same 2 cores as the client. The API server runs in this process, so
  * the busy request's own client work is kept off this event loop: its body is encoded (to bytes)
  * before the clock starts and its answer is read but neither decoded nor parsed.
@@ -43,7 +45,7 @@ import {
   tempDir,
 } from '../../test/integration/api-harness.ts';
 import type { WorkerApiData } from './head-of-line-worker.ts';
-import { alternate, type BenchContext, compare, percentiles, scaled } from '../harness.ts';
+import { alternate, type BenchContext, compare, median, percentiles, scaled } from '../harness.ts';
 
 const ROUNDS = 3;
 const PAGE = 0x1000;
@@ -218,13 +220,26 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
         });
         return ms;
       };
+      /** How long the REST table on vdpa0 took, beside small maps and alone (ms per round). */
+      const tableMs = { beside: [] as number[], alone: [] as number[] };
+      const timed = async (p: Promise<void>, into: number[]) => {
+        const start = performance.now();
+        await p;
+        into.push(performance.now() - start);
+      };
       const busyWith =
-        (device: string, body: Buffer, restAddress = api.restAddress) =>
+        (device: string, body: Buffer, restAddress = api.restAddress, times?: number[]) =>
         async () => {
-          const ms = await smallMaps(putTable(device, body, restAddress), 1);
+          const table = putTable(device, body, restAddress);
+          const ms = await smallMaps(times ? timed(table, times) : table, 1);
           await putTable(device, '{"regions":[]}', restAddress);
           return ms;
         };
+      const tableAlone = async () => {
+        await timed(putTable('vdpa0', big), tableMs.alone);
+        await putTable('vdpa0', '{"regions":[]}');
+        return [];
+      };
       const busyWithGrpc = async () => {
         const ms = await smallMaps(grpcTable(bigGrpc), 1);
         await putTable('vdpa0', '{"regions":[]}');
@@ -301,7 +316,8 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
 
       const samples = await alternate(ROUNDS, {
         idle: () => smallMaps(undefined, idleMaps),
-        bigTable: busyWith('vdpa0', big),
+        bigTable: busyWith('vdpa0', big, api.restAddress, tableMs.beside),
+        bigTableAlone: tableAlone,
         bigTableGrpc: busyWithGrpc,
         slowSetMap: busyWith('vdpa2', slow),
         isolatedTable: busyWith('vdpa3', table(regions, 'isolated'), isolated),
@@ -348,6 +364,19 @@ export async function benchHeadOfLine(ctx: BenchContext): Promise<void> {
           label: `store only: 1-mapping commits of vdpa1 during a ${regions.toLocaleString('en-US')}-mapping commit of vdpa0`,
         },
       ] as const;
+      // What giving way costs the table (src/sys/next-turn.ts): it runs slower while they come.
+      compare(
+        ctx,
+        {
+          scenario: 'head-of-line',
+          case: `the ${regions.toLocaleString('en-US')}-region table on vdpa0 itself, while small maps run on vdpa1`,
+          metric: 'time',
+          value: median(tableMs.beside),
+          unit: 'ms',
+        },
+        'the same table alone',
+        median(tableMs.alone),
+      );
       for (const { key, idle: idleKey, label } of cases) {
         const all = samples[key].flat();
         const busy = percentiles(all);

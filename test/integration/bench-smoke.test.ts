@@ -22,7 +22,7 @@ const EXPECTED_ROWS: Record<string, number> = {
   e2e: 17,
   'group commit': 2,
   recovery: 5,
-  'head-of-line': 14,
+  'head-of-line': 15,
   'large guest': 8,
 };
 
