@@ -264,3 +264,15 @@ export async function startStack(prefix: string, overrides: Partial<ApiConfig> =
   };
   return stack;
 }
+
+/** `n` one-page regions of memory ram0, one page apart: region k at IOVA 2k pages, offset k pages. */
+export function pageRegions(n: number): { iova: string; size: string; memory: string; offset: string }[] {
+  const page = 0x1000;
+  const hex = (x: number) => `0x${x.toString(16)}`;
+  return Array.from({ length: n }, (_, k) => ({
+    iova: hex(2 * k * page),
+    size: hex(page),
+    memory: 'ram0',
+    offset: hex(k * page),
+  }));
+}

@@ -9,18 +9,11 @@ import { after, before, test } from 'node:test';
 import { Ajv } from 'ajv';
 import { SLICED_ANSWER_ITEMS } from '../../src/api/json-answer.ts';
 import { SLICED_BODY_BYTES } from '../../src/api/json-body.ts';
-import { startStack } from './api-harness.ts';
+import { pageRegions, startStack } from './api-harness.ts';
 
 const PAGE = 0x1000;
 const REGIONS = SLICED_ANSWER_ITEMS + 100;
 const hex = (n: number) => `0x${n.toString(16)}`;
-const regionsOf = (n: number) =>
-  Array.from({ length: n }, (_, k) => ({
-    iova: hex(2 * k * PAGE),
-    size: hex(PAGE),
-    memory: 'ram0',
-    offset: hex(k * PAGE),
-  }));
 
 let stack: Awaited<ReturnType<typeof startStack>>;
 before(async () => {
@@ -31,7 +24,7 @@ before(async () => {
 after(() => stack?.stop());
 
 test('a large memtable is answered as a stream: JSON, the documented schema, what is listed', async () => {
-  const body = JSON.stringify({ regions: regionsOf(REGIONS) });
+  const body = JSON.stringify({ regions: pageRegions(REGIONS) });
   assert.ok(body.length > SLICED_BODY_BYTES, 'the body is parsed in slices');
   const res = await stack.http('PUT', '/v1/devices/vdpa0/memtable', body);
   assert.equal(res.status, 200, JSON.stringify(res.body).slice(0, 300));
@@ -61,7 +54,7 @@ test('a large memtable is answered as a stream: JSON, the documented schema, wha
 });
 
 test('a large body is refused as a small one is: a repeated key by its path, bad JSON as 400', async () => {
-  const regions = regionsOf(REGIONS);
+  const regions = pageRegions(REGIONS);
   const last = REGIONS - 1;
   const text = JSON.stringify({ regions }).replace(
     `"offset":"${regions[last]!.offset}"}`,

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { smallRequestSince } from '../../src/sys/next-turn.ts';
-import { startStack } from './api-harness.ts';
+import { pageRegions, startStack } from './api-harness.ts';
 
 type Stack = Awaited<ReturnType<typeof startStack>>;
 let stack: Stack;
@@ -20,14 +20,6 @@ after(() => stack.stop());
 
 const PAGE = 0x1000;
 const hex = (n: number) => `0x${n.toString(16)}`;
-/** A table of `n` one-page regions (64 of them are over 4 KiB of JSON). */
-const regions = (n: number) =>
-  Array.from({ length: n }, (_, k) => ({
-    iova: hex(2 * k * PAGE),
-    size: hex(PAGE),
-    memory: 'ram0',
-    offset: '0',
-  }));
 
 /** Whether `request` counted as a small request that arrived. */
 async function countsAsSmall(request: () => Promise<unknown>): Promise<boolean> {
@@ -38,7 +30,10 @@ async function countsAsSmall(request: () => Promise<unknown>): Promise<boolean> 
 
 test('a small REST request counts as small; a large one does not', async () => {
   assert.equal(await countsAsSmall(() => stack.http('GET', '/v1/devices')), true);
-  const dryRun = () => stack.http('PUT', '/v1/devices/vdpa0/memtable?dryRun=true', { regions: regions(64) });
+  const dryRun = () =>
+    stack.http('PUT', '/v1/devices/vdpa0/memtable?dryRun=true', {
+      regions: pageRegions(64) /* over 4 KiB of JSON */,
+    });
   assert.equal((await dryRun()).status, 200);
   assert.equal(await countsAsSmall(dryRun), false);
 });
@@ -51,7 +46,7 @@ test('a small gRPC request counts as small; a large one does not', async () => {
       device: 'vdpa1',
       // Maps 128 pages, then unmaps them: each call leaves the device as it found it.
       ops: [
-        ...regions(128).map((r) => ({ op: 'map', ...r })),
+        ...pageRegions(128).map((r) => ({ op: 'map', ...r })),
         { op: 'unmap', iova: '0', size: hex(256 * PAGE) },
       ],
     });
