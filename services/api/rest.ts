@@ -254,9 +254,12 @@ export async function buildRestApp(opts: RestOptions) {
     });
   }
 
-  // After the check of the token: only requests someone may make make bulk work give way.
+  // After the token check, so that an unauthenticated request does not slow bulk work. A body
+  // sent in chunks has no length yet: it counts as large.
   app.addHook('onRequest', async (request) => {
-    requestArrived(Number(request.headers['content-length'] ?? 0) || 0);
+    const length = request.headers['content-length'];
+    const chunked = request.headers['transfer-encoding'] !== undefined;
+    requestArrived(length !== undefined ? Number(length) : chunked ? Number.POSITIVE_INFINITY : 0);
   });
   meterBodies(app, opts.inflight, limits.bodyLimit);
 

@@ -4,6 +4,7 @@
  * server runs in this process, so what arrived at it arrived on this test's thread.
  */
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import { after, before, test } from 'node:test';
 import { smallRequestSince } from '../../src/sys/next-turn.ts';
 import { pageRegions, startStack } from './api-harness.ts';
@@ -36,6 +37,30 @@ test('a small REST request counts as small; a large one does not', async () => {
     });
   assert.equal((await dryRun()).status, 200);
   assert.equal(await countsAsSmall(dryRun), false);
+});
+
+/** PUT `body` in chunks (no content-length), as a client streaming it would; resolves with the status. */
+function putChunked(url: string, body: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      url,
+      { method: 'PUT', headers: { 'content-type': 'application/json' } },
+      (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      },
+    );
+    req.on('error', reject);
+    req.write(body);
+    req.end();
+  });
+}
+
+test('a REST body sent in chunks counts as large, its length unknown when it arrives', async () => {
+  const url = `${stack.api.restAddress}/v1/devices/vdpa0/memtable?dryRun=true`;
+  const body = JSON.stringify({ regions: pageRegions(1) });
+  assert.equal(await putChunked(url, body), 200);
+  assert.equal(await countsAsSmall(() => putChunked(url, body)), false);
 });
 
 test('a small gRPC request counts as small; a large one does not', async () => {
