@@ -59,7 +59,10 @@ export function requestArrived(bytes: number): void {
   arrivals.arrived(bytes);
 }
 
-/** Whether a small request arrived on this thread at `since` (performance.now()) or later. */
+/**
+ * Whether a small request arrived on this thread at `since` (performance.now()) or later: what the
+ * transports counted, with no window (the tests of the counting read it).
+ */
 export function smallRequestSince(since: number): boolean {
   return arrivals.arrivedSince(since);
 }

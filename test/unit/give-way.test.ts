@@ -1,7 +1,7 @@
 /**
  * Bulk work gives way to small requests (src/sys/next-turn.ts): after a small request that arrived
  * once the work began, for a while, its turns pause; otherwise they are the next turn. The rule is
- * checked at given times; the turns by the order of events (test/turns.ts). The agent's frame
+ * checked at given times; the turns by the order of events (paused, below). The agent's frame
  * server counts what arrives (the API server's transports: test/integration/give-way.test.ts).
  */
 import assert from 'node:assert/strict';
@@ -15,7 +15,20 @@ import type { IotlbOp } from '../../src/iotlb/types.ts';
 import { bulkTurn, GiveWay, SMALL_REQUEST_BYTES, smallRequestSince } from '../../src/sys/next-turn.ts';
 import { serveFrames } from '../../services/agent/frame-server.ts';
 import type { AgentHandlers } from '../../services/agent/server.ts';
-import { paused } from '../turns.ts';
+
+/**
+ * Whether `turn` resolved only after a setImmediate queued just after it, that is, it paused: a
+ * turn that is the next one resolves first. Read from the order of events, not from a clock.
+ */
+async function paused(turn: () => Promise<void>): Promise<boolean> {
+  const pending = turn();
+  let immediateRan = false;
+  setImmediate(() => {
+    immediateRan = true;
+  });
+  await pending;
+  return immediateRan;
+}
 
 test('bulk work gives way only to small requests that arrived after it began, and only for a while', () => {
   const arrivals = new GiveWay(20);
